@@ -1,0 +1,362 @@
+"""Models by name: ``build_model(name, input_shape, num_classes, **options)``.
+
+``input_shape`` excludes the batch dimension: ``(C, H, W)`` for images, ``(C, L)`` for 1-D
+signals, ``(D,)`` for vectors. Every model is built from plain ``torch.nn`` layers that support
+double backward (attention is written out with matmul + softmax), so Hessian-vector products
+work for all of them.
+
+Names (``MODELS``):
+
+* ``mlp`` - flatten + ReLU MLP; option ``hidden`` (list of widths, default ``[256, 256]``).
+* ``cnn1d`` - small 1-D CNN for MNIST-1D; options ``channels`` (32), ``kernel_size`` (5).
+* ``cnn`` - small 2-D CNN (two conv+pool stages); options ``channels`` ([32, 64]), ``hidden`` (128).
+* ``resnet20`` / ``resnet32`` / ``resnet56`` (any ``resnet{6n+2}``) - CIFAR ResNets, 16/32/64
+  channels, BatchNorm, 1x1 conv + BN shortcuts; option ``width`` (base channels, 16).
+* ``wrn16_4`` / ``wrn28_10`` (any ``wrn{6n+4}_{k}``) - pre-activation wide ResNets; option
+  ``dropout`` (0.0).
+* ``vit`` - small ViT; options ``patch_size`` (4), ``dim`` (128), ``depth`` (6), ``heads`` (4),
+  ``mlp_ratio`` (2), ``dropout`` (0.0). Inputs are zero-padded to a multiple of the patch size.
+* ``"package.module:factory"`` - a plug-in, called as
+  ``factory(input_shape=..., num_classes=..., **options)``; it must return an ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UserError
+
+MODELS = ["mlp", "cnn1d", "cnn", "resnet20", "resnet32", "resnet56", "wrn16_4", "wrn28_10", "vit"]
+
+
+def _image_shape(input_shape: Sequence[int], model: str) -> tuple[int, int, int]:
+    if len(input_shape) != 3:
+        raise UserError(f"model {model!r} needs image inputs (C, H, W), got input shape {tuple(input_shape)}")
+    return tuple(int(s) for s in input_shape)  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# small models
+
+
+class MLP(nn.Module):
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256, 256)
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = math.prod(input_shape)
+        for h in hidden:
+            layers += [nn.Linear(width, int(h)), nn.ReLU()]
+            width = int(h)
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class CNN1D(nn.Module):
+    """Three conv layers (stride 1, 2, 2) on a (C, L) signal, then a linear classifier."""
+
+    def __init__(
+        self, input_shape: Sequence[int], num_classes: int, channels: int = 32, kernel_size: int = 5
+    ) -> None:
+        super().__init__()
+        if len(input_shape) == 1:
+            input_shape = (1, input_shape[0])
+        if len(input_shape) != 2:
+            raise UserError(
+                f"model 'cnn1d' needs (C, L) or (L,) inputs, got input shape {tuple(input_shape)}"
+            )
+        c_in, length = int(input_shape[0]), int(input_shape[1])
+        pad = kernel_size // 2
+        self.in_shape = (c_in, length)
+        self.features = nn.Sequential(
+            nn.Conv1d(c_in, channels, kernel_size, padding=pad),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, kernel_size, stride=2, padding=pad),
+            nn.ReLU(),
+            nn.Conv1d(channels, channels, kernel_size, stride=2, padding=pad),
+            nn.ReLU(),
+        )
+        with torch.no_grad():
+            n_out = self.features(torch.zeros(1, c_in, length)).numel()
+        self.head = nn.Linear(n_out, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(x.shape[0], *self.in_shape)
+        return self.head(self.features(x).flatten(1))
+
+
+class CNN(nn.Module):
+    """conv3x3-ReLU-maxpool twice, adaptive pooling to 4x4, one hidden linear layer."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        channels: Sequence[int] = (32, 64),
+        hidden: int = 128,
+    ) -> None:
+        super().__init__()
+        c_in = _image_shape(input_shape, "cnn")[0]
+        c1, c2 = (int(c) for c in channels)
+        self.features = nn.Sequential(
+            nn.Conv2d(c_in, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(c2 * 16, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR ResNets (6n+2)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, depth: int, input_shape: Sequence[int], num_classes: int, width: int = 16) -> None:
+        super().__init__()
+        if (depth - 2) % 6 or depth < 8:
+            raise UserError(f"ResNet depth must be 6n+2 (20, 32, 44, 56, ...), got {depth}")
+        n = (depth - 2) // 6
+        c_in = _image_shape(input_shape, f"resnet{depth}")[0]
+        self.stem = nn.Sequential(
+            nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        blocks: list[nn.Module] = []
+        c = width
+        for stage, mult in enumerate((1, 2, 4)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                blocks.append(BasicBlock(c, width * mult, stride))
+                c = width * mult
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(self.stem(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+# --------------------------------------------------------------------------------------------
+# Wide ResNets (pre-activation)
+
+
+class WideBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        o = F.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(o)
+        out = self.conv1(o)
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
+        return out + skip
+
+
+class WideResNet(nn.Module):
+    def __init__(
+        self, depth: int, k: int, input_shape: Sequence[int], num_classes: int, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        if (depth - 4) % 6 or depth < 10 or k < 1:
+            raise UserError(f"WRN depth must be 6n+4 (16, 22, 28, ...) and width >= 1, got {depth} and {k}")
+        n = (depth - 4) // 6
+        c_in = _image_shape(input_shape, f"wrn{depth}_{k}")[0]
+        widths = (16 * k, 32 * k, 64 * k)
+        self.stem = nn.Conv2d(c_in, 16, 3, padding=1, bias=False)
+        blocks: list[nn.Module] = []
+        c = 16
+        for stage, w in enumerate(widths):
+            for i in range(n):
+                blocks.append(WideBlock(c, w, 2 if stage > 0 and i == 0 else 1, dropout))
+                c = w
+        self.layers = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(self.layers(self.stem(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+# --------------------------------------------------------------------------------------------
+# ViT
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise UserError(f"vit: dim {dim} must be divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5
+        attn = self.drop(attn.softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(b, t, d)
+        return self.drop(self.proj(out))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, dim),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Patch embedding (conv with stride = patch), class token, learned positions, pre-norm blocks."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        patch_size: int = 4,
+        dim: int = 128,
+        depth: int = 6,
+        heads: int = 4,
+        mlp_ratio: float = 2.0,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) not in (2, 3):
+            raise UserError(f"model 'vit' needs (C, H, W) or (C, L) inputs, got input shape {shape}")
+        self.patch = int(patch_size)
+        spatial = shape[1:]
+        n_patches = math.prod(math.ceil(s / self.patch) for s in spatial)
+        conv = nn.Conv2d if len(shape) == 3 else nn.Conv1d
+        self.embed = conv(shape[0], dim, self.patch, stride=self.patch)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, n_patches + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[TransformerBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads: list[int] = []
+        for s in reversed(x.shape[2:]):
+            pads += [0, (-s) % self.patch]
+        if any(pads):
+            x = F.pad(x, pads)
+        tokens = self.embed(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(tokens))[:, 0])
+
+
+# --------------------------------------------------------------------------------------------
+# the factory
+
+
+def _plugin(name: str, input_shape: tuple, num_classes: int, options: dict) -> nn.Module:
+    mod_name, _, attr = name.partition(":")
+    try:
+        obj = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise UserError(f"model plug-in {name!r}: cannot import {mod_name!r} ({exc})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UserError(f"model plug-in {name!r}: {mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UserError(f"model plug-in {name!r} is not callable")
+    model = obj(input_shape=input_shape, num_classes=num_classes, **options)
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model plug-in {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, **options) -> nn.Module:
+    """Build model ``name`` for inputs of ``input_shape`` (no batch dim) and ``num_classes`` outputs."""
+    shape = tuple(int(s) for s in input_shape)
+    try:
+        if ":" in name:
+            return _plugin(name, shape, num_classes, options)
+        if name == "mlp":
+            return MLP(shape, num_classes, **options)
+        if name == "cnn1d":
+            return CNN1D(shape, num_classes, **options)
+        if name == "cnn":
+            return CNN(shape, num_classes, **options)
+        if name == "vit":
+            return ViT(shape, num_classes, **options)
+        if m := re.fullmatch(r"resnet(\d+)", name):
+            return ResNet(int(m.group(1)), shape, num_classes, **options)
+        if m := re.fullmatch(r"wrn(\d+)_(\d+)", name):
+            return WideResNet(int(m.group(1)), int(m.group(2)), shape, num_classes, **options)
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):
+            raise UserError(f"model {name!r}: {exc}") from None
+        raise
+    raise UserError(
+        f"Unknown model {name!r} (expected one of {', '.join(MODELS)} or 'package.module:factory')"
+    )

@@ -1,0 +1,84 @@
+"""Models: forward shapes, plug-ins, errors, double backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sassha_tune.errors import UserError
+from sassha_tune.models import MODELS, build_model
+
+CASES = [
+    ("mlp", (1, 40), {}),
+    ("mlp", (20,), {"hidden": [8]}),
+    ("cnn1d", (1, 40), {}),
+    ("cnn1d", (20,), {"channels": 4}),
+    ("cnn", (1, 28, 28), {}),
+    ("cnn", (1, 8, 8), {}),
+    ("resnet20", (3, 32, 32), {}),
+    ("resnet20", (1, 28, 28), {}),
+    ("resnet32", (3, 16, 16), {"width": 4}),
+    ("resnet56", (3, 8, 8), {"width": 4}),
+    ("wrn16_4", (3, 16, 16), {"dropout": 0.3}),
+    ("wrn28_10", (3, 8, 8), {}),
+    ("vit", (3, 32, 32), {"dim": 32, "depth": 2}),
+    ("vit", (1, 28, 28), {"patch_size": 7, "dim": 32, "depth": 1}),
+    ("vit", (1, 30, 30), {"patch_size": 4, "dim": 16, "depth": 1, "heads": 2}),  # padded to 32
+    ("vit", (1, 40), {"patch_size": 8, "dim": 16, "depth": 1}),
+]
+
+
+def test_every_listed_model_is_covered():
+    assert set(MODELS) == {name for name, _, _ in CASES}
+
+
+@pytest.mark.parametrize("name,shape,opts", CASES, ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}" for c in CASES])
+def test_forward_shape(name, shape, opts):
+    model = build_model(name, shape, 7, **opts)
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, *shape))
+    assert out.shape == (2, 7)
+
+
+def test_resnet_structure():
+    m = build_model("resnet20", (3, 32, 32), 10)
+    convs = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (3, 3)]
+    assert len(convs) == 19  # stem + 9 blocks x 2; the fc makes 20 layers
+    shortcuts = [mod for mod in m.modules() if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (1, 1)]
+    assert len(shortcuts) == 2
+    assert sum(p.numel() for p in m.parameters()) < 300_000
+    assert build_model("resnet20", (1, 28, 28), 10).stem[0].in_channels == 1
+
+
+def test_double_backward_works_for_vit():
+    m = build_model("vit", (1, 8, 8), 3, dim=16, depth=1, heads=2)
+    loss = torch.nn.functional.cross_entropy(m(torch.randn(4, 1, 8, 8)), torch.tensor([0, 1, 2, 0]))
+    params = list(m.parameters())
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    hvp = torch.autograd.grad(sum((g * torch.ones_like(g)).sum() for g in grads), params, allow_unused=True)
+    assert any(h is not None and torch.isfinite(h).all() for h in hvp)
+
+
+def test_plugin_model():
+    m = build_model("plugins_example:tiny_linear", (2, 3), 4, scale=0.0)
+    out = m(torch.randn(5, 2, 3))
+    assert torch.allclose(out, m[1].bias.expand(5, 4))  # scale=0 zeroed the weights
+    with pytest.raises(UserError, match="not a torch.nn.Module"):
+        build_model("plugins_example:not_a_module", (2,), 2)
+    with pytest.raises(UserError, match="cannot import"):
+        build_model("no_such_pkg_xyz.mod:f", (2,), 2)
+    with pytest.raises(UserError, match="no attribute"):
+        build_model("plugins_example:nothing_here", (2,), 2)
+
+
+def test_errors_are_one_line_and_list_names():
+    with pytest.raises(UserError) as e:
+        build_model("resnet18x", (3, 32, 32), 10)
+    assert "resnet20" in str(e.value) and "vit" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(UserError, match="6n\\+2"):
+        build_model("resnet21", (3, 32, 32), 10)
+    with pytest.raises(UserError, match="image inputs"):
+        build_model("resnet20", (40,), 10)
+    with pytest.raises(UserError, match="unexpected keyword"):
+        build_model("mlp", (4,), 2, widths=[3])

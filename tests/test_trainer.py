@@ -1,0 +1,240 @@
+"""The training loop: accuracy, determinism, schedules, stop/diverge/OOM paths, BN models, plug-ins."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sassha_tune import optim
+from sassha_tune.data import load_dataset
+from sassha_tune.errors import UserError
+from sassha_tune.optim.peers import SGD
+from sassha_tune.trainer import TrainSpec, evaluate, final_metrics, lr_factor, resolve_device, train
+
+
+@pytest.fixture(scope="module")
+def mnist1d():
+    return load_dataset("mnist1d", seed=0)
+
+
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # thread count changes reduction order, hence trajectories
+    yield
+    torch.set_num_threads(old)
+
+
+def _strip(history):
+    return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+@pytest.mark.slow
+def test_cnn1d_sgd_reaches_85_percent_on_mnist1d(mnist1d, one_thread):
+    spec = TrainSpec(epochs=12, batch_size=64, hparams={"lr": 0.05}, schedule="cosine", device="cpu", seed=0)
+    result = train(spec, splits=mnist1d)
+    assert result.status == "completed" and result.failure_reason is None
+    assert result.epochs_completed == 12 and len(result.history) == 12
+    assert result.steps == 12 * math.ceil(3600 / 64)
+    assert result.ms_per_step > 0 and result.train_seconds > 0 and result.device == "cpu"
+    m = final_metrics(result)
+    assert m["test_acc"] >= 0.85, m
+    assert set(m) == {"train_acc", "train_loss", "val_acc", "val_loss", "test_acc", "test_loss"}
+    assert result.history[-1]["lr"] < 0.001  # cosine to ~0
+    assert [h["epoch"] for h in result.history] == list(range(1, 13))
+
+
+def test_same_seed_same_history(mnist1d, one_thread):
+    spec = TrainSpec(
+        epochs=2, batch_size=64, max_steps_per_epoch=15, hparams={"lr": 0.05}, device="cpu", seed=4
+    )
+    a = train(spec, splits=mnist1d)
+    b = train(spec, splits=mnist1d)
+    assert _strip(a.history) == _strip(b.history)
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    spec.seed = 5
+    c = train(spec, splits=mnist1d)
+    assert _strip(c.history) != _strip(a.history)
+
+
+def test_same_seed_same_history_with_dataset_loading_and_augmentation():
+    spec = TrainSpec(
+        dataset="synthetic",
+        dataset_options={"shape": [1, 8, 8], "n": 128, "n_test": 16},
+        model="cnn",
+        epochs=2,
+        batch_size=32,
+        augment=True,
+        label_noise=0.2,
+        hparams={"lr": 0.05},
+        device="cpu",
+        seed=1,
+    )
+    a, b = train(spec), train(spec)
+    assert _strip(a.history) == _strip(b.history)
+    assert a.splits.noisy_indices is not None and len(a.splits.noisy_indices) == round(
+        0.2 * len(a.splits.y_train)
+    )
+    assert "train_clean_acc" in final_metrics(a)
+
+
+def test_divergence_is_reported(mnist1d):
+    spec = TrainSpec(model="mlp", epochs=3, hparams={"lr": 1e6}, device="cpu", max_steps_per_epoch=30)
+    r = train(spec, splits=mnist1d)
+    assert r.status == "diverged" and r.failure_reason == "diverged"
+    assert r.epochs_completed == 0 and r.history == [] and 0 < r.steps <= 30
+
+
+def test_on_epoch_stops(mnist1d):
+    calls = []
+
+    def cb(epoch, metrics):
+        calls.append((epoch, set(metrics)))
+        return epoch == 2
+
+    spec = TrainSpec(epochs=5, max_steps_per_epoch=3, hparams={"lr": 0.01}, device="cpu")
+    r = train(spec, cb, splits=mnist1d)
+    assert r.status == "stopped" and r.failure_reason is None and r.epochs_completed == 2
+    assert [c[0] for c in calls] == [1, 2]
+    assert calls[0][1] == {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+    assert r.steps == 6
+
+
+def test_resnet20_bn_trains_on_tiny_images():
+    spec = TrainSpec(
+        dataset="synthetic",
+        dataset_options={"shape": [3, 16, 16], "n": 40, "n_test": 8},
+        model="resnet20",
+        model_options={"width": 4},
+        epochs=1,
+        batch_size=16,
+        augment=True,
+        channels_last=True,
+        hparams={"lr": 0.1, "weight_decay": 5e-4},
+        device="cpu",
+    )
+    r = train(spec)
+    assert r.status == "completed" and r.steps == 3  # 36 training samples: 16 + 16 + 4
+    bn = next(m for m in r.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert bn.num_batches_tracked.item() == 3
+    assert math.isfinite(r.history[0]["val_loss"])
+
+
+def test_bf16_autocast_on_cpu(mnist1d):
+    r = train(
+        TrainSpec(epochs=1, max_steps_per_epoch=3, amp="bf16", device="cpu", hparams={"lr": 0.01}),
+        splits=mnist1d,
+    )
+    assert r.status == "completed" and math.isfinite(r.history[0]["train_loss"])
+
+
+def test_schedules():
+    spec = TrainSpec(schedule="multistep", milestones=[0.5, 0.75], gamma=0.1)
+    assert [lr_factor(spec, s, 100) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01]
+    )
+    spec = TrainSpec(schedule="cosine", warmup_fraction=0.1)
+    assert lr_factor(spec, 0, 100) == pytest.approx(0.1) and lr_factor(spec, 9, 100) == pytest.approx(1.0)
+    assert lr_factor(spec, 10, 100) == pytest.approx(1.0) and lr_factor(spec, 99, 100) < 0.001
+    assert lr_factor(TrainSpec(), 77, 100) == 1.0
+    with pytest.raises(UserError, match="schedule"):
+        train(TrainSpec(schedule="linear", device="cpu"))
+
+
+class _Recorder(SGD):
+    """A fake two-pass optimizer: records its hparams and calls the closure twice per step."""
+
+    seen: dict = {}
+
+    def __init__(self, params, max_grad_norm=None, **kw):
+        _Recorder.seen = {"max_grad_norm": max_grad_norm, "calls": 0, "lrs": []}
+        super().__init__(params, **kw)
+
+    def step(self, closure):
+        loss = super().step(closure)
+        with torch.no_grad():
+            closure()  # the "second pass" must not change the on-the-fly accuracy bookkeeping
+        _Recorder.seen["calls"] += 2
+        _Recorder.seen["lrs"].append(self.param_groups[0]["lr"])
+        return loss
+
+
+def test_trainer_is_optimizer_agnostic(monkeypatch, mnist1d):
+    monkeypatch.setitem(optim.OPTIMIZERS, "recorder", lambda model, hp: _Recorder(model.parameters(), **hp))
+    spec = TrainSpec(
+        optimizer="recorder",
+        hparams={"lr": 0.2},
+        grad_clip=1.5,
+        epochs=2,
+        max_steps_per_epoch=4,
+        schedule="multistep",
+        milestones=[0.5],
+        gamma=0.5,
+        device="cpu",
+    )
+    r = train(spec, splits=mnist1d)
+    assert r.status == "completed"
+    assert _Recorder.seen["max_grad_norm"] == 1.5 and _Recorder.seen["calls"] == 16
+    assert _Recorder.seen["lrs"] == pytest.approx([0.2] * 4 + [0.1] * 4)
+    assert r.optimizer.param_groups[0]["initial_lr"] == 0.2
+    assert 0.0 <= r.history[0]["train_acc"] <= 1.0
+
+
+def test_out_of_memory_is_caught(monkeypatch, mnist1d):
+    class Boom(SGD):
+        def step(self, closure):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setitem(optim.OPTIMIZERS, "boom", lambda model, hp: Boom(model.parameters(), **hp))
+    r = train(TrainSpec(optimizer="boom", hparams={"lr": 0.1}, epochs=2, device="cpu"), splits=mnist1d)
+    assert r.status == "out_of_memory" and r.failure_reason == "out_of_memory" and r.epochs_completed == 0
+
+
+def test_bad_optimizer_args_are_user_errors(mnist1d):
+    with pytest.raises(UserError, match="optimizer 'nope'"):
+        train(TrainSpec(optimizer="nope", device="cpu"), splits=mnist1d)
+    with pytest.raises(UserError, match="optimizer 'sgd'"):
+        train(TrainSpec(hparams={"lr": 0.1, "bogus": 1}, device="cpu"), splits=mnist1d)
+
+
+def test_evaluate_restores_mode_and_handles_empty(mnist1d):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 10), torch.nn.Dropout(0.5))
+    model.train()
+    loss, acc = evaluate(model, mnist1d.x_test, mnist1d.y_test, batch_size=300)
+    assert model.training and 0 <= acc <= 1 and loss > 0
+    again = evaluate(model, mnist1d.x_test, mnist1d.y_test, batch_size=1000)
+    assert again[1] == acc and again[0] == pytest.approx(loss, rel=1e-5)  # no dropout in eval mode
+    model.eval()
+    evaluate(model, mnist1d.x_test, mnist1d.y_test)
+    assert not model.training
+    empty = evaluate(model, mnist1d.x_test[:0], mnist1d.y_test[:0])
+    assert all(math.isnan(v) for v in empty)
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(UserError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+    with pytest.raises(UserError):
+        resolve_device("tpu")
+
+
+def test_plugins_through_train():
+    spec = TrainSpec(
+        dataset="custom",
+        dataset_options={"factory": "plugins_example:blobs", "n": 120},
+        model="plugins_example:tiny_linear",
+        model_options={"scale": 0.5},
+        epochs=3,
+        batch_size=32,
+        hparams={"lr": 0.1},
+        device="cpu",
+        progress=True,
+    )
+    r = train(spec)
+    assert r.status == "completed" and final_metrics(r)["test_acc"] > 0.8
