@@ -1,0 +1,379 @@
+"""The ``sassha-tune`` command line (Typer). Thin: parse, call, print.
+
+A :class:`~sassha_tune.errors.UserError` becomes one red line on stderr and exit code 2.
+Ctrl-C exits with 130 after the running trial is marked ``interrupted``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="sassha-tune",
+    help="Tune SASSHA (and its peers) with crash-safe, resumable Optuna studies.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="SQLAlchemy database URL of the studies (default: study.storage of the config, else "
+        "sqlite:///sassha-tune.db in the working directory). Also read from $SASSHA_TUNE_STORAGE.",
+        envvar="SASSHA_TUNE_STORAGE",
+        show_envvar=False,
+    ),
+]
+StudyArg = Annotated[str, typer.Argument(help="Name of a study in the storage.", show_default=False)]
+ConfigArg = Annotated[
+    Path, typer.Argument(help="The study's YAML config (see docs/config.md).", show_default=False)
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="Override the config's device: auto, cpu, cuda or cuda:N.")
+]
+NTrialsOpt = Annotated[
+    int | None,
+    typer.Option("--n-trials", min=1, help="Set the study's total budget (all runs, resumes and workers together)."),
+]
+GpusOpt = Annotated[
+    str | None,
+    typer.Option("--gpus", help="Comma-separated GPU indices, e.g. 0,1: one worker process per GPU."),
+]
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """UserError -> one red line, exit 2; Ctrl-C -> exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            raise _fail(str(exc), getattr(exc, "exit_code", 2)) from None
+        except KeyboardInterrupt:
+            err.print("[yellow]interrupted[/yellow]")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _log(message: str) -> None:
+    out.print(escape(message), soft_wrap=True)
+
+
+def _parse_gpus(gpus: str | None) -> list[str]:
+    if gpus is None:
+        return []
+    items = [g.strip() for g in gpus.split(",") if g.strip()]
+    if not items or not all(g.isdigit() for g in items):
+        raise UserError(f"--gpus: expected comma-separated GPU indices like 0,1, got {gpus!r}")
+    if len(set(items)) != len(items):
+        raise UserError(f"--gpus: GPU listed twice in {gpus!r}")
+    return items
+
+
+def _run_study(name: str, storage: str, gpus: list[str], device: str | None) -> None:
+    from .study import run_gpu_workers, run_trials
+
+    if gpus:
+        code = run_gpu_workers(name, storage, gpus, log=_log)
+        if code:
+            raise typer.Exit(code)
+        return
+    summary = run_trials(name, storage, device=device, log=_log)
+    states = ", ".join(f"{k} {v}" for k, v in sorted(summary.states.items())) or "no trials"
+    _log(f"done: {summary.ran} trials this run ({states}) in {summary.seconds:.1f} s; {summary.stopped_because}")
+
+
+@app.command()
+@handle_errors
+def run(
+    config: ConfigArg,
+    storage: StorageOpt = None,
+    allow_space_change: Annotated[
+        bool,
+        typer.Option("--allow-space-change", help="Continue an existing study even though its search space changed."),
+    ] = False,
+    gpus: GpusOpt = None,
+    n_trials: NTrialsOpt = None,
+    device: DeviceOpt = None,
+    create_only: Annotated[
+        bool,
+        typer.Option("--create-only", help="Create (or check) the study and exit; run trials with `worker`."),
+    ] = False,
+) -> None:
+    """Create the study a config describes (or continue it) and run trials until its budget is spent."""
+    from .config import load_config
+    from .study import create_or_continue, resolve_storage, set_budget
+
+    gpu_list = _parse_gpus(gpus)
+    _check_device(device)
+    cfg = load_config(config)  # everything validated before any storage is touched
+    if n_trials is not None:
+        cfg.budget.n_trials = n_trials
+    url = resolve_storage(storage, cfg)
+    study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=_log)
+    if n_trials is not None:
+        set_budget(study, n_trials)
+    if create_only:
+        return
+    _run_study(cfg.study.name, url, gpu_list, device)
+
+
+@app.command()
+@handle_errors
+def resume(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    n_trials: NTrialsOpt = None,
+    gpus: GpusOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Continue a study from its stored config: lost trials are failed and retried, the budget is finished."""
+    from .study import load_study, resolve_storage, set_budget, stored_config
+
+    gpu_list = _parse_gpus(gpus)
+    _check_device(device)
+    url = resolve_storage(storage)
+    s = load_study(study, url)
+    stored_config(s)
+    if n_trials is not None:
+        set_budget(s, n_trials)
+    _run_study(study, url, gpu_list, device)
+
+
+@app.command()
+@handle_errors
+def worker(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    device: DeviceOpt = None,
+    worker_id: Annotated[
+        int | None,
+        typer.Option("--worker-id", help="Number mixed into the sampler seed (default: the process id)."),
+    ] = None,
+) -> None:
+    """Join an existing study (e.g. on PostgreSQL from another machine) and run trials until its budget is spent."""
+    import os
+
+    from .study import resolve_storage, run_trials
+
+    _check_device(device)
+    url = resolve_storage(storage)
+    wid: int | str = worker_id if worker_id is not None else f"pid{os.getpid()}"
+    summary = run_trials(study, url, worker=wid, device=device, log=_log)
+    _log(f"worker done: {summary.ran} trials in {summary.seconds:.1f} s; {summary.stopped_because}")
+
+
+def _check_device(device: str | None) -> None:
+    import re
+
+    if device is not None and not re.match(r"^(auto|cpu|cuda|cuda:\d+)$", device):
+        raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+@app.command()
+@handle_errors
+def status(
+    study: Annotated[str | None, typer.Argument(help="A study to show in detail (default: list all studies).")] = None,
+    storage: StorageOpt = None,
+) -> None:
+    """Show the studies in a storage (trial counts by state, budget, best value) or one study in detail."""
+    from .study import load_study, mask_url, resolve_storage, study_detail, study_rows
+
+    url = resolve_storage(storage)
+    if study is None:
+        rows = study_rows(url)
+        table = Table(title=f"studies in {mask_url(url)}")
+        for col in ("study", "optimizer", "objectives", "COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING", "budget", "best"):
+            table.add_column(col)
+        for r in rows:
+            best = r["best"]
+            table.add_row(
+                r["name"], str(r["optimizer"]), ", ".join(map(str, r["objectives"])),
+                *(str(r["counts"].get(s, 0)) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")),
+                r["budget"], ", ".join(_fmt(v) for v in best.values) if best is not None else "-",
+            )
+        if not rows:
+            _log(f"no studies in {mask_url(url)}")
+            return
+        out.print(table)
+        return
+    s = load_study(study, url)
+    d = study_detail(s)
+    table = Table(title=f"study {study} ({d['optimizer']}; {', '.join(map(str, d['objectives']))})")
+    table.add_column("state")
+    table.add_column("trials", justify="right")
+    for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):
+        table.add_row(state, str(d["counts"].get(state, 0)))
+    table.add_row("budget used", d["budget"])
+    out.print(table)
+    if d["failures"]:
+        _log("failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(d["failures"].items())))
+    best = d["best"]
+    if best is None:
+        _log("no complete trial yet")
+        return
+    bt = Table(title=f"best trial {best.number}")
+    bt.add_column("key")
+    bt.add_column("value")
+    for k, v in best.params.items():
+        bt.add_row(f"param {k}", _fmt(v))
+    for k in ("val_acc", "val_loss", "test_acc", "gen_gap_acc", "lambda_max", "hessian_trace", "sam_sharpness",
+              "adaptive_sharpness", "train_seconds", "device"):
+        if k in best.user_attrs:
+            bt.add_row(k, _fmt(best.user_attrs[k]))
+    out.print(bt)
+
+
+@app.command()
+@handle_errors
+def export(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    format: Annotated[str, typer.Option("--format", help="Output format: yaml or json.")] = "yaml",
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Write here instead of stdout.", dir_okay=False)
+    ] = None,
+    trial: Annotated[
+        int | None, typer.Option("--trial", help="Export this trial number instead of the best one.")
+    ] = None,
+) -> None:
+    """Write the study's config with the best trial's params fixed; `sassha-tune train` runs it as is."""
+    import yaml
+
+    from .study import export_config, load_study, resolve_storage
+
+    if format not in ("yaml", "json"):
+        raise UserError(f"--format: expected yaml or json, got {format!r}")
+    s = load_study(study, resolve_storage(storage))
+    d = export_config(s, trial)
+    text = json.dumps(d, indent=2) + "\n" if format == "json" else yaml.safe_dump(d, sort_keys=False)
+    if out_file is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            out_file.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"--out {out_file}: cannot write: {exc.strerror}") from None
+        _log(f"wrote trial {d['provenance']['trial']} of {study} to {out_file}")
+
+
+@app.command()
+@handle_errors
+def train(
+    config: ConfigArg,
+    params: Annotated[
+        Path | None,
+        typer.Option("--params", help="YAML/JSON mapping of hyperparameters (config convention) over optimizer.fixed.",
+                     dir_okay=False),
+    ] = None,
+    device: DeviceOpt = None,
+    metrics_out: Annotated[
+        Path | None, typer.Option("--metrics-out", help="Also write the metrics as JSON to this file.", dir_okay=False)
+    ] = None,
+) -> None:
+    """Train once with the config's fixed hyperparameters (e.g. an exported config) and print the metrics."""
+    from .config import load_config, yaml_load
+    from .objective import evaluate_params
+    from .spaces import check_param_names
+
+    _check_device(device)
+    cfg = load_config(config)
+    extra: dict[str, Any] = {}
+    if params is not None:
+        if not params.is_file():
+            raise UserError(f"--params {params}: no such file")
+        raw = yaml_load(params.read_text(encoding="utf-8"), str(params))
+        if not isinstance(raw, dict):
+            raise UserError(f"{params}: expected a mapping of hyperparameter names to values")
+        check_param_names(cfg.optimizer.name, list(raw), str(params), "params")
+        extra = raw
+    from .spaces import space_for_config
+
+    unset = sorted(set(space_for_config(cfg).params) - set(cfg.optimizer.fixed) - set(extra))
+    if unset:
+        _log(f"note: {', '.join(unset)} not fixed: the optimizer's defaults are used")
+    outcome = evaluate_params(cfg, extra, device=device)
+    table = Table(title=f"{cfg.optimizer.name} on {cfg.task.dataset}/{cfg.task.model}: {outcome.state}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in outcome.attrs.items():
+        if isinstance(v, (int, float, str)) or v is None:
+            table.add_row(k, _fmt(v))
+    if outcome.failure_reason:
+        table.add_row("failure_reason", outcome.failure_reason)
+    out.print(table)
+    if metrics_out is not None:
+        payload = {"state": outcome.state, "failure_reason": outcome.failure_reason, **outcome.attrs}
+        metrics_out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    if outcome.state == "fail":
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def report(
+    study: StudyArg,
+    storage: StorageOpt = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.md and the plots.", file_okay=False)] = Path(
+        "report"
+    ),
+) -> None:
+    """Write a report of one study: best-trials table, generalization vs sharpness plots, report.md."""
+    from .report import run_report
+    from .study import resolve_storage
+
+    run_report(study, resolve_storage(storage), out_dir)
+
+
+@app.command()
+@handle_errors
+def compare(
+    studies: Annotated[list[str], typer.Argument(help="Two or more study names (e.g. one per optimizer).")],
+    storage: StorageOpt = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for compare.md and the plots.", file_okay=False)] = Path(
+        "compare"
+    ),
+) -> None:
+    """Compare studies under equal budgets: best-so-far curves by trials and by seconds, ranking, sharpness."""
+    from .report import run_compare
+    from .study import resolve_storage
+
+    run_compare(list(studies), resolve_storage(storage), out_dir)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,718 @@
+"""The study config: YAML -> validated, typed dataclasses.
+
+Everything a user can get wrong is checked here, before a storage, a study or a process is
+created. Errors are :class:`~sassha_tune.errors.ConfigError` with one line of the form
+``FILE: key.path: expected X, got Y``; unknown keys name the closest valid key.
+
+The config never runs code. The only code it can name is a ``package.module:function`` plug-in
+(a model or dataset factory), which the module that uses it imports.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import importlib.util
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "Config",
+    "ObjectiveSpec",
+    "load_config",
+    "config_from_dict",
+    "config_to_dict",
+    "yaml_load",
+    "OPTIMIZER_NAMES",
+    "OBJECTIVE_METRICS",
+    "PER_EPOCH_METRICS",
+]
+
+OPTIMIZER_NAMES = ("sgd", "adamw", "sam_sgd", "sam_adamw", "adahessian", "sophiah", "sassha", "msassha")
+
+# Metrics a study may optimize (all stored as trial user attributes). test_* is deliberately absent:
+# select on validation, report test once.
+OBJECTIVE_METRICS = (
+    "val_acc",
+    "val_loss",
+    "train_acc",
+    "train_loss",
+    "gen_gap_acc",
+    "gen_gap_loss",
+    "lambda_max",
+    "hessian_trace",
+    "sam_sharpness",
+    "adaptive_sharpness",
+    "train_seconds",
+    "ms_per_step",
+)
+SHARPNESS_METRICS = ("lambda_max", "hessian_trace", "sam_sharpness", "adaptive_sharpness")
+# Metrics the trainer reports after every epoch: the only ones a pruner can act on.
+PER_EPOCH_METRICS = ("val_acc", "val_loss")
+# Keyword arguments of sharpness.hessian_metrics that metrics.budget may set.
+SHARPNESS_BUDGET_KEYS = (
+    "chunk_size", "lambda_method", "lambda_tol", "lambda_max_iters", "trace_probes", "trace_batch_size",
+    "sam_rho", "sam_steps", "adaptive_rho", "ascent_step", "average_sigma", "average_samples", "average_adaptive",
+)
+# Optimizers that take max_grad_norm (the trainer passes optimizer.grad_clip as that argument).
+GRAD_CLIP_OPTIMIZERS = OPTIMIZER_NAMES
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "nsgaii")
+PRUNERS = ("none", "median", "hyperband", "successive_halving")
+SCHEDULES = ("constant", "multistep", "cosine")
+AMP_MODES = ("none", "bf16")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+_STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+# --------------------------------------------------------------------------------------------
+# YAML: safe_load, plus floats written without a dot (1e-3), which YAML 1.1 reads as strings.
+# --------------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str, source: str) -> Any:
+    """``yaml.safe_load`` (with ``1e-3`` read as a float); syntax errors become one-line ConfigErrors."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The typed config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ObjectiveSpec:
+    metric: str
+    direction: str  # "maximize" | "minimize"
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "tpe"
+    seed: int | None = None  # None: the top-level seed
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrunerConfig:
+    name: str = "none"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    storage: str | None = None
+    objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec("val_acc", "maximize")])
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    heartbeat_interval: float = 10.0
+    stale_after: float = 60.0
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def metrics(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+
+@dataclass
+class BudgetConfig:
+    n_trials: int = 20
+    timeout: float | None = None
+
+
+@dataclass
+class TaskConfig:
+    dataset: str
+    model: str
+    data_dir: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    augment: bool | None = None  # None: the dataset's default augmentation
+    label_noise: float = 0.0
+    val_fraction: float = 0.1
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: str
+    search_space: str | dict[str, Any] | None = None  # None: the shipped space named like the optimizer
+    fixed: dict[str, Any] = field(default_factory=dict)
+    enqueue_published: bool = False
+    grad_clip: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "multistep"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
+    warmup_fraction: float = 0.0
+
+
+@dataclass
+class MetricsConfig:
+    sharpness: bool = True
+    subset_size: int = 1024
+    seed: int = 0
+    budget: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DeviceConfig:
+    name: str = "auto"
+    amp: str = "none"
+    channels_last: bool = False
+
+
+@dataclass
+class Config:
+    study: StudyConfig
+    task: TaskConfig
+    optimizer: OptimizerConfig
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    seed: int = 0
+    provenance: dict[str, Any] = field(default_factory=dict)
+    source: str = "<config>"  # file the config came from (not part of the schema)
+    base_dir: str = "."  # where relative search-space paths are looked up
+
+    @property
+    def sampler_seed(self) -> int:
+        return self.seed if self.study.sampler.seed is None else self.study.sampler.seed
+
+
+# --------------------------------------------------------------------------------------------
+# Checkers: each takes (value, ctx, path) and returns the converted value or raises ConfigError.
+# --------------------------------------------------------------------------------------------
+
+_REQUIRED = object()
+
+
+class _Ctx:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, path: str, expected: str, got: Any = _REQUIRED, *, raw: str | None = None) -> ConfigError:
+        if raw is not None:
+            return ConfigError(f"{self.source}: {path}: {raw}")
+        return ConfigError(f"{self.source}: {path}: expected {expected}, got {_show(got)}")
+
+
+def _show(value: Any) -> str:
+    if value is _REQUIRED:
+        return "nothing (the key is required)"
+    if value is None:
+        return "null"
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+Checker = Callable[[Any, _Ctx, str], Any]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> Checker:
+    def check(v: Any, ctx: _Ctx, path: str) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ctx.fail(path, _range_text("an integer", lo, hi), v)
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise ctx.fail(path, _range_text("an integer", lo, hi), v)
+        return v
+
+    return check
+
+
+def _float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> Checker:
+    def check(v: Any, ctx: _Ctx, path: str) -> float:
+        ok = _is_number(v) and v == v  # not NaN
+        if ok and lo is not None:
+            ok = v > lo if lo_open else v >= lo
+        if ok and hi is not None:
+            ok = v < hi if hi_open else v <= hi
+        if not ok:
+            raise ctx.fail(path, _range_text("a number", lo, hi, lo_open, hi_open), v)
+        return float(v)
+
+    return check
+
+
+def _range_text(kind: str, lo: Any, hi: Any, lo_open: bool = False, hi_open: bool = False) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"{'>' if lo_open else '>='} {lo}")
+    if hi is not None:
+        parts.append(f"{'<' if hi_open else '<='} {hi}")
+    return kind + (" " + " and ".join(parts) if parts else "")
+
+
+def _bool(v: Any, ctx: _Ctx, path: str) -> bool:
+    if not isinstance(v, bool):
+        raise ctx.fail(path, "true or false", v)
+    return v
+
+
+def _str(v: Any, ctx: _Ctx, path: str) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ctx.fail(path, "a non-empty string", v)
+    return v
+
+
+def _choice_text(v: Any, options: tuple[str, ...], extra: str = "") -> str:
+    hint = ""
+    if isinstance(v, str):
+        close = difflib.get_close_matches(v, options, n=1)
+        if close:
+            hint = f" (did you mean {close[0]!r}?)"
+    return f"expected one of {', '.join(options)}{' ' + extra if extra else ''}, got {_show(v)}{hint}"
+
+
+def _unknown_text(key: str, allowed: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(allowed)}"
+    return f"unknown key ({hint})"
+
+
+def _choice(options: tuple[str, ...]) -> Checker:
+    def check(v: Any, ctx: _Ctx, path: str) -> str:
+        if isinstance(v, str) and v in options:
+            return v
+        raise ctx.fail(path, "", raw=_choice_text(v, options))
+
+    return check
+
+
+def _optional(inner: Checker) -> Checker:
+    def check(v: Any, ctx: _Ctx, path: str) -> Any:
+        return None if v is None else inner(v, ctx, path)
+
+    return check
+
+
+def _scalar_value(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, list):
+        return all(_scalar_value(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _scalar_value(x) for k, x in v.items())
+    return False
+
+
+def _mapping(v: Any, ctx: _Ctx, path: str) -> dict[str, Any]:
+    """A free-form mapping of options (string keys, plain YAML values)."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ctx.fail(path, "a mapping", v)
+    for k, x in v.items():
+        if not isinstance(k, str):
+            raise ctx.fail(f"{path}.{k}", "a string key", k)
+        if not _scalar_value(x):
+            raise ctx.fail(f"{path}.{k}", "a plain YAML value", x)
+    return dict(v)
+
+
+def _fractions(v: Any, ctx: _Ctx, path: str) -> list[float]:
+    if not isinstance(v, list) or not all(_is_number(x) and 0 < x < 1 for x in v):
+        raise ctx.fail(path, "a list of fractions of training, each between 0 and 1", v)
+    if list(v) != sorted(v):
+        raise ctx.fail(path, "increasing fractions", v)
+    return [float(x) for x in v]
+
+
+def _device_name(v: Any, ctx: _Ctx, path: str) -> str:
+    if not isinstance(v, str) or not _DEVICE_RE.match(v):
+        raise ctx.fail(path, "auto, cpu, cuda or cuda:N", v)
+    return v
+
+
+def _study_name(v: Any, ctx: _Ctx, path: str) -> str:
+    if not isinstance(v, str) or not _STUDY_NAME_RE.match(v):
+        raise ctx.fail(path, "a study name of letters, digits, '_', '-', '.'", v)
+    return v
+
+
+def _plugin_or_name(v: Any, ctx: _Ctx, path: str) -> str:
+    """A registered name, or a ``package.module:function`` plug-in (imported only when used)."""
+    if not isinstance(v, str) or not v.strip():
+        raise ctx.fail(path, "a name or a package.module:function plug-in", v)
+    if ":" in v and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", v):
+        raise ctx.fail(path, "a package.module:function plug-in", v)
+    return v
+
+
+def _search_space_ref(v: Any, ctx: _Ctx, path: str) -> str | dict[str, Any] | None:
+    if v is None or (isinstance(v, str) and v.strip()):
+        return v
+    if isinstance(v, dict):
+        return _mapping(v, ctx, path)
+    raise ctx.fail(path, "a search-space name, a path to a YAML file, or an inline mapping", v)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+def _check_keys(d: Mapping[str, Any], allowed: list[str], ctx: _Ctx, path: str) -> None:
+    for key in d:
+        if not isinstance(key, str):
+            raise ctx.fail(f"{path}{key}", "", raw=f"keys must be strings, got {_show(key)}")
+        if key not in allowed:
+            raise ctx.fail(f"{path}{key}", "", raw=_unknown_text(key, allowed))
+
+
+def _section(
+    raw: Any, fields: dict[str, tuple[Checker, Any]], ctx: _Ctx, path: str
+) -> dict[str, Any]:
+    """Check a mapping against ``{key: (checker, default)}``; return converted values."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ctx.fail(path, "a mapping", raw)
+    _check_keys(raw, list(fields), ctx, f"{path}." if path else "")
+    out: dict[str, Any] = {}
+    for key, (checker, default) in fields.items():
+        sub = f"{path}.{key}" if path else key
+        if key in raw:
+            out[key] = checker(raw[key], ctx, sub)
+        elif default is _REQUIRED:
+            raise ctx.fail(sub, "a value", _REQUIRED)
+        else:
+            out[key] = copy.deepcopy(default)
+    return out
+
+
+def _default_direction(metric: str) -> str:
+    return "maximize" if metric.endswith("_acc") else "minimize"
+
+
+def _objective(v: Any, ctx: _Ctx, path: str) -> ObjectiveSpec:
+    if isinstance(v, str):
+        parts = v.split()
+        metric = _choice(OBJECTIVE_METRICS)(parts[0] if parts else v, ctx, path)
+        if len(parts) == 1:
+            return ObjectiveSpec(metric, _default_direction(metric))
+        if len(parts) == 2:
+            return ObjectiveSpec(metric, _choice(("maximize", "minimize"))(parts[1], ctx, path))
+        raise ctx.fail(path, "'METRIC' or 'METRIC maximize|minimize'", v)
+    if isinstance(v, dict):
+        d = _section(
+            v,
+            {"metric": (_choice(OBJECTIVE_METRICS), _REQUIRED), "direction": (_optional(_choice(("maximize", "minimize"))), None)},
+            ctx,
+            path,
+        )
+        return ObjectiveSpec(d["metric"], d["direction"] or _default_direction(d["metric"]))
+    raise ctx.fail(path, "a metric name or a mapping {metric, direction}", v)
+
+
+def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ctx.fail("study", "a mapping", raw)
+    d = _section(
+        raw,
+        {
+            "name": (_study_name, default_name),
+            "storage": (_optional(_str), None),
+            "objective": (_optional(lambda v, c, p: v), None),
+            "direction": (_optional(_choice(("maximize", "minimize"))), None),
+            "objectives": (_optional(lambda v, c, p: v), None),
+            "sampler": (lambda v, c, p: v, None),
+            "pruner": (lambda v, c, p: v, None),
+            "heartbeat_interval": (_float(0, lo_open=True), 10.0),
+            "stale_after": (_float(0, lo_open=True), 60.0),
+        },
+        ctx,
+        "study",
+    )
+    if d["objective"] is not None and d["objectives"] is not None:
+        raise ctx.fail("study.objectives", "", raw="give either study.objective or study.objectives, not both")
+    if d["objectives"] is not None:
+        if d["direction"] is not None:
+            raise ctx.fail("study.direction", "", raw="goes with study.objective; put each direction in study.objectives")
+        items = d["objectives"]
+        if not isinstance(items, list) or not 1 <= len(items) <= 3:
+            raise ctx.fail("study.objectives", "a list of 1 to 3 objectives", items)
+        objectives = [_objective(v, ctx, f"study.objectives[{i}]") for i, v in enumerate(items)]
+        if len({o.metric for o in objectives}) != len(objectives):
+            raise ctx.fail("study.objectives", "distinct metrics", [o.metric for o in objectives])
+    else:
+        metric = d["objective"] if d["objective"] is not None else "val_acc"
+        if not isinstance(metric, str):
+            raise ctx.fail("study.objective", "a metric name", metric)
+        objectives = [_objective(metric, ctx, "study.objective")]
+        if d["direction"] is not None:
+            objectives[0].direction = d["direction"]
+
+    sampler_raw = d["sampler"]
+    if isinstance(sampler_raw, str):
+        sampler_raw = {"name": sampler_raw}
+    s = _section(
+        sampler_raw,
+        {"name": (_choice(SAMPLERS), "tpe"), "seed": (_optional(_int(0)), None), "options": (_mapping, {})},
+        ctx,
+        "study.sampler",
+    )
+    pruner_raw = d["pruner"]
+    if isinstance(pruner_raw, str):
+        pruner_raw = {"name": pruner_raw}
+    p = _section(pruner_raw, {"name": (_choice(PRUNERS), "none"), "options": (_mapping, {})}, ctx, "study.pruner")
+    if d["stale_after"] <= d["heartbeat_interval"]:
+        raise ctx.fail("study.stale_after", f"a number > study.heartbeat_interval ({d['heartbeat_interval']})", d["stale_after"])
+    return StudyConfig(
+        name=d["name"],
+        storage=d["storage"],
+        objectives=objectives,
+        sampler=SamplerConfig(s["name"], s["seed"], s["options"]),
+        pruner=PrunerConfig(p["name"], p["options"]),
+        heartbeat_interval=d["heartbeat_interval"],
+        stale_after=d["stale_after"],
+    )
+
+
+_TOP_KEYS = ["study", "budget", "task", "optimizer", "schedule", "metrics", "device", "seed", "provenance"]
+
+
+def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = ".") -> Config:
+    """Validate a plain dict (the parsed YAML) into a :class:`Config`."""
+    ctx = _Ctx(source)
+    if not isinstance(raw, dict):
+        raise ctx.fail("(top level)", "a mapping with sections study, task, optimizer, ...", raw)
+    _check_keys(raw, _TOP_KEYS, ctx, "")
+    for required in ("task", "optimizer"):
+        if required not in raw:
+            raise ctx.fail(required, "a section", _REQUIRED)
+    default_name = Path(source).stem if source and not source.startswith("<") else "sassha-tune"
+    if not _STUDY_NAME_RE.match(default_name):
+        default_name = "sassha-tune"
+    study = _parse_study(raw.get("study"), ctx, default_name)
+
+    b = _section(
+        raw.get("budget"),
+        {"n_trials": (_int(1), 20), "timeout": (_optional(_float(0, lo_open=True)), None)},
+        ctx,
+        "budget",
+    )
+    t = _section(
+        raw["task"],
+        {
+            "dataset": (_plugin_or_name, _REQUIRED),
+            "model": (_plugin_or_name, _REQUIRED),
+            "data_dir": (_optional(_str), None),
+            "dataset_options": (_mapping, {}),
+            "model_options": (_mapping, {}),
+            "epochs": (_int(1), 10),
+            "batch_size": (_int(1), 128),
+            "eval_batch_size": (_optional(_int(1)), None),
+            "augment": (_optional(_bool), None),
+            "label_noise": (_float(0, 1, hi_open=True), 0.0),
+            "val_fraction": (_float(0, 1, lo_open=True, hi_open=True), 0.1),
+            "max_steps_per_epoch": (_optional(_int(1)), None),
+        },
+        ctx,
+        "task",
+    )
+    if t["data_dir"] is not None and not Path(t["data_dir"]).expanduser().is_absolute():
+        t["data_dir"] = str((Path(base_dir) / Path(t["data_dir"]).expanduser()).resolve())
+    o = _section(
+        raw["optimizer"],
+        {
+            "name": (_choice(OPTIMIZER_NAMES), _REQUIRED),
+            "search_space": (_search_space_ref, None),
+            "fixed": (_mapping, {}),
+            "enqueue_published": (_bool, False),
+            "grad_clip": (_float(0), 0.0),
+        },
+        ctx,
+        "optimizer",
+    )
+    sc_raw = raw.get("schedule")
+    if isinstance(sc_raw, str):
+        sc_raw = {"name": sc_raw}
+    sc = _section(
+        sc_raw,
+        {
+            "name": (_choice(SCHEDULES), "multistep"),
+            "milestones": (_fractions, [0.5, 0.75]),
+            "gamma": (_float(0, 1, lo_open=True), 0.1),
+            "warmup_fraction": (_float(0, 1, hi_open=True), 0.0),
+        },
+        ctx,
+        "schedule",
+    )
+    m = _section(
+        raw.get("metrics"),
+        {
+            "sharpness": (_bool, True),
+            "subset_size": (_int(1), 1024),
+            "seed": (_int(0), 0),
+            "budget": (_mapping, {}),
+        },
+        ctx,
+        "metrics",
+    )
+    dv_raw = raw.get("device")
+    if isinstance(dv_raw, str):
+        dv_raw = {"name": dv_raw}
+    dv = _section(
+        dv_raw,
+        {"name": (_device_name, "auto"), "amp": (_choice(AMP_MODES), "none"), "channels_last": (_bool, False)},
+        ctx,
+        "device",
+    )
+    seed = _int(0)(raw.get("seed", 0), ctx, "seed")
+    provenance = _mapping(raw.get("provenance"), ctx, "provenance")
+
+    cfg = Config(
+        study=study,
+        task=TaskConfig(**t),
+        optimizer=OptimizerConfig(**o),
+        budget=BudgetConfig(**b),
+        schedule=ScheduleConfig(**sc),
+        metrics=MetricsConfig(**m),
+        device=DeviceConfig(**dv),
+        seed=seed,
+        provenance=provenance,
+        source=source,
+        base_dir=str(base_dir),
+    )
+    _cross_checks(cfg, ctx)
+    return cfg
+
+
+def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
+    metrics = cfg.study.metrics
+    if not cfg.metrics.sharpness:
+        for name in metrics:
+            if name in SHARPNESS_METRICS:
+                raise ctx.fail("metrics.sharpness", "", raw=f"is false but study objective {name!r} needs it")
+    if cfg.study.pruner.name != "none":
+        if len(metrics) > 1:
+            raise ctx.fail(
+                "study.pruner",
+                "",
+                raw="Optuna cannot prune multi-objective studies (trial.report raises); use pruner: none",
+            )
+        if metrics[0] not in PER_EPOCH_METRICS:
+            raise ctx.fail(
+                "study.pruner",
+                "",
+                raw=f"pruning needs a per-epoch objective ({', '.join(PER_EPOCH_METRICS)}), not {metrics[0]!r}",
+            )
+    if cfg.study.sampler.name == "gp" and importlib.util.find_spec("scipy") is None:
+        raise ctx.fail("study.sampler.name", "", raw="'gp' needs scipy (pip install scipy); use tpe or random")
+    if cfg.study.sampler.name == "cmaes" and importlib.util.find_spec("cmaes") is None:
+        raise ctx.fail("study.sampler.name", "", raw="'cmaes' needs the cmaes package (pip install cmaes)")
+    # Build sampler and pruner once: wrong options fail here, before anything is created.
+    from .study import make_pruner, make_sampler
+
+    try:
+        make_sampler(cfg, seed=0)
+    except (TypeError, ValueError) as exc:
+        raise ctx.fail("study.sampler.options", "", raw=f"rejected by the sampler: {exc}") from None
+    try:
+        make_pruner(cfg)
+    except (TypeError, ValueError) as exc:
+        raise ctx.fail("study.pruner.options", "", raw=f"rejected by the pruner: {exc}") from None
+    from .data import DATASETS
+    from .models import MODELS
+
+    if ":" not in cfg.task.dataset and cfg.task.dataset not in DATASETS:
+        _choice(tuple(DATASETS))(cfg.task.dataset, ctx, "task.dataset")
+    if ":" not in cfg.task.model and cfg.task.model not in MODELS and not re.match(r"^(resnet\d+|wrn\d+_\d+)$", cfg.task.model):
+        raise ctx.fail("task.model", "", raw=_choice_text(cfg.task.model, tuple(MODELS), "or a package.module:factory plug-in"))
+    unknown = sorted(set(cfg.metrics.budget) - set(SHARPNESS_BUDGET_KEYS))
+    if unknown:
+        raise ctx.fail(f"metrics.budget.{unknown[0]}", "", raw=_unknown_text(unknown[0], SHARPNESS_BUDGET_KEYS))
+    if cfg.optimizer.grad_clip > 0 and cfg.optimizer.name not in GRAD_CLIP_OPTIMIZERS:
+        raise ctx.fail(
+            "optimizer.grad_clip", "", raw=f"{cfg.optimizer.name} has no max_grad_norm (only {', '.join(GRAD_CLIP_OPTIMIZERS)})"
+        )
+    if cfg.task.eval_batch_size is None:
+        cfg.task.eval_batch_size = max(cfg.task.batch_size, 256)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read, parse and validate a config file (and its search space)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such config file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read: {exc}") from None
+    raw = yaml_load(text, str(p))
+    cfg = config_from_dict(raw, source=str(p), base_dir=p.resolve().parent)
+    # The search space is part of the config: validate it now too.
+    from .spaces import space_for_config
+
+    space_for_config(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data (what a study stores and what ``export`` writes)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("source", None)
+    d.pop("base_dir", None)
+    study = d["study"]
+    objectives = study.pop("objectives")
+    if len(objectives) == 1:
+        study["objective"] = objectives[0]["metric"]
+        study["direction"] = objectives[0]["direction"]
+    else:
+        study["objectives"] = objectives
+    if study.get("storage") is None:
+        study.pop("storage")
+    if not d["provenance"]:
+        d.pop("provenance")
+    return d

@@ -1,0 +1,313 @@
+"""Search spaces: ``search_spaces/*.yaml`` -> validated :class:`SearchSpace` -> ``trial.suggest_*``.
+
+A space file::
+
+    optimizer: sassha
+    params:
+      lr:           {type: float, low: 0.01, high: 1.0, log: true}
+      lazy_hessian: {type: int, low: 1, high: 100, log: true}
+      adaptive:     {type: categorical, choices: [true, false]}
+    published:      # enqueued as the first trials when optimizer.enqueue_published is true
+      - {source: cifar10/resnet20/sassha.sh, lr: 0.15, weight_decay: 5.0e-4, rho: 0.2, ...}
+
+Weight-decay convention (the one place it is converted is :func:`to_hparams`): ``weight_decay``
+in configs, search spaces, published lists and exports is the published scripts' ``--wd``. The
+scripts give decoupled optimizers (SASSHA, M-SASSHA, AdamW, SAM-AdamW, AdaHessian, Sophia-H)
+``wd / lr`` (the initial lr), so the per-step shrink ``1 - lr_t * wd / lr_0`` equals ``wd`` at the
+peak lr; SGD and SAM-SGD get ``wd`` itself as coupled L2.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = [
+    "ParamSpec",
+    "SearchSpace",
+    "DECOUPLED_WEIGHT_DECAY",
+    "SPACES_DIR",
+    "load_space",
+    "space_for_config",
+    "space_from_dict",
+    "suggest",
+    "to_hparams",
+    "check_param_names",
+]
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+# Optimizers whose weight_decay is decoupled: they receive script_wd / lr.
+DECOUPLED_WEIGHT_DECAY = frozenset({"sassha", "msassha", "adamw", "sam_adamw", "adahessian", "sophiah"})
+# Optimizers that take a seed for their Rademacher probes; the trial seed is passed unless fixed.
+SEEDED_OPTIMIZERS = frozenset({"sassha", "msassha", "adahessian", "sophiah"})
+
+# Constructor arguments each optimizer accepts (plus beta1/beta2, combined into betas). Used to
+# catch typos in space files and ``optimizer.fixed`` with a "did you mean" hint.
+_TORCH_FLAGS = ("maximize", "foreach", "differentiable", "fused", "capturable")
+_SASSHA_ARGS = (
+    "lr", "betas", "weight_decay", "rho", "lazy_hessian", "n_samples", "perturb_eps", "eps", "hessian_power",
+    "adaptive", "hessian_point", "bias_correction", "seed", "max_grad_norm", "always_create_graph",
+)
+_SGD_ARGS = ("lr", "momentum", "weight_decay", "nesterov", "dampening", "max_grad_norm", *_TORCH_FLAGS)
+_ADAMW_ARGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "max_grad_norm", *_TORCH_FLAGS)
+_HESSIAN_ARGS = ("lr", "betas", "eps", "weight_decay", "lazy_hessian", "n_samples", "seed", "max_grad_norm",
+                 "always_create_graph")
+KNOWN_HPARAMS: dict[str, tuple[str, ...]] = {
+    "sgd": _SGD_ARGS,
+    "adamw": _ADAMW_ARGS,
+    "sam_sgd": (*_SGD_ARGS, "rho", "adaptive", "perturb_eps"),
+    "sam_adamw": (*_ADAMW_ARGS, "rho", "adaptive", "perturb_eps"),
+    "adahessian": (*_HESSIAN_ARGS, "hessian_power"),
+    "sophiah": (*_HESSIAN_ARGS, "clip_threshold"),
+    "sassha": _SASSHA_ARGS,
+    "msassha": tuple(a for a in _SASSHA_ARGS if a not in ("adaptive", "hessian_point")),
+}
+_BETA_SPLIT = ("beta1", "beta2")
+_PARAM_KEYS = ("type", "low", "high", "log", "step", "choices")
+_TYPES = ("float", "int", "categorical")
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    type: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def contains(self, value: Any) -> bool:
+        if self.type == "categorical":
+            return value in (self.choices or ())
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type == "int" and float(value) != int(value):
+            return False
+        return self.low <= value <= self.high  # type: ignore[operator]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"type": self.type}
+        if self.type == "categorical":
+            d["choices"] = list(self.choices or ())
+        else:
+            d.update(low=self.low, high=self.high, log=self.log)
+            if self.step is not None:
+                d["step"] = self.step
+        return d
+
+
+@dataclass
+class SearchSpace:
+    optimizer: str | None
+    params: dict[str, ParamSpec]
+    published: list[dict[str, Any]] = field(default_factory=list)
+    source: str = "<inline>"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, stored with the study and compared on resume."""
+        return {
+            "optimizer": self.optimizer,
+            "params": {name: p.to_dict() for name, p in self.params.items()},
+            "published": [dict(p) for p in self.published],
+        }
+
+    def published_params(self) -> list[dict[str, Any]]:
+        """The published configurations restricted to the searched params (for enqueue_trial)."""
+        return [{k: v for k, v in p.items() if k in self.params} for p in self.published]
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _param(name: str, raw: Any, src: str, path: str) -> ParamSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: {path}: expected a mapping with type, low, high (or choices), got {raw!r}")
+    for key in raw:
+        if key not in _PARAM_KEYS:
+            close = difflib.get_close_matches(str(key), _PARAM_KEYS, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(_PARAM_KEYS)}"
+            raise ConfigError(f"{src}: {path}.{key}: unknown key ({hint})")
+    kind = raw.get("type")
+    if kind not in _TYPES:
+        raise ConfigError(f"{src}: {path}.type: expected one of {', '.join(_TYPES)}, got {kind!r}")
+    if kind == "categorical":
+        for key in ("low", "high", "log", "step"):
+            if key in raw:
+                raise ConfigError(f"{src}: {path}.{key}: not used by a categorical parameter (give choices)")
+        choices = raw.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{src}: {path}.choices: expected a non-empty list, got {choices!r}")
+        for c in choices:
+            if not (c is None or isinstance(c, (bool, int, float, str))):
+                raise ConfigError(f"{src}: {path}.choices: expected scalars (number, string, bool), got {c!r}")
+        if len(set(map(repr, choices))) != len(choices):
+            raise ConfigError(f"{src}: {path}.choices: expected distinct values, got {choices!r}")
+        return ParamSpec(name, kind, choices=tuple(choices))
+    if "choices" in raw:
+        raise ConfigError(f"{src}: {path}.choices: only for type: categorical")
+    low, high = raw.get("low"), raw.get("high")
+    for key, v in (("low", low), ("high", high)):
+        if not _num(v) or (kind == "int" and not isinstance(v, int)):
+            raise ConfigError(f"{src}: {path}.{key}: expected {'an integer' if kind == 'int' else 'a number'}, got {v!r}")
+    if not low < high:
+        raise ConfigError(f"{src}: {path}: expected low < high, got low={low!r}, high={high!r}")
+    log = raw.get("log", False)
+    if not isinstance(log, bool):
+        raise ConfigError(f"{src}: {path}.log: expected true or false, got {log!r}")
+    if log and low <= 0:
+        raise ConfigError(f"{src}: {path}.low: expected a number > 0 with log: true, got {low!r}")
+    step = raw.get("step")
+    if step is not None:
+        if log:
+            raise ConfigError(f"{src}: {path}.step: cannot be combined with log: true")
+        if not _num(step) or step <= 0 or (kind == "int" and not isinstance(step, int)):
+            raise ConfigError(f"{src}: {path}.step: expected a positive {'integer' if kind == 'int' else 'number'}, got {step!r}")
+    if name == "lazy_hessian" and low < 1:
+        raise ConfigError(f"{src}: {path}.low: expected the Hessian interval k >= 1, got {low!r}")
+    if kind == "float":
+        low, high = float(low), float(high)
+    return ParamSpec(name, kind, low=low, high=high, log=log, step=step)
+
+
+def check_param_names(optimizer: str, names: list[str], src: str, path: str) -> None:
+    known = KNOWN_HPARAMS.get(optimizer)
+    if known is None:
+        return
+    valid = known + _BETA_SPLIT if "betas" in known else known
+    for n in names:
+        if n not in valid:
+            close = difflib.get_close_matches(n, valid, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"{optimizer} takes {', '.join(valid)}"
+            raise ConfigError(f"{src}: {path}.{n}: not a {optimizer} hyperparameter ({hint})")
+
+
+def space_from_dict(raw: Any, src: str, optimizer: str | None = None, path: str = "") -> SearchSpace:
+    prefix = f"{path}." if path else ""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: {path or '(top level)'}: expected a mapping with params, got {raw!r}")
+    allowed = ("optimizer", "params", "published", "description")
+    for key in raw:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(allowed)}"
+            raise ConfigError(f"{src}: {prefix}{key}: unknown key ({hint})")
+    declared = raw.get("optimizer")
+    if declared is not None and optimizer is not None and declared != optimizer:
+        raise ConfigError(f"{src}: {prefix}optimizer: this space is for {declared!r}, but the config's optimizer is {optimizer!r}")
+    opt = optimizer or declared
+    params_raw = raw.get("params")
+    if not isinstance(params_raw, dict) or not params_raw:
+        raise ConfigError(f"{src}: {prefix}params: expected a non-empty mapping of parameters, got {params_raw!r}")
+    params = {str(n): _param(str(n), p, src, f"{prefix}params.{n}") for n, p in params_raw.items()}
+    if opt is not None:
+        check_param_names(opt, list(params), src, f"{prefix}params")
+    published_raw = raw.get("published") or []
+    if not isinstance(published_raw, list):
+        raise ConfigError(f"{src}: {prefix}published: expected a list of mappings, got {published_raw!r}")
+    published = []
+    for i, entry in enumerate(published_raw):
+        where = f"{prefix}published[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{src}: {where}: expected a mapping of parameter values, got {entry!r}")
+        values = {k: v for k, v in entry.items() if k != "source"}
+        if opt is not None:
+            check_param_names(opt, list(values), src, where)
+        for k, v in values.items():
+            if k in params and not params[k].contains(v):
+                p = params[k]
+                rng = f"one of {list(p.choices or ())}" if p.type == "categorical" else f"{p.low} <= value <= {p.high}"
+                raise ConfigError(f"{src}: {where}.{k}: expected {rng} (the space must contain it), got {v!r}")
+        published.append(dict(entry))
+    return SearchSpace(optimizer=opt, params=params, published=published, source=src)
+
+
+def _find_space_file(ref: str, base_dir: str | Path) -> Path | None:
+    candidates = []
+    looks_like_path = "/" in ref or ref.endswith((".yaml", ".yml"))
+    if looks_like_path:
+        p = Path(ref).expanduser()
+        candidates.append(p if p.is_absolute() else Path(base_dir) / p)
+    else:
+        candidates += [Path(base_dir) / "search_spaces" / f"{ref}.yaml", SPACES_DIR / f"{ref}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    return None
+
+
+def load_space(ref: str, optimizer: str | None, base_dir: str | Path = ".", src: str = "<config>") -> SearchSpace:
+    from .config import yaml_load
+
+    path = _find_space_file(ref, base_dir)
+    if path is None:
+        shipped = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
+        raise ConfigError(
+            f"{src}: optimizer.search_space: no search space {ref!r} (a shipped name: {', '.join(shipped)}; or a path to a YAML file)"
+        )
+    raw = yaml_load(path.read_text(encoding="utf-8"), str(path))
+    return space_from_dict(raw, str(path), optimizer)
+
+
+def space_for_config(cfg: Any, *, check_fixed: bool = False) -> SearchSpace:
+    """The search space a config names (a shipped name, a file, or inline); validated.
+
+    ``check_fixed``: also refuse a parameter both fixed and searched (a study needs one or the
+    other; ``train`` runs fixed values and ignores the space, so exported configs keep both).
+    """
+    ref = cfg.optimizer.search_space
+    if isinstance(ref, dict):
+        space = space_from_dict(ref, cfg.source, cfg.optimizer.name, path="optimizer.search_space")
+    else:
+        space = load_space(ref or cfg.optimizer.name, cfg.optimizer.name, cfg.base_dir, cfg.source)
+    check_param_names(cfg.optimizer.name, list(cfg.optimizer.fixed), cfg.source, "optimizer.fixed")
+    both = sorted(set(space.params) & set(cfg.optimizer.fixed))
+    if both and check_fixed:
+        raise ConfigError(f"{cfg.source}: optimizer.fixed.{both[0]}: also searched in the search space; remove one")
+    return space
+
+
+def suggest(trial: Any, space: SearchSpace) -> dict[str, Any]:
+    """Draw one value per parameter with ``trial.suggest_*`` (enqueued values are used as is)."""
+    out: dict[str, Any] = {}
+    for name, p in space.params.items():
+        if p.type == "float":
+            out[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
+        elif p.type == "int":
+            out[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+        else:
+            out[name] = trial.suggest_categorical(name, list(p.choices or ()))
+    return out
+
+
+def to_hparams(optimizer: str, params: Mapping[str, Any], *, seed: int | None = None) -> dict[str, Any]:
+    """Config-convention values -> optimizer constructor arguments. The one conversion point.
+
+    * ``weight_decay`` (the scripts' ``--wd``) becomes ``wd / lr`` for decoupled optimizers;
+    * ``beta1`` / ``beta2`` become ``betas``;
+    * optimizers with Hessian probes get ``seed`` (the trial seed) unless it is given.
+    """
+    hp = dict(params)
+    if "beta1" in hp or "beta2" in hp:
+        b1 = hp.pop("beta1", 0.9)
+        b2 = hp.pop("beta2", 0.999)
+        hp["betas"] = (float(b1), float(b2))
+    elif isinstance(hp.get("betas"), list):
+        hp["betas"] = tuple(hp["betas"])
+    if optimizer in DECOUPLED_WEIGHT_DECAY and "weight_decay" in hp:
+        if "lr" not in hp:
+            raise ConfigError(
+                f"weight_decay for {optimizer} is given in the scripts' convention (wd / lr); it needs lr too"
+            )
+        hp["weight_decay"] = float(hp["weight_decay"]) / float(hp["lr"])
+    if optimizer in SEEDED_OPTIMIZERS and seed is not None:
+        hp.setdefault("seed", seed)
+    return hp
