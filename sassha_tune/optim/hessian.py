@@ -58,7 +58,7 @@ def hvp_from_grads(
     products = torch.autograd.grad(
         list(grads), list(params), grad_outputs=list(vectors), retain_graph=retain_graph, allow_unused=True
     )
-    return [torch.zeros_like(p) if hv is None else hv for hv, p in zip(products, params)]
+    return [torch.zeros_like(p) if hv is None else hv for hv, p in zip(products, params, strict=False)]
 
 
 def hutchinson_diagonal(
@@ -130,5 +130,6 @@ class LossHessian:
             products = [torch.stack([row[i] for row in rows]) for i in range(len(self.params))]
         self.hvp_count += batch
         return [
-            torch.zeros_like(v) if hv is None else hv.detach() for hv, v in zip(products, batched_vectors)
+            torch.zeros_like(v) if hv is None else hv.detach()
+            for hv, v in zip(products, batched_vectors, strict=False)
         ]

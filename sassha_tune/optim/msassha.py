@@ -1,0 +1,147 @@
+"""M-SASSHA: SASSHA with a momentum-SAM perturbation (one forward/backward per step).
+
+Written from ``docs/sassha-reference.md`` §2. The published ``msassha.py`` cannot run (undefined
+attributes, a module-global bias correction); this is a working implementation of the algorithm
+it describes.
+
+Design (where the weights are): the reference leaves the model at the *perturbed* point
+``θ̃ = θ − c·m`` between steps and asks the training loop to move the weights back before every
+evaluation. Here the weights are at θ whenever ``step()`` is not running: each step applies
+the perturbation, runs the single pass at θ̃, takes the Hessian there, removes the perturbation
+and updates θ. The trajectory is the reference's (up to rounding of the add/subtract), evaluation
+and checkpoints see θ with no extra calls, and nothing has to be undone if training stops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import Closure, check_positive, clear_grads, sam_perturbation
+from .sassha import HessianPower, HessianPreconditioned, state_dtype
+
+
+class MSassha(HessianPreconditioned):
+    r"""M-SASSHA: perturbation along the negative normalised momentum, Hessian at the perturbed point.
+
+    Each ``step(closure)``:
+
+    1. ``d = rho · m / (||m|| + perturb_eps)`` from the momentum of the previous step (global norm
+       over all groups; ``d = 0`` at the first step) and ``θ̃ = θ − d``;
+    2. one pass at θ̃: ``g̃ = ∇L_B(θ̃)`` (graph kept only on refresh steps); BatchNorm running
+       statistics update normally (it is the only pass); the returned loss is this one, at θ̃;
+    3. on refresh steps (every ``lazy_hessian`` steps from the first): Hutchinson ``ĥ`` at θ̃;
+       ``v ← β2 v + (1 − β2)|ĥ|``, ``c ← (1 − β2^t)^α``;
+    4. ``θ = θ̃ + d``; ``θ ← θ(1 − lr·weight_decay)``; ``m ← β1 m + (1 − β1) g̃``;
+       ``θ ← θ − lr/(1 − β1^t) · m / (v^α / c + eps)``.
+
+    Outside ``step()`` the parameters hold θ (see the module docstring), so evaluation needs
+    nothing special. Arguments as in :class:`~sassha_tune.optim.sassha.Sassha`; the defaults follow
+    the reference M-SASSHA constructor (``rho=0.3``, ``weight_decay=1e-2``, ``hessian_power=1``,
+    i.e. no square root).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 0.15,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 1e-2,
+        rho: float = 0.3,
+        lazy_hessian: int = 10,
+        n_samples: int = 1,
+        perturb_eps: float = 1e-12,
+        eps: float = 1e-4,
+        hessian_power: HessianPower = 1.0,
+        bias_correction: str = "steps",
+        seed: int = 0,
+        max_grad_norm: float | None = None,
+        always_create_graph: bool = False,
+    ) -> None:
+        self._check_group_args(lr, betas, weight_decay, eps)
+        check_positive("rho", rho)
+        check_positive("perturb_eps", perturb_eps)
+        defaults = dict(
+            lr=lr, betas=tuple(betas), weight_decay=weight_decay, rho=rho, perturb_eps=perturb_eps, eps=eps
+        )
+        super().__init__(params, defaults)
+        self._init_common(
+            lazy_hessian=lazy_hessian,
+            n_samples=n_samples,
+            seed=seed,
+            hessian_power=hessian_power,
+            bias_correction=bias_correction,
+            max_grad_norm=max_grad_norm,
+            always_create_graph=always_create_graph,
+        )
+
+    def _momentum_ascent(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The parameters that have a momentum, and ``d = rho m / (||m|| + perturb_eps)`` for each."""
+        params, moms = [], []
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if "exp_avg" in self.state.get(p, {})]
+            params.append(ps)
+            moms.append([self.state[p]["exp_avg"] for p in ps])
+        ds = sam_perturbation(
+            params,
+            moms,
+            [g["rho"] for g in self.param_groups],
+            [g["perturb_eps"] for g in self.param_groups],
+        )
+        flat_p = [p for ps in params for p in ps]
+        flat_d = [
+            d.to(p.dtype) for ds_g, ps in zip(ds, params, strict=True) for d, p in zip(ds_g, ps, strict=True)
+        ]
+        return flat_p, flat_d
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        """One M-SASSHA step; returns the loss of its single pass (at the perturbed point), detached."""
+        if closure is None:
+            raise RuntimeError(
+                "MSassha.step needs a closure that returns the loss (see sassha_tune.optim.base)"
+            )
+        candidates = self._candidates()
+        flat = [p for ps in candidates for p in ps]
+        clear_grads(flat)
+        moved, ds = self._momentum_ascent()
+        if moved:
+            torch._foreach_sub_(moved, ds)  # theta~ = theta - d
+        need_graph = self.always_create_graph or any(self._due_for_refresh(p) for p in flat)
+        with torch.enable_grad():
+            loss = closure()
+            raw = torch.autograd.grad(loss, flat, create_graph=need_graph, allow_unused=True)
+        params, grads_g = self._split_active(candidates, raw)
+        del raw
+        active = [p for ps in params for p in ps]
+        second = [g for gs in grads_g for g in gs]
+        del grads_g
+        if not active:
+            if moved:
+                torch._foreach_add_(moved, ds)
+            return loss.detach()
+        self._global_step += 1
+        alpha = self._alpha()
+        due = [i for i, p in enumerate(active) if self._due_for_refresh(p)]
+        for p in active:
+            self._param_state(p)["hessian_step"] += 1
+        estimate: list[Tensor] = []
+        if due:
+            estimate = self.hessian_diagonal([second[i] for i in due], [active[i] for i in due])
+        grads = self._finish_grads(active, second, self.max_grad_norm)
+        del second
+        if moved:
+            torch._foreach_add_(moved, ds)  # back to theta
+        del ds, moved
+
+        hess: list[Tensor | None] = [None] * len(active)
+        if estimate:
+            torch._foreach_abs_(estimate)
+            for i, h in zip(due, estimate, strict=True):
+                hess[i] = h.to(state_dtype(active[i]))
+        start = 0
+        for group, ps in zip(self.param_groups, params, strict=True):
+            stop = start + len(ps)
+            self._precondition_update(group, ps, grads[start:stop], hess[start:stop], alpha)
+            start = stop
+        return loss.detach()
