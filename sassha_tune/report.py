@@ -24,10 +24,8 @@ named ``<study>-seeds``, which holds the re-runs of the best config of ``<study>
 
 from __future__ import annotations
 
-import importlib.metadata
 import math
 import platform
-import subprocess
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -41,6 +39,7 @@ from optuna.trial import FrozenTrial, TrialState
 from tabulate import tabulate
 
 from sassha_tune.errors import StorageError
+from sassha_tune.provenance import git_commit, package_version
 
 __all__ = [
     "SEED_STUDY_SUFFIX",
@@ -459,25 +458,6 @@ def _save_figures(figures: dict[str, Figure], out_dir: Path) -> dict[str, Path]:
 # provenance
 
 
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _code_commit() -> str | None:
-    """The commit of the sassha_tune checkout generating the report, when it is a git checkout."""
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
 
 
 def _study_commit(study: optuna.Study, rows: Sequence[dict[str, Any]]) -> str | None:
@@ -506,14 +486,14 @@ def _mask_secrets(value: Any) -> Any:
 def _provenance(study: optuna.Study, rows: Sequence[dict[str, Any]], storage: str | None) -> list[list[str]]:
     devices = sorted({str(r["user_attrs"]["device"]) for r in rows if r["user_attrs"].get("device")})
     lines = [
-        ["sassha_tune (report)", _version("sassha-tune")],
+        ["sassha_tune (report)", package_version("sassha-tune")],
         ["sassha_tune (study created with)", str(study.user_attrs.get("sassha_tune_version", "unknown"))],
-        ["torch", _version("torch")],
-        ["optuna", _version("optuna")],
+        ["torch", package_version("torch")],
+        ["optuna", package_version("optuna")],
         ["python", platform.python_version()],
         ["device(s)", ", ".join(devices) or "unknown"],
         ["study commit", _study_commit(study, rows) or "unknown"],
-        ["report generated at commit", _code_commit() or "unknown"],
+        ["report generated at commit", git_commit() or "unknown"],
     ]
     if storage is not None:
         lines.append(["storage", _mask_url(storage)])

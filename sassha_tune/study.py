@@ -47,6 +47,7 @@ from optuna.trial import FrozenTrial, TrialState
 from . import __version__
 from .config import Config, config_from_dict, config_to_dict
 from .errors import StorageError, UserError
+from .provenance import git_commit
 from .spaces import SearchSpace, space_for_config, space_from_dict, suggest
 
 __all__ = [
@@ -300,7 +301,7 @@ def create_or_continue(
         with_retry(study.set_user_attr, "optimizer", cfg.optimizer.name)
         with_retry(study.set_user_attr, "objectives", [f"{o.metric} {o.direction}" for o in cfg.study.objectives])
         with_retry(study.set_user_attr, "sassha_tune_version", __version__)
-        commit = _git_commit()
+        commit = git_commit()
         if commit:
             with_retry(study.set_user_attr, "code_commit", commit)
         if cfg.optimizer.enqueue_published:
@@ -348,15 +349,6 @@ def create_or_continue(
     return study
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def set_budget(study: optuna.Study, n_trials: int) -> None:
