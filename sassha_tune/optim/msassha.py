@@ -1,6 +1,6 @@
 """M-SASSHA: SASSHA with a momentum-SAM perturbation (one forward/backward per step).
 
-Written from ``docs/sassha-reference.md`` §2. The published ``msassha.py`` cannot run (undefined
+Written from a description of the algorithm (``docs/optimizer.md``). The published ``msassha.py`` cannot run (undefined
 attributes, a module-global bias correction); this is a working implementation of the algorithm
 it describes.
 

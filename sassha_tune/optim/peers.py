@@ -1,6 +1,6 @@
 """SASSHA's peers behind the sassha-tune step protocol (see :mod:`sassha_tune.optim.base`).
 
-Semantics follow how the SASSHA reference scripts build them (``docs/sassha-reference.md`` §4.1):
+Semantics follow how the SASSHA reference scripts build them (``docs/optimizer.md``):
 
 * :class:`SGD` — ``torch.optim.SGD`` (the registry sets momentum 0.9), coupled L2 weight decay;
 * :class:`AdamW` — ``torch.optim.AdamW``, decoupled weight decay;

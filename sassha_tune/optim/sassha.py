@@ -1,6 +1,6 @@
 """SASSHA: sharpness-aware adaptive second-order optimization with a stable (square-rooted) Hessian.
 
-Written from the specification in ``docs/sassha-reference.md`` (§1), not from the official code
+Written from a description of the official code's behaviour (``docs/optimizer.md``), not from the code
 (which has no license). The default configuration reproduces the official image-classification
 ("IC") variant step for step, including its two undocumented details: the Hessian is evaluated at
 the *hybrid point* and the bias correction counts *steps*, not Hessian refreshes. Both can be
