@@ -201,6 +201,7 @@ class DeviceConfig:
     name: str = "auto"
     amp: str = "none"
     channels_last: bool = False
+    processes: int = 1  # data-parallel ranks per trial (one GPU each on CUDA); docs/distributed.md
 
 
 @dataclass
@@ -605,7 +606,12 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
         dv_raw = {"name": dv_raw}
     dv = _section(
         dv_raw,
-        {"name": (_device_name, "auto"), "amp": (_choice(AMP_MODES), "none"), "channels_last": (_bool, False)},
+        {
+            "name": (_device_name, "auto"),
+            "amp": (_choice(AMP_MODES), "none"),
+            "channels_last": (_bool, False),
+            "processes": (_int(1, 1024), 1),
+        },
         ctx,
         "device",
     )
@@ -677,6 +683,11 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
         raise ctx.fail(
             "optimizer.grad_clip", "", raw=f"{cfg.optimizer.name} has no max_grad_norm (only {', '.join(GRAD_CLIP_OPTIMIZERS)})"
         )
+    if cfg.device.processes > 1:
+        if cfg.device.name.startswith("cuda:"):
+            raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} needs device cuda or auto (rank r uses cuda:r), not {cfg.device.name!r}")
+        if cfg.task.batch_size < cfg.device.processes:
+            raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} is more than task.batch_size {cfg.task.batch_size} (each rank takes a slice of every batch)")
     if cfg.task.eval_batch_size is None:
         cfg.task.eval_batch_size = max(cfg.task.batch_size, 256)
 

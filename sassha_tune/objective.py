@@ -25,7 +25,7 @@ from .config import Config, config_from_dict
 from .errors import UserError
 from .spaces import to_hparams
 
-__all__ = ["TrialOutcome", "STORED_ATTRS", "build_spec", "evaluate_params", "main"]
+__all__ = ["TrialOutcome", "STORED_ATTRS", "build_spec", "evaluate_params", "outcome_from_result", "main"]
 
 # The user attributes every finished trial stores (docs/architecture.md, "Stored trial attributes").
 STORED_ATTRS = (
@@ -90,6 +90,7 @@ def build_spec(cfg: Config, params: Mapping[str, Any], *, device: str | None = N
         progress=progress,
         max_steps_per_epoch=t.max_steps_per_epoch,
         eval_batch_size=t.eval_batch_size or max(t.batch_size, 256),
+        processes=cfg.device.processes,
     )
 
 
@@ -118,17 +119,32 @@ def evaluate_params(
     progress: bool | None = None,
 ) -> TrialOutcome:
     """Train with ``params`` and measure everything a trial stores. Raises only UserError / bugs."""
-    from .sharpness import generalization_gap, hessian_metrics
-    from .trainer import final_metrics, train
+    from .distributed import launched_world_size
+    from .trainer import train
 
+    if cfg.device.processes > 1 and launched_world_size() <= 1:
+        return _evaluate_ranks(cfg, params, on_epoch=on_epoch, device=device)
     spec = build_spec(cfg, params, device=device, progress=progress)
     result = train(spec, on_epoch=on_epoch)
+    if result.rank != 0:  # data parallelism: rank 0 measures and reports
+        return TrialOutcome("fail" if result.failure_reason else "complete", failure_reason=result.failure_reason)
+    return outcome_from_result(cfg, spec, result)
+
+
+def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
+    """A finished :class:`~sassha_tune.trainer.TrainResult` -> the trial's outcome: final metrics,
+    sharpness and the stored attributes (shared by single trials and pack members)."""
+    from .sharpness import generalization_gap, hessian_metrics
+    from .trainer import final_metrics
+
     attrs: dict[str, Any] = {
         "epochs_completed": result.epochs_completed,
         "train_seconds": result.train_seconds,
         "ms_per_step": result.ms_per_step,
         "device": result.device,
     }
+    if result.world_size > 1:
+        attrs["processes"] = result.world_size
     history = [dict(h) for h in result.history]
     if history:
         attrs["val_acc"] = history[-1].get("val_acc")
@@ -172,6 +188,27 @@ def evaluate_params(
             return TrialOutcome("fail", attrs, failure_reason=f"error: objective {metric} is not finite", history=history)
         values.append(float(v))
     return TrialOutcome("complete", attrs, values=values, history=history)
+
+
+def _evaluate_ranks(
+    cfg: Config, params: Mapping[str, Any], *, on_epoch: Callable[[int, dict], bool] | None, device: str | None
+) -> TrialOutcome:
+    """``device.processes: N``: run the trial as N rank processes (:func:`.distributed.launch_ranks`);
+    rank 0's result is the trial's, a rank that dies fails it with ``rank_failed: ...``."""
+    from .config import config_to_dict
+    from .distributed import launch_ranks
+
+    job = {"config": config_to_dict(cfg), "params": dict(params), "device": device, "prune": on_epoch is not None}
+    result, epochs, failure = launch_ranks(job, cfg.device.processes, on_epoch)
+    history = [dict(m.get("metrics") or {}) for m in epochs]
+    if failure is not None or result is None:
+        attrs = {"processes": cfg.device.processes, "epochs_completed": len(history)}
+        return TrialOutcome("fail", attrs, failure_reason=failure or "rank_failed: no result", history=history)
+    if result.get("type") == "user_error":
+        raise UserError(str(result.get("message")))
+    return TrialOutcome(
+        result["state"], result.get("attrs") or {}, result.get("values"), result.get("failure_reason"), history
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ _TORCH_FLAGS = ("maximize", "foreach", "differentiable", "fused", "capturable")
 _SASSHA_ARGS = (
     "lr", "betas", "weight_decay", "rho", "lazy_hessian", "n_samples", "perturb_eps", "eps", "hessian_power",
     "adaptive", "hessian_point", "bias_correction", "seed", "max_grad_norm", "always_create_graph",
+    "perturbation_grad",
 )
 _SGD_ARGS = ("lr", "momentum", "weight_decay", "nesterov", "dampening", "max_grad_norm", *_TORCH_FLAGS)
 _ADAMW_ARGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "max_grad_norm", *_TORCH_FLAGS)
@@ -62,12 +63,12 @@ _HESSIAN_ARGS = ("lr", "betas", "eps", "weight_decay", "lazy_hessian", "n_sample
 KNOWN_HPARAMS: dict[str, tuple[str, ...]] = {
     "sgd": _SGD_ARGS,
     "adamw": _ADAMW_ARGS,
-    "sam_sgd": (*_SGD_ARGS, "rho", "adaptive", "perturb_eps"),
-    "sam_adamw": (*_ADAMW_ARGS, "rho", "adaptive", "perturb_eps"),
+    "sam_sgd": (*_SGD_ARGS, "rho", "adaptive", "perturb_eps", "perturbation_grad"),
+    "sam_adamw": (*_ADAMW_ARGS, "rho", "adaptive", "perturb_eps", "perturbation_grad"),
     "adahessian": (*_HESSIAN_ARGS, "hessian_power"),
     "sophiah": (*_HESSIAN_ARGS, "clip_threshold"),
     "sassha": _SASSHA_ARGS,
-    "msassha": tuple(a for a in _SASSHA_ARGS if a not in ("adaptive", "hessian_point")),
+    "msassha": tuple(a for a in _SASSHA_ARGS if a not in ("adaptive", "hessian_point", "perturbation_grad")),
 }
 _BETA_SPLIT = ("beta1", "beta2")
 _PARAM_KEYS = ("type", "low", "high", "log", "step", "choices")

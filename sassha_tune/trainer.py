@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
 from .data import Splits, augment_batch, load_dataset
 from .errors import UserError
 from .models import build_model
@@ -62,6 +63,7 @@ class TrainSpec:
     progress: bool | None = None  # None: a progress bar only when stderr is a terminal
     max_steps_per_epoch: int | None = None
     eval_batch_size: int = 1024
+    processes: int = 1  # data-parallel ranks (docs/distributed.md); batch_size stays the global batch
 
 
 @dataclass
@@ -77,6 +79,8 @@ class TrainResult:
     model: nn.Module
     splits: Splits
     optimizer: torch.optim.Optimizer | None = None
+    rank: int = 0  # under data parallelism: this process's rank (only rank 0 evaluates)
+    world_size: int = 1
 
 
 def resolve_device(name: str) -> torch.device:
@@ -218,6 +222,7 @@ def train(
     """Train ``spec.model`` on ``spec.dataset`` with ``spec.optimizer``; never raises on divergence/OOM."""
     _check_spec(spec)
     device = resolve_device(spec.device)
+    ranks, device = distributed.setup(spec.processes, device)
     torch.manual_seed(spec.seed)
     random.seed(spec.seed)
     np.random.seed(spec.seed % 2**32)
@@ -241,6 +246,7 @@ def train(
     model = build_model(spec.model, splits.input_shape, splits.num_classes, **spec.model_options).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    distributed.broadcast_module(model, ranks.group)  # identical start on every rank
     hparams = dict(spec.hparams)
     if spec.grad_clip is not None:
         hparams["max_grad_norm"] = spec.grad_clip
@@ -254,7 +260,8 @@ def train(
         base_lrs.append(group["initial_lr"])
 
     n_train = len(splits.y_train)
-    steps_per_epoch = n_train // spec.batch_size + (1 if n_train % spec.batch_size > 1 else 0)
+    # a last partial batch counts when it has >= 2 examples (>= 1 per rank under data parallelism)
+    steps_per_epoch = n_train // spec.batch_size + (1 if n_train % spec.batch_size > max(1, ranks.world_size - 1) else 0)
     if spec.max_steps_per_epoch is not None:
         steps_per_epoch = min(steps_per_epoch, spec.max_steps_per_epoch)
     total_steps = max(spec.epochs * steps_per_epoch, 1)
@@ -272,7 +279,7 @@ def train(
     status, failure = "completed", None
     step = 0
     step_seconds = 0.0
-    progress = _progress(spec)
+    progress = _progress(spec) if ranks.is_main else None
     task = progress.add_task("training", total=total_steps) if progress else None
     t_start = time.perf_counter()
     try:
@@ -295,21 +302,28 @@ def train(
                     xb = augment_batch(xb, aug, aug_gen)
                 if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
+                weight = 1.0
+                if ranks.world_size > 1:  # this rank's slice; weighted so the ranks' mean is the batch mean
+                    n_global = len(yb)
+                    xb, yb = xb.tensor_split(ranks.world_size)[ranks.rank], yb.tensor_split(ranks.world_size)[ranks.rank]
+                    weight = len(yb) * ranks.world_size / n_global
                 factor = lr_factor(spec, step, total_steps)
                 for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                     group["lr"] = base * factor
                 first: list[Tensor] = []
 
-                def closure(xb: Tensor = xb, yb: Tensor = yb, first: list[Tensor] = first) -> Tensor:
+                def closure(
+                    xb: Tensor = xb, yb: Tensor = yb, first: list[Tensor] = first, weight: float = weight
+                ) -> Tensor:
                     with autocast():
                         out = model(xb)
                         loss = F.cross_entropy(out, yb)
                     if not first:
                         first.extend((out.detach(), loss.detach()))
-                    return loss
+                    return loss if weight == 1.0 else loss * weight
 
                 loss = optimizer.step(closure)
-                if loss is None:
+                if loss is None or weight != 1.0:
                     loss = first[1]
                 step += 1
                 seen += len(yb)
@@ -317,7 +331,9 @@ def train(
                 correct += (first[0].argmax(1) == yb).sum()
                 if progress:
                     progress.update(task, advance=1, description=f"epoch {epoch}/{spec.epochs}")
-                if (i % 10 == 9 or i == steps_per_epoch - 1) and not torch.isfinite(loss_sum):
+                if (i % 10 == 9 or i == steps_per_epoch - 1) and distributed.any_true(
+                    not bool(torch.isfinite(loss_sum)), ranks.group
+                ):
                     diverged = True
                     break
             _sync(device)
@@ -325,23 +341,33 @@ def train(
             if diverged:
                 status, failure = "diverged", "diverged"
                 break
-            val_loss, val_acc = evaluate(model, splits.x_val, splits.y_val, batch_size=spec.eval_batch_size)
-            metrics = {
-                "epoch": epoch,
-                "train_loss": float(loss_sum) / max(seen, 1),
-                "train_acc": int(correct) / max(seen, 1),
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - t_epoch,
-            }
-            if len(splits.y_val) and not math.isfinite(val_loss):
+            if ranks.world_size > 1:  # the epoch's training metrics over the global batches
+                totals = torch.stack([loss_sum, correct.double(), torch.full_like(loss_sum, seen)])
+                distributed.all_reduce_mean([totals], ranks.group)
+                totals *= ranks.world_size
+                loss_sum, correct, seen = totals[0], totals[1].round().long(), int(totals[2].round())
+            metrics, bad_val, stop = None, False, False
+            if ranks.is_main:  # validation and the pruning decision once, on rank 0; shared below
+                val_loss, val_acc = evaluate(model, splits.x_val, splits.y_val, batch_size=spec.eval_batch_size)
+                metrics = {
+                    "epoch": epoch,
+                    "train_loss": float(loss_sum) / max(seen, 1),
+                    "train_acc": int(correct) / max(seen, 1),
+                    "val_loss": val_loss,
+                    "val_acc": val_acc,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - t_epoch,
+                }
+                bad_val = bool(len(splits.y_val)) and not math.isfinite(val_loss)
+                if progress and not bad_val:
+                    progress.update(task, description=f"epoch {epoch}/{spec.epochs} val_acc {val_acc:.3f}")
+                stop = not bad_val and on_epoch is not None and bool(on_epoch(epoch, dict(metrics)))
+            metrics, bad_val, stop = distributed.broadcast_object((metrics, bad_val, stop), ranks.group)
+            if bad_val:
                 status, failure = "diverged", "diverged"
                 break
             history.append(metrics)
-            if progress:
-                progress.update(task, description=f"epoch {epoch}/{spec.epochs} val_acc {val_acc:.3f}")
-            if on_epoch is not None and on_epoch(epoch, dict(metrics)):
+            if stop:
                 status = "stopped"
                 break
     except _OOM_ERRORS:
@@ -358,6 +384,7 @@ def train(
             progress.stop()
         if device.type == "cuda":
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
+        ranks.close()
     train_seconds = time.perf_counter() - t_start
     return TrainResult(
         status=status,
@@ -371,4 +398,6 @@ def train(
         model=model,
         splits=splits,
         optimizer=optimizer,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
     )

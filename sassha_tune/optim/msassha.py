@@ -36,8 +36,10 @@ class MSassha(HessianPreconditioned):
        ``θ ← θ − lr/(1 − β1^t) · m / (v^α / c + eps)``.
 
     Outside ``step()`` the parameters hold θ (see the module docstring), so evaluation needs
-    nothing special. Arguments as in :class:`~sassha_tune.optim.sassha.Sassha`; the defaults follow
-    the reference M-SASSHA constructor (``rho=0.3``, ``weight_decay=1e-2``, ``hessian_power=1``,
+    nothing special. Under torch.distributed the gradient and the signed Hessian estimate are
+    averaged across ranks as in SASSHA (``process_group``); the momentum, hence the perturbation,
+    is then the same on every rank. Arguments as in :class:`~sassha_tune.optim.sassha.Sassha`; the
+    defaults follow the reference M-SASSHA constructor (``rho=0.3``, ``weight_decay=1e-2``, ``hessian_power=1``,
     i.e. no square root).
     """
 
@@ -57,6 +59,7 @@ class MSassha(HessianPreconditioned):
         seed: int = 0,
         max_grad_norm: float | None = None,
         always_create_graph: bool = False,
+        process_group=None,
     ) -> None:
         self._check_group_args(lr, betas, weight_decay, eps)
         check_positive("rho", rho)
@@ -73,6 +76,7 @@ class MSassha(HessianPreconditioned):
             bias_correction=bias_correction,
             max_grad_norm=max_grad_norm,
             always_create_graph=always_create_graph,
+            process_group=process_group,
         )
 
     def _momentum_ascent(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -128,7 +132,7 @@ class MSassha(HessianPreconditioned):
         estimate: list[Tensor] = []
         if due:
             estimate = self.hessian_diagonal([second[i] for i in due], [active[i] for i in due])
-        grads = self._finish_grads(active, second, self.max_grad_norm)
+        grads = self._finish_grads(active, second, self.max_grad_norm, estimate)
         del second
         if moved:
             torch._foreach_add_(moved, ds)  # back to theta

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from .base import (
     Closure,
     check_max_grad_norm,
@@ -35,18 +36,32 @@ from .base import (
     second_pass_context,
     trainable,
 )
-from .sassha import HessianPreconditioned, check_int, state_dtype
+from .sassha import PERTURBATION_GRADS, HessianPreconditioned, check_choice, check_int, state_dtype
 
 
 class _OnePassStep:
-    """``step(closure)`` for first-order optimizers: clear grads, one backward, clip, the parent's update."""
+    """``step(closure)`` for first-order optimizers: clear grads, one backward, clip, the parent's update.
 
-    def __init__(self, params, *args: Any, max_grad_norm: float | None = None, **kwargs: Any) -> None:
+    Under torch.distributed (initialized, world size > 1; ``process_group`` or the default group)
+    ``step(closure)`` averages the gradients across ranks in one flat all-reduce per dtype before
+    clipping (run the model without DDP's hooks). ``step()`` without a closure does not.
+    """
+
+    def __init__(
+        self, params, *args: Any, max_grad_norm: float | None = None, process_group: Any = None, **kwargs: Any
+    ) -> None:
         check_max_grad_norm(max_grad_norm)
         super().__init__(params, *args, **kwargs)  # type: ignore[call-arg]
         self.max_grad_norm = max_grad_norm
+        self.process_group = process_group
+
+    def _all_reduce_grads(self) -> None:
+        group = distributed.active_group(self.process_group)
+        if group is not None:
+            distributed.all_reduce_mean([p.grad for p in trainable(self) if p.grad is not None], group)  # type: ignore[arg-type]
 
     def _clip(self) -> None:
+        self._all_reduce_grads()
         grads = [p.grad for p in trainable(self) if p.grad is not None]  # type: ignore[arg-type]
         clip_grads_(grads, self.max_grad_norm)
 
@@ -79,6 +94,10 @@ class _SAMStep(_OnePassStep):
     the same batch with BatchNorm running statistics frozen (``model=``). The original θ is
     copied back after pass 2 (exact restore, as the reference SAM does); the copy lives only
     during the step. ``max_grad_norm`` clips the pass-2 gradient before the base update.
+
+    Under torch.distributed the pass-2 gradient is averaged across ranks; ``perturbation_grad``
+    chooses the pass-1 gradient the perturbation uses: ``"local"`` (default, each rank's own, as
+    the SASSHA reference does) or ``"global"`` (averaged first: one more all-reduce per step).
     """
 
     def __init__(
@@ -90,11 +109,14 @@ class _SAMStep(_OnePassStep):
         perturb_eps: float = 1e-12,
         model: nn.Module | None = None,
         max_grad_norm: float | None = None,
+        perturbation_grad: str = "local",
         **kwargs: Any,
     ) -> None:
         check_positive("rho", rho)
         check_positive("perturb_eps", perturb_eps)
+        check_choice("perturbation_grad", perturbation_grad, PERTURBATION_GRADS)
         super().__init__(params, *args, max_grad_norm=max_grad_norm, **kwargs)
+        self.perturbation_grad = perturbation_grad
         extra = dict(rho=rho, adaptive=bool(adaptive), perturb_eps=perturb_eps)
         self.defaults.update(extra)  # type: ignore[attr-defined]
         for group in self.param_groups:  # type: ignore[attr-defined]
@@ -117,6 +139,8 @@ class _SAMStep(_OnePassStep):
             return loss.detach()
         if any(g["adaptive"] for g in groups) != all(g["adaptive"] for g in groups if g["params"]):
             raise ValueError("Invalid adaptive: must be the same in every parameter group")
+        if self.perturbation_grad == "global":
+            self._all_reduce_grads()
         with torch.no_grad():
             es = sam_perturbation(
                 params,
@@ -173,7 +197,7 @@ class _HutchinsonOnePass(HessianPreconditioned):
         estimate: list[Tensor] = []
         if due:
             estimate = self.hessian_diagonal([grads[i] for i in due], [active[i] for i in due])
-        grads = self._finish_grads(active, grads, self.max_grad_norm)
+        grads = self._finish_grads(active, grads, self.max_grad_norm, estimate)
         hess: list[Tensor | None] = [None] * len(active)
         for i, h in zip(due, estimate, strict=True):
             hess[i] = h.to(state_dtype(active[i]))
@@ -218,6 +242,7 @@ class AdaHessian(_HutchinsonOnePass):
         seed: int = 0,
         max_grad_norm: float | None = None,
         always_create_graph: bool = False,
+        process_group: Any = None,
     ) -> None:
         self._check_group_args(lr, betas, weight_decay, eps)
         check_positive("hessian_power", hessian_power)
@@ -233,6 +258,7 @@ class AdaHessian(_HutchinsonOnePass):
             bias_correction="steps",
             max_grad_norm=max_grad_norm,
             always_create_graph=always_create_graph,
+            process_group=process_group,
         )
 
     @torch.no_grad()
@@ -301,6 +327,7 @@ class SophiaH(_HutchinsonOnePass):
         seed: int = 0,
         max_grad_norm: float | None = None,
         always_create_graph: bool = False,
+        process_group: Any = None,
     ) -> None:
         self._check_group_args(lr, betas, weight_decay, eps)
         check_positive("clip_threshold", clip_threshold, allow_zero=False)
@@ -317,6 +344,7 @@ class SophiaH(_HutchinsonOnePass):
             bias_correction="steps",
             max_grad_norm=max_grad_norm,
             always_create_graph=always_create_graph,
+            process_group=process_group,
         )
 
     def _param_state(self, p: Tensor) -> dict[str, Any]:

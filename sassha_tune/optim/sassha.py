@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import distributed
 from .base import (
     Closure,
     check_betas,
@@ -35,6 +36,7 @@ HessianPower = float | Callable[[int], float]
 
 _HESSIAN_POINTS = ("reference", "perturbed")
 _BIAS_CORRECTIONS = ("steps", "refreshes")
+PERTURBATION_GRADS = ("local", "global")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -75,6 +77,7 @@ class HessianPreconditioned(torch.optim.Optimizer):
         bias_correction: str,
         max_grad_norm: float | None,
         always_create_graph: bool,
+        process_group: Any = None,
     ) -> None:
         check_int("lazy_hessian", lazy_hessian)
         check_int("n_samples", n_samples)
@@ -91,6 +94,7 @@ class HessianPreconditioned(torch.optim.Optimizer):
         self.always_create_graph = bool(always_create_graph)
         self._generator: torch.Generator | None = None
         self._global_step = 0
+        self.process_group = process_group
 
     @staticmethod
     def _check_group_args(lr: float, betas: tuple[float, float], weight_decay: float, eps: float) -> None:
@@ -117,6 +121,13 @@ class HessianPreconditioned(torch.optim.Optimizer):
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             state["exp_hessian_diag"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
+
+    def _all_reduce_mean(self, tensors: list[Tensor]) -> None:
+        """Average ``tensors`` across ranks (one flat all-reduce per dtype) under torch.distributed;
+        nothing at all in a single process (see :mod:`sassha_tune.distributed`)."""
+        group = distributed.active_group(self.process_group)
+        if group is not None:
+            distributed.all_reduce_mean(tensors, group)
 
     def _due_for_refresh(self, p: Tensor) -> bool:
         state = self.state[p]
@@ -218,10 +229,18 @@ class HessianPreconditioned(torch.optim.Optimizer):
             grads_out.append([g for _, g in pairs])
         return params_out, grads_out
 
-    @staticmethod
-    def _finish_grads(params: list[Tensor], grads: list[Tensor | None], max_grad_norm: float | None):
-        """Detach the update gradients, clip them, expose them as ``p.grad`` and cast to the state dtype."""
+    def _finish_grads(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor | None],
+        max_grad_norm: float | None,
+        estimate: list[Tensor] | None = None,
+    ):
+        """Detach the update gradients, average them across ranks (together with the signed Hessian
+        ``estimate`` of this step, in the same all-reduce), clip them, expose them as ``p.grad`` and
+        cast to the state dtype."""
         out = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
+        self._all_reduce_mean(out + list(estimate or []))
         clip_grads_(out, max_grad_norm)
         for p, g in zip(params, out, strict=True):
             p.grad = g
@@ -254,7 +273,11 @@ class HessianPreconditioned(torch.optim.Optimizer):
                         st[key] = st[key].to(state_dtype(p))
         self._global_step = int(extra.get("global_step", 0))
         if "generator_state" in extra:
-            generator = torch.Generator(device=torch.device(extra["generator_device"]))
+            device = torch.device(extra["generator_device"])
+            mine = next((p.device for g in self.param_groups for p in g["params"]), device)
+            if mine.type == device.type:
+                device = mine  # a checkpoint saved by rank 0 on cuda:0, loaded by rank r on cuda:r
+            generator = torch.Generator(device=device)
             generator.set_state(extra["generator_state"].cpu())
             self._generator = generator
         else:
@@ -310,6 +333,19 @@ class Sassha(HessianPreconditioned):
             Without it pass 2 moves them (wrap the closure yourself, see ``frozen_running_stats``).
         always_create_graph: debugging: keep the pass-2 graph on every step, as the official
             training loop does (same trajectory, more memory).
+        perturbation_grad: under torch.distributed data parallelism, the gradient the perturbation
+            is built from: ``"local"`` (default, as the reference): each rank's own pass-1 gradient,
+            so each rank perturbs differently and pass 1 costs no communication; ``"global"``: the
+            pass-1 gradient averaged across ranks (one more all-reduce per step), so every rank
+            perturbs like a single process on the whole batch. Ignored in a single process. With
+            ``"local"`` θ is saved during the step and restored by copy (one parameter-sized
+            buffer), not as (θ + e) − e, whose rounding would differ between ranks.
+        process_group: the group to average over (default: the default group). Under
+            torch.distributed (initialized, world size > 1) the pass-2 gradient and, on refresh
+            steps, the signed Hutchinson estimate are averaged across ranks in one coalesced
+            all-reduce; every rank draws the same probes (same ``seed``), so the average is
+            ``z ⊙ (H̄ z)`` for the mean Hessian H̄. Run the model without DDP's hooks (plain module,
+            or inside ``ddp_model.no_sync()``). See ``docs/distributed.md``.
 
     The state is fp32 for half-precision parameters. ``state_dict()`` also holds the step count
     and the probe generator, so a resumed run continues the exact trajectory.
@@ -334,11 +370,14 @@ class Sassha(HessianPreconditioned):
         max_grad_norm: float | None = None,
         model: nn.Module | None = None,
         always_create_graph: bool = False,
+        perturbation_grad: str = "local",
+        process_group: Any = None,
     ) -> None:
         self._check_group_args(lr, betas, weight_decay, eps)
         check_positive("rho", rho)
         check_positive("perturb_eps", perturb_eps)
         check_choice("hessian_point", hessian_point, _HESSIAN_POINTS)
+        check_choice("perturbation_grad", perturbation_grad, PERTURBATION_GRADS)
         defaults = dict(
             lr=lr, betas=tuple(betas), weight_decay=weight_decay, rho=rho, perturb_eps=perturb_eps, eps=eps
         )
@@ -351,9 +390,11 @@ class Sassha(HessianPreconditioned):
             bias_correction=bias_correction,
             max_grad_norm=max_grad_norm,
             always_create_graph=always_create_graph,
+            process_group=process_group,
         )
         self.adaptive = bool(adaptive)
         self.hessian_point = hessian_point
+        self.perturbation_grad = perturbation_grad
         self.model = model
 
     @torch.no_grad()
@@ -382,6 +423,9 @@ class Sassha(HessianPreconditioned):
         for p in active:
             self._param_state(p)["hessian_step"] += 1
         need_graph = self.always_create_graph or any(refresh)
+        group = distributed.active_group(self.process_group)
+        if group is not None and self.perturbation_grad == "global":
+            distributed.all_reduce_mean([g for gs in grads1 for g in gs], group)
 
         # perturb: e is written over the pass-1 gradients, which are not needed any more
         groups = self.param_groups
@@ -396,6 +440,9 @@ class Sassha(HessianPreconditioned):
         flat_e = [e for group_e in es for e in group_e]
         del es, grads1
         data = [p.data for p in active]
+        # Under data parallelism with local perturbations e differs between ranks, and so would the
+        # rounding of (theta + e) - e: ranks would drift apart. Restore by copy there (exact).
+        saved = torch._foreach_mul(data, 1.0) if group is not None and self.perturbation_grad == "local" else None
         torch._foreach_add_(data, flat_e)
 
         # pass 2 at theta + e on the same batch
@@ -409,11 +456,14 @@ class Sassha(HessianPreconditioned):
         if due and self.hessian_point == "perturbed":
             estimate = self.hessian_diagonal([second[i] for i in due], [active[i] for i in due])
         # restore on .data: no version bump, so the graph's saved parameters now read theta
-        torch._foreach_sub_(data, flat_e)
-        del flat_e, data
+        if saved is None:
+            torch._foreach_sub_(data, flat_e)
+        else:
+            torch._foreach_copy_(data, saved)
+        del flat_e, data, saved
         if due and self.hessian_point == "reference":
             estimate = self.hessian_diagonal([second[i] for i in due], [active[i] for i in due])
-        grads = self._finish_grads(active, second, self.max_grad_norm)
+        grads = self._finish_grads(active, second, self.max_grad_norm, estimate)
         del second
 
         hess: list[Tensor | None] = [None] * len(active)

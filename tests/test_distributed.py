@@ -1,0 +1,202 @@
+"""Data parallelism on torch.distributed (CPU, gloo, 2 ranks): a 2-rank run on batch halves follows
+the 1-process trajectory on whole batches; a killed rank fails the trial quickly with a reason; a
+study trial with ``device.processes: 2`` completes and reports once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from sassha_tune import distributed
+from sassha_tune.optim import SAMSGD, SGD, AdaHessian, MSassha, Sassha, SophiaH
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+STEPS, BATCH, DIM, CLASSES = 20, 32, 8, 3
+CASES = {
+    "sgd": lambda ps, m: SGD(ps, lr=0.1, momentum=0.9, weight_decay=1e-3),
+    "sam_global": lambda ps, m: SAMSGD(ps, lr=0.1, momentum=0.9, rho=0.1, model=m, perturbation_grad="global"),
+    "sam_local": lambda ps, m: SAMSGD(ps, lr=0.1, momentum=0.9, rho=0.1, model=m),
+    "sassha_global": lambda ps, m: Sassha(ps, lr=0.05, rho=0.1, lazy_hessian=3, model=m, perturbation_grad="global"),
+    "sassha_local": lambda ps, m: Sassha(ps, lr=0.05, rho=0.1, lazy_hessian=3, model=m),
+    "msassha": lambda ps, m: MSassha(ps, lr=0.05, rho=0.1, lazy_hessian=3),
+    "adahessian": lambda ps, m: AdaHessian(ps, lr=0.05, lazy_hessian=3),
+    "sophiah": lambda ps, m: SophiaH(ps, lr=0.05, lazy_hessian=3),
+}
+
+
+def _problem():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, BATCH, DIM, generator=g, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (STEPS, BATCH), generator=g)
+    return x, y
+
+
+def _run(name: str, rank: int = 0, world: int = 1):
+    """Final parameters (one flat vector) and optimizer state after STEPS steps on this rank's slices."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(DIM, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, CLASSES)).double()
+    opt = CASES[name](model.parameters(), model)
+    x, y = _problem()
+    for t in range(STEPS):
+        xb, yb = x[t].tensor_split(world)[rank], y[t].tensor_split(world)[rank]
+        opt.step(lambda xb=xb, yb=yb: F.cross_entropy(model(xb), yb))
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    sd = opt.state_dict()
+    extra = sd.get("hessian_preconditioned", {})
+    return flat, extra.get("generator_state")
+
+
+def _rank_main(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        results = {name: _run(name, rank, world) for name in CASES}
+        torch.save(results, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_rank_results(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path_factory.mktemp("ddp") / "final")
+    mp.spawn(_rank_main, args=(2, distributed.free_port(), out), nprocs=2, join=True)
+    return [torch.load(f"{out}.{r}") for r in range(2)]
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", ["sgd", "sam_global", "sassha_global", "msassha", "adahessian", "sophiah"])
+def test_two_ranks_follow_one_process(two_rank_results, name):
+    single, _ = _run(name)
+    for rank in range(2):
+        final, _ = two_rank_results[rank][name]
+        assert _rel(final, single) < 1e-5, (name, rank, _rel(final, single))
+    # optimizer state is the same on every rank, the probe generator included: rank 0's checkpoint is everyone's
+    (a, gen_a), (b, gen_b) = two_rank_results[0][name], two_rank_results[1][name]
+    assert torch.equal(a, b)
+    if gen_a is not None:
+        assert torch.equal(gen_a, gen_b)
+
+
+@pytest.mark.parametrize("name", ["sam", "sassha"])
+def test_local_perturbation_differs_as_documented(two_rank_results, name):
+    """``perturbation_grad="local"`` (the reference's behaviour) perturbs each rank by its own half's
+    gradient: not the 1-process trajectory, but still identical parameters on every rank."""
+    single, _ = _run(f"{name}_global")
+    local0, _ = two_rank_results[0][f"{name}_local"]
+    local1, _ = two_rank_results[1][f"{name}_local"]
+    assert torch.equal(local0, local1)
+    assert _rel(local0, single) > 1e-4
+
+
+def test_single_process_is_untouched():
+    """No process group: the optimizers never touch torch.distributed collectives."""
+    assert not dist.is_initialized()
+    assert distributed.active_group() is None
+    t = [torch.ones(3)]
+    distributed.all_reduce_mean(t)
+    assert torch.equal(t[0], torch.ones(3))
+
+
+# ------------------------------------------------------------------------------------------------
+# Through the trainer, the objective and a study
+# ------------------------------------------------------------------------------------------------
+
+
+def _config(tmp_path, **device):
+    d = {
+        "study": {"name": "ddp", "objective": "val_acc", "pruner": {"name": "median"}},
+        "budget": {"n_trials": 1},
+        "task": {"dataset": "mnist1d", "model": "mlp", "epochs": 1, "batch_size": 64, "max_steps_per_epoch": 4},
+        "optimizer": {"name": "sassha", "search_space": {"params": {"lr": {"type": "float", "low": 0.05, "high": 0.2}}},
+                      "fixed": {"rho": 0.05, "lazy_hessian": 2}},
+        "metrics": {"subset_size": 64, "budget": {"lambda_max_iters": 3, "trace_probes": 2, "sam_steps": 1}},
+        "device": {"name": "cpu", "processes": 2, **device},
+    }
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _rank_pid(rank: int) -> int:
+    for pid in _children(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if env.get(b"RANK") == str(rank).encode():
+            return pid
+    raise AssertionError(f"no rank {rank} process")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank process through /proc")
+def test_killed_rank_fails_the_trial_quickly(tmp_path):
+    from sassha_tune.config import load_config
+    from sassha_tune.objective import evaluate_params
+
+    cfg = load_config(_config(tmp_path))
+    cfg.task.epochs, cfg.task.max_steps_per_epoch = 50, None  # far longer than the test waits
+    killed: list[float] = []
+
+    def on_epoch(epoch: int, metrics: dict) -> bool:
+        if not killed:
+            os.kill(_rank_pid(1), signal.SIGKILL)
+            killed.append(time.monotonic())
+        return False
+
+    outcome = evaluate_params(cfg, {}, on_epoch=on_epoch)
+    waited = time.monotonic() - killed[0]
+    assert outcome.state == "fail"
+    assert outcome.failure_reason == "rank_failed: rank 1 killed by SIGKILL"
+    assert waited < 30, waited
+    print(f"\nkilled rank -> trial failed in {waited:.2f} s")
+
+
+def test_study_trial_with_two_processes_reports_once(tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from sassha_tune.config import load_config
+    from sassha_tune.study import create_or_continue, run_trials
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = load_config(_config(tmp_path))
+    create_or_continue(cfg, url, log=lambda _m: None)
+    run_trials("ddp", url, log=lambda _m: None)
+    (trial,) = optuna.load_study(study_name="ddp", storage=url).get_trials()
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("failure_reason")
+    assert trial.user_attrs["processes"] == 2
+    assert trial.intermediate_values.keys() == {1}  # rank 0 alone reported the epoch
+    assert len(trial.user_attrs["history"]) == 1
+    assert trial.user_attrs["lambda_max"] is not None  # sharpness measured (once, on rank 0)
