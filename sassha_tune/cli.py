@@ -54,6 +54,14 @@ NTrialsOpt = Annotated[
     int | None,
     typer.Option("--n-trials", min=1, help="Set the study's total budget (all runs, resumes and workers together)."),
 ]
+PackOpt = Annotated[
+    str,
+    typer.Option(
+        "--pack",
+        help="Trials trained together in one process: auto (by model, batch size and free GPU memory; "
+        "1 on the CPU), an integer K, or 1 (one at a time). See docs/packs.md.",
+    ),
+]
 GpusOpt = Annotated[
     str | None,
     typer.Option("--gpus", help="Comma-separated GPU indices, e.g. 0,1: one worker process per GPU."),
@@ -96,15 +104,17 @@ def _parse_gpus(gpus: str | None) -> list[str]:
     return items
 
 
-def _run_study(name: str, storage: str, gpus: list[str], device: str | None) -> None:
+def _run_study(name: str, storage: str, gpus: list[str], device: str | None, pack: str = "auto") -> None:
+    from .packs import parse_pack
     from .study import run_gpu_workers, run_trials
 
+    pack_size = parse_pack(pack)
     if gpus:
         code = run_gpu_workers(name, storage, gpus, log=_log)
         if code:
             raise typer.Exit(code)
         return
-    summary = run_trials(name, storage, device=device, log=_log)
+    summary = run_trials(name, storage, device=device, log=_log, pack=pack_size)
     states = ", ".join(f"{k} {v}" for k, v in sorted(summary.states.items())) or "no trials"
     _log(f"done: {summary.ran} trials this run ({states}) in {summary.seconds:.1f} s; {summary.stopped_because}")
 
@@ -125,6 +135,7 @@ def run(
         bool,
         typer.Option("--create-only", help="Create (or check) the study and exit; run trials with `worker`."),
     ] = False,
+    pack: PackOpt = "auto",
 ) -> None:
     """Create the study a config describes (or continue it) and run trials until its budget is spent."""
     from .config import load_config
@@ -141,7 +152,7 @@ def run(
         set_budget(study, n_trials)
     if create_only:
         return
-    _run_study(cfg.study.name, url, gpu_list, device)
+    _run_study(cfg.study.name, url, gpu_list, device, pack)
 
 
 @app.command()
@@ -152,6 +163,7 @@ def resume(
     n_trials: NTrialsOpt = None,
     gpus: GpusOpt = None,
     device: DeviceOpt = None,
+    pack: PackOpt = "auto",
 ) -> None:
     """Continue a study from its stored config: lost trials are failed and retried, the budget is finished."""
     from .study import load_study, resolve_storage, set_budget, stored_config
@@ -163,7 +175,7 @@ def resume(
     stored_config(s)
     if n_trials is not None:
         set_budget(s, n_trials)
-    _run_study(study, url, gpu_list, device)
+    _run_study(study, url, gpu_list, device, pack)
 
 
 @app.command()
@@ -176,6 +188,7 @@ def worker(
         int | None,
         typer.Option("--worker-id", help="Number mixed into the sampler seed (default: the process id)."),
     ] = None,
+    pack: PackOpt = "auto",
 ) -> None:
     """Join an existing study (e.g. on PostgreSQL from another machine) and run trials until its budget is spent."""
     import os
@@ -185,7 +198,9 @@ def worker(
     _check_device(device)
     url = resolve_storage(storage)
     wid: int | str = worker_id if worker_id is not None else f"pid{os.getpid()}"
-    summary = run_trials(study, url, worker=wid, device=device, log=_log)
+    from .packs import parse_pack
+
+    summary = run_trials(study, url, worker=wid, device=device, log=_log, pack=parse_pack(pack))
     _log(f"worker done: {summary.ran} trials in {summary.seconds:.1f} s; {summary.stopped_because}")
 
 

@@ -606,14 +606,19 @@ def run_trials(
     worker: int | str = 0,
     device: str | None = None,
     log: Log = print,
+    pack: str | int = 1,
 ) -> LoopSummary:
-    """Run trials of a stored study until its budget (or ``budget.timeout``) is reached."""
+    """Run trials of a stored study until its budget (or ``budget.timeout``) is reached.
+
+    ``pack`` (``--pack``): ``1`` one trial per process; ``K`` or ``"auto"``: up to K trials asked at
+    once and trained together in one process (:mod:`sassha_tune.packs`) where they can be packed."""
     storage = open_storage(storage_url)
     study = load_study(study_name, storage_url, storage=storage)
     summary = LoopSummary()
     start = time.monotonic()
     restore = _sigterm_as_interrupt()
     waiting = False
+    pack_logged = ""
     try:
         while True:
             cfg, space = stored_config(study)  # re-read: another process may extend the budget
@@ -637,6 +642,25 @@ def run_trials(
                 break
             waiting = False
             study.sampler = make_sampler(cfg, trial_seed(cfg.sampler_seed, len(trials), worker))
+            if pack != 1:
+                from .packs import choose_pack_size, run_pack_trials
+
+                size, why = choose_pack_size(cfg, pack, device=device, budget_left=cfg.budget.n_trials - used)
+                if why != pack_logged:
+                    log(why)
+                    pack_logged = why
+                size = min(size, cfg.budget.n_trials - used)
+                if size > 1:
+                    asked = [with_retry(study.ask) for _ in range(size)]
+                    told = run_pack_trials(study, asked, cfg, space, device=device, worker=worker, log=log)
+                    if not told:
+                        summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
+                        break
+                    for frozen in told:
+                        summary.ran += 1
+                        summary.states[frozen.state.name] += 1
+                        log(_describe(frozen, cfg))
+                    continue
             trial = with_retry(study.ask)
             frozen = _run_one(study, trial, cfg, space, device=device, worker=worker, log=log)
             if frozen is None:  # lost the race for the last slot of the budget
