@@ -359,27 +359,9 @@ class SophiaH(_HutchinsonOnePass):
         ):
             if not ps:
                 continue
-            states = [self._param_state(p) for p in ps]
-            lr, wd, eps, gamma = group["lr"], group["weight_decay"], group["eps"], group["clip_threshold"]
-            beta1, beta2 = group["betas"]
-            low = [p.dtype != state_dtype(p) for p in ps]
-            work = [
-                p.detach().to(state_dtype(p)) if lo else p.detach() for p, lo in zip(ps, low, strict=True)
-            ]
-            if wd != 0:
-                torch._foreach_mul_(work, 1.0 - lr * wd)
-            for st in states:
-                st["step"] += 1
+            states, work, low, _ = self._decay_and_moments(group, ps, gs, hs)
+            lr, eps, gamma = group["lr"], group["eps"], group["clip_threshold"]
             ms = [st["exp_avg"] for st in states]
-            torch._foreach_mul_(ms, beta1)
-            torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
-            refreshed = [i for i, h in enumerate(hs) if h is not None]
-            if refreshed:
-                v_r = [states[i]["exp_hessian_diag"] for i in refreshed]
-                torch._foreach_mul_(v_r, beta2)
-                torch._foreach_add_(v_r, [hs[i] for i in refreshed], alpha=1.0 - beta2)
-                for i in refreshed:
-                    states[i]["hessian_refreshes"] += 1
             vs = [st["exp_hessian_diag"] for st in states]
             denom = torch._foreach_clamp_min(vs, 0.0)
             torch._foreach_mul_(denom, gamma)
@@ -389,7 +371,5 @@ class SophiaH(_HutchinsonOnePass):
             torch._foreach_clamp_max_(ratio, 1.0)
             torch._foreach_mul_(ratio, torch._foreach_sign(ms))
             torch._foreach_add_(work, ratio, alpha=-lr)
-            for p, w, lo in zip(ps, work, low, strict=True):
-                if lo:
-                    p.detach().copy_(w)
+            self._write_back(ps, work, low)
         return loss

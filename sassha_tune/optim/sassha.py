@@ -165,6 +165,46 @@ class HessianPreconditioned(torch.optim.Optimizer):
             torch._foreach_addcmul_(estimate, probes, products, value=1.0 / self.n_samples)
         return estimate
 
+    def _decay_and_moments(
+        self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], hess: list[Tensor | None]
+    ) -> tuple[list[dict[str, Any]], list[Tensor], list[bool], list[int]]:
+        """What every Hessian-preconditioned update starts with (SASSHA, M-SASSHA, Sophia-H):
+        decoupled weight decay, ``step += 1``, ``m <- beta1 m + (1 - beta1) g`` and, for the
+        parameters refreshed this step (``hess[i]`` not None), ``v <- beta2 v + (1 - beta2) hess``.
+
+        Returns the states, the working copies of the parameters (in the state dtype; write them
+        back with :meth:`_write_back`), which ones are low precision, and the refreshed indices.
+        """
+        wd, lr = group["weight_decay"], group["lr"]
+        beta1, beta2 = group["betas"]
+        states = [self._param_state(p) for p in params]
+        low = [p.dtype != state_dtype(p) for p in params]
+        work = [
+            p.detach().to(state_dtype(p)) if lo else p.detach() for p, lo in zip(params, low, strict=True)
+        ]
+        if wd != 0:
+            torch._foreach_mul_(work, 1.0 - lr * wd)
+        for st in states:
+            st["step"] += 1
+        exp_avgs = [st["exp_avg"] for st in states]
+        torch._foreach_mul_(exp_avgs, beta1)
+        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+        refreshed = [i for i, h in enumerate(hess) if h is not None]
+        if refreshed:
+            v_r = [states[i]["exp_hessian_diag"] for i in refreshed]
+            torch._foreach_mul_(v_r, beta2)
+            torch._foreach_add_(v_r, [hess[i] for i in refreshed], alpha=1.0 - beta2)  # type: ignore[misc]
+            for i in refreshed:
+                states[i]["hessian_refreshes"] += 1
+        return states, work, low, refreshed
+
+    @staticmethod
+    def _write_back(params: list[Tensor], work: list[Tensor], low: list[bool]) -> None:
+        """Copy the fp32 working copies back into half-precision parameters (others were updated in place)."""
+        for p, w, lo in zip(params, work, low, strict=True):
+            if lo:
+                p.detach().copy_(w)
+
     def _precondition_update(
         self,
         group: dict[str, Any],
@@ -180,41 +220,21 @@ class HessianPreconditioned(torch.optim.Optimizer):
         """
         if not params:
             return
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        states, work, low, refreshed = self._decay_and_moments(group, params, grads, hess)
+        lr, eps = group["lr"], group["eps"]
         beta1, beta2 = group["betas"]
-        states = [self._param_state(p) for p in params]
-        low = [p.dtype != state_dtype(p) for p in params]
-        work = [
-            p.detach().to(state_dtype(p)) if lo else p.detach() for p, lo in zip(params, low, strict=True)
-        ]
-        if wd != 0:
-            torch._foreach_mul_(work, 1.0 - lr * wd)
-        for st in states:
-            st["step"] += 1
-        exp_avgs = [st["exp_avg"] for st in states]
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
-
-        refreshed = [i for i, h in enumerate(hess) if h is not None]
-        if refreshed:
-            v_r = [states[i]["exp_hessian_diag"] for i in refreshed]
-            torch._foreach_mul_(v_r, beta2)
-            torch._foreach_add_(v_r, [hess[i] for i in refreshed], alpha=1.0 - beta2)  # type: ignore[misc]
-            for i in refreshed:
-                st = states[i]
-                st["hessian_refreshes"] += 1
-                t = st["step"] if self.bias_correction == "steps" else st["hessian_refreshes"]
-                st["bias_correction2"] = (1.0 - beta2**t) ** alpha
+        for i in refreshed:
+            st = states[i]
+            t = st["step"] if self.bias_correction == "steps" else st["hessian_refreshes"]
+            st["bias_correction2"] = (1.0 - beta2**t) ** alpha
 
         exp_hd = [st["exp_hessian_diag"] for st in states]
         denom = torch._foreach_pow(exp_hd, alpha)
         torch._foreach_div_(denom, [st["bias_correction2"] for st in states])
         torch._foreach_add_(denom, eps)
         step_sizes = [-lr / (1.0 - beta1 ** st["step"]) for st in states]
-        torch._foreach_addcdiv_(work, exp_avgs, denom, step_sizes)
-        for p, w, lo in zip(params, work, low, strict=True):
-            if lo:
-                p.detach().copy_(w)
+        torch._foreach_addcdiv_(work, [st["exp_avg"] for st in states], denom, step_sizes)
+        self._write_back(params, work, low)
 
     @staticmethod
     def _split_active(
