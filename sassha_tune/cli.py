@@ -139,6 +139,7 @@ def run(
 ) -> None:
     """Create the study a config describes (or continue it) and run trials until its budget is spent."""
     from .config import load_config
+    from .data import check_dataset_files
     from .study import create_or_continue, resolve_storage, set_budget
 
     gpu_list = _parse_gpus(gpus)
@@ -147,6 +148,7 @@ def run(
     if n_trials is not None:
         cfg.budget.n_trials = n_trials
     url = resolve_storage(storage, cfg)
+    check_dataset_files(cfg.task.dataset, cfg.task.data_dir)  # a missing dataset costs no study
     study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=_log)
     if n_trials is not None:
         set_budget(study, n_trials)

@@ -278,22 +278,21 @@ _FASHION_FILES = (
 )
 
 
-def _load_fashion_mnist(data_dir: str | None, opts: dict) -> dict:
+def _fashion_mnist_dir(data_dir: str | None) -> tuple[Path, str]:
+    """The folder holding the IDX files and their suffix (``.gz`` or none)."""
     root = Path(data_dir).expanduser() if data_dir else Path(FASHION_MNIST_DIR)
-    found = None
     for cand in (root, root / "fashion-mnist", root / "FashionMNIST" / "raw"):
         for suffix in (".gz", ""):
             if (cand / (_FASHION_FILES[0] + suffix)).is_file():
-                found = (cand, suffix)
-                break
-        if found:
-            break
-    if found is None:
-        raise DataError(
-            f"Fashion-MNIST not found: no {_FASHION_FILES[0]}.gz in {root}; "
-            f"apt-get install dataset-fashion-mnist or set task.data_dir to a folder with the four IDX files"
-        )
-    d, suffix = found
+                return cand, suffix
+    raise DataError(
+        f"Fashion-MNIST not found: no {_FASHION_FILES[0]}.gz in {root}; "
+        f"apt-get install dataset-fashion-mnist or set task.data_dir to a folder with the four IDX files"
+    )
+
+
+def _load_fashion_mnist(data_dir: str | None, opts: dict) -> dict:
+    d, suffix = _fashion_mnist_dir(data_dir)
     arrays = []
     for name in _FASHION_FILES:
         path = d / (name + suffix)
@@ -489,6 +488,20 @@ _LOADERS = {
 
 def _as_numpy(a: Any) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a)
+
+
+def check_dataset_files(name: str, data_dir: str | None) -> None:
+    """Raise the loader's one-line :class:`DataError` now when a file-based dataset is missing.
+
+    Called before a study is created or a trial is started, so a wrong ``data_dir`` costs no
+    trial. Only looks for files; generated datasets and plug-ins are not touched.
+    """
+    if name == "cifar10":
+        _cifar_dir(data_dir, "cifar-10-batches-py", "data_batch_1", "CIFAR-10")
+    elif name == "cifar100":
+        _cifar_dir(data_dir, "cifar-100-python", "train", "CIFAR-100")
+    elif name == "fashion_mnist":
+        _fashion_mnist_dir(data_dir)
 
 
 def load_dataset(

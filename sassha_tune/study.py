@@ -612,8 +612,12 @@ def run_trials(
 
     ``pack`` (``--pack``): ``1`` one trial per process; ``K`` or ``"auto"``: up to K trials asked at
     once and trained together in one process (:mod:`sassha_tune.packs`) where they can be packed."""
+    from .data import check_dataset_files
+
     storage = open_storage(storage_url)
     study = load_study(study_name, storage_url, storage=storage)
+    cfg, _ = stored_config(study)
+    check_dataset_files(cfg.task.dataset, cfg.task.data_dir)  # before any trial is asked
     summary = LoopSummary()
     start = time.monotonic()
     restore = _sigterm_as_interrupt()

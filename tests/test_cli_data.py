@@ -1,0 +1,63 @@
+"""A missing dataset is reported before anything is created: one line, exit code 2, no trial spent."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sassha_tune.cli import app
+from sassha_tune.data import check_dataset_files
+from sassha_tune.errors import DataError
+
+
+def _config(tmp_path, dataset: str):
+    cfg = {
+        "study": {"name": "missing-data", "storage": f"sqlite:///{tmp_path / 'studies.db'}"},
+        "task": {"dataset": dataset, "data_dir": str(tmp_path / "nowhere"), "model": "cnn", "epochs": 1},
+        "optimizer": {"name": "sgd"},
+        "device": "cpu",
+    }
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [
+        ("fashion_mnist", "Fashion-MNIST not found: no train-images-idx3-ubyte.gz in"),
+        ("cifar10", "CIFAR-10 not found: no cifar-10-batches-py/data_batch_1 under"),
+        ("cifar100", "CIFAR-100 not found: no cifar-100-python/train under"),
+    ],
+)
+def test_run_with_missing_dataset_fails_before_creating_the_study(tmp_path, dataset, expected):
+    result = CliRunner().invoke(app, ["run", str(_config(tmp_path, dataset))])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and expected in lines[0] and "nowhere" in lines[0]
+    assert not (tmp_path / "studies.db").exists()
+
+
+def test_resume_with_missing_dataset_asks_no_trial(tmp_path):
+    cfg = _config(tmp_path, "fashion_mnist")
+    assert CliRunner().invoke(app, ["run", str(cfg), "--create-only"]).exit_code == 2  # checked at run
+    # A study created elsewhere (where the data exists) and resumed here, where it does not:
+    (tmp_path / "nowhere").mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / "nowhere" / f"{name}.gz").write_bytes(b"")
+    assert CliRunner().invoke(app, ["run", str(cfg), "--create-only"]).exit_code == 0
+    for f in (tmp_path / "nowhere").iterdir():
+        f.unlink()
+    result = CliRunner().invoke(app, ["resume", "missing-data", "--storage", f"sqlite:///{tmp_path / 'studies.db'}"])
+    assert result.exit_code == 2 and "Fashion-MNIST not found" in result.output
+    study = optuna.load_study(study_name="missing-data", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    assert study.trials == []
+
+
+def test_generated_datasets_need_no_files(tmp_path):
+    for name in ("mnist1d", "digits", "synthetic"):
+        check_dataset_files(name, str(tmp_path / "nowhere"))
+    with pytest.raises(DataError):
+        check_dataset_files("cifar10", str(tmp_path / "nowhere"))
