@@ -14,8 +14,10 @@ Everything else is per member and reuses the single-trial code: each member owns
 optimizer instance (built by :func:`sassha_tune.optim.build_optimizer`) whose parameters are
 views into the member's slice of the stack, so its state, probe generator, moments, schedule and
 update arithmetic are exactly those of the lone run (the same ``_foreach`` calls with the same
-scalars on tensors of the same shape). Only the forward/backward kernels differ (batched vs
-unbatched), which is where the (float rounding) differences come from. See ``docs/packs.md``.
+scalars on tensors of the same shape). With ``kernels="batched"`` only the forward/backward
+kernels differ (batched vs unbatched), which is where the (float rounding) differences come from;
+``kernels="exact"`` (the default for SASSHA) runs each member's passes without vmap, as the lone
+model's forward on views of its slice, and is bitwise equal on the CPU. See ``docs/packs.md``.
 
 ``train_pack(specs, on_epoch=...) -> list[TrainResult]`` is the trainer-level entry point;
 ``python -m sassha_tune.packs`` runs a pack of study trials in a fresh process (the parent side is
@@ -84,7 +86,7 @@ AUTO_MAX = 16  # auto never packs more (model-steps/s saturates around K = 16 fo
 
 
 # --------------------------------------------------------------------------------------------
-# Normalization layers under vmap
+# Normalization layers under vmap (kernels="batched" only)
 #
 # vmap's own rules for batch_norm / layer_norm with batched weights decompose them (normalize,
 # then multiply by the weight), so the double-backward graph saves different tensors than the
@@ -99,7 +101,7 @@ AUTO_MAX = 16  # auto never packs more (model-steps/s saturates around K = 16 fo
 @torch.library.custom_op("sassha_tune::pack_batch_norm", mutates_args=("running_mean", "running_var"))
 def _pack_batch_norm(
     x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, weight: Tensor | None,
-    bias: Tensor | None, training: bool, momentum: float, eps: float, per_member: bool,
+    bias: Tensor | None, training: bool, momentum: float, eps: float,
 ) -> Tensor:
     return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps).clone()
 
@@ -112,17 +114,9 @@ def _front(t: Tensor | None, dim: int | None, k: int) -> Tensor | None:
     return t.movedim(dim, 0)
 
 
-def _pack_batch_norm_vmap(info, in_dims, x, running_mean, running_var, weight, bias, training, momentum, eps,
-                          per_member):
+def _pack_batch_norm_vmap(info, in_dims, x, running_mean, running_var, weight, bias, training, momentum, eps):
     k = info.batch_size
     x = _front(x, in_dims[0], k)
-    if per_member:  # kernels="exact": the lone run's call, member by member (running stats are views)
-        args = [_front(t, d, k) for t, d in zip((running_mean, running_var, weight, bias), in_dims[1:5], strict=True)]
-        outs = [
-            F.batch_norm(x[i], *[None if t is None else t[i] for t in args], training, momentum, eps)  # type: ignore[misc]
-            for i in range(k)
-        ]
-        return torch.stack(outs), 0
     n, c = x.shape[1], x.shape[2]
     flat_x = x.transpose(0, 1).reshape(n, k * c, *x.shape[3:])
     stats = []
@@ -154,7 +148,7 @@ def _batch_norm_forward(self: nn.modules.batchnorm._BatchNorm, input: Tensor) ->
     use_stats = not self.training or self.track_running_stats
     return _pack_batch_norm(
         input, self.running_mean if use_stats else None, self.running_var if use_stats else None,
-        self.weight, self.bias, bn_training, eaf, self.eps, getattr(self, "_pack_per_member", False),
+        self.weight, self.bias, bn_training, eaf, self.eps,
     )
 
 
@@ -177,69 +171,6 @@ _pack_layer_norm.register_vmap(_pack_layer_norm_vmap)
 
 def _layer_norm_forward(self: nn.LayerNorm, input: Tensor) -> Tensor:
     return _pack_layer_norm(input, list(self.normalized_shape), self.weight, self.bias, self.eps)
-
-
-@torch.library.custom_op("sassha_tune::pack_conv", mutates_args=())
-def _pack_conv(
-    x: Tensor, weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int
-) -> Tensor:
-    conv = F.conv2d if x.dim() == 4 else F.conv1d
-    return conv(x, weight, bias, stride, padding, dilation, groups)
-
-
-def _pack_conv_vmap(info, in_dims, x, weight, bias, stride, padding, dilation, groups):
-    k = info.batch_size
-    x, w, b = _front(x, in_dims[0], k), _front(weight, in_dims[1], k), _front(bias, in_dims[2], k)
-    conv = F.conv2d if x.dim() == 5 else F.conv1d
-    fmt = torch.channels_last if x.dim() == 5 and x[0].is_contiguous(memory_format=torch.channels_last) else None
-    outs = []
-    for i in range(k):
-        xi = x[i] if fmt is None else x[i].contiguous(memory_format=fmt)
-        outs.append(conv(xi, w[i], None if b is None else b[i], stride, padding, dilation, groups))
-    return torch.stack(outs), 0
-
-
-_pack_conv.register_vmap(_pack_conv_vmap)
-
-
-@torch.library.custom_op("sassha_tune::pack_linear", mutates_args=())
-def _pack_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return F.linear(x, weight, bias)
-
-
-def _pack_linear_vmap(info, in_dims, x, weight, bias):
-    k = info.batch_size
-    x, w, b = _front(x, in_dims[0], k), _front(weight, in_dims[1], k), _front(bias, in_dims[2], k)
-    return torch.stack([F.linear(x[i], w[i], None if b is None else b[i]) for i in range(k)]), 0
-
-
-_pack_linear.register_vmap(_pack_linear_vmap)
-
-
-def _conv_forward(self: nn.Conv1d | nn.Conv2d, input: Tensor) -> Tensor:
-    if self.padding_mode != "zeros" or isinstance(self.padding, str):
-        return self._conv_forward(input, self.weight, self.bias)  # type: ignore[arg-type]
-    return _pack_conv(input, self.weight, self.bias, list(self.stride), list(self.padding),  # type: ignore[arg-type]
-                      list(self.dilation), self.groups)
-
-
-def _linear_forward(self: nn.Linear, input: Tensor) -> Tensor:
-    return _pack_linear(input, self.weight, self.bias)
-
-
-def _use_member_kernels(module: nn.Module) -> nn.Module:
-    """``kernels="exact"``: convolutions and linear layers run member by member inside the batched
-    graph, with the very kernels (and shapes) of the lone run."""
-    import types
-
-    for m in module.modules():
-        if isinstance(m, (nn.Conv1d, nn.Conv2d)):
-            m.forward = types.MethodType(_conv_forward, m)  # type: ignore[method-assign]
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m._pack_per_member = True
-        elif isinstance(m, nn.Linear):
-            m.forward = types.MethodType(_linear_forward, m)  # type: ignore[method-assign]
-    return module
 
 
 def _use_pack_norms(module: nn.Module) -> nn.Module:
@@ -406,10 +337,22 @@ def _check_packable(specs: Sequence[TrainSpec]) -> None:
 
 
 class _Pack:
-    """The stacked parameters/buffers of the live members and the batched loss."""
+    """The stacked parameters/buffers of the live members and the batched loss.
 
-    def __init__(self, module: nn.Module, members_models: list[nn.Module]) -> None:
+    ``exact=True`` (``kernels="exact"``): no vmap; each member's pass is the lone model's forward
+    (``functional_call``) on views of its slice, so its autograd graph is the lone run's node for
+    node, plus one ``select`` per parameter. That matters for SASSHA: where an activation feeds
+    several ops (a residual connection), the double backward sums three or more contributions into
+    its gradient in the order the engine runs the producing nodes, and under vmap that order is not
+    the lone run's: HVPs then differ in the last bits (~1e-7), which SASSHA's ``|z * Hz|``
+    preconditioner amplifies to 1e-6 .. 1e-4 after one step on a BatchNorm ResNet.
+    """
+
+    def __init__(self, module: nn.Module, members_models: list[nn.Module], *, exact: bool = False,
+                 channels_last: bool = False) -> None:
         self.module = module
+        self.exact = exact
+        self.channels_last = channels_last
         self.param_names = [n for n, _ in module.named_parameters()]
         self.buffer_names = [n for n, _ in module.named_buffers()]
         with torch.no_grad():
@@ -431,6 +374,16 @@ class _Pack:
         return [p.data[slot] for p in self.params]
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if self.exact:
+            losses, outs = [], []
+            for i in range(len(x)):
+                xi = x[i].contiguous(memory_format=torch.channels_last) if self.channels_last else x[i]
+                p = {n: t[i] for n, t in zip(self.param_names, self.params, strict=True)}
+                b = {n: t[i] for n, t in zip(self.buffer_names, self.buffers, strict=True)}
+                out = functional_call(self.module, (p, b), (xi,))
+                losses.append(F.cross_entropy(out, y[i]))
+                outs.append(out)
+            return torch.stack(losses), torch.stack(outs)
         p = dict(zip(self.param_names, self.params, strict=True))
         b = dict(zip(self.buffer_names, self.buffers, strict=True))
         return self._batched(p, b, x, y)
@@ -475,7 +428,7 @@ def train_pack(
     *,
     on_leave: Callable[[int, TrainResult], None] | None = None,
     splits: Splits | None = None,
-    kernels: str = "batched",
+    kernels: str | None = None,
 ) -> list[TrainResult]:
     """Train the members ``specs`` together; result ``i`` is what ``train(specs[i])`` would return.
 
@@ -484,14 +437,19 @@ def train_pack(
     so its trial can be told while the others go on. A diverged or stopped member leaves the
     stack; the survivors' computation is unchanged. Raises ValueError when the specs cannot be packed.
 
-    ``kernels``: ``"batched"`` (default): vmap's batched kernels (e.g. one grouped convolution for
-    all members), the fast choice, equal to the lone run up to float rounding per step;
-    ``"exact"``: convolutions and linear layers run member by member with the lone run's kernels,
-    so on the CPU a member reproduces the lone run to the last bit or close (slower on a GPU).
+    ``kernels``: ``"batched"``: one ``vmap`` over the members (e.g. one grouped convolution for
+    all of them), the fast choice, equal to the lone run up to float rounding per step;
+    ``"exact"``: each member's passes run as the lone model's forward on views of its slice (the
+    lone run's kernels and autograd graph): on the CPU a member reproduces the lone run bitwise,
+    but on a GPU the pack only saves process start-up, not kernel launches. ``None`` (default):
+    ``"exact"`` for SASSHA, whose Hessian preconditioner amplifies last-bit differences of the
+    Hessian-vector products to 1e-4 .. 1e-1 within 50 steps, ``"batched"`` for the others.
     """
+    specs = list(specs)
+    if kernels is None:
+        kernels = "exact" if specs and specs[0].optimizer == "sassha" else "batched"
     if kernels not in ("batched", "exact"):
         raise ValueError(f"kernels must be 'batched' or 'exact', got {kernels!r}")
-    specs = list(specs)
     _check_packable(specs)
     callbacks = list(on_epoch) if on_epoch is not None else [None] * len(specs)
     spec0 = specs[0]
@@ -522,10 +480,10 @@ def train_pack(
         return m.to(memory_format=torch.channels_last) if channels_last else m
 
     models = [fresh_model(s.seed) for s in specs]
-    pack_module = _use_pack_norms(fresh_model(spec0.seed))
-    if kernels == "exact":
-        _use_member_kernels(pack_module)
-    pack = _Pack(pack_module, models)
+    pack_module = fresh_model(spec0.seed)
+    if kernels == "batched":
+        _use_pack_norms(pack_module)
+    pack = _Pack(pack_module, models, exact=kernels == "exact", channels_last=channels_last)
     eval_model = models[0]
     del models
 
