@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import sysconfig
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,18 @@ __all__ = [
     "check_param_names",
 ]
 
-SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+
+def _shipped_spaces_dir() -> Path:
+    """Where the shipped search spaces are: the checkout's ``search_spaces/`` (editable installs,
+    running from the repository), else the copy a wheel installs under ``<prefix>/share/sassha-tune``
+    (``[tool.setuptools.data-files]`` in pyproject.toml)."""
+    checkout = Path(__file__).resolve().parent.parent / "search_spaces"
+    if checkout.is_dir():
+        return checkout
+    return Path(sysconfig.get_path("data")) / "share" / "sassha-tune" / "search_spaces"
+
+
+SPACES_DIR = _shipped_spaces_dir()
 
 # Optimizers whose weight_decay is decoupled: they receive script_wd / lr.
 DECOUPLED_WEIGHT_DECAY = frozenset({"sassha", "msassha", "adamw", "sam_adamw", "adahessian", "sophiah"})
