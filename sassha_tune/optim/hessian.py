@@ -71,16 +71,21 @@ def hutchinson_diagonal(
 ) -> TensorList:
     """Unbiased estimate of diag(H): the mean over ``n_samples`` probes z of ``z * (H z)``.
 
-    The graph behind ``grads`` is kept between samples and freed after the last one unless
-    ``retain_graph`` is set.
+    One probe tensor per parameter is drawn for every sample, in order, even where the gradient
+    carries no graph (the loss is at most linear in that parameter, so its product is zero): the
+    probe stream then does not depend on which parameters happen to be linear. The graph behind
+    ``grads`` is kept between samples and freed after the last one unless ``retain_graph`` is set.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    live = [i for i, g in enumerate(grads) if g.requires_grad]
     estimate = [torch.zeros_like(p) for p in params]
     for s in range(n_samples):
         probes = rademacher_probes(params, generator)
+        if not live:
+            continue
         keep = retain_graph or s < n_samples - 1
-        products = hvp_from_grads(grads, params, probes, retain_graph=keep)
+        products = hvp_from_grads([grads[i] for i in live], params, [probes[i] for i in live], retain_graph=keep)
         torch._foreach_addcmul_(estimate, probes, products, value=1.0 / n_samples)
     return estimate
 

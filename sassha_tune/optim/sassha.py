@@ -30,7 +30,7 @@ from .base import (
     sam_perturbation,
     second_pass_context,
 )
-from .hessian import hvp_from_grads, make_generator, rademacher_probes
+from .hessian import hutchinson_diagonal, make_generator
 
 HessianPower = float | Callable[[int], float]
 
@@ -151,19 +151,7 @@ class HessianPreconditioned(torch.optim.Optimizer):
         with no graph (the loss is at most linear in that parameter) contributes a zero product,
         but its probe is still drawn so that the stream does not shift.
         """
-        generator = self.probe_generator(params[0].device)
-        live = [i for i, g in enumerate(grads) if g.requires_grad]
-        estimate = [torch.zeros_like(p) for p in params]
-        for s in range(self.n_samples):
-            probes = rademacher_probes(params, generator)
-            if not live:
-                continue
-            keep = s < self.n_samples - 1
-            products = hvp_from_grads(
-                [grads[i] for i in live], params, [probes[i] for i in live], retain_graph=keep
-            )
-            torch._foreach_addcmul_(estimate, probes, products, value=1.0 / self.n_samples)
-        return estimate
+        return hutchinson_diagonal(grads, params, self.probe_generator(params[0].device), n_samples=self.n_samples)
 
     def _decay_and_moments(
         self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor], hess: list[Tensor | None]
