@@ -34,6 +34,8 @@ __all__ = [
     "OPTIMIZER_NAMES",
     "OBJECTIVE_METRICS",
     "PER_EPOCH_METRICS",
+    "SHARPNESS_BUDGET_KEYS",
+    "published_to_enqueue",
 ]
 
 OPTIMIZER_NAMES = ("sgd", "adamw", "sam_sgd", "sam_adamw", "adahessian", "sophiah", "sassha", "msassha")
@@ -57,16 +59,9 @@ OBJECTIVE_METRICS = (
 SHARPNESS_METRICS = ("lambda_max", "hessian_trace", "sam_sharpness", "adaptive_sharpness")
 # Metrics the trainer reports after every epoch: the only ones a pruner can act on.
 PER_EPOCH_METRICS = ("val_acc", "val_loss")
-# Keyword arguments of sharpness.hessian_metrics that metrics.budget may set.
-SHARPNESS_BUDGET_KEYS = (
-    "chunk_size", "lambda_method", "lambda_tol", "lambda_max_iters", "trace_probes", "trace_batch_size",
-    "sam_rho", "sam_steps", "adaptive_rho", "ascent_step", "average_sigma", "average_samples", "average_adaptive",
-)
-# Optimizers that take max_grad_norm (the trainer passes optimizer.grad_clip as that argument).
-GRAD_CLIP_OPTIMIZERS = OPTIMIZER_NAMES
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "nsgaii")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
-SCHEDULES = ("constant", "multistep", "cosine")
+# Schedule names: trainer.SCHEDULES (imported where the config is checked; the trainer needs torch).
 AMP_MODES = ("none", "bf16")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -77,8 +72,31 @@ _STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 # --------------------------------------------------------------------------------------------
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
 class _Loader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        # YAML requires unique keys, but PyYAML keeps the last one: two `task:` sections would
+        # silently merge into one. Refuse them (merge keys `<<` may still be overridden).
+        seen: dict[Any, int] = {}
+        if isinstance(node, yaml.MappingNode):
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable: SafeConstructor reports it
+                    continue
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _DuplicateKeyError(key, line, first)
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -99,6 +117,11 @@ def yaml_load(text: str, source: str) -> Any:
     """``yaml.safe_load`` (with ``1e-3`` read as a float); syntax errors become one-line ConfigErrors."""
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    except _DuplicateKeyError as exc:
+        raise ConfigError(
+            f"{source}: {exc.key}: duplicate key on line {exc.line} (first on line {exc.first_line}); "
+            f"each key may appear once per mapping"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -176,7 +199,8 @@ class OptimizerConfig:
     name: str
     search_space: str | dict[str, Any] | None = None  # None: the shipped space named like the optimizer
     fixed: dict[str, Any] = field(default_factory=dict)
-    enqueue_published: bool = False
+    # true/false, or the `source` strings of the space's published configurations to enqueue
+    enqueue_published: bool | list[str] = False
     grad_clip: float = 0.0
 
 
@@ -396,6 +420,62 @@ def _search_space_ref(v: Any, ctx: _Ctx, path: str) -> str | dict[str, Any] | No
     raise ctx.fail(path, "a search-space name, a path to a YAML file, or an inline mapping", v)
 
 
+def _enqueue_published(v: Any, ctx: _Ctx, path: str) -> bool | list[str]:
+    """true/false, or a non-empty list of distinct ``source`` strings (checked against the space later)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v):
+        if len(set(v)) != len(v):
+            raise ctx.fail(path, "distinct sources", v)
+        return list(v)
+    raise ctx.fail(path, "true, false or a list of published `source` strings", v)
+
+
+def _lambda_method(v: Any, ctx: _Ctx, path: str) -> str | None:
+    if v is None or v in ("lanczos", "power"):
+        return v
+    raise ctx.fail(path, "", raw=_choice_text(v, ("lanczos", "power"), "or null (skip lambda_max)"))
+
+
+# metrics.budget: the keyword arguments of sharpness.hessian_metrics (tests compare the names with
+# its signature), each with the checker of its value.
+_BUDGET_CHECKERS: dict[str, Checker] = {
+    "chunk_size": _optional(_int(1)),
+    "lambda_method": _lambda_method,
+    "lambda_tol": _float(0, lo_open=True),
+    "lambda_max_iters": _int(0),
+    "trace_probes": _int(0),
+    "trace_batch_size": _optional(_int(1)),
+    "sam_rho": _optional(_float(0)),
+    "sam_steps": _int(0),
+    "adaptive_rho": _optional(_float(0)),
+    "ascent_step": _float(0, 1, lo_open=True),
+    "average_sigma": _optional(_float(0, lo_open=True)),
+    "average_samples": _int(1),
+    "average_adaptive": _bool,
+}
+SHARPNESS_BUDGET_KEYS = tuple(_BUDGET_CHECKERS)
+
+
+def _sharpness_budget(v: Any, ctx: _Ctx, path: str) -> dict[str, Any]:
+    d = _mapping(v, ctx, path)
+    _check_keys(d, list(SHARPNESS_BUDGET_KEYS), ctx, f"{path}.")
+    return {key: _BUDGET_CHECKERS[key](value, ctx, f"{path}.{key}") for key, value in d.items()}
+
+
+def _options(v: Any, names: tuple[str, ...] | None, ctx: _Ctx, path: str, what: str) -> None:
+    """Refuse option keys a built-in dataset/model does not take (``names`` None: a plug-in)."""
+    if names is None:
+        return
+    for key in v:
+        if key not in names:
+            close = difflib.get_close_matches(key, list(names), n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else (
+                f"{what} takes {', '.join(names)}" if names else f"{what} takes no options"
+            )
+            raise ctx.fail(f"{path}.{key}", "", raw=f"unknown option ({hint})")
+
+
 # --------------------------------------------------------------------------------------------
 # Sections
 # --------------------------------------------------------------------------------------------
@@ -570,12 +650,14 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
             "name": (_choice(OPTIMIZER_NAMES), _REQUIRED),
             "search_space": (_search_space_ref, None),
             "fixed": (_mapping, {}),
-            "enqueue_published": (_bool, False),
+            "enqueue_published": (_enqueue_published, False),
             "grad_clip": (_float(0), 0.0),
         },
         ctx,
         "optimizer",
     )
+    from .trainer import SCHEDULES  # the trainer's list is the one list of schedules
+
     sc_raw = raw.get("schedule")
     if isinstance(sc_raw, str):
         sc_raw = {"name": sc_raw}
@@ -596,7 +678,7 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
             "sharpness": (_bool, True),
             "subset_size": (_int(1), 1024),
             "seed": (_int(0), 0),
-            "budget": (_mapping, {}),
+            "budget": (_sharpness_budget, {}),
         },
         ctx,
         "metrics",
@@ -669,20 +751,26 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
         make_pruner(cfg)
     except (TypeError, ValueError) as exc:
         raise ctx.fail("study.pruner.options", "", raw=f"rejected by the pruner: {exc}") from None
-    from .data import DATASETS
-    from .models import MODELS
+    from .data import DATASETS, dataset_option_names
+    from .models import MODELS, model_name_error, model_option_names
 
     if ":" not in cfg.task.dataset and cfg.task.dataset not in DATASETS:
         _choice(tuple(DATASETS))(cfg.task.dataset, ctx, "task.dataset")
     if ":" not in cfg.task.model and cfg.task.model not in MODELS and not re.match(r"^(resnet\d+|wrn\d+_\d+)$", cfg.task.model):
         raise ctx.fail("task.model", "", raw=_choice_text(cfg.task.model, tuple(MODELS), "or a package.module:factory plug-in"))
-    unknown = sorted(set(cfg.metrics.budget) - set(SHARPNESS_BUDGET_KEYS))
-    if unknown:
-        raise ctx.fail(f"metrics.budget.{unknown[0]}", "", raw=_unknown_text(unknown[0], SHARPNESS_BUDGET_KEYS))
-    if cfg.optimizer.grad_clip > 0 and cfg.optimizer.name not in GRAD_CLIP_OPTIMIZERS:
-        raise ctx.fail(
-            "optimizer.grad_clip", "", raw=f"{cfg.optimizer.name} has no max_grad_norm (only {', '.join(GRAD_CLIP_OPTIMIZERS)})"
-        )
+    if error := model_name_error(cfg.task.model):
+        raise ctx.fail("task.model", "", raw=f"{cfg.task.model!r}: {error}")
+    # Options of built-in datasets and models are known (data.py / models.py list them); a plug-in's
+    # options go to user code, which the config never imports.
+    _options(cfg.task.dataset_options, dataset_option_names(cfg.task.dataset), ctx, "task.dataset_options",
+             f"dataset {cfg.task.dataset!r}")
+    _options(cfg.task.model_options, model_option_names(cfg.task.model), ctx, "task.model_options",
+             f"model {cfg.task.model!r}")
+    if cfg.task.dataset == "custom":
+        factory = cfg.task.dataset_options.get("factory")
+        if not isinstance(factory, str) or not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", factory):
+            raise ctx.fail("task.dataset_options.factory", "a package.module:function plug-in (dataset custom needs one)",
+                           _REQUIRED if factory is None else factory)
     if cfg.device.processes > 1:
         if cfg.device.name.startswith("cuda:"):
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} needs device cuda or auto (rank r uses cuda:r), not {cfg.device.name!r}")
@@ -690,6 +778,58 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} is more than task.batch_size {cfg.task.batch_size} (each rank takes a slice of every batch)")
     if cfg.task.eval_batch_size is None:
         cfg.task.eval_batch_size = max(cfg.task.batch_size, 256)
+    # The search space is part of the config: resolve and validate it now, then the checks that need it.
+    from .spaces import space_for_config
+
+    _space_checks(cfg, space_for_config(cfg), ctx)
+
+
+def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
+    from .spaces import DECOUPLED_WEIGHT_DECAY
+
+    fixed, searched = cfg.optimizer.fixed, space.params
+    if cfg.optimizer.name in DECOUPLED_WEIGHT_DECAY and "lr" not in fixed and "lr" not in searched:
+        if "weight_decay" in fixed or "weight_decay" in searched:
+            where = "optimizer.fixed.weight_decay" if "weight_decay" in fixed else "optimizer.search_space.params.weight_decay"
+            raise ctx.fail(
+                where,
+                "",
+                raw=f"{cfg.optimizer.name} takes weight_decay in the scripts' convention (wd / lr), so it needs lr: "
+                "fix lr in optimizer.fixed or search it",
+            )
+    wanted = cfg.optimizer.enqueue_published
+    if isinstance(wanted, list):
+        sources = [str(p["source"]) for p in space.published if "source" in p]
+        for i, src in enumerate(wanted):
+            if src not in sources:
+                valid = ", ".join(sources) if sources else "none: the search space lists no published configurations"
+                close = difflib.get_close_matches(src, sources, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ctx.fail(
+                    f"optimizer.enqueue_published[{i}]", "", raw=f"no published configuration {src!r}{hint}; valid sources: {valid}"
+                )
+
+
+def published_to_enqueue(cfg: Config, space: Any) -> list[dict[str, Any]]:
+    """The published configurations ``optimizer.enqueue_published`` selects, in enqueue order.
+
+    ``false``: none; ``true``: all of ``space.published``; a list of sources: those entries, in the
+    list's order. Each item is the published entry as written (``source`` included); the values to
+    pass to ``study.enqueue_trial`` are the ones whose keys are in ``space.params``.
+    """
+    wanted = cfg.optimizer.enqueue_published
+    if wanted is False:
+        return []
+    if wanted is True:
+        return [dict(p) for p in space.published]
+    by_source = {str(p["source"]): p for p in space.published if "source" in p}
+    missing = [s for s in wanted if s not in by_source]
+    if missing:
+        raise ConfigError(
+            f"{cfg.source}: optimizer.enqueue_published: no published configuration {missing[0]!r}; "
+            f"valid sources: {', '.join(by_source) or 'none'}"
+        )
+    return [dict(by_source[s]) for s in wanted]
 
 
 def load_config(path: str | Path) -> Config:
@@ -702,12 +842,8 @@ def load_config(path: str | Path) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read: {exc}") from None
     raw = yaml_load(text, str(p))
-    cfg = config_from_dict(raw, source=str(p), base_dir=p.resolve().parent)
-    # The search space is part of the config: validate it now too.
-    from .spaces import space_for_config
-
-    space_for_config(cfg)
-    return cfg
+    # config_from_dict resolves and validates the search space too
+    return config_from_dict(raw, source=str(p), base_dir=p.resolve().parent)
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

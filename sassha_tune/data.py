@@ -482,6 +482,19 @@ _LOADERS = {
 }
 
 
+
+
+def dataset_option_names(name: str) -> tuple[str, ...] | None:
+    """The ``dataset_options`` keys built-in dataset ``name`` accepts (sorted), from ``_LOADERS``.
+
+    ``None`` for the ``custom`` plug-in (its options go to user code) and for unknown names. The
+    config validates ``task.dataset_options`` with this, so it is the one list of option names.
+    """
+    if name not in _LOADERS:
+        return None
+    return tuple(sorted(_LOADERS[name][1] | _COMMON_OPTIONS))
+
+
 # --------------------------------------------------------------------------------------------
 # the pipeline
 
@@ -530,12 +543,12 @@ def load_dataset(
         if isinstance(raw, Splits):
             return raw.to(device)
     elif name in _LOADERS:
-        loader, known = _LOADERS[name]
-        unknown = sorted(set(opts) - known - _COMMON_OPTIONS)
+        loader = _LOADERS[name][0]
+        known = dataset_option_names(name) or ()
+        unknown = sorted(set(opts) - set(known))
         if unknown:
             raise UserError(
-                f"Unknown option(s) {', '.join(unknown)} for dataset {name!r} "
-                f"(known: {', '.join(sorted(known | _COMMON_OPTIONS))})"
+                f"Unknown option(s) {', '.join(unknown)} for dataset {name!r} (known: {', '.join(known)})"
             )
         raw = loader(data_dir, opts)
     else:

@@ -23,6 +23,7 @@ Names (``MODELS``):
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
 import re
 from collections.abc import Sequence
@@ -152,8 +153,8 @@ class BasicBlock(nn.Module):
 class ResNet(nn.Module):
     def __init__(self, depth: int, input_shape: Sequence[int], num_classes: int, width: int = 16) -> None:
         super().__init__()
-        if (depth - 2) % 6 or depth < 8:
-            raise UserError(f"ResNet depth must be 6n+2 (20, 32, 44, 56, ...), got {depth}")
+        if error := _depth_error(ResNet, (depth,)):
+            raise UserError(error)
         n = (depth - 2) // 6
         c_in = _image_shape(input_shape, f"resnet{depth}")[0]
         self.stem = nn.Sequential(
@@ -206,8 +207,8 @@ class WideResNet(nn.Module):
         self, depth: int, k: int, input_shape: Sequence[int], num_classes: int, dropout: float = 0.0
     ) -> None:
         super().__init__()
-        if (depth - 4) % 6 or depth < 10 or k < 1:
-            raise UserError(f"WRN depth must be 6n+4 (16, 22, 28, ...) and width >= 1, got {depth} and {k}")
+        if error := _depth_error(WideResNet, (depth, k)):
+            raise UserError(error)
         n = (depth - 4) // 6
         c_in = _image_shape(input_shape, f"wrn{depth}_{k}")[0]
         widths = (16 * k, 32 * k, 64 * k)
@@ -335,28 +336,66 @@ def _plugin(name: str, input_shape: tuple, num_classes: int, options: dict) -> n
     return model
 
 
+def _depth_error(cls: type, encoded: tuple[int, ...]) -> str | None:
+    """Why the depth (and width) a ResNet/WRN name encodes cannot be built; None if it can."""
+    if cls is ResNet and ((encoded[0] - 2) % 6 or encoded[0] < 8):
+        return f"ResNet depth must be 6n+2 (20, 32, 44, 56, ...), got {encoded[0]}"
+    if cls is WideResNet and ((encoded[0] - 4) % 6 or encoded[0] < 10 or encoded[1] < 1):
+        return f"WRN depth must be 6n+4 (16, 22, 28, ...) and width >= 1, got {encoded[0]} and {encoded[1]}"
+    return None
+
+
+def model_name_error(name: str) -> str | None:
+    """Why built-in model ``name`` cannot be built (e.g. ``resnet21``); None if it can or is a plug-in."""
+    found = None if ":" in name else _builtin(name)
+    return None if found is None else _depth_error(*found)
+
+
+def _builtin(name: str) -> tuple[type[nn.Module], tuple[int, ...]] | None:
+    """The class that builds built-in model ``name`` and the arguments its name encodes (depth, k)."""
+    classes: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn1d": CNN1D, "cnn": CNN, "vit": ViT}
+    if name in classes:
+        return classes[name], ()
+    if m := re.fullmatch(r"resnet(\d+)", name):
+        return ResNet, (int(m.group(1)),)
+    if m := re.fullmatch(r"wrn(\d+)_(\d+)", name):
+        return WideResNet, (int(m.group(1)), int(m.group(2)))
+    return None
+
+
+def model_option_names(name: str) -> tuple[str, ...] | None:
+    """The ``model_options`` keys built-in model ``name`` accepts, read from its constructor.
+
+    The constructor's parameters after those ``build_model`` fills (the ones the name encodes,
+    ``input_shape``, ``num_classes``). ``None`` for plug-ins (``package.module:factory``) and
+    unknown names. The config validates ``task.model_options`` with this.
+    """
+    if ":" in name:
+        return None
+    found = _builtin(name)
+    if found is None:
+        return None
+    cls, encoded = found
+    params = list(inspect.signature(cls.__init__).parameters.values())[1 + len(encoded) + 2 :]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in params if p.kind in kinds)
+
+
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **options) -> nn.Module:
     """Build model ``name`` for inputs of ``input_shape`` (no batch dim) and ``num_classes`` outputs."""
     shape = tuple(int(s) for s in input_shape)
-    try:
-        if ":" in name:
-            return _plugin(name, shape, num_classes, options)
-        if name == "mlp":
-            return MLP(shape, num_classes, **options)
-        if name == "cnn1d":
-            return CNN1D(shape, num_classes, **options)
-        if name == "cnn":
-            return CNN(shape, num_classes, **options)
-        if name == "vit":
-            return ViT(shape, num_classes, **options)
-        if m := re.fullmatch(r"resnet(\d+)", name):
-            return ResNet(int(m.group(1)), shape, num_classes, **options)
-        if m := re.fullmatch(r"wrn(\d+)_(\d+)", name):
-            return WideResNet(int(m.group(1)), int(m.group(2)), shape, num_classes, **options)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            raise UserError(f"model {name!r}: {exc}") from None
-        raise
-    raise UserError(
-        f"Unknown model {name!r} (expected one of {', '.join(MODELS)} or 'package.module:factory')"
-    )
+    if ":" in name:
+        return _plugin(name, shape, num_classes, options)
+    found = _builtin(name)
+    if found is None:
+        raise UserError(
+            f"Unknown model {name!r} (expected one of {', '.join(MODELS)} or 'package.module:factory')"
+        )
+    cls, encoded = found
+    unknown = sorted(set(options) - set(model_option_names(name) or ()))
+    if unknown:
+        raise UserError(
+            f"model {name!r}: unexpected keyword argument(s) {', '.join(unknown)} "
+            f"(known: {', '.join(model_option_names(name) or ())})"
+        )
+    return cls(*encoded, shape, num_classes, **options)
