@@ -1,6 +1,8 @@
 """The ``sassha-tune`` command line (Typer). Thin: parse, call, print.
 
-A :class:`~sassha_tune.errors.UserError` becomes one red line on stderr and exit code 2.
+A :class:`~sassha_tune.errors.UserError` becomes one red line on stderr and exit code 2; so does a
+usage error Typer finds (unknown option, ``--n-trials 0``, a missing argument, ...), instead of a
+boxed usage panel (:class:`_OneLineErrors`). ``--help`` is unchanged.
 Ctrl-C exits with 130 after the running trial is marked ``interrupted``.
 """
 
@@ -18,8 +20,42 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from .errors import UserError
+
+# Piped output (logs, CI) is not squeezed into 80 columns; a terminal keeps its own width.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False)
+
+
+class _OneLineErrors(TyperGroup):
+    """The app's command group: a usage error is ``error: <message>`` on one line, exit code 2.
+
+    Runs Typer with ``standalone_mode=False`` and prints the usage errors itself, so both the
+    console script (``sassha_tune.cli:app``) and ``CliRunner().invoke(app, ...)`` get one line."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except typer.TyperException as exc:  # click's ClickException / UsageError / BadParameter
+            if type(exc).__name__ == "NoArgsIsHelpError":  # bare `sassha-tune`: Typer printed the help
+                sys.exit(2)
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+            message = " ".join(exc.format_message().split())
+            err.print(f"[red]error:[/red] {escape(message)}{escape(hint)}", soft_wrap=True)
+            sys.exit(getattr(exc, "exit_code", 2) or 2)
+        except typer.Abort:
+            err.print("[yellow]aborted[/yellow]")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="sassha-tune",
@@ -27,10 +63,13 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=_OneLineErrors,
 )
-# Piped output (logs, CI) is not squeezed into 80 columns; a terminal keeps its own width.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point (same as ``app()``)."""
+    app()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -105,13 +144,28 @@ def _parse_gpus(gpus: str | None) -> list[str]:
     return items
 
 
-def _run_study(name: str, storage: str, gpus: list[str], device: str | None, pack: str = "auto") -> None:
+def _check_flags(gpus: str | None, device: str | None, pack: str | None) -> tuple[list[str], str | int]:
+    """Every flag that can be checked without a config or storage, before anything is created:
+    (GPU list, pack size). ``--device`` must also exist on this machine (``--gpus``: CUDA must)."""
     from .packs import parse_pack
+    from .study import check_device
+
+    gpu_list = _parse_gpus(gpus)
+    _check_device(device)
+    pack_size = parse_pack(pack)
+    if gpu_list and device is not None:
+        raise UserError("--device cannot be combined with --gpus (each GPU worker trains on its own cuda device)")
+    check_device(device, "--device")
+    if gpu_list:
+        check_device("cuda", "--gpus")
+    return gpu_list, pack_size
+
+
+def _run_study(name: str, storage: str, gpus: list[str], device: str | None, pack_size: str | int) -> None:
     from .study import run_gpu_workers, run_trials
 
-    pack_size = parse_pack(pack)
     if gpus:
-        code = run_gpu_workers(name, storage, gpus, log=_log)
+        code = run_gpu_workers(name, storage, gpus, log=_log, pack=pack_size)
         if code:
             raise typer.Exit(code)
         return
@@ -141,21 +195,22 @@ def run(
     """Create the study a config describes (or continue it) and run trials until its budget is spent."""
     from .config import load_config
     from .data import check_dataset_files
-    from .study import create_or_continue, resolve_storage, set_budget
+    from .study import check_device, create_or_continue, resolve_storage, set_budget
 
-    gpu_list = _parse_gpus(gpus)
-    _check_device(device)
+    gpu_list, pack_size = _check_flags(gpus, device, pack)
     cfg = load_config(config)  # everything validated before any storage is touched
     if n_trials is not None:
         cfg.budget.n_trials = n_trials
     url = resolve_storage(storage, cfg)
+    if not gpu_list:
+        check_device(device or cfg.device.name)  # a GPU this machine lacks costs no study
     check_dataset_files(cfg.task.dataset, cfg.task.data_dir)  # a missing dataset costs no study
     study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=_log)
     if n_trials is not None:
         set_budget(study, n_trials)
     if create_only:
         return
-    _run_study(cfg.study.name, url, gpu_list, device, pack)
+    _run_study(cfg.study.name, url, gpu_list, device, pack_size)
 
 
 @app.command()
@@ -169,16 +224,17 @@ def resume(
     pack: PackOpt = "auto",
 ) -> None:
     """Continue a study from its stored config: lost trials are failed and retried, the budget is finished."""
-    from .study import load_study, resolve_storage, set_budget, stored_config
+    from .study import check_device, load_study, resolve_storage, set_budget, stored_config
 
-    gpu_list = _parse_gpus(gpus)
-    _check_device(device)
+    gpu_list, pack_size = _check_flags(gpus, device, pack)
     url = resolve_storage(storage)
     s = load_study(study, url)
-    stored_config(s)
+    cfg, _ = stored_config(s)
+    if not gpu_list:
+        check_device(device or cfg.device.name)  # before the budget changes or a trial is asked
     if n_trials is not None:
         set_budget(s, n_trials)
-    _run_study(study, url, gpu_list, device, pack)
+    _run_study(study, url, gpu_list, device, pack_size)
 
 
 @app.command()
@@ -198,12 +254,11 @@ def worker(
 
     from .study import resolve_storage, run_trials
 
-    _check_device(device)
+    _, pack_size = _check_flags(None, device, pack)
     url = resolve_storage(storage)
     wid: int | str = worker_id if worker_id is not None else f"pid{os.getpid()}"
-    from .packs import parse_pack
-
-    summary = run_trials(study, url, worker=wid, device=device, log=_log, pack=parse_pack(pack))
+    # run_trials checks the stored config's device before it asks a trial
+    summary = run_trials(study, url, worker=wid, device=device, log=_log, pack=pack_size)
     _log(f"worker done: {summary.ran} trials in {summary.seconds:.1f} s; {summary.stopped_because}")
 
 
@@ -327,9 +382,14 @@ def train(
     from .config import load_config, yaml_load
     from .objective import evaluate_params
     from .spaces import check_param_names
+    from .study import check_device
 
     _check_device(device)
+    check_device(device, "--device")
+    if metrics_out is not None and not metrics_out.parent.is_dir():
+        raise UserError(f"--metrics-out {metrics_out}: directory {metrics_out.parent} does not exist")
     cfg = load_config(config)
+    check_device(device or cfg.device.name)  # before any data is loaded or a step is taken
     extra: dict[str, Any] = {}
     if params is not None:
         if not params.is_file():
@@ -356,7 +416,10 @@ def train(
     out.print(table)
     if metrics_out is not None:
         payload = {"state": outcome.state, "failure_reason": outcome.failure_reason, **outcome.attrs}
-        metrics_out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        try:
+            metrics_out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"--metrics-out {metrics_out}: cannot write: {exc.strerror or exc}") from None
     if outcome.state == "fail":
         raise typer.Exit(1)
 

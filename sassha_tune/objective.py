@@ -89,7 +89,7 @@ def build_spec(cfg: Config, params: Mapping[str, Any], *, device: str | None = N
         seed=cfg.seed,
         progress=progress,
         max_steps_per_epoch=t.max_steps_per_epoch,
-        eval_batch_size=t.eval_batch_size or max(t.batch_size, 256),
+        eval_batch_size=t.eval_batch_size,  # config validation fills in the default
         processes=cfg.device.processes,
     )
 
@@ -238,8 +238,13 @@ def main() -> int:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
     def send(msg: dict[str, Any]) -> None:
-        proto.write(json.dumps(msg) + "\n")
-        proto.flush()
+        try:
+            proto.write(json.dumps(msg) + "\n")
+            proto.flush()
+        except (BrokenPipeError, EOFError, OSError):
+            # The parent is gone (e.g. SIGKILLed): nobody reads the result; its heartbeat goes stale
+            # and the trial is reconciled as lost. Exit quietly, without flushing the dead pipe.
+            os._exit(3)
 
     line = sys.stdin.readline()
     if not line:
@@ -251,7 +256,10 @@ def main() -> int:
         send({"type": "epoch", "epoch": epoch, "metrics": _clean(metrics)})
         if not prune:
             return False
-        reply = sys.stdin.readline()
+        try:
+            reply = sys.stdin.readline()
+        except (EOFError, OSError):
+            reply = ""
         if not reply:  # the parent is gone
             os._exit(3)
         return reply.strip() == "stop"

@@ -8,7 +8,8 @@ Two entry points back the CLI verbs:
   validation accuracy vs number of trials and vs train-seconds with bootstrap bands, final
   sharpness per optimizer, a ranking table, seed re-runs of the best configs and ``compare.md``.
 
-Everything here only reads the storage: studies are opened with :func:`optuna.load_study`, no
+Everything here only reads the storage: it is opened and studies are loaded with
+:func:`sassha_tune.study.open_storage` (``create=False``) and :func:`sassha_tune.study.load_study`, no
 attribute is ever set, RUNNING/WAITING trials are ignored. Figures are built on
 :class:`matplotlib.figure.Figure` directly (Agg canvas, no pyplot global state), so the pure
 functions :func:`build_figures` and :func:`compare_figures` can be inspected by tests.
@@ -40,6 +41,7 @@ from tabulate import tabulate
 
 from sassha_tune.errors import StorageError
 from sassha_tune.provenance import git_commit, package_version
+from sassha_tune.study import load_study, mask_url, open_storage
 
 __all__ = [
     "SEED_STUDY_SUFFIX",
@@ -81,64 +83,22 @@ _LAMBDA_LABEL = "lambda_max (top Hessian eigenvalue)"
 # storage access (read only)
 
 
-def _mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (anything unparsable is returned as is)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL (a journal file path, ...): nothing to hide
-        return url
+# Storage URLs, opening and loading are study.py's (one implementation, one set of messages):
+# opened with ``create=False``, so a report never creates a database file or a table.
+_mask_url = mask_url
 
 
 def _open_storage(storage: str | optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
     """Open ``storage`` for reading without creating anything that is not there."""
     if isinstance(storage, optuna.storages.BaseStorage):
         return storage
-    url = str(storage)
-    if "://" not in url:
-        path = Path(url)
-        if not path.is_file():
-            raise StorageError(f"storage file {url} does not exist")
-        if path.suffix in (".log", ".journal", ".jsonl"):
-            from optuna.storages.journal import JournalFileBackend
-
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-        url = f"sqlite:///{path}"
-    masked = _mask_url(url)
-    try:
-        from sqlalchemy.engine import make_url
-
-        parsed = make_url(url)
-    except Exception as exc:
-        raise StorageError(f"cannot parse storage URL {masked}: {type(exc).__name__}") from None
-    database = parsed.database
-    if parsed.drivername.startswith("sqlite") and database not in (None, "", ":memory:"):
-        if not Path(database).is_file():
-            raise StorageError(f"storage {masked}: SQLite file {database} does not exist")
-    # SQLite: wait for a running study's writer rather than fail on "database is locked".
-    engine_kwargs = {"connect_args": {"timeout": 60}} if parsed.drivername.startswith("sqlite") else None
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_table_creation=True)
-    except Exception as exc:
-        # The driver's message may quote the URL (with its password): keep only the class name.
-        raise StorageError(f"cannot open storage {masked}: {type(exc).__name__}") from None
+    return open_storage(str(storage), create=False)
 
 
-def _load_study(study_name: str, storage: str | optuna.storages.BaseStorage,
-                shown_as: str | optuna.storages.BaseStorage | None = None) -> optuna.Study:
+def _load_study(study_name: str, backend: optuna.storages.BaseStorage,
+                shown_as: str | optuna.storages.BaseStorage) -> optuna.Study:
     """Load a study for reading; a missing one is a :class:`StorageError` naming the others."""
-    backend = _open_storage(storage)
-    shown_as = storage if shown_as is None else shown_as
-    try:
-        return optuna.load_study(study_name=study_name, storage=backend)
-    except KeyError:
-        names = sorted(optuna.study.get_all_study_names(backend))
-        where = _mask_url(shown_as) if isinstance(shown_as, str) else type(shown_as).__name__
-        available = ", ".join(names) if names else "(none)"
-        raise StorageError(
-            f"study '{study_name}' not found in {where}; available studies: {available}"
-        ) from None
+    return load_study(study_name, shown_as if isinstance(shown_as, str) else None, storage=backend)
 
 
 # --------------------------------------------------------------------------------------------
@@ -805,7 +765,8 @@ def _seed_rerun_rows(study: optuna.Study, storage: str | optuna.storages.BaseSto
     rows = [r for r in load_rows(study) if _is_rerun(r)]
     companion = study.study_name + SEED_STUDY_SUFFIX
     if storage is not None and companion in names_in_storage:
-        rows += load_rows(_load_study(companion, storage))
+        backend = _open_storage(storage)
+        rows += load_rows(_load_study(companion, backend, shown_as=storage))
     return rows
 
 

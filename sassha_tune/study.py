@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -45,7 +46,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from . import __version__
-from .config import Config, config_from_dict, config_to_dict
+from .config import Config, config_from_dict, config_to_dict, published_to_enqueue
 from .errors import StorageError, UserError
 from .provenance import git_commit
 from .spaces import SearchSpace, space_for_config, space_from_dict, suggest
@@ -54,6 +55,7 @@ __all__ = [
     "DEFAULT_STORAGE",
     "mask_url",
     "resolve_storage",
+    "check_device",
     "open_storage",
     "make_sampler",
     "make_pruner",
@@ -87,14 +89,27 @@ Log = Callable[[str], None]
 # --------------------------------------------------------------------------------------------
 
 
+# ``scheme://user:password@`` (or ``user:password@``): everything up to the last ``@`` counts as
+# the password, so an unparsable URL still never shows one (over-masking is the safe side).
+_USERINFO = re.compile(r"^(?P<head>(?:[A-Za-z][\w+.\-]*://)?[^:/@?#\s]*:)(?P<password>(?!//).*)@", re.S)
+
+
+def _mask_userinfo(text: str) -> str:
+    return _USERINFO.sub(lambda m: f"{m['head']}***@", text, count=1)
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for every message and table)."""
+    """The URL with its password replaced by ``***`` (for every message and table).
+
+    Works on strings SQLAlchemy cannot parse too: ``//user:pass@`` becomes ``//user:***@``."""
     from sqlalchemy.engine import make_url
 
+    text = str(url)
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        text = make_url(text).render_as_string(hide_password=True)
     except Exception:
-        return "<storage URL that SQLAlchemy cannot parse>"
+        pass
+    return _mask_userinfo(text)
 
 
 def resolve_storage(cli_storage: str | None, cfg: Config | None = None) -> str:
@@ -104,6 +119,21 @@ def resolve_storage(cli_storage: str | None, cfg: Config | None = None) -> str:
     if cfg is not None and cfg.study.storage:
         return cfg.study.storage
     return DEFAULT_STORAGE
+
+
+def check_device(name: str | None, what: str = "device") -> None:
+    """``cuda`` / ``cuda:N`` must exist on this machine: a one-line :class:`UserError` before a
+    study is created or a trial asked, not a failed trial. ``auto`` and ``cpu`` always pass."""
+    name = (name or "auto").strip().lower()
+    if not name.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(f"{what} {name}: CUDA is not available on this machine (use cpu or auto)")
+    index = name.partition(":")[2]
+    if index.isdigit() and int(index) >= torch.cuda.device_count():
+        raise UserError(f"{what} {name}: no such GPU ({torch.cuda.device_count()} CUDA device(s) visible)")
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -140,11 +170,31 @@ def _scrub(text: str, url: str) -> str:
         password = None
     if password:
         text = text.replace(str(password), "***")
+    m = _USERINFO.match(str(url))
+    if m and m["password"]:
+        text = text.replace(m["password"], "***")
     return " ".join(text.split())[:300]
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """An RDBStorage for any SQLAlchemy URL; SQLite gets a long lock timeout."""
+def _missing_sqlite_file(url: str) -> str | None:
+    """The database file of an SQLite URL when it does not exist (``None`` otherwise)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    db = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return None if Path(db).is_file() else db
+
+
+def open_storage(url: str, *, create: bool = True, study_name: str | None = None) -> optuna.storages.RDBStorage:
+    """An RDBStorage for any SQLAlchemy URL; SQLite gets a long lock timeout.
+
+    ``create=False`` (every command but ``run``): a missing SQLite file is a :class:`StorageError`,
+    never an empty new file, and no table is created. ``study_name`` only words that error."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
@@ -159,13 +209,20 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     engine_kwargs: dict[str, Any]
     if parsed.get_backend_name() == "sqlite":
         db = parsed.database
+        missing = _missing_sqlite_file(url)
+        if not create and missing is not None:
+            so = f", so there is no study {study_name!r}" if study_name else ""
+            raise StorageError(
+                f"storage {shown}: no such database file ({missing} does not exist{so}; "
+                "only `sassha-tune run CONFIG` creates one)"
+            )
         if db and db != ":memory:" and not Path(db).expanduser().resolve().parent.is_dir():
             raise StorageError(f"storage {shown}: directory {Path(db).parent} does not exist")
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
-        return with_retry(optuna.storages.RDBStorage, url, engine_kwargs=engine_kwargs)
+        return with_retry(optuna.storages.RDBStorage, url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
     except ModuleNotFoundError as exc:
         raise StorageError(
             f"storage {shown}: the database driver is not installed ({exc.name}); for PostgreSQL: "
@@ -176,17 +233,32 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         raise StorageError(f"storage {shown}: cannot open it: {_scrub(str(cause).splitlines()[0] if str(cause) else type(cause).__name__, url)}") from None
 
 
-def load_study(name: str, storage_url: str, *, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
-    storage = storage or open_storage(storage_url)
+def load_study(
+    name: str, storage_url: str | None, *, storage: optuna.storages.BaseStorage | None = None
+) -> optuna.Study:
+    """Load a study for reading (nothing is created); a missing one names the studies there.
+
+    ``storage`` (already open) wins over ``storage_url``, which then only words messages."""
+    if storage is None:
+        if storage_url is None:
+            raise ValueError("load_study needs storage_url or storage")
+        storage = open_storage(storage_url, create=False, study_name=name)
+    where = mask_url(storage_url) if storage_url is not None else type(storage).__name__
     try:
         return with_retry(optuna.load_study, study_name=name, storage=storage)
     except KeyError:
-        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False))
-        import difflib
+        pass
+    except Exception as exc:  # e.g. a database without Optuna's tables
+        cause = exc.__cause__ or exc
+        text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise StorageError(f"storage {where}: cannot read it: {_scrub(text, storage_url or '')}") from None
+    import difflib
 
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else (f"studies there: {', '.join(names)}" if names else "it has no studies")
-        raise StorageError(f"no study {name!r} in {mask_url(storage_url)} ({hint})") from None
+    names = sorted(with_retry(optuna.get_all_study_names, storage))
+    close = difflib.get_close_matches(name, names, n=1)
+    available = ", ".join(names) if names else "(none)"
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise StorageError(f"study {name!r} not found in {where}; available studies: {available}{hint}")
 
 
 def stored_config(study: optuna.Study) -> tuple[Config, SearchSpace]:
@@ -304,12 +376,12 @@ def create_or_continue(
         commit = git_commit()
         if commit:
             with_retry(study.set_user_attr, "code_commit", commit)
-        if cfg.optimizer.enqueue_published:
-            for entry, params in zip(space.published, space.published_params(), strict=True):
-                with_retry(
-                    study.enqueue_trial, params, user_attrs={"published": entry.get("source", "published")},
-                    skip_if_exists=True,
-                )
+        for entry in published_to_enqueue(cfg, space):
+            params = {k: v for k, v in entry.items() if k in space.params}
+            with_retry(
+                study.enqueue_trial, params, user_attrs={"published": entry.get("source", "published")},
+                skip_if_exists=True,
+            )
         log(f"created study {name!r} in {mask_url(storage_url)}")
         return study
 
@@ -347,8 +419,6 @@ def create_or_continue(
     with_retry(study.set_user_attr, "config", config_d)
     log(f"continuing study {name!r} in {mask_url(storage_url)} ({len(study.trials)} trials so far)")
     return study
-
-
 
 
 def set_budget(study: optuna.Study, n_trials: int) -> None:
@@ -614,10 +684,10 @@ def run_trials(
     once and trained together in one process (:mod:`sassha_tune.packs`) where they can be packed."""
     from .data import check_dataset_files
 
-    storage = open_storage(storage_url)
-    study = load_study(study_name, storage_url, storage=storage)
+    study = load_study(study_name, storage_url)
     cfg, _ = stored_config(study)
-    check_dataset_files(cfg.task.dataset, cfg.task.data_dir)  # before any trial is asked
+    check_device(device or cfg.device.name, "--device" if device else "device")  # before any trial is asked
+    check_dataset_files(cfg.task.dataset, cfg.task.data_dir)
     summary = LoopSummary()
     start = time.monotonic()
     restore = _sigterm_as_interrupt()
@@ -749,17 +819,21 @@ def _sigterm_as_interrupt() -> Callable[[], None]:
 # --------------------------------------------------------------------------------------------
 
 
-def run_gpu_workers(study_name: str, storage_url: str, gpus: list[str], *, log: Log = print) -> int:
+def run_gpu_workers(
+    study_name: str, storage_url: str, gpus: list[str], *, log: Log = print, pack: str | int = 1
+) -> int:
     """Start one ``sassha-tune worker`` per GPU (``CUDA_VISIBLE_DEVICES=N``); wait for all of them.
 
-    The storage URL goes to the workers in the environment, so a password never shows in ``ps``.
+    Each worker trains on ``cuda`` (its one visible GPU) with ``--pack pack``. The storage URL goes
+    to the workers in the environment, so a password never shows in ``ps``.
     """
     procs = []
     for i, gpu in enumerate(gpus):
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = gpu
         env[STORAGE_ENV] = storage_url
-        cmd = [sys.executable, "-m", "sassha_tune.cli", "worker", study_name, "--device", "cuda", "--worker-id", str(i)]
+        cmd = [sys.executable, "-m", "sassha_tune.cli", "worker", study_name, "--device", "cuda",
+               "--worker-id", str(i), "--pack", str(pack)]
         procs.append(subprocess.Popen(cmd, env=env))
         log(f"worker {i} started on GPU {gpu} (pid {procs[-1].pid})")
         time.sleep(0.5)  # stagger the first storage writes
@@ -785,7 +859,7 @@ def run_gpu_workers(study_name: str, storage_url: str, gpus: list[str], *, log: 
 
 
 def study_rows(storage_url: str) -> list[dict[str, Any]]:
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, create=False)
     rows = []
     for s in with_retry(optuna.get_all_study_summaries, storage, include_best_trial=False):
         study = load_study(s.study_name, storage_url, storage=storage)

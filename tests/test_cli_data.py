@@ -61,3 +61,19 @@ def test_generated_datasets_need_no_files(tmp_path):
         check_dataset_files(name, str(tmp_path / "nowhere"))
     with pytest.raises(DataError):
         check_dataset_files("cifar10", str(tmp_path / "nowhere"))
+
+
+def test_enqueue_published_list_enqueues_only_the_named_configurations(tmp_path):
+    cfg = {
+        "study": {"name": "enq", "storage": f"sqlite:///{tmp_path / 'studies.db'}"},
+        "task": {"dataset": "mnist1d", "model": "cnn1d", "epochs": 1},
+        "optimizer": {"name": "sassha", "enqueue_published": ["cifar10/resnet20/sassha.sh"]},
+        "device": "cpu",
+    }
+    path = tmp_path / "enq.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert CliRunner().invoke(app, ["run", str(path), "--create-only"]).exit_code == 0
+    study = optuna.load_study(study_name="enq", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+    assert [t.system_attrs["fixed_params"] for t in study.trials] == [
+        {"lr": 0.15, "weight_decay": 5e-4, "rho": 0.2, "lazy_hessian": 10, "eps": 1e-6}
+    ]
