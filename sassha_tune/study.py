@@ -289,8 +289,11 @@ def make_sampler(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
     if name == "cmaes":
         return s.CmaEsSampler(seed=seed, **opts)
     if name == "qmc":
-        # a quasi-random sequence indexes itself by trial count: keep the scramble seed fixed
-        return s.QMCSampler(seed=cfg.sampler_seed, **opts)
+        # The quasi-random sequence indexes itself through the storage: keep its scramble seed
+        # fixed. Until a trial completes, QMC samples with its independent sampler, which is
+        # rebuilt for every trial here (fresh process state): seed that one per trial, or every
+        # trial before the first completion would get the same parameters.
+        return s.QMCSampler(seed=cfg.sampler_seed, independent_sampler=s.RandomSampler(seed=seed), **opts)
     if name == "nsgaii":
         return s.NSGAIISampler(seed=seed, **opts)
     raise ValueError(f"unknown sampler {name!r}")

@@ -156,3 +156,18 @@ def test_resumed_seeded_study_does_not_repeat_params(tmp_path):
     # same seed and same progress -> same params (reproducible single-worker runs)
     again = optuna.create_study()
     assert _sample(cfg, again, space, 0) == first[0]
+
+
+def test_qmc_sampler_varies_params_while_no_trial_has_completed(tmp_path):
+    # QMC samples with its independent sampler until a trial completes; every trial here fails
+    # (as when the first configurations diverge), and each gets a freshly built sampler.
+    cfg = _cfg(tmp_path, study__sampler="qmc")
+    space = load_space("sassha", "sassha")
+    study = optuna.create_study(study_name="q", storage=open_storage(f"sqlite:///{tmp_path}/q.db"))
+    seen = []
+    for i in range(4):
+        study.sampler = make_sampler(cfg, trial_seed(cfg.sampler_seed, i, 0))
+        trial = study.ask()
+        seen.append(suggest(trial, space))
+        study.tell(trial, state=TrialState.FAIL)
+    assert len({tuple(sorted(p.items())) for p in seen}) == 4
