@@ -377,6 +377,11 @@ def train(
     metrics_out: Annotated[
         Path | None, typer.Option("--metrics-out", help="Also write the metrics as JSON to this file.", dir_okay=False)
     ] = None,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", min=0, help="Override the config's seed (data split, initialization, data order, "
+                     "probes) to re-run a configuration over seeds; the sharpness protocol keeps metrics.seed."),
+    ] = None,
 ) -> None:
     """Train once with the config's fixed hyperparameters (e.g. an exported config) and print the metrics."""
     from .config import load_config, yaml_load
@@ -389,6 +394,8 @@ def train(
     if metrics_out is not None and not metrics_out.parent.is_dir():
         raise UserError(f"--metrics-out {metrics_out}: directory {metrics_out.parent} does not exist")
     cfg = load_config(config)
+    if seed is not None:
+        cfg.seed = seed
     check_device(device or cfg.device.name)  # before any data is loaded or a step is taken
     extra: dict[str, Any] = {}
     if params is not None:
