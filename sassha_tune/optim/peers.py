@@ -276,31 +276,20 @@ class AdaHessian(_HutchinsonOnePass):
                 if p.dim() == 4:
                     h = h.abs().mean(dim=(2, 3), keepdim=True).expand_as(h)
                 st["hessian"].copy_(h)
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            # v is AdaHessian's own (an EMA of ĥ², updated every step), so no estimate is passed here
+            states, work, low, _ = self._decay_and_moments(group, ps, gs, [None] * len(ps))
+            lr, eps, power = group["lr"], group["eps"], group["hessian_power"]
             beta1, beta2 = group["betas"]
-            power = group["hessian_power"]
-            low = [p.dtype != state_dtype(p) for p in ps]
-            work = [
-                p.detach().to(state_dtype(p)) if lo else p.detach() for p, lo in zip(ps, low, strict=True)
-            ]
-            if wd != 0:
-                torch._foreach_mul_(work, 1.0 - lr * wd)
-            for st in states:
-                st["step"] += 1
             ms = [st["exp_avg"] for st in states]
             vs = [st["exp_hessian_diag"] for st in states]
             hss = [st["hessian"] for st in states]
-            torch._foreach_mul_(ms, beta1)
-            torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
             torch._foreach_mul_(vs, beta2)
             torch._foreach_addcmul_(vs, hss, hss, value=1.0 - beta2)
             denom = torch._foreach_div(vs, [1.0 - beta2 ** st["step"] for st in states])
             torch._foreach_pow_(denom, power / 2)
             torch._foreach_add_(denom, eps)
             torch._foreach_addcdiv_(work, ms, denom, [-lr / (1.0 - beta1 ** st["step"]) for st in states])
-            for p, w, lo in zip(ps, work, low, strict=True):
-                if lo:
-                    p.detach().copy_(w)
+            self._write_back(ps, work, low)
         return loss
 
 
