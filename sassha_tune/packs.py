@@ -889,18 +889,14 @@ def run_pack_trials(study: Any, trials: list[Any], cfg: Any, space: Any, *, devi
     ``over_budget`` and left out)."""
     from contextlib import ExitStack
 
-    from .spaces import suggest, to_hparams
     from .study import (
-        WORKER_KEY,
         _fail,
         _finish,
         _fmt_params,
         _Heartbeat,
         _Outcome,
-        _plain,
         _TrialProcess,
-        counts_toward_budget,
-        with_retry,
+        start_trial,
     )
 
     storage = study._storage
@@ -912,17 +908,9 @@ def run_pack_trials(study: Any, trials: list[Any], cfg: Any, space: Any, *, devi
             params_list, members = [], []
             for trial in trials:
                 stack.enter_context(_Heartbeat(storage, trial._trial_id, cfg.study.heartbeat_interval))
-                with_retry(storage.set_trial_system_attr, trial._trial_id, WORKER_KEY,
-                           f"{os.uname().nodename}:{os.getpid()}")
-                before = [t for t in with_retry(study.get_trials, deepcopy=False)
-                          if t.number < trial.number and counts_toward_budget(t)]
-                if len(before) >= cfg.budget.n_trials:
-                    _fail(study, trial, "over_budget")
+                params = start_trial(study, trial, cfg, space)
+                if params is None:
                     continue
-                params = suggest(trial, space)
-                hparams = to_hparams(cfg.optimizer.name, {**cfg.optimizer.fixed, **params}, seed=cfg.seed)
-                with_retry(trial.set_user_attr, "optimizer_hparams", _plain(dict(hparams)))
-                with_retry(trial.set_user_attr, "seed", cfg.seed)
                 pending[len(params_list)] = trial
                 params_list.append(params)
                 members.append(trial)

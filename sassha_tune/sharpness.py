@@ -221,25 +221,24 @@ class _SubsetObjective:
         """Free the cached graph (needed before the parameters are perturbed in place)."""
         self._cached = None
 
-    def hvp(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+    def _weighted_sum(self, product: Callable[[LossHessian], list[Tensor]]) -> list[Tensor]:
+        """Sum over chunks of ``weight * product(chunk_hessian)``."""
         total = None
         for hessian, weight in self._hessians():
-            products = hessian.hvp(vectors)
+            products = product(hessian)
             if total is None:
                 total = [hv.mul_(weight) for hv in products]
             else:
                 torch._foreach_add_(total, products, alpha=weight)
+        return total
+
+    def hvp(self, vectors: Sequence[Tensor]) -> list[Tensor]:
+        total = self._weighted_sum(lambda hessian: hessian.hvp(vectors))
         self.hvp_count += 1
         return total
 
     def hvp_batched(self, batched: Sequence[Tensor]) -> list[Tensor]:
-        total = None
-        for hessian, weight in self._hessians():
-            products = hessian.hvp_batched(batched)
-            if total is None:
-                total = [hv.mul_(weight) for hv in products]
-            else:
-                torch._foreach_add_(total, products, alpha=weight)
+        total = self._weighted_sum(lambda hessian: hessian.hvp_batched(batched))
         self.hvp_count += batched[0].shape[0]
         return total
 

@@ -752,6 +752,26 @@ def run_trials(
     return summary
 
 
+def start_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace) -> dict[str, Any] | None:
+    """Claim an asked trial for this process: record the worker, fail it as ``over_budget`` when
+    another worker filled the budget first (then None), else sample its params and store the
+    optimizer's constructor arguments and the seed. Shared by single trials and packs."""
+    from .spaces import to_hparams
+
+    storage = study._storage
+    with_retry(storage.set_trial_system_attr, trial._trial_id, WORKER_KEY, f"{os.uname().nodename}:{os.getpid()}")
+    before = [t for t in with_retry(study.get_trials, deepcopy=False)
+              if t.number < trial.number and counts_toward_budget(t)]
+    if len(before) >= cfg.budget.n_trials:
+        _fail(study, trial, "over_budget")
+        return None
+    params = suggest(trial, space)
+    hparams = to_hparams(cfg.optimizer.name, {**cfg.optimizer.fixed, **params}, seed=cfg.seed)
+    with_retry(trial.set_user_attr, "optimizer_hparams", _plain(dict(hparams)))
+    with_retry(trial.set_user_attr, "seed", cfg.seed)
+    return params
+
+
 def _run_one(
     study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace, *, device: str | None,
     worker: int | str, log: Log,
@@ -760,18 +780,9 @@ def _run_one(
     holder: list[_TrialProcess] = []
     try:
         with _Heartbeat(storage, trial._trial_id, cfg.study.heartbeat_interval):
-            with_retry(storage.set_trial_system_attr, trial._trial_id, WORKER_KEY, f"{os.uname().nodename}:{os.getpid()}")
-            before = [t for t in with_retry(study.get_trials, deepcopy=False)
-                      if t.number < trial.number and counts_toward_budget(t)]
-            if len(before) >= cfg.budget.n_trials:
-                _fail(study, trial, "over_budget")
+            params = start_trial(study, trial, cfg, space)
+            if params is None:
                 return None
-            params = suggest(trial, space)
-            from .spaces import to_hparams
-
-            hparams = to_hparams(cfg.optimizer.name, {**cfg.optimizer.fixed, **params}, seed=cfg.seed)
-            with_retry(trial.set_user_attr, "optimizer_hparams", _plain({k: v for k, v in hparams.items()}))
-            with_retry(trial.set_user_attr, "seed", cfg.seed)
             job = {
                 "study": study.study_name,
                 "config": study.user_attrs["config"],
