@@ -193,12 +193,14 @@ def run(
     pack: PackOpt = "auto",
 ) -> None:
     """Create the study a config describes (or continue it) and run trials until its budget is spent."""
-    from .config import load_config
+    from .config import advice, load_config
     from .data import check_dataset_files
     from .study import check_device, create_or_continue, resolve_storage, set_budget
 
     gpu_list, pack_size = _check_flags(gpus, device, pack)
     cfg = load_config(config)  # everything validated before any storage is touched
+    for note in advice(cfg):
+        _log(f"note: {note}")
     if n_trials is not None:
         cfg.budget.n_trials = n_trials
     url = resolve_storage(storage, cfg)

@@ -863,3 +863,26 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     if not d["provenance"]:
         d.pop("provenance")
     return d
+
+
+def advice(cfg: Config) -> list[str]:
+    """Notes for a valid config that is likely to waste trials (printed by ``run``, never fatal)."""
+    from .models import has_normalization
+
+    notes = []
+    space = cfg.optimizer.search_space
+    uses_default_space = space is None or space == cfg.optimizer.name
+    if (
+        cfg.optimizer.name == "sassha"
+        and uses_default_space
+        and "dense_refresh_steps" not in cfg.optimizer.fixed
+        and has_normalization(cfg.task.model) is False
+    ):
+        # Measured (docs/optimizer.md, "Dense start and eps on models without normalization"):
+        # with the published space most trials on such models diverge or collapse.
+        notes.append(
+            f"sassha on {cfg.task.model}, a model without normalization layers: with the default sassha space "
+            "many trials diverge in their first steps; search_space: sassha_nonorm (dense Hessian start, "
+            "eps >= 1e-4) avoids that (docs/optimizer.md)"
+        )
+    return notes

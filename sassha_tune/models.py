@@ -363,6 +363,15 @@ def _builtin(name: str) -> tuple[type[nn.Module], tuple[int, ...]] | None:
     return None
 
 
+def has_normalization(name: str) -> bool | None:
+    """Whether built-in model ``name`` has normalization layers (BatchNorm/LayerNorm); ``None``
+    for plug-ins and unknown names, which are not inspected without building them."""
+    found = None if ":" in name else _builtin(name)
+    if found is None:
+        return None
+    return found[0] in (ResNet, WideResNet, ViT)
+
+
 def model_option_names(name: str) -> tuple[str, ...] | None:
     """The ``model_options`` keys built-in model ``name`` accepts, read from its constructor.
 

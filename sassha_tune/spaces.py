@@ -64,14 +64,14 @@ SEEDED_OPTIMIZERS = frozenset({"sassha", "msassha", "adahessian", "sophiah"})
 # catch typos in space files and ``optimizer.fixed`` with a "did you mean" hint.
 _TORCH_FLAGS = ("maximize", "foreach", "differentiable", "fused", "capturable")
 _SASSHA_ARGS = (
-    "lr", "betas", "weight_decay", "rho", "lazy_hessian", "n_samples", "perturb_eps", "eps", "hessian_power",
-    "adaptive", "hessian_point", "bias_correction", "seed", "max_grad_norm", "always_create_graph",
+    "lr", "betas", "weight_decay", "rho", "lazy_hessian", "dense_refresh_steps", "n_samples", "perturb_eps", "eps",
+    "hessian_power", "adaptive", "hessian_point", "bias_correction", "seed", "max_grad_norm", "always_create_graph",
     "perturbation_grad",
 )
 _SGD_ARGS = ("lr", "momentum", "weight_decay", "nesterov", "dampening", "max_grad_norm", *_TORCH_FLAGS)
 _ADAMW_ARGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "max_grad_norm", *_TORCH_FLAGS)
-_HESSIAN_ARGS = ("lr", "betas", "eps", "weight_decay", "lazy_hessian", "n_samples", "seed", "max_grad_norm",
-                 "always_create_graph")
+_HESSIAN_ARGS = ("lr", "betas", "eps", "weight_decay", "lazy_hessian", "dense_refresh_steps", "n_samples", "seed",
+                 "max_grad_norm", "always_create_graph")
 KNOWN_HPARAMS: dict[str, tuple[str, ...]] = {
     "sgd": _SGD_ARGS,
     "adamw": _ADAMW_ARGS,

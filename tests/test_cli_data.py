@@ -77,3 +77,28 @@ def test_enqueue_published_list_enqueues_only_the_named_configurations(tmp_path)
     assert [t.system_attrs["fixed_params"] for t in study.trials] == [
         {"lr": 0.15, "weight_decay": 5e-4, "rho": 0.2, "lazy_hessian": 10, "eps": 1e-6}
     ]
+
+
+@pytest.mark.parametrize(
+    ("model", "optimizer", "noted"),
+    [
+        ({"model": "cnn1d"}, {"name": "sassha"}, True),
+        ({"model": "mlp"}, {"name": "sassha", "search_space": "sassha"}, True),
+        ({"model": "cnn1d"}, {"name": "sassha", "search_space": "sassha_nonorm"}, False),
+        ({"model": "cnn1d"}, {"name": "sassha", "fixed": {"dense_refresh_steps": 50}}, False),
+        ({"model": "resnet8"}, {"name": "sassha"}, False),
+        ({"model": "cnn1d"}, {"name": "sgd"}, False),
+    ],
+)
+def test_run_notes_sassha_on_a_model_without_normalization(tmp_path, model, optimizer, noted):
+    cfg = {
+        "study": {"name": "note", "storage": f"sqlite:///{tmp_path / 'studies.db'}"},
+        "task": {"dataset": "mnist1d", "epochs": 1, **model},
+        "optimizer": optimizer,
+        "device": "cpu",
+    }
+    path = tmp_path / "note.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    result = CliRunner().invoke(app, ["run", str(path), "--create-only"])
+    assert result.exit_code == 0, result.output
+    assert ("search_space: sassha_nonorm" in result.output) is noted

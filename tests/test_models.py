@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sassha_tune.errors import UserError
-from sassha_tune.models import MODELS, build_model
+from sassha_tune.models import MODELS, build_model, has_normalization
 
 CASES = [
     ("mlp", (1, 40), {}),
@@ -30,6 +30,14 @@ CASES = [
 
 def test_every_listed_model_is_covered():
     assert set(MODELS) == {name for name, _, _ in CASES}
+
+
+@pytest.mark.parametrize("name,shape,opts", CASES[::2], ids=[c[0] for c in CASES[::2]])
+def test_has_normalization_matches_the_built_model(name, shape, opts):
+    norms = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.LayerNorm, torch.nn.GroupNorm)
+    built = any(isinstance(m, norms) for m in build_model(name, shape, 7, **opts).modules())
+    assert has_normalization(name) is built
+    assert has_normalization("plugins_example:tiny_linear") is None
 
 
 @pytest.mark.parametrize("name,shape,opts", CASES, ids=[f"{c[0]}-{'x'.join(map(str, c[1]))}" for c in CASES])

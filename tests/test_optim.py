@@ -244,6 +244,29 @@ def test_bias_correction_options_differ_only_from_step_k_plus_1():
 
 
 @pytest.mark.parametrize("cls", [Sassha, MSassha])
+def test_dense_refresh_steps_refresh_every_step_first_then_every_k(cls):
+    n, k = 5, 4
+    a, b = _mlp(), _mlp()
+    oa = cls(a.parameters(), lr=0.05, rho=0.1, lazy_hessian=k, dense_refresh_steps=n)
+    ob = cls(b.parameters(), lr=0.05, rho=0.1, lazy_hessian=1)
+    la, lb = _train(a, oa, n), _train(b, ob, n)
+    # the first n steps are exactly those of refresh-every-step (same probe stream)
+    assert la == lb
+    assert torch.equal(_flat(a), _flat(b))
+    _train(a, oa, 8)  # gradient steps h = 5..12: refreshed where h % 4 == 0, i.e. h = 8 and 12
+    assert {oa.state[p]["hessian_refreshes"] for p in a.parameters()} == {n + 2}
+
+
+def test_dense_refresh_steps_zero_is_the_reference_schedule():
+    a, b = _mlp(), _mlp()
+    oa = Sassha(a.parameters(), lr=0.05, rho=0.1, lazy_hessian=3)
+    ob = Sassha(b.parameters(), lr=0.05, rho=0.1, lazy_hessian=3, dense_refresh_steps=0)
+    assert _train(a, oa, 7) == _train(b, ob, 7)
+    assert torch.equal(_flat(a), _flat(b))
+    assert {oa.state[p]["hessian_refreshes"] for p in a.parameters()} == {3}  # h = 0, 3, 6
+
+
+@pytest.mark.parametrize("cls", [Sassha, MSassha])
 def test_bn_running_stats_move_once_per_step(cls):
     model = _mlp(bn=True)
     reference = copy.deepcopy(model)
@@ -337,6 +360,8 @@ def test_group_with_zero_lr_does_not_move_but_its_rho_perturbs_the_others():
         ({"weight_decay": -1e-3}, "weight_decay"),
         ({"lazy_hessian": 0}, "lazy_hessian"),
         ({"n_samples": 0}, "n_samples"),
+        ({"dense_refresh_steps": -1}, "dense_refresh_steps"),
+        ({"dense_refresh_steps": 2.5}, "dense_refresh_steps"),
         ({"betas": (1.0, 0.999)}, "betas"),
         ({"betas": (0.9, -0.1)}, "betas"),
         ({"hessian_point": "clean"}, "hessian_point"),

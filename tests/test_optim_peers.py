@@ -124,6 +124,19 @@ def _run(opt_factory, theta, diag, lin, steps):
     return out
 
 
+@pytest.mark.parametrize("cls", [AdaHessian, SophiaH])
+def test_dense_refresh_steps_equal_refresh_every_step_at_first(cls):
+    a, b = _convnet(), _convnet()
+    oa = cls(a.parameters(), lr=1e-2, lazy_hessian=4, dense_refresh_steps=3)
+    ob = cls(b.parameters(), lr=1e-2, lazy_hessian=1)
+    data = _data()
+    assert _train(a, oa, 3, data) == _train(b, ob, 3, data)
+    assert torch.equal(_flat(a), _flat(b))
+    _train(a, oa, 1, data)  # h = 3: not dense any more and 3 % 4 != 0, so no refresh
+    _train(b, ob, 1, data)
+    assert not torch.equal(_flat(a), _flat(b))
+
+
 def test_sam_sgd_matches_hand_computed():
     theta, diag, lin = _quadratic()
     lr, rho, wd, mom = 0.1, 0.2, 0.01, 0.9

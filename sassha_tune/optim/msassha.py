@@ -51,6 +51,7 @@ class MSassha(HessianPreconditioned):
         weight_decay: float = 1e-2,
         rho: float = 0.3,
         lazy_hessian: int = 10,
+        dense_refresh_steps: int = 0,
         n_samples: int = 1,
         perturb_eps: float = 1e-12,
         eps: float = 1e-4,
@@ -70,6 +71,7 @@ class MSassha(HessianPreconditioned):
         super().__init__(params, defaults)
         self._init_common(
             lazy_hessian=lazy_hessian,
+            dense_refresh_steps=dense_refresh_steps,
             n_samples=n_samples,
             seed=seed,
             hessian_power=hessian_power,

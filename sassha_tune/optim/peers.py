@@ -226,7 +226,8 @@ class AdaHessian(_HutchinsonOnePass):
     ``θ ← θ(1 − lr·weight_decay)``, ``m ← β1 m + (1 − β1) g``, ``v ← β2 v + (1 − β2) ĥ²`` (with the
     latest stored ĥ), ``θ ← θ − lr/(1 − β1^t) · m / ((v / (1 − β2^t))^{k/2} + eps)``, k =
     ``hessian_power`` (1). ``lazy_hessian`` defaults to 10, the reference scripts' value
-    (the original AdaHessian refreshes every step: ``lazy_hessian=1``).
+    (the original AdaHessian refreshes every step: ``lazy_hessian=1``); ``dense_refresh_steps``
+    as for :class:`~sassha_tune.optim.sassha.Sassha`.
     """
 
     def __init__(
@@ -238,6 +239,7 @@ class AdaHessian(_HutchinsonOnePass):
         weight_decay: float = 0.0,
         hessian_power: float = 1.0,
         lazy_hessian: int = 10,
+        dense_refresh_steps: int = 0,
         n_samples: int = 1,
         seed: int = 0,
         max_grad_norm: float | None = None,
@@ -252,6 +254,7 @@ class AdaHessian(_HutchinsonOnePass):
         super().__init__(params, defaults)
         self._init_common(
             lazy_hessian=lazy_hessian,
+            dense_refresh_steps=dense_refresh_steps,
             n_samples=n_samples,
             seed=seed,
             hessian_power=hessian_power,
@@ -312,6 +315,7 @@ class SophiaH(_HutchinsonOnePass):
         weight_decay: float = 0.0,
         clip_threshold: float = 0.04,
         lazy_hessian: int = 10,
+        dense_refresh_steps: int = 0,
         n_samples: int = 1,
         seed: int = 0,
         max_grad_norm: float | None = None,
@@ -327,6 +331,7 @@ class SophiaH(_HutchinsonOnePass):
         super().__init__(params, defaults)
         self._init_common(
             lazy_hessian=lazy_hessian,
+            dense_refresh_steps=dense_refresh_steps,
             n_samples=n_samples,
             seed=seed,
             hessian_power=1.0,
