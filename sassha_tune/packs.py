@@ -19,6 +19,10 @@ kernels differ (batched vs unbatched), which is where the (float rounding) diffe
 ``kernels="exact"`` (the default for SASSHA) runs each member's passes without vmap, as the lone
 model's forward on views of its slice, and is bitwise equal on the CPU. See ``docs/packs.md``.
 
+A pack that runs out of memory before any member reported is split in halves and its members
+restart from scratch (``train_pack(..., split_on_oom=True)``, what studies use; docs/packs.md,
+"Out of memory").
+
 ``train_pack(specs, on_epoch=...) -> list[TrainResult]`` is the trainer-level entry point;
 ``python -m sassha_tune.packs`` runs a pack of study trials in a fresh process (the parent side is
 :func:`run_pack_trials`, called by :func:`sassha_tune.study.run_trials`).
@@ -75,6 +79,7 @@ __all__ = [
     "train_pack",
     "run_pack_trials",
     "parse_pack",
+    "split_line",
 ]
 
 #: optimizers a pack can run (SASSHA, and the first-order peers whose update is a torch optimizer's)
@@ -429,6 +434,8 @@ def train_pack(
     on_leave: Callable[[int, TrainResult], None] | None = None,
     splits: Splits | None = None,
     kernels: str | None = None,
+    split_on_oom: bool = False,
+    on_split: Callable[[int, list[list[int]]], None] | None = None,
 ) -> list[TrainResult]:
     """Train the members ``specs`` together; result ``i`` is what ``train(specs[i])`` would return.
 
@@ -444,6 +451,17 @@ def train_pack(
     but on a GPU the pack only saves process start-up, not kernel launches. ``None`` (default):
     ``"exact"`` for SASSHA, whose Hessian preconditioner amplifies last-bit differences of the
     Hessian-vector products to 1e-4 .. 1e-1 within 50 steps, ``"batched"`` for the others.
+
+    Out of memory: by default every member still live fails with status ``"out_of_memory"``.
+    ``split_on_oom=True``: a pack of K > 1 that runs out of memory before any member reported
+    (no ``on_epoch`` call, no member left) is dropped and its members restart from scratch as two
+    packs of ceil(K/2) and floor(K/2), one after the other, recursively; a lone member that still
+    runs out fails as ``train`` does. ``on_split(epoch, halves)`` is called before the halves run
+    (``epoch`` 0: while stacking the members; ``halves``: two lists of indices into ``specs``).
+    Nothing was reported, so nobody is told twice, and a restarted member's result is still what
+    ``train(specs[i])`` returns. Off by default so that a caller measuring a pack of K (a
+    benchmark) never gets a smaller pack's numbers. An out-of-memory error after a report keeps
+    the default (see docs/packs.md, "Out of memory").
     """
     specs = list(specs)
     if kernels is None:
@@ -452,15 +470,81 @@ def train_pack(
         raise ValueError(f"kernels must be 'batched' or 'exact', got {kernels!r}")
     _check_packable(specs)
     callbacks = list(on_epoch) if on_epoch is not None else [None] * len(specs)
-    spec0 = specs[0]
-    device = resolve_device(spec0.device)
+    if len(callbacks) != len(specs):
+        raise ValueError(f"on_epoch has {len(callbacks)} callbacks for {len(specs)} specs")
+    device = resolve_device(specs[0].device)
+    results: dict[int, TrainResult] = {}
+    data: dict[int, Splits] = {}  # per seed, loaded once for all attempts
+    todo = [list(range(len(specs)))]  # packs still to run, as indices into specs; depth first
+    while todo:
+        group = todo.pop(0)
+        sub_leave = None if on_leave is None else (lambda j, res, group=group: on_leave(group[j], res))
+        may_split = split_on_oom and len(group) > 1
+        try:
+            attempt = _train_once(
+                [specs[i] for i in group], [callbacks[i] for i in group], on_leave=sub_leave, splits=splits,
+                kernels=kernels, data=data, may_split=may_split, device=device,
+            )
+        except _OOM_ERRORS:
+            if not split_on_oom:
+                raise  # as before: the caller fails every member
+            # stacking the members ran out: nothing ran and nobody was told
+            attempt = _OutOfMemory(epoch=0)
+        if isinstance(attempt, _OutOfMemory) and not may_split:
+            # a lone member whose model and optimizer state alone do not fit: it fails as a lone
+            # trial does, and the members of the other halves still run
+            (i,) = group
+            attempt = [TrainResult("out_of_memory", "out_of_memory", 0, 0, 0.0, float("nan"), str(device), [],
+                                   None, data.get(specs[i].seed))]  # type: ignore[arg-type]  # no model was built
+            if on_leave is not None:
+                on_leave(i, attempt[0])
+        if isinstance(attempt, _OutOfMemory):
+            # out of the except clause and of the attempt's frames: its stacks, graphs and
+            # optimizer state are unreferenced now and can be given back before the halves start
+            epoch = attempt.epoch
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            half = (len(group) + 1) // 2
+            halves = [group[:half], group[half:]]
+            if on_split is not None:
+                on_split(epoch, halves)
+            todo[:0] = halves
+            continue
+        results.update(zip(group, attempt, strict=True))
+    return [results[i] for i in range(len(specs))]
 
-    # data and init exactly as the lone trainer makes them, per member seed
-    by_seed: dict[int, Splits] = {}
+
+@dataclasses.dataclass
+class _OutOfMemory:
+    """What an attempt returns when it ran out of memory before any member reported: it may be split."""
+
+    epoch: int  # 0: while stacking the members, before the first epoch
+
+
+def _train_once(
+    specs: list[TrainSpec],
+    callbacks: list[Callable[[int, dict], bool] | None],
+    *,
+    on_leave: Callable[[int, TrainResult], None] | None,
+    splits: Splits | None,
+    kernels: str,
+    data: dict[int, Splits],
+    may_split: bool,
+    device: torch.device,
+) -> list[TrainResult] | _OutOfMemory:
+    """One pack of ``specs`` (see :func:`train_pack`; indices are positions in ``specs``).
+
+    Out of memory in the epochs: :class:`_OutOfMemory` when ``may_split`` and no member reported
+    yet, else every live member fails ``out_of_memory``. While stacking: the error propagates."""
+    spec0 = specs[0]
+
+    # data and init exactly as the lone trainer makes them, per member seed (the data is read-only,
+    # so a retried half reuses what an earlier attempt loaded; fresh_model re-seeds before init)
     for s in specs:
-        if s.seed not in by_seed:
+        if s.seed not in data:
             _seed_all(s.seed)
-            by_seed[s.seed] = (
+            data[s.seed] = (
                 load_dataset(
                     s.dataset, s.data_dir, val_fraction=s.val_fraction, label_noise=s.label_noise, seed=s.seed,
                     device=device, options=s.dataset_options,
@@ -468,6 +552,7 @@ def train_pack(
                 if splits is None
                 else splits.to(device)
             )
+    by_seed = {s.seed: data[s.seed] for s in specs}
     ref_splits = by_seed[spec0.seed]
     aug = _augment_kind(spec0, ref_splits)
     channels_last = spec0.channels_last and len(ref_splits.input_shape) == 3
@@ -526,8 +611,13 @@ def train_pack(
     step = 0
     step_seconds = 0.0
     t_start = time.perf_counter()
+    epoch = 0
+    reported = False  # a member called its on_epoch or left: from then on the pack cannot be split
+    split = False
 
     def leave(m: _Member, status: str, failure: str | None) -> None:
+        nonlocal reported
+        reported = True
         model = pack.load_member(copy.deepcopy(eval_model), m.slot)
         res = TrainResult(
             status=status, failure_reason=failure, epochs_completed=len(m.history), steps=m.steps,
@@ -535,9 +625,11 @@ def train_pack(
             ms_per_step=1000.0 * step_seconds / step if step else float("nan"),
             device=str(device), history=m.history, model=model, splits=m.splits, optimizer=None,
         )
-        results[m.index] = res
         if on_leave is not None:
             on_leave(m.index, res)
+        # only once told: a member whose on_leave ran out of memory (e.g. its final sharpness
+        # metrics) is failed out_of_memory below, as it would be alone, not left untold
+        results[m.index] = res
 
     def compact(gone: list[_Member]) -> None:
         nonlocal live
@@ -621,7 +713,10 @@ def train_pack(
                     gone.append(m)
                     continue
                 m.history.append(metrics)
-                if m.on_epoch is not None and m.on_epoch(epoch, dict(metrics)):
+                if m.on_epoch is None:
+                    continue
+                reported = True
+                if m.on_epoch(epoch, dict(metrics)):
                     leave(m, "stopped", None)
                     gone.append(m)
             compact(gone)
@@ -631,11 +726,17 @@ def train_pack(
         pack.params = pack.buffers = []  # type: ignore[assignment]
         for m in members:
             m.optimizer.state.clear()
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        for m in members:
-            if m.index not in results:
+        # Nobody was told anything yet: train_pack may restart the members in smaller packs (and
+        # frees the rest of this attempt once its frames are gone). After a report it may not
+        # (docs/packs.md, "Out of memory"): the live members fail as out_of_memory.
+        split = may_split and not reported
+        if not split:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            for m in members:
+                if m.index in results:
+                    continue
                 res = TrainResult("out_of_memory", "out_of_memory", len(m.history), m.steps,
                                   time.perf_counter() - t_start, float("nan"), str(device), m.history,
                                   eval_model, m.splits, None)
@@ -645,6 +746,8 @@ def train_pack(
     finally:
         if device.type == "cuda":
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
+    if split:
+        return _OutOfMemory(epoch)
     return [results[i] for i in range(len(specs))]
 
 
@@ -808,23 +911,41 @@ def evaluate_pack(
     *,
     on_epoch: Sequence[Callable[[int, dict], bool] | None] | None = None,
     on_outcome: Callable[[int, Any], None] | None = None,
+    on_split: Callable[[int, list[list[int]]], None] | None = None,
     device: str | None = None,
 ) -> list[Any]:
-    """:func:`sassha_tune.objective.evaluate_params` for K param sets at once; outcome i is member i's."""
+    """:func:`sassha_tune.objective.evaluate_params` for K param sets at once; outcome i is member i's.
+
+    A pack that runs out of memory before any member reported is split in halves (``train_pack``'s
+    ``split_on_oom``; ``on_split(epoch, halves)`` is told). Each outcome records the pack the member
+    actually ran in: ``pack_size``, ``pack_index`` (its position there) and, after a split,
+    ``pack_oom_sizes`` (the sizes of the packs it was in that ran out of memory, largest first)."""
     from .objective import build_spec, outcome_from_result
 
     specs = [build_spec(cfg, p, device=device, progress=False) for p in params_list]
     outcomes: dict[int, Any] = {}
+    placed = {i: (len(specs), i) for i in range(len(specs))}  # member -> (pack size, index in that pack)
+    oom_sizes: dict[int, list[int]] = {i: [] for i in range(len(specs))}
+
+    def split(epoch: int, halves: list[list[int]]) -> None:
+        size = sum(len(h) for h in halves)
+        for half in halves:
+            for j, i in enumerate(half):
+                placed[i] = (len(half), j)
+                oom_sizes[i].append(size)
+        if on_split is not None:
+            on_split(epoch, halves)
 
     def leave(i: int, result: TrainResult) -> None:
         outcome = outcome_from_result(cfg, specs[i], result)
-        outcome.attrs["pack_size"] = len(specs)
-        outcome.attrs["pack_index"] = i
+        outcome.attrs["pack_size"], outcome.attrs["pack_index"] = placed[i]
+        if oom_sizes[i]:
+            outcome.attrs["pack_oom_sizes"] = list(oom_sizes[i])
         outcomes[i] = outcome
         if on_outcome is not None:
             on_outcome(i, outcome)
 
-    train_pack(specs, on_epoch=on_epoch, on_leave=leave)
+    train_pack(specs, on_epoch=on_epoch, on_leave=leave, split_on_oom=True, on_split=split)
     return [outcomes[i] for i in range(len(specs))]
 
 
@@ -863,10 +984,13 @@ def main() -> int:
     def on_outcome(i: int, outcome: Any) -> None:
         send({**outcome.to_json(), "member": i})
 
+    def on_split(epoch: int, halves: list[list[int]]) -> None:
+        send({"type": "split", "epoch": epoch, "halves": halves})
+
     try:
         cfg = config_from_dict(job["config"], source=f"study {job.get('study', '?')} (stored config)")
         evaluate_pack(cfg, job["params"], on_epoch=[make_cb(i) for i in range(n)], on_outcome=on_outcome,
-                      device=job.get("device"))
+                      on_split=on_split, device=job.get("device"))
     except UserError as exc:
         send({"type": "user_error", "message": str(exc)})
         return 2
@@ -879,6 +1003,15 @@ def main() -> int:
             send({**TrialOutcome("fail", failure_reason=reason).to_json(), "member": i})
         return 1
     return 0
+
+
+def split_line(epoch: int, halves: list[list[int]]) -> str:
+    """The one line that tells the user a pack was split, e.g. ``pack of 8 ran out of memory in
+    epoch 1; retrying as 2 packs of 4 (trials [0, 1, 2, 3] and [4, 5, 6, 7])``."""
+    sizes = [len(h) for h in halves]
+    when = f"in epoch {epoch}" if epoch else "while stacking its members"
+    how = f"2 packs of {sizes[0]}" if sizes[0] == sizes[1] else f"packs of {sizes[0]} and {sizes[1]}"
+    return f"pack of {sum(sizes)} ran out of memory {when}; retrying as {how} (trials {halves[0]} and {halves[1]})"
 
 
 def run_pack_trials(study: Any, trials: list[Any], cfg: Any, space: Any, *, device: str | None,
@@ -949,6 +1082,9 @@ def run_pack_trials(study: Any, trials: list[Any], cfg: Any, space: Any, *, devi
                         for h in histories[i]
                     ]
                     told.append(_finish(study, trial, outcome))
+                elif kind == "split":  # out of memory before any member reported: halves restart in this process
+                    halves = [[members[j].number for j in half] for half in msg.get("halves", [])]
+                    log(split_line(int(msg.get("epoch", 0)), halves))
                 elif kind == "user_error":
                     user_error = str(msg.get("message"))
             proc.proc.wait()

@@ -38,3 +38,39 @@ def blobs(*, data_dir=None, seed=0, n=200, as_tuple=False):
 
 def broken(*, data_dir=None, seed=0):
     return 42
+
+
+class MemoryLimited(nn.Module):
+    """A small MLP with an emulated memory limit: in training mode its forward raises
+    ``torch.OutOfMemoryError`` when its input is one member's slice of a trial pack's stacked
+    batch that holds more than ``max_members`` members' batches (``max_members=0``: even a lone run).
+
+    Why emulated: a pack's memory grows with the number of members it stacks, and on a GPU the
+    CUDA allocator then raises ``torch.OutOfMemoryError`` from inside a pass. On the CPU the real
+    allocator cannot be exhausted safely (the host swaps, or the kernel kills the process, instead
+    of an exception), so the tests raise the same exception where the pack's size is visible: the
+    stacked batch. With the pack's exact kernels (SASSHA's default) each member's forward gets a
+    view ``x[i]`` of the stack ``x`` of shape (K, batch, ...), so ``x._base`` holds all K batches;
+    a lone run's batch is a fresh tensor. Otherwise the forward is an ordinary deterministic MLP."""
+
+    def __init__(self, input_shape, num_classes, max_members: int, hidden: int) -> None:
+        super().__init__()
+        self.max_members = int(max_members)
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(int(np.prod(input_shape)), hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x):
+        if self.training:
+            base = x._base
+            members = base.shape[0] if base is not None and base.dim() == x.dim() + 1 else 1
+            if members > self.max_members:
+                raise torch.OutOfMemoryError(
+                    f"emulated: a batch of {members} members' samples exceeds the limit of {self.max_members}"
+                )
+        return self.net(x)
+
+
+def memory_limited(*, input_shape, num_classes, max_members=1, hidden=16):
+    """A model plug-in: :class:`MemoryLimited`."""
+    return MemoryLimited(input_shape, num_classes, max_members, hidden)
