@@ -6,7 +6,8 @@
     python benchmarks/reproduce/reproduce.py --part noise40 --storage sqlite:///reproduce-gpu.db --time-limit 600
 
 A part is a folder of configs next to this file (``mnist1d``, ``mnist1d_noise40`` (CPU,
-40 % label noise), ``fashion``, ``noise20``,
+40 % label noise), ``mnist1d_dense`` and ``mnist1d_noise40_dense`` (CPU: SASSHA with the
+``sassha_nonorm`` space, AdaHessian with the same dense Hessian start), ``fashion``, ``noise20``,
 ``noise40``, ``noise60``; ``--part noise`` means the three noise levels in turn). For every
 config, in order:
 
@@ -321,7 +322,7 @@ def run_part(part: str, storage: str, time_limit: float | None, t0: float, out_r
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", required=True, help="mnist1d, mnist1d_noise40, fashion, noise (= noise20, noise40, noise60) or one noise level")
+    ap.add_argument("--part", required=True, help="mnist1d, mnist1d_noise40, mnist1d_dense, mnist1d_noise40_dense, fashion, noise (= noise20, noise40, noise60) or one noise level")
     ap.add_argument("--storage", default="sqlite:///reproduce.db", help="SQLAlchemy URL (default sqlite:///reproduce.db)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds for this invocation (a piece); re-run the command to continue")
@@ -330,7 +331,7 @@ def main() -> int:
     ap.add_argument("--rerun-trial", action="append", default=[], metavar="STUDY:N",
                     help="supplementary: also re-run trial N of STUDY over the seeds (stored with seed_rerun_of=N)")
     args = ap.parse_args()
-    if args.part in ("mnist1d", "mnist1d_noise40") and os.environ.get("OMP_NUM_THREADS") is None:
+    if args.part.startswith("mnist1d") and os.environ.get("OMP_NUM_THREADS") is None:
         os.environ["OMP_NUM_THREADS"] = "1"  # CPU part: one thread per trial (shared 2-core machines)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     parts = PARTS.get(args.part, [args.part])

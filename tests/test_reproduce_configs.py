@@ -1,0 +1,34 @@
+"""The reproduction study's configs (benchmarks/reproduce/<part>/*.yaml) are valid and, within a
+part, give every optimizer the same task, budget, schedule, sampler and sharpness protocol."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from sassha_tune.config import load_config
+
+PARTS_DIR = Path(__file__).resolve().parent.parent / "benchmarks" / "reproduce"
+PARTS = sorted(p.name for p in PARTS_DIR.iterdir() if p.is_dir() and list(p.glob("*.yaml")))
+
+
+def test_the_parts_are_there():
+    assert {"mnist1d", "mnist1d_noise40", "mnist1d_dense", "fashion", "noise40"} <= set(PARTS)
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_part_configs_share_the_protocol(part):
+    cfgs = [load_config(p) for p in sorted((PARTS_DIR / part).glob("*.yaml"))]
+    names = [c.study.name for c in cfgs]
+    assert len(set(names)) == len(names), "every optimizer needs its own study"
+    assert len({c.optimizer.name for c in cfgs}) == len(cfgs)
+    first = cfgs[0]
+    for c in cfgs[1:]:
+        for section in ("task", "budget", "schedule", "metrics", "device"):
+            assert dataclasses.asdict(getattr(c, section)) == dataclasses.asdict(getattr(first, section)), (
+                f"{c.source}: {section} differs from {first.source}"
+            )
+        assert c.study.sampler == first.study.sampler and c.study.objectives == first.study.objectives
+        assert c.study.storage == first.study.storage and c.seed == first.seed
