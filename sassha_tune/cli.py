@@ -279,6 +279,22 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _health_rows(study: Any) -> dict[str, list[tuple[str, str]]]:
+    """Sub-rows of `status`'s state table, by state: near-chance trials under COMPLETE, failures
+    by reason under FAIL. Only what the trials store: an older study (no ``num_classes``, no
+    ``failure_reason``) gets none."""
+    from .report import budget_health, load_rows, near_chance_count
+
+    health = budget_health(load_rows(study))  # every trial, as the state counts above it
+    rows: dict[str, list[tuple[str, str]]] = {}
+    chance = near_chance_count(health)
+    if chance is not None:
+        rows["COMPLETE"] = [("near chance (of COMPLETE)", chance)]
+    if health["failures_known"]:
+        rows["FAIL"] = [(kind, str(n)) for kind, n in health["failures"].items()]
+    return rows
+
+
 @app.command()
 @handle_errors
 def status(
@@ -311,12 +327,17 @@ def status(
     table = Table(title=f"study {study} ({d['optimizer']}; {', '.join(map(str, d['objectives']))})")
     table.add_column("state")
     table.add_column("trials", justify="right")
+    health = _health_rows(s)
     for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):
         table.add_row(state, str(d["counts"].get(state, 0)))
+        for label, count in health.get(state, []):
+            table.add_row(f"  {escape(label)}", count)
     table.add_row("budget used", d["budget"])
     out.print(table)
-    if d["failures"]:
-        _log("failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(d["failures"].items())))
+    # The table splits failures by kind; the full reasons of `error: ...` failures only here.
+    details = {k: v for k, v in d["failures"].items() if ":" in k}
+    if details:
+        _log("failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(details.items())))
     best = d["best"]
     if best is None:
         _log("no complete trial yet")

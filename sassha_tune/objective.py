@@ -31,7 +31,7 @@ __all__ = ["TrialOutcome", "STORED_ATTRS", "build_spec", "evaluate_params", "out
 STORED_ATTRS = (
     "val_acc", "val_loss", "train_acc", "train_loss", "test_acc", "test_loss", "gen_gap_acc", "gen_gap_loss",
     "lambda_max", "hessian_trace", "hessian_trace_se", "sam_sharpness", "adaptive_sharpness",
-    "epochs_completed", "train_seconds", "ms_per_step", "hvp_count", "device",
+    "epochs_completed", "train_seconds", "ms_per_step", "hvp_count", "device", "num_classes",
 )
 _SHARPNESS_KEYS = ("lambda_max", "hessian_trace", "hessian_trace_se", "sam_sharpness", "adaptive_sharpness", "hvp_count")
 
@@ -143,6 +143,13 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
         "ms_per_step": result.ms_per_step,
         "device": result.device,
     }
+    # The number of classes of the splits the trainer used, so that a report can tell a trial
+    # that finished at chance accuracy (1 / num_classes) from one that learned something without
+    # guessing the dataset's classes (sassha_tune.report.near_chance). Stored on failed and
+    # pruned trials too; pack members get it here as well.
+    splits = getattr(result, "splits", None)
+    if splits is not None:
+        attrs["num_classes"] = int(splits.num_classes)
     if result.world_size > 1:
         attrs["processes"] = result.world_size
     history = [dict(h) for h in result.history]

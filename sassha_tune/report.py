@@ -18,6 +18,11 @@ Selection rule everywhere: the best trial is chosen on **validation** accuracy; 
 reported for that trial only, never used to choose. Failed and pruned trials count toward the
 budget (they spent trials and seconds) but never improve the best-so-far curve.
 
+Budget health: a COMPLETE trial whose validation accuracy is at most 1.5 / ``num_classes`` is
+"near chance" (:func:`near_chance`, the one definition every command uses): a collapsed or
+untrained network, finished but of no use. ``status``, ``report`` and ``compare`` count them next
+to the failures by reason (:func:`budget_health`).
+
 Seed re-runs (see ``docs/reports.md``): a trial with user attribute ``seed_rerun_of`` (the number
 of the trial whose config it repeats) is a re-run, not a search trial; so is every trial of a study
 named ``<study>-seeds``, which holds the re-runs of the best config of ``<study>``.
@@ -44,11 +49,15 @@ from sassha_tune.provenance import git_commit, package_version
 from sassha_tune.study import load_study, mask_url, open_storage
 
 __all__ = [
+    "NEAR_CHANCE_FACTOR",
     "SEED_STUDY_SUFFIX",
     "best_trials_table",
+    "budget_health",
     "build_figures",
     "compare_figures",
+    "failure_kind",
     "load_rows",
+    "near_chance",
     "run_compare",
     "run_report",
 ]
@@ -59,6 +68,9 @@ SEED_STUDY_SUFFIX = "-seeds"
 SEED_RERUN_ATTR = "seed_rerun_of"
 #: Parameters that get a slice plot when the study searched them.
 SLICE_PARAMS = ("lr", "rho", "lazy_hessian", "eps")
+#: A complete trial is near chance when ``val_acc <= NEAR_CHANCE_FACTOR / num_classes``: 1.5x
+#: chance leaves room for the noise of a small validation split around an untrained net's 1/C.
+NEAR_CHANCE_FACTOR = 1.5
 #: Number of bootstrap resamples of the trial order for the budget curves, and their seed.
 N_BOOTSTRAP = 200
 BOOTSTRAP_SEED = 0
@@ -152,6 +164,72 @@ def _val_acc(row: dict[str, Any]) -> float:
     return value
 
 
+def near_chance(state: str | TrialState, user_attrs: dict[str, Any]) -> bool | None:
+    """Whether a trial finished near chance accuracy: COMPLETE and
+    ``val_acc <= NEAR_CHANCE_FACTOR / num_classes`` (a collapsed or untrained network).
+
+    ``None`` (unknown) when the trial does not store ``num_classes`` or ``val_acc`` (studies from
+    before ``num_classes`` was stored): the number of classes is never guessed, and the first
+    objective value is not taken for ``val_acc`` (it may be another metric). ``False`` for trials
+    that are not COMPLETE: they are failed or pruned, not near chance.
+    """
+    name = state.name if isinstance(state, TrialState) else str(state)
+    if name != "COMPLETE":
+        return False
+    classes = user_attrs.get("num_classes")
+    if isinstance(classes, bool) or not isinstance(classes, int | float) or not classes >= 2:
+        return None
+    acc = _float(user_attrs.get("val_acc"))
+    if math.isnan(acc):
+        return None
+    return acc <= NEAR_CHANCE_FACTOR / classes
+
+
+def failure_kind(reason: Any) -> str:
+    """The kind of a ``failure_reason``: ``diverged``, ``out_of_memory``, ``lost``, ... as stored;
+    ``error: <message>`` and ``rank_failed: <why>`` by their prefix, so that counts stay short;
+    ``unknown`` when the trial stores none."""
+    if reason is None or str(reason).strip() == "":
+        return "unknown"
+    return str(reason).split(":", 1)[0].strip() or "unknown"
+
+
+def budget_health(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Where a study's trials went, from :func:`load_rows` rows.
+
+    ``complete``, ``pruned`` and ``failed`` (counts); ``near_chance``: complete trials near chance
+    among the ``near_chance_known`` complete trials that store ``num_classes`` and ``val_acc``
+    (both 0 for an older study: unknown, not zero); ``failures``: FAIL trials by
+    :func:`failure_kind`, most frequent first, and ``failures_known``: how many of them store a
+    ``failure_reason`` at all.
+    """
+    rows = list(rows)
+    states = Counter(r["state"] for r in rows)
+    verdicts = [near_chance(r["state"], r["user_attrs"]) for r in rows if r["state"] == "COMPLETE"]
+    failed = [r for r in rows if r["state"] == "FAIL"]
+    kinds = Counter(failure_kind(r["user_attrs"].get("failure_reason")) for r in failed)
+    return {
+        "complete": states["COMPLETE"],
+        "pruned": states["PRUNED"],
+        "failed": states["FAIL"],
+        "near_chance": sum(v is True for v in verdicts),
+        "near_chance_known": sum(v is not None for v in verdicts),
+        "failures": dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "failures_known": sum(r["user_attrs"].get("failure_reason") is not None for r in failed),
+    }
+
+
+def near_chance_count(health: dict[str, Any]) -> str | None:
+    """The near-chance count as shown in tables: ``"2"``, ``"2 of 5 known"`` when only some
+    complete trials store ``num_classes``, ``None`` when none does (nothing to show)."""
+    known = health["near_chance_known"]
+    if not known:
+        return None
+    if known < health["complete"]:
+        return f"{health['near_chance']} of {known} known"
+    return str(health["near_chance"])
+
+
 def _complete(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in rows if r["state"] == "COMPLETE" and not math.isnan(_val_acc(r))]
 
@@ -206,9 +284,14 @@ def _best_trials_rows(study: optuna.Study, n: int) -> tuple[list[str], list[list
     param_names = sorted({p for r in ranked for p in r["params"]})
     multi = len(study.directions) > 1
     front = _pareto_numbers(rows) if multi else set()
+    # The column appears only when a shown trial is near chance: a best-10 of an older study (no
+    # num_classes) or of a healthy one looks as before.
+    chance = {r["number"] for r in ranked if near_chance(r["state"], r["user_attrs"])}
     headers = ["trial", *param_names, *(h for _, h in _METRIC_COLUMNS)]
     if multi:
         headers.append("pareto")
+    if chance:
+        headers.append("near_chance")
     table = []
     for r in ranked:
         line = [str(r["number"])]
@@ -216,6 +299,8 @@ def _best_trials_rows(study: optuna.Study, n: int) -> tuple[list[str], list[list
         line += [_fmt(_val_acc(r) if key == "val_acc" else _attr(r, key)) for key, _ in _METRIC_COLUMNS]
         if multi:
             line.append("*" if r["number"] in front else "")
+        if chance:
+            line.append("yes" if r["number"] in chance else "")
         table.append(line)
     return headers, table
 
@@ -224,7 +309,8 @@ def best_trials_table(study: optuna.Study, n: int = 10, tablefmt: str = "simple"
     """The ``n`` best complete trials (selected on validation accuracy) as a tabulate table.
 
     Columns: trial number, every searched parameter, then val_acc, test_acc, gen_gap, lambda_max,
-    trace, sam_sharp, adapt_sharp, seconds (and ``pareto`` for a two-objective study).
+    trace, sam_sharp, adapt_sharp, seconds (and ``pareto`` for a two-objective study, and
+    ``near_chance`` = ``yes`` on the trials :func:`near_chance` when one of the shown trials is).
     """
     headers, table = _best_trials_rows(study, n)
     if not table:
@@ -478,6 +564,32 @@ def _failure_counts(rows: Sequence[dict[str, Any]]) -> Counter[str]:
     return Counter(str(r["user_attrs"].get("failure_reason", "unknown")) for r in rows if r["state"] == "FAIL")
 
 
+def _health_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The "Budget health" section of report.md: where the search trials went, with counts."""
+    if not rows:
+        return []
+    health = budget_health(rows)
+    table = [["complete", str(health["complete"])]]
+    chance = near_chance_count(health)
+    if chance is not None:
+        table.append([f"near chance (of complete; val_acc <= {NEAR_CHANCE_FACTOR:g} / num_classes)", chance])
+    table.append(["pruned", str(health["pruned"])])
+    table.append(["failed", str(health["failed"])])
+    if health["failures_known"]:
+        table += [[f"failed: {kind}", str(n)] for kind, n in health["failures"].items()]
+    out = ["## Budget health\n"]
+    text = "Where the search trials went (seed re-runs not counted)."
+    if chance is not None:  # an older study stores no num_classes: nothing is said about chance
+        text += (f" A complete trial is *near chance* when its validation accuracy is at most "
+                 f"{NEAR_CHANCE_FACTOR:g} / number of classes: it finished, but the network collapsed or "
+                 "never trained. Many such trials, or many diverged ones, mean a large part of the search "
+                 "space is unusable for this task.")
+    out.append(text + "\n")
+    out.append(tabulate(table, headers=["trials", "count"], tablefmt="github", disable_numparse=True,
+                        colalign=("left", "right")) + "\n")
+    return out
+
+
 _FIGURE_CAPTIONS = {
     "gap_vs_lambda_max": "Generalization gap vs lambda_max, one point per complete trial, colour = "
     "validation accuracy. A positive gap is overfitting. A rising trend says sharper minima "
@@ -515,6 +627,7 @@ def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dic
     if rerun_rows:
         out.append(f"- seed re-runs (not part of the search, left out of plots): {len(rerun_rows)}")
     out.append("")
+    out += _health_lines(search)
     ranked = _ranked(search)
     if not ranked:
         out.append("**No finished trials with results yet** - nothing to report. "
@@ -567,7 +680,9 @@ def run_report(study_name: str, storage: str, out_dir: Path) -> None:
     text = _report_markdown(study, storage if isinstance(storage, str) else None, paths, reruns)
     (out_dir / "report.md").write_text(text, encoding="utf-8")
     rows = load_rows(study)
-    print(f"study {study.study_name} ({study.user_attrs.get('optimizer', 'unknown')}): {_state_counts(rows)}")
+    chance = near_chance_count(budget_health(_search_rows(rows)))
+    print(f"study {study.study_name} ({study.user_attrs.get('optimizer', 'unknown')}): {_state_counts(rows)}"
+          + (f"; near chance (of complete search trials): {chance}" if chance is not None else ""))
     if not figures:
         print(f"study '{study.study_name}' has no finished trials with results yet; "
               f"wrote {out_dir / 'report.md'}")
@@ -717,19 +832,30 @@ def compare_figures(studies: Sequence[optuna.Study]) -> dict[str, Figure]:
     }
 
 
+def _diverged_count(health: dict[str, Any]) -> str:
+    """Diverged trials; ``-`` when the study failed trials but none stores a ``failure_reason``."""
+    if health["failed"] and not health["failures_known"]:
+        return "-"
+    return str(health["failures"].get("diverged", 0))
+
+
 def _ranking(studies: Sequence[optuna.Study]) -> tuple[list[str], list[list[str]]]:
-    headers = ["rank", "study", "optimizer", "trials", "complete", "failed", "pruned", "fail_rate",
-               "best_val_acc", "test_acc", "best_trial", "lambda_max", "train_seconds"]
+    # near_chance and diverged: how much of the searched space is unusable (robustness to the
+    # search space); near_chance is "-" for a study whose trials do not store num_classes.
+    headers = ["rank", "study", "optimizer", "trials", "complete", "near_chance", "failed", "diverged",
+               "pruned", "fail_rate", "best_val_acc", "test_acc", "best_trial", "lambda_max", "train_seconds"]
     entries = []
     for study in studies:
         rows = _search_rows(load_rows(study))
         counts = Counter(r["state"] for r in rows)
+        health = budget_health(rows)
         ranked = _ranked(rows)
         best = ranked[0] if ranked else None
         entries.append((
             _val_acc(best) if best else -math.inf,
             [study.study_name, _optimizer_name(study), str(len(rows)), str(counts["COMPLETE"]),
-             str(counts["FAIL"]), str(counts["PRUNED"]),
+             near_chance_count(health) or "-", str(counts["FAIL"]), _diverged_count(health),
+             str(counts["PRUNED"]),
              f"{counts['FAIL'] / len(rows):.0%}" if rows else "-",
              _fmt(_val_acc(best)) if best else "-",
              _fmt(_attr(best, "test_acc")) if best else "-",
@@ -810,6 +936,11 @@ _COMPARE_METHOD = """\
   with the highest `val_acc`; its `test_acc` is shown next to it and never used to choose.
 - **Failures count**: failed and pruned trials spend a trial (and their seconds) of the budget
   and never improve the best-so-far curve; the fail rate is in the ranking table.
+- **Robustness to the search space**: `near_chance` counts complete trials whose `val_acc` is at
+  most {factor:g} / number of classes (a collapsed or untrained network; `-` when the study's
+  trials do not store `num_classes`), `diverged` the trials that failed on a non-finite loss
+  (`-` when no failed trial stores a `failure_reason`).
+  Neither improves the best, but both spend budget.
 - **Budget curves**: best validation accuracy so far vs number of trials and vs cumulative
   `train_seconds` (the trial's wall-clock time when not stored). The solid line is the observed
   trial order; the band is the 10-90 % range over {n_boot} shuffles of the trial order (numpy seed
@@ -825,7 +956,8 @@ def _compare_markdown(studies: Sequence[optuna.Study], figure_paths: dict[str, P
                       by_opt: Any, reruns: Any, storage: str | None) -> str:
     out = ["# Optimizer comparison\n"]
     out.append("Studies: " + ", ".join(f"`{s.study_name}` ({_optimizer_name(s)})" for s in studies) + "\n")
-    out.append(_COMPARE_METHOD.format(n_boot=N_BOOTSTRAP, seed=BOOTSTRAP_SEED, suffix=SEED_STUDY_SUFFIX))
+    out.append(_COMPARE_METHOD.format(n_boot=N_BOOTSTRAP, seed=BOOTSTRAP_SEED, suffix=SEED_STUDY_SUFFIX,
+                                      factor=NEAR_CHANCE_FACTOR))
     out.append("## Ranking by best validation accuracy\n")
     out.append(tabulate(ranking[1], headers=ranking[0], tablefmt="github", disable_numparse=True) + "\n")
     if by_opt is not None:
