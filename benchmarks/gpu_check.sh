@@ -68,7 +68,7 @@ echo "== gpu_check: mode=$MODE device=$DEV budget=${BUDGET}s out=$OUT $(date -u 
 
 # ---- optional wheels (.whl/*.whl), installed beside the image's packages, never over torch ----
 if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
-    SITE=/tmp/gpu_check_site
+    SITE="$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")"  # private: never another run's packages
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$SITE" "$REPO"/.whl/*.whl; then
         export PYTHONPATH="$PYTHONPATH:$SITE"

@@ -3,7 +3,8 @@
 Every cell is one real training run through ``trainer.train`` (seed 0, cosine schedule, rho 0.1,
 weight decay 1e-4 in the scripts' convention) and reports the final validation accuracy, or
 ``div@N`` when the run diverged at step N (the trainer checks the loss every 10 steps), or the
-accuracy with a ``*`` when the run completed but ended at or below 1.5x chance ("collapsed").
+accuracy with a ``*`` when the run completed but ended near chance ("collapsed";
+``sassha_tune.report.near_chance_threshold``: 1.5x chance for 10 classes).
 
     python benchmarks/sassha_stability.py --dataset mnist1d --model cnn1d --epochs 15
     python benchmarks/sassha_stability.py --dataset digits --model cnn --epochs 10
@@ -25,16 +26,17 @@ import sys
 
 import torch
 
+from sassha_tune.report import near_chance_threshold
 from sassha_tune.spaces import to_hparams
 from sassha_tune.trainer import TrainSpec, train
 
 
-def cell(spec: TrainSpec, num_classes: int) -> str:
+def cell(spec: TrainSpec) -> str:
     res = train(spec)
     if res.status == "diverged":
         return f"div@{res.steps}"
     acc = res.history[-1]["val_acc"] if res.history else float("nan")
-    return f"{100 * acc:.1f}{'*' if acc <= 1.5 / num_classes else ''}"
+    return f"{100 * acc:.1f}{'*' if acc <= near_chance_threshold(res.splits.num_classes) else ''}"
 
 
 def main() -> int:
@@ -54,12 +56,11 @@ def main() -> int:
     lrs = [float(v) for v in args.lr.split(",")]
     epss = [float(v) for v in args.eps.split(",")]
     variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",")]
-    num_classes = 10
     print(f"# SASSHA stability grid: {args.dataset} / {args.model} {args.model_options}, {args.epochs} epochs, "
           f"batch {args.batch_size}, cosine, rho 0.1, wd 1e-4, seed 0")
     print(f"# {datetime.date.today()}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} thread(s)")
-    print("# cell: final val % | div@step (diverged) | val %* (completed at <= 1.5x chance)\n")
+    print("# cell: final val % | div@step (diverged) | val %* (completed near chance)\n")
     header = ["k, dense N", "eps", *[f"lr {lr:g}" for lr in lrs]]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -72,7 +73,7 @@ def main() -> int:
             spec = TrainSpec(dataset=args.dataset, model=args.model, model_options=json.loads(args.model_options),
                              epochs=args.epochs, batch_size=args.batch_size, optimizer="sassha", hparams=hp,
                              schedule="cosine", device="cpu", seed=0, progress=False)
-            row.append(cell(spec, num_classes))
+            row.append(cell(spec))
         print("| " + " | ".join(row) + " |", flush=True)
     return 0
 

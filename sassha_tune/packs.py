@@ -721,7 +721,21 @@ def _train_once(
                     gone.append(m)
             compact(gone)
         for m in live:
-            leave(m, "completed", None)
+            try:
+                leave(m, "completed", None)
+            except _OOM_ERRORS:
+                # this member's final metrics (sharpness: Hessian-vector products) ran out of
+                # memory: it fails as it would alone, and every other finished member still gets
+                # its own attempt at its metrics, as it would alone
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                res = TrainResult("out_of_memory", "out_of_memory", len(m.history), m.steps,
+                                  time.perf_counter() - t_start, float("nan"), str(device), m.history,
+                                  eval_model, m.splits, None)
+                results[m.index] = res
+                if on_leave is not None:
+                    on_leave(m.index, res)
     except _OOM_ERRORS:
         pack.params = pack.buffers = []  # type: ignore[assignment]
         for m in members:

@@ -18,7 +18,8 @@ Selection rule everywhere: the best trial is chosen on **validation** accuracy; 
 reported for that trial only, never used to choose. Failed and pruned trials count toward the
 budget (they spent trials and seconds) but never improve the best-so-far curve.
 
-Budget health: a COMPLETE trial whose validation accuracy is at most 1.5 / ``num_classes`` is
+Budget health: a COMPLETE trial whose validation accuracy is at most
+:func:`near_chance_threshold` (1.5x chance, never more than 5 points above chance) is
 "near chance" (:func:`near_chance`, the one definition every command uses): a collapsed or
 untrained network, finished but of no use. ``status``, ``report`` and ``compare`` count them next
 to the failures by reason (:func:`budget_health`).
@@ -49,7 +50,7 @@ from sassha_tune.provenance import git_commit, package_version
 from sassha_tune.study import load_study, mask_url, open_storage
 
 __all__ = [
-    "NEAR_CHANCE_FACTOR",
+    "NEAR_CHANCE_RULE",
     "SEED_STUDY_SUFFIX",
     "best_trials_table",
     "budget_health",
@@ -58,6 +59,7 @@ __all__ = [
     "failure_kind",
     "load_rows",
     "near_chance",
+    "near_chance_threshold",
     "run_compare",
     "run_report",
 ]
@@ -68,9 +70,8 @@ SEED_STUDY_SUFFIX = "-seeds"
 SEED_RERUN_ATTR = "seed_rerun_of"
 #: Parameters that get a slice plot when the study searched them.
 SLICE_PARAMS = ("lr", "rho", "lazy_hessian", "eps")
-#: A complete trial is near chance when ``val_acc <= NEAR_CHANCE_FACTOR / num_classes``: 1.5x
-#: chance leaves room for the noise of a small validation split around an untrained net's 1/C.
-NEAR_CHANCE_FACTOR = 1.5
+#: The near-chance rule in words, for reports (:func:`near_chance_threshold` computes it).
+NEAR_CHANCE_RULE = "val_acc <= chance + min(chance / 2, 0.05), chance = 1 / num_classes"
 #: Number of bootstrap resamples of the trial order for the budget curves, and their seed.
 N_BOOTSTRAP = 200
 BOOTSTRAP_SEED = 0
@@ -164,9 +165,20 @@ def _val_acc(row: dict[str, Any]) -> float:
     return value
 
 
+def near_chance_threshold(num_classes: int) -> float:
+    """The highest validation accuracy still "near chance" for ``num_classes`` classes.
+
+    1.5x chance leaves room for the noise of a small validation split around an untrained
+    network's 1/C (0.15 for 10 classes, 0.015 for 100); capped at 5 points above chance so that
+    a binary task does not call a 74 %-accurate model collapsed (0.55 for 2 classes).
+    """
+    chance = 1.0 / num_classes
+    return chance + min(chance / 2, 0.05)
+
+
 def near_chance(state: str | TrialState, user_attrs: dict[str, Any]) -> bool | None:
     """Whether a trial finished near chance accuracy: COMPLETE and
-    ``val_acc <= NEAR_CHANCE_FACTOR / num_classes`` (a collapsed or untrained network).
+    ``val_acc <= near_chance_threshold(num_classes)`` (a collapsed or untrained network).
 
     ``None`` (unknown) when the trial does not store ``num_classes`` or ``val_acc`` (studies from
     before ``num_classes`` was stored): the number of classes is never guessed, and the first
@@ -182,7 +194,7 @@ def near_chance(state: str | TrialState, user_attrs: dict[str, Any]) -> bool | N
     acc = _float(user_attrs.get("val_acc"))
     if math.isnan(acc):
         return None
-    return acc <= NEAR_CHANCE_FACTOR / classes
+    return acc <= near_chance_threshold(int(classes))
 
 
 def failure_kind(reason: Any) -> str:
@@ -572,7 +584,7 @@ def _health_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     table = [["complete", str(health["complete"])]]
     chance = near_chance_count(health)
     if chance is not None:
-        table.append([f"near chance (of complete; val_acc <= {NEAR_CHANCE_FACTOR:g} / num_classes)", chance])
+        table.append([f"near chance (of complete; {NEAR_CHANCE_RULE})", chance])
     table.append(["pruned", str(health["pruned"])])
     table.append(["failed", str(health["failed"])])
     if health["failures_known"]:
@@ -580,8 +592,8 @@ def _health_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     out = ["## Budget health\n"]
     text = "Where the search trials went (seed re-runs not counted)."
     if chance is not None:  # an older study stores no num_classes: nothing is said about chance
-        text += (f" A complete trial is *near chance* when its validation accuracy is at most "
-                 f"{NEAR_CHANCE_FACTOR:g} / number of classes: it finished, but the network collapsed or "
+        text += (" A complete trial is *near chance* when its validation accuracy is at most 1.5x "
+                 "chance (never more than 5 points above chance): it finished, but the network collapsed or "
                  "never trained. Many such trials, or many diverged ones, mean a large part of the search "
                  "space is unusable for this task.")
     out.append(text + "\n")
@@ -936,8 +948,8 @@ _COMPARE_METHOD = """\
   with the highest `val_acc`; its `test_acc` is shown next to it and never used to choose.
 - **Failures count**: failed and pruned trials spend a trial (and their seconds) of the budget
   and never improve the best-so-far curve; the fail rate is in the ranking table.
-- **Robustness to the search space**: `near_chance` counts complete trials whose `val_acc` is at
-  most {factor:g} / number of classes (a collapsed or untrained network; `-` when the study's
+- **Robustness to the search space**: `near_chance` counts complete trials with
+  {rule} (a collapsed or untrained network; `-` when the study's
   trials do not store `num_classes`), `diverged` the trials that failed on a non-finite loss
   (`-` when no failed trial stores a `failure_reason`).
   Neither improves the best, but both spend budget.
@@ -957,7 +969,7 @@ def _compare_markdown(studies: Sequence[optuna.Study], figure_paths: dict[str, P
     out = ["# Optimizer comparison\n"]
     out.append("Studies: " + ", ".join(f"`{s.study_name}` ({_optimizer_name(s)})" for s in studies) + "\n")
     out.append(_COMPARE_METHOD.format(n_boot=N_BOOTSTRAP, seed=BOOTSTRAP_SEED, suffix=SEED_STUDY_SUFFIX,
-                                      factor=NEAR_CHANCE_FACTOR))
+                                      rule=NEAR_CHANCE_RULE))
     out.append("## Ranking by best validation accuracy\n")
     out.append(tabulate(ranking[1], headers=ranking[0], tablefmt="github", disable_numparse=True) + "\n")
     if by_opt is not None:

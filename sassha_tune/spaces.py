@@ -164,6 +164,8 @@ def _param(name: str, raw: Any, src: str, path: str) -> ParamSpec:
                 raise ConfigError(f"{src}: {path}.choices: expected scalars (number, string, bool), got {c!r}")
         if len(set(map(repr, choices))) != len(choices):
             raise ConfigError(f"{src}: {path}.choices: expected distinct values, got {choices!r}")
+        if name == "dense_refresh_steps" and any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in choices):
+            raise ConfigError(f"{src}: {path}.choices: expected integers >= 0 (steps), got {choices!r}")
         return ParamSpec(name, kind, choices=tuple(choices))
     if "choices" in raw:
         raise ConfigError(f"{src}: {path}.choices: only for type: categorical")
@@ -186,6 +188,8 @@ def _param(name: str, raw: Any, src: str, path: str) -> ParamSpec:
             raise ConfigError(f"{src}: {path}.step: expected a positive {'integer' if kind == 'int' else 'number'}, got {step!r}")
     if name == "lazy_hessian" and low < 1:
         raise ConfigError(f"{src}: {path}.low: expected the Hessian interval k >= 1, got {low!r}")
+    if name == "dense_refresh_steps" and (kind != "int" or low < 0):
+        raise ConfigError(f"{src}: {path}: expected type int with low >= 0 (steps), got type {kind} with low {low!r}")
     if kind == "float":
         low, high = float(low), float(high)
     return ParamSpec(name, kind, low=low, high=high, log=log, step=step)

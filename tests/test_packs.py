@@ -23,7 +23,7 @@ HPARAMS = {
     # different k: refresh steps where any member refreshes, only those members' v updated
     "sassha": [dict(lr=0.05, rho=0.05, lazy_hessian=3, seed=1),
                dict(lr=0.1, rho=0.1, lazy_hessian=1, weight_decay=1e-3, seed=2),
-               dict(lr=0.02, rho=0.02, lazy_hessian=7, eps=1e-6, seed=3)],
+               dict(lr=0.02, rho=0.02, lazy_hessian=7, dense_refresh_steps=5, eps=1e-6, seed=3)],
 }
 
 

@@ -32,3 +32,19 @@ def test_part_configs_share_the_protocol(part):
             )
         assert c.study.sampler == first.study.sampler and c.study.objectives == first.study.objectives
         assert c.study.storage == first.study.storage and c.seed == first.seed
+
+
+@pytest.mark.parametrize("part", [p for p in PARTS if p.endswith("_dense")])
+def test_dense_parts_change_only_the_sassha_space_and_the_dense_start(part):
+    """A follow-up part repeats its base part; only SASSHA's space and the dense start may change."""
+    base = part.removesuffix("_dense")
+    for path in sorted((PARTS_DIR / part).glob("*.yaml")):
+        new, old = load_config(path), load_config(PARTS_DIR / base / path.name)
+        assert new.study.name != old.study.name
+        for section in ("task", "budget", "schedule", "metrics", "device"):
+            assert dataclasses.asdict(getattr(new, section)) == dataclasses.asdict(getattr(old, section))
+        assert new.study.sampler == old.study.sampler and new.seed == old.seed
+        assert new.optimizer.name == old.optimizer.name
+        if new.optimizer.search_space != old.optimizer.search_space:
+            assert (new.optimizer.name, new.optimizer.search_space) == ("sassha", "sassha_nonorm")
+        assert {k: v for k, v in new.optimizer.fixed.items() if k != "dense_refresh_steps"} == old.optimizer.fixed

@@ -7,7 +7,8 @@
 
 A part is a folder of configs next to this file (``mnist1d``, ``mnist1d_noise40`` (CPU,
 40 % label noise), ``mnist1d_dense`` and ``mnist1d_noise40_dense`` (CPU: SASSHA with the
-``sassha_nonorm`` space, AdaHessian with the same dense Hessian start), ``fashion``, ``noise20``,
+``sassha_nonorm`` space; in ``mnist1d_dense`` also AdaHessian with the same dense Hessian
+start), ``fashion``, ``noise20``,
 ``noise40``, ``noise60``; ``--part noise`` means the three noise levels in turn). For every
 config, in order:
 
@@ -54,7 +55,7 @@ STORED_KEYS = (
     "val_acc", "val_loss", "train_acc", "train_loss", "test_acc", "test_loss", "gen_gap_acc", "gen_gap_loss",
     "lambda_max", "hessian_trace", "hessian_trace_se", "sam_sharpness", "adaptive_sharpness",
     "epochs_completed", "train_seconds", "ms_per_step", "hvp_count", "device", "sharpness_protocol",
-    "sharpness_seconds",
+    "sharpness_seconds", "num_classes",
 )
 
 

@@ -30,7 +30,8 @@ class MSassha(HessianPreconditioned):
        over all groups; ``d = 0`` at the first step) and ``θ̃ = θ − d``;
     2. one pass at θ̃: ``g̃ = ∇L_B(θ̃)`` (graph kept only on refresh steps); BatchNorm running
        statistics update normally (it is the only pass); the returned loss is this one, at θ̃;
-    3. on refresh steps (every ``lazy_hessian`` steps from the first): Hutchinson ``ĥ`` at θ̃;
+    3. on refresh steps (every ``lazy_hessian`` steps from the first, and each of the first
+       ``dense_refresh_steps``): Hutchinson ``ĥ`` at θ̃;
        ``v ← β2 v + (1 − β2)|ĥ|``, ``c ← (1 − β2^t)^α``;
     4. ``θ = θ̃ + d``; ``θ ← θ(1 − lr·weight_decay)``; ``m ← β1 m + (1 − β1) g̃``;
        ``θ ← θ − lr/(1 − β1^t) · m / (v^α / c + eps)``.

@@ -303,7 +303,8 @@ class SophiaH(_HutchinsonOnePass):
     (signed) enters ``v ← β2 v + (1 − β2) ĥ``. Every step: ``θ ← θ(1 − lr·weight_decay)``,
     ``m ← β1 m + (1 − β1) g``, ``θ ← θ − lr · sign(m) · min(|m| / (γ·max(v, 0) + eps), 1)`` with
     γ = ``clip_threshold``. Defaults follow Sophia's paper (betas (0.965, 0.99), γ 0.04); the
-    reference scripts pass betas (0.9, 0.999), γ 0.05 and eps 1e-4.
+    reference scripts pass betas (0.9, 0.999), γ 0.05 and eps 1e-4. ``dense_refresh_steps`` as for
+    :class:`~sassha_tune.optim.sassha.Sassha` (also refresh at each of the first N steps).
     """
 
     def __init__(

@@ -59,7 +59,8 @@ class HessianPreconditioned(torch.optim.Optimizer):
     """Shared machinery of SASSHA and M-SASSHA (not used directly).
 
     Per-parameter state: ``step`` (updates so far), ``hessian_step`` (steps in which the parameter
-    had a gradient: it is refreshed when this is a multiple of ``lazy_hessian``),
+    had a gradient: it is refreshed when this is a multiple of ``lazy_hessian`` or below
+    ``dense_refresh_steps``),
     ``hessian_refreshes``, ``exp_avg`` (m), ``exp_hessian_diag`` (v, EMA of |diag H| estimates)
     and ``bias_correction2`` (c = (1 - beta2^t)^alpha, frozen between refreshes).
     Optimizer-wide: the step count (for a scheduled ``hessian_power``) and the probe generator.
@@ -312,7 +313,8 @@ class Sassha(HessianPreconditioned):
        given; the gradient graph is kept only on Hessian-refresh steps;
     4. restore ``θ ← (θ + e) − e`` in place on ``.data`` (no autograd version bump); ``e`` is freed,
        never kept in the state;
-    5. on refresh steps (every ``lazy_hessian`` steps, starting at the first): Hutchinson estimate
+    5. on refresh steps (every ``lazy_hessian`` steps, starting at the first, and each of the first
+       ``dense_refresh_steps`` steps): Hutchinson estimate
        ``ĥ = mean_s z_s ⊙ (H z_s)`` with Rademacher probes from the optimizer's own generator;
        ``v ← β2 v + (1 − β2)|ĥ|`` and ``c ← (1 − β2^t)^α``; between refreshes v and c are frozen;
     6. ``θ ← θ (1 − lr·weight_decay)`` (decoupled), ``m ← β1 m + (1 − β1) g̃`` with g̃ the
@@ -330,7 +332,8 @@ class Sassha(HessianPreconditioned):
         dense_refresh_steps: N (default 0, the reference): also refresh at every one of the first
             N steps (a parameter is refreshed when its gradient-step count h satisfies h < N or
             h mod k = 0). Not in the paper; on models without normalization layers a small ``eps``
-            with k > 1 diverges within the first steps, and N = 50 prevents it (docs/optimizer.md).
+            with k > 1 diverges within the first steps, and N = 50 together with eps >= 1e-4
+            prevents it (docs/optimizer.md).
         n_samples: Hutchinson probes per refresh.
         perturb_eps: added to the gradient norm in the perturbation.
         eps: added to the denominator *after* the power.
