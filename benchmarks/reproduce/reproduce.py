@@ -8,7 +8,8 @@
 A part is a folder of configs next to this file (``mnist1d``, ``mnist1d_noise40`` (CPU,
 40 % label noise), ``mnist1d_dense`` and ``mnist1d_noise40_dense`` (CPU: SASSHA with the
 ``sassha_nonorm`` space; in ``mnist1d_dense`` also AdaHessian with the same dense Hessian
-start), ``fashion``, ``noise20``,
+start), ``fashion_cnn`` (CPU: Fashion-MNIST with a plain CNN, the fresh-task check of
+``sassha_nonorm``), ``fashion``, ``noise20``,
 ``noise40``, ``noise60``; ``--part noise`` means the three noise levels in turn). For every
 config, in order:
 
@@ -222,8 +223,10 @@ def table(part: str, storage: str) -> str:
     rows, studies = [], []
     for opt, _path, raw in configs(part):
         s = load(raw["study"]["name"], storage)
+        space = raw["optimizer"].get("search_space")
+        label = opt if space in (None, opt) else f"{opt} ({space})"  # a part may compare two spaces
         if s is not None:
-            studies.append((opt, s))
+            studies.append((label, s))
     if not studies:
         return f"no studies of part {part} in the storage yet\n"
     totals = {opt: sum(trial_seconds(t) for t in search_trials(s)) for opt, s in studies}
@@ -323,7 +326,7 @@ def run_part(part: str, storage: str, time_limit: float | None, t0: float, out_r
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", required=True, help="mnist1d, mnist1d_noise40, mnist1d_dense, mnist1d_noise40_dense, fashion, noise (= noise20, noise40, noise60) or one noise level")
+    ap.add_argument("--part", required=True, help="mnist1d, mnist1d_noise40, mnist1d_dense, mnist1d_noise40_dense, fashion_cnn, fashion, noise (= noise20, noise40, noise60) or one noise level")
     ap.add_argument("--storage", default="sqlite:///reproduce.db", help="SQLAlchemy URL (default sqlite:///reproduce.db)")
     ap.add_argument("--time-limit", type=float, default=None,
                     help="seconds for this invocation (a piece); re-run the command to continue")
