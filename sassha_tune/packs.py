@@ -631,6 +631,18 @@ def _train_once(
         # metrics) is failed out_of_memory below, as it would be alone, not left untold
         results[m.index] = res
 
+    def fail_out_of_memory(m: _Member) -> None:
+        """Free what can be freed, then fail ``m`` as a lone run that ran out of memory fails."""
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        res = TrainResult("out_of_memory", "out_of_memory", len(m.history), m.steps,
+                          time.perf_counter() - t_start, float("nan"), str(device), m.history,
+                          eval_model, m.splits, None)
+        results[m.index] = res
+        if on_leave is not None:
+            on_leave(m.index, res)
+
     def compact(gone: list[_Member]) -> None:
         nonlocal live
         if not gone:
@@ -727,15 +739,7 @@ def _train_once(
                 # this member's final metrics (sharpness: Hessian-vector products) ran out of
                 # memory: it fails as it would alone, and every other finished member still gets
                 # its own attempt at its metrics, as it would alone
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                res = TrainResult("out_of_memory", "out_of_memory", len(m.history), m.steps,
-                                  time.perf_counter() - t_start, float("nan"), str(device), m.history,
-                                  eval_model, m.splits, None)
-                results[m.index] = res
-                if on_leave is not None:
-                    on_leave(m.index, res)
+                fail_out_of_memory(m)
     except _OOM_ERRORS:
         pack.params = pack.buffers = []  # type: ignore[assignment]
         for m in members:
@@ -745,18 +749,9 @@ def _train_once(
         # (docs/packs.md, "Out of memory"): the live members fail as out_of_memory.
         split = may_split and not reported
         if not split:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
             for m in members:
-                if m.index in results:
-                    continue
-                res = TrainResult("out_of_memory", "out_of_memory", len(m.history), m.steps,
-                                  time.perf_counter() - t_start, float("nan"), str(device), m.history,
-                                  eval_model, m.splits, None)
-                results[m.index] = res
-                if on_leave is not None:
-                    on_leave(m.index, res)
+                if m.index not in results:
+                    fail_out_of_memory(m)
     finally:
         if device.type == "cuda":
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
