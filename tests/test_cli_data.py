@@ -88,6 +88,9 @@ def test_enqueue_published_list_enqueues_only_the_named_configurations(tmp_path)
         ({"model": "cnn1d"}, {"name": "sassha", "fixed": {"dense_refresh_steps": 50}}, False),
         ({"model": "resnet8"}, {"name": "sassha"}, False),
         ({"model": "cnn1d"}, {"name": "sgd"}, False),
+        ({"model": "cnn1d"}, {"name": "adahessian"}, "adahessian"),
+        ({"model": "cnn1d"}, {"name": "adahessian", "fixed": {"dense_refresh_steps": 50}}, False),
+        ({"model": "resnet8"}, {"name": "adahessian"}, False),
     ],
 )
 def test_run_notes_sassha_on_a_model_without_normalization(tmp_path, model, optimizer, noted):
@@ -101,4 +104,5 @@ def test_run_notes_sassha_on_a_model_without_normalization(tmp_path, model, opti
     path.write_text(yaml.safe_dump(cfg))
     result = CliRunner().invoke(app, ["run", str(path), "--create-only"])
     assert result.exit_code == 0, result.output
-    assert ("search_space: sassha_nonorm" in result.output) is noted
+    assert ("search_space: sassha_nonorm" in result.output) is (noted is True)
+    assert ("optimizer.fixed: {dense_refresh_steps: 50}" in result.output) is (noted == "adahessian")
