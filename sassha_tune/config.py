@@ -873,17 +873,21 @@ def advice(cfg: Config) -> list[str]:
     name, fixed = cfg.optimizer.name, cfg.optimizer.fixed
     space = cfg.optimizer.search_space
     uses_default_space = space is None or space == name
-    plain_model = has_normalization(cfg.task.model) is False
     # Measured (docs/optimizer.md, "Dense start and eps on models without normalization"; the
     # MNIST-1D reproduction in docs/results.md): lazy Hessian refreshes on such models diverge or
     # collapse in many trials unless the first steps refresh densely.
-    if name == "sassha" and uses_default_space and "dense_refresh_steps" not in fixed and plain_model:
+    lazy_on_plain_model = (
+        uses_default_space and "dense_refresh_steps" not in fixed and has_normalization(cfg.task.model) is False
+    )
+    if not lazy_on_plain_model:
+        return notes
+    if name == "sassha":
         notes.append(
             f"sassha on {cfg.task.model}, a model without normalization layers: with the default sassha space "
             "many trials diverge in their first steps; search_space: sassha_nonorm (dense Hessian start, "
             "eps >= 1e-4) avoids that (docs/optimizer.md)"
         )
-    if name == "adahessian" and uses_default_space and "dense_refresh_steps" not in fixed and plain_model:
+    elif name == "adahessian":
         notes.append(
             f"adahessian on {cfg.task.model}, a model without normalization layers: lazy Hessian refreshes "
             "diverge in some trials; optimizer.fixed: {dense_refresh_steps: 50} cut that from 6 to 1 of 16 "
