@@ -169,13 +169,13 @@ for amp in ("none", "bf16"):
             ms = 1000 * (time.perf_counter() - t) / a.steps
             tensors = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0]
             on_dev = all(v.device.type == dev.type for v in tensors)
-            gen = getattr(opt, "_generator", None)
+            gen = getattr(opt, "generator", None)
             gen_s = "n/a" if gen is None else str(gen.device)
             gen_ok = gen is None or gen.device.type == dev.type
             if gen is not None:  # checkpoint round trip keeps the generator on the device
                 opt2 = build_optimizer(name, model, hp)
                 opt2.load_state_dict(opt.state_dict())
-                g2 = getattr(opt2, "_generator", None)
+                g2 = getattr(opt2, "generator", None)
                 gen_ok = gen_ok and g2 is not None and g2.device.type == dev.type
                 gen_s += f" (reloaded: {None if g2 is None else g2.device})"
             finite = all(v == v and abs(v) < 1e6 for v in losses)

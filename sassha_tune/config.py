@@ -31,14 +31,11 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "yaml_load",
-    "OPTIMIZER_NAMES",
     "OBJECTIVE_METRICS",
     "PER_EPOCH_METRICS",
     "SHARPNESS_BUDGET_KEYS",
     "published_to_enqueue",
 ]
-
-OPTIMIZER_NAMES = ("sgd", "adamw", "sam_sgd", "sam_adamw", "adahessian", "sophiah", "sassha", "msassha")
 
 # Metrics a study may optimize (all stored as trial user attributes). test_* is deliberately absent:
 # select on validation, report test once.
@@ -644,6 +641,8 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
     )
     if t["data_dir"] is not None and not Path(t["data_dir"]).expanduser().is_absolute():
         t["data_dir"] = str((Path(base_dir) / Path(t["data_dir"]).expanduser()).resolve())
+    from .optim.registry import OPTIMIZER_NAMES  # the registry is the one list of optimizers
+
     o = _section(
         raw["optimizer"],
         {
@@ -785,10 +784,10 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
 
 
 def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
-    from .spaces import DECOUPLED_WEIGHT_DECAY
+    from .optim.registry import OPTIMIZERS
 
     fixed, searched = cfg.optimizer.fixed, space.params
-    if cfg.optimizer.name in DECOUPLED_WEIGHT_DECAY and "lr" not in fixed and "lr" not in searched:
+    if OPTIMIZERS[cfg.optimizer.name].decoupled_weight_decay and "lr" not in fixed and "lr" not in searched:
         if "weight_decay" in fixed or "weight_decay" in searched:
             where = "optimizer.fixed.weight_decay" if "weight_decay" in fixed else "optimizer.search_space.params.weight_decay"
             raise ctx.fail(

@@ -55,11 +55,11 @@ from torch.func import functional_call, vmap
 from .data import Splits, augment_batch, load_dataset
 from .errors import UserError
 from .models import build_model
-from .optim import build_optimizer
-from .optim.base import clear_grads, frozen_running_stats, sam_perturbation
-from .optim.hessian import rademacher_probes
-from .optim.peers import _OnePassStep
-from .optim.sassha import Sassha, state_dtype
+from .optim import OPTIMIZERS, build_optimizer
+from .optim.base import clear_grads, frozen_running_stats
+from .optim.hessian import hutchinson_diagonals
+from .optim.sam import SAMStep
+from .optim.sassha import Sassha
 from .trainer import (
     _OOM_ERRORS,
     TrainResult,
@@ -73,7 +73,6 @@ from .trainer import (
 )
 
 __all__ = [
-    "PACKABLE_OPTIMIZERS",
     "pack_blocker",
     "choose_pack_size",
     "train_pack",
@@ -82,9 +81,6 @@ __all__ = [
     "split_line",
 ]
 
-#: optimizers a pack can run (SASSHA, and the first-order peers whose update is a torch optimizer's)
-PACKABLE_OPTIMIZERS = frozenset({"sgd", "adamw", "sam_sgd", "sam_adamw", "sassha"})
-_SAM = frozenset({"sam_sgd", "sam_adamw"})
 #: TrainSpec fields that may differ between members (everything else must be equal)
 _PER_MEMBER = frozenset({"hparams", "seed", "progress"})
 AUTO_MAX = 16  # auto never packs more (model-steps/s saturates around K = 16 for ResNet-20, field notes §2)
@@ -210,8 +206,9 @@ class _Views:
 
 def pack_blocker(optimizer: str, model: str, model_options: dict | None = None, hparams: dict | None = None) -> str | None:
     """Why trials of this kind cannot be packed (one line), or None when they can."""
-    if optimizer not in PACKABLE_OPTIMIZERS:
-        return f"optimizer {optimizer!r} is not packable (packable: {', '.join(sorted(PACKABLE_OPTIMIZERS))})"
+    packable = sorted(name for name, info in OPTIMIZERS.items() if info.packable)
+    if optimizer not in packable:
+        return f"optimizer {optimizer!r} is not packable (packable: {', '.join(packable)})"
     if ":" in model:
         return f"model {model!r} is a plug-in (packs batch the built-in models only)"
     if float((model_options or {}).get("dropout", 0.0) or 0.0) > 0:
@@ -601,7 +598,6 @@ def _train_once(
         steps_per_epoch = min(steps_per_epoch, spec0.max_steps_per_epoch)
     total_steps = max(spec0.epochs * steps_per_epoch, 1)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if spec0.amp == "bf16" else nullcontext
-    kind = spec0.optimizer
     cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     if device.type == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -682,9 +678,9 @@ def _train_once(
                         group["lr"] = base * factor
                 x, y = torch.stack(xs), torch.stack(ys)
                 del xs
-                if kind == "sassha":
+                if isinstance(live[0].optimizer, Sassha):
                     loss, out = _sassha_step(pack, live, x, y, autocast)
-                elif kind in _SAM:
+                elif isinstance(live[0].optimizer, SAMStep):
                     loss, out = _sam_step(pack, live, x, y, autocast)
                 else:
                     loss, out = _one_pass_step(pack, live, x, y, autocast)
@@ -774,137 +770,109 @@ def _grads(loss: Tensor, pack: _Pack, *, create_graph: bool = False) -> list[Ten
 
 @torch.no_grad()
 def _one_pass_step(pack: _Pack, live: list[_Member], x: Tensor, y: Tensor, autocast) -> tuple[Tensor, Tensor]:
-    """SGD / AdamW: one pass; each member's torch update on its slice (``_OnePassStep``)."""
+    """SGD / AdamW: one pass; each member's update from its slice of the gradient (``step()``
+    without a closure: clip, the torch optimizer's update)."""
     with torch.enable_grad(), autocast():
         loss, out = pack.forward(x, y)
     grads = _grads(loss, pack)
     for m in live:
-        clear_grads(m.views)
         for v, g in zip(m.views, grads, strict=True):
             v.grad = g[m.slot]
-        m.optimizer._clip()  # type: ignore[attr-defined]
-        super(_OnePassStep, m.optimizer).step()  # type: ignore[misc]
+        m.optimizer.step()
     return loss.detach(), out.detach()
 
 
 @torch.no_grad()
 def _sam_step(pack: _Pack, live: list[_Member], x: Tensor, y: Tensor, autocast) -> tuple[Tensor, Tensor]:
-    """SAM-SGD / SAM-AdamW as ``peers._SAMStep.step``: perturb, pass 2 (BN frozen), copy theta back, base update."""
+    """SAM-SGD / SAM-AdamW: each member's ``SAMStep.step`` phases around the two stacked passes."""
     with torch.enable_grad(), autocast():
         loss, out = pack.forward(x, y)
     grads1 = _grads(loss, pack)
-    saved = []
+    perturbations = []
     for m in live:
-        groups = m.optimizer.param_groups
-        g = groups[0]
-        es = sam_perturbation(
-            [m.views], [[gr[m.slot] for gr in grads1]], [g["rho"]], [g["perturb_eps"]],
-            adaptive=bool(g["adaptive"]), inplace=True,
-        )
-        saved.append(torch._foreach_mul(m.views, 1.0))
-        torch._foreach_add_(m.views, es[0])
+        for v, g in zip(m.views, grads1, strict=True):
+            v.grad = g[m.slot]
+        perturbations.append(m.optimizer.perturb())  # type: ignore[attr-defined]
     del grads1
     with torch.enable_grad(), frozen_running_stats(pack.module), autocast():
         loss2, _ = pack.forward(x, y)
     grads2 = _grads(loss2, pack)
     del loss2
-    for m, theta in zip(live, saved, strict=True):
-        torch._foreach_copy_(m.views, theta)
+    for m, perturbation in zip(live, perturbations, strict=True):
         for v, g in zip(m.views, grads2, strict=True):
             v.grad = g[m.slot]
-        m.optimizer._clip()  # type: ignore[attr-defined]
-        super(_OnePassStep, m.optimizer).step()  # type: ignore[misc]
+        m.optimizer.restore_and_update(perturbation)  # type: ignore[attr-defined]
     return loss.detach(), out.detach()
 
 
 def _hutchinson(
     pack: _Pack, grads2: list[Tensor], due: dict[int, list[int]], live: list[_Member], *, keep_graph: bool
 ) -> dict[int, list[Tensor]]:
-    """Per member (slot -> estimate over its due parameters): ``HessianPreconditioned.hessian_diagonal``
-    with one stacked Hessian-vector product per sample; members not in ``due`` get zero probes."""
+    """Per member (slot -> estimate over its due parameters): :func:`~sassha_tune.optim.hessian.hutchinson_diagonals`
+    with one request per member (its own generator and ``n_samples``) and one stacked
+    Hessian-vector product per sample; members not asking get zero probes."""
     by_slot = {m.slot: m for m in live}
-    estimates: dict[int, list[Tensor]] = {}
-    if not due:
-        return estimates
-    n_max = max(by_slot[s].optimizer.n_samples for s in due)  # type: ignore[attr-defined]
-    for slot, idx in due.items():
-        estimates[slot] = [torch.zeros_like(by_slot[slot].views[i]) for i in idx]
-    for s in range(n_max):
+    slots = list(due)
+    if not slots:
+        return {}
+    requests = []
+    for slot in slots:
+        opt = by_slot[slot].optimizer
+        views = [by_slot[slot].views[i] for i in due[slot]]
+        requests.append(opt.probe_requests([views])[0])  # type: ignore[attr-defined]
+
+    def stacked_hvp(probes: list[list[Tensor] | None], keep: bool) -> list[list[Tensor] | None]:
         stacked = [torch.zeros_like(p) for p in pack.params]
-        drawn: dict[int, list[Tensor]] = {}
-        for slot, idx in due.items():
-            opt = by_slot[slot].optimizer
-            if s >= opt.n_samples:  # type: ignore[attr-defined]
-                continue
-            views = [by_slot[slot].views[i] for i in idx]
-            probes = rademacher_probes(views, opt.probe_generator(views[0].device))  # type: ignore[attr-defined]
-            for i, z in zip(idx, probes, strict=True):
-                stacked[i][slot].copy_(z)
-            drawn[slot] = probes
-        products = torch.autograd.grad(
-            grads2, pack.params, grad_outputs=stacked, retain_graph=keep_graph or s < n_max - 1, allow_unused=True
-        )
+        for slot, z in zip(slots, probes, strict=True):
+            if z is not None:
+                for i, zi in zip(due[slot], z, strict=True):
+                    stacked[i][slot].copy_(zi)
+        with torch.enable_grad():
+            products = torch.autograd.grad(
+                grads2, pack.params, grad_outputs=stacked, retain_graph=keep_graph or keep, allow_unused=True
+            )
         products = [torch.zeros_like(p) if h is None else h for p, h in zip(pack.params, products, strict=True)]
-        for slot, probes in drawn.items():
-            n = by_slot[slot].optimizer.n_samples  # type: ignore[attr-defined]
-            torch._foreach_addcmul_(estimates[slot], probes, [products[i][slot] for i in due[slot]], value=1.0 / n)
-    return estimates
+        return [None if z is None else [products[i][slot] for i in due[slot]] for slot, z in zip(slots, probes, strict=True)]
+
+    return dict(zip(slots, hutchinson_diagonals(requests, stacked_hvp), strict=True))
 
 
 @torch.no_grad()
 def _sassha_step(pack: _Pack, live: list[_Member], x: Tensor, y: Tensor, autocast) -> tuple[Tensor, Tensor]:
-    """``Sassha.step`` for every member at once (same order of operations per member)."""
+    """``Sassha.step`` for every member at once: each member's public step phases
+    (``plan_step``, ``perturbation``, ``update``) on its views, around the stacked passes."""
     with torch.enable_grad(), autocast():
         loss, out = pack.forward(x, y)
     grads1 = _grads(loss, pack)
-    need_graph = False
-    alphas, refresh, flat_es = {}, {}, {}
+    plans, flat_es = {}, {}
     for m in live:
         opt: Sassha = m.optimizer  # type: ignore[assignment]
         clear_grads(m.views)
-        opt._global_step += 1
-        alphas[m.slot] = opt._alpha()
-        refresh[m.slot] = [opt._due_for_refresh(p) for p in m.views]
-        for p in m.views:
-            opt._param_state(p)["hessian_step"] += 1
-        need_graph = need_graph or opt.always_create_graph or any(refresh[m.slot])
-        g = opt.param_groups
-        es = sam_perturbation(
-            [m.views], [[gr[m.slot] for gr in grads1]], [gr["rho"] for gr in g], [gr["perturb_eps"] for gr in g],
-            adaptive=opt.adaptive, inplace=True,
-        )
+        plans[m.slot] = opt.plan_step([m.views])
+        es = opt.perturbation([m.views], [[g[m.slot] for g in grads1]])
         flat_es[m.slot] = es[0]
         torch._foreach_add_(m.views, es[0])
     del grads1
+    need_graph = any(plan.need_graph for plan in plans.values())
     with torch.enable_grad(), frozen_running_stats(pack.module), autocast():
         loss2, _ = pack.forward(x, y)
         grads2 = _grads(loss2, pack, create_graph=need_graph)
     del loss2
-    due = {m.slot: [i for i, r in enumerate(refresh[m.slot]) if r] for m in live}
-    due = {s: idx for s, idx in due.items() if idx}
-    point = {m.slot: m.optimizer.hessian_point for m in live}  # type: ignore[attr-defined]
+    due = {s: plan.due[0] for s, plan in plans.items() if plan.due[0]}
+    point = {m.slot: m.optimizer.param_groups[0]["hessian_point"] for m in live}
     due_perturbed = {s: i for s, i in due.items() if point[s] == "perturbed"}
     due_reference = {s: i for s, i in due.items() if point[s] == "reference"}
     estimates: dict[int, list[Tensor]] = {}
     if due_perturbed:
-        with torch.enable_grad():
-            estimates.update(_hutchinson(pack, grads2, due_perturbed, live, keep_graph=bool(due_reference)))
+        estimates.update(_hutchinson(pack, grads2, due_perturbed, live, keep_graph=bool(due_reference)))
     for m in live:  # restore on .data: the graph's saved parameters now read theta
         torch._foreach_sub_(m.views, flat_es[m.slot])
     del flat_es
     if due_reference:
-        with torch.enable_grad():
-            estimates.update(_hutchinson(pack, grads2, due_reference, live, keep_graph=False))
+        estimates.update(_hutchinson(pack, grads2, due_reference, live, keep_graph=False))
     for m in live:
-        opt = m.optimizer  # type: ignore[assignment]
-        grads = opt._finish_grads(m.views, [g[m.slot] for g in grads2], opt.max_grad_norm)
-        hess: list[Tensor | None] = [None] * len(m.views)
         est = estimates.get(m.slot)
-        if est:
-            torch._foreach_abs_(est)
-            for i, h in zip(due[m.slot], est, strict=True):
-                hess[i] = h.to(state_dtype(m.views[i]))
-        opt._precondition_update(opt.param_groups[0], m.views, grads, hess, alphas[m.slot])
+        m.optimizer.update([m.views], [[g[m.slot] for g in grads2]], [est] if est else None, plans[m.slot])  # type: ignore[attr-defined]
     del grads2
     return loss.detach(), out.detach()
 

@@ -32,7 +32,6 @@ from .errors import ConfigError
 __all__ = [
     "ParamSpec",
     "SearchSpace",
-    "DECOUPLED_WEIGHT_DECAY",
     "SPACES_DIR",
     "load_space",
     "space_for_config",
@@ -55,33 +54,6 @@ def _shipped_spaces_dir() -> Path:
 
 SPACES_DIR = _shipped_spaces_dir()
 
-# Optimizers whose weight_decay is decoupled: they receive script_wd / lr.
-DECOUPLED_WEIGHT_DECAY = frozenset({"sassha", "msassha", "adamw", "sam_adamw", "adahessian", "sophiah"})
-# Optimizers that take a seed for their Rademacher probes; the trial seed is passed unless fixed.
-SEEDED_OPTIMIZERS = frozenset({"sassha", "msassha", "adahessian", "sophiah"})
-
-# Constructor arguments each optimizer accepts (plus beta1/beta2, combined into betas). Used to
-# catch typos in space files and ``optimizer.fixed`` with a "did you mean" hint.
-_TORCH_FLAGS = ("maximize", "foreach", "differentiable", "fused", "capturable")
-_SASSHA_ARGS = (
-    "lr", "betas", "weight_decay", "rho", "lazy_hessian", "dense_refresh_steps", "n_samples", "perturb_eps", "eps",
-    "hessian_power", "adaptive", "hessian_point", "bias_correction", "seed", "max_grad_norm", "always_create_graph",
-    "perturbation_grad",
-)
-_SGD_ARGS = ("lr", "momentum", "weight_decay", "nesterov", "dampening", "max_grad_norm", *_TORCH_FLAGS)
-_ADAMW_ARGS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "max_grad_norm", *_TORCH_FLAGS)
-_HESSIAN_ARGS = ("lr", "betas", "eps", "weight_decay", "lazy_hessian", "dense_refresh_steps", "n_samples", "seed",
-                 "max_grad_norm", "always_create_graph")
-KNOWN_HPARAMS: dict[str, tuple[str, ...]] = {
-    "sgd": _SGD_ARGS,
-    "adamw": _ADAMW_ARGS,
-    "sam_sgd": (*_SGD_ARGS, "rho", "adaptive", "perturb_eps", "perturbation_grad"),
-    "sam_adamw": (*_ADAMW_ARGS, "rho", "adaptive", "perturb_eps", "perturbation_grad"),
-    "adahessian": (*_HESSIAN_ARGS, "hessian_power"),
-    "sophiah": (*_HESSIAN_ARGS, "clip_threshold"),
-    "sassha": _SASSHA_ARGS,
-    "msassha": tuple(a for a in _SASSHA_ARGS if a not in ("adaptive", "hessian_point", "perturbation_grad")),
-}
 _BETA_SPLIT = ("beta1", "beta2")
 _PARAM_KEYS = ("type", "low", "high", "log", "step", "choices")
 _TYPES = ("float", "int", "categorical")
@@ -196,9 +168,14 @@ def _param(name: str, raw: Any, src: str, path: str) -> ParamSpec:
 
 
 def check_param_names(optimizer: str, names: list[str], src: str, path: str) -> None:
-    known = KNOWN_HPARAMS.get(optimizer)
-    if known is None:
+    """Every name must be a hyperparameter of ``optimizer`` (its constructor's arguments, from the
+    optimizer registry), with a "did you mean" hint."""
+    from .optim.registry import OPTIMIZERS
+
+    info = OPTIMIZERS.get(optimizer)
+    if info is None:
         return
+    known = info.hyperparameters
     valid = known + _BETA_SPLIT if "betas" in known else known
     for n in names:
         if n not in valid:
@@ -312,6 +289,9 @@ def to_hparams(optimizer: str, params: Mapping[str, Any], *, seed: int | None = 
     * ``beta1`` / ``beta2`` become ``betas``;
     * optimizers with Hessian probes get ``seed`` (the trial seed) unless it is given.
     """
+    from .optim.registry import OPTIMIZERS
+
+    info = OPTIMIZERS.get(optimizer)
     hp = dict(params)
     if "beta1" in hp or "beta2" in hp:
         b1 = hp.pop("beta1", 0.9)
@@ -319,12 +299,12 @@ def to_hparams(optimizer: str, params: Mapping[str, Any], *, seed: int | None = 
         hp["betas"] = (float(b1), float(b2))
     elif isinstance(hp.get("betas"), list):
         hp["betas"] = tuple(hp["betas"])
-    if optimizer in DECOUPLED_WEIGHT_DECAY and "weight_decay" in hp:
+    if info is not None and info.decoupled_weight_decay and "weight_decay" in hp:
         if "lr" not in hp:
             raise ConfigError(
                 f"weight_decay for {optimizer} is given in the scripts' convention (wd / lr); it needs lr too"
             )
         hp["weight_decay"] = float(hp["weight_decay"]) / float(hp["lr"])
-    if optimizer in SEEDED_OPTIMIZERS and seed is not None:
+    if info is not None and info.seeded and seed is not None:
         hp.setdefault("seed", seed)
     return hp

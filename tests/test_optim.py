@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from sassha_tune.optim import MSassha, Sassha
-from sassha_tune.optim.base import clip_grads_, frozen_running_stats, sam_perturbation
+from sassha_tune.optim.base import clip_grads_, frozen_running_stats
+from sassha_tune.optim.functional import due_for_refresh, sam_perturbation
 
 DT = torch.float64
 
@@ -260,13 +261,16 @@ def test_dense_refresh_steps_refresh_every_step_first_then_every_k(cls):
 @pytest.mark.parametrize("n", [0, 1])
 def test_dense_refresh_steps_zero_or_one_is_the_reference_schedule(n):
     # h = 0 is a refresh step of the reference schedule already, so N = 1 adds nothing either
-    oa = Sassha(_mlp().parameters(), lr=0.05, rho=0.1, lazy_hessian=3, dense_refresh_steps=n)
-    refreshed = []
-    for h in range(7):
-        refreshed.append(all(oa._due_for_refresh(p) for p in oa.param_groups[0]["params"]))
-        for p in oa.param_groups[0]["params"]:
-            oa.state[p]["hessian_step"] = h + 1
+    refreshed = [due_for_refresh(h, 3, n) for h in range(7)]
     assert refreshed == [True, False, False, True, False, False, True]
+    # and the optimizer follows that schedule: refreshes at its steps 1, 4 and 7
+    model = _mlp()
+    opt = Sassha(model.parameters(), lr=0.05, rho=0.1, lazy_hessian=3, dense_refresh_steps=n)
+    counts = []
+    for _ in range(7):
+        _train(model, opt, 1)
+        counts.append(opt.state[next(model.parameters())]["hessian_refreshes"])
+    assert counts == [1, 1, 1, 2, 2, 2, 3]
 
 
 @pytest.mark.parametrize("cls", [Sassha, MSassha])

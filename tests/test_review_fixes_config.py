@@ -260,7 +260,9 @@ def test_duplicate_key_in_search_space_file(tmp_path):
 
 
 def test_grad_clip_accepted_for_every_optimizer():
-    for name in config_mod.OPTIMIZER_NAMES:
+    from sassha_tune.optim.registry import OPTIMIZER_NAMES
+
+    for name in OPTIMIZER_NAMES:
         cfg = config_from_dict(_with("optimizer", {"name": name, "grad_clip": 1.0}))
         assert cfg.optimizer.grad_clip == 1.0
     assert not hasattr(config_mod, "GRAD_CLIP_OPTIMIZERS")

@@ -8,11 +8,10 @@ import optuna
 import pytest
 
 from sassha_tune import optim
-from sassha_tune.config import OPTIMIZER_NAMES, SHARPNESS_BUDGET_KEYS
+from sassha_tune.config import SHARPNESS_BUDGET_KEYS
 from sassha_tune.errors import ConfigError
+from sassha_tune.optim.registry import OPTIMIZER_NAMES, OPTIMIZERS
 from sassha_tune.spaces import (
-    DECOUPLED_WEIGHT_DECAY,
-    KNOWN_HPARAMS,
     SPACES_DIR,
     load_space,
     space_from_dict,
@@ -67,7 +66,8 @@ def test_weight_decay_convention_is_converted_once():
     assert to_hparams("sam_sgd", {"lr": 0.1, "weight_decay": 5e-4, "rho": 0.1})["weight_decay"] == 5e-4
     # Sophia-H (cifar10/resnet20): lr 1e-3, --wd 1e-3 -> 1.0
     assert to_hparams("sophiah", {"lr": 1e-3, "weight_decay": 1e-3})["weight_decay"] == pytest.approx(1.0)
-    assert DECOUPLED_WEIGHT_DECAY == {"sassha", "msassha", "adamw", "sam_adamw", "adahessian", "sophiah"}
+    decoupled = {name for name, info in OPTIMIZERS.items() if info.decoupled_weight_decay}
+    assert decoupled == {"sassha", "msassha", "adamw", "sam_adamw", "adahessian", "sophiah"}
     assert to_hparams("adamw", {"lr": 1e-3, "beta1": 0.8, "beta2": 0.99})["betas"] == (0.8, 0.99)
 
 
@@ -139,4 +139,4 @@ def test_budget_keys_match_hessian_metrics():
 def test_known_hparams_match_constructors(name, cls):
     # process_group is an object, never a config value
     sig = set(inspect.signature(getattr(optim, cls).__init__).parameters) - {"self", "params", "model", "process_group"}
-    assert sig == set(KNOWN_HPARAMS[name])
+    assert sig == set(OPTIMIZERS[name].hyperparameters)

@@ -10,7 +10,7 @@ import torch
 from sassha_tune import optim
 from sassha_tune.data import load_dataset
 from sassha_tune.errors import UserError
-from sassha_tune.optim.peers import SGD
+from sassha_tune.optim import SGD, OptimizerInfo
 from sassha_tune.trainer import TrainSpec, evaluate, final_metrics, lr_factor, resolve_device, train
 
 
@@ -163,7 +163,8 @@ class _Recorder(SGD):
 
 
 def test_trainer_is_optimizer_agnostic(monkeypatch, mnist1d):
-    monkeypatch.setitem(optim.OPTIMIZERS, "recorder", lambda model, hp: _Recorder(model.parameters(), **hp))
+    info = OptimizerInfo("recorder", _Recorder, decoupled_weight_decay=False, seeded=False, packable=False, passes=2)
+    monkeypatch.setitem(optim.OPTIMIZERS, "recorder", info)
     spec = TrainSpec(
         optimizer="recorder",
         hparams={"lr": 0.2},
@@ -188,7 +189,8 @@ def test_out_of_memory_is_caught(monkeypatch, mnist1d):
         def step(self, closure):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setitem(optim.OPTIMIZERS, "boom", lambda model, hp: Boom(model.parameters(), **hp))
+    info = OptimizerInfo("boom", Boom, decoupled_weight_decay=False, seeded=False, packable=False, passes=1)
+    monkeypatch.setitem(optim.OPTIMIZERS, "boom", info)
     r = train(TrainSpec(optimizer="boom", hparams={"lr": 0.1}, epochs=2, device="cpu"), splits=mnist1d)
     assert r.status == "out_of_memory" and r.failure_reason == "out_of_memory" and r.epochs_completed == 0
 

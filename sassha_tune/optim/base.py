@@ -1,4 +1,4 @@
-"""The step protocol every optimizer in sassha-tune follows.
+"""The step protocol every optimizer in sassha-tune follows, and the helpers they share.
 
 ``optimizer.step(closure)``: ``closure()`` runs the model on the *current* batch and returns the
 loss; it does not call ``backward``. The optimizer clears the gradients, calls ``backward`` itself
@@ -14,12 +14,18 @@ So the trainer, and a user's own loop, is the same for every optimizer::
 Two-pass optimizers evaluate the closure a second time at perturbed weights. That pass must not
 move BatchNorm running statistics: pass ``model=`` to the optimizer, or wrap the second call
 yourself with :func:`frozen_running_stats`.
+
+Every hyperparameter is a param-group key (as in ``torch.optim``), so ``state_dict()`` holds all of
+them and ``load_state_dict`` restores them. Some keys are optimizer-wide by nature (the global
+gradient-norm clip, the perturbation's norm): :func:`check_same_in_groups` refuses groups that
+disagree on them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,6 +33,7 @@ from torch import Tensor, nn
 Closure = Callable[[], Tensor]
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @contextmanager
@@ -56,7 +63,7 @@ def second_pass_context(model: nn.Module | None):
     return frozen_running_stats(model) if model is not None else nullcontext()
 
 
-def clear_grads(params: list[Tensor]) -> None:
+def clear_grads(params: Iterable[Tensor]) -> None:
     for p in params:
         p.grad = None
 
@@ -64,6 +71,39 @@ def clear_grads(params: list[Tensor]) -> None:
 def trainable(optimizer: torch.optim.Optimizer) -> list[Tensor]:
     """All parameters of all groups, in ``param_groups`` order."""
     return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def state_dtype(p: Tensor) -> torch.dtype:
+    """Optimizer state is kept in fp32 for half-precision parameters, in the parameter's dtype otherwise."""
+    return torch.float32 if p.dtype in LOW_PRECISION else p.dtype
+
+
+def split_active(
+    candidates: list[list[Tensor]], grads: Iterable[Tensor | None]
+) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
+    """Per group: the parameters that received a gradient, and those gradients (``grads`` is flat,
+    in the order of ``candidates``)."""
+    it = iter(grads)
+    params_out, grads_out = [], []
+    for ps in candidates:
+        pairs = [(p, g) for p in ps if (g := next(it)) is not None]
+        params_out.append([p for p, _ in pairs])
+        grads_out.append([g for _, g in pairs])
+    return params_out, grads_out
+
+
+def regroup(flat: list[Any], like: list[list[Any]]) -> list[list[Any]]:
+    """``flat`` cut into consecutive pieces as long as the lists of ``like``."""
+    out, start = [], 0
+    for group in like:
+        out.append(flat[start : start + len(group)])
+        start += len(group)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: ValueError naming the hyperparameter, as torch.optim does
+# --------------------------------------------------------------------------------------------
 
 
 def check_positive(name: str, value: float, *, allow_zero: bool = True) -> None:
@@ -78,6 +118,115 @@ def check_betas(betas: tuple[float, ...], *, name: str = "betas") -> None:
     for i, beta in enumerate(betas):
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"Invalid {name}[{i}]: {beta!r} (expected 0 <= beta < 1)")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (expected one of {', '.join(map(repr, choices))})")
+
+
+def check_int(name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= {minimum})")
+
+
+def check_max_grad_norm(max_grad_norm: float | None) -> None:
+    if max_grad_norm is not None:
+        check_positive("max_grad_norm", max_grad_norm, allow_zero=False)
+
+
+def check_same_in_groups(groups: list[dict[str, Any]], group: Mapping[str, Any], keys: Iterable[str]) -> None:
+    """An optimizer-wide hyperparameter must have one value in every group (``groups``: the groups
+    already added, ``group``: the new one; a group that does not have the key yet is checked when
+    it gets it)."""
+    for key in keys:
+        for other in groups:
+            if other is not group and key in other and other[key] != group[key]:
+                raise ValueError(
+                    f"Invalid {key}: {group[key]!r} in one parameter group and {other[key]!r} in another "
+                    "(it must be the same in every parameter group)"
+                )
+
+
+PERTURBATION_GRADS = ("local", "global")  # SAM and SASSHA under data parallelism
+HESSIAN_POINTS = ("reference", "perturbed")  # where SASSHA takes its Hessian-vector product
+BIAS_CORRECTIONS = ("steps", "refreshes")  # what SASSHA's second-moment bias correction counts
+
+
+def _check_hessian_power(value: Any) -> None:
+    if not callable(value):
+        check_positive("hessian_power", value)
+
+
+def _check_bool(name: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
+
+    return check
+
+
+#: param-group key -> its check (``ValueError`` naming the key); each class lists the keys it checks
+GROUP_CHECKS: dict[str, Callable[[Any], None]] = {
+    "lr": lambda v: check_positive("lr", v),
+    "betas": check_betas,
+    "weight_decay": lambda v: check_positive("weight_decay", v),
+    "eps": lambda v: check_positive("eps", v),
+    "rho": lambda v: check_positive("rho", v),
+    "perturb_eps": lambda v: check_positive("perturb_eps", v),
+    "lazy_hessian": lambda v: check_int("lazy_hessian", v),
+    "dense_refresh_steps": lambda v: check_int("dense_refresh_steps", v, minimum=0),
+    "n_samples": lambda v: check_int("n_samples", v),
+    "hessian_power": _check_hessian_power,
+    "bias_correction": lambda v: check_choice("bias_correction", v, BIAS_CORRECTIONS),
+    "hessian_point": lambda v: check_choice("hessian_point", v, HESSIAN_POINTS),
+    "perturbation_grad": lambda v: check_choice("perturbation_grad", v, PERTURBATION_GRADS),
+    "max_grad_norm": check_max_grad_norm,
+    "adaptive": _check_bool("adaptive"),
+    "always_create_graph": _check_bool("always_create_graph"),
+    "clip_threshold": lambda v: check_positive("clip_threshold", v, allow_zero=False),
+}
+
+
+class CheckedGroups:
+    """Mixin for ``torch.optim.Optimizer`` subclasses: every parameter group that is added (by the
+    constructor or by ``add_param_group``) has its ``CHECKED`` keys validated, and the keys in
+    ``SAME_IN_EVERY_GROUP`` must agree with the other groups. A bad group raises ``ValueError``
+    naming the key and is not added."""
+
+    CHECKED: tuple[str, ...] = ()
+    SAME_IN_EVERY_GROUP: tuple[str, ...] = ()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # type: ignore[misc]
+        group = self.param_groups[-1]  # type: ignore[attr-defined]
+        try:
+            self._check_group(group)
+        except ValueError:
+            self.param_groups.pop()  # type: ignore[attr-defined]
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        for key in self.CHECKED:
+            if key in group:
+                GROUP_CHECKS[key](group[key])
+        same = [k for k in self.SAME_IN_EVERY_GROUP if k in group]
+        check_same_in_groups(self.param_groups, group, same)  # type: ignore[attr-defined]
+
+    def _extend_defaults(self, extra: Mapping[str, Any]) -> None:
+        """Add hyperparameters a ``torch.optim`` base class does not know (it built the groups
+        already): into ``defaults`` and every group that does not set them, then check the groups."""
+        self.defaults.update(extra)  # type: ignore[attr-defined]
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            for key, value in extra.items():
+                group.setdefault(key, value)
+        for group in self.param_groups:  # type: ignore[attr-defined]
+            self._check_group(group)
+
+
+# --------------------------------------------------------------------------------------------
+# Norms and clipping over lists of tensors
+# --------------------------------------------------------------------------------------------
 
 
 def global_grad_norm(tensors: list[Tensor]) -> Tensor:
@@ -103,52 +252,3 @@ def clip_grads_(grads: list[Tensor], max_norm: float | None, *, eps: float = 1e-
     coef = torch.clamp(max_norm / (total + eps), max=1.0)
     torch._foreach_mul_(grads, coef.to(grads[0].device))
     return total
-
-
-def check_max_grad_norm(max_grad_norm: float | None) -> None:
-    if max_grad_norm is not None:
-        check_positive("max_grad_norm", max_grad_norm, allow_zero=False)
-
-
-def sam_perturbation(
-    params: list[list[Tensor]],
-    grads: list[list[Tensor]],
-    rhos: list[float],
-    perturb_eps: list[float],
-    *,
-    adaptive: bool = False,
-    inplace: bool = False,
-) -> list[list[Tensor]]:
-    """The SAM ascent step ``e``, per parameter group: the one implementation SAM, SASSHA and M-SASSHA share.
-
-    ``e = rho * g / (||g|| + perturb_eps)`` with ``||g||`` the global L2 norm over **all** groups
-    (the norm of the per-tensor norms), ``rho`` and ``perturb_eps`` taken per group. With
-    ``adaptive`` (ASAM): ``e = rho * theta**2 * g / (|| |theta| * g || + perturb_eps)``.
-    ``inplace=True`` writes ``e`` into the ``grads`` tensors (use it when they are not needed
-    afterwards: no extra parameter-sized buffers). Returns ``e`` as lists parallel to ``params``.
-    """
-    flat_p = [p for group in params for p in group]
-    flat_g = [g for group in grads for g in group]
-    if not flat_g:
-        return [[] for _ in params]
-    if adaptive:
-        weighted = torch._foreach_mul(torch._foreach_abs(flat_p), flat_g)
-        norm = global_grad_norm(weighted)
-        del weighted
-    else:
-        norm = global_grad_norm(flat_g)
-    out = []
-    for ps, gs, rho, peps in zip(params, grads, rhos, perturb_eps, strict=True):
-        if not gs:
-            out.append([])
-            continue
-        scale = (rho / (norm + peps)).to(gs[0].device)
-        if inplace:
-            torch._foreach_mul_(gs, scale)
-            es = list(gs)
-        else:
-            es = list(torch._foreach_mul(gs, scale))
-        if adaptive:
-            torch._foreach_mul_(es, torch._foreach_mul(ps, ps))
-        out.append(es)
-    return out

@@ -9,6 +9,7 @@ generator line up element for element.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -61,6 +62,75 @@ def hvp_from_grads(
     return [torch.zeros_like(p) if hv is None else hv for hv, p in zip(products, params, strict=False)]
 
 
+class ProbeRequest(NamedTuple):
+    """One Hutchinson estimate to compute: ``n_samples`` probes for ``params`` from ``generator``."""
+
+    params: Sequence[Tensor]
+    generator: torch.Generator
+    n_samples: int
+
+
+# hvp(probes, retain_graph): probes[r] is request r's probe list for this sample (None when the
+# request has all its samples already); returns each request's products H z (None where no probes).
+BatchedHVP = Callable[[list[TensorList | None], bool], list[TensorList | None]]
+
+
+def hutchinson_diagonals(requests: Sequence[ProbeRequest], hvp: BatchedHVP) -> list[TensorList]:
+    """Unbiased estimates of diag(H), one per request: the mean over its ``n_samples`` probes z of ``z * (H z)``.
+
+    Sample by sample, each request still sampling draws one Rademacher tensor per parameter from its
+    own generator, in request order, and then **one** ``hvp`` call computes all the products of
+    that sample: one Hessian-vector product of the whole graph serves every request. A lone
+    optimizer makes one request per parameter group (:func:`hutchinson_diagonal`); a trial pack one
+    per member, whose products come from one product of the stacked model. ``retain_graph`` is
+    False on the last sample only.
+    """
+    estimates = [[torch.zeros_like(p) for p in r.params] for r in requests]
+    n_max = max((r.n_samples for r in requests), default=0)
+    for s in range(n_max):
+        probes = [rademacher_probes(r.params, r.generator) if s < r.n_samples else None for r in requests]
+        products = hvp(probes, s < n_max - 1)
+        for r, est, z, hz in zip(requests, estimates, probes, products, strict=True):
+            if z is not None and hz is not None:
+                torch._foreach_addcmul_(est, z, hz, value=1.0 / r.n_samples)
+    return estimates
+
+
+def graph_hvp(
+    grads: Sequence[Sequence[Tensor]], params: Sequence[Sequence[Tensor]], *, retain_graph: bool = False
+) -> BatchedHVP:
+    """The :data:`BatchedHVP` of one gradient graph, for requests whose parameters are ``params[r]``
+    with gradients ``grads[r]`` (computed with ``create_graph=True``).
+
+    Only gradients that carry a graph are differentiated (the loss is at most linear in the
+    others, so their own product is zero; their probes are still drawn, so the stream does not
+    depend on which parameters happen to be linear). ``retain_graph`` keeps the graph after the
+    last sample too.
+    """
+
+    def hvp(probes: list[TensorList | None], keep: bool) -> list[TensorList | None]:
+        asked = [r for r, z in enumerate(probes) if z is not None]
+        sel_grads = [g for r in asked for g in grads[r]]
+        sel_params = [p for r in asked for p in params[r]]
+        sel_probes = [z for r in asked for z in probes[r]]  # type: ignore[union-attr]
+        live = [i for i, g in enumerate(sel_grads) if g.requires_grad]
+        if live:
+            products = hvp_from_grads(
+                [sel_grads[i] for i in live], sel_params, [sel_probes[i] for i in live],
+                retain_graph=retain_graph or keep,
+            )
+        else:  # z * 0 adds nothing: the estimate stays exactly 0
+            products = [torch.zeros_like(p) for p in sel_params]
+        out: list[TensorList | None] = [None] * len(probes)
+        start = 0
+        for r in asked:
+            out[r] = products[start : start + len(params[r])]
+            start += len(params[r])
+        return out
+
+    return hvp
+
+
 def hutchinson_diagonal(
     grads: Sequence[Tensor],
     params: Sequence[Tensor],
@@ -69,25 +139,15 @@ def hutchinson_diagonal(
     n_samples: int = 1,
     retain_graph: bool = False,
 ) -> TensorList:
-    """Unbiased estimate of diag(H): the mean over ``n_samples`` probes z of ``z * (H z)``.
-
-    One probe tensor per parameter is drawn for every sample, in order, even where the gradient
-    carries no graph (the loss is at most linear in that parameter, so its product is zero): the
-    probe stream then does not depend on which parameters happen to be linear. The graph behind
-    ``grads`` is kept between samples and freed after the last one unless ``retain_graph`` is set.
+    """Unbiased estimate of diag(H) for ``params`` from their ``grads`` (which carry a graph):
+    the mean over ``n_samples`` Rademacher probes z of ``z * (H z)``; see :func:`hutchinson_diagonals`
+    (one request) and :func:`graph_hvp`. The graph behind ``grads`` is kept between samples and
+    freed after the last one unless ``retain_graph`` is set.
     """
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    live = [i for i, g in enumerate(grads) if g.requires_grad]
-    estimate = [torch.zeros_like(p) for p in params]
-    for s in range(n_samples):
-        probes = rademacher_probes(params, generator)
-        if not live:
-            continue
-        keep = retain_graph or s < n_samples - 1
-        products = hvp_from_grads([grads[i] for i in live], params, [probes[i] for i in live], retain_graph=keep)
-        torch._foreach_addcmul_(estimate, probes, products, value=1.0 / n_samples)
-    return estimate
+    request = ProbeRequest(params, generator, n_samples)
+    return hutchinson_diagonals([request], graph_hvp([grads], [params], retain_graph=retain_graph))[0]
 
 
 class LossHessian:

@@ -17,8 +17,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Closure, check_positive, clear_grads, sam_perturbation
-from .sassha import HessianPower, HessianPreconditioned, state_dtype
+from .base import Closure, clear_grads, split_active
+from .functional import sam_perturbation
+from .preconditioned import HessianPower, HessianPreconditioned
+
+__all__ = ["MSassha"]
 
 
 class MSassha(HessianPreconditioned):
@@ -63,24 +66,13 @@ class MSassha(HessianPreconditioned):
         always_create_graph: bool = False,
         process_group=None,
     ) -> None:
-        self._check_group_args(lr, betas, weight_decay, eps)
-        check_positive("rho", rho)
-        check_positive("perturb_eps", perturb_eps)
         defaults = dict(
-            lr=lr, betas=tuple(betas), weight_decay=weight_decay, rho=rho, perturb_eps=perturb_eps, eps=eps
+            lr=lr, betas=tuple(betas), weight_decay=weight_decay, rho=rho, lazy_hessian=lazy_hessian,
+            dense_refresh_steps=dense_refresh_steps, n_samples=n_samples, perturb_eps=perturb_eps, eps=eps,
+            hessian_power=hessian_power, bias_correction=bias_correction, max_grad_norm=max_grad_norm,
+            always_create_graph=bool(always_create_graph),
         )
-        super().__init__(params, defaults)
-        self._init_common(
-            lazy_hessian=lazy_hessian,
-            dense_refresh_steps=dense_refresh_steps,
-            n_samples=n_samples,
-            seed=seed,
-            hessian_power=hessian_power,
-            bias_correction=bias_correction,
-            max_grad_norm=max_grad_norm,
-            always_create_graph=always_create_graph,
-            process_group=process_group,
-        )
+        super().__init__(params, defaults, seed=seed, process_group=process_group)
 
     def _momentum_ascent(self) -> tuple[list[Tensor], list[Tensor]]:
         """The parameters that have a momentum, and ``d = rho m / (||m|| + perturb_eps)`` for each."""
@@ -114,41 +106,20 @@ class MSassha(HessianPreconditioned):
         moved, ds = self._momentum_ascent()
         if moved:
             torch._foreach_sub_(moved, ds)  # theta~ = theta - d
-        need_graph = self.always_create_graph or any(self._due_for_refresh(p) for p in flat)
+        need_graph = self._needs_graph(candidates)
         with torch.enable_grad():
             loss = closure()
             raw = torch.autograd.grad(loss, flat, create_graph=need_graph, allow_unused=True)
-        params, grads_g = self._split_active(candidates, raw)
+        params, grads = split_active(candidates, raw)
         del raw
-        active = [p for ps in params for p in ps]
-        second = [g for gs in grads_g for g in gs]
-        del grads_g
-        if not active:
+        if not any(params):
             if moved:
                 torch._foreach_add_(moved, ds)
             return loss.detach()
-        self._global_step += 1
-        alpha = self._alpha()
-        due = [i for i, p in enumerate(active) if self._due_for_refresh(p)]
-        for p in active:
-            self._param_state(p)["hessian_step"] += 1
-        estimate: list[Tensor] = []
-        if due:
-            estimate = self.hessian_diagonal([second[i] for i in due], [active[i] for i in due])
-        grads = self._finish_grads(active, second, self.max_grad_norm, estimate)
-        del second
+        plan = self.plan_step(params)
+        estimates = self.estimate_due(params, grads, plan)
         if moved:
             torch._foreach_add_(moved, ds)  # back to theta
         del ds, moved
-
-        hess: list[Tensor | None] = [None] * len(active)
-        if estimate:
-            torch._foreach_abs_(estimate)
-            for i, h in zip(due, estimate, strict=True):
-                hess[i] = h.to(state_dtype(active[i]))
-        start = 0
-        for group, ps in zip(self.param_groups, params, strict=True):
-            stop = start + len(ps)
-            self._precondition_update(group, ps, grads[start:stop], hess[start:stop], alpha)
-            start = stop
+        self.update(params, grads, estimates, plan)
         return loss.detach()
