@@ -53,6 +53,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from .data import Splits, augment_batch, load_dataset
+from .devices import resolve_device
+from .devices import synchronize as _sync
 from .errors import UserError
 from .models import build_model
 from .optim import OPTIMIZERS, build_optimizer
@@ -66,10 +68,8 @@ from .trainer import (
     TrainSpec,
     _augment_kind,
     _check_spec,
-    _sync,
     evaluate,
     lr_factor,
-    resolve_device,
 )
 
 __all__ = [

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sassha_tune.devices import onednn_workaround
 from sassha_tune.optim.hessian import LossHessian, make_generator, rademacher_probes
 
 __all__ = [
@@ -124,7 +125,8 @@ def measurement_protocol(model: nn.Module) -> Iterator[None]:
     """Measure ``model`` in eval mode and full precision, and leave everything as it was.
 
     Inside: every module in eval mode; autocast disabled (CPU and CUDA); TF32 off; gradients
-    enabled; float16/bfloat16 parameters and buffers replaced by float32 copies. On exit (also on
+    enabled; float16/bfloat16 parameters and buffers replaced by float32 copies; oneDNN off where
+    torch cannot differentiate the model with it (:func:`sassha_tune.devices.onednn_workaround`). On exit (also on
     error): parameter and buffer values *and dtypes*, ``.grad``, every module's ``training`` flag,
     the TF32 settings and the CPU/CUDA RNG states are restored exactly.
     """
@@ -140,6 +142,7 @@ def measurement_protocol(model: nn.Module) -> Iterator[None]:
             if torch.cuda.is_available():
                 stack.enter_context(torch.autocast("cuda", enabled=False))
             stack.enter_context(torch.enable_grad())
+            stack.enter_context(onednn_workaround(model))
             model.eval()
             with torch.no_grad():
                 for t in tensors:

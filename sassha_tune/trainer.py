@@ -17,7 +17,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from . import distributed
 from .data import Splits, augment_batch, load_dataset
+from .devices import onednn_workaround, resolve_device
+from .devices import synchronize as _sync
 from .errors import UserError
 from .models import build_model
 from .optim import build_optimizer
@@ -81,31 +83,6 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = None
     rank: int = 0  # under data parallelism: this process's rank (only rank 0 evaluates)
     world_size: int = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; ``cuda[:N]`` must exist."""
-    name = (name or "auto").strip().lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"Unknown device {name!r} (expected auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise UserError(f"Unsupported device {name!r} (expected auto, cpu, cuda or cuda:N)")
-    if not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested but CUDA is not available here; use device: cpu or auto")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-    return dev
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -282,10 +259,12 @@ def train(
     progress = _progress(spec) if ranks.is_main else None
     task = progress.add_task("training", total=total_steps) if progress else None
     t_start = time.perf_counter()
+    quirks = ExitStack()
     try:
         if progress:
             progress.start()
         model.train()
+        quirks.enter_context(onednn_workaround(model))
         for epoch in range(1, spec.epochs + 1):
             t_epoch = time.perf_counter()
             _sync(device)
@@ -380,6 +359,7 @@ def train(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     finally:
+        quirks.close()
         if progress:
             progress.stop()
         if device.type == "cuda":

@@ -11,7 +11,7 @@ from sassha_tune import optim
 from sassha_tune.data import load_dataset
 from sassha_tune.errors import UserError
 from sassha_tune.optim import SGD, OptimizerInfo
-from sassha_tune.trainer import TrainSpec, evaluate, final_metrics, lr_factor, resolve_device, train
+from sassha_tune.trainer import TrainSpec, evaluate, final_metrics, lr_factor, train
 
 
 @pytest.fixture(scope="module")
@@ -214,16 +214,6 @@ def test_evaluate_restores_mode_and_handles_empty(mnist1d):
     assert not model.training
     empty = evaluate(model, mnist1d.x_test[:0], mnist1d.y_test[:0])
     assert all(math.isnan(v) for v in empty)
-
-
-def test_resolve_device(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert resolve_device("auto") == torch.device("cpu")
-    assert resolve_device("cpu") == torch.device("cpu")
-    with pytest.raises(UserError, match="CUDA is not available"):
-        resolve_device("cuda:0")
-    with pytest.raises(UserError):
-        resolve_device("tpu")
 
 
 def test_plugins_through_train():
