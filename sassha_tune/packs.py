@@ -36,40 +36,40 @@ import gc
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 import threading
-import time
 import traceback
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .data import Splits, augment_batch, load_dataset
+from .data import Splits
 from .devices import resolve_device
-from .devices import synchronize as _sync
 from .errors import UserError
 from .models import build_model
-from .optim import OPTIMIZERS, build_optimizer
+from .optim import OPTIMIZERS
 from .optim.base import clear_grads, frozen_running_stats
 from .optim.hessian import hutchinson_diagonals
 from .optim.sam import SAMStep
 from .optim.sassha import Sassha
 from .trainer import (
-    _OOM_ERRORS,
+    OOM_ERRORS,
+    LoneSteps,
+    Member,
+    OutOfMemory,
     TrainResult,
     TrainSpec,
-    _augment_kind,
-    _check_spec,
-    evaluate,
-    lr_factor,
+    build_members,
+    build_optimizer_for,
+    check_spec,
+    seed_everything,
+    train_members,
 )
 
 __all__ = [
@@ -297,28 +297,8 @@ def choose_pack_size(cfg: Any, requested: str | int, *, device: str | None, budg
 
 
 # --------------------------------------------------------------------------------------------
-# The pack trainer
+# The pack trainer: the one training loop (sassha_tune.trainer.train_members) with a pack's stepper
 # --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class _Member:
-    index: int
-    spec: TrainSpec
-    splits: Splits
-    optimizer: torch.optim.Optimizer
-    views: list[Tensor]  # one per parameter: a view (through .data) of this member's slice
-    base_lrs: list[float]
-    perm_gen: torch.Generator
-    aug_gen: torch.Generator
-    on_epoch: Callable[[int, dict], bool] | None
-    slot: int = 0  # position in the current stack
-    history: list[dict] = dataclasses.field(default_factory=list)
-    steps: int = 0
-    loss_sum: Tensor | None = None
-    correct: Tensor | None = None
-    seen: int = 0
-    perm: Tensor | None = None
 
 
 def _check_packable(specs: Sequence[TrainSpec]) -> None:
@@ -332,29 +312,18 @@ def _check_packable(specs: Sequence[TrainSpec]) -> None:
             if getattr(s, f.name) != getattr(first, f.name):
                 raise ValueError(f"cannot pack: members differ in {f.name!r} (only hparams and seed may differ)")
     for s in specs:
-        _check_spec(s)
+        check_spec(s)
         blocker = pack_blocker(s.optimizer, s.model, s.model_options, s.hparams)
         if blocker is not None:
             raise ValueError(f"cannot pack: {blocker}")
 
 
 class _Pack:
-    """The stacked parameters/buffers of the live members and the batched loss.
+    """The stacked parameters/buffers of the live members and their batched loss: one
+    ``vmap(functional_call)`` of ``module`` over the members."""
 
-    ``exact=True`` (``kernels="exact"``): no vmap; each member's pass is the lone model's forward
-    (``functional_call``) on views of its slice, so its autograd graph is the lone run's node for
-    node, plus one ``select`` per parameter. That matters for SASSHA: where an activation feeds
-    several ops (a residual connection), the double backward sums three or more contributions into
-    its gradient in the order the engine runs the producing nodes, and under vmap that order is not
-    the lone run's: HVPs then differ in the last bits (~1e-7), which SASSHA's ``|z * Hz|``
-    preconditioner amplifies to 1e-6 .. 1e-4 after one step on a BatchNorm ResNet.
-    """
-
-    def __init__(self, module: nn.Module, members_models: list[nn.Module], *, exact: bool = False,
-                 channels_last: bool = False) -> None:
+    def __init__(self, module: nn.Module, members_models: list[nn.Module]) -> None:
         self.module = module
-        self.exact = exact
-        self.channels_last = channels_last
         self.param_names = [n for n, _ in module.named_parameters()]
         self.buffer_names = [n for n, _ in module.named_buffers()]
         with torch.no_grad():
@@ -376,22 +345,15 @@ class _Pack:
         return [p.data[slot] for p in self.params]
 
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        if self.exact:
-            losses, outs = [], []
-            for i in range(len(x)):
-                xi = x[i].contiguous(memory_format=torch.channels_last) if self.channels_last else x[i]
-                p = {n: t[i] for n, t in zip(self.param_names, self.params, strict=True)}
-                b = {n: t[i] for n, t in zip(self.buffer_names, self.buffers, strict=True)}
-                out = functional_call(self.module, (p, b), (xi,))
-                losses.append(F.cross_entropy(out, y[i]))
-                outs.append(out)
-            return torch.stack(losses), torch.stack(outs)
         p = dict(zip(self.param_names, self.params, strict=True))
         b = dict(zip(self.buffer_names, self.buffers, strict=True))
         return self._batched(p, b, x, y)
 
     def keep(self, slots: list[int]) -> None:
         """Drop every member not in ``slots`` (new stacks; the old ones are freed)."""
+        if not slots:
+            self.params, self.buffers = [], []
+            return
         idx = torch.tensor(slots, device=self.params[0].device)
         with torch.no_grad():
             self.params = [p.detach().index_select(0, idx).requires_grad_() for p in self.params]
@@ -406,22 +368,65 @@ class _Pack:
         return model
 
 
-def _rebind(member: _Member, new_views: list[Tensor]) -> None:
-    """Point the member's optimizer at views into the new stack, keeping its state."""
-    opt = member.optimizer
-    mapping = {id(old): new for old, new in zip(member.views, new_views, strict=True)}
-    for group in opt.param_groups:
+class StackedSteps:
+    """The stepper of a pack with batched kernels: the members' parameters and buffers stacked
+    (:class:`_Pack`), each member's optimizer over views of its slice, one batched pass for all.
+
+    Members' own models are built as a lone run builds them (their weights are what is stacked);
+    the first one then serves to evaluate any member, its slice loaded in."""
+
+    def __init__(self, device: torch.device, autocast: Callable[[], Any]) -> None:
+        self.device, self.autocast = device, autocast
+        self.views: dict[int, list[Tensor]] = {}  # member index -> views of its slice
+        self.slots: dict[int, int] = {}
+
+    def attach(self, members: list[Member]) -> None:
+        spec0, splits0 = members[0].spec, members[0].splits
+        seed_everything(spec0.seed)  # its own weights are never used (the stacks replace them)
+        module = build_model(spec0.model, splits0.input_shape, splits0.num_classes, **spec0.model_options).to(self.device)
+        self.pack = _Pack(_use_pack_norms(module), [m.model for m in members])
+        self.eval_module = members[0].model
+        for m in members:
+            self.views[m.index] = self.pack.views(m.slot)
+            self.slots[m.index] = m.slot
+            m.attach(build_optimizer_for(m.spec, _Views(self.views[m.index])))
+
+    def step(self, live: list[Member], xs: list[Tensor], ys: list[Tensor], weight: float) -> list[tuple[Tensor, Tensor]]:
+        x, y = torch.stack(xs), torch.stack(ys)
+        views = [self.views[m.index] for m in live]
+        optimizer = live[0].optimizer
+        if isinstance(optimizer, Sassha):
+            loss, out = _sassha_step(self.pack, live, views, x, y, self.autocast)
+        elif isinstance(optimizer, SAMStep):
+            loss, out = _sam_step(self.pack, live, views, x, y, self.autocast)
+        else:
+            loss, out = _one_pass_step(self.pack, live, views, x, y, self.autocast)
+        return [(loss[k], out[k]) for k in range(len(live))]
+
+    def eval_model(self, member: Member) -> nn.Module:
+        return self.pack.load_member(self.eval_module, member.slot)
+
+    def result_model(self, member: Member) -> nn.Module:
+        return self.pack.load_member(copy.deepcopy(self.eval_module), member.slot)
+
+    def release(self, live: list[Member]) -> None:
+        """Keep only ``live`` in the stack and point their optimizers at views of the new one."""
+        self.pack.keep([self.slots[m.index] for m in live])
+        for m in live:
+            new_views = self.pack.views(m.slot)
+            _rebind(m.optimizer, self.views[m.index], new_views)  # type: ignore[arg-type]
+            self.views[m.index] = new_views
+            self.slots[m.index] = m.slot
+
+
+def _rebind(optimizer: torch.optim.Optimizer, old_views: list[Tensor], new_views: list[Tensor]) -> None:
+    """Point an optimizer at views into a new stack, keeping its state."""
+    mapping = {id(old): new for old, new in zip(old_views, new_views, strict=True)}
+    for group in optimizer.param_groups:
         group["params"] = [mapping[id(p)] for p in group["params"]]
-    for old, new in zip(member.views, new_views, strict=True):
-        if old in opt.state:
-            opt.state[new] = opt.state.pop(old)
-    member.views = new_views
-
-
-def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
+    for old, new in zip(old_views, new_views, strict=True):
+        if old in optimizer.state:
+            optimizer.state[new] = optimizer.state.pop(old)
 
 
 def train_pack(
@@ -439,13 +444,13 @@ def train_pack(
     ``on_epoch[i](epoch, metrics)`` is member i's per-epoch callback (True: stop it, "stopped").
     ``on_leave(i, result)`` is called as soon as member i is done (completed, stopped, diverged),
     so its trial can be told while the others go on. A diverged or stopped member leaves the
-    stack; the survivors' computation is unchanged. Raises ValueError when the specs cannot be packed.
+    pack; the survivors' computation is unchanged. Raises ValueError when the specs cannot be packed.
 
-    ``kernels``: ``"batched"``: one ``vmap`` over the members (e.g. one grouped convolution for
-    all of them), the fast choice, equal to the lone run up to float rounding per step;
-    ``"exact"``: each member's passes run as the lone model's forward on views of its slice (the
-    lone run's kernels and autograd graph): on the CPU a member reproduces the lone run bitwise,
-    but on a GPU the pack only saves process start-up, not kernel launches. ``None`` (default):
+    ``kernels``: ``"batched"``: one ``vmap`` over the stacked members (e.g. one grouped convolution
+    for all of them), the fast choice, equal to the lone run up to float rounding per step;
+    ``"exact"``: each member steps its own model with the lone run's kernels and autograd graph,
+    one after another (on the CPU a member reproduces the lone run bitwise, but on a GPU the pack
+    only saves process start-up and data loading, not kernel launches). ``None`` (default):
     ``"exact"`` for SASSHA, whose Hessian preconditioner amplifies last-bit differences of the
     Hessian-vector products to 1e-4 .. 1e-1 within 50 steps, ``"batched"`` for the others.
 
@@ -454,7 +459,7 @@ def train_pack(
     (no ``on_epoch`` call, no member left) is dropped and its members restart from scratch as two
     packs of ceil(K/2) and floor(K/2), one after the other, recursively; a lone member that still
     runs out fails as ``train`` does. ``on_split(epoch, halves)`` is called before the halves run
-    (``epoch`` 0: while stacking the members; ``halves``: two lists of indices into ``specs``).
+    (``epoch`` 0: while setting up the members; ``halves``: two lists of indices into ``specs``).
     Nothing was reported, so nobody is told twice, and a restarted member's result is still what
     ``train(specs[i])`` returns. Off by default so that a caller measuring a pack of K (a
     benchmark) never gets a smaller pack's numbers. An out-of-memory error after a report keeps
@@ -470,6 +475,7 @@ def train_pack(
     if len(callbacks) != len(specs):
         raise ValueError(f"on_epoch has {len(callbacks)} callbacks for {len(specs)} specs")
     device = resolve_device(specs[0].device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if specs[0].amp == "bf16" else nullcontext
     results: dict[int, TrainResult] = {}
     data: dict[int, Splits] = {}  # per seed, loaded once for all attempts
     todo = [list(range(len(specs)))]  # packs still to run, as indices into specs; depth first
@@ -478,16 +484,18 @@ def train_pack(
         sub_leave = None if on_leave is None else (lambda j, res, group=group: on_leave(group[j], res))
         may_split = split_on_oom and len(group) > 1
         try:
-            attempt = _train_once(
-                [specs[i] for i in group], [callbacks[i] for i in group], on_leave=sub_leave, splits=splits,
-                kernels=kernels, data=data, may_split=may_split, device=device,
-            )
-        except _OOM_ERRORS:
+            members = build_members([specs[i] for i in group], [callbacks[i] for i in group], device,
+                                    splits=splits, data=data)
+            stepper = LoneSteps(autocast) if kernels == "exact" else StackedSteps(device, autocast)
+            attempt = train_members(members, stepper, device, on_leave=sub_leave, may_split=may_split)
+        except OOM_ERRORS:
             if not split_on_oom:
                 raise  # as before: the caller fails every member
-            # stacking the members ran out: nothing ran and nobody was told
-            attempt = _OutOfMemory(epoch=0)
-        if isinstance(attempt, _OutOfMemory) and not may_split:
+            # setting up the members ran out: nothing ran and nobody was told
+            attempt = OutOfMemory(epoch=0)
+        finally:
+            members = stepper = None  # type: ignore[assignment]  # this attempt's models and stacks
+        if isinstance(attempt, OutOfMemory) and not may_split:
             # a lone member whose model and optimizer state alone do not fit: it fails as a lone
             # trial does, and the members of the other halves still run
             (i,) = group
@@ -495,8 +503,8 @@ def train_pack(
                                    None, data.get(specs[i].seed))]  # type: ignore[arg-type]  # no model was built
             if on_leave is not None:
                 on_leave(i, attempt[0])
-        if isinstance(attempt, _OutOfMemory):
-            # out of the except clause and of the attempt's frames: its stacks, graphs and
+        if isinstance(attempt, OutOfMemory):
+            # out of the except clause and of the attempt's frames: its models, graphs and
             # optimizer state are unreferenced now and can be given back before the halves start
             epoch = attempt.epoch
             gc.collect()
@@ -509,250 +517,6 @@ def train_pack(
             todo[:0] = halves
             continue
         results.update(zip(group, attempt, strict=True))
-    return [results[i] for i in range(len(specs))]
-
-
-@dataclasses.dataclass
-class _OutOfMemory:
-    """What an attempt returns when it ran out of memory before any member reported: it may be split."""
-
-    epoch: int  # 0: while stacking the members, before the first epoch
-
-
-def _train_once(
-    specs: list[TrainSpec],
-    callbacks: list[Callable[[int, dict], bool] | None],
-    *,
-    on_leave: Callable[[int, TrainResult], None] | None,
-    splits: Splits | None,
-    kernels: str,
-    data: dict[int, Splits],
-    may_split: bool,
-    device: torch.device,
-) -> list[TrainResult] | _OutOfMemory:
-    """One pack of ``specs`` (see :func:`train_pack`; indices are positions in ``specs``).
-
-    Out of memory in the epochs: :class:`_OutOfMemory` when ``may_split`` and no member reported
-    yet, else every live member fails ``out_of_memory``. While stacking: the error propagates."""
-    spec0 = specs[0]
-
-    # data and init exactly as the lone trainer makes them, per member seed (the data is read-only,
-    # so a retried half reuses what an earlier attempt loaded; fresh_model re-seeds before init)
-    for s in specs:
-        if s.seed not in data:
-            _seed_all(s.seed)
-            data[s.seed] = (
-                load_dataset(
-                    s.dataset, s.data_dir, val_fraction=s.val_fraction, label_noise=s.label_noise, seed=s.seed,
-                    device=device, options=s.dataset_options,
-                )
-                if splits is None
-                else splits.to(device)
-            )
-    by_seed = {s.seed: data[s.seed] for s in specs}
-    ref_splits = by_seed[spec0.seed]
-    aug = _augment_kind(spec0, ref_splits)
-    channels_last = spec0.channels_last and len(ref_splits.input_shape) == 3
-
-    def fresh_model(seed: int) -> nn.Module:
-        if seed is not None:
-            _seed_all(seed)
-            torch.manual_seed(seed)
-        m = build_model(spec0.model, ref_splits.input_shape, ref_splits.num_classes, **spec0.model_options).to(device)
-        return m.to(memory_format=torch.channels_last) if channels_last else m
-
-    models = [fresh_model(s.seed) for s in specs]
-    pack_module = fresh_model(spec0.seed)
-    if kernels == "batched":
-        _use_pack_norms(pack_module)
-    pack = _Pack(pack_module, models, exact=kernels == "exact", channels_last=channels_last)
-    eval_model = models[0]
-    del models
-
-    members: list[_Member] = []
-    for i, s in enumerate(specs):
-        views = pack.views(i)
-        hparams = dict(s.hparams)
-        if s.grad_clip is not None:
-            hparams["max_grad_norm"] = s.grad_clip
-        try:
-            opt = build_optimizer(s.optimizer, _Views(views), hparams)  # type: ignore[arg-type]
-        except (ValueError, TypeError) as exc:
-            raise UserError(f"optimizer {s.optimizer!r}: {exc}") from None
-        base_lrs = []
-        for group in opt.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-            base_lrs.append(group["initial_lr"])
-        members.append(
-            _Member(
-                index=i, spec=s, splits=by_seed[s.seed], optimizer=opt, views=views, base_lrs=base_lrs,
-                perm_gen=torch.Generator(device=device).manual_seed(s.seed),
-                aug_gen=torch.Generator(device=device).manual_seed(s.seed + 1),
-                on_epoch=callbacks[i], slot=i,
-            )
-        )
-
-    n_train = len(ref_splits.y_train)
-    steps_per_epoch = n_train // spec0.batch_size + (1 if n_train % spec0.batch_size > 1 else 0)
-    if spec0.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, spec0.max_steps_per_epoch)
-    total_steps = max(spec0.epochs * steps_per_epoch, 1)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if spec0.amp == "bf16" else nullcontext
-    cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
-
-    results: dict[int, TrainResult] = {}
-    live = list(members)
-    step = 0
-    step_seconds = 0.0
-    t_start = time.perf_counter()
-    epoch = 0
-    reported = False  # a member called its on_epoch or left: from then on the pack cannot be split
-    split = False
-
-    def leave(m: _Member, status: str, failure: str | None) -> None:
-        nonlocal reported
-        reported = True
-        model = pack.load_member(copy.deepcopy(eval_model), m.slot)
-        res = TrainResult(
-            status=status, failure_reason=failure, epochs_completed=len(m.history), steps=m.steps,
-            train_seconds=time.perf_counter() - t_start,
-            ms_per_step=1000.0 * step_seconds / step if step else float("nan"),
-            device=str(device), history=m.history, model=model, splits=m.splits, optimizer=None,
-        )
-        if on_leave is not None:
-            on_leave(m.index, res)
-        # only once told: a member whose on_leave ran out of memory (e.g. its final sharpness
-        # metrics) is failed out_of_memory below, as it would be alone, not left untold
-        results[m.index] = res
-
-    def fail_out_of_memory(m: _Member) -> None:
-        """Free what can be freed, then fail ``m`` as a lone run that ran out of memory fails."""
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        res = TrainResult("out_of_memory", "out_of_memory", len(m.history), m.steps,
-                          time.perf_counter() - t_start, float("nan"), str(device), m.history,
-                          eval_model, m.splits, None)
-        results[m.index] = res
-        if on_leave is not None:
-            on_leave(m.index, res)
-
-    def compact(gone: list[_Member]) -> None:
-        nonlocal live
-        if not gone:
-            return
-        ids = {id(m) for m in gone}
-        live = [m for m in live if id(m) not in ids]
-        if not live:
-            return
-        pack.keep([m.slot for m in live])
-        for slot, m in enumerate(live):
-            m.slot = slot
-            _rebind(m, pack.views(slot))
-
-    try:
-        for epoch in range(1, spec0.epochs + 1):
-            if not live:
-                break
-            t_epoch = time.perf_counter()
-            _sync(device)
-            t_steps = time.perf_counter()
-            for m in live:
-                m.perm = torch.randperm(n_train, generator=m.perm_gen, device=device)
-                m.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                m.correct = torch.zeros((), dtype=torch.long, device=device)
-                m.seen = 0
-            for i in range(steps_per_epoch):
-                xs, ys = [], []
-                for m in live:
-                    idx = m.perm[i * spec0.batch_size : (i + 1) * spec0.batch_size]  # type: ignore[index]
-                    xb, yb = m.splits.x_train[idx], m.splits.y_train[idx]
-                    if aug:
-                        xb = augment_batch(xb, aug, m.aug_gen)
-                    xs.append(xb)
-                    ys.append(yb)
-                    factor = lr_factor(m.spec, step, total_steps)
-                    for group, base in zip(m.optimizer.param_groups, m.base_lrs, strict=True):
-                        group["lr"] = base * factor
-                x, y = torch.stack(xs), torch.stack(ys)
-                del xs
-                if isinstance(live[0].optimizer, Sassha):
-                    loss, out = _sassha_step(pack, live, x, y, autocast)
-                elif isinstance(live[0].optimizer, SAMStep):
-                    loss, out = _sam_step(pack, live, x, y, autocast)
-                else:
-                    loss, out = _one_pass_step(pack, live, x, y, autocast)
-                step += 1
-                check = i % 10 == 9 or i == steps_per_epoch - 1
-                diverged = []
-                for m in live:
-                    k = m.slot
-                    m.steps += 1
-                    m.seen += len(ys[k])
-                    m.loss_sum += loss[k].double() * len(ys[k])  # type: ignore[operator]
-                    m.correct += (out[k].argmax(1) == ys[k]).sum()  # type: ignore[operator]
-                    if check and not torch.isfinite(m.loss_sum):  # type: ignore[arg-type]
-                        diverged.append(m)
-                del loss, out, x, y, ys
-                for m in diverged:
-                    leave(m, "diverged", "diverged")
-                compact(diverged)
-                if not live:
-                    break
-            _sync(device)
-            step_seconds += time.perf_counter() - t_steps
-            gone = []
-            for m in list(live):
-                model = pack.load_member(eval_model, m.slot)
-                val_loss, val_acc = evaluate(model, m.splits.x_val, m.splits.y_val, batch_size=spec0.eval_batch_size)
-                metrics = {
-                    "epoch": epoch,
-                    "train_loss": float(m.loss_sum) / max(m.seen, 1),  # type: ignore[arg-type]
-                    "train_acc": int(m.correct) / max(m.seen, 1),  # type: ignore[arg-type]
-                    "val_loss": val_loss,
-                    "val_acc": val_acc,
-                    "lr": m.optimizer.param_groups[0]["lr"],
-                    "seconds": time.perf_counter() - t_epoch,
-                }
-                if len(m.splits.y_val) and not math.isfinite(val_loss):
-                    leave(m, "diverged", "diverged")
-                    gone.append(m)
-                    continue
-                m.history.append(metrics)
-                if m.on_epoch is None:
-                    continue
-                reported = True
-                if m.on_epoch(epoch, dict(metrics)):
-                    leave(m, "stopped", None)
-                    gone.append(m)
-            compact(gone)
-        for m in live:
-            try:
-                leave(m, "completed", None)
-            except _OOM_ERRORS:
-                # this member's final metrics (sharpness: Hessian-vector products) ran out of
-                # memory: it fails as it would alone, and every other finished member still gets
-                # its own attempt at its metrics, as it would alone
-                fail_out_of_memory(m)
-    except _OOM_ERRORS:
-        pack.params = pack.buffers = []  # type: ignore[assignment]
-        for m in members:
-            m.optimizer.state.clear()
-        # Nobody was told anything yet: train_pack may restart the members in smaller packs (and
-        # frees the rest of this attempt once its frames are gone). After a report it may not
-        # (docs/packs.md, "Out of memory"): the live members fail as out_of_memory.
-        split = may_split and not reported
-        if not split:
-            for m in members:
-                if m.index not in results:
-                    fail_out_of_memory(m)
-    finally:
-        if device.type == "cuda":
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
-    if split:
-        return _OutOfMemory(epoch)
     return [results[i] for i in range(len(specs))]
 
 
@@ -769,57 +533,59 @@ def _grads(loss: Tensor, pack: _Pack, *, create_graph: bool = False) -> list[Ten
 
 
 @torch.no_grad()
-def _one_pass_step(pack: _Pack, live: list[_Member], x: Tensor, y: Tensor, autocast) -> tuple[Tensor, Tensor]:
+def _one_pass_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: Tensor, y: Tensor,
+                   autocast) -> tuple[Tensor, Tensor]:
     """SGD / AdamW: one pass; each member's update from its slice of the gradient (``step()``
     without a closure: clip, the torch optimizer's update)."""
     with torch.enable_grad(), autocast():
         loss, out = pack.forward(x, y)
     grads = _grads(loss, pack)
-    for m in live:
-        for v, g in zip(m.views, grads, strict=True):
+    for m, vs in zip(live, views, strict=True):
+        for v, g in zip(vs, grads, strict=True):
             v.grad = g[m.slot]
-        m.optimizer.step()
+        m.optimizer.step()  # type: ignore[union-attr]
     return loss.detach(), out.detach()
 
 
 @torch.no_grad()
-def _sam_step(pack: _Pack, live: list[_Member], x: Tensor, y: Tensor, autocast) -> tuple[Tensor, Tensor]:
+def _sam_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: Tensor, y: Tensor,
+              autocast) -> tuple[Tensor, Tensor]:
     """SAM-SGD / SAM-AdamW: each member's ``SAMStep.step`` phases around the two stacked passes."""
     with torch.enable_grad(), autocast():
         loss, out = pack.forward(x, y)
     grads1 = _grads(loss, pack)
     perturbations = []
-    for m in live:
-        for v, g in zip(m.views, grads1, strict=True):
+    for m, vs in zip(live, views, strict=True):
+        for v, g in zip(vs, grads1, strict=True):
             v.grad = g[m.slot]
-        perturbations.append(m.optimizer.perturb())  # type: ignore[attr-defined]
+        perturbations.append(m.optimizer.perturb())  # type: ignore[union-attr]
     del grads1
     with torch.enable_grad(), frozen_running_stats(pack.module), autocast():
         loss2, _ = pack.forward(x, y)
     grads2 = _grads(loss2, pack)
     del loss2
-    for m, perturbation in zip(live, perturbations, strict=True):
-        for v, g in zip(m.views, grads2, strict=True):
+    for m, vs, perturbation in zip(live, views, perturbations, strict=True):
+        for v, g in zip(vs, grads2, strict=True):
             v.grad = g[m.slot]
-        m.optimizer.restore_and_update(perturbation)  # type: ignore[attr-defined]
+        m.optimizer.restore_and_update(perturbation)  # type: ignore[union-attr]
     return loss.detach(), out.detach()
 
 
 def _hutchinson(
-    pack: _Pack, grads2: list[Tensor], due: dict[int, list[int]], live: list[_Member], *, keep_graph: bool
+    pack: _Pack, grads2: list[Tensor], due: dict[int, list[int]], live: list[Member], views: list[list[Tensor]],
+    *, keep_graph: bool,
 ) -> dict[int, list[Tensor]]:
     """Per member (slot -> estimate over its due parameters): :func:`~sassha_tune.optim.hessian.hutchinson_diagonals`
     with one request per member (its own generator and ``n_samples``) and one stacked
     Hessian-vector product per sample; members not asking get zero probes."""
-    by_slot = {m.slot: m for m in live}
+    by_slot = {m.slot: (m, vs) for m, vs in zip(live, views, strict=True)}
     slots = list(due)
     if not slots:
         return {}
     requests = []
     for slot in slots:
-        opt = by_slot[slot].optimizer
-        views = [by_slot[slot].views[i] for i in due[slot]]
-        requests.append(opt.probe_requests([views])[0])  # type: ignore[attr-defined]
+        m, vs = by_slot[slot]
+        requests.append(m.optimizer.probe_requests([[vs[i] for i in due[slot]]])[0])  # type: ignore[union-attr]
 
     def stacked_hvp(probes: list[list[Tensor] | None], keep: bool) -> list[list[Tensor] | None]:
         stacked = [torch.zeros_like(p) for p in pack.params]
@@ -838,20 +604,21 @@ def _hutchinson(
 
 
 @torch.no_grad()
-def _sassha_step(pack: _Pack, live: list[_Member], x: Tensor, y: Tensor, autocast) -> tuple[Tensor, Tensor]:
+def _sassha_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: Tensor, y: Tensor,
+                 autocast) -> tuple[Tensor, Tensor]:
     """``Sassha.step`` for every member at once: each member's public step phases
     (``plan_step``, ``perturbation``, ``update``) on its views, around the stacked passes."""
     with torch.enable_grad(), autocast():
         loss, out = pack.forward(x, y)
     grads1 = _grads(loss, pack)
     plans, flat_es = {}, {}
-    for m in live:
+    for m, vs in zip(live, views, strict=True):
         opt: Sassha = m.optimizer  # type: ignore[assignment]
-        clear_grads(m.views)
-        plans[m.slot] = opt.plan_step([m.views])
-        es = opt.perturbation([m.views], [[g[m.slot] for g in grads1]])
+        clear_grads(vs)
+        plans[m.slot] = opt.plan_step([vs])
+        es = opt.perturbation([vs], [[g[m.slot] for g in grads1]])
         flat_es[m.slot] = es[0]
-        torch._foreach_add_(m.views, es[0])
+        torch._foreach_add_(vs, es[0])
     del grads1
     need_graph = any(plan.need_graph for plan in plans.values())
     with torch.enable_grad(), frozen_running_stats(pack.module), autocast():
@@ -859,20 +626,20 @@ def _sassha_step(pack: _Pack, live: list[_Member], x: Tensor, y: Tensor, autocas
         grads2 = _grads(loss2, pack, create_graph=need_graph)
     del loss2
     due = {s: plan.due[0] for s, plan in plans.items() if plan.due[0]}
-    point = {m.slot: m.optimizer.param_groups[0]["hessian_point"] for m in live}
+    point = {m.slot: m.optimizer.param_groups[0]["hessian_point"] for m in live}  # type: ignore[union-attr]
     due_perturbed = {s: i for s, i in due.items() if point[s] == "perturbed"}
     due_reference = {s: i for s, i in due.items() if point[s] == "reference"}
     estimates: dict[int, list[Tensor]] = {}
     if due_perturbed:
-        estimates.update(_hutchinson(pack, grads2, due_perturbed, live, keep_graph=bool(due_reference)))
-    for m in live:  # restore on .data: the graph's saved parameters now read theta
-        torch._foreach_sub_(m.views, flat_es[m.slot])
+        estimates.update(_hutchinson(pack, grads2, due_perturbed, live, views, keep_graph=bool(due_reference)))
+    for m, vs in zip(live, views, strict=True):  # restore on .data: the graph's saved parameters now read theta
+        torch._foreach_sub_(vs, flat_es[m.slot])
     del flat_es
     if due_reference:
-        estimates.update(_hutchinson(pack, grads2, due_reference, live, keep_graph=False))
-    for m in live:
+        estimates.update(_hutchinson(pack, grads2, due_reference, live, views, keep_graph=False))
+    for m, vs in zip(live, views, strict=True):
         est = estimates.get(m.slot)
-        m.optimizer.update([m.views], [[g[m.slot] for g in grads2]], [est] if est else None, plans[m.slot])  # type: ignore[attr-defined]
+        m.optimizer.update([vs], [[g[m.slot] for g in grads2]], [est] if est else None, plans[m.slot])  # type: ignore[union-attr]
     del grads2
     return loss.detach(), out.detach()
 
@@ -986,7 +753,7 @@ def split_line(epoch: int, halves: list[list[int]]) -> str:
     """The one line that tells the user a pack was split, e.g. ``pack of 8 ran out of memory in
     epoch 1; retrying as 2 packs of 4 (trials [0, 1, 2, 3] and [4, 5, 6, 7])``."""
     sizes = [len(h) for h in halves]
-    when = f"in epoch {epoch}" if epoch else "while stacking its members"
+    when = f"in epoch {epoch}" if epoch else "while setting up its members"
     how = f"2 packs of {sizes[0]}" if sizes[0] == sizes[1] else f"packs of {sizes[0]} and {sizes[1]}"
     return f"pack of {sum(sizes)} ran out of memory {when}; retrying as {how} (trials {halves[0]} and {halves[1]})"
 

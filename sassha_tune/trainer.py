@@ -1,9 +1,15 @@
-"""One training run: ``train(TrainSpec) -> TrainResult``, plus ``evaluate`` and ``final_metrics``.
+"""The one training loop: ``train(TrainSpec) -> TrainResult`` for a trial, :func:`train_members`
+for K >= 1 trials at once (a trial pack, :mod:`sassha_tune.packs`), plus ``evaluate`` and
+``final_metrics``.
 
-The data live on the device as tensors; batches come from a seeded permutation and are augmented
-on the device. Every step is ``loss = optimizer.step(closure)`` (see :mod:`sassha_tune.optim.base`),
-whatever the optimizer: the trainer never branches on its name. The learning rate of every
-parameter group is set before each step from the group's initial lr times the schedule factor.
+The data live on the device as tensors; batches come from each member's seeded permutation and are
+augmented on the device. A *stepper* takes the optimizer steps: :class:`LoneSteps` runs
+``loss = optimizer.step(closure)`` on each member's own model (see :mod:`sassha_tune.optim.base`),
+whatever the optimizer, so the loop never branches on its name; a pack with batched kernels
+supplies its own stepper (stacked parameters, one batched forward for all members). Everything
+else exists once, here: seeding, data, models, optimizers, the learning-rate schedule (every
+parameter group gets its initial lr times the schedule factor before each step), the epoch's
+metrics, the divergence check, validation, ``on_epoch`` and out-of-memory handling.
 
 Epochs are numbered from 1: ``history[i]["epoch"] == i + 1`` and ``on_epoch(epoch, metrics)`` is
 called with that number after the epoch's validation; returning True stops the run ("stopped").
@@ -16,9 +22,10 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -34,7 +41,8 @@ from .models import build_model
 from .optim import build_optimizer
 
 SCHEDULES = ("constant", "multistep", "cosine")
-_OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
+#: what an allocator raises when a device runs out of memory (a result, never a crash)
+OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
     {getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)} - {None}
 )
 
@@ -146,7 +154,7 @@ def lr_factor(spec: TrainSpec, step: int, total: int) -> float:
     raise UserError(f"Unknown schedule {spec.schedule!r} (expected one of {', '.join(SCHEDULES)})")
 
 
-def _check_spec(spec: TrainSpec) -> None:
+def check_spec(spec: TrainSpec) -> None:
     if spec.schedule not in SCHEDULES:
         raise UserError(f"Unknown schedule {spec.schedule!r} (expected one of {', '.join(SCHEDULES)})")
     if spec.amp not in ("none", "bf16"):
@@ -159,7 +167,8 @@ def _check_spec(spec: TrainSpec) -> None:
         raise UserError("max_steps_per_epoch must be >= 1")
 
 
-def _augment_kind(spec: TrainSpec, splits: Splits) -> str | None:
+def augment_kind(spec: TrainSpec, splits: Splits) -> str | None:
+    """The augmentation the batches get (``None``: none), from ``spec.augment`` and the dataset."""
     if spec.augment is False:
         return None
     if spec.augment is None:
@@ -190,6 +199,181 @@ def _progress(spec: TrainSpec):
     )
 
 
+def steps_per_epoch(spec: TrainSpec, n_train: int, world_size: int = 1) -> int:
+    """Full batches, plus a last partial one when it has at least 2 examples (at least 1 per rank
+    under data parallelism), capped at ``spec.max_steps_per_epoch``."""
+    partial = 1 if n_train % spec.batch_size > max(1, world_size - 1) else 0
+    steps = n_train // spec.batch_size + partial
+    if spec.max_steps_per_epoch is not None:
+        steps = min(steps, spec.max_steps_per_epoch)
+    return steps
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's, Python's and NumPy's global generators."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# --------------------------------------------------------------------------------------------
+# Members: one trial each
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Member:
+    """One trial in the loop: its spec, data, model, optimizer, generators and running metrics."""
+
+    index: int  # position in the caller's list of specs
+    spec: TrainSpec
+    splits: Splits
+    model: nn.Module  # the member's own model (a stacked pack keeps a shared one to evaluate in)
+    on_epoch: Callable[[int, dict], bool] | None
+    perm_gen: torch.Generator
+    aug_gen: torch.Generator
+    optimizer: torch.optim.Optimizer | None = None
+    base_lrs: list[float] = field(default_factory=list)
+    slot: int = 0  # position among the live members (a stacked pack's slice)
+    history: list[dict] = field(default_factory=list)
+    steps: int = 0
+    perm: Tensor | None = None
+    loss_sum: Tensor | None = None
+    correct: Tensor | None = None
+    seen: int = 0
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Use ``optimizer`` (its groups' ``initial_lr`` are the schedule's base)."""
+        self.optimizer = optimizer
+        self.base_lrs = []
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            self.base_lrs.append(group["initial_lr"])
+
+
+def build_optimizer_for(spec: TrainSpec, model: Any) -> torch.optim.Optimizer:
+    """``spec.optimizer`` over ``model.parameters()`` with ``spec.hparams`` (and ``grad_clip`` as
+    ``max_grad_norm``); bad arguments are a one-line :class:`UserError`."""
+    hparams = dict(spec.hparams)
+    if spec.grad_clip is not None:
+        hparams["max_grad_norm"] = spec.grad_clip
+    try:
+        return build_optimizer(spec.optimizer, model, hparams)
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"optimizer {spec.optimizer!r}: {exc}") from None
+
+
+def build_members(
+    specs: Sequence[TrainSpec],
+    callbacks: Sequence[Callable[[int, dict], bool] | None],
+    device: torch.device,
+    *,
+    splits: Splits | None = None,
+    data: dict[int, Splits] | None = None,
+) -> list[Member]:
+    """Data and model of each spec exactly as a lone run makes them (seeded with the spec's seed;
+    the data are read-only, so members with one seed share them, and ``data`` caches them across
+    calls). Optimizers are attached by the stepper."""
+    data = {} if data is None else data
+    members = []
+    for i, (spec, on_epoch) in enumerate(zip(specs, callbacks, strict=True)):
+        seed_everything(spec.seed)
+        if spec.seed not in data:
+            data[spec.seed] = (
+                load_dataset(
+                    spec.dataset, spec.data_dir, val_fraction=spec.val_fraction, label_noise=spec.label_noise,
+                    seed=spec.seed, device=device, options=spec.dataset_options,
+                )
+                if splits is None
+                else splits.to(device)
+            )
+        member_splits = data[spec.seed]
+        torch.manual_seed(spec.seed)  # the model's init does not depend on how the data were made
+        model = build_model(spec.model, member_splits.input_shape, member_splits.num_classes, **spec.model_options)
+        model = model.to(device)
+        if spec.channels_last and len(member_splits.input_shape) == 3:
+            model = model.to(memory_format=torch.channels_last)
+        members.append(
+            Member(
+                index=i, spec=spec, splits=member_splits, model=model, on_epoch=on_epoch, slot=i,
+                perm_gen=torch.Generator(device=device).manual_seed(spec.seed),
+                aug_gen=torch.Generator(device=device).manual_seed(spec.seed + 1),
+            )
+        )
+    return members
+
+
+class Stepper(Protocol):
+    """How the loop takes one optimizer step for all live members."""
+
+    def attach(self, members: list[Member]) -> None:
+        """Give every member its optimizer (called once, before the first step)."""
+
+    def step(self, live: list[Member], xs: list[Tensor], ys: list[Tensor], weight: float) -> list[tuple[Tensor, Tensor]]:
+        """One step on member ``k``'s batch ``(xs[k], ys[k])``: per member (pass-1 loss, pass-1 outputs), detached."""
+
+    def eval_model(self, member: Member) -> nn.Module:
+        """A module holding the member's current weights, to evaluate it."""
+
+    def result_model(self, member: Member) -> nn.Module:
+        """The member's final model, for its result (it must outlive the loop)."""
+
+    def release(self, live: list[Member]) -> None:
+        """Members left: ``live`` are the ones that go on (their ``slot`` is their new position)."""
+
+
+class LoneSteps:
+    """Each member's own model and ``optimizer.step(closure)``: the ordinary trial, and packs with exact kernels."""
+
+    def __init__(self, autocast: Callable[[], Any]) -> None:
+        self.autocast = autocast
+
+    def attach(self, members: list[Member]) -> None:
+        for m in members:
+            m.attach(build_optimizer_for(m.spec, m.model))
+
+    def step(self, live: list[Member], xs: list[Tensor], ys: list[Tensor], weight: float) -> list[tuple[Tensor, Tensor]]:
+        out = []
+        for m, xb, yb in zip(live, xs, ys, strict=True):
+            first: list[Tensor] = []
+
+            def closure(model: nn.Module = m.model, xb: Tensor = xb, yb: Tensor = yb, first: list[Tensor] = first) -> Tensor:
+                with self.autocast():
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits, yb)
+                if not first:
+                    first.extend((logits.detach(), loss.detach()))
+                return loss if weight == 1.0 else loss * weight
+
+            loss = m.optimizer.step(closure)  # type: ignore[union-attr]
+            if loss is None or weight != 1.0:
+                loss = first[1]
+            out.append((loss.detach(), first[0]))
+        return out
+
+    def eval_model(self, member: Member) -> nn.Module:
+        return member.model
+
+    def result_model(self, member: Member) -> nn.Module:
+        return member.model
+
+    def release(self, live: list[Member]) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OutOfMemory:
+    """What :func:`train_members` returns when it ran out of memory before any member reported
+    and ``may_split`` was set: the caller may retry the members in smaller packs."""
+
+    epoch: int  # 0: while setting up the members, before the first epoch
+
+
 def train(
     spec: TrainSpec,
     on_epoch: Callable[[int, dict], bool] | None = None,
@@ -197,187 +381,236 @@ def train(
     splits: Splits | None = None,
 ) -> TrainResult:
     """Train ``spec.model`` on ``spec.dataset`` with ``spec.optimizer``; never raises on divergence/OOM."""
-    _check_spec(spec)
+    check_spec(spec)
     device = resolve_device(spec.device)
     ranks, device = distributed.setup(spec.processes, device)
-    torch.manual_seed(spec.seed)
-    random.seed(spec.seed)
-    np.random.seed(spec.seed % 2**32)
-    if splits is None:
-        splits = load_dataset(
-            spec.dataset,
-            spec.data_dir,
-            val_fraction=spec.val_fraction,
-            label_noise=spec.label_noise,
-            seed=spec.seed,
-            device=device,
-            options=spec.dataset_options,
-        )
-    else:
-        splits = splits.to(device)
-    aug = _augment_kind(spec, splits)
-    image = len(splits.input_shape) == 3
-    channels_last = spec.channels_last and image
-
-    torch.manual_seed(spec.seed)  # the model's init does not depend on how the data were made
-    model = build_model(spec.model, splits.input_shape, splits.num_classes, **spec.model_options).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    distributed.broadcast_module(model, ranks.group)  # identical start on every rank
-    hparams = dict(spec.hparams)
-    if spec.grad_clip is not None:
-        hparams["max_grad_norm"] = spec.grad_clip
     try:
-        optimizer = build_optimizer(spec.optimizer, model, hparams)
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"optimizer {spec.optimizer!r}: {exc}") from None
-    base_lrs = []
-    for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-        base_lrs.append(group["initial_lr"])
+        (member,) = build_members([spec], [on_epoch], device, splits=splits)
+        distributed.broadcast_module(member.model, ranks.group)  # identical start on every rank
+        results = train_members([member], LoneSteps(_autocast(spec, device)), device, ranks=ranks,
+                                progress=_progress(spec) if ranks.is_main else None)
+    finally:
+        ranks.close()
+    assert not isinstance(results, OutOfMemory)
+    return results[0]
 
-    n_train = len(splits.y_train)
-    # a last partial batch counts when it has >= 2 examples (>= 1 per rank under data parallelism)
-    steps_per_epoch = n_train // spec.batch_size + (1 if n_train % spec.batch_size > max(1, ranks.world_size - 1) else 0)
-    if spec.max_steps_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, spec.max_steps_per_epoch)
-    total_steps = max(spec.epochs * steps_per_epoch, 1)
 
-    perm_gen = torch.Generator(device=device).manual_seed(spec.seed)
-    aug_gen = torch.Generator(device=device).manual_seed(spec.seed + 1)
-    autocast = (
-        (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if spec.amp == "bf16" else nullcontext
-    )
+def _autocast(spec: TrainSpec, device: torch.device) -> Callable[[], Any]:
+    return (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if spec.amp == "bf16" else nullcontext
+
+
+def train_members(
+    members: list[Member],
+    stepper: Stepper,
+    device: torch.device,
+    *,
+    on_leave: Callable[[int, TrainResult], None] | None = None,
+    may_split: bool = False,
+    ranks: distributed.Ranks | None = None,
+    progress: Any = None,
+) -> list[TrainResult] | OutOfMemory:
+    """Train ``members`` (all with the same task; see :func:`build_members`) in lockstep.
+
+    A member that diverges or is stopped by its ``on_epoch`` leaves; the others go on unchanged.
+    ``on_leave(index, result)`` is called as soon as a member is done, so its trial can be told
+    while the others train. Out of memory: every member still training fails ``out_of_memory``,
+    unless ``may_split`` and nobody reported yet (no ``on_epoch`` call, no member left): then
+    :class:`OutOfMemory` is returned. Results are in the order of ``members``.
+    """
+    ranks = ranks if ranks is not None else distributed.Ranks()
+    spec0 = members[0].spec
+    stepper.attach(members)
+    n_train = len(members[0].splits.y_train)
+    per_epoch = steps_per_epoch(spec0, n_train, ranks.world_size)
+    total_steps = max(spec0.epochs * per_epoch, 1)
+    aug = augment_kind(spec0, members[0].splits)
+    channels_last = spec0.channels_last and len(members[0].splits.input_shape) == 3
     cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     if device.type == "cuda":
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
-    history: list[dict] = []
-    status, failure = "completed", None
+    results: dict[int, TrainResult] = {}
+    live = list(members)
     step = 0
-    step_seconds = 0.0
-    progress = _progress(spec) if ranks.is_main else None
+    step_seconds = 0.0  # training steps only (no validation), synchronised on CUDA
+    stepping_since: float | None = None  # the start of the running epoch's steps
+    epoch = 0
+    reported = False  # a member called its on_epoch or left: from then on the members cannot be restarted
+    split = False
     task = progress.add_task("training", total=total_steps) if progress else None
     t_start = time.perf_counter()
+
+    def result(m: Member, status: str, failure: str | None, model: nn.Module | None) -> TrainResult:
+        seconds = step_seconds
+        if stepping_since is not None:  # a member that leaves in the middle of an epoch's steps
+            _sync(device)
+            seconds += time.perf_counter() - stepping_since
+        return TrainResult(
+            status=status, failure_reason=failure, epochs_completed=len(m.history), steps=m.steps,
+            train_seconds=time.perf_counter() - t_start,
+            ms_per_step=1000.0 * seconds / step if step else float("nan"),
+            device=str(device), history=m.history, model=model, splits=m.splits,  # type: ignore[arg-type]
+            optimizer=m.optimizer, rank=ranks.rank, world_size=ranks.world_size,
+        )
+
+    def leave(m: Member, status: str, failure: str | None) -> None:
+        nonlocal reported
+        reported = True
+        res = result(m, status, failure, stepper.result_model(m))
+        if on_leave is not None:
+            on_leave(m.index, res)
+        # only once told: a member whose on_leave ran out of memory (e.g. its final sharpness
+        # metrics) is failed out_of_memory below, as it would be alone, not left untold
+        results[m.index] = res
+
+    def fail_out_of_memory(m: Member) -> None:
+        """Free what can be freed, then fail ``m`` as a lone run that ran out of memory fails."""
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        res = result(m, "out_of_memory", "out_of_memory", m.model)
+        results[m.index] = res
+        if on_leave is not None:
+            on_leave(m.index, res)
+
+    def drop(gone: list[Member]) -> None:
+        nonlocal live
+        if not gone:
+            return
+        ids = {id(m) for m in gone}
+        live = [m for m in live if id(m) not in ids]
+        for slot, m in enumerate(live):
+            m.slot = slot
+        if live:
+            stepper.release(live)
+
     quirks = ExitStack()
     try:
         if progress:
             progress.start()
-        model.train()
-        quirks.enter_context(onednn_workaround(model))
-        for epoch in range(1, spec.epochs + 1):
+        for m in live:
+            m.model.train()
+            quirks.enter_context(onednn_workaround(m.model))
+        for epoch in range(1, spec0.epochs + 1):
+            if not live:
+                break
             t_epoch = time.perf_counter()
             _sync(device)
-            t_steps = time.perf_counter()
-            perm = torch.randperm(n_train, generator=perm_gen, device=device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.long, device=device)
-            seen = 0
-            diverged = False
-            for i in range(steps_per_epoch):
-                idx = perm[i * spec.batch_size : (i + 1) * spec.batch_size]
-                xb, yb = splits.x_train[idx], splits.y_train[idx]
-                if aug:
-                    xb = augment_batch(xb, aug, aug_gen)
+            stepping_since = time.perf_counter()
+            for m in live:
+                m.perm = torch.randperm(n_train, generator=m.perm_gen, device=device)
+                m.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                m.correct = torch.zeros((), dtype=torch.long, device=device)
+                m.seen = 0
+            for i in range(per_epoch):
+                xs, ys = [], []
+                for m in live:
+                    idx = m.perm[i * spec0.batch_size : (i + 1) * spec0.batch_size]  # type: ignore[index]
+                    xb, yb = m.splits.x_train[idx], m.splits.y_train[idx]
+                    if aug:
+                        xb = augment_batch(xb, aug, m.aug_gen)
+                    xs.append(xb)
+                    ys.append(yb)
+                    factor = lr_factor(m.spec, step, total_steps)
+                    for group, base in zip(m.optimizer.param_groups, m.base_lrs, strict=True):  # type: ignore[union-attr]
+                        group["lr"] = base * factor
                 if channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
+                    xs = [xb.contiguous(memory_format=torch.channels_last) for xb in xs]
                 weight = 1.0
                 if ranks.world_size > 1:  # this rank's slice; weighted so the ranks' mean is the batch mean
-                    n_global = len(yb)
-                    xb, yb = xb.tensor_split(ranks.world_size)[ranks.rank], yb.tensor_split(ranks.world_size)[ranks.rank]
-                    weight = len(yb) * ranks.world_size / n_global
-                factor = lr_factor(spec, step, total_steps)
-                for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
-                    group["lr"] = base * factor
-                first: list[Tensor] = []
-
-                def closure(
-                    xb: Tensor = xb, yb: Tensor = yb, first: list[Tensor] = first, weight: float = weight
-                ) -> Tensor:
-                    with autocast():
-                        out = model(xb)
-                        loss = F.cross_entropy(out, yb)
-                    if not first:
-                        first.extend((out.detach(), loss.detach()))
-                    return loss if weight == 1.0 else loss * weight
-
-                loss = optimizer.step(closure)
-                if loss is None or weight != 1.0:
-                    loss = first[1]
+                    n_global = len(ys[0])
+                    xs = [xs[0].tensor_split(ranks.world_size)[ranks.rank]]
+                    ys = [ys[0].tensor_split(ranks.world_size)[ranks.rank]]
+                    weight = len(ys[0]) * ranks.world_size / n_global
+                outcome = stepper.step(live, xs, ys, weight)
                 step += 1
-                seen += len(yb)
-                loss_sum += loss.detach().double() * len(yb)
-                correct += (first[0].argmax(1) == yb).sum()
+                check = i % 10 == 9 or i == per_epoch - 1
+                diverged = []
+                for m, yb, (loss, logits) in zip(live, ys, outcome, strict=True):
+                    m.steps += 1
+                    m.seen += len(yb)
+                    m.loss_sum += loss.double() * len(yb)  # type: ignore[operator]
+                    m.correct += (logits.argmax(1) == yb).sum()  # type: ignore[operator]
+                    if check and distributed.any_true(not bool(torch.isfinite(m.loss_sum)), ranks.group):  # type: ignore[arg-type]
+                        diverged.append(m)
+                del xs, ys, outcome
                 if progress:
-                    progress.update(task, advance=1, description=f"epoch {epoch}/{spec.epochs}")
-                if (i % 10 == 9 or i == steps_per_epoch - 1) and distributed.any_true(
-                    not bool(torch.isfinite(loss_sum)), ranks.group
-                ):
-                    diverged = True
+                    progress.update(task, advance=1, description=f"epoch {epoch}/{spec0.epochs}")
+                for m in diverged:
+                    leave(m, "diverged", "diverged")
+                drop(diverged)
+                if not live:
                     break
             _sync(device)
-            step_seconds += time.perf_counter() - t_steps
-            if diverged:
-                status, failure = "diverged", "diverged"
-                break
-            if ranks.world_size > 1:  # the epoch's training metrics over the global batches
-                totals = torch.stack([loss_sum, correct.double(), torch.full_like(loss_sum, seen)])
-                distributed.all_reduce_mean([totals], ranks.group)
-                totals *= ranks.world_size
-                loss_sum, correct, seen = totals[0], totals[1].round().long(), int(totals[2].round())
-            metrics, bad_val, stop = None, False, False
-            if ranks.is_main:  # validation and the pruning decision once, on rank 0; shared below
-                val_loss, val_acc = evaluate(model, splits.x_val, splits.y_val, batch_size=spec.eval_batch_size)
-                metrics = {
-                    "epoch": epoch,
-                    "train_loss": float(loss_sum) / max(seen, 1),
-                    "train_acc": int(correct) / max(seen, 1),
-                    "val_loss": val_loss,
-                    "val_acc": val_acc,
-                    "lr": optimizer.param_groups[0]["lr"],
-                    "seconds": time.perf_counter() - t_epoch,
-                }
-                bad_val = bool(len(splits.y_val)) and not math.isfinite(val_loss)
-                if progress and not bad_val:
-                    progress.update(task, description=f"epoch {epoch}/{spec.epochs} val_acc {val_acc:.3f}")
-                stop = not bad_val and on_epoch is not None and bool(on_epoch(epoch, dict(metrics)))
-            metrics, bad_val, stop = distributed.broadcast_object((metrics, bad_val, stop), ranks.group)
-            if bad_val:
-                status, failure = "diverged", "diverged"
-                break
-            history.append(metrics)
-            if stop:
-                status = "stopped"
-                break
-    except _OOM_ERRORS:
-        status, failure = "out_of_memory", "out_of_memory"
+            step_seconds += time.perf_counter() - stepping_since
+            stepping_since = None
+            gone = []
+            for m in list(live):
+                if ranks.world_size > 1:  # the epoch's training metrics over the global batches
+                    totals = torch.stack([m.loss_sum, m.correct.double(), torch.full_like(m.loss_sum, m.seen)])  # type: ignore[list-item,union-attr,arg-type]
+                    distributed.all_reduce_mean([totals], ranks.group)
+                    totals *= ranks.world_size
+                    m.loss_sum, m.correct, m.seen = totals[0], totals[1].round().long(), int(totals[2].round())
+                metrics, bad_val, stop = None, False, False
+                if ranks.is_main:  # validation and the pruning decision once, on rank 0; shared below
+                    model = stepper.eval_model(m)
+                    val_loss, val_acc = evaluate(model, m.splits.x_val, m.splits.y_val, batch_size=spec0.eval_batch_size)
+                    metrics = {
+                        "epoch": epoch,
+                        "train_loss": float(m.loss_sum) / max(m.seen, 1),  # type: ignore[arg-type]
+                        "train_acc": int(m.correct) / max(m.seen, 1),  # type: ignore[arg-type]
+                        "val_loss": val_loss,
+                        "val_acc": val_acc,
+                        "lr": m.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
+                        "seconds": time.perf_counter() - t_epoch,
+                    }
+                    bad_val = bool(len(m.splits.y_val)) and not math.isfinite(val_loss)
+                    if not bad_val:
+                        m.history.append(metrics)  # before the callback: the epoch counts even if it raises
+                        if progress:
+                            progress.update(task, description=f"epoch {epoch}/{spec0.epochs} val_acc {val_acc:.3f}")
+                        if m.on_epoch is not None:
+                            reported = True
+                            stop = bool(m.on_epoch(epoch, dict(metrics)))
+                metrics, bad_val, stop = distributed.broadcast_object((metrics, bad_val, stop), ranks.group)
+                if not ranks.is_main and not bad_val:
+                    m.history.append(metrics)
+                if bad_val:
+                    leave(m, "diverged", "diverged")
+                    gone.append(m)
+                elif stop:
+                    leave(m, "stopped", None)
+                    gone.append(m)
+            drop(gone)
+        for m in live:
+            try:
+                leave(m, "completed", None)
+            except OOM_ERRORS:
+                # this member's final metrics (sharpness: Hessian-vector products) ran out of
+                # memory: it fails as it would alone, and every other finished member still gets
+                # its own attempt at its metrics, as it would alone
+                fail_out_of_memory(m)
+    except OOM_ERRORS:
         # drop the references that hold activations, graphs and optimizer state, then give memory back
-        xb = yb = idx = perm = first = loss = None  # noqa: F841
-        optimizer.zero_grad(set_to_none=True)
-        optimizer.state.clear()
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for m in members:
+            if m.optimizer is not None:
+                m.optimizer.zero_grad(set_to_none=True)
+                m.optimizer.state.clear()
+        stepper.release([])
+        # Nobody was told anything yet: the caller may restart the members in smaller packs (and
+        # frees the rest of this attempt once its frames are gone). After a report it may not
+        # (docs/packs.md, "Out of memory"): the live members fail as out_of_memory.
+        split = may_split and not reported
+        if not split:
+            for m in members:
+                if m.index not in results:
+                    fail_out_of_memory(m)
     finally:
         quirks.close()
         if progress:
             progress.stop()
         if device.type == "cuda":
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
-        ranks.close()
-    train_seconds = time.perf_counter() - t_start
-    return TrainResult(
-        status=status,
-        failure_reason=failure,
-        epochs_completed=len(history),
-        steps=step,
-        train_seconds=train_seconds,
-        ms_per_step=1000.0 * step_seconds / step if step else float("nan"),
-        device=str(device),
-        history=history,
-        model=model,
-        splits=splits,
-        optimizer=optimizer,
-        rank=ranks.rank,
-        world_size=ranks.world_size,
-    )
+    if split:
+        return OutOfMemory(epoch)
+    return [results[m.index] for m in members]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections import deque
+
 import numpy as np
 import torch
 from torch import nn
@@ -40,37 +43,61 @@ def broken(*, data_dir=None, seed=0):
     return 42
 
 
-class MemoryLimited(nn.Module):
-    """A small MLP with an emulated memory limit: in training mode its forward raises
-    ``torch.OutOfMemoryError`` when its input is one member's slice of a trial pack's stacked
-    batch that holds more than ``max_members`` members' batches (``max_members=0``: even a lone run).
+# The tokens of MemoryLimited models in the order of their training-mode forwards (the recent ones).
+_TRAINING_FORWARDS: deque[int] = deque(maxlen=4096)
+_TOKENS = itertools.count()
+_BUILT_SINCE_A_FORWARD = [0]
 
-    Why emulated: a pack's memory grows with the number of members it stacks, and on a GPU the
-    CUDA allocator then raises ``torch.OutOfMemoryError`` from inside a pass. On the CPU the real
-    allocator cannot be exhausted safely (the host swaps, or the kernel kills the process, instead
-    of an exception), so the tests raise the same exception where the pack's size is visible: the
-    stacked batch. With the pack's exact kernels (SASSHA's default) each member's forward gets a
-    view ``x[i]`` of the stack ``x`` of shape (K, batch, ...), so ``x._base`` holds all K batches;
-    a lone run's batch is a fresh tensor. Otherwise the forward is an ordinary deterministic MLP."""
+
+class MemoryLimited(nn.Module):
+    """A small MLP with an emulated memory limit: its training-mode forward raises
+    ``torch.OutOfMemoryError`` when more than ``max_members`` such models are training at once
+    (``max_members=0``: even a lone run), and the factory raises it when it is asked for more than
+    ``max_models`` models before any of them ran (``None``: no limit).
+
+    Why emulated: a pack's memory grows with the number of members it holds, and on a GPU the CUDA
+    allocator then raises ``torch.OutOfMemoryError`` from inside a pass (or while the members' models
+    and optimizer state are set up). On the CPU the real allocator cannot be exhausted safely (the
+    host swaps, or the kernel kills the process, instead of an exception), so the tests raise the
+    same exception where the pack's size is visible from a model: the members of a pack take their
+    steps in turn, so between two training forwards of one model the other members' models run
+    theirs. The number of models training at once is one more than the number of other models that
+    ran a training forward since this model's previous one (a lone run's forwards follow each
+    other: 1). Otherwise the forward is an ordinary deterministic MLP."""
 
     def __init__(self, input_shape, num_classes, max_members: int, hidden: int) -> None:
         super().__init__()
         self.max_members = int(max_members)
+        self.token = next(_TOKENS)
         self.net = nn.Sequential(
             nn.Flatten(), nn.Linear(int(np.prod(input_shape)), hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
         )
 
+    def _training_at_once(self) -> int:
+        others = set()
+        for token in reversed(_TRAINING_FORWARDS):
+            if token == self.token:
+                return 1 + len(others)
+            others.add(token)
+        return 1  # this model's first forward
+
     def forward(self, x):
         if self.training:
-            base = x._base
-            members = base.shape[0] if base is not None and base.dim() == x.dim() + 1 else 1
+            _BUILT_SINCE_A_FORWARD[0] = 0
+            members = self._training_at_once()
+            _TRAINING_FORWARDS.append(self.token)
             if members > self.max_members:
                 raise torch.OutOfMemoryError(
-                    f"emulated: a batch of {members} members' samples exceeds the limit of {self.max_members}"
+                    f"emulated: {members} members training at once exceed the limit of {self.max_members}"
                 )
         return self.net(x)
 
 
-def memory_limited(*, input_shape, num_classes, max_members=1, hidden=16):
-    """A model plug-in: :class:`MemoryLimited`."""
+def memory_limited(*, input_shape, num_classes, max_members=1, max_models=None, hidden=16):
+    """A model plug-in: :class:`MemoryLimited`. It is deterministic and keeps no state outside its
+    parameters, so it may be packed like a built-in model (``packable``)."""
+    _BUILT_SINCE_A_FORWARD[0] += 1
+    if max_models is not None and _BUILT_SINCE_A_FORWARD[0] > max_models:
+        _BUILT_SINCE_A_FORWARD[0] = 0  # what ran out is given back: a smaller retry starts afresh
+        raise torch.OutOfMemoryError(f"emulated: more than {max_models} models set up at once")
     return MemoryLimited(input_shape, num_classes, max_members, hidden)

@@ -173,35 +173,30 @@ def test_out_of_memory_after_a_report_is_not_split(lift):
     assert rec.epochs[1] == [1] and sorted(rec.left) == [(0, "out_of_memory"), (1, "out_of_memory")]
 
 
-def test_out_of_memory_while_stacking_is_split(lift, monkeypatch):
-    # The stacks themselves (parameters, buffers) do not fit: split with epoch 0, and a lone member
-    # whose model does not fit fails without stopping the other half. The model plug-in cannot see
-    # the stacking, so here the limit wraps the stack's constructor.
-    real = packs._Pack
+def test_out_of_memory_while_setting_up_is_split(lift):
+    # The members' models and optimizer state themselves do not fit (the plug-in's factory refuses
+    # more than max_models models before any of them ran): split with epoch 0, and a lone member
+    # whose model does not fit fails without stopping the other half.
+    def specs(max_models):
+        return [TrainSpec(optimizer="sassha", hparams=h, seed=0,
+                          **{**BASE, "model_options": {"max_members": 9, "max_models": max_models}})
+                for h in SASSHA[:2]]
 
-    def limited(module, members_models, **kw):
-        if len(members_models) > limit:
-            raise torch.OutOfMemoryError("emulated: stacking")
-        return real(module, members_models, **kw)
-
-    monkeypatch.setattr(packs, "_Pack", limited)
-    limit = 1
     rec = Recorder(2)
-    results = train_pack(_specs(2, 9), rec.callbacks(), on_leave=rec.leave, split_on_oom=True, on_split=rec.split)
+    results = train_pack(specs(1), rec.callbacks(), on_leave=rec.leave, split_on_oom=True, on_split=rec.split)
     assert rec.splits == [(0, [[0], [1]])] and [r.status for r in results] == ["completed", "completed"]
-    limit = 0
     rec = Recorder(2)
-    results = train_pack(_specs(2, 9), rec.callbacks(), on_leave=rec.leave, split_on_oom=True, on_split=rec.split)
+    results = train_pack(specs(0), rec.callbacks(), on_leave=rec.leave, split_on_oom=True, on_split=rec.split)
     assert rec.left == [(0, "out_of_memory"), (1, "out_of_memory")]
     with pytest.raises(torch.OutOfMemoryError):  # without split_on_oom: raised, as before
-        train_pack(_specs(2, 9))
+        train_pack(specs(1))
 
 
 def test_split_line():
     assert split_line(1, [[0, 1, 2, 3], [4, 5, 6, 7]]) == (
         "pack of 8 ran out of memory in epoch 1; retrying as 2 packs of 4 (trials [0, 1, 2, 3] and [4, 5, 6, 7])")
     assert split_line(1, [[3, 4, 5], [6, 7]]).startswith("pack of 5 ran out of memory in epoch 1; retrying as packs of 3 and 2")
-    assert "while stacking its members" in split_line(0, [[0], [1]])
+    assert "while setting up its members" in split_line(0, [[0], [1]])
 
 
 # --------------------------------------------------------------------------------------------

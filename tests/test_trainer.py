@@ -230,3 +230,15 @@ def test_plugins_through_train():
     )
     r = train(spec)
     assert r.status == "completed" and final_metrics(r)["test_acc"] > 0.8
+
+
+def test_steps_per_epoch_one_rule_for_lone_runs_packs_and_ranks():
+    from sassha_tune.trainer import steps_per_epoch
+
+    spec = TrainSpec(batch_size=32)
+    assert steps_per_epoch(spec, 320) == 10  # full batches only
+    assert steps_per_epoch(spec, 321) == 10  # a last batch of 1 example is dropped
+    assert steps_per_epoch(spec, 322) == 11  # of 2 it counts
+    assert steps_per_epoch(spec, 322, world_size=3) == 10  # under 3 ranks it needs >= 3 (one per rank)
+    assert steps_per_epoch(spec, 323, world_size=3) == 11
+    assert steps_per_epoch(TrainSpec(batch_size=32, max_steps_per_epoch=4), 322) == 4
