@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .plugins import PLUGIN_SPEC, is_plugin
 
 __all__ = [
     "Config",
@@ -404,7 +405,7 @@ def _plugin_or_name(v: Any, ctx: _Ctx, path: str) -> str:
     """A registered name, or a ``package.module:function`` plug-in (imported only when used)."""
     if not isinstance(v, str) or not v.strip():
         raise ctx.fail(path, "a name or a package.module:function plug-in", v)
-    if ":" in v and not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", v):
+    if is_plugin(v) and not PLUGIN_SPEC.match(v):
         raise ctx.fail(path, "a package.module:function plug-in", v)
     return v
 
@@ -751,11 +752,11 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
     except (TypeError, ValueError) as exc:
         raise ctx.fail("study.pruner.options", "", raw=f"rejected by the pruner: {exc}") from None
     from .data import DATASETS, dataset_option_names
-    from .models import MODELS, model_name_error, model_option_names
+    from .models import MODELS, is_builtin_model, model_name_error, model_option_names
 
-    if ":" not in cfg.task.dataset and cfg.task.dataset not in DATASETS:
+    if not is_plugin(cfg.task.dataset) and cfg.task.dataset not in DATASETS:
         _choice(tuple(DATASETS))(cfg.task.dataset, ctx, "task.dataset")
-    if ":" not in cfg.task.model and cfg.task.model not in MODELS and not re.match(r"^(resnet\d+|wrn\d+_\d+)$", cfg.task.model):
+    if not is_plugin(cfg.task.model) and not is_builtin_model(cfg.task.model):
         raise ctx.fail("task.model", "", raw=_choice_text(cfg.task.model, tuple(MODELS), "or a package.module:factory plug-in"))
     if error := model_name_error(cfg.task.model):
         raise ctx.fail("task.model", "", raw=f"{cfg.task.model!r}: {error}")
@@ -767,7 +768,7 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
              f"model {cfg.task.model!r}")
     if cfg.task.dataset == "custom":
         factory = cfg.task.dataset_options.get("factory")
-        if not isinstance(factory, str) or not re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$", factory):
+        if not isinstance(factory, str) or not PLUGIN_SPEC.match(factory):
             raise ctx.fail("task.dataset_options.factory", "a package.module:function plug-in (dataset custom needs one)",
                            _REQUIRED if factory is None else factory)
     if cfg.device.processes > 1:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib
 import json
 import os
 import pickle
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import DataError, UserError
+from .plugins import load_plugin
 
 DATASETS = ["mnist1d", "digits", "fashion_mnist", "cifar10", "cifar100", "synthetic", "custom"]
 AUGMENTATIONS = ("crop_flip", "crop")
@@ -417,25 +417,6 @@ def _load_synthetic(data_dir: str | None, opts: dict) -> dict:
     )
 
 
-def _import_object(spec: str, what: str) -> Any:
-    if not isinstance(spec, str) or ":" not in spec:
-        raise UserError(f"{what} must be 'package.module:function', got {spec!r}")
-    mod_name, _, attr = spec.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise UserError(f"{what} {spec!r}: cannot import {mod_name!r} ({exc})") from None
-    obj = mod
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UserError(f"{what} {spec!r}: {mod_name!r} has no attribute {attr!r}") from None
-    if not callable(obj):
-        raise UserError(f"{what} {spec!r} is not callable")
-    return obj
-
-
 def _load_custom(data_dir: str | None, opts: dict, seed: int = 0) -> dict | Splits:
     """The dataset plug-in contract.
 
@@ -450,7 +431,7 @@ def _load_custom(data_dir: str | None, opts: dict, seed: int = 0) -> dict | Spli
     * a tuple ``(x_train, y_train, x_test, y_test)``.
     """
     opts = dict(opts)
-    fn = _import_object(opts.pop("factory", None), "dataset option factory")
+    fn = load_plugin(opts.pop("factory", None), "dataset option factory")
     for k in _COMMON_OPTIONS:
         opts.pop(k, None)
     out = fn(data_dir=data_dir, seed=seed, **opts)

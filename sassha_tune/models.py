@@ -22,7 +22,6 @@ Names (``MODELS``):
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import math
 import re
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError
+from .plugins import is_plugin, load_plugin
 
 MODELS = ["mlp", "cnn1d", "cnn", "resnet20", "resnet32", "resnet56", "wrn16_4", "wrn28_10", "vit"]
 
@@ -319,18 +319,8 @@ class ViT(nn.Module):
 
 
 def _plugin(name: str, input_shape: tuple, num_classes: int, options: dict) -> nn.Module:
-    mod_name, _, attr = name.partition(":")
-    try:
-        obj = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise UserError(f"model plug-in {name!r}: cannot import {mod_name!r} ({exc})") from None
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise UserError(f"model plug-in {name!r}: {mod_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise UserError(f"model plug-in {name!r} is not callable")
-    model = obj(input_shape=input_shape, num_classes=num_classes, **options)
+    factory = load_plugin(name, "model plug-in")
+    model = factory(input_shape=input_shape, num_classes=num_classes, **options)
     if not isinstance(model, nn.Module):
         raise UserError(f"model plug-in {name!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
@@ -347,7 +337,7 @@ def _depth_error(cls: type, encoded: tuple[int, ...]) -> str | None:
 
 def model_name_error(name: str) -> str | None:
     """Why built-in model ``name`` cannot be built (e.g. ``resnet21``); None if it can or is a plug-in."""
-    found = None if ":" in name else _builtin(name)
+    found = None if is_plugin(name) else _builtin(name)
     return None if found is None else _depth_error(*found)
 
 
@@ -363,10 +353,16 @@ def _builtin(name: str) -> tuple[type[nn.Module], tuple[int, ...]] | None:
     return None
 
 
+def is_builtin_model(name: str) -> bool:
+    """Whether ``name`` is a built-in model (``mlp``, ``resnet20``, ``wrn16_4``, ...; the depth may
+    still be one that cannot be built, see :func:`model_name_error`)."""
+    return not is_plugin(name) and _builtin(name) is not None
+
+
 def has_normalization(name: str) -> bool | None:
     """Whether built-in model ``name`` has normalization layers (BatchNorm/LayerNorm); ``None``
     for plug-ins and unknown names, which are not inspected without building them."""
-    found = None if ":" in name else _builtin(name)
+    found = None if is_plugin(name) else _builtin(name)
     if found is None:
         return None
     return found[0] in (ResNet, WideResNet, ViT)
@@ -379,7 +375,7 @@ def model_option_names(name: str) -> tuple[str, ...] | None:
     ``input_shape``, ``num_classes``). ``None`` for plug-ins (``package.module:factory``) and
     unknown names. The config validates ``task.model_options`` with this.
     """
-    if ":" in name:
+    if is_plugin(name):
         return None
     found = _builtin(name)
     if found is None:
@@ -393,7 +389,7 @@ def model_option_names(name: str) -> tuple[str, ...] | None:
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **options) -> nn.Module:
     """Build model ``name`` for inputs of ``input_shape`` (no batch dim) and ``num_classes`` outputs."""
     shape = tuple(int(s) for s in input_shape)
-    if ":" in name:
+    if is_plugin(name):
         return _plugin(name, shape, num_classes, options)
     found = _builtin(name)
     if found is None:

@@ -58,6 +58,7 @@ from .optim.base import clear_grads, frozen_running_stats
 from .optim.hessian import hutchinson_diagonals
 from .optim.sam import SAMStep
 from .optim.sassha import Sassha
+from .plugins import is_plugin
 from .trainer import (
     OOM_ERRORS,
     LoneSteps,
@@ -209,7 +210,7 @@ def pack_blocker(optimizer: str, model: str, model_options: dict | None = None, 
     packable = sorted(name for name, info in OPTIMIZERS.items() if info.packable)
     if optimizer not in packable:
         return f"optimizer {optimizer!r} is not packable (packable: {', '.join(packable)})"
-    if ":" in model:
+    if is_plugin(model):
         return f"model {model!r} is a plug-in (packs batch the built-in models only)"
     if float((model_options or {}).get("dropout", 0.0) or 0.0) > 0:
         return "the model uses dropout (its random masks cannot follow the lone run's RNG stream)"
