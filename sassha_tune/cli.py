@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from .devices import check_device_name
 from .errors import UserError
 
 # Piped output (logs, CI) is not squeezed into 80 columns; a terminal keeps its own width.
@@ -151,7 +152,7 @@ def _check_flags(gpus: str | None, device: str | None, pack: str | None) -> tupl
     from .study import check_device
 
     gpu_list = _parse_gpus(gpus)
-    _check_device(device)
+    check_device_name(device)
     pack_size = parse_pack(pack)
     if gpu_list and device is not None:
         raise UserError("--device cannot be combined with --gpus (each GPU worker trains on its own cuda device)")
@@ -262,13 +263,6 @@ def worker(
     # run_trials checks the stored config's device before it asks a trial
     summary = run_trials(study, url, worker=wid, device=device, log=_log, pack=pack_size)
     _log(f"worker done: {summary.ran} trials in {summary.seconds:.1f} s; {summary.stopped_because}")
-
-
-def _check_device(device: str | None) -> None:
-    import re
-
-    if device is not None and not re.match(r"^(auto|cpu|cuda|cuda:\d+)$", device):
-        raise UserError(f"--device: expected auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def _fmt(v: Any) -> str:
@@ -412,7 +406,7 @@ def train(
     from .spaces import check_param_names
     from .study import check_device
 
-    _check_device(device)
+    check_device_name(device)
     check_device(device, "--device")
     if metrics_out is not None and not metrics_out.parent.is_dir():
         raise UserError(f"--metrics-out {metrics_out}: directory {metrics_out.parent} does not exist")

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from .devices import DEVICE_CHOICES, DEVICE_NAME
 from .errors import ConfigError
 from .plugins import PLUGIN_SPEC, is_plugin
 
@@ -61,7 +62,6 @@ SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "nsgaii")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
 # Schedule names: trainer.SCHEDULES (imported where the config is checked; the trainer needs torch).
 AMP_MODES = ("none", "bf16")
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 _STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
@@ -390,8 +390,8 @@ def _fractions(v: Any, ctx: _Ctx, path: str) -> list[float]:
 
 
 def _device_name(v: Any, ctx: _Ctx, path: str) -> str:
-    if not isinstance(v, str) or not _DEVICE_RE.match(v):
-        raise ctx.fail(path, "auto, cpu, cuda or cuda:N", v)
+    if not isinstance(v, str) or not DEVICE_NAME.match(v):
+        raise ctx.fail(path, DEVICE_CHOICES, v)
     return v
 
 
