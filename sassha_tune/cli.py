@@ -296,6 +296,7 @@ def status(
     storage: StorageOpt = None,
 ) -> None:
     """Show the studies in a storage (trial counts by state, budget, best value) or one study in detail."""
+    from .metrics.names import SUMMARY_METRICS
     from .study import load_study, mask_url, resolve_storage, study_detail, study_rows
 
     url = resolve_storage(storage)
@@ -341,8 +342,7 @@ def status(
     bt.add_column("value")
     for k, v in best.params.items():
         bt.add_row(f"param {k}", _fmt(v))
-    for k in ("val_acc", "val_loss", "test_acc", "gen_gap_acc", "lambda_max", "hessian_trace", "sam_sharpness",
-              "adaptive_sharpness", "train_seconds", "device"):
+    for k in SUMMARY_METRICS:
         if k in best.user_attrs:
             bt.add_row(k, _fmt(best.user_attrs[k]))
     out.print(bt)

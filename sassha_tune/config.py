@@ -24,6 +24,7 @@ import yaml
 
 from .devices import DEVICE_CHOICES, DEVICE_NAME
 from .errors import ConfigError
+from .metrics.names import OBJECTIVE_METRICS, PER_EPOCH_METRICS, SHARPNESS_METRICS
 from .plugins import PLUGIN_SPEC, is_plugin
 
 __all__ = [
@@ -33,31 +34,10 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "yaml_load",
-    "OBJECTIVE_METRICS",
-    "PER_EPOCH_METRICS",
     "SHARPNESS_BUDGET_KEYS",
     "published_to_enqueue",
 ]
 
-# Metrics a study may optimize (all stored as trial user attributes). test_* is deliberately absent:
-# select on validation, report test once.
-OBJECTIVE_METRICS = (
-    "val_acc",
-    "val_loss",
-    "train_acc",
-    "train_loss",
-    "gen_gap_acc",
-    "gen_gap_loss",
-    "lambda_max",
-    "hessian_trace",
-    "sam_sharpness",
-    "adaptive_sharpness",
-    "train_seconds",
-    "ms_per_step",
-)
-SHARPNESS_METRICS = ("lambda_max", "hessian_trace", "sam_sharpness", "adaptive_sharpness")
-# Metrics the trainer reports after every epoch: the only ones a pruner can act on.
-PER_EPOCH_METRICS = ("val_acc", "val_loss")
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "nsgaii")
 PRUNERS = ("none", "median", "hyperband", "successive_halving")
 # Schedule names: trainer.SCHEDULES (imported where the config is checked; the trainer needs torch).
