@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Closure
+from .base import Closures
 from .functional import adahessian_update_, conv_kernel_average
 from .preconditioned import OnePassPreconditioned
 
@@ -59,7 +59,7 @@ class AdaHessian(OnePassPreconditioned):
         return state
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Closures | None = None) -> Tensor:  # type: ignore[override]
         loss, params, grads, hess = self._one_pass(closure)
         for group, ps, gs, hs in zip(self.param_groups, params, grads, hess, strict=True):
             if not ps:

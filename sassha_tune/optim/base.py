@@ -11,6 +11,11 @@ So the trainer, and a user's own loop, is the same for every optimizer::
     for x, y in batches:
         loss = optimizer.step(lambda: loss_fn(model(x), y))
 
+Gradient accumulation: pass a sequence of closures, one per micro-batch, each returning its
+micro-batch's mean loss. The optimizer then uses the mean over micro-batches of the loss and of
+its gradient (each micro-loss divided by their number, one backward per micro-batch) and returns
+the mean first-pass loss. One closure in a list is the same as the closure alone.
+
 Two-pass optimizers evaluate the closure a second time at perturbed weights. That pass must not
 move BatchNorm running statistics: pass ``model=`` to the optimizer, or wrap the second call
 yourself with :func:`frozen_running_stats`.
@@ -23,7 +28,7 @@ disagree on them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -31,6 +36,8 @@ import torch
 from torch import Tensor, nn
 
 Closure = Callable[[], Tensor]
+#: what ``step`` takes: one closure, or one per micro-batch of a gradient-accumulation step
+Closures = Closure | Sequence[Closure]
 
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -61,6 +68,69 @@ def frozen_running_stats(model: nn.Module | None) -> Iterator[None]:
 def second_pass_context(model: nn.Module | None):
     """The context for a perturbed (second) pass: running statistics frozen when the model is known."""
     return frozen_running_stats(model) if model is not None else nullcontext()
+
+
+def micro_batches(closure: Closures | None, who: str) -> list[Closure]:
+    """The micro-batch closures of a step (a lone closure is one micro-batch)."""
+    if closure is None:
+        raise RuntimeError(f"{who}.step needs a closure that returns the loss (see sassha_tune.optim.base)")
+    if callable(closure):
+        return [closure]
+    closures = list(closure)
+    if not closures or not all(callable(c) for c in closures):
+        raise ValueError(f"{who}.step: expected a closure or a non-empty sequence of closures, got {closure!r}")
+    return closures
+
+
+def accumulated_grads(
+    closures: Sequence[Closure],
+    params: Sequence[Tensor],
+    *,
+    create_graph: bool = False,
+    context: Callable[[], Any] = nullcontext,
+) -> tuple[Tensor, list[Tensor | None]]:
+    """The mean over micro-batches of the loss (detached when there are several) and of its
+    gradient w.r.t. ``params``, by ``torch.autograd.grad`` (nothing is accumulated into ``.grad``).
+
+    Each closure runs inside ``context()`` with gradients enabled. One micro-batch is exactly
+    ``grad(closure(), params)``. Several: each micro-loss is divided by their number and the
+    gradients are summed; with ``create_graph`` every micro-batch's graph is kept (the sum carries
+    them all, so a Hessian-vector product of the sum is the one of the whole batch).
+    ``None``: the loss does not depend on that parameter in any micro-batch.
+    """
+    if len(closures) == 1:
+        with torch.enable_grad(), context():
+            loss = closures[0]()
+            grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+        return loss, list(grads)
+    n = len(closures)
+    losses: list[Tensor] = []
+    total: list[Tensor | None] = [None] * len(params)
+    for c in closures:
+        with torch.enable_grad(), context():
+            loss = c()
+            grads = torch.autograd.grad(loss / n, list(params), create_graph=create_graph, allow_unused=True)
+            # summed with gradients enabled: with create_graph the sum carries every micro-batch's graph
+            total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, grads, strict=True)]
+        losses.append(loss.detach())
+    return torch.stack(losses).mean(), total
+
+
+def accumulated_backward(closures: Sequence[Closure], *, context: Callable[[], Any] = nullcontext) -> Tensor:
+    """:func:`accumulated_grads` with ``backward`` into ``.grad`` (for ``torch.optim`` updates)."""
+    if len(closures) == 1:
+        with torch.enable_grad(), context():
+            loss = closures[0]()
+            loss.backward()
+        return loss
+    n = len(closures)
+    losses = []
+    for c in closures:
+        with torch.enable_grad(), context():
+            loss = c()
+            (loss / n).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
 
 
 def clear_grads(params: Iterable[Tensor]) -> None:

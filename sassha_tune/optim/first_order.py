@@ -15,7 +15,15 @@ from typing import Any
 import torch
 
 from .. import distributed
-from .base import CheckedGroups, Closure, clear_grads, clip_grads_, trainable
+from .base import (
+    CheckedGroups,
+    Closures,
+    accumulated_backward,
+    clear_grads,
+    clip_grads_,
+    micro_batches,
+    trainable,
+)
 
 __all__ = ["OnePassStep", "SGD", "AdamW"]
 
@@ -56,14 +64,13 @@ class OnePassStep(CheckedGroups):
         self._clip()
         super().step()  # type: ignore[misc]  # the torch optimizer's update (next in the MRO)
 
-    def step(self, closure: Closure | None = None):  # type: ignore[override]
+    def step(self, closure: Closures | None = None):  # type: ignore[override]
         if closure is None:
             self.apply_update()
             return None
+        closures = micro_batches(closure, type(self).__name__)
         clear_grads(trainable(self))  # type: ignore[arg-type]
-        with torch.enable_grad():
-            loss = closure()
-            loss.backward()
+        loss = accumulated_backward(closures)
         self._all_reduce_grads()
         self.apply_update()
         return loss.detach()

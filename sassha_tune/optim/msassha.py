@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Closure, clear_grads, split_active
+from .base import Closures, accumulated_grads, clear_grads, micro_batches, split_active
 from .functional import sam_perturbation
 from .preconditioned import HessianPower, HessianPreconditioned
 
@@ -94,12 +94,9 @@ class MSassha(HessianPreconditioned):
         return flat_p, flat_d
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Closures | None = None) -> Tensor:  # type: ignore[override]
         """One M-SASSHA step; returns the loss of its single pass (at the perturbed point), detached."""
-        if closure is None:
-            raise RuntimeError(
-                "MSassha.step needs a closure that returns the loss (see sassha_tune.optim.base)"
-            )
+        closures = micro_batches(closure, type(self).__name__)
         candidates = self._candidates()
         flat = [p for ps in candidates for p in ps]
         clear_grads(flat)
@@ -107,9 +104,7 @@ class MSassha(HessianPreconditioned):
         if moved:
             torch._foreach_sub_(moved, ds)  # theta~ = theta - d
         need_graph = self._needs_graph(candidates)
-        with torch.enable_grad():
-            loss = closure()
-            raw = torch.autograd.grad(loss, flat, create_graph=need_graph, allow_unused=True)
+        loss, raw = accumulated_grads(closures, flat, create_graph=need_graph)
         params, grads = split_active(candidates, raw)
         del raw
         if not any(params):

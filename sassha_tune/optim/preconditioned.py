@@ -26,7 +26,17 @@ import torch
 from torch import Tensor
 
 from .. import distributed
-from .base import GROUP_CHECKS, CheckedGroups, clip_grads_, regroup, split_active, state_dtype
+from .base import (
+    GROUP_CHECKS,
+    CheckedGroups,
+    Closures,
+    accumulated_grads,
+    clip_grads_,
+    micro_batches,
+    regroup,
+    split_active,
+    state_dtype,
+)
 from .functional import decoupled_weight_decay_, due_for_refresh, ema_, sassha_update_
 from .hessian import ProbeRequest, graph_hvp, hutchinson_diagonals, make_generator
 
@@ -325,20 +335,17 @@ class OnePassPreconditioned(HessianPreconditioned):
     graph is kept on refresh steps only and the Hutchinson estimate is taken from it."""
 
     def _one_pass(
-        self, closure: Callable[[], Tensor] | None
+        self, closure: Closures | None
     ) -> tuple[Tensor, list[list[Tensor]], list[list[Tensor]], list[list[Tensor | None]]]:
         """The pass, the plan and the estimate: (loss, params, update gradients, signed estimates
         per parameter or None), per group; gradients already averaged across ranks and clipped."""
-        if closure is None:
-            raise RuntimeError(f"{type(self).__name__}.step needs a closure that returns the loss")
+        closures = micro_batches(closure, type(self).__name__)
         candidates = self._candidates()
         flat = [p for ps in candidates for p in ps]
         for p in flat:
             p.grad = None
         need_graph = self._needs_graph(candidates)
-        with torch.enable_grad():
-            loss = closure()
-            raw = torch.autograd.grad(loss, flat, create_graph=need_graph, allow_unused=True)
+        loss, raw = accumulated_grads(closures, flat, create_graph=need_graph)
         params, grads = split_active(candidates, raw)
         del raw
         plan = self.plan_step(params)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Closure, clear_grads, second_pass_context, trainable
+from .base import Closures, accumulated_backward, clear_grads, micro_batches, second_pass_context, trainable
 from .first_order import OnePassStep
 from .functional import sam_perturbation
 
@@ -102,18 +102,14 @@ class SAMStep(OnePassStep):
         self._all_reduce_grads()
         self.apply_update()
 
-    def step(self, closure: Closure | None = None):  # type: ignore[override]
-        if closure is None:
-            raise RuntimeError("SAM needs a closure that returns the loss (see sassha_tune.optim.base)")
+    def step(self, closure: Closures | None = None):  # type: ignore[override]
+        closures = micro_batches(closure, type(self).__name__)
         clear_grads(trainable(self))  # type: ignore[arg-type]
-        with torch.enable_grad():
-            loss = closure()
-            loss.backward()
+        loss = accumulated_backward(closures)
         perturbation = self.perturb()
         if perturbation is None:
             return loss.detach()
-        with torch.enable_grad(), second_pass_context(self.model):
-            closure().backward()
+        accumulated_backward(closures, context=lambda: second_pass_context(self.model))
         self.restore_and_update(perturbation)
         return loss.detach()
 

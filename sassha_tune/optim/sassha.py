@@ -19,7 +19,15 @@ import torch
 from torch import Tensor, nn
 
 from .. import distributed
-from .base import Closure, clear_grads, regroup, second_pass_context, split_active
+from .base import (
+    Closures,
+    accumulated_grads,
+    clear_grads,
+    micro_batches,
+    regroup,
+    second_pass_context,
+    split_active,
+)
 from .functional import sam_perturbation
 from .preconditioned import HessianPower, HessianPreconditioned
 
@@ -144,20 +152,17 @@ class Sassha(HessianPreconditioned):
         )
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
-        """One SASSHA step on the batch ``closure`` evaluates; returns the clean (pass-1) loss."""
-        if closure is None:
-            raise RuntimeError(
-                "Sassha.step needs a closure that returns the loss (see sassha_tune.optim.base)"
-            )
+    def step(self, closure: Closures | None = None) -> Tensor:  # type: ignore[override]
+        """One SASSHA step on the batch ``closure`` evaluates (or on its micro-batches); returns
+        the clean (pass-1) loss. With micro-batches, a refresh step keeps every micro-batch's
+        pass-2 graph until the Hessian-vector product (the product of the whole batch)."""
+        closures = micro_batches(closure, type(self).__name__)
         candidates = self._candidates()
         flat = [p for ps in candidates for p in ps]
         clear_grads(flat)
 
         # pass 1 at theta
-        with torch.enable_grad():
-            loss = closure()
-            first = torch.autograd.grad(loss, flat, allow_unused=True)
+        loss, first = accumulated_grads(closures, flat)
         params, grads1 = split_active(candidates, first)
         del first
         active = [p for ps in params for p in ps]
@@ -180,10 +185,9 @@ class Sassha(HessianPreconditioned):
         torch._foreach_add_(data, flat_e)
 
         # pass 2 at theta + e on the same batch
-        with torch.enable_grad(), second_pass_context(self.model):
-            loss2 = closure()
-            second = torch.autograd.grad(loss2, active, create_graph=plan.need_graph, allow_unused=True)
-        del loss2
+        _, second = accumulated_grads(
+            closures, active, create_graph=plan.need_graph, context=lambda: second_pass_context(self.model)
+        )
         grads2 = regroup([torch.zeros_like(p) if g is None else g for p, g in zip(active, second, strict=True)], params)
         del second
         estimates = None

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Closure
+from .base import Closures
 from .functional import sophia_update_
 from .preconditioned import OnePassPreconditioned
 
@@ -49,7 +49,7 @@ class SophiaH(OnePassPreconditioned):
         super().__init__(params, defaults, seed=seed, process_group=process_group)
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+    def step(self, closure: Closures | None = None) -> Tensor:  # type: ignore[override]
         loss, params, grads, hess = self._one_pass(closure)
         for group, ps, gs, hs in zip(self.param_groups, params, grads, hess, strict=True):
             if not ps:
