@@ -4,7 +4,7 @@ Every cell is one real training run through ``trainer.train`` (seed 0, cosine sc
 weight decay 1e-4 in the scripts' convention) and reports the final validation accuracy, or
 ``div@N`` when the run diverged at step N (the trainer checks the loss every 10 steps), or the
 accuracy with a ``*`` when the run completed but ended near chance ("collapsed";
-``sassha_tune.report.near_chance_threshold``: 1.5x chance for 10 classes).
+``sassha_tune.report.health.near_chance_threshold``: 1.5x chance for 10 classes).
 
     python benchmarks/sassha_stability.py --dataset mnist1d --model cnn1d --epochs 15
     python benchmarks/sassha_stability.py --dataset digits --model cnn --epochs 10
@@ -26,7 +26,7 @@ import sys
 
 import torch
 
-from sassha_tune.report import near_chance_threshold
+from sassha_tune.report.health import near_chance_threshold
 from sassha_tune.spaces import to_hparams
 from sassha_tune.trainer import TrainSpec, train
 

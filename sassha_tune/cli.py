@@ -277,7 +277,8 @@ def _health_rows(study: Any) -> dict[str, list[tuple[str, str]]]:
     """Sub-rows of `status`'s state table, by state: near-chance trials under COMPLETE, failures
     by reason under FAIL. Only what the trials store: an older study (no ``num_classes``, no
     ``failure_reason``) gets none."""
-    from .report import budget_health, load_rows, near_chance_count
+    from .report.health import budget_health, near_chance_count
+    from .report.rows import load_rows
 
     health = budget_health(load_rows(study))  # every trial, as the state counts above it
     rows: dict[str, list[tuple[str, str]]] = {}
@@ -458,7 +459,7 @@ def report(
     ),
 ) -> None:
     """Write a report of one study: best-trials table, generalization vs sharpness plots, report.md."""
-    from .report import run_report
+    from .report.study_report import run_report
     from .study import resolve_storage
 
     run_report(study, resolve_storage(storage), out_dir)
@@ -474,7 +475,7 @@ def compare(
     ),
 ) -> None:
     """Compare studies under equal budgets: best-so-far curves by trials and by seconds, ranking, sharpness."""
-    from .report import run_compare
+    from .report.compare import run_compare
     from .study import resolve_storage
 
     run_compare(list(studies), resolve_storage(storage), out_dir)

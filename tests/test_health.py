@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from sassha_tune.cli import app
-from sassha_tune.report import budget_health, failure_kind, near_chance, near_chance_threshold
+from sassha_tune.report.health import budget_health, failure_kind, near_chance, near_chance_threshold
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

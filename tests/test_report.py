@@ -258,9 +258,17 @@ def test_missing_study_lists_available_names(db, tmp_path):
     assert not missing.exists()  # reading never creates a storage
 
 
-def test_storage_url_password_is_masked():
-    masked = report._mask_url("postgresql+psycopg://tuner:hunter2@db.example:5432/optuna")
-    assert "hunter2" not in masked and "tuner:***@db.example" in masked
+def test_report_masks_every_url_password_in_the_stored_config(db, tmp_path):
+    _, url = db
+    study = optuna.create_study(study_name="masked", storage=url)
+    study.set_user_attr("config", {
+        "storage": "postgresql+psycopg://tuner:hunter2@db.example:5432/optuna",
+        "mirrors": ["mysql://reader:s3cret@m1/optuna", {"url": "postgresql://bob:pw9@m2/x"}],
+    })
+    report.run_report("masked", url, tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert not {"hunter2", "s3cret", "pw9"} & set(re.findall(r"\w+", md))
+    assert "tuner:***@db.example:5432" in md and "reader:***@m1" in md and "bob:***@m2" in md
 
 
 def test_compare_ranks_known_winner_and_is_read_only(db, tmp_path, capsys):

@@ -1,0 +1,271 @@
+"""The comparison of several studies under the same budget: budget-curve figures with bootstrap
+bands, the ranking, the per-optimizer table, ``compare.md`` and :func:`run_compare` behind
+``sassha-tune compare``."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from matplotlib.figure import Figure
+from tabulate import tabulate
+
+from sassha_tune.errors import StorageError
+
+from .curves import (
+    BOOTSTRAP_SEED,
+    N_BOOTSTRAP,
+    best_so_far_by_seconds,
+    best_so_far_by_trials,
+    budget_arrays,
+    trial_cost,
+)
+from .figures import GAP_LABEL, LAMBDA_LABEL, maybe_log, save_figures
+from .health import NEAR_CHANCE_RULE, budget_health, near_chance_count
+from .markdown import figure_entry, markdown_table, provenance_section
+from .reruns import rerun_table
+from .rows import (
+    SEED_RERUN_ATTR,
+    SEED_STUDY_SUFFIX,
+    complete_rows,
+    format_value,
+    load_rows,
+    optimizer_name,
+    ranked_rows,
+    read_storage,
+    read_study,
+    row_attr,
+    row_val_acc,
+    search_rows,
+    stored_study_names,
+)
+
+__all__ = ["compare_figures", "run_compare"]
+
+
+def _band(ax: Any, x: np.ndarray, curves: np.ndarray, label: str, color: Any) -> None:
+    """Observed curve (solid) and the 10-90 % bootstrap band over trial orders (shaded)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns before any result
+        lo = np.nanpercentile(curves, 10, axis=0)
+        hi = np.nanpercentile(curves, 90, axis=0)
+    ax.plot(x, curves[0], color=color, drawstyle="steps-post", label=label)
+    ax.fill_between(x, lo, hi, color=color, alpha=0.2, step="post", linewidth=0)
+
+
+def compare_figures(studies: Sequence[optuna.Study]) -> dict[str, Figure]:
+    """Figures comparing studies, keyed by file stem.
+
+    ``best_vs_trials`` and ``best_vs_seconds``: one solid line (observed order) and one shaded
+    10-90 % bootstrap band (over :data:`~sassha_tune.report.curves.N_BOOTSTRAP` seeded shuffles of
+    the trial order) per study; ``final_sharpness``: one bar per study, lambda_max of its best trial
+    (selected on val_acc); ``gap_vs_lambda_max``: one scatter per study, one point per complete trial.
+    """
+    colors = [f"C{i % 10}" for i in range(len(studies))]
+    all_rows = [load_rows(s) for s in studies]
+    labels = [f"{s.study_name} ({optimizer_name(s)})" for s in studies]
+
+    fig_n = Figure(figsize=(7, 4.8))
+    ax_n = fig_n.add_subplot()
+    fig_t = Figure(figsize=(7, 4.8))
+    ax_t = fig_t.add_subplot()
+    arrays = [budget_arrays(rows) for rows in all_rows]
+    total = max((float(c.sum()) for _, c in arrays), default=0.0)
+    grid = np.linspace(0.0, total, 200) if total > 0 else np.zeros(1)
+    for (accs, costs), label, color in zip(arrays, labels, colors, strict=True):
+        if len(accs) == 0:
+            continue
+        _band(ax_n, np.arange(1, len(accs) + 1), best_so_far_by_trials(accs), label, color)
+        _band(ax_t, grid, best_so_far_by_seconds(accs, costs, grid), label, color)
+    ax_n.set_xlabel("number of trials (budget)")
+    ax_t.set_xlabel("cumulative train seconds (budget)")
+    for ax, fig, what in ((ax_n, fig_n, "trials"), (ax_t, fig_t, "train-seconds")):
+        ax.set_ylabel("best validation accuracy so far")
+        ax.set_title(f"Best val accuracy vs {what} (band: 10-90 % over shuffled trial orders)")
+        if ax.lines:
+            ax.legend(loc="lower right")
+        fig.tight_layout()
+
+    fig_s = Figure(figsize=(7, 4.8))
+    ax_s = fig_s.add_subplot()
+    lambdas = []
+    for rows in all_rows:
+        ranked = ranked_rows(search_rows(rows))
+        lambdas.append(row_attr(ranked[0], "lambda_max") if ranked else math.nan)
+    ax_s.bar(range(len(studies)), [0.0 if math.isnan(v) else v for v in lambdas], color=colors)
+    ax_s.set_xticks(range(len(studies)), labels, rotation=20, ha="right")
+    maybe_log(ax_s, "y", lambdas)
+    ax_s.set_xlabel("study (optimizer)")
+    ax_s.set_ylabel("lambda_max of the best trial")
+    ax_s.set_title("Final sharpness of each study's best trial (selected on val_acc)")
+    fig_s.tight_layout()
+
+    fig_g = Figure(figsize=(7, 4.8))
+    ax_g = fig_g.add_subplot()
+    xs_all = []
+    for rows, label, color in zip(all_rows, labels, colors, strict=True):
+        pts = [(row_attr(r, "lambda_max"), row_attr(r, "gen_gap_acc")) for r in complete_rows(search_rows(rows))]
+        pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
+        xs_all += [p[0] for p in pts]
+        ax_g.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=label, alpha=0.7)
+    ax_g.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    maybe_log(ax_g, "x", xs_all)
+    ax_g.set_xlabel(LAMBDA_LABEL)
+    ax_g.set_ylabel(GAP_LABEL)
+    ax_g.set_title("Generalization gap vs lambda_max, all trials, by study")
+    if studies:
+        ax_g.legend(loc="best")
+    fig_g.tight_layout()
+    return {
+        "best_vs_trials": fig_n,
+        "best_vs_seconds": fig_t,
+        "final_sharpness": fig_s,
+        "gap_vs_lambda_max": fig_g,
+    }
+
+
+def _diverged_count(health: dict[str, Any]) -> str:
+    """Diverged trials; ``-`` when the study failed trials but none stores a ``failure_reason``."""
+    if health["failed"] and not health["failures_known"]:
+        return "-"
+    return str(health["failures"].get("diverged", 0))
+
+
+def _ranking(studies: Sequence[optuna.Study]) -> tuple[list[str], list[list[str]]]:
+    # near_chance and diverged: how much of the searched space is unusable (robustness to the
+    # search space); near_chance is "-" for a study whose trials do not store num_classes.
+    headers = ["rank", "study", "optimizer", "trials", "complete", "near_chance", "failed", "diverged",
+               "pruned", "fail_rate", "best_val_acc", "test_acc", "best_trial", "lambda_max", "train_seconds"]
+    entries = []
+    for study in studies:
+        rows = search_rows(load_rows(study))
+        counts = Counter(r["state"] for r in rows)
+        health = budget_health(rows)
+        ranked = ranked_rows(rows)
+        best = ranked[0] if ranked else None
+        entries.append((
+            row_val_acc(best) if best else -math.inf,
+            [study.study_name, optimizer_name(study), str(len(rows)), str(counts["COMPLETE"]),
+             near_chance_count(health) or "-", str(counts["FAIL"]), _diverged_count(health),
+             str(counts["PRUNED"]),
+             f"{counts['FAIL'] / len(rows):.0%}" if rows else "-",
+             format_value(row_val_acc(best)) if best else "-",
+             format_value(row_attr(best, "test_acc")) if best else "-",
+             str(best["number"]) if best else "-",
+             format_value(row_attr(best, "lambda_max")) if best else "-",
+             format_value(sum(trial_cost(r) for r in rows))],
+        ))
+    entries.sort(key=lambda e: -e[0])
+    return headers, [[str(i + 1), *line] for i, (_, line) in enumerate(entries)]
+
+
+def _by_optimizer(studies: Sequence[optuna.Study]) -> tuple[list[str], list[list[str]]] | None:
+    """Median and IQR of best val_acc over the independent studies of each optimizer (>= 2)."""
+    groups: dict[str, list[float]] = {}
+    for study in studies:
+        ranked = ranked_rows(search_rows(load_rows(study)))
+        groups.setdefault(optimizer_name(study), []).append(row_val_acc(ranked[0]) if ranked else math.nan)
+    if not any(len(v) >= 2 for v in groups.values()):
+        return None
+    table = []
+    for name, values in sorted(groups.items()):
+        arr = np.array(values, dtype=float)
+        finite = arr[np.isfinite(arr)]
+        q1, med, q3 = np.percentile(finite, [25, 50, 75]) if len(finite) else (math.nan,) * 3
+        table.append([name, str(len(values)), str(int(np.sum(~np.isfinite(arr)))), format_value(float(med)),
+                      f"{format_value(float(q1))} - {format_value(float(q3))}"])
+    return ["optimizer", "studies", "studies without result", "median best_val_acc", "IQR"], table
+
+
+_COMPARE_METHOD = """\
+## Methodology
+
+- Each study is one tuning run of one optimizer under its own declared search space; compare
+  studies that share the budget (trials and train-seconds), sampler and pruner settings.
+- **Selection on validation, test reported once**: a study's best trial is the complete trial
+  with the highest `val_acc`; its `test_acc` is shown next to it and never used to choose.
+- **Failures count**: failed and pruned trials spend a trial (and their seconds) of the budget
+  and never improve the best-so-far curve; the fail rate is in the ranking table.
+- **Robustness to the search space**: `near_chance` counts complete trials with
+  {rule} (a collapsed or untrained network; `-` when the study's
+  trials do not store `num_classes`), `diverged` the trials that failed on a non-finite loss
+  (`-` when no failed trial stores a `failure_reason`).
+  Neither improves the best, but both spend budget.
+- **Budget curves**: best validation accuracy so far vs number of trials and vs cumulative
+  `train_seconds` (the trial's wall-clock time when not stored). The solid line is the observed
+  trial order; the band is the 10-90 % range over {n_boot} shuffles of the trial order (numpy seed
+  {seed}), i.e. how lucky the observed order was. Equal train-seconds is the primary comparison
+  (SASSHA and SAM cost about 2x per step); equal trials is secondary.
+- **Seed re-runs**: trials with user attribute `seed_rerun_of` and all trials of a study named
+  `<study>{suffix}` are re-runs of a chosen config over training seeds; they are left out of the
+  search statistics and summarised as mean ± std (sample std).
+"""
+
+_FIGURE_CAPTIONS = {
+    "best_vs_trials": "Best validation accuracy vs number of trials.",
+    "best_vs_seconds": "Best validation accuracy vs cumulative train-seconds (equal-cost view).",
+    "final_sharpness": "lambda_max of each study's best trial (lower = flatter).",
+    "gap_vs_lambda_max": "Generalization gap vs lambda_max over all complete trials, by study.",
+}
+
+
+def _compare_markdown(studies: Sequence[optuna.Study], figure_paths: dict[str, Path], ranking: Any,
+                      by_opt: Any, reruns: Any, storage: str | None) -> str:
+    out = ["# Optimizer comparison\n"]
+    out.append("Studies: " + ", ".join(f"`{s.study_name}` ({optimizer_name(s)})" for s in studies) + "\n")
+    out.append(_COMPARE_METHOD.format(n_boot=N_BOOTSTRAP, seed=BOOTSTRAP_SEED, suffix=SEED_STUDY_SUFFIX,
+                                      rule=NEAR_CHANCE_RULE))
+    out.append("## Ranking by best validation accuracy\n")
+    out.append(markdown_table(*ranking))
+    if by_opt is not None:
+        out.append("## Per optimizer over independent studies\n")
+        out.append(markdown_table(*by_opt))
+    out.append("## Best configs re-run over seeds\n")
+    if reruns[1]:
+        out.append(markdown_table(*reruns))
+    else:
+        out.append(f"No seed re-runs found (no `{SEED_RERUN_ATTR}` trials, no `<study>{SEED_STUDY_SUFFIX}` "
+                   "studies). Single-seed results overstate differences; re-run the best configs.\n")
+    out.append("## Figures\n")
+    for key, path in figure_paths.items():
+        out.append(figure_entry(key, _FIGURE_CAPTIONS.get(key, ""), path))
+    rows = [r for s in studies for r in load_rows(s)]
+    out += provenance_section(studies[0] if studies else None, rows, storage)
+    return "\n".join(out)
+
+
+def run_compare(study_names: list[str], storage: str, out_dir: Path) -> None:
+    """Compare studies under the same budget: print the ranking, write plots and ``compare.md``.
+
+    Studies named ``<base>-seeds`` whose base is also listed are treated as seed re-runs of that
+    base, not as competitors. Reads the storage only.
+    """
+    if not study_names:
+        raise StorageError("compare needs at least one study name")
+    backend = read_storage(storage)
+    names_in_storage = stored_study_names(backend)
+    competitors = [n for n in dict.fromkeys(study_names)
+                   if not (n.endswith(SEED_STUDY_SUFFIX) and n[: -len(SEED_STUDY_SUFFIX)] in study_names)]
+    studies = [read_study(name, backend, shown_as=storage) for name in competitors]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = compare_figures(studies)
+    paths = save_figures(figures, out_dir)
+    ranking = _ranking(studies)
+    by_opt = _by_optimizer(studies)
+    reruns = rerun_table(studies, backend, names_in_storage)
+    text = _compare_markdown(studies, paths, ranking, by_opt, reruns,
+                             storage if isinstance(storage, str) else None)
+    (out_dir / "compare.md").write_text(text, encoding="utf-8")
+    print(tabulate(ranking[1], headers=ranking[0], disable_numparse=True))
+    if reruns[1]:
+        print()
+        print(tabulate(reruns[1], headers=reruns[0], disable_numparse=True))
+    print(f"wrote {out_dir / 'compare.md'} and {len(paths)} plots to {out_dir}")

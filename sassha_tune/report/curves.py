@@ -1,0 +1,78 @@
+"""Budget curves: the best validation accuracy so far as trials and train-seconds are spent,
+observed and over seeded shuffles of the trial order (the bootstrap bands of ``compare``).
+
+Failed and pruned trials spend a trial and their seconds but never improve the best so far.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .rows import as_float, row_attr, row_val_acc, search_rows
+
+__all__ = [
+    "BOOTSTRAP_SEED",
+    "N_BOOTSTRAP",
+    "best_so_far_by_seconds",
+    "best_so_far_by_trials",
+    "budget_arrays",
+    "trial_cost",
+]
+
+#: Number of bootstrap resamples of the trial order for the budget curves, and their seed.
+N_BOOTSTRAP = 200
+BOOTSTRAP_SEED = 0
+
+
+def trial_cost(row: dict[str, Any]) -> float:
+    """Seconds a trial spent: train_seconds, else its wall-clock duration, else 0."""
+    cost = row_attr(row, "train_seconds")
+    if math.isnan(cost):
+        cost = as_float(row.get("duration_s"))
+    return 0.0 if math.isnan(cost) else max(cost, 0.0)
+
+
+def budget_arrays(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per search trial (in trial order): val_acc (-inf unless complete) and its cost in seconds."""
+    search = search_rows(rows)
+    accs = np.array([row_val_acc(r) if r["state"] == "COMPLETE" else -np.inf for r in search], dtype=float)
+    accs[np.isnan(accs)] = -np.inf
+    costs = np.array([trial_cost(r) for r in search], dtype=float)
+    return accs, costs
+
+
+def _bootstrap_orders(n: int, n_boot: int = N_BOOTSTRAP, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """``n_boot`` permutations of the trial order (first one = the observed order)."""
+    rng = np.random.default_rng(seed)
+    orders = [np.arange(n)] + [rng.permutation(n) for _ in range(n_boot - 1)]
+    return np.stack(orders) if n else np.zeros((n_boot, 0), dtype=int)
+
+
+def best_so_far_by_trials(accs: np.ndarray) -> np.ndarray:
+    """Best-so-far curves, one row per bootstrap order; NaN before the first complete trial."""
+    orders = _bootstrap_orders(len(accs))
+    curves = np.maximum.accumulate(accs[orders], axis=1)
+    curves[~np.isfinite(curves)] = np.nan
+    return curves
+
+
+def best_so_far_by_seconds(accs: np.ndarray, costs: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Best-so-far at each time on ``grid`` (a trial counts once it has finished); NaN past the
+    study's own total, so a study that spent less is not drawn as if it had spent more."""
+    orders = _bootstrap_orders(len(accs))
+    beyond = grid > costs.sum() * (1 + 1e-9)
+    curves = np.full((len(orders), len(grid)), np.nan)
+    for i, order in enumerate(orders):
+        done_at = np.cumsum(costs[order])
+        best = np.maximum.accumulate(accs[order])
+        idx = np.searchsorted(done_at, grid, side="right") - 1
+        valid = idx >= 0
+        vals = np.full(len(grid), -np.inf)
+        vals[valid] = best[idx[valid]]
+        vals[~np.isfinite(vals) | beyond] = np.nan
+        curves[i] = vals
+    return curves

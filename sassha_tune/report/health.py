@@ -1,0 +1,105 @@
+"""Budget health: which trials ended near chance, why trials failed, and the counts of both.
+
+The one definition of "near chance" (:func:`near_chance`) and of a failure's kind
+(:func:`failure_kind`) that ``status``, ``report`` and ``compare`` use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+from optuna.trial import TrialState
+
+from .rows import as_float
+
+__all__ = [
+    "NEAR_CHANCE_RULE",
+    "budget_health",
+    "failure_kind",
+    "near_chance",
+    "near_chance_count",
+    "near_chance_threshold",
+]
+
+#: The near-chance rule in words, for reports (:func:`near_chance_threshold` computes it).
+NEAR_CHANCE_RULE = "val_acc <= chance + min(chance / 2, 0.05), chance = 1 / num_classes"
+
+
+def near_chance_threshold(num_classes: int) -> float:
+    """The highest validation accuracy still "near chance" for ``num_classes`` classes.
+
+    1.5x chance leaves room for the noise of a small validation split around an untrained
+    network's 1/C (0.15 for 10 classes, 0.015 for 100); capped at 5 points above chance so that
+    a binary task does not call a 74 %-accurate model collapsed (0.55 for 2 classes).
+    """
+    chance = 1.0 / num_classes
+    return chance + min(chance / 2, 0.05)
+
+
+def near_chance(state: str | TrialState, user_attrs: dict[str, Any]) -> bool | None:
+    """Whether a trial finished near chance accuracy: COMPLETE and
+    ``val_acc <= near_chance_threshold(num_classes)`` (a collapsed or untrained network).
+
+    ``None`` (unknown) when the trial does not store ``num_classes`` or ``val_acc`` (studies from
+    before ``num_classes`` was stored): the number of classes is never guessed, and the first
+    objective value is not taken for ``val_acc`` (it may be another metric). ``False`` for trials
+    that are not COMPLETE: they are failed or pruned, not near chance.
+    """
+    name = state.name if isinstance(state, TrialState) else str(state)
+    if name != "COMPLETE":
+        return False
+    classes = user_attrs.get("num_classes")
+    if isinstance(classes, bool) or not isinstance(classes, int | float) or not classes >= 2:
+        return None
+    acc = as_float(user_attrs.get("val_acc"))
+    if math.isnan(acc):
+        return None
+    return acc <= near_chance_threshold(int(classes))
+
+
+def failure_kind(reason: Any) -> str:
+    """The kind of a ``failure_reason``: ``diverged``, ``out_of_memory``, ``lost``, ... as stored;
+    ``error: <message>`` and ``rank_failed: <why>`` by their prefix, so that counts stay short;
+    ``unknown`` when the trial stores none."""
+    if reason is None or str(reason).strip() == "":
+        return "unknown"
+    return str(reason).split(":", 1)[0].strip() or "unknown"
+
+
+def budget_health(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Where a study's trials went, from :func:`~sassha_tune.report.rows.load_rows` rows.
+
+    ``complete``, ``pruned`` and ``failed`` (counts); ``near_chance``: complete trials near chance
+    among the ``near_chance_known`` complete trials that store ``num_classes`` and ``val_acc``
+    (both 0 for an older study: unknown, not zero); ``failures``: FAIL trials by
+    :func:`failure_kind`, most frequent first, and ``failures_known``: how many of them store a
+    ``failure_reason`` at all.
+    """
+    rows = list(rows)
+    states = Counter(r["state"] for r in rows)
+    verdicts = [near_chance(r["state"], r["user_attrs"]) for r in rows if r["state"] == "COMPLETE"]
+    failed = [r for r in rows if r["state"] == "FAIL"]
+    kinds = Counter(failure_kind(r["user_attrs"].get("failure_reason")) for r in failed)
+    return {
+        "complete": states["COMPLETE"],
+        "pruned": states["PRUNED"],
+        "failed": states["FAIL"],
+        "near_chance": sum(v is True for v in verdicts),
+        "near_chance_known": sum(v is not None for v in verdicts),
+        "failures": dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "failures_known": sum(r["user_attrs"].get("failure_reason") is not None for r in failed),
+    }
+
+
+def near_chance_count(health: dict[str, Any]) -> str | None:
+    """The near-chance count as shown in tables: ``"2"``, ``"2 of 5 known"`` when only some
+    complete trials store ``num_classes``, ``None`` when none does (nothing to show)."""
+    known = health["near_chance_known"]
+    if not known:
+        return None
+    if known < health["complete"]:
+        return f"{health['near_chance']} of {known} known"
+    return str(health["near_chance"])

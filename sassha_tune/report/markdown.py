@@ -1,0 +1,87 @@
+"""The markdown blocks both reports are made of: tables, figure entries, YAML blocks of stored
+settings and the provenance section, with every password hidden.
+
+A storage URL, and every URL-looking string inside a stored config, is shown through the study
+module's :func:`~sassha_tune.study.mask_url` (``postgresql://user:***@host/db``).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from tabulate import tabulate
+
+from sassha_tune.provenance import git_commit, package_version
+
+from .rows import mask_url
+
+__all__ = ["figure_entry", "markdown_table", "provenance_section", "yaml_block"]
+
+
+def markdown_table(headers: Sequence[str], table: Sequence[Sequence[str]], **options: Any) -> str:
+    """A GitHub markdown table of text cells (no number parsing), followed by a blank line."""
+    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True, **options) + "\n"
+
+
+def figure_entry(key: str, caption: str, path: Path) -> str:
+    """A figure's subsection: its key as heading, the caption and the PNG next to the markdown."""
+    return f"### {key}\n\n{caption}\n\n![{key}]({path.name})\n"
+
+
+def _mask_secrets(value: Any) -> Any:
+    """A copy of a config with the password of every URL-looking string hidden."""
+    if isinstance(value, dict):
+        return {k: _mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_mask_secrets(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    return value
+
+
+def yaml_block(value: Any) -> str:
+    """A fenced YAML block of a stored config or search space, passwords hidden."""
+    text = yaml.safe_dump(_mask_secrets(value), sort_keys=False, default_flow_style=False)
+    return f"```yaml\n{text}```\n"
+
+
+def _study_commit(study: optuna.Study, rows: Sequence[dict[str, Any]]) -> str | None:
+    """The commit the study's trials ran with, when the study or its trials recorded one."""
+    config = study.user_attrs.get("config") or {}
+    sources: list[dict[str, Any]] = [study.user_attrs, config if isinstance(config, dict) else {}]
+    sources += [r["user_attrs"] for r in rows]
+    for source in sources:
+        for key in ("git_commit", "code_commit", "commit"):
+            if source.get(key):
+                return str(source[key])
+    return None
+
+
+def _provenance(study: optuna.Study, rows: Sequence[dict[str, Any]], storage: str | None) -> list[list[str]]:
+    devices = sorted({str(r["user_attrs"]["device"]) for r in rows if r["user_attrs"].get("device")})
+    lines = [
+        ["sassha_tune (report)", package_version("sassha-tune")],
+        ["sassha_tune (study created with)", str(study.user_attrs.get("sassha_tune_version", "unknown"))],
+        ["torch", package_version("torch")],
+        ["optuna", package_version("optuna")],
+        ["python", platform.python_version()],
+        ["device(s)", ", ".join(devices) or "unknown"],
+        ["study commit", _study_commit(study, rows) or "unknown"],
+        ["report generated at commit", git_commit() or "unknown"],
+    ]
+    if storage is not None:
+        lines.append(["storage", mask_url(storage)])
+    return lines
+
+
+def provenance_section(study: optuna.Study | None, rows: Sequence[dict[str, Any]],
+                       storage: str | None) -> list[str]:
+    """The ``## Provenance`` section: package versions, python, the trials' devices, the study's
+    commit and the report's, and the masked storage URL (empty table without a study)."""
+    lines = _provenance(study, rows, storage) if study is not None else []
+    return ["## Provenance\n", tabulate(lines, headers=["item", "value"], tablefmt="github") + "\n"]

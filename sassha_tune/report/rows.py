@@ -1,0 +1,171 @@
+"""Read-only access to a study for the reports, and its finished trials as rows.
+
+The storage is opened and studies are loaded with :func:`sassha_tune.study.open_storage`
+(``create=False``: a report never creates a database file or a table) and
+:func:`sassha_tune.study.load_study` (one implementation, one set of messages); every other report
+module reaches the storage through this one. A row is a plain dict per finished trial
+(:func:`load_rows`); the helpers below read numbers out of rows, pick the complete, search and ranked
+rows, compute the Pareto front and format values for tables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from sassha_tune.study import load_study, mask_url, open_storage
+
+__all__ = [
+    "SEED_RERUN_ATTR",
+    "SEED_STUDY_SUFFIX",
+    "as_float",
+    "complete_rows",
+    "format_value",
+    "is_rerun",
+    "load_rows",
+    "mask_url",
+    "optimizer_name",
+    "pareto_numbers",
+    "ranked_rows",
+    "read_storage",
+    "read_study",
+    "row_attr",
+    "row_val_acc",
+    "search_rows",
+    "stored_study_names",
+]
+
+#: A study named ``<base>{SEED_STUDY_SUFFIX}`` holds the seed re-runs of ``<base>``'s best config.
+SEED_STUDY_SUFFIX = "-seeds"
+#: Trial user attribute marking a seed re-run; its value is the number of the trial re-run.
+SEED_RERUN_ATTR = "seed_rerun_of"
+
+
+# --------------------------------------------------------------------------------------------
+# storage access (read only)
+
+
+def read_storage(storage: str | optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
+    """Open ``storage`` for reading without creating anything that is not there."""
+    if isinstance(storage, optuna.storages.BaseStorage):
+        return storage
+    return open_storage(str(storage), create=False)
+
+
+def read_study(study_name: str, backend: optuna.storages.BaseStorage,
+               shown_as: str | optuna.storages.BaseStorage) -> optuna.Study:
+    """Load a study for reading; a missing one is a :class:`StorageError` naming the others."""
+    return load_study(study_name, shown_as if isinstance(shown_as, str) else None, storage=backend)
+
+
+def stored_study_names(backend: optuna.storages.BaseStorage) -> set[str]:
+    """The names of all studies in an opened storage."""
+    return set(optuna.study.get_all_study_names(backend))
+
+
+def optimizer_name(study: optuna.Study) -> str:
+    """The study's ``optimizer`` attribute, else its name."""
+    return str(study.user_attrs.get("optimizer") or study.study_name)
+
+
+# --------------------------------------------------------------------------------------------
+# rows
+
+
+def as_float(value: Any) -> float:
+    """``value`` as a float, NaN when missing or not a number."""
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _row(trial: FrozenTrial) -> dict[str, Any]:
+    duration = None
+    if trial.datetime_start is not None and trial.datetime_complete is not None:
+        duration = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "params": dict(trial.params),
+        "values": list(trial.values) if trial.values is not None else None,
+        "user_attrs": dict(trial.user_attrs),
+        "duration_s": duration,
+    }
+
+
+def load_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """One row per finished trial (COMPLETE, PRUNED or FAIL), in trial-number order.
+
+    Each row: ``number``, ``state`` (name), ``params``, ``values`` (``None`` unless complete),
+    ``user_attrs`` and ``duration_s`` (wall clock of the trial). RUNNING and WAITING trials are
+    left out, so a report works while the study is still running.
+    """
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    return [_row(t) for t in sorted(trials, key=lambda t: t.number)]
+
+
+def row_attr(row: dict[str, Any], key: str) -> float:
+    """User attribute ``key`` of a row as a float (NaN when missing)."""
+    return as_float(row["user_attrs"].get(key))
+
+
+def row_val_acc(row: dict[str, Any]) -> float:
+    """Validation accuracy: the stored attribute, else the first objective value."""
+    value = row_attr(row, "val_acc")
+    if math.isnan(value) and row["values"]:
+        value = as_float(row["values"][0])
+    return value
+
+
+def complete_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The COMPLETE rows that have a validation accuracy."""
+    return [r for r in rows if r["state"] == "COMPLETE" and not math.isnan(row_val_acc(r))]
+
+
+def is_rerun(row: dict[str, Any]) -> bool:
+    """Whether a row is a seed re-run (it has the :data:`SEED_RERUN_ATTR` attribute)."""
+    return row["user_attrs"].get(SEED_RERUN_ATTR) is not None
+
+
+def search_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows that are part of the search (seed re-runs excluded)."""
+    return [r for r in rows if not is_rerun(r)]
+
+
+def ranked_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Complete trials, best validation accuracy first (ties: lower trial number first)."""
+    return sorted(complete_rows(rows), key=lambda r: (-row_val_acc(r), r["number"]))
+
+
+def pareto_numbers(rows: Sequence[dict[str, Any]]) -> set[int]:
+    """Trial numbers on the front of (val_acc up, lambda_max down) among complete trials."""
+    points = [(r["number"], row_val_acc(r), row_attr(r, "lambda_max")) for r in complete_rows(rows)]
+    points = [p for p in points if not math.isnan(p[2])]
+    front = set()
+    for number, acc, lam in points:
+        dominated = any(
+            (a >= acc and m <= lam) and (a > acc or m < lam) for _, a, m in points
+        )
+        if not dominated:
+            front.add(number)
+    return front
+
+
+def format_value(value: Any) -> str:
+    """A table cell: numbers with 4 significant digits, ``-`` for NaN and missing values."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4g}"
+    if value is None:
+        return "-"
+    return str(value)

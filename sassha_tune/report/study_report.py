@@ -1,0 +1,222 @@
+"""The report of one study: the best-trials table, the budget-health section, ``report.md`` and
+:func:`run_report` behind ``sassha-tune report``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from optuna.trial import TrialState
+from tabulate import tabulate
+
+from .figures import build_figures, save_figures
+from .health import NEAR_CHANCE_RULE, budget_health, near_chance, near_chance_count
+from .markdown import figure_entry, markdown_table, provenance_section, yaml_block
+from .reruns import rerun_table
+from .rows import (
+    format_value,
+    is_rerun,
+    load_rows,
+    pareto_numbers,
+    ranked_rows,
+    read_storage,
+    read_study,
+    row_attr,
+    row_val_acc,
+    search_rows,
+    stored_study_names,
+)
+
+__all__ = ["best_trials_table", "run_report"]
+
+# (row key, column header) of the metric columns of the best-trials table.
+_METRIC_COLUMNS = (
+    ("val_acc", "val_acc"),
+    ("test_acc", "test_acc"),
+    ("gen_gap_acc", "gen_gap"),
+    ("lambda_max", "lambda_max"),
+    ("hessian_trace", "trace"),
+    ("sam_sharpness", "sam_sharp"),
+    ("adaptive_sharpness", "adapt_sharp"),
+    ("train_seconds", "seconds"),
+)
+
+
+def _best_trials_rows(study: optuna.Study, n: int) -> tuple[list[str], list[list[str]]]:
+    rows = load_rows(study)
+    ranked = ranked_rows(search_rows(rows))[:n]
+    param_names = sorted({p for r in ranked for p in r["params"]})
+    multi = len(study.directions) > 1
+    front = pareto_numbers(rows) if multi else set()
+    # The column appears only when a shown trial is near chance: a best-10 of an older study (no
+    # num_classes) or of a healthy one looks as before.
+    chance = {r["number"] for r in ranked if near_chance(r["state"], r["user_attrs"])}
+    headers = ["trial", *param_names, *(h for _, h in _METRIC_COLUMNS)]
+    if multi:
+        headers.append("pareto")
+    if chance:
+        headers.append("near_chance")
+    table = []
+    for r in ranked:
+        line = [str(r["number"])]
+        line += [format_value(r["params"].get(p)) for p in param_names]
+        line += [format_value(row_val_acc(r) if key == "val_acc" else row_attr(r, key))
+                 for key, _ in _METRIC_COLUMNS]
+        if multi:
+            line.append("*" if r["number"] in front else "")
+        if chance:
+            line.append("yes" if r["number"] in chance else "")
+        table.append(line)
+    return headers, table
+
+
+def best_trials_table(study: optuna.Study, n: int = 10, tablefmt: str = "simple") -> str:
+    """The ``n`` best complete trials (selected on validation accuracy) as a tabulate table.
+
+    Columns: trial number, every searched parameter, then val_acc, test_acc, gen_gap, lambda_max,
+    trace, sam_sharp, adapt_sharp, seconds (and ``pareto`` for a two-objective study, and
+    ``near_chance`` = ``yes`` on the trials :func:`~sassha_tune.report.health.near_chance` when one
+    of the shown trials is).
+    """
+    headers, table = _best_trials_rows(study, n)
+    if not table:
+        return f"study '{study.study_name}' has no complete trials yet"
+    return tabulate(table, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+
+def _state_counts(rows: Sequence[dict[str, Any]]) -> str:
+    counts = Counter(r["state"] for r in rows)
+    return ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))
+
+
+def _failure_counts(rows: Sequence[dict[str, Any]]) -> Counter[str]:
+    return Counter(str(r["user_attrs"].get("failure_reason", "unknown")) for r in rows if r["state"] == "FAIL")
+
+
+def _health_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The "Budget health" section of report.md: where the search trials went, with counts."""
+    if not rows:
+        return []
+    health = budget_health(rows)
+    table = [["complete", str(health["complete"])]]
+    chance = near_chance_count(health)
+    if chance is not None:
+        table.append([f"near chance (of complete; {NEAR_CHANCE_RULE})", chance])
+    table.append(["pruned", str(health["pruned"])])
+    table.append(["failed", str(health["failed"])])
+    if health["failures_known"]:
+        table += [[f"failed: {kind}", str(n)] for kind, n in health["failures"].items()]
+    out = ["## Budget health\n"]
+    text = "Where the search trials went (seed re-runs not counted)."
+    if chance is not None:  # an older study stores no num_classes: nothing is said about chance
+        text += (" A complete trial is *near chance* when its validation accuracy is at most 1.5x "
+                 "chance (never more than 5 points above chance): it finished, but the network collapsed or "
+                 "never trained. Many such trials, or many diverged ones, mean a large part of the search "
+                 "space is unusable for this task.")
+    out.append(text + "\n")
+    out.append(markdown_table(["trials", "count"], table, colalign=("left", "right")))
+    return out
+
+
+_FIGURE_CAPTIONS = {
+    "gap_vs_lambda_max": "Generalization gap vs lambda_max, one point per complete trial, colour = "
+    "validation accuracy. A positive gap is overfitting. A rising trend says sharper minima "
+    "generalize worse in this study.",
+    "gap_vs_adaptive_sharpness": "Generalization gap vs adaptive (scale-invariant) sharpness.",
+    "pareto": "Validation accuracy vs lambda_max; the red line is the Pareto front (no other trial "
+    "is both more accurate and flatter).",
+    "history": "Validation accuracy per trial and the best so far; failed (x) and pruned (|) "
+    "trials are marked on the bottom edge.",
+    "importances": "fANOVA importance of each parameter for validation accuracy (needs several "
+    "complete trials to mean anything).",
+}
+
+
+def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dict[str, Path],
+                     reruns: tuple[list[str], list[list[str]]]) -> str:
+    rows = load_rows(study)
+    search = search_rows(rows)
+    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+    optimizer = study.user_attrs.get("optimizer", "unknown")
+    objectives = study.user_attrs.get("objectives")
+    if isinstance(objectives, list) and objectives:
+        directions = ", ".join(str(o) for o in objectives)
+    else:
+        directions = ", ".join(d.name.lower() for d in study.directions)
+    out = [f"# Study report: {study.study_name}\n"]
+    out.append(f"- optimizer: `{optimizer}`")
+    out.append(f"- objectives: {directions}; the best trial is selected on val_acc"
+               + (", the Pareto front is val_acc up / lambda_max down" if len(study.directions) > 1 else ""))
+    out.append(f"- trials: {_state_counts(rows)}, {running} running or waiting (ignored)")
+    failures = _failure_counts(rows)
+    if failures:
+        out.append("- failure reasons: " + ", ".join(f"{k}: {v}" for k, v in sorted(failures.items())))
+    rerun_rows = [r for r in rows if is_rerun(r)]
+    if rerun_rows:
+        out.append(f"- seed re-runs (not part of the search, left out of plots): {len(rerun_rows)}")
+    out.append("")
+    out += _health_lines(search)
+    ranked = ranked_rows(search)
+    if not ranked:
+        out.append("**No finished trials with results yet** - nothing to report. "
+                   "Run the study (or wait for running trials) and report again.\n")
+    else:
+        best = ranked[0]
+        out.append("## Best trial (selected on validation accuracy)\n")
+        out.append(f"Trial {best['number']}: val_acc {format_value(row_val_acc(best))}, test_acc "
+                   f"{format_value(row_attr(best, 'test_acc'))} (test reported once, for this trial only), "
+                   f"gen_gap {format_value(row_attr(best, 'gen_gap_acc'))}, "
+                   f"lambda_max {format_value(row_attr(best, 'lambda_max'))}.\n")
+        out.append("```yaml\n" + yaml.safe_dump(best["params"], sort_keys=True) + "```\n")
+        out.append("## Best trials\n")
+        out.append(best_trials_table(study, n=10, tablefmt="github") + "\n")
+        out.append("## Figures\n")
+        for key, path in figure_paths.items():
+            caption = _FIGURE_CAPTIONS.get(key)
+            if caption is None and key.startswith("slice_"):
+                caption = f"Validation accuracy vs `{key[6:]}` (sensitivity; darker = later trial)."
+            out.append(figure_entry(key, caption or "", path))
+    if reruns[1]:
+        out.append("## Best config re-run over seeds\n")
+        out.append(markdown_table(*reruns))
+    out.append("## Config\n")
+    config = study.user_attrs.get("config")
+    out.append(yaml_block(config) if config else "No config stored in the study.\n")
+    space = study.user_attrs.get("search_space")
+    if space:
+        out.append("## Search space\n")
+        out.append(yaml_block(space))
+    out += provenance_section(study, rows, storage)
+    return "\n".join(out)
+
+
+def run_report(study_name: str, storage: str, out_dir: Path) -> None:
+    """Print the best-trials table and write PNG plots and ``report.md`` to ``out_dir``.
+
+    Reads the storage only. A missing study raises :class:`~sassha_tune.errors.StorageError`
+    listing the available names; a study without finished trials prints a message and writes a
+    ``report.md`` saying so.
+    """
+    backend = read_storage(storage)
+    study = read_study(study_name, backend, shown_as=storage)
+    reruns = rerun_table([study], backend, stored_study_names(backend))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = build_figures(study)
+    paths = save_figures(figures, out_dir)
+    text = _report_markdown(study, storage if isinstance(storage, str) else None, paths, reruns)
+    (out_dir / "report.md").write_text(text, encoding="utf-8")
+    rows = load_rows(study)
+    chance = near_chance_count(budget_health(search_rows(rows)))
+    print(f"study {study.study_name} ({study.user_attrs.get('optimizer', 'unknown')}): {_state_counts(rows)}"
+          + (f"; near chance (of complete search trials): {chance}" if chance is not None else ""))
+    if not figures:
+        print(f"study '{study.study_name}' has no finished trials with results yet; "
+              f"wrote {out_dir / 'report.md'}")
+        return
+    print(best_trials_table(study))
+    print(f"wrote {out_dir / 'report.md'} and {len(paths)} plots to {out_dir}")
