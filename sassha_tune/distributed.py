@@ -73,6 +73,15 @@ def all_reduce_mean(tensors: Sequence[Any], group: Any = None) -> None:
     Tensors are bucketed by (device, dtype); each bucket is flattened into one buffer, all-reduced
     with SUM once and divided by the world size, then copied back. A no-op on a single process.
     """
+    _all_reduce(tensors, group, mean=True)
+
+
+def all_reduce_sum(tensors: Sequence[Any], group: Any = None) -> None:
+    """Sum ``tensors`` in place across the ranks of ``group``, bucketed like :func:`all_reduce_mean`."""
+    _all_reduce(tensors, group, mean=False)
+
+
+def _all_reduce(tensors: Sequence[Any], group: Any, *, mean: bool) -> None:
     import torch
     import torch.distributed as dist
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
@@ -87,7 +96,8 @@ def all_reduce_mean(tensors: Sequence[Any], group: Any = None) -> None:
     for bucket in buckets.values():
         flat = _flatten_dense_tensors(bucket)
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat.div_(world)
+        if mean:
+            flat.div_(world)
         torch._foreach_copy_(bucket, list(_unflatten_dense_tensors(flat, bucket)))
 
 

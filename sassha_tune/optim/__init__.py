@@ -1,6 +1,6 @@
 """Optimizers: SASSHA, M-SASSHA and the peers, all behind one step protocol (:mod:`.base`).
 
-One file per optimizer family (:mod:`.sassha`, :mod:`.msassha`, :mod:`.sam`, :mod:`.first_order`,
+One file per optimizer family (:mod:`.sassha`, :mod:`.sassha_lm`, :mod:`.msassha`, :mod:`.sam`, :mod:`.first_order`,
 :mod:`.adahessian`, :mod:`.sophia`), what the Hessian-preconditioned ones share in
 :mod:`.preconditioned`, the arithmetic as functions on lists of tensors in :mod:`.functional`,
 Hessian-vector products and Hutchinson estimates in :mod:`.hessian`, and the table of optimizer
@@ -16,6 +16,7 @@ from .msassha import MSassha
 from .registry import OPTIMIZER_NAMES, OPTIMIZERS, OptimizerInfo, build_optimizer, optimizer_info
 from .sam import SAMSGD, SAMAdamW
 from .sassha import Sassha
+from .sassha_lm import SasshaLM, linear_weight_groups
 from .sophia import SophiaH
 
 __all__ = [
@@ -33,4 +34,6 @@ __all__ = [
     "SophiaH",
     "Sassha",
     "MSassha",
+    "SasshaLM",
+    "linear_weight_groups",
 ]

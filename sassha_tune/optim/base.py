@@ -221,6 +221,15 @@ def check_same_in_groups(groups: list[dict[str, Any]], group: Mapping[str, Any],
 PERTURBATION_GRADS = ("local", "global")  # SAM and SASSHA under data parallelism
 HESSIAN_POINTS = ("reference", "perturbed")  # where SASSHA takes its Hessian-vector product
 BIAS_CORRECTIONS = ("steps", "refreshes")  # what SASSHA's second-moment bias correction counts
+GRAD_REDUCTIONS = ("sum", "mean")  # how SASSHA's language-model variant combines ranks' gradients
+
+
+def _check_optional_count(name: str) -> Callable[[Any], None]:
+    def check(value: Any) -> None:
+        if value is not None:
+            check_int(name, value, minimum=0)
+
+    return check
 
 
 def _check_hessian_power(value: Any) -> None:
@@ -255,6 +264,10 @@ GROUP_CHECKS: dict[str, Callable[[Any], None]] = {
     "adaptive": _check_bool("adaptive"),
     "always_create_graph": _check_bool("always_create_graph"),
     "clip_threshold": lambda v: check_positive("clip_threshold", v, allow_zero=False),
+    "warmup_hessian_power": lambda v: check_positive("warmup_hessian_power", v),
+    "rho_warmup_iters": _check_optional_count("rho_warmup_iters"),
+    "hessian_warmup_iters": _check_optional_count("hessian_warmup_iters"),
+    "grad_reduce": lambda v: check_choice("grad_reduce", v, GRAD_REDUCTIONS),
 }
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "decoupled_weight_decay_",
     "ema_",
     "sassha_update_",
+    "sassha_lm_update_",
     "adahessian_update_",
     "sophia_update_",
     "conv_kernel_average",
@@ -121,6 +122,22 @@ def sassha_update_(
     torch._foreach_add_(denom, eps)
     step_sizes = [-lr / (1.0 - beta1**t) for t in steps]
     torch._foreach_addcdiv_(params, exp_avgs, denom, step_sizes)
+
+
+def sassha_lm_update_(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_hessian_diags: list[Tensor],
+    *,
+    lr: float,
+    eps: float,
+    alpha: float,
+) -> None:
+    """The language-model SASSHA step (no bias correction of either moment), in place:
+    ``theta <- theta - lr * m / (v^alpha + eps)``."""
+    denom = torch._foreach_pow(exp_hessian_diags, alpha)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-lr)
 
 
 def adahessian_update_(

@@ -9,7 +9,7 @@ hyperparameters a config may set) is a field of :class:`OptimizerInfo` here, and
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,9 @@ class OptimizerInfo:
     needs_model: bool = False
     #: the registry's defaults over the constructor's (the reference scripts' SGD momentum 0.9)
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    #: the parameter groups to build it over, from the model and the arguments it takes out of them
+    #: (default: all parameters, one group)
+    param_groups: Callable[[nn.Module, dict[str, Any]], Any] | None = None
 
     @property
     def hyperparameters(self) -> tuple[str, ...]:
@@ -76,9 +79,11 @@ class OptimizerInfo:
 
     def build(self, model: nn.Module, hparams: Mapping[str, Any]) -> torch.optim.Optimizer:
         kwargs = {**self.defaults, **hparams}
+        params = model.parameters() if self.param_groups is None else self.param_groups(model, kwargs)
         if self.needs_model:
             kwargs["model"] = model
-        return self.cls(model.parameters(), **kwargs)
+        return self.cls(params, **kwargs)
+
 
 
 OPTIMIZERS: dict[str, OptimizerInfo] = {
