@@ -1,9 +1,12 @@
 """Models by name: ``build_model(name, input_shape, num_classes, **options)``.
 
 ``input_shape`` excludes the batch dimension: ``(C, H, W)`` for images, ``(C, L)`` for 1-D
-signals, ``(D,)`` for vectors. Every model is built from plain ``torch.nn`` layers that support
-double backward (attention is written out with matmul + softmax), so Hessian-vector products
-work for all of them.
+signals, ``(D,)`` for vectors, ``(T,)`` for token windows (language models, ``num_classes`` = the
+vocabulary). Every model supports double backward, so Hessian-vector products work for all of
+them: the ViT writes its attention out with matmul + softmax; the GPT uses
+``F.scaled_dot_product_attention`` (fused kernels), whose fused kernels have no double backward, so
+every pass that builds a double-backward graph runs it with the math kernel
+(:func:`sassha_tune.optim.base.double_backward_context`).
 
 Names (``MODELS``):
 
@@ -16,6 +19,11 @@ Names (``MODELS``):
   ``dropout`` (0.0).
 * ``vit`` - small ViT; options ``patch_size`` (4), ``dim`` (128), ``depth`` (6), ``heads`` (4),
   ``mlp_ratio`` (2), ``dropout`` (0.0). Inputs are zero-padded to a multiple of the patch size.
+* ``gpt`` - a nanoGPT-style causal transformer for token windows: token and position embeddings,
+  pre-norm blocks (causal self-attention, GELU MLP of 4x width), final LayerNorm, output head tied
+  to the token embedding; options ``n_layer`` (4), ``n_head`` (4), ``n_embd`` (128), ``dropout``
+  (0.0), ``bias`` (False). Its context length is the window length of the inputs; logits have
+  shape (batch, T, vocabulary).
 * ``"package.module:factory"`` - a plug-in, called as
   ``factory(input_shape=..., num_classes=..., **options)``; it must return an ``nn.Module``.
 """
@@ -34,7 +42,7 @@ from torch import Tensor, nn
 from .errors import UserError
 from .plugins import is_plugin, load_plugin
 
-MODELS = ["mlp", "cnn1d", "cnn", "resnet20", "resnet32", "resnet56", "wrn16_4", "wrn28_10", "vit"]
+MODELS = ["mlp", "cnn1d", "cnn", "resnet20", "resnet32", "resnet56", "wrn16_4", "wrn28_10", "vit", "gpt"]
 
 
 def _image_shape(input_shape: Sequence[int], model: str) -> tuple[int, int, int]:
@@ -315,6 +323,95 @@ class ViT(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# GPT (language models)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.dropout = float(dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )
+        return self.drop(self.proj(out.transpose(1, 2).contiguous().view(b, t, d)))
+
+
+class GPTBlock(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float, bias: bool) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = CausalSelfAttention(n_embd, n_head, dropout, bias)
+        self.ln2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd, bias=bias),
+            nn.GELU(),
+            nn.Linear(4 * n_embd, n_embd, bias=bias),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    """A nanoGPT-style decoder: token windows (batch, T) -> next-token logits (batch, T, vocabulary).
+
+    Initialization as GPT-2: normal(0, 0.02) weights, zero biases, the residual projections scaled
+    by 1/sqrt(2 n_layer). The output head shares the token embedding's weight."""
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        n_layer: int = 4,
+        n_head: int = 4,
+        n_embd: int = 128,
+        dropout: float = 0.0,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) != 1:
+            raise UserError(f"model 'gpt' needs token windows (T,) as inputs, got input shape {shape}")
+        if n_embd % n_head:
+            raise UserError(f"gpt: n_embd {n_embd} must be divisible by n_head {n_head}")
+        self.block_size = shape[0]
+        self.tok = nn.Embedding(num_classes, n_embd)
+        self.pos = nn.Embedding(self.block_size, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.Sequential(*[GPTBlock(n_embd, n_head, dropout, bias) for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd, bias=bias)
+        self.head = nn.Linear(n_embd, num_classes, bias=False)
+        self.head.weight = self.tok.weight  # weight tying
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = 0.02 / math.sqrt(2 * n_layer) if name.endswith(("attn.proj", "mlp.2")) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        t = idx.shape[1]
+        if t > self.block_size:
+            raise UserError(f"gpt: a window of {t} tokens is longer than the context of {self.block_size}")
+        positions = torch.arange(t, device=idx.device)
+        x = self.drop(self.tok(idx) + self.pos(positions))
+        return self.head(self.ln_f(self.blocks(x)))
+
+
+# --------------------------------------------------------------------------------------------
 # the factory
 
 
@@ -343,7 +440,7 @@ def model_name_error(name: str) -> str | None:
 
 def _builtin(name: str) -> tuple[type[nn.Module], tuple[int, ...]] | None:
     """The class that builds built-in model ``name`` and the arguments its name encodes (depth, k)."""
-    classes: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn1d": CNN1D, "cnn": CNN, "vit": ViT}
+    classes: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn1d": CNN1D, "cnn": CNN, "vit": ViT, "gpt": GPT}
     if name in classes:
         return classes[name], ()
     if m := re.fullmatch(r"resnet(\d+)", name):
@@ -365,7 +462,7 @@ def has_normalization(name: str) -> bool | None:
     found = None if is_plugin(name) else _builtin(name)
     if found is None:
         return None
-    return found[0] in (ResNet, WideResNet, ViT)
+    return found[0] in (ResNet, WideResNet, ViT, GPT)
 
 
 def model_option_names(name: str) -> tuple[str, ...] | None:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sassha_tune.devices import onednn_workaround
+from sassha_tune.optim.base import double_backward_context
 from sassha_tune.optim.hessian import LossHessian, make_generator, rademacher_probes
 
 __all__ = [
@@ -125,7 +126,9 @@ def measurement_protocol(model: nn.Module) -> Iterator[None]:
     """Measure ``model`` in eval mode and full precision, and leave everything as it was.
 
     Inside: every module in eval mode; autocast disabled (CPU and CUDA); TF32 off; gradients
-    enabled; float16/bfloat16 parameters and buffers replaced by float32 copies; oneDNN off where
+    enabled; attention on its double-differentiable kernel
+    (:func:`sassha_tune.optim.base.double_backward_context`); float16/bfloat16 parameters and
+    buffers replaced by float32 copies; oneDNN off where
     torch cannot differentiate the model with it (:func:`sassha_tune.devices.onednn_workaround`). On exit (also on
     error): parameter and buffer values *and dtypes*, ``.grad``, every module's ``training`` flag,
     the TF32 settings and the CPU/CUDA RNG states are restored exactly.
@@ -143,6 +146,7 @@ def measurement_protocol(model: nn.Module) -> Iterator[None]:
                 stack.enter_context(torch.autocast("cuda", enabled=False))
             stack.enter_context(torch.enable_grad())
             stack.enter_context(onednn_workaround(model))
+            stack.enter_context(double_backward_context())
             model.eval()
             with torch.no_grad():
                 for t in tensors:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -28,8 +30,19 @@ CASES = [
 ]
 
 
+# language models take token windows (integer ids) and give (batch, T, vocabulary) logits
+LANGUAGE_CASES = [("gpt", (12,), {"n_layer": 2, "n_head": 2, "n_embd": 16})]
+
+
 def test_every_listed_model_is_covered():
-    assert set(MODELS) == {name for name, _, _ in CASES}
+    assert set(MODELS) == {name for name, _, _ in CASES + LANGUAGE_CASES}
+
+
+@pytest.mark.parametrize("name,shape,opts", LANGUAGE_CASES, ids=[c[0] for c in LANGUAGE_CASES])
+def test_language_model_forward_shape_and_normalization(name, shape, opts):
+    model = build_model(name, shape, 256, **opts)
+    assert model(torch.randint(0, 256, (2, *shape))).shape == (2, *shape, 256)
+    assert has_normalization(name) is any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
 
 
 @pytest.mark.parametrize("name,shape,opts", CASES[::2], ids=[c[0] for c in CASES[::2]])
@@ -90,3 +103,29 @@ def test_errors_are_one_line_and_list_names():
         build_model("resnet20", (40,), 10)
     with pytest.raises(UserError, match="unexpected keyword"):
         build_model("mlp", (4,), 2, widths=[3])
+
+
+def test_gpt_shapes_tied_head_and_hessian_vector_products():
+    # attention through F.scaled_dot_product_attention, whose fused kernels have no double backward:
+    # the optimizers' graph passes and the sharpness metrics switch to its math kernel
+    from torch import nn
+
+    from sassha_tune.optim import Sassha
+    from sassha_tune.sharpness import hessian_metrics
+
+    torch.manual_seed(0)
+    model = build_model("gpt", (12,), 256, n_layer=2, n_head=2, n_embd=16)
+    assert model.head.weight is model.tok.weight
+    x, y = torch.randint(0, 256, (4, 12)), torch.randint(0, 256, (4, 12))
+    assert model(x).shape == (4, 12, 256)
+
+    def loss_fn(out, t):
+        return nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1))
+
+    opt = Sassha(model.parameters(), lr=0.01, rho=0.05, lazy_hessian=1, model=model)
+    before = loss_fn(model(x), y).item()
+    for _ in range(3):
+        opt.step(lambda: loss_fn(model(x), y))
+    assert loss_fn(model(x), y).item() < before
+    sharp = hessian_metrics(model, loss_fn, x, y, subset_size=4, lambda_max_iters=4, trace_probes=2, sam_steps=1)
+    assert sharp["lambda_max"] > 0 and math.isfinite(sharp["hessian_trace"])

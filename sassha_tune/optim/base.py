@@ -65,6 +65,18 @@ def frozen_running_stats(model: nn.Module | None) -> Iterator[None]:
             m.track_running_stats = True
 
 
+def double_backward_context(enabled: bool = True) -> Any:
+    """The context for forward passes whose gradient will be differentiated again (a Hessian-vector
+    product): ``F.scaled_dot_product_attention`` runs its math kernel inside, since its fused
+    kernels (flash, memory-efficient) have no double backward. Models written without it are
+    unaffected."""
+    if not enabled:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
+
+
 def second_pass_context(model: nn.Module | None):
     """The context for a perturbed (second) pass: running statistics frozen when the model is known."""
     return frozen_running_stats(model) if model is not None else nullcontext()
@@ -99,7 +111,7 @@ def accumulated_grads(
     ``None``: the loss does not depend on that parameter in any micro-batch.
     """
     if len(closures) == 1:
-        with torch.enable_grad(), context():
+        with torch.enable_grad(), context(), double_backward_context(create_graph):
             loss = closures[0]()
             grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
         return loss, list(grads)
@@ -107,7 +119,7 @@ def accumulated_grads(
     losses: list[Tensor] = []
     total: list[Tensor | None] = [None] * len(params)
     for c in closures:
-        with torch.enable_grad(), context():
+        with torch.enable_grad(), context(), double_backward_context(create_graph):
             loss = c()
             grads = torch.autograd.grad(loss / n, list(params), create_graph=create_graph, allow_unused=True)
             # summed with gradients enabled: with create_graph the sum carries every micro-batch's graph

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .base import double_backward_context
+
 TensorList = list[Tensor]
 
 
@@ -167,7 +169,7 @@ class LossHessian:
         targets: Tensor,
     ) -> None:
         self.params: TensorList = [p for p in model.parameters() if p.requires_grad]
-        with torch.enable_grad():
+        with torch.enable_grad(), double_backward_context():
             self.loss = loss_fn(model(inputs), targets)
             self.grads: TensorList = list(torch.autograd.grad(self.loss, self.params, create_graph=True))
         self.hvp_count = 0

@@ -23,6 +23,7 @@ from .base import (
     Closures,
     clear_grads,
     clip_grads_,
+    double_backward_context,
     micro_batches,
     regroup,
     second_pass_context,
@@ -159,7 +160,7 @@ class SasshaLM(HessianPreconditioned):
         losses = []
         model = self.model if second else None  # pass 2 freezes BatchNorm running statistics
         for c in closures:
-            with torch.enable_grad(), second_pass_context(model):
+            with torch.enable_grad(), second_pass_context(model), double_backward_context(estimate):
                 loss = c()
                 grads = torch.autograd.grad(loss if n == 1 else loss / n, flat, create_graph=estimate, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads, strict=True)]
