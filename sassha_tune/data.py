@@ -33,9 +33,18 @@ Datasets (``DATASETS``):
 ``custom``
     A plug-in: ``options={"factory": "package.module:function", ...}``. See :func:`_load_custom`
     for the contract.
+``text``
+    Language modelling on local UTF-8 text files, byte-level tokens (vocabulary 256, no
+    tokenizer): ``data_dir`` is a file or a folder, whose files matching ``pattern`` (default
+    ``*.txt``) and none of ``exclude`` (default none) are read in name order (symbolic links are
+    skipped: they repeat a file). The byte stream is cut into contiguous train / validation / test
+    parts (``val_fraction``, option ``test_fraction``, default 0.1). Options ``block_size``
+    (window length T, default 128) and ``max_tokens`` (keep the first N bytes). Training batches are
+    windows at random offsets of the train part (:func:`token_windows`); the splits' ``x``/``y``
+    tensors are its non-overlapping windows and next-token targets, for evaluation.
 
 Options every dataset accepts: ``max_train`` / ``max_test`` (keep a seeded subset of the full
-training set / the first N test examples) and ``normalize`` (default True).
+training set / the first N test examples) and ``normalize`` (default True); ``text`` takes its own.
 """
 
 from __future__ import annotations
@@ -60,10 +69,12 @@ from torch import Tensor
 from .errors import DataError, UserError
 from .plugins import load_plugin
 
-DATASETS = ["mnist1d", "digits", "fashion_mnist", "cifar10", "cifar100", "synthetic", "custom"]
+DATASETS = ["mnist1d", "digits", "fashion_mnist", "cifar10", "cifar100", "synthetic", "custom", "text"]
 AUGMENTATIONS = ("crop_flip", "crop")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 _COMMON_OPTIONS = {"max_train", "max_test", "normalize"}
+TEXT_OPTIONS = ("block_size", "exclude", "max_tokens", "pattern", "test_fraction")
+VOCABULARY = 256  # byte-level tokens
 
 
 @dataclass
@@ -83,6 +94,12 @@ class Splits:
     noisy_indices: Tensor | None = None  # indices into x_train whose labels were corrupted
     y_train_clean: Tensor | None = None  # the original training labels when label noise is on
     normalization: tuple | None = None  # (mean, std) per channel, from the training split
+    tokens_train: Tensor | None = None  # language modelling: the train part's token stream
+
+    @property
+    def is_language(self) -> bool:
+        """Token windows with next-token targets (``x``, ``y``: (N, T)) rather than labelled examples."""
+        return self.tokens_train is not None
 
     @property
     def device(self) -> torch.device:
@@ -471,9 +488,93 @@ def dataset_option_names(name: str) -> tuple[str, ...] | None:
     ``None`` for the ``custom`` plug-in (its options go to user code) and for unknown names. The
     config validates ``task.dataset_options`` with this, so it is the one list of option names.
     """
+    if name == "text":
+        return TEXT_OPTIONS
     if name not in _LOADERS:
         return None
     return tuple(sorted(_LOADERS[name][1] | _COMMON_OPTIONS))
+
+
+# --------------------------------------------------------------------------------------------
+# text (language modelling)
+
+
+def _text_files(data_dir: str | None, opts: dict) -> list[Path]:
+    if not data_dir:
+        raise DataError("dataset 'text' needs task.data_dir: a UTF-8 text file or a folder of them")
+    root = Path(data_dir).expanduser()
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise DataError(f"dataset 'text': {root} does not exist (task.data_dir: a UTF-8 text file or a folder of them)")
+    pattern = str(opts.get("pattern", "*.txt"))
+    exclude = [str(e) for e in (opts.get("exclude") or [])]
+    files = sorted(p for p in root.glob(pattern)
+                   if p.is_file() and not p.is_symlink() and not any(p.match(e) for e in exclude))
+    if not files:
+        raise DataError(f"dataset 'text': no file in {root} matches pattern {pattern!r}"
+                        + (f" outside exclude {exclude}" if exclude else ""))
+    return files
+
+
+def read_text_tokens(data_dir: str | None, opts: Mapping[str, Any]) -> np.ndarray:
+    """The bytes of the text files (see ``DATASETS``) as one uint8 token stream; a file that is not
+    UTF-8 is a :class:`DataError` naming it."""
+    chunks = []
+    for path in _text_files(data_dir, dict(opts)):
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"dataset 'text': {path} is not UTF-8 text (byte {exc.start}); exclude it with "
+                            "task.dataset_options.exclude") from None
+        chunks.append(np.frombuffer(data, dtype=np.uint8))
+    tokens = np.concatenate(chunks)
+    if opts.get("max_tokens") is not None:
+        tokens = tokens[: int(opts["max_tokens"])]
+    return tokens
+
+
+def windows(tokens: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Non-overlapping windows of ``tokens`` and their next-token targets, both (N, block_size)."""
+    n = (len(tokens) - 1) // block_size
+    x = tokens[: n * block_size].view(n, block_size)
+    y = tokens[1 : n * block_size + 1].view(n, block_size)
+    return x, y
+
+
+def token_windows(tokens: Tensor, block_size: int, batch_size: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A training batch: ``batch_size`` windows at uniformly drawn offsets of the stream, and their
+    next-token targets (the way nanoGPT samples its batches)."""
+    starts = torch.randint(0, len(tokens) - block_size, (batch_size,), generator=generator, device=tokens.device)
+    offsets = torch.arange(block_size, device=tokens.device)
+    index = starts[:, None] + offsets
+    return tokens[index], tokens[index + 1]
+
+
+def _load_text_splits(data_dir: str | None, opts: dict, val_fraction: float, device: torch.device) -> Splits:
+    unknown = sorted(set(opts) - set(TEXT_OPTIONS))
+    if unknown:
+        raise UserError(f"Unknown option(s) {', '.join(unknown)} for dataset 'text' (known: {', '.join(TEXT_OPTIONS)})")
+    block = int(opts.get("block_size", 128))
+    test_fraction = float(opts.get("test_fraction", 0.1))
+    if block < 1 or not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise UserError("dataset 'text' needs block_size >= 1 and val_fraction + test_fraction < 1")
+    tokens = read_text_tokens(data_dir, opts)
+    n_val, n_test = int(round(val_fraction * len(tokens))), int(round(test_fraction * len(tokens)))
+    n_train = len(tokens) - n_val - n_test
+    parts = [tokens[:n_train], tokens[n_train : n_train + n_val], tokens[n_train + n_val :]]
+    for name, part, frac in (("train", parts[0], None), ("validation", parts[1], val_fraction),
+                             ("test", parts[2], test_fraction)):
+        if (frac is None or frac > 0) and len(part) < block + 1:
+            raise DataError(f"dataset 'text': the {name} part has {len(part)} tokens, fewer than one window of "
+                            f"{block} + 1 (more text, a smaller block_size or a larger fraction)")
+    streams = [torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=torch.long) for a in parts]
+    (x_tr, y_tr), (x_val, y_val), (x_te, y_te) = (windows(t, block) for t in streams)
+    return Splits(
+        x_train=x_tr, y_train=y_tr, x_val=x_val, y_val=y_val, x_test=x_te, y_test=y_te,
+        num_classes=VOCABULARY, input_shape=(block,), augment=None, name="text", tokens_train=streams[0],
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,11 +585,12 @@ def _as_numpy(a: Any) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a)
 
 
-def check_dataset_files(name: str, data_dir: str | None) -> None:
+def check_dataset_files(name: str, data_dir: str | None, options: Mapping[str, Any] | None = None) -> None:
     """Raise the loader's one-line :class:`DataError` now when a file-based dataset is missing.
 
     Called before a study is created or a trial is started, so a wrong ``data_dir`` costs no
-    trial. Only looks for files; generated datasets and plug-ins are not touched.
+    trial. Only looks for files; generated datasets and plug-ins are not touched. ``options``: the
+    dataset's options (``text`` looks for the files its ``pattern`` and ``exclude`` select).
     """
     if name == "cifar10":
         _cifar_dir(data_dir, "cifar-10-batches-py", "data_batch_1", "CIFAR-10")
@@ -496,6 +598,8 @@ def check_dataset_files(name: str, data_dir: str | None) -> None:
         _cifar_dir(data_dir, "cifar-100-python", "train", "CIFAR-100")
     elif name == "fashion_mnist":
         _fashion_mnist_dir(data_dir)
+    elif name == "text":
+        _text_files(data_dir, {"pattern": "*", **dict(options or {})})
 
 
 def load_dataset(
@@ -519,6 +623,10 @@ def load_dataset(
     if not 0.0 <= label_noise <= 1.0:
         raise UserError(f"label_noise must be in [0, 1], got {label_noise}")
     device = torch.device(device)
+    if name == "text":
+        if label_noise > 0:
+            raise UserError("dataset 'text' takes no label_noise (its targets are the next tokens)")
+        return _load_text_splits(data_dir, opts, val_fraction, device)
     if name == "custom":
         raw = _load_custom(data_dir, opts, seed)
         if isinstance(raw, Splits):

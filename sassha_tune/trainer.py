@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .data import Splits, augment_batch, load_dataset
+from .data import Splits, augment_batch, load_dataset, token_windows
 from .devices import onednn_workaround, resolve_device
 from .devices import synchronize as _sync
 from .errors import UserError
@@ -74,6 +74,8 @@ class TrainSpec:
     max_steps_per_epoch: int | None = None
     eval_batch_size: int = 1024
     processes: int = 1  # data-parallel ranks (docs/distributed.md); batch_size stays the global batch
+    accumulation: int = 1  # micro-batches per step (gradient accumulation); batch_size is the whole step's
+    min_lr_fraction: float = 0.0  # cosine: the lr decays to this fraction of the initial lr
 
 
 @dataclass
@@ -93,13 +95,22 @@ class TrainResult:
     world_size: int = 1
 
 
+def cross_entropy(logits: Tensor, targets: Tensor, *, reduction: str = "mean") -> Tensor:
+    """The training loss of every task: cross-entropy over classes, or over every token of a window
+    for a language model (logits (batch, T, vocabulary), targets (batch, T))."""
+    if logits.dim() > 2:
+        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    return F.cross_entropy(logits, targets, reduction=reduction)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on (x, y) in eval mode, no augmentation.
+    """(mean cross-entropy, accuracy) of ``model`` on (x, y) in eval mode, no augmentation; for
+    token windows, per token (next-token accuracy).
 
     Restores the model's train/eval mode. An empty set gives (nan, nan).
     """
-    n = len(y)
+    n = y.numel()
     if n == 0:
         return float("nan"), float("nan")
     was_training = model.training
@@ -107,20 +118,29 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1024) 
     try:
         loss_sum = torch.zeros((), dtype=torch.float64, device=y.device)
         correct = torch.zeros((), dtype=torch.long, device=y.device)
-        for i in range(0, n, batch_size):
+        for i in range(0, len(y), batch_size):
             out = model(x[i : i + batch_size]).float()
             yb = y[i : i + batch_size]
-            loss_sum += F.cross_entropy(out, yb, reduction="sum").double()
-            correct += (out.argmax(1) == yb).sum()
+            loss_sum += cross_entropy(out, yb, reduction="sum").double()
+            correct += (out.argmax(-1) == yb).sum()
         return float(loss_sum) / n, int(correct) / n
     finally:
         model.train(was_training)
 
 
+def perplexity(loss: float) -> float:
+    """exp(mean token cross-entropy); inf when it overflows, nan for nan."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
 def final_metrics(result: TrainResult, *, batch_size: int = 1024) -> dict:
     """Train (full, un-augmented, the labels trained on), validation and test loss/accuracy.
 
-    With label noise, ``train_clean_acc`` / ``train_clean_loss`` use the original labels.
+    With label noise, ``train_clean_acc`` / ``train_clean_loss`` use the original labels. Language
+    models: per token, and ``train_ppl`` / ``val_ppl`` / ``test_ppl`` too.
     """
     s, m = result.splits, result.model
     out: dict = {}
@@ -131,6 +151,8 @@ def final_metrics(result: TrainResult, *, batch_size: int = 1024) -> dict:
     ):
         loss, acc = evaluate(m, x, y, batch_size=batch_size)
         out[f"{split}_loss"], out[f"{split}_acc"] = loss, acc
+        if s.is_language:
+            out[f"{split}_ppl"] = perplexity(loss)
     if s.y_train_clean is not None:
         out["train_clean_loss"], out["train_clean_acc"] = evaluate(
             m, s.x_train, s.y_train_clean, batch_size=batch_size
@@ -150,7 +172,9 @@ def lr_factor(spec: TrainSpec, step: int, total: int) -> float:
         return spec.gamma**passed
     if spec.schedule == "cosine":
         span = max(total - warm, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / span))
+        cosine = 0.5 * (1.0 + math.cos(math.pi * (step - warm) / span))
+        floor = spec.min_lr_fraction
+        return cosine if floor == 0 else floor + (1.0 - floor) * cosine
     raise UserError(f"Unknown schedule {spec.schedule!r} (expected one of {', '.join(SCHEDULES)})")
 
 
@@ -165,6 +189,10 @@ def check_spec(spec: TrainSpec) -> None:
         raise UserError(f"warmup_fraction must be in [0, 1), got {spec.warmup_fraction}")
     if spec.max_steps_per_epoch is not None and spec.max_steps_per_epoch < 1:
         raise UserError("max_steps_per_epoch must be >= 1")
+    if spec.accumulation < 1 or spec.batch_size < spec.accumulation:
+        raise UserError(f"accumulation must be between 1 and batch_size ({spec.batch_size}), got {spec.accumulation}")
+    if not 0.0 <= spec.min_lr_fraction <= 1.0:
+        raise UserError(f"min_lr_fraction must be in [0, 1], got {spec.min_lr_fraction}")
 
 
 def augment_kind(spec: TrainSpec, splits: Splits) -> str | None:
@@ -335,12 +363,15 @@ class LoneSteps:
     def step(self, live: list[Member], xs: list[Tensor], ys: list[Tensor], weight: float) -> list[tuple[Tensor, Tensor]]:
         out = []
         for m, xb, yb in zip(live, xs, ys, strict=True):
+            if m.spec.accumulation > 1:
+                out.append(self._accumulated(m, xb, yb, weight))
+                continue
             first: list[Tensor] = []
 
             def closure(model: nn.Module = m.model, xb: Tensor = xb, yb: Tensor = yb, first: list[Tensor] = first) -> Tensor:
                 with self.autocast():
                     logits = model(xb)
-                    loss = F.cross_entropy(logits, yb)
+                    loss = cross_entropy(logits, yb)
                 if not first:
                     first.extend((logits.detach(), loss.detach()))
                 return loss if weight == 1.0 else loss * weight
@@ -350,6 +381,29 @@ class LoneSteps:
                 loss = first[1]
             out.append((loss.detach(), first[0]))
         return out
+
+    def _accumulated(self, m: Member, xb: Tensor, yb: Tensor, weight: float) -> tuple[Tensor, Tensor]:
+        """One step over ``spec.accumulation`` micro-batches (one closure each, see
+        :mod:`sassha_tune.optim.base`); the pass-1 outputs of all of them, in batch order."""
+        chunks = list(zip(xb.tensor_split(m.spec.accumulation), yb.tensor_split(m.spec.accumulation), strict=True))
+        firsts: list[list[Tensor]] = [[] for _ in chunks]
+
+        def micro(j: int) -> Callable[[], Tensor]:
+            def closure() -> Tensor:
+                with self.autocast():
+                    logits = m.model(chunks[j][0])
+                    loss = cross_entropy(logits, chunks[j][1])
+                if not firsts[j]:
+                    firsts[j].extend((logits.detach(), loss.detach()))
+                return loss if weight == 1.0 else loss * weight
+
+            return closure
+
+        m.optimizer.step([micro(j) for j in range(len(chunks))])  # type: ignore[union-attr]
+        # the metrics' loss: the mean of the micro-batches' pass-1 losses, weighted by their sizes
+        sizes = torch.tensor([c[1].numel() for c in chunks], dtype=torch.float64, device=yb.device)
+        losses = torch.stack([f[1].double() for f in firsts])
+        return (losses * sizes).sum() / sizes.sum(), torch.cat([f[0] for f in firsts])
 
     def eval_model(self, member: Member) -> nn.Module:
         return member.model
@@ -424,6 +478,8 @@ def train_members(
     per_epoch = steps_per_epoch(spec0, n_train, ranks.world_size)
     total_steps = max(spec0.epochs * per_epoch, 1)
     aug = augment_kind(spec0, members[0].splits)
+    language = members[0].splits.is_language
+    block = members[0].splits.input_shape[0] if language else 0
     channels_last = spec0.channels_last and len(members[0].splits.input_shape) == 3
     cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     if device.type == "cuda":
@@ -498,15 +554,18 @@ def train_members(
             _sync(device)
             stepping_since = time.perf_counter()
             for m in live:
-                m.perm = torch.randperm(n_train, generator=m.perm_gen, device=device)
+                m.perm = None if language else torch.randperm(n_train, generator=m.perm_gen, device=device)
                 m.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 m.correct = torch.zeros((), dtype=torch.long, device=device)
                 m.seen = 0
             for i in range(per_epoch):
                 xs, ys = [], []
                 for m in live:
-                    idx = m.perm[i * spec0.batch_size : (i + 1) * spec0.batch_size]  # type: ignore[index]
-                    xb, yb = m.splits.x_train[idx], m.splits.y_train[idx]
+                    if language:  # windows at random offsets of the token stream
+                        xb, yb = token_windows(m.splits.tokens_train, block, spec0.batch_size, m.perm_gen)  # type: ignore[arg-type]
+                    else:
+                        idx = m.perm[i * spec0.batch_size : (i + 1) * spec0.batch_size]  # type: ignore[index]
+                        xb, yb = m.splits.x_train[idx], m.splits.y_train[idx]
                     if aug:
                         xb = augment_batch(xb, aug, m.aug_gen)
                     xs.append(xb)
@@ -528,9 +587,9 @@ def train_members(
                 diverged = []
                 for m, yb, (loss, logits) in zip(live, ys, outcome, strict=True):
                     m.steps += 1
-                    m.seen += len(yb)
-                    m.loss_sum += loss.double() * len(yb)  # type: ignore[operator]
-                    m.correct += (logits.argmax(1) == yb).sum()  # type: ignore[operator]
+                    m.seen += yb.numel()
+                    m.loss_sum += loss.double() * yb.numel()  # type: ignore[operator]
+                    m.correct += (logits.argmax(-1) == yb).sum()  # type: ignore[operator]
                     if check and distributed.any_true(not bool(torch.isfinite(m.loss_sum)), ranks.group):  # type: ignore[arg-type]
                         diverged.append(m)
                 del xs, ys, outcome
@@ -564,6 +623,8 @@ def train_members(
                         "lr": m.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
                         "seconds": time.perf_counter() - t_epoch,
                     }
+                    if language:
+                        metrics["val_ppl"] = perplexity(val_loss)
                     bad_val = bool(len(m.splits.y_val)) and not math.isfinite(val_loss)
                     if not bad_val:
                         m.history.append(metrics)  # before the callback: the epoch counts even if it raises

@@ -274,3 +274,48 @@ def test_augment_batch_crop_and_flip():
     assert augment_batch(x, None, g) is x
     with pytest.raises(UserError):
         augment_batch(x, "rotate", g)
+
+
+# --------------------------------------------------------------------------------------------
+# text (language modelling)
+
+
+def _text_dir(tmp_path, n_words=3000):
+    import random as _random
+
+    rng = _random.Random(0)
+    words = "the a cat dog sat on mat ran fast and".split()
+    (tmp_path / "b.txt").write_text(" ".join(rng.choice(words) for _ in range(n_words)), encoding="utf-8")
+    (tmp_path / "a.txt").write_text("héllo wörld " * 50, encoding="utf-8")  # multi-byte UTF-8: bytes, not characters
+    (tmp_path / "skip.md").write_text("not matched by the default pattern", encoding="utf-8")
+    return tmp_path
+
+
+def test_text_splits_are_contiguous_byte_windows(tmp_path):
+    d = _text_dir(tmp_path)
+    raw = (d / "a.txt").read_bytes() + (d / "b.txt").read_bytes()  # name order
+    s = load_dataset("text", str(d), val_fraction=0.1, options={"block_size": 16, "test_fraction": 0.2})
+    assert s.is_language and s.num_classes == 256 and s.input_shape == (16,)
+    n_val, n_test = round(0.1 * len(raw)), round(0.2 * len(raw))
+    n_train = len(raw) - n_val - n_test
+    assert bytes(s.tokens_train.tolist()) == raw[:n_train]
+    assert s.x_train.shape == ((n_train - 1) // 16, 16) and s.x_train.dtype == torch.long
+    assert torch.equal(s.y_train[:, :-1], s.x_train[:, 1:])  # next-token targets
+    assert bytes(s.x_val.flatten().tolist()) == raw[n_train : n_train + len(s.x_val.flatten())]
+    assert bytes(s.x_test[0].tolist()) == raw[n_train + n_val : n_train + n_val + 16]
+
+
+def test_text_errors_name_the_file_or_folder(tmp_path):
+    d = _text_dir(tmp_path)
+    (d / "bin.txt").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(DataError, match=r"bin.txt is not UTF-8 text .*exclude it"):
+        load_dataset("text", str(d))
+    assert load_dataset("text", str(d), options={"exclude": ["bin.*"]}).num_classes == 256
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("text", str(d / "nope"))
+    with pytest.raises(DataError, match="no file in .* matches pattern '\\*.rst'"):
+        load_dataset("text", str(d), options={"pattern": "*.rst"})
+    with pytest.raises(DataError, match="fewer than one window"):
+        load_dataset("text", str(d / "a.txt"), options={"block_size": 512})
+    with pytest.raises(UserError, match="no label_noise"):
+        load_dataset("text", str(d), label_noise=0.1)

@@ -242,3 +242,45 @@ def test_steps_per_epoch_one_rule_for_lone_runs_packs_and_ranks():
     assert steps_per_epoch(spec, 322, world_size=3) == 10  # under 3 ranks it needs >= 3 (one per rank)
     assert steps_per_epoch(spec, 323, world_size=3) == 11
     assert steps_per_epoch(TrainSpec(batch_size=32, max_steps_per_epoch=4), 322) == 4
+
+
+def _tiny_text(tmp_path):
+    import random as _random
+
+    rng = _random.Random(1)
+    words = "the a cat dog sat on mat ran fast slow big small".split()
+    (tmp_path / "c.txt").write_text(" ".join(rng.choice(words) for _ in range(6000)), encoding="utf-8")
+    return str(tmp_path)
+
+
+def _lm_spec(data_dir, **kw):
+    base = dict(dataset="text", data_dir=data_dir, dataset_options={"block_size": 16}, model="gpt",
+                model_options=dict(n_layer=1, n_head=2, n_embd=32), epochs=2, batch_size=16, max_steps_per_epoch=15,
+                optimizer="adamw", hparams=dict(lr=3e-3, weight_decay=0.0), schedule="cosine", device="cpu")
+    return TrainSpec(**{**base, **kw})
+
+
+def test_language_model_trains_and_reports_per_token_metrics(tmp_path):
+    r = train(_lm_spec(_tiny_text(tmp_path)))
+    assert r.status == "completed" and r.steps == 30
+    first, last = r.history
+    assert last["val_loss"] < first["val_loss"] < math.log(256)  # below a uniform guess over bytes
+    assert last["val_ppl"] == pytest.approx(math.exp(last["val_loss"]))
+    m = final_metrics(r)
+    assert m["val_ppl"] == pytest.approx(math.exp(m["val_loss"])) and 0 < m["train_acc"] < 1
+
+
+def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
+    # SGD: two micro-batches give the whole batch's mean gradient (float32: equal up to rounding)
+    d = _tiny_text(tmp_path)
+    kw = dict(optimizer="sgd", hparams=dict(lr=0.5), epochs=1, max_steps_per_epoch=5)
+    whole, split = train(_lm_spec(d, **kw)), train(_lm_spec(d, accumulation=2, **kw))
+    for a, b in zip(whole.model.parameters(), split.model.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert split.history[0]["train_loss"] == pytest.approx(whole.history[0]["train_loss"], rel=1e-5)
+
+
+def test_cosine_schedule_floor():
+    spec = TrainSpec(schedule="cosine", min_lr_fraction=0.05)
+    assert lr_factor(spec, 0, 100) == pytest.approx(1.0) and lr_factor(spec, 100, 100) == pytest.approx(0.05)
+    assert lr_factor(TrainSpec(schedule="cosine"), 100, 100) == pytest.approx(0.0)

@@ -1,0 +1,131 @@
+"""The package's shape: no import cycles among sassha_tune's modules, and no module reaching into
+another module's private names. Static: every ``import`` counts, inside functions too (a lazy
+import that closes a cycle is still a cycle in the design)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "sassha_tune"
+
+
+def _module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the package's modules it imports (anywhere in its code). Importing ``a.b.c`` from
+    outside the package ``a.b`` also imports ``a.b`` (Python runs its ``__init__`` first); from
+    inside it, the package is already being imported."""
+    files = {_module_name(p, root): p for p in root.rglob("*.py")}
+    packages = {name for name, p in files.items() if p.name == "__init__.py"}
+    top = root.name
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets: set[str] = set()
+        here = name if name in packages else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            found: list[str] = []
+            if isinstance(node, ast.Import):
+                found = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = here.split(".")
+                    base = base[: len(base) - (node.level - 1)]
+                    module = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    module = node.module or ""
+                found = [module] + [f"{module}.{a.name}" for a in node.names]
+            for target in found:
+                while target and target.split(".")[0] == top:
+                    if target in files:
+                        targets.add(target)
+                    target = target.rpartition(".")[0]
+                    if name == target or name.startswith(target + "."):
+                        break  # the importer's own package
+        targets.discard(name)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+    counter = [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_detector_finds_a_cycle_through_a_lazy_import(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .sub import b\n")
+    (pkg / "sub" / "b.py").write_text("def f():\n    from ..c import g\n")
+    (pkg / "c.py").write_text("import pkg.a\n")
+    (pkg / "d.py").write_text("from . import c\n")
+    found = cycles(import_graph(pkg))
+    assert found == [["pkg.a", "pkg.c", "pkg.sub.b"]]
+
+
+def test_no_import_cycles_among_sassha_tune_modules():
+    assert cycles(import_graph(PACKAGE)) == []
+
+
+def test_no_module_uses_another_modules_private_names():
+    """``from x import _name`` / ``module._name`` across the package's own modules: a module's
+    private names are its own (Optuna's and torch's private attributes are not checked here)."""
+    files = {_module_name(p, PACKAGE): p for p in PACKAGE.rglob("*.py")}
+    offenders = []
+    for name, path in files.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        own_modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("sassha_tune")):
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        offenders.append(f"{name}: from {'.' * node.level}{node.module or ''} import {alias.name}")
+                    own_modules.add(alias.asname or alias.name)
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("sassha_tune"):
+                        own_modules.add(alias.asname or alias.name.split(".")[0])
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in own_modules):
+                offenders.append(f"{name}: {node.value.id}.{node.attr}")
+    assert offenders == []
