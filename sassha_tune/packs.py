@@ -968,8 +968,13 @@ def main() -> int:
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
 
     def send(msg: dict[str, Any]) -> None:
-        proto.write(json.dumps(msg) + "\n")
-        proto.flush()
+        try:
+            proto.write(json.dumps(msg) + "\n")
+            proto.flush()
+        except (BrokenPipeError, EOFError, OSError):
+            # The parent is gone: nobody reads the results; the trials' heartbeats go stale and
+            # they are reconciled as lost. Exit quietly, as a single trial's process does.
+            os._exit(3)
 
     line = sys.stdin.readline()
     if not line:
@@ -983,8 +988,11 @@ def main() -> int:
             send({"type": "epoch", "member": i, "epoch": epoch, "metrics": _clean(metrics)})
             if not prune:
                 return False
-            reply = sys.stdin.readline()
-            if not reply:
+            try:
+                reply = sys.stdin.readline()
+            except (EOFError, OSError):
+                reply = ""
+            if not reply:  # the parent is gone
                 os._exit(3)
             return reply.strip() == "stop"
 
