@@ -209,11 +209,27 @@ class _Views:
 
 
 def pack_blocker(optimizer: str, model: str, model_options: dict | None = None, hparams: dict | None = None) -> str | None:
-    """Why trials of this kind cannot be packed (one line), or None when they can."""
+    """Why trials of this kind cannot be packed (one line), or None when they can.
+
+    A plug-in model (``package.module:factory``) is packed only when its factory declares
+    ``packable = True`` (an attribute of the factory function): the plug-in author's promise that
+    the model is deterministic and stateless (no random numbers in the forward, no state kept
+    between calls), which packs rely on and cannot check. A plug-in that cannot be imported here,
+    or does not declare it, is not packed (docs/packs.md, "Plug-in models")."""
     if optimizer not in PACKABLE_OPTIMIZERS:
         return f"optimizer {optimizer!r} is not packable (packable: {', '.join(sorted(PACKABLE_OPTIMIZERS))})"
     if ":" in model:
-        return f"model {model!r} is a plug-in (packs batch the built-in models only)"
+        import importlib
+
+        module_name, _, attr = model.partition(":")
+        try:
+            factory: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                factory = getattr(factory, part)
+        except Exception:  # not importable here: building the model reports that, not this check
+            factory = None
+        if getattr(factory, "packable", False) is not True:
+            return f"model {model!r} is a plug-in (packs batch the built-in models only)"
     if float((model_options or {}).get("dropout", 0.0) or 0.0) > 0:
         return "the model uses dropout (its random masks cannot follow the lone run's RNG stream)"
     hp = hparams or {}

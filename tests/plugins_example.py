@@ -72,5 +72,8 @@ class MemoryLimited(nn.Module):
 
 
 def memory_limited(*, input_shape, num_classes, max_members=1, hidden=16):
-    """A model plug-in: :class:`MemoryLimited`."""
+    """A model plug-in: :class:`MemoryLimited`, deterministic and stateless, so it may be packed."""
     return MemoryLimited(input_shape, num_classes, max_members, hidden)
+
+
+memory_limited.packable = True  # the plug-in's promise to packs.pack_blocker (docs/packs.md, "Plug-in models")
