@@ -741,14 +741,15 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
     if cfg.study.sampler.name == "cmaes" and importlib.util.find_spec("cmaes") is None:
         raise ctx.fail("study.sampler.name", "", raw="'cmaes' needs the cmaes package (pip install cmaes)")
     # Build sampler and pruner once: wrong options fail here, before anything is created.
-    from .study import make_pruner, make_sampler
+    from .study.samplers import make_pruner, make_sampler
 
+    sampler, pruner = cfg.study.sampler, cfg.study.pruner
     try:
-        make_sampler(cfg, seed=0)
+        make_sampler(sampler.name, sampler.options, 0, qmc_seed=cfg.sampler_seed)
     except (TypeError, ValueError) as exc:
         raise ctx.fail("study.sampler.options", "", raw=f"rejected by the sampler: {exc}") from None
     try:
-        make_pruner(cfg)
+        make_pruner(pruner.name, pruner.options, max_resource=cfg.task.epochs)
     except (TypeError, ValueError) as exc:
         raise ctx.fail("study.pruner.options", "", raw=f"rejected by the pruner: {exc}") from None
     from .data import DATASETS, dataset_option_names

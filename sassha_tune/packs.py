@@ -1055,32 +1055,25 @@ def run_pack_trials(study: Any, trials: list[Any], cfg: Any, space: Any, *, devi
     ``over_budget`` and left out)."""
     from contextlib import ExitStack
 
-    from .study import (
-        _fail,
-        _finish,
-        _fmt_params,
-        _Heartbeat,
-        _Outcome,
-        _TrialProcess,
-        start_trial,
-    )
+    from .study.liveness import Heartbeat
+    from .study.loop import Outcome, TrialProcess, fmt_params, start_trial
+    from .study.tell import fail, finish
 
-    storage = study._storage
     told: list[Any] = []
     pending: dict[int, Any] = {}  # member -> trial
-    proc_holder: list[_TrialProcess] = []
+    proc_holder: list[TrialProcess] = []
     try:
         with ExitStack() as stack:
             params_list, members = [], []
             for trial in trials:
-                stack.enter_context(_Heartbeat(storage, trial._trial_id, cfg.study.heartbeat_interval))
+                stack.enter_context(Heartbeat(study, trial, cfg.study.heartbeat_interval))
                 params = start_trial(study, trial, cfg, space)
                 if params is None:
                     continue
                 pending[len(params_list)] = trial
                 params_list.append(params)
                 members.append(trial)
-                log(f"trial {trial.number} started (pack member {len(params_list) - 1}): {_fmt_params(params)}")
+                log(f"trial {trial.number} started (pack member {len(params_list) - 1}): {fmt_params(params)}")
             if not params_list:
                 return told
             job = {
@@ -1109,12 +1102,12 @@ def run_pack_trials(study: Any, trials: list[Any], cfg: Any, space: Any, *, devi
                         proc.reply("stop" if stop else "go")
                 elif kind == "result" and i in pending:
                     trial = pending.pop(i)
-                    outcome = _Outcome(msg["state"], msg.get("attrs") or {}, msg.get("values"), msg.get("failure_reason"))
+                    outcome = Outcome(msg["state"], msg.get("attrs") or {}, msg.get("values"), msg.get("failure_reason"))
                     outcome.attrs["history"] = [
                         {k: h.get(k) for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")}
                         for h in histories[i]
                     ]
-                    told.append(_finish(study, trial, outcome))
+                    told.append(finish(study, trial, outcome))
                 elif kind == "split":  # out of memory before any member reported: halves restart in this process
                     halves = [[members[j].number for j in half] for half in msg.get("halves", [])]
                     log(split_line(int(msg.get("epoch", 0)), halves))
@@ -1125,34 +1118,34 @@ def run_pack_trials(study: Any, trials: list[Any], cfg: Any, space: Any, *, devi
             if user_error is not None:
                 raise UserError(user_error)
             for i, trial in list(pending.items()):
-                told.append(_finish(study, trial, _Outcome("fail", failure_reason=f"error: pack process exited with code {rc}")))
+                told.append(finish(study, trial, Outcome("fail", failure_reason=f"error: pack process exited with code {rc}")))
                 pending.pop(i)
             return told
     except KeyboardInterrupt:
         for p in proc_holder:
             p.stop()
         for trial in pending.values():
-            _fail(study, trial, "interrupted")
+            fail(study, trial, "interrupted")
         log(f"trials {[t.number for t in pending.values()]} interrupted: marked FAIL")
         raise
     except UserError as exc:
         for p in proc_holder:
             p.stop()
         for trial in pending.values():
-            _fail(study, trial, f"error: {exc}"[:300])
+            fail(study, trial, f"error: {exc}"[:300])
         raise
     except BaseException:
         for p in proc_holder:
             p.stop()
         for trial in pending.values():
-            _fail(study, trial, "error: sassha-tune crashed while running this trial")
+            fail(study, trial, "error: sassha-tune crashed while running this trial")
         raise
 
 
 def _pack_process_class():
-    from .study import _TrialProcess
+    from .study.loop import TrialProcess
 
-    class PackProcess(_TrialProcess):
+    class PackProcess(TrialProcess):
         """``python -m sassha_tune.packs``: the same JSON-lines protocol, messages tagged by member."""
 
         def __init__(self, job: dict[str, Any]) -> None:

@@ -9,8 +9,9 @@ Two entry points back the CLI verbs:
   sharpness per optimizer, a ranking table, seed re-runs of the best configs and ``compare.md``.
 
 Everything here only reads the storage: it is opened and studies are loaded with
-:func:`sassha_tune.study.open_storage` (``create=False``) and :func:`sassha_tune.study.load_study`, no
-attribute is ever set, RUNNING/WAITING trials are ignored. Figures are built on
+:func:`sassha_tune.study.storage.open_storage` (``create=False``) and
+:func:`sassha_tune.study.storage.load_study`, no attribute is ever set, RUNNING/WAITING trials are
+ignored. Figures are built on
 :class:`matplotlib.figure.Figure` directly (Agg canvas, no pyplot global state), so the pure
 functions :func:`build_figures` and :func:`compare_figures` can be inspected by tests.
 
@@ -47,7 +48,7 @@ from tabulate import tabulate
 
 from sassha_tune.errors import StorageError
 from sassha_tune.provenance import git_commit, package_version
-from sassha_tune.study import load_study, mask_url, open_storage
+from sassha_tune.study.storage import load_study, mask_url, open_storage
 
 __all__ = [
     "NEAR_CHANCE_RULE",

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from sassha_tune.cli import app
 from sassha_tune.objective import STORED_ATTRS
-from sassha_tune.study import budget_used
+from sassha_tune.study.budget import budget_used
 
 pytestmark = pytest.mark.slow
 

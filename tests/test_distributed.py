@@ -188,7 +188,8 @@ def test_study_trial_with_two_processes_reports_once(tmp_path):
     from optuna.trial import TrialState
 
     from sassha_tune.config import load_config
-    from sassha_tune.study import create_or_continue, run_trials
+    from sassha_tune.study.create import create_or_continue
+    from sassha_tune.study.loop import run_trials
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     cfg = load_config(_config(tmp_path))

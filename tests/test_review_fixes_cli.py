@@ -15,11 +15,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from sassha_tune import report, study
+from sassha_tune import report
 from sassha_tune.cli import app
 from sassha_tune.config import config_from_dict
-from sassha_tune.errors import StorageError
+from sassha_tune.errors import StorageError, UserError
 from sassha_tune.objective import TrialOutcome, build_spec
+from sassha_tune.study import loop, storage, workers
 
 PASSWORD = "hunter2"
 BAD_URL = f"postgresql+psycopg://bob:{PASSWORD}@dbhost:port/studies"  # port is not a number
@@ -85,8 +86,8 @@ def _read_only_commands(tmp_path: Path) -> list[list[str]]:
     ],
 )
 def test_mask_url_handles_unparsable_urls(url, shown):
-    assert study.mask_url(url) == shown
-    assert report._mask_url is study.mask_url  # one implementation
+    assert storage.mask_url(url) == shown
+    assert report._mask_url is storage.mask_url  # one implementation
 
 
 @pytest.mark.parametrize("cmd", range(7))
@@ -171,8 +172,8 @@ def test_run_trials_checks_the_stored_device(tmp_path, monkeypatch):
     url = f"sqlite:///{db}"
     assert _invoke(["run", _config(tmp_path), "--create-only", "--storage", url]).exit_code == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(study.UserError, match="--device cuda:0: CUDA is not available"):
-        study.run_trials("tiny", url, device="cuda:0", log=lambda m: None)
+    with pytest.raises(UserError, match="--device cuda:0: CUDA is not available"):
+        loop.run_trials("tiny", url, device="cuda:0", log=lambda m: None)
 
 
 # 4. --gpus keeps --pack, refuses --device ---------------------------------------------------
@@ -198,9 +199,9 @@ def test_gpu_workers_get_the_pack(monkeypatch):
         def wait(self):
             return 0
 
-    monkeypatch.setattr(study.subprocess, "Popen", FakeProc)
-    monkeypatch.setattr(study.time, "sleep", lambda s: None)
-    assert study.run_gpu_workers("s", "sqlite:///x.db", ["0", "1"], log=lambda m: None, pack=3) == 0
+    monkeypatch.setattr(workers.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(workers.time, "sleep", lambda s: None)
+    assert workers.run_gpu_workers("s", "sqlite:///x.db", ["0", "1"], log=lambda m: None, pack=3) == 0
     for i, (cmd, env) in enumerate(started):
         assert cmd[cmd.index("--pack") + 1] == "3"
         assert cmd[cmd.index("--device") + 1] == "cuda"

@@ -14,17 +14,12 @@ from sqlalchemy.exc import OperationalError
 from sassha_tune.config import load_config
 from sassha_tune.errors import StorageError, UserError
 from sassha_tune.spaces import load_space, suggest
-from sassha_tune.study import (
-    HEARTBEAT_KEY,
-    budget_used,
-    create_or_continue,
-    make_sampler,
-    mask_url,
-    open_storage,
-    reconcile,
-    trial_seed,
-    with_retry,
-)
+from sassha_tune.study.budget import budget_used
+from sassha_tune.study.create import create_or_continue
+from sassha_tune.study.liveness import HEARTBEAT_KEY, reconcile
+from sassha_tune.study.loop import sampler_for
+from sassha_tune.study.samplers import trial_seed
+from sassha_tune.study.storage import mask_url, open_storage, with_retry
 
 CFG = {
     "study": {"name": "unit", "heartbeat_interval": 1, "stale_after": 2},
@@ -135,7 +130,7 @@ def test_study_stores_config_and_published_enqueue(tmp_path):
 
 
 def _sample(cfg, study, space, n_so_far):
-    study.sampler = make_sampler(cfg, trial_seed(cfg.sampler_seed, n_so_far))
+    study.sampler = sampler_for(cfg, trial_seed(cfg.sampler_seed, n_so_far))
     trial = study.ask()
     params = suggest(trial, space)
     study.tell(trial, 0.5)
@@ -166,7 +161,7 @@ def test_qmc_sampler_varies_params_while_no_trial_has_completed(tmp_path):
     study = optuna.create_study(study_name="q", storage=open_storage(f"sqlite:///{tmp_path}/q.db"))
     seen = []
     for i in range(4):
-        study.sampler = make_sampler(cfg, trial_seed(cfg.sampler_seed, i, 0))
+        study.sampler = sampler_for(cfg, trial_seed(cfg.sampler_seed, i, 0))
         trial = study.ask()
         seen.append(suggest(trial, space))
         study.tell(trial, state=TrialState.FAIL)
