@@ -426,9 +426,9 @@ def train(
 ) -> None:
     """Train once with the config's fixed hyperparameters (e.g. an exported config) and print the metrics."""
     from .config import load_config, yaml_load
-    from .objective import evaluate_params
     from .spaces import check_param_names
     from .trial.device import check_device
+    from .trial.objective import evaluate_params
 
     _check_device(device)
     check_device(device, "--device")

@@ -163,7 +163,7 @@ def _rank_pid(rank: int) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank process through /proc")
 def test_killed_rank_fails_the_trial_quickly(tmp_path):
     from sassha_tune.config import load_config
-    from sassha_tune.objective import evaluate_params
+    from sassha_tune.trial.objective import evaluate_params
 
     cfg = load_config(_config(tmp_path))
     cfg.task.epochs, cfg.task.max_steps_per_epoch = 50, None  # far longer than the test waits

@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 
 from sassha_tune import packs
 from sassha_tune.cli import app
-from sassha_tune.packs import split_line, train_pack
+from sassha_tune.packs import train_pack
+from sassha_tune.study.loop import split_line
 from sassha_tune.trainer import TrainSpec, train
 
 PLUGIN = "plugins_example:memory_limited"
@@ -193,7 +194,7 @@ def _run(cfg, db, pack):
 
 def test_cli_pack_out_of_memory_splits_and_trials_equal_lone_runs(plugins_importable, tmp_path):
     from sassha_tune.config import config_from_dict
-    from sassha_tune.objective import evaluate_params
+    from sassha_tune.trial.objective import evaluate_params
 
     db = tmp_path / "s.db"
     output = _run(_config(tmp_path, "oom", 2, 4), db, 4)

@@ -19,8 +19,9 @@ from sassha_tune import report
 from sassha_tune.cli import app
 from sassha_tune.config import config_from_dict
 from sassha_tune.errors import StorageError, UserError
-from sassha_tune.objective import TrialOutcome, build_spec
 from sassha_tune.study import loop, storage, workers
+from sassha_tune.trial.objective import build_spec
+from sassha_tune.trial.outcome import TrialOutcome
 
 PASSWORD = "hunter2"
 BAD_URL = f"postgresql+psycopg://bob:{PASSWORD}@dbhost:port/studies"  # port is not a number
@@ -213,7 +214,7 @@ def test_gpu_workers_get_the_pack(monkeypatch):
 
 
 def test_metrics_out_directory_checked_before_training(tmp_path, monkeypatch):
-    import sassha_tune.objective as objective
+    import sassha_tune.trial.objective as objective
 
     def never(*a, **k):
         raise AssertionError("trained although --metrics-out cannot be written")
@@ -226,7 +227,7 @@ def test_metrics_out_directory_checked_before_training(tmp_path, monkeypatch):
 def test_metrics_out_write_error_is_one_line(tmp_path, monkeypatch):
     import shutil
 
-    import sassha_tune.objective as objective
+    import sassha_tune.trial.objective as objective
 
     sub = tmp_path / "sub"
     sub.mkdir()
@@ -246,7 +247,7 @@ def test_metrics_out_write_error_is_one_line(tmp_path, monkeypatch):
 def test_trial_process_with_dead_parent_exits_quietly(tmp_path):
     job = {"study": "tiny", "config": TINY, "params": {"lr": 0.1}, "device": "cpu", "prune": False}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SASSHA_TUNE_PARENT_PID": str(os.getpid())}
-    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.objective"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.trial"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     proc.stdout.close()  # nobody reads the protocol any more: every send hits a broken pipe
     _, stderr = proc.communicate(json.dumps(job) + "\n", timeout=120)
@@ -257,7 +258,7 @@ def test_trial_process_with_dead_parent_exits_quietly(tmp_path):
 def test_pack_process_with_dead_parent_exits_quietly(tmp_path):
     job = {"study": "tiny", "config": TINY, "params": [{"lr": 0.1}, {"lr": 0.05}], "device": "cpu", "prune": False}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SASSHA_TUNE_PARENT_PID": str(os.getpid())}
-    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.packs"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.trial"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     proc.stdout.close()  # nobody reads the protocol any more: every send hits a broken pipe
     _, stderr = proc.communicate(json.dumps(job) + "\n", timeout=120)

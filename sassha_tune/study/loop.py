@@ -7,15 +7,13 @@ trials, checks the budget, asks with a sampler seeded from the study's progress,
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +24,8 @@ from ..config import Config
 from ..errors import UserError
 from ..spaces import SearchSpace, suggest, to_hparams
 from ..trial.device import check_device
+from ..trial.outcome import TrialOutcome
+from ..trial.process import TrialProcess
 from .budget import budget_used, counts_toward_budget
 from .create import plain, stored_config
 from .liveness import Heartbeat, reconcile
@@ -33,9 +33,12 @@ from .samplers import make_pruner, make_sampler, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
 from .tell import fail, finish
 
-__all__ = ["WORKER_KEY", "LoopSummary", "run_trials", "start_trial", "sampler_for", "pruner_for"]
+__all__ = ["WORKER_KEY", "HISTORY_KEYS", "LoopSummary", "run_trials", "start_trial", "run_pack", "split_line",
+           "sampler_for", "pruner_for"]
 
 WORKER_KEY = "sassha_tune:worker"
+# What the ``history`` user attribute keeps of each epoch message.
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 Log = Callable[[str], None]
 
@@ -119,7 +122,7 @@ def run_trials(
             waiting = False
             study.sampler = sampler_for(cfg, trial_seed(cfg.sampler_seed, len(trials), worker))
             if pack != 1:
-                from ..packs import choose_pack_size, run_pack_trials
+                from ..packs import choose_pack_size
 
                 size, why = choose_pack_size(cfg, pack, device=device, budget_left=cfg.budget.n_trials - used)
                 if why != pack_logged:
@@ -128,7 +131,7 @@ def run_trials(
                 size = min(size, cfg.budget.n_trials - used)
                 if size > 1:
                     asked = [with_retry(study.ask) for _ in range(size)]
-                    told = run_pack_trials(study, asked, cfg, space, device=device, worker=worker, log=log)
+                    told = run_pack(study, asked, cfg, space, device=device, worker=worker, log=log)
                     if not told:
                         summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
                         break
@@ -169,143 +172,184 @@ def start_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, space: Se
     return params
 
 
-@dataclass
-class Outcome:
-    state: str
-    attrs: dict[str, Any] = field(default_factory=dict)
-    values: list[float] | None = None
-    failure_reason: str | None = None
+def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None) -> dict[str, Any]:
+    """The trial protocol's job (:mod:`sassha_tune.trial`): one trial's params, or a pack's list."""
+    return {
+        "study": study.study_name,
+        "config": study.user_attrs["config"],
+        "params": params,
+        "device": device,
+        "prune": cfg.study.pruner.name != "none",
+    }
 
 
-class TrialProcess:
-    """``python -m sassha_tune.objective``: JSON job in, JSON lines out, go/stop replies."""
-
-    def __init__(self, job: dict[str, Any], env: Mapping[str, str] | None = None) -> None:
-        full_env = dict(os.environ if env is None else env)
-        full_env["SASSHA_TUNE_PARENT_PID"] = str(os.getpid())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sassha_tune.objective"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=full_env,
-            bufsize=1,
-        )
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(job) + "\n")
-        self.proc.stdin.flush()
-
-    def messages(self):
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.strip()
-            if line:
-                yield json.loads(line)
-
-    def reply(self, text: str) -> None:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(text + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def close(self) -> int:
-        self.stop()
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                if f is not None:
-                    f.close()
-            except OSError:
-                pass
-        return self.proc.returncode
+def _stored_history(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``history`` user attribute: one entry per epoch the trial reported."""
+    return [{k: m.get(k) for k in HISTORY_KEYS} for m in epochs]
 
 
-def _run_trial_process(job: dict[str, Any], trial: optuna.Trial, prune_metric: str | None, holder: list) -> Outcome:
-    proc = TrialProcess(job)
-    holder.append(proc)
-    outcome: Outcome | None = None
+def _relay(
+    proc: TrialProcess,
+    pending: dict[int | None, optuna.Trial],
+    prune_metric: str | None,
+    on_result: Callable[[int | None, optuna.Trial, TrialOutcome], None],
+    on_split: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[str | None, dict[int | None, list[dict[str, Any]]]]:
+    """Read a trial process's messages to the end. ``pending`` maps the job's members (``None`` for
+    a single trial) to their asked trials: an epoch of a pending trial is reported to it (and
+    answered prune / go), its result is popped from ``pending`` and handed to ``on_result`` (with
+    the epochs before it as ``outcome.history``). Returns (the user error the process reported, or
+    None; the epochs by member)."""
+    epochs: dict[int | None, list[dict[str, Any]]] = {key: [] for key in pending}
     user_error: str | None = None
-    history: list[dict[str, Any]] = []
     for msg in proc.messages():
-        kind = msg.get("type")
+        kind, key = msg.get("type"), msg.get("member")
         if kind == "epoch":
             metrics = msg.get("metrics", {})
-            history.append(metrics)
+            epochs[key].append(metrics)
             if prune_metric is not None:
                 value = metrics.get(prune_metric)
                 stop = False
-                if isinstance(value, (int, float)):
-                    trial.report(float(value), int(msg["epoch"]))
-                    stop = trial.should_prune()
-                proc.reply("stop" if stop else "go")
-        elif kind == "result":
-            outcome = Outcome(msg["state"], msg.get("attrs") or {}, msg.get("values"), msg.get("failure_reason"))
+                if isinstance(value, (int, float)) and key in pending:
+                    pending[key].report(float(value), int(msg["epoch"]))
+                    stop = pending[key].should_prune()
+                proc.answer(stop)
+        elif kind == "result" and key in pending:
+            on_result(key, pending.pop(key), TrialOutcome.from_message(msg, epochs[key]))
+        elif kind == "split" and on_split is not None:
+            on_split(msg)
         elif kind == "user_error":
             user_error = str(msg.get("message"))
-    proc.proc.wait()
-    rc = proc.close()
-    if user_error is not None:
-        raise UserError(user_error)
-    if outcome is None:
-        reason = f"error: trial process exited with code {rc}"
-        if rc is not None and rc < 0:
-            reason = f"error: trial process killed by signal {-rc}"
-            if -rc == signal.SIGKILL:
-                reason = "error: trial process killed (SIGKILL; out of host memory?)"
-        outcome = Outcome("fail", failure_reason=reason)
-    outcome.attrs["history"] = [
-        {k: m.get(k) for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")} for m in history
-    ]
-    return outcome
+    return user_error, epochs
+
+
+@contextmanager
+def _failed_when_unwinding(
+    study: optuna.Study, unfinished: Callable[[], list[optuna.Trial]], procs: list[TrialProcess], log: Log,
+    interrupted: Callable[[list[optuna.Trial]], str],
+) -> Iterator[None]:
+    """Whatever stops a run early stops its process and fails its unfinished trials, with the
+    reason: Ctrl-C (``interrupted``), a user error (``error: <message>``), a crash of this process."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        for p in procs:
+            p.stop()
+        trials = unfinished()
+        for trial in trials:
+            fail(study, trial, "interrupted")
+        log(interrupted(trials))
+        raise
+    except UserError as exc:
+        for p in procs:
+            p.stop()
+        for trial in unfinished():
+            fail(study, trial, f"error: {exc}"[:300])
+        raise
+    except BaseException:
+        for p in procs:
+            p.stop()
+        for trial in unfinished():
+            fail(study, trial, "error: sassha-tune crashed while running this trial")
+        raise
+
+
+def _exit_reason(rc: int | None) -> str:
+    """Why a trial process that sent no result failed."""
+    if rc is not None and rc < 0:
+        if -rc == signal.SIGKILL:
+            return "error: trial process killed (SIGKILL; out of host memory?)"
+        return f"error: trial process killed by signal {-rc}"
+    return f"error: trial process exited with code {rc}"
 
 
 def _run_one(
     study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace, *, device: str | None,
     worker: int | str, log: Log,
 ) -> FrozenTrial | None:
-    holder: list[TrialProcess] = []
-    try:
+    """One asked trial in one trial process; the frozen trial told (None: over budget)."""
+    procs: list[TrialProcess] = []
+    with _failed_when_unwinding(study, lambda: [trial], procs, log,
+                                lambda _: f"trial {trial.number} interrupted: marked FAIL"):
         with Heartbeat(study, trial, cfg.study.heartbeat_interval):
             params = start_trial(study, trial, cfg, space)
             if params is None:
                 return None
-            job = {
-                "study": study.study_name,
-                "config": study.user_attrs["config"],
-                "params": params,
-                "device": device,
-                "prune": cfg.study.pruner.name != "none",
-            }
-            prune_metric = cfg.study.metrics[0] if cfg.study.pruner.name != "none" else None
+            job = _job(study, cfg, params, device)
             log(f"trial {trial.number} started: {fmt_params(params)}")
-            outcome = _run_trial_process(job, trial, prune_metric, holder)
+            procs.append(TrialProcess(job))
+            results: dict[int | None, TrialOutcome] = {}
+            user_error, epochs = _relay(
+                procs[0], {None: trial}, cfg.study.metrics[0] if job["prune"] else None,
+                on_result=lambda key, _trial, outcome: results.__setitem__(key, outcome),
+            )
+            procs[0].wait()
+            rc = procs[0].close()
+            if user_error is not None:
+                raise UserError(user_error)
+            outcome = results.get(None) or TrialOutcome("fail", failure_reason=_exit_reason(rc))
+            outcome.attrs["history"] = _stored_history(epochs[None])
             return finish(study, trial, outcome)
-    except KeyboardInterrupt:
-        for p in holder:
-            p.stop()
-        fail(study, trial, "interrupted")
-        log(f"trial {trial.number} interrupted: marked FAIL")
-        raise
-    except UserError as exc:
-        for p in holder:
-            p.stop()
-        fail(study, trial, f"error: {exc}"[:300])
-        raise
-    except BaseException:
-        for p in holder:
-            p.stop()
-        fail(study, trial, "error: sassha-tune crashed while running this trial")
-        raise
+
+
+def split_line(epoch: int, halves: list[list[int]]) -> str:
+    """The one line that tells the user a pack was split, e.g. ``pack of 8 ran out of memory in
+    epoch 1; retrying as 2 packs of 4 (trials [0, 1, 2, 3] and [4, 5, 6, 7])``."""
+    sizes = [len(h) for h in halves]
+    when = f"in epoch {epoch}" if epoch else "while stacking its members"
+    how = f"2 packs of {sizes[0]}" if sizes[0] == sizes[1] else f"packs of {sizes[0]} and {sizes[1]}"
+    return f"pack of {sum(sizes)} ran out of memory {when}; retrying as {how} (trials {halves[0]} and {halves[1]})"
+
+
+def run_pack(
+    study: optuna.Study, trials: list[optuna.Trial], cfg: Config, space: SearchSpace, *, device: str | None,
+    worker: int | str, log: Log,
+) -> list[FrozenTrial]:
+    """K asked trials -> one trial process training them as a pack (:mod:`sassha_tune.packs`) ->
+    each trial told as its member finishes.
+
+    Returns the frozen trials told (a trial that lost the race for the budget is failed
+    ``over_budget`` and left out)."""
+    told: list[FrozenTrial] = []
+    pending: dict[int | None, optuna.Trial] = {}  # member -> trial
+    procs: list[TrialProcess] = []
+
+    def tell(member: int | None, trial: optuna.Trial, outcome: TrialOutcome) -> None:
+        outcome.attrs["history"] = _stored_history(outcome.history)
+        told.append(finish(study, trial, outcome))
+
+    with _failed_when_unwinding(study, lambda: list(pending.values()), procs, log,
+                                lambda ts: f"trials {[t.number for t in ts]} interrupted: marked FAIL"):
+        with ExitStack() as stack:
+            params_list, members = [], []
+            for trial in trials:
+                stack.enter_context(Heartbeat(study, trial, cfg.study.heartbeat_interval))
+                params = start_trial(study, trial, cfg, space)
+                if params is None:
+                    continue
+                pending[len(params_list)] = trial
+                params_list.append(params)
+                members.append(trial)
+                log(f"trial {trial.number} started (pack member {len(params_list) - 1}): {fmt_params(params)}")
+            if not params_list:
+                return told
+            job = _job(study, cfg, params_list, device)
+            procs.append(TrialProcess(job))
+
+            def split(msg: dict[str, Any]) -> None:  # out of memory before any member reported
+                halves = [[members[j].number for j in half] for half in msg.get("halves", [])]
+                log(split_line(int(msg.get("epoch", 0)), halves))
+
+            user_error, _ = _relay(procs[0], pending, cfg.study.metrics[0] if job["prune"] else None,
+                                   on_result=tell, on_split=split)
+            procs[0].wait()
+            rc = procs[0].close()
+            if user_error is not None:
+                raise UserError(user_error)
+            for i, trial in list(pending.items()):
+                told.append(finish(study, trial, TrialOutcome("fail", failure_reason=f"error: pack process exited with code {rc}")))
+                pending.pop(i)
+            return told
 
 
 def fmt_params(params: Mapping[str, Any]) -> str:

@@ -10,12 +10,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ..trial.outcome import TrialOutcome
 from .storage import with_retry
 
 __all__ = ["finish", "fail"]
 
 
-def finish(study: optuna.Study, trial: optuna.Trial, outcome: Any) -> FrozenTrial:
+def finish(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> FrozenTrial:
     """Store the outcome's user attributes and tell the trial its state (and values)."""
     for key, value in outcome.attrs.items():
         with_retry(trial.set_user_attr, key, value)
