@@ -30,6 +30,7 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "config_to_dict",
+    "config_from_stored",
     "yaml_load",
     "OPTIMIZER_NAMES",
     "OBJECTIVE_METRICS",
@@ -777,12 +778,17 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} needs device cuda or auto (rank r uses cuda:r), not {cfg.device.name!r}")
         if cfg.task.batch_size < cfg.device.processes:
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} is more than task.batch_size {cfg.task.batch_size} (each rank takes a slice of every batch)")
-    if cfg.task.eval_batch_size is None:
-        cfg.task.eval_batch_size = max(cfg.task.batch_size, 256)
+    _derived_defaults(cfg)
     # The search space is part of the config: resolve and validate it now, then the checks that need it.
     from .spaces import space_for_config
 
     _space_checks(cfg, space_for_config(cfg), ctx)
+
+
+def _derived_defaults(cfg: Config) -> None:
+    """Defaults that depend on other settings (a stored config from an older version may lack them)."""
+    if cfg.task.eval_batch_size is None:
+        cfg.task.eval_batch_size = max(cfg.task.batch_size, 256)
 
 
 def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
@@ -864,6 +870,43 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     if not d["provenance"]:
         d.pop("provenance")
     return d
+
+
+def config_from_stored(data: Mapping[str, Any], source: str = "<stored config>") -> Config:
+    """Rebuild a :class:`Config` from plain data written by :func:`config_to_dict`, **without**
+    validating it again: for data that :func:`config_from_dict` validated when it was written (the
+    config a study stores, the config a trial process is handed). Validation builds a sampler and
+    a pruner, looks up the model and dataset, loads the search space; a study loop re-reads its
+    config before every trial and every trial process rebuilds it, and neither needs that again.
+
+    A key the data lacks gets the default :func:`config_from_dict` gives it (a study stored by an
+    older version); malformed data raises ``TypeError`` / ``KeyError`` here or fails later, so
+    never pass user input: that is :func:`config_from_dict`'s job."""
+    d = copy.deepcopy(dict(data))
+    study = dict(d["study"])
+    if "objectives" in study:
+        objectives = [ObjectiveSpec(**o) for o in study.pop("objectives")]
+    else:
+        objectives = [ObjectiveSpec(study.pop("objective"), study.pop("direction"))]
+    cfg = Config(
+        study=StudyConfig(
+            objectives=objectives,
+            sampler=SamplerConfig(**study.pop("sampler", {})),
+            pruner=PrunerConfig(**study.pop("pruner", {})),
+            **study,
+        ),
+        task=TaskConfig(**d["task"]),
+        optimizer=OptimizerConfig(**d["optimizer"]),
+        budget=BudgetConfig(**d.get("budget", {})),
+        schedule=ScheduleConfig(**d.get("schedule", {})),
+        metrics=MetricsConfig(**d.get("metrics", {})),
+        device=DeviceConfig(**d.get("device", {})),
+        seed=d.get("seed", 0),
+        provenance=d.get("provenance", {}),
+        source=source,
+    )
+    _derived_defaults(cfg)
+    return cfg
 
 
 def advice(cfg: Config) -> list[str]:

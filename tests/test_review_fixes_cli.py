@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from sassha_tune import report
 from sassha_tune.cli import app
-from sassha_tune.config import config_from_dict
+from sassha_tune.config import config_from_dict, config_to_dict
 from sassha_tune.errors import StorageError, UserError
 from sassha_tune.study import loop, storage, workers
 from sassha_tune.trial.objective import build_spec
@@ -36,6 +36,9 @@ TINY = {
     "device": "cpu",
     "seed": 0,
 }
+
+# What a trial process is handed: a validated config as plain data (the trial protocol's job)
+STORED = config_to_dict(config_from_dict(yaml.safe_load(yaml.safe_dump(TINY)), source="test"))
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
@@ -245,7 +248,7 @@ def test_metrics_out_write_error_is_one_line(tmp_path, monkeypatch):
 
 
 def test_trial_process_with_dead_parent_exits_quietly(tmp_path):
-    job = {"study": "tiny", "config": TINY, "params": {"lr": 0.1}, "device": "cpu", "prune": False}
+    job = {"study": "tiny", "config": STORED, "params": {"lr": 0.1}, "device": "cpu", "prune": False}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SASSHA_TUNE_PARENT_PID": str(os.getpid())}
     proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.trial"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
@@ -256,7 +259,7 @@ def test_trial_process_with_dead_parent_exits_quietly(tmp_path):
 
 
 def test_pack_process_with_dead_parent_exits_quietly(tmp_path):
-    job = {"study": "tiny", "config": TINY, "params": [{"lr": 0.1}, {"lr": 0.05}], "device": "cpu", "prune": False}
+    job = {"study": "tiny", "config": STORED, "params": [{"lr": 0.1}, {"lr": 0.05}], "device": "cpu", "prune": False}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SASSHA_TUNE_PARENT_PID": str(os.getpid())}
     proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.trial"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)

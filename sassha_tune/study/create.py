@@ -15,13 +15,23 @@ from typing import Any
 import optuna
 
 from .. import __version__
-from ..config import Config, config_from_dict, config_to_dict, published_to_enqueue
+from ..config import Config, config_from_dict, config_from_stored, config_to_dict, published_to_enqueue
 from ..errors import StorageError, UserError
 from ..provenance import git_commit
 from ..spaces import SearchSpace, space_for_config, space_from_dict
 from .storage import mask_url, open_storage, study_id, study_storage, with_retry
 
-__all__ = ["MUTABLE", "SPACE_HISTORY_KEY", "plain", "study_payload", "create_or_continue", "stored_config", "set_budget"]
+__all__ = [
+    "MUTABLE",
+    "SPACE_HISTORY_KEY",
+    "plain",
+    "study_payload",
+    "create_or_continue",
+    "stored_payload",
+    "config_from_payload",
+    "stored_config",
+    "set_budget",
+]
 
 SPACE_HISTORY_KEY = "sassha_tune:search_space_history"
 
@@ -124,15 +134,31 @@ def create_or_continue(
     return study
 
 
-def stored_config(study: optuna.Study) -> tuple[Config, SearchSpace]:
-    """The config and search space a study was created from (validated again)."""
-    raw = study.user_attrs.get("config")
-    space_raw = study.user_attrs.get("search_space")
+def stored_payload(study: optuna.Study) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (config, search space) plain data a study stores (one read of its user attributes)."""
+    attrs = with_retry(lambda: study.user_attrs)
+    raw, space_raw = attrs.get("config"), attrs.get("search_space")
     if not isinstance(raw, dict) or not isinstance(space_raw, dict):
         raise StorageError(f"study {study.study_name!r} was not created by sassha-tune (no stored config)")
-    src = f"study {study.study_name} (stored config)"
-    cfg = config_from_dict(raw, source=src)
+    return raw, space_raw
+
+
+def config_from_payload(
+    study_name: str, payload: tuple[dict[str, Any], dict[str, Any]], *, validate: bool
+) -> tuple[Config, SearchSpace]:
+    """The config and search space of a :func:`stored_payload`. ``validate=True``: checked again
+    by :func:`~sassha_tune.config.config_from_dict` (before a user action runs on it: a study
+    stored by another version may not be valid for this one); ``False``: rebuilt as stored
+    (:func:`~sassha_tune.config.config_from_stored`; the data was validated when it was written)."""
+    raw, space_raw = payload
+    src = f"study {study_name} (stored config)"
+    cfg = config_from_dict(raw, source=src) if validate else config_from_stored(raw, source=src)
     return cfg, space_from_dict(space_raw, src, cfg.optimizer.name)
+
+
+def stored_config(study: optuna.Study) -> tuple[Config, SearchSpace]:
+    """The config and search space a study was created from (validated again)."""
+    return config_from_payload(study.study_name, stored_payload(study), validate=True)
 
 
 def set_budget(study: optuna.Study, n_trials: int) -> None:

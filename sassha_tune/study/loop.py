@@ -20,14 +20,14 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from ..config import Config
+from ..config import Config, config_to_dict
 from ..errors import UserError
 from ..spaces import SearchSpace, suggest, to_hparams
 from ..trial.device import check_device
 from ..trial.outcome import TrialOutcome
 from ..trial.process import TrialProcess
 from .budget import budget_used, counts_toward_budget
-from .create import plain, stored_config
+from .create import config_from_payload, plain, stored_payload
 from .liveness import Heartbeat, reconcile
 from .samplers import make_pruner, make_sampler, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
@@ -90,7 +90,8 @@ def run_trials(
     from ..data import check_dataset_files
 
     study = load_study(study_name, storage_url)
-    cfg, _ = stored_config(study)
+    payload = stored_payload(study)
+    cfg, space = config_from_payload(study_name, payload, validate=True)  # this worker starts on it
     check_device(device or cfg.device.name, "--device" if device else "device")  # before any trial is asked
     check_dataset_files(cfg.task.dataset, cfg.task.data_dir)
     summary = LoopSummary()
@@ -100,7 +101,13 @@ def run_trials(
     pack_logged = ""
     try:
         while True:
-            cfg, space = stored_config(study)  # re-read: another process may extend the budget
+            # Re-read: another process may have raised the budget (resume --n-trials) or continued
+            # the study with other sampler, pruner or device settings. Rebuilt only when it changed,
+            # and not validated again: what is stored was validated when it was written.
+            current = stored_payload(study)
+            if current != payload:
+                payload = current
+                cfg, space = config_from_payload(study_name, payload, validate=False)
             study.pruner = pruner_for(cfg)
             reconcile(study, cfg.study.stale_after, log=log)
             trials = with_retry(study.get_trials, deepcopy=False)
@@ -176,7 +183,7 @@ def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None) -> d
     """The trial protocol's job (:mod:`sassha_tune.trial`): one trial's params, or a pack's list."""
     return {
         "study": study.study_name,
-        "config": study.user_attrs["config"],
+        "config": config_to_dict(cfg),  # validated: the trial process rebuilds it as is
         "params": params,
         "device": device,
         "prune": cfg.study.pruner.name != "none",

@@ -8,8 +8,9 @@ one. Parent and child speak one protocol, in JSON lines:
 
     {"study": NAME, "config": CONFIG, "params": PARAMS, "device": DEVICE, "prune": BOOL}
 
-  ``config`` is the study's config as plain data (what :func:`sassha_tune.config.config_to_dict`
-  writes). ``params`` is one trial's parameters (a mapping) or a pack's (a list of mappings).
+  ``config`` is a validated config as plain data (:func:`sassha_tune.config.config_to_dict`); the
+  child rebuilds it with :func:`sassha_tune.config.config_from_stored`, without validating it
+  again. ``params`` is one trial's parameters (a mapping) or a pack's (a list of mappings).
 * **Messages** (child -> parent, lines on the child's stdout; whatever the trial prints goes to
   stderr): ``{"type": "epoch", "epoch": N, "metrics": {...}}`` after every epoch, answered by the
   parent with a ``go`` or ``stop`` line when the job prunes; ``{"type": "result", "state": ...,

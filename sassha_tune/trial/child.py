@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from ..config import config_from_dict
+from ..config import config_from_stored
 from ..errors import UserError
 from .objective import evaluate_pack, evaluate_params
 from .outcome import TrialOutcome, json_safe, one_line
@@ -89,7 +89,8 @@ def main() -> int:
     members: list[int | None] = list(range(len(params))) if isinstance(params, list) else [None]
     outcome: TrialOutcome | None = None
     try:
-        cfg = config_from_dict(job["config"], source=f"study {job.get('study', '?')} (stored config)")
+        # The parent validated the config; rebuilding it is all that is left to do here.
+        cfg = config_from_stored(job["config"], source=f"study {job.get('study', '?')} (stored config)")
         if isinstance(params, list):
             evaluate_pack(
                 cfg, params, on_epoch=[channel.on_epoch(i) for i in range(len(params))],
