@@ -237,7 +237,8 @@ def launch_ranks(
     Returns ``(result message of rank 0 or None, epoch messages, failure reason or None)``; a
     ``user_error`` message is returned as the result for the caller to raise.
     """
-    from .trial.process import TrialProcess  # here: the trainer imports this module, and needs no trial
+    # imported here: the trainer imports this module and needs none of the trial side
+    from .trial.process import TrialProcess
 
     port = free_port()
     procs: list[TrialProcess] = []

@@ -43,10 +43,6 @@ class TrialProcess:
         self.proc.stdin.write(json.dumps(self.job) + "\n")
         self.proc.stdin.flush()
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
     def messages(self) -> Iterator[dict[str, Any]]:
         """The child's messages until it closes its stdout. Only the protocol writes there (the
         child sends the trial's own prints to stderr); a line that is not JSON is skipped."""
