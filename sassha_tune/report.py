@@ -97,7 +97,7 @@ _LAMBDA_LABEL = "lambda_max (top Hessian eigenvalue)"
 # storage access (read only)
 
 
-# Storage URLs, opening and loading are study.py's (one implementation, one set of messages):
+# Storage URLs, opening and loading are study.storage's (one implementation, one set of messages):
 # opened with ``create=False``, so a report never creates a database file or a table.
 _mask_url = mask_url
 
