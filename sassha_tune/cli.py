@@ -114,11 +114,21 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _quiet_optuna() -> None:
+    """Optuna's INFO lines (a study created, each trial told) would interleave with the command's
+    own log; the command says what happened itself. Set per command, never on import, so that a
+    Python user of the package keeps Optuna's logging as they configured it."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
 def handle_errors(fn: F) -> F:
-    """UserError -> one red line, exit 2; Ctrl-C -> exit 130."""
+    """Every command: Optuna's INFO log off; UserError -> one red line, exit 2; Ctrl-C -> exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _quiet_optuna()
         try:
             return fn(*args, **kwargs)
         except UserError as exc:
@@ -148,8 +158,8 @@ def _parse_gpus(gpus: str | None) -> list[str]:
 def _check_flags(gpus: str | None, device: str | None, pack: str | None) -> tuple[list[str], str | int]:
     """Every flag that can be checked without a config or storage, before anything is created:
     (GPU list, pack size). ``--device`` must also exist on this machine (``--gpus``: CUDA must)."""
+    from .devices import check_available as check_device
     from .packs import parse_pack
-    from .study import check_device
 
     gpu_list = _parse_gpus(gpus)
     check_device_name(device)
@@ -163,7 +173,8 @@ def _check_flags(gpus: str | None, device: str | None, pack: str | None) -> tupl
 
 
 def _run_study(name: str, storage: str, gpus: list[str], device: str | None, pack_size: str | int) -> None:
-    from .study import run_gpu_workers, run_trials
+    from .study.loop import run_trials
+    from .study.workers import run_gpu_workers
 
     if gpus:
         code = run_gpu_workers(name, storage, gpus, log=_log, pack=pack_size)
@@ -196,7 +207,9 @@ def run(
     """Create the study a config describes (or continue it) and run trials until its budget is spent."""
     from .config import advice, load_config
     from .data import check_dataset_files
-    from .study import check_device, create_or_continue, resolve_storage, set_budget
+    from .devices import check_available as check_device
+    from .study.create import create_or_continue, set_budget
+    from .study.storage import resolve_storage
 
     gpu_list, pack_size = _check_flags(gpus, device, pack)
     cfg = load_config(config)  # everything validated before any storage is touched
@@ -227,7 +240,9 @@ def resume(
     pack: PackOpt = "auto",
 ) -> None:
     """Continue a study from its stored config: lost trials are failed and retried, the budget is finished."""
-    from .study import check_device, load_study, resolve_storage, set_budget, stored_config
+    from .devices import check_available as check_device
+    from .study.create import set_budget, stored_config
+    from .study.storage import load_study, resolve_storage
 
     gpu_list, pack_size = _check_flags(gpus, device, pack)
     url = resolve_storage(storage)
@@ -255,7 +270,8 @@ def worker(
     """Join an existing study (e.g. on PostgreSQL from another machine) and run trials until its budget is spent."""
     import os
 
-    from .study import resolve_storage, run_trials
+    from .study.loop import run_trials
+    from .study.storage import resolve_storage
 
     _, pack_size = _check_flags(None, device, pack)
     url = resolve_storage(storage)
@@ -298,7 +314,8 @@ def status(
 ) -> None:
     """Show the studies in a storage (trial counts by state, budget, best value) or one study in detail."""
     from .metrics.names import SUMMARY_METRICS
-    from .study import load_study, mask_url, resolve_storage, study_detail, study_rows
+    from .study.storage import load_study, mask_url, resolve_storage
+    from .study.views import study_detail, study_rows
 
     url = resolve_storage(storage)
     if study is None:
@@ -365,7 +382,8 @@ def export(
     """Write the study's config with the best trial's params fixed; `sassha-tune train` runs it as is."""
     import yaml
 
-    from .study import export_config, load_study, resolve_storage
+    from .study.storage import load_study, resolve_storage
+    from .study.views import export_config
 
     if format not in ("yaml", "json"):
         raise UserError(f"--format: expected yaml or json, got {format!r}")
@@ -403,9 +421,9 @@ def train(
 ) -> None:
     """Train once with the config's fixed hyperparameters (e.g. an exported config) and print the metrics."""
     from .config import load_config, yaml_load
-    from .objective import evaluate_params
+    from .devices import check_available as check_device
     from .spaces import check_param_names
-    from .study import check_device
+    from .trial.objective import evaluate_params
 
     check_device_name(device)
     check_device(device, "--device")
@@ -460,7 +478,7 @@ def report(
 ) -> None:
     """Write a report of one study: best-trials table, generalization vs sharpness plots, report.md."""
     from .report.study_report import run_report
-    from .study import resolve_storage
+    from .study.storage import resolve_storage
 
     run_report(study, resolve_storage(storage), out_dir)
 
@@ -476,7 +494,7 @@ def compare(
 ) -> None:
     """Compare studies under equal budgets: best-so-far curves by trials and by seconds, ranking, sharpness."""
     from .report.compare import run_compare
-    from .study import resolve_storage
+    from .study.storage import resolve_storage
 
     run_compare(list(studies), resolve_storage(storage), out_dir)
 

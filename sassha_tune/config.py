@@ -20,12 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .devices import DEVICE_CHOICES, DEVICE_NAME
 from .errors import ConfigError
 from .metrics.names import OBJECTIVE_METRICS, PER_EPOCH_METRICS, SHARPNESS_METRICS
 from .plugins import PLUGIN_SPEC, is_plugin
+from .yamlfile import yaml_load
 
 __all__ = [
     "Config",
@@ -33,6 +32,7 @@ __all__ = [
     "load_config",
     "config_from_dict",
     "config_to_dict",
+    "config_from_stored",
     "yaml_load",
     "SHARPNESS_BUDGET_KEYS",
     "published_to_enqueue",
@@ -43,68 +43,6 @@ PRUNERS = ("none", "median", "hyperband", "successive_halving")
 # Schedule names: trainer.SCHEDULES (imported where the config is checked; the trainer needs torch).
 AMP_MODES = ("none", "bf16")
 _STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-# --------------------------------------------------------------------------------------------
-# YAML: safe_load, plus floats written without a dot (1e-3), which YAML 1.1 reads as strings.
-# --------------------------------------------------------------------------------------------
-
-
-class _DuplicateKeyError(yaml.YAMLError):
-    def __init__(self, key: Any, line: int, first_line: int) -> None:
-        super().__init__(f"duplicate key {key!r}")
-        self.key, self.line, self.first_line = key, line, first_line
-
-
-class _Loader(yaml.SafeLoader):
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        # YAML requires unique keys, but PyYAML keeps the last one: two `task:` sections would
-        # silently merge into one. Refuse them (merge keys `<<` may still be overridden).
-        seen: dict[Any, int] = {}
-        if isinstance(node, yaml.MappingNode):
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.get(key)
-                except TypeError:  # unhashable: SafeConstructor reports it
-                    continue
-                line = key_node.start_mark.line + 1
-                if first is not None:
-                    raise _DuplicateKeyError(key, line, first)
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-        |\.[0-9_]+(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-
-
-def yaml_load(text: str, source: str) -> Any:
-    """``yaml.safe_load`` (with ``1e-3`` read as a float); syntax errors become one-line ConfigErrors."""
-    try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except _DuplicateKeyError as exc:
-        raise ConfigError(
-            f"{source}: {exc.key}: duplicate key on line {exc.line} (first on line {exc.first_line}); "
-            f"each key may appear once per mapping"
-        ) from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -721,14 +659,15 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
     if cfg.study.sampler.name == "cmaes" and importlib.util.find_spec("cmaes") is None:
         raise ctx.fail("study.sampler.name", "", raw="'cmaes' needs the cmaes package (pip install cmaes)")
     # Build sampler and pruner once: wrong options fail here, before anything is created.
-    from .study import make_pruner, make_sampler
+    from .study.samplers import make_pruner, make_sampler
 
+    sampler, pruner = cfg.study.sampler, cfg.study.pruner
     try:
-        make_sampler(cfg, seed=0)
+        make_sampler(sampler.name, sampler.options, 0, qmc_seed=cfg.sampler_seed)
     except (TypeError, ValueError) as exc:
         raise ctx.fail("study.sampler.options", "", raw=f"rejected by the sampler: {exc}") from None
     try:
-        make_pruner(cfg)
+        make_pruner(pruner.name, pruner.options, max_resource=cfg.task.epochs)
     except (TypeError, ValueError) as exc:
         raise ctx.fail("study.pruner.options", "", raw=f"rejected by the pruner: {exc}") from None
     from .data import DATASETS, dataset_option_names
@@ -756,12 +695,17 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} needs device cuda or auto (rank r uses cuda:r), not {cfg.device.name!r}")
         if cfg.task.batch_size < cfg.device.processes:
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} is more than task.batch_size {cfg.task.batch_size} (each rank takes a slice of every batch)")
-    if cfg.task.eval_batch_size is None:
-        cfg.task.eval_batch_size = max(cfg.task.batch_size, 256)
+    _derived_defaults(cfg)
     # The search space is part of the config: resolve and validate it now, then the checks that need it.
     from .spaces import space_for_config
 
     _space_checks(cfg, space_for_config(cfg), ctx)
+
+
+def _derived_defaults(cfg: Config) -> None:
+    """Defaults that depend on other settings (a stored config from an older version may lack them)."""
+    if cfg.task.eval_batch_size is None:
+        cfg.task.eval_batch_size = max(cfg.task.batch_size, 256)
 
 
 def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
@@ -843,6 +787,43 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     if not d["provenance"]:
         d.pop("provenance")
     return d
+
+
+def config_from_stored(data: Mapping[str, Any], source: str = "<stored config>") -> Config:
+    """Rebuild a :class:`Config` from plain data written by :func:`config_to_dict`, **without**
+    validating it again: for data that :func:`config_from_dict` validated when it was written (the
+    config a study stores, the config a trial process is handed). Validation builds a sampler and
+    a pruner, looks up the model and dataset, loads the search space; a study loop re-reads its
+    config before every trial and every trial process rebuilds it, and neither needs that again.
+
+    A key the data lacks gets the default :func:`config_from_dict` gives it (a study stored by an
+    older version); malformed data raises ``TypeError`` / ``KeyError`` here or fails later, so
+    never pass user input: that is :func:`config_from_dict`'s job."""
+    d = copy.deepcopy(dict(data))
+    study = dict(d["study"])
+    if "objectives" in study:
+        objectives = [ObjectiveSpec(**o) for o in study.pop("objectives")]
+    else:
+        objectives = [ObjectiveSpec(study.pop("objective"), study.pop("direction"))]
+    cfg = Config(
+        study=StudyConfig(
+            objectives=objectives,
+            sampler=SamplerConfig(**study.pop("sampler", {})),
+            pruner=PrunerConfig(**study.pop("pruner", {})),
+            **study,
+        ),
+        task=TaskConfig(**d["task"]),
+        optimizer=OptimizerConfig(**d["optimizer"]),
+        budget=BudgetConfig(**d.get("budget", {})),
+        schedule=ScheduleConfig(**d.get("schedule", {})),
+        metrics=MetricsConfig(**d.get("metrics", {})),
+        device=DeviceConfig(**d.get("device", {})),
+        seed=d.get("seed", 0),
+        provenance=d.get("provenance", {}),
+        source=source,
+    )
+    _derived_defaults(cfg)
+    return cfg
 
 
 def advice(cfg: Config) -> list[str]:

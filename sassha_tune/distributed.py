@@ -9,21 +9,20 @@ optimizers use, and the launcher that runs one trial as N rank processes.
 * :func:`setup` — used by the trainer: join the process group described by the environment
   (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``, as torchrun or :func:`launch_ranks`
   set them) with gloo on CPU and nccl on CUDA and a collective timeout (:func:`timeout`).
-* :func:`launch_ranks` — start ``python -m sassha_tune.objective`` N times with those variables,
-  relay rank 0's messages, and fail the trial (``rank_failed: ...``) as soon as a rank dies.
+* :func:`launch_ranks` — start N trial processes (``python -m sassha_tune.trial``, through
+  :class:`sassha_tune.trial.process.TrialProcess`) with those variables, relay rank 0's messages,
+  and fail the trial (``rank_failed: ...``) as soon as a rank dies.
 
 See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -237,57 +236,42 @@ def launch_ranks(
     *,
     poll: float = 0.1,
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], str | None]:
-    """Run ``job`` (the trial protocol of :mod:`sassha_tune.objective`) as ``processes`` ranks.
+    """Run ``job`` (the trial protocol of :mod:`sassha_tune.trial`) as ``processes`` ranks.
 
-    Rank r is ``python -m sassha_tune.objective`` with ``RANK=r``, ``WORLD_SIZE``, ``LOCAL_RANK``,
-    ``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT``; each gets the job on stdin. Rank 0's
-    messages come back (epoch messages go to ``on_epoch``, whose answer is sent back when the job
-    prunes); the other ranks' stdout is discarded. Every rank is watched: when one exits with a
-    non-zero code (or rank 0 exits without a result) the others are stopped at once.
+    Rank r is a trial process (:class:`~sassha_tune.trial.process.TrialProcess`) with ``RANK=r``,
+    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT``; each gets
+    the job. Rank 0's messages come back (epoch messages go to ``on_epoch``, whose answer is sent
+    back when the job prunes); the other ranks' stdout is discarded. Every rank is watched: when
+    one exits with a non-zero code (or rank 0 exits without a result) the others are stopped at once.
 
     Returns ``(result message of rank 0 or None, epoch messages, failure reason or None)``; a
     ``user_error`` message is returned as the result for the caller to raise.
     """
+    # imported here: the trainer imports this module and needs none of the trial side
+    from .trial.process import TrialProcess
+
     port = free_port()
-    procs: list[subprocess.Popen] = []
+    procs: list[TrialProcess] = []
     base = dict(os.environ)
     base.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         WORLD_SIZE=str(processes),
         LOCAL_WORLD_SIZE=str(processes),
-        SASSHA_TUNE_PARENT_PID=str(os.getpid()),
     )
     if "OMP_NUM_THREADS" not in base:
         base["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
-    line = json.dumps(job) + "\n"
     messages: queue.Queue = queue.Queue()
     try:
         for r in range(processes):
-            env = dict(base, RANK=str(r), LOCAL_RANK=str(r))
-            p = subprocess.Popen(
-                [sys.executable, "-m", "sassha_tune.objective"],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL,
-                text=True,
-                env=env,
-                bufsize=1,
-            )
-            procs.append(p)
-            assert p.stdin is not None
-            p.stdin.write(line)
-            p.stdin.flush()
+            procs.append(TrialProcess(job, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), listen=r == 0))
 
-        def read(stream) -> None:
-            for raw in stream:
-                if raw.strip():
-                    try:
-                        messages.put(json.loads(raw))
-                    except ValueError:
-                        pass
+        def read(proc: TrialProcess) -> None:
+            for msg in proc.messages():
+                messages.put(msg)
             messages.put(None)
 
-        threading.Thread(target=read, args=(procs[0].stdout,), daemon=True).start()
+        threading.Thread(target=read, args=(procs[0],), daemon=True).start()
         result: dict[str, Any] | None = None
         epochs: list[dict[str, Any]] = []
         failure: str | None = None
@@ -304,8 +288,7 @@ def launch_ranks(
                 if kind == "epoch":
                     epochs.append(msg)
                     stop = bool(on_epoch(int(msg["epoch"]), dict(msg.get("metrics") or {}))) if on_epoch else False
-                    if job.get("prune"):
-                        _reply(procs[0], "stop" if stop else "go")
+                    procs[0].answer(stop)
                 elif kind in ("result", "user_error"):
                     result = msg
             for r, p in enumerate(procs[1:], start=1):
@@ -332,27 +315,7 @@ def launch_ranks(
         return result, epochs, failure
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.terminate()
+            p.terminate()
         deadline = time.monotonic() + 5
         for p in procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            for f in (p.stdin, p.stdout):
-                try:
-                    if f is not None:
-                        f.close()
-                except OSError:
-                    pass
-
-
-def _reply(proc: subprocess.Popen, text: str) -> None:
-    try:
-        assert proc.stdin is not None
-        proc.stdin.write(text + "\n")
-        proc.stdin.flush()
-    except (BrokenPipeError, OSError):
-        pass
+            p.close(timeout=max(0.1, deadline - time.monotonic()))

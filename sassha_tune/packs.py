@@ -23,9 +23,9 @@ A pack that runs out of memory before any member reported is split in halves and
 restart from scratch (``train_pack(..., split_on_oom=True)``, what studies use; docs/packs.md,
 "Out of memory").
 
-``train_pack(specs, on_epoch=...) -> list[TrainResult]`` is the trainer-level entry point;
-``python -m sassha_tune.packs`` runs a pack of study trials in a fresh process (the parent side is
-:func:`run_pack_trials`, called by :func:`sassha_tune.study.run_trials`).
+``train_pack(specs, on_epoch=...) -> list[TrainResult]`` is the trainer-level entry point; a study
+runs a pack of its trials in a fresh trial process (:mod:`sassha_tune.trial`, whose
+:func:`~sassha_tune.trial.objective.evaluate_pack` calls ``train_pack``).
 """
 
 from __future__ import annotations
@@ -33,13 +33,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import json
 import math
-import os
 import subprocess
 import sys
-import threading
-import traceback
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -58,7 +54,7 @@ from .optim.base import clear_grads, frozen_running_stats
 from .optim.hessian import hutchinson_diagonals
 from .optim.sam import SAMStep
 from .optim.sassha import Sassha
-from .plugins import is_plugin
+from .plugins import is_plugin, load_plugin
 from .trainer import (
     OOM_ERRORS,
     LoneSteps,
@@ -77,9 +73,7 @@ __all__ = [
     "pack_blocker",
     "choose_pack_size",
     "train_pack",
-    "run_pack_trials",
     "parse_pack",
-    "split_line",
 ]
 
 #: TrainSpec fields that may differ between members (everything else must be equal)
@@ -206,12 +200,23 @@ class _Views:
 
 
 def pack_blocker(optimizer: str, model: str, model_options: dict | None = None, hparams: dict | None = None) -> str | None:
-    """Why trials of this kind cannot be packed (one line), or None when they can."""
+    """Why trials of this kind cannot be packed (one line), or None when they can.
+
+    A plug-in model (``package.module:factory``) is packed only when its factory declares
+    ``packable = True`` (an attribute of the factory function): the plug-in author's promise that
+    the model is deterministic and stateless (no random numbers in the forward, no state kept
+    between calls), which packs rely on and cannot check. A plug-in that cannot be imported here,
+    or does not declare it, is not packed (docs/packs.md, "Plug-in models")."""
     packable = sorted(name for name, info in OPTIMIZERS.items() if info.packable)
     if optimizer not in packable:
         return f"optimizer {optimizer!r} is not packable (packable: {', '.join(packable)})"
     if is_plugin(model):
-        return f"model {model!r} is a plug-in (packs batch the built-in models only)"
+        try:
+            factory: Any = load_plugin(model, "model plug-in")
+        except UserError:  # not importable here: building the model reports that, not this check
+            factory = None
+        if getattr(factory, "packable", False) is not True:
+            return f"model {model!r} is a plug-in (packs batch the built-in models only)"
     if float((model_options or {}).get("dropout", 0.0) or 0.0) > 0:
         return "the model uses dropout (its random masks cannot follow the lone run's RNG stream)"
     hp = hparams or {}
@@ -643,247 +648,3 @@ def _sassha_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: 
         m.optimizer.update([vs], [[g[m.slot] for g in grads2]], [est] if est else None, plans[m.slot])  # type: ignore[union-attr]
     del grads2
     return loss.detach(), out.detach()
-
-
-# --------------------------------------------------------------------------------------------
-# Study integration: the pack process (python -m sassha_tune.packs) and its parent side
-# --------------------------------------------------------------------------------------------
-
-
-def evaluate_pack(
-    cfg: Any,
-    params_list: Sequence[dict[str, Any]],
-    *,
-    on_epoch: Sequence[Callable[[int, dict], bool] | None] | None = None,
-    on_outcome: Callable[[int, Any], None] | None = None,
-    on_split: Callable[[int, list[list[int]]], None] | None = None,
-    device: str | None = None,
-) -> list[Any]:
-    """:func:`sassha_tune.objective.evaluate_params` for K param sets at once; outcome i is member i's.
-
-    A pack that runs out of memory before any member reported is split in halves (``train_pack``'s
-    ``split_on_oom``; ``on_split(epoch, halves)`` is told). Each outcome records the pack the member
-    actually ran in: ``pack_size``, ``pack_index`` (its position there) and, after a split,
-    ``pack_oom_sizes`` (the sizes of the packs it was in that ran out of memory, largest first)."""
-    from .objective import build_spec, outcome_from_result
-
-    specs = [build_spec(cfg, p, device=device, progress=False) for p in params_list]
-    outcomes: dict[int, Any] = {}
-    placed = {i: (len(specs), i) for i in range(len(specs))}  # member -> (pack size, index in that pack)
-    oom_sizes: dict[int, list[int]] = {i: [] for i in range(len(specs))}
-
-    def split(epoch: int, halves: list[list[int]]) -> None:
-        size = sum(len(h) for h in halves)
-        for half in halves:
-            for j, i in enumerate(half):
-                placed[i] = (len(half), j)
-                oom_sizes[i].append(size)
-        if on_split is not None:
-            on_split(epoch, halves)
-
-    def leave(i: int, result: TrainResult) -> None:
-        outcome = outcome_from_result(cfg, specs[i], result)
-        outcome.attrs["pack_size"], outcome.attrs["pack_index"] = placed[i]
-        if oom_sizes[i]:
-            outcome.attrs["pack_oom_sizes"] = list(oom_sizes[i])
-        outcomes[i] = outcome
-        if on_outcome is not None:
-            on_outcome(i, outcome)
-
-    train_pack(specs, on_epoch=on_epoch, on_leave=leave, split_on_oom=True, on_split=split)
-    return [outcomes[i] for i in range(len(specs))]
-
-
-def main() -> int:
-    from .config import config_from_dict
-    from .objective import TrialOutcome, _clean, _watch_parent, one_line
-
-    parent = int(os.environ.get("SASSHA_TUNE_PARENT_PID", os.getppid()))
-    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
-    os.dup2(2, 1)
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-
-    def send(msg: dict[str, Any]) -> None:
-        proto.write(json.dumps(msg) + "\n")
-        proto.flush()
-
-    line = sys.stdin.readline()
-    if not line:
-        return 3
-    job = json.loads(line)
-    prune = bool(job.get("prune"))
-    n = len(job["params"])
-
-    def make_cb(i: int) -> Callable[[int, dict], bool]:
-        def cb(epoch: int, metrics: dict) -> bool:
-            send({"type": "epoch", "member": i, "epoch": epoch, "metrics": _clean(metrics)})
-            if not prune:
-                return False
-            reply = sys.stdin.readline()
-            if not reply:
-                os._exit(3)
-            return reply.strip() == "stop"
-
-        return cb
-
-    def on_outcome(i: int, outcome: Any) -> None:
-        send({**outcome.to_json(), "member": i})
-
-    def on_split(epoch: int, halves: list[list[int]]) -> None:
-        send({"type": "split", "epoch": epoch, "halves": halves})
-
-    try:
-        cfg = config_from_dict(job["config"], source=f"study {job.get('study', '?')} (stored config)")
-        evaluate_pack(cfg, job["params"], on_epoch=[make_cb(i) for i in range(n)], on_outcome=on_outcome,
-                      on_split=on_split, device=job.get("device"))
-    except UserError as exc:
-        send({"type": "user_error", "message": str(exc)})
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:
-        traceback.print_exc()
-        reason = "out_of_memory" if type(exc).__name__ == "OutOfMemoryError" else one_line(exc)
-        for i in range(n):  # the parent ignores results for members already told
-            send({**TrialOutcome("fail", failure_reason=reason).to_json(), "member": i})
-        return 1
-    return 0
-
-
-def split_line(epoch: int, halves: list[list[int]]) -> str:
-    """The one line that tells the user a pack was split, e.g. ``pack of 8 ran out of memory in
-    epoch 1; retrying as 2 packs of 4 (trials [0, 1, 2, 3] and [4, 5, 6, 7])``."""
-    sizes = [len(h) for h in halves]
-    when = f"in epoch {epoch}" if epoch else "while setting up its members"
-    how = f"2 packs of {sizes[0]}" if sizes[0] == sizes[1] else f"packs of {sizes[0]} and {sizes[1]}"
-    return f"pack of {sum(sizes)} ran out of memory {when}; retrying as {how} (trials {halves[0]} and {halves[1]})"
-
-
-def run_pack_trials(study: Any, trials: list[Any], cfg: Any, space: Any, *, device: str | None,
-                    worker: int | str, log: Callable[[str], None]) -> list[Any]:
-    """Parent side: K asked trials -> one pack process -> each trial told as its member finishes.
-
-    Returns the frozen trials told (a trial that lost the race for the budget is failed
-    ``over_budget`` and left out)."""
-    from contextlib import ExitStack
-
-    from .study import (
-        _fail,
-        _finish,
-        _fmt_params,
-        _Heartbeat,
-        _Outcome,
-        _TrialProcess,
-        start_trial,
-    )
-
-    storage = study._storage
-    told: list[Any] = []
-    pending: dict[int, Any] = {}  # member -> trial
-    proc_holder: list[_TrialProcess] = []
-    try:
-        with ExitStack() as stack:
-            params_list, members = [], []
-            for trial in trials:
-                stack.enter_context(_Heartbeat(storage, trial._trial_id, cfg.study.heartbeat_interval))
-                params = start_trial(study, trial, cfg, space)
-                if params is None:
-                    continue
-                pending[len(params_list)] = trial
-                params_list.append(params)
-                members.append(trial)
-                log(f"trial {trial.number} started (pack member {len(params_list) - 1}): {_fmt_params(params)}")
-            if not params_list:
-                return told
-            job = {
-                "study": study.study_name,
-                "config": study.user_attrs["config"],
-                "params": params_list,
-                "device": device,
-                "prune": cfg.study.pruner.name != "none",
-            }
-            prune_metric = cfg.study.metrics[0] if job["prune"] else None
-            proc = _PackProcess(job)
-            proc_holder.append(proc)
-            histories: dict[int, list[dict]] = {i: [] for i in pending}
-            user_error = None
-            for msg in proc.messages():
-                kind, i = msg.get("type"), msg.get("member")
-                if kind == "epoch":
-                    metrics = msg.get("metrics", {})
-                    histories[i].append(metrics)
-                    if prune_metric is not None:
-                        value = metrics.get(prune_metric)
-                        stop = False
-                        if isinstance(value, (int, float)) and i in pending:
-                            pending[i].report(float(value), int(msg["epoch"]))
-                            stop = pending[i].should_prune()
-                        proc.reply("stop" if stop else "go")
-                elif kind == "result" and i in pending:
-                    trial = pending.pop(i)
-                    outcome = _Outcome(msg["state"], msg.get("attrs") or {}, msg.get("values"), msg.get("failure_reason"))
-                    outcome.attrs["history"] = [
-                        {k: h.get(k) for k in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")}
-                        for h in histories[i]
-                    ]
-                    told.append(_finish(study, trial, outcome))
-                elif kind == "split":  # out of memory before any member reported: halves restart in this process
-                    halves = [[members[j].number for j in half] for half in msg.get("halves", [])]
-                    log(split_line(int(msg.get("epoch", 0)), halves))
-                elif kind == "user_error":
-                    user_error = str(msg.get("message"))
-            proc.proc.wait()
-            rc = proc.close()
-            if user_error is not None:
-                raise UserError(user_error)
-            for i, trial in list(pending.items()):
-                told.append(_finish(study, trial, _Outcome("fail", failure_reason=f"error: pack process exited with code {rc}")))
-                pending.pop(i)
-            return told
-    except KeyboardInterrupt:
-        for p in proc_holder:
-            p.stop()
-        for trial in pending.values():
-            _fail(study, trial, "interrupted")
-        log(f"trials {[t.number for t in pending.values()]} interrupted: marked FAIL")
-        raise
-    except UserError as exc:
-        for p in proc_holder:
-            p.stop()
-        for trial in pending.values():
-            _fail(study, trial, f"error: {exc}"[:300])
-        raise
-    except BaseException:
-        for p in proc_holder:
-            p.stop()
-        for trial in pending.values():
-            _fail(study, trial, "error: sassha-tune crashed while running this trial")
-        raise
-
-
-def _pack_process_class():
-    from .study import _TrialProcess
-
-    class PackProcess(_TrialProcess):
-        """``python -m sassha_tune.packs``: the same JSON-lines protocol, messages tagged by member."""
-
-        def __init__(self, job: dict[str, Any]) -> None:
-            full_env = dict(os.environ)
-            full_env["SASSHA_TUNE_PARENT_PID"] = str(os.getpid())
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sassha_tune.packs"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                text=True, env=full_env, bufsize=1,
-            )
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps(job) + "\n")
-            self.proc.stdin.flush()
-
-    return PackProcess
-
-
-def _PackProcess(job: dict[str, Any]):  # noqa: N802 - a factory standing in for the class
-    return _pack_process_class()(job)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -239,7 +239,7 @@ def _find_space_file(ref: str, base_dir: str | Path) -> Path | None:
 
 
 def load_space(ref: str, optimizer: str | None, base_dir: str | Path = ".", src: str = "<config>") -> SearchSpace:
-    from .config import yaml_load
+    from .yamlfile import yaml_load
 
     path = _find_space_file(ref, base_dir)
     if path is None:

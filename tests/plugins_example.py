@@ -101,3 +101,6 @@ def memory_limited(*, input_shape, num_classes, max_members=1, max_models=None, 
         _BUILT_SINCE_A_FORWARD[0] = 0  # what ran out is given back: a smaller retry starts afresh
         raise torch.OutOfMemoryError(f"emulated: more than {max_models} models set up at once")
     return MemoryLimited(input_shape, num_classes, max_members, hidden)
+
+
+memory_limited.packable = True  # the plug-in's promise to packs.pack_blocker (docs/packs.md, "Plug-in models")

@@ -99,7 +99,7 @@ def _record(outcome: Any) -> dict[str, Any]:
 
 
 def _lone(task: str, case: str) -> dict[str, Any]:
-    from sassha_tune.objective import evaluate_params
+    from sassha_tune.trial.objective import evaluate_params
 
     optimizer, fixed = OPTIMIZERS[case]
     clip = 1.0 if case in ("sgd", "sassha") else 0.0  # the clipping path of a one-pass and a two-pass optimizer
@@ -108,8 +108,7 @@ def _lone(task: str, case: str) -> dict[str, Any]:
 
 def _pack(case: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(the members' outcomes in a pack, the same trials run alone)."""
-    from sassha_tune.objective import evaluate_params
-    from sassha_tune.packs import evaluate_pack
+    from sassha_tune.trial.objective import evaluate_pack, evaluate_params
 
     optimizer, fixed, members = PACKS[case]
     cfg = _config("batchnorm", optimizer, fixed)

@@ -170,3 +170,64 @@ def test_config_error_is_one_line_with_file(tmp_path):
 def test_missing_config_file(tmp_path):
     result = CliRunner().invoke(app, ["run", str(tmp_path / "absent.yaml")])
     assert result.exit_code == 2 and "no such config file" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# config_from_stored: the trusted rebuild of a validated config (studies, trial processes)
+
+
+def _stored_cases(tmp_path: Path):
+    """Validated configs of several shapes: every example, two objectives, every section set."""
+    root = Path(__file__).resolve().parents[1]
+    cases = [load_config(p) for p in sorted((root / "examples").glob("*.yaml"))]
+    cases.append(config_from_dict({**BASE, "study": {"name": "two", "objectives": ["val_acc", "lambda_max"]}}))
+    cases.append(config_from_dict({
+        **BASE,
+        "study": {"name": "all", "objective": "val_loss", "sampler": {"name": "qmc", "seed": 4, "options": {"scramble": True}},
+                  "pruner": {"name": "median", "options": {"n_startup_trials": 2}}, "heartbeat_interval": 2,
+                  "stale_after": 7},
+        "budget": {"n_trials": 3, "timeout": 60},
+        "task": {**BASE["task"], "data_dir": str(tmp_path), "label_noise": 0.2, "augment": False, "eval_batch_size": 64},
+        "optimizer": {"name": "sgd", "fixed": {"momentum": 0.8}, "grad_clip": 1.5},
+        "schedule": {"name": "cosine", "warmup_fraction": 0.1},
+        "metrics": {"sharpness": False, "subset_size": 32},
+        "device": {"name": "cpu", "amp": "bf16"},
+        "seed": 9,
+        "provenance": {"study": "x", "trial": 1},
+    }))
+    return cases
+
+
+def test_config_from_stored_rebuilds_what_was_validated(tmp_path):
+    from dataclasses import replace
+
+    from sassha_tune.config import config_from_stored
+
+    for cfg in _stored_cases(tmp_path):
+        plain = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))  # plain data, as a storage keeps it
+        rebuilt = config_from_stored(plain, source="stored")
+        assert rebuilt == replace(cfg, source="stored", base_dir=".")
+        assert config_to_dict(rebuilt) == config_to_dict(cfg)
+        # what validating the same data again gives (the path it replaces)
+        assert rebuilt == config_from_dict(plain, source="stored", base_dir=".")
+
+
+def test_config_from_stored_fills_defaults_an_older_study_lacks(tmp_path):
+    from sassha_tune.config import config_from_stored
+
+    plain = config_to_dict(load_config(_write(tmp_path, BASE)))
+    del plain["task"]["eval_batch_size"], plain["device"]["processes"], plain["metrics"]
+    cfg = config_from_stored(plain)
+    assert cfg.task.eval_batch_size == 256 and cfg.device.processes == 1 and cfg.metrics.subset_size == 1024
+    assert cfg == config_from_dict(plain, source="<stored config>")
+
+
+def test_config_from_stored_does_not_validate(tmp_path):
+    from sassha_tune.config import config_from_stored
+
+    # a search-space name only validation resolves: the trusted rebuild never looks it up
+    plain = config_to_dict(load_config(_write(tmp_path, BASE)))
+    plain["optimizer"]["search_space"] = "no_such_space"
+    with pytest.raises(ConfigError, match="no_such_space"):
+        config_from_dict(plain)
+    assert config_from_stored(plain).optimizer.search_space == "no_such_space"

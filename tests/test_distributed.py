@@ -163,7 +163,7 @@ def _rank_pid(rank: int) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the rank process through /proc")
 def test_killed_rank_fails_the_trial_quickly(tmp_path):
     from sassha_tune.config import load_config
-    from sassha_tune.objective import evaluate_params
+    from sassha_tune.trial.objective import evaluate_params
 
     cfg = load_config(_config(tmp_path))
     cfg.task.epochs, cfg.task.max_steps_per_epoch = 50, None  # far longer than the test waits
@@ -188,7 +188,8 @@ def test_study_trial_with_two_processes_reports_once(tmp_path):
     from optuna.trial import TrialState
 
     from sassha_tune.config import load_config
-    from sassha_tune.study import create_or_continue, run_trials
+    from sassha_tune.study.create import create_or_continue
+    from sassha_tune.study.loop import run_trials
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     cfg = load_config(_config(tmp_path))

@@ -119,6 +119,18 @@ def test_cannot_pack():
         train_pack([TrainSpec(**{**MLP, "batch_size": 32}), TrainSpec(**MLP)])
 
 
+def test_plugin_is_packed_only_when_its_factory_declares_it():
+    # memory_limited declares `packable = True`; tiny_linear does not; a missing module cannot say
+    assert pack_blocker("sassha", "plugins_example:memory_limited") is None
+    assert pack_blocker("sgd", "plugins_example:memory_limited", {"max_members": 4}) is None
+    assert "is a plug-in" in pack_blocker("sassha", "plugins_example:tiny_linear")
+    assert "is a plug-in" in pack_blocker("sassha", "plugins_example:no_such_factory")
+    assert "is a plug-in" in pack_blocker("sassha", "no_such_module_here:build")
+    # the other checks still apply to a packable plug-in
+    assert "dropout" in pack_blocker("sassha", "plugins_example:memory_limited", {"dropout": 0.1})
+    assert "not packable" in pack_blocker("adahessian", "plugins_example:memory_limited")
+
+
 def test_pack_size_choice():
     from sassha_tune.config import config_from_dict
 

@@ -6,18 +6,13 @@ is emulated by a model plug-in, ``plugins_example:memory_limited``: its forward 
 batches (see its docstring). Everything else is the real code: ``train_pack``, the pack process,
 its protocol and the study loop.
 
-Plug-in models are never packed by sassha-tune itself (``pack_blocker``: packs batch the built-in
-models only, whose forwards are known to run under vmap and to draw no random numbers unless
-dropout is set; a plug-in's forward cannot be checked for that, and hidden randomness or state
-could break a member's equality with its lone run). This plug-in is deterministic and stateless,
-so the tests lift that one check for this one model name, in the test process (the ``lift``
-fixture) and in the pack process (``_LiftedPackProcess``); the product code is unchanged.
+A plug-in model is packed only when its factory declares ``packable = True`` (``pack_blocker``; the
+plug-in author's promise that the model is deterministic and stateless, which a pack cannot check
+in user code; docs/packs.md, "Plug-in models"). ``memory_limited`` is both and declares it, so the
+real ``pack_blocker`` lets it through, in the test process and in the trial processes.
 """
 
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import optuna
@@ -25,9 +20,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sassha_tune import packs
 from sassha_tune.cli import app
-from sassha_tune.packs import split_line, train_pack
+from sassha_tune.packs import train_pack
+from sassha_tune.study.loop import split_line
 from sassha_tune.trainer import TrainSpec, train
 
 PLUGIN = "plugins_example:memory_limited"
@@ -38,43 +33,10 @@ BASE = dict(dataset="synthetic", dataset_options=dict(n=240, n_test=40, dim=10),
 SASSHA = [dict(lr=0.05, rho=0.05, lazy_hessian=3, seed=1), dict(lr=0.1, rho=0.1, lazy_hessian=1, seed=2),
           dict(lr=0.02, rho=0.02, lazy_hessian=2, eps=1e-6, seed=3), dict(lr=0.08, rho=0.03, lazy_hessian=1, seed=4)]
 
-_BLOCKER = packs.pack_blocker
-
-
-def _lifted_blocker(optimizer, model, *args, **kwargs):
-    return None if model == PLUGIN else _BLOCKER(optimizer, model, *args, **kwargs)
-
-
 @pytest.fixture
-def lift(monkeypatch):
-    """Let this one plug-in be packed, here and in the pack processes the study starts."""
-    monkeypatch.setattr(packs, "pack_blocker", _lifted_blocker)
-    monkeypatch.setattr(packs, "_PackProcess", _LiftedPackProcess)
+def plugins_importable(monkeypatch):
+    """The trial processes a study starts import the plug-in too: put this directory on their path."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
-
-
-_CHILD = (
-    "import sys\n"
-    "import sassha_tune.packs as p\n"
-    "blocker = p.pack_blocker\n"
-    f"p.pack_blocker = lambda o, m, *a, **k: None if m == {PLUGIN!r} else blocker(o, m, *a, **k)\n"
-    "sys.exit(p.main())\n"
-)
-
-
-def _LiftedPackProcess(job):  # noqa: N802 - stands in for packs._PackProcess
-    """``python -m sassha_tune.packs`` with the plug-in check lifted (same protocol, same main())."""
-
-    class Lifted(packs._pack_process_class()):
-        def __init__(self, job):
-            env = dict(os.environ)
-            env["SASSHA_TUNE_PARENT_PID"] = str(os.getpid())
-            self.proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
-            self.proc.stdin.write(json.dumps(job) + "\n")
-            self.proc.stdin.flush()
-
-    return Lifted(job)
 
 
 def _specs(n, max_members):
@@ -115,7 +77,7 @@ def test_emulated_limit_counts_the_members_of_the_stacked_batch():
     assert train(_specs(1, 0)[0]).status == "out_of_memory"
 
 
-def test_split_in_halves_recursively_and_members_equal_lone_runs(lift):
+def test_split_in_halves_recursively_and_members_equal_lone_runs():
     # 3 members, at most 1 fits: [0, 1, 2] -> [0, 1] + [2], then [0, 1] -> [0] + [1] (depth first)
     specs = _specs(3, 1)
     rec = Recorder(3)
@@ -131,13 +93,13 @@ def test_split_in_halves_recursively_and_members_equal_lone_runs(lift):
             assert {**h_pack, "seconds": 0} == {**h_alone, "seconds": 0}
 
 
-def test_pack_that_fits_is_not_split(lift):
+def test_pack_that_fits_is_not_split():
     rec = Recorder(2)
     results = train_pack(_specs(2, 2), rec.callbacks(), on_leave=rec.leave, split_on_oom=True, on_split=rec.split)
     assert rec.splits == [] and [r.status for r in results] == ["completed", "completed"]
 
 
-def test_out_of_memory_even_alone_fails_that_member_only_once(lift):
+def test_out_of_memory_even_alone_fails_that_member_only_once():
     specs = _specs(2, 0)  # not even one member fits
     rec = Recorder(2)
     results = train_pack(specs, rec.callbacks(), on_leave=rec.leave, split_on_oom=True, on_split=rec.split)
@@ -148,14 +110,14 @@ def test_out_of_memory_even_alone_fails_that_member_only_once(lift):
         assert (r.status, r.failure_reason, r.epochs_completed) == (alone.status, alone.failure_reason, 0)
 
 
-def test_default_fails_every_member_without_splitting(lift):
+def test_default_fails_every_member_without_splitting():
     # split_on_oom=False (a benchmark measuring a pack of K): the whole pack fails, as before
     rec = Recorder(2)
     results = train_pack(_specs(2, 1), rec.callbacks(), on_leave=rec.leave, on_split=rec.split)
     assert rec.splits == [] and [r.status for r in results] == ["out_of_memory", "out_of_memory"]
 
 
-def test_out_of_memory_after_a_report_is_not_split(lift):
+def test_out_of_memory_after_a_report_is_not_split():
     # An out-of-memory error in epoch 2 (here raised by member 0's epoch-2 callback, i.e. during the
     # pack's epoch-2 bookkeeping): epoch 1 was reported, so a restart would report it twice. The live
     # members fail as out_of_memory and keep the epoch they completed.
@@ -173,7 +135,7 @@ def test_out_of_memory_after_a_report_is_not_split(lift):
     assert rec.epochs[1] == [1] and sorted(rec.left) == [(0, "out_of_memory"), (1, "out_of_memory")]
 
 
-def test_out_of_memory_while_setting_up_is_split(lift):
+def test_out_of_memory_while_setting_up_is_split():
     # The members' models and optimizer state themselves do not fit (the plug-in's factory refuses
     # more than max_models models before any of them ran): split with epoch 0, and a lone member
     # whose model does not fit fails without stopping the other half.
@@ -224,9 +186,9 @@ def _run(cfg, db, pack):
     return " ".join(result.output.split())  # rich may wrap the long line
 
 
-def test_cli_pack_out_of_memory_splits_and_trials_equal_lone_runs(lift, tmp_path):
+def test_cli_pack_out_of_memory_splits_and_trials_equal_lone_runs(plugins_importable, tmp_path):
     from sassha_tune.config import config_from_dict
-    from sassha_tune.objective import evaluate_params
+    from sassha_tune.trial.objective import evaluate_params
 
     db = tmp_path / "s.db"
     output = _run(_config(tmp_path, "oom", 2, 4), db, 4)
@@ -246,7 +208,7 @@ def test_cli_pack_out_of_memory_splits_and_trials_equal_lone_runs(lift, tmp_path
             assert t.user_attrs[key] == alone.attrs[key], key
 
 
-def test_cli_pack_out_of_memory_at_one_fails_those_trials_only(lift, tmp_path):
+def test_cli_pack_out_of_memory_at_one_fails_those_trials_only(plugins_importable, tmp_path):
     # not even a lone trial fits: the pack of 2 is split, each half fails out_of_memory once, and
     # the study goes on (its last trial runs alone, through the single-trial path, with the same result)
     db = tmp_path / "s.db"
@@ -260,7 +222,7 @@ def test_cli_pack_out_of_memory_at_one_fails_those_trials_only(lift, tmp_path):
     assert "budget reached (3/3 trials)" in output
 
 
-def test_out_of_memory_in_a_leaving_members_metrics_fails_it_out_of_memory(lift):
+def test_out_of_memory_in_a_leaving_members_metrics_fails_it_out_of_memory():
     # on_leave computes a completed member's final metrics (sharpness: Hessian-vector products), which
     # can run out of memory too: that member fails out_of_memory, as it would alone (before, it kept a
     # "completed" result that its trial was never told); the other finished members still get their

@@ -15,11 +15,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from sassha_tune import report, study
+from sassha_tune import report
 from sassha_tune.cli import app
-from sassha_tune.config import config_from_dict
-from sassha_tune.errors import StorageError
-from sassha_tune.objective import TrialOutcome, build_spec
+from sassha_tune.config import config_from_dict, config_to_dict
+from sassha_tune.errors import StorageError, UserError
+from sassha_tune.study import loop, storage, workers
+from sassha_tune.trial.objective import build_spec
+from sassha_tune.trial.outcome import TrialOutcome
 
 PASSWORD = "hunter2"
 BAD_URL = f"postgresql+psycopg://bob:{PASSWORD}@dbhost:port/studies"  # port is not a number
@@ -34,6 +36,9 @@ TINY = {
     "device": "cpu",
     "seed": 0,
 }
+
+# What a trial process is handed: a validated config as plain data (the trial protocol's job)
+STORED = config_to_dict(config_from_dict(yaml.safe_load(yaml.safe_dump(TINY)), source="test"))
 
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 
@@ -85,7 +90,7 @@ def _read_only_commands(tmp_path: Path) -> list[list[str]]:
     ],
 )
 def test_mask_url_handles_unparsable_urls(url, shown):
-    assert study.mask_url(url) == shown
+    assert storage.mask_url(url) == shown
 
 
 @pytest.mark.parametrize("cmd", range(7))
@@ -170,8 +175,8 @@ def test_run_trials_checks_the_stored_device(tmp_path, monkeypatch):
     url = f"sqlite:///{db}"
     assert _invoke(["run", _config(tmp_path), "--create-only", "--storage", url]).exit_code == 0
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(study.UserError, match="--device cuda:0: CUDA is not available"):
-        study.run_trials("tiny", url, device="cuda:0", log=lambda m: None)
+    with pytest.raises(UserError, match="--device cuda:0: CUDA is not available"):
+        loop.run_trials("tiny", url, device="cuda:0", log=lambda m: None)
 
 
 # 4. --gpus keeps --pack, refuses --device ---------------------------------------------------
@@ -197,9 +202,9 @@ def test_gpu_workers_get_the_pack(monkeypatch):
         def wait(self):
             return 0
 
-    monkeypatch.setattr(study.subprocess, "Popen", FakeProc)
-    monkeypatch.setattr(study.time, "sleep", lambda s: None)
-    assert study.run_gpu_workers("s", "sqlite:///x.db", ["0", "1"], log=lambda m: None, pack=3) == 0
+    monkeypatch.setattr(workers.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(workers.time, "sleep", lambda s: None)
+    assert workers.run_gpu_workers("s", "sqlite:///x.db", ["0", "1"], log=lambda m: None, pack=3) == 0
     for i, (cmd, env) in enumerate(started):
         assert cmd[cmd.index("--pack") + 1] == "3"
         assert cmd[cmd.index("--device") + 1] == "cuda"
@@ -211,7 +216,7 @@ def test_gpu_workers_get_the_pack(monkeypatch):
 
 
 def test_metrics_out_directory_checked_before_training(tmp_path, monkeypatch):
-    import sassha_tune.objective as objective
+    import sassha_tune.trial.objective as objective
 
     def never(*a, **k):
         raise AssertionError("trained although --metrics-out cannot be written")
@@ -224,7 +229,7 @@ def test_metrics_out_directory_checked_before_training(tmp_path, monkeypatch):
 def test_metrics_out_write_error_is_one_line(tmp_path, monkeypatch):
     import shutil
 
-    import sassha_tune.objective as objective
+    import sassha_tune.trial.objective as objective
 
     sub = tmp_path / "sub"
     sub.mkdir()
@@ -241,10 +246,11 @@ def test_metrics_out_write_error_is_one_line(tmp_path, monkeypatch):
 # 6. the orphaned trial process exits quietly --------------------------------------------------
 
 
-def test_trial_process_with_dead_parent_exits_quietly(tmp_path):
-    job = {"study": "tiny", "config": TINY, "params": {"lr": 0.1}, "device": "cpu", "prune": False}
+@pytest.mark.parametrize("params", [{"lr": 0.1}, [{"lr": 0.1}, {"lr": 0.05}]], ids=["trial", "pack"])
+def test_trial_process_with_dead_parent_exits_quietly(tmp_path, params):
+    job = {"study": "tiny", "config": STORED, "params": params, "device": "cpu", "prune": False}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SASSHA_TUNE_PARENT_PID": str(os.getpid())}
-    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.objective"], stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.trial"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     proc.stdout.close()  # nobody reads the protocol any more: every send hits a broken pipe
     _, stderr = proc.communicate(json.dumps(job) + "\n", timeout=120)

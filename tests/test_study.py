@@ -14,17 +14,12 @@ from sqlalchemy.exc import OperationalError
 from sassha_tune.config import load_config
 from sassha_tune.errors import StorageError, UserError
 from sassha_tune.spaces import load_space, suggest
-from sassha_tune.study import (
-    HEARTBEAT_KEY,
-    budget_used,
-    create_or_continue,
-    make_sampler,
-    mask_url,
-    open_storage,
-    reconcile,
-    trial_seed,
-    with_retry,
-)
+from sassha_tune.study.budget import budget_used
+from sassha_tune.study.create import create_or_continue, set_budget
+from sassha_tune.study.liveness import HEARTBEAT_KEY, reconcile
+from sassha_tune.study.loop import run_trials, sampler_for
+from sassha_tune.study.samplers import trial_seed
+from sassha_tune.study.storage import mask_url, open_storage, with_retry
 
 CFG = {
     "study": {"name": "unit", "heartbeat_interval": 1, "stale_after": 2},
@@ -135,7 +130,7 @@ def test_study_stores_config_and_published_enqueue(tmp_path):
 
 
 def _sample(cfg, study, space, n_so_far):
-    study.sampler = make_sampler(cfg, trial_seed(cfg.sampler_seed, n_so_far))
+    study.sampler = sampler_for(cfg, trial_seed(cfg.sampler_seed, n_so_far))
     trial = study.ask()
     params = suggest(trial, space)
     study.tell(trial, 0.5)
@@ -166,8 +161,48 @@ def test_qmc_sampler_varies_params_while_no_trial_has_completed(tmp_path):
     study = optuna.create_study(study_name="q", storage=open_storage(f"sqlite:///{tmp_path}/q.db"))
     seen = []
     for i in range(4):
-        study.sampler = make_sampler(cfg, trial_seed(cfg.sampler_seed, i, 0))
+        study.sampler = sampler_for(cfg, trial_seed(cfg.sampler_seed, i, 0))
         trial = study.ask()
         seen.append(suggest(trial, space))
         study.tell(trial, state=TrialState.FAIL)
     assert len({tuple(sorted(p.items())) for p in seen}) == 4
+
+
+def test_loop_picks_up_a_budget_raised_by_another_process(tmp_path):
+    # the loop re-reads the stored config before every trial: a budget raised meanwhile (what
+    # `resume --n-trials` does from another process) runs more trials in this one
+    url = f"sqlite:///{tmp_path}/b.db"
+    cfg = _cfg(tmp_path, budget__n_trials=1, task__max_steps_per_epoch=1, metrics__sharpness=False)
+    create_or_continue(cfg, url, log=_silent)
+    other = optuna.load_study(study_name="unit", storage=open_storage(url))
+    lines = []
+
+    def log(line):
+        lines.append(line)
+        if line.startswith("trial 0 started"):
+            set_budget(other, 2)
+
+    summary = run_trials("unit", url, device="cpu", log=log)
+    assert summary.ran == 2 and summary.stopped_because == "budget reached (2/2 trials)", lines
+    assert budget_used(optuna.load_study(study_name="unit", storage=url).trials) == 2
+
+
+def test_trial_process_trains_the_config_it_is_handed_without_validating_it(tmp_path):
+    # The job carries a validated config as plain data; the child rebuilds it as is. A search-space
+    # name that validation would have to resolve (and here could not) is never looked up there.
+    from sassha_tune.config import config_to_dict
+    from sassha_tune.trial.process import TrialProcess
+
+    cfg = _cfg(tmp_path, task__max_steps_per_epoch=1, task__epochs=2, metrics__sharpness=False,
+               study__pruner="median")
+    stored = config_to_dict(cfg)
+    stored["optimizer"]["search_space"] = "no_such_space"
+    proc = TrialProcess({"study": "unit", "config": stored, "params": {"lr": 0.1}, "device": "cpu", "prune": True})
+    messages = []
+    for msg in proc.messages():
+        messages.append(msg)
+        if msg["type"] == "epoch":
+            proc.answer(stop=False)  # a pruning job waits for go / stop after each epoch
+    assert proc.wait(timeout=60) == 0 and proc.close() == 0
+    assert [m["type"] for m in messages] == ["epoch", "epoch", "result"]
+    assert messages[-1]["state"] == "complete" and messages[-1]["attrs"]["epochs_completed"] == 2

@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sassha_tune.study import load_study, mask_url, open_storage
+from sassha_tune.study.storage import load_study, mask_url, open_storage
 
 __all__ = [
     "SEED_RERUN_ATTR",

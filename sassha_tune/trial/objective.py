@@ -1,31 +1,25 @@
 """One trial, end to end: params -> hparams -> TrainSpec -> train -> metrics -> stored attributes.
 
-:func:`evaluate_params` is the whole trial as a function (``sassha-tune train`` calls it directly).
-``python -m sassha_tune.objective`` runs it in a fresh process for :mod:`sassha_tune.study`: the
-job arrives as one JSON line on stdin, messages go back as JSON lines on stdout (anything the
-trial prints is redirected to stderr), and the parent answers each per-epoch message with
-``go`` or ``stop`` when it prunes. A fresh process per trial means a CUDA out-of-memory error or a
-leaked graph cannot poison the next trial. The process exits when its parent dies.
+:func:`evaluate_params` is the whole trial as a function (``sassha-tune train`` calls it directly;
+in a study, the trial process does, :mod:`sassha_tune.trial.child`). :func:`evaluate_pack` does
+the same for the K trials of a pack trained together (:func:`sassha_tune.packs.train_pack`), and
+:func:`outcome_from_result` turns a finished training run into the outcome both store. A trial
+with ``device.processes > 1`` runs as that many rank processes
+(:func:`sassha_tune.distributed.launch_ranks`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
-import threading
-import time
-import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .config import Config, config_from_dict
-from .errors import UserError
-from .spaces import to_hparams
+from ..config import Config, config_to_dict
+from ..errors import UserError
+from ..spaces import to_hparams
+from .outcome import TrialOutcome, json_safe
 
-__all__ = ["TrialOutcome", "STORED_ATTRS", "build_spec", "evaluate_params", "outcome_from_result", "main"]
+__all__ = ["STORED_ATTRS", "build_spec", "merged_params", "evaluate_params", "outcome_from_result", "evaluate_pack"]
 
 # The user attributes every finished trial stores (docs/architecture.md, "Stored trial attributes").
 STORED_ATTRS = (
@@ -36,24 +30,6 @@ STORED_ATTRS = (
 _SHARPNESS_KEYS = ("lambda_max", "hessian_trace", "hessian_trace_se", "sam_sharpness", "adaptive_sharpness", "hvp_count")
 
 
-@dataclass
-class TrialOutcome:
-    state: str  # "complete" | "pruned" | "fail"
-    attrs: dict[str, Any] = field(default_factory=dict)
-    values: list[float] | None = None
-    failure_reason: str | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "type": "result",
-            "state": self.state,
-            "attrs": self.attrs,
-            "values": self.values,
-            "failure_reason": self.failure_reason,
-        }
-
-
 def merged_params(cfg: Config, params: Mapping[str, Any]) -> dict[str, Any]:
     """``optimizer.fixed`` plus the trial's params, in the config convention."""
     merged = dict(cfg.optimizer.fixed)
@@ -62,7 +38,7 @@ def merged_params(cfg: Config, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_spec(cfg: Config, params: Mapping[str, Any], *, device: str | None = None, progress: bool | None = None):
-    from .trainer import TrainSpec
+    from ..trainer import TrainSpec
 
     t = cfg.task
     return TrainSpec(
@@ -94,22 +70,6 @@ def build_spec(cfg: Config, params: Mapping[str, Any], *, device: str | None = N
     )
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe attribute values: non-finite floats become None, tensors become numbers."""
-    if hasattr(value, "item") and callable(value.item):
-        try:
-            value = value.item()
-        except (ValueError, RuntimeError):
-            return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
-
 def evaluate_params(
     cfg: Config,
     params: Mapping[str, Any],
@@ -119,8 +79,8 @@ def evaluate_params(
     progress: bool | None = None,
 ) -> TrialOutcome:
     """Train with ``params`` and measure everything a trial stores. Raises only UserError / bugs."""
-    from .distributed import launched_world_size
-    from .trainer import train
+    from ..distributed import launched_world_size
+    from ..trainer import train
 
     if cfg.device.processes > 1 and launched_world_size() <= 1:
         return _evaluate_ranks(cfg, params, on_epoch=on_epoch, device=device)
@@ -134,8 +94,8 @@ def evaluate_params(
 def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
     """A finished :class:`~sassha_tune.trainer.TrainResult` -> the trial's outcome: final metrics,
     sharpness and the stored attributes (shared by single trials and pack members)."""
-    from .sharpness import generalization_gap, hessian_metrics
-    from .trainer import final_metrics
+    from ..sharpness import generalization_gap, hessian_metrics
+    from ..trainer import final_metrics
 
     attrs: dict[str, Any] = {
         "epochs_completed": result.epochs_completed,
@@ -157,9 +117,9 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
         attrs["val_acc"] = history[-1].get("val_acc")
         attrs["val_loss"] = history[-1].get("val_loss")
     if result.status in ("diverged", "out_of_memory"):
-        return TrialOutcome("fail", _clean(attrs), failure_reason=result.failure_reason or result.status, history=history)
+        return TrialOutcome("fail", json_safe(attrs), failure_reason=result.failure_reason or result.status, history=history)
     if result.status == "stopped":
-        return TrialOutcome("pruned", _clean(attrs), history=history)
+        return TrialOutcome("pruned", json_safe(attrs), history=history)
 
     final = final_metrics(result, batch_size=spec.eval_batch_size)
     attrs.update(final)
@@ -187,7 +147,7 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
     else:
         for key in _SHARPNESS_KEYS:
             attrs[key] = None
-    attrs = _clean(attrs)
+    attrs = json_safe(attrs)
     values = []
     for metric in cfg.study.metrics:
         v = attrs.get(metric)
@@ -200,10 +160,9 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
 def _evaluate_ranks(
     cfg: Config, params: Mapping[str, Any], *, on_epoch: Callable[[int, dict], bool] | None, device: str | None
 ) -> TrialOutcome:
-    """``device.processes: N``: run the trial as N rank processes (:func:`.distributed.launch_ranks`);
+    """``device.processes: N``: run the trial as N rank processes (:func:`~sassha_tune.distributed.launch_ranks`);
     rank 0's result is the trial's, a rank that dies fails it with ``rank_failed: ...``."""
-    from .config import config_to_dict
-    from .distributed import launch_ranks
+    from ..distributed import launch_ranks
 
     job = {"config": config_to_dict(cfg), "params": dict(params), "device": device, "prune": on_epoch is not None}
     result, epochs, failure = launch_ranks(job, cfg.device.processes, on_epoch)
@@ -213,80 +172,48 @@ def _evaluate_ranks(
         return TrialOutcome("fail", attrs, failure_reason=failure or "rank_failed: no result", history=history)
     if result.get("type") == "user_error":
         raise UserError(str(result.get("message")))
-    return TrialOutcome(
-        result["state"], result.get("attrs") or {}, result.get("values"), result.get("failure_reason"), history
-    )
+    return TrialOutcome.from_message(result, history)
 
 
-# --------------------------------------------------------------------------------------------
-# The trial process (python -m sassha_tune.objective)
-# --------------------------------------------------------------------------------------------
+def evaluate_pack(
+    cfg: Config,
+    params_list: Sequence[dict[str, Any]],
+    *,
+    on_epoch: Sequence[Callable[[int, dict], bool] | None] | None = None,
+    on_outcome: Callable[[int, TrialOutcome], None] | None = None,
+    on_split: Callable[[int, list[list[int]]], None] | None = None,
+    device: str | None = None,
+) -> list[TrialOutcome]:
+    """:func:`evaluate_params` for K param sets at once; outcome i is member i's.
 
+    A pack that runs out of memory before any member reported is split in halves (``train_pack``'s
+    ``split_on_oom``; ``on_split(epoch, halves)`` is told). Each outcome records the pack the member
+    actually ran in: ``pack_size``, ``pack_index`` (its position there) and, after a split,
+    ``pack_oom_sizes`` (the sizes of the packs it was in that ran out of memory, largest first)."""
+    from ..packs import train_pack
 
-def _watch_parent(parent: int) -> None:
-    """Exit at once when the process that launched us is gone (killed coordinator)."""
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != parent:
-            os._exit(3)
+    specs = [build_spec(cfg, p, device=device, progress=False) for p in params_list]
+    outcomes: dict[int, TrialOutcome] = {}
+    placed = {i: (len(specs), i) for i in range(len(specs))}  # member -> (pack size, index in that pack)
+    oom_sizes: dict[int, list[int]] = {i: [] for i in range(len(specs))}
 
+    def split(epoch: int, halves: list[list[int]]) -> None:
+        size = sum(len(h) for h in halves)
+        for half in halves:
+            for j, i in enumerate(half):
+                placed[i] = (len(half), j)
+                oom_sizes[i].append(size)
+        if on_split is not None:
+            on_split(epoch, halves)
 
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    name = type(exc).__name__
-    msg = f"error: {name}: {text}" if text else f"error: {name}"
-    return msg[:500]
+    def leave(i: int, result: Any) -> None:
+        outcome = outcome_from_result(cfg, specs[i], result)
+        outcome.attrs["pack_size"], outcome.attrs["pack_index"] = placed[i]
+        if oom_sizes[i]:
+            outcome.attrs["pack_oom_sizes"] = list(oom_sizes[i])
+        outcomes[i] = outcome
+        if on_outcome is not None:
+            on_outcome(i, outcome)
 
-
-def main() -> int:
-    parent = int(os.environ.get("SASSHA_TUNE_PARENT_PID", os.getppid()))
-    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
-    os.dup2(2, 1)  # stray prints of the trial go to stderr, never into the protocol
-    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-
-    def send(msg: dict[str, Any]) -> None:
-        try:
-            proto.write(json.dumps(msg) + "\n")
-            proto.flush()
-        except (BrokenPipeError, EOFError, OSError):
-            # The parent is gone (e.g. SIGKILLed): nobody reads the result; its heartbeat goes stale
-            # and the trial is reconciled as lost. Exit quietly, without flushing the dead pipe.
-            os._exit(3)
-
-    line = sys.stdin.readline()
-    if not line:
-        return 3
-    job = json.loads(line)
-    prune = bool(job.get("prune"))
-
-    def on_epoch(epoch: int, metrics: dict) -> bool:
-        send({"type": "epoch", "epoch": epoch, "metrics": _clean(metrics)})
-        if not prune:
-            return False
-        try:
-            reply = sys.stdin.readline()
-        except (EOFError, OSError):
-            reply = ""
-        if not reply:  # the parent is gone
-            os._exit(3)
-        return reply.strip() == "stop"
-
-    try:
-        cfg = config_from_dict(job["config"], source=f"study {job.get('study', '?')} (stored config)")
-        outcome = evaluate_params(cfg, job["params"], on_epoch=on_epoch, device=job.get("device"))
-    except UserError as exc:
-        send({"type": "user_error", "message": str(exc)})
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    except Exception as exc:  # a bug or a broken plug-in: the trial fails, the study goes on
-        traceback.print_exc()
-        reason = "out_of_memory" if type(exc).__name__ == "OutOfMemoryError" else one_line(exc)
-        send(TrialOutcome("fail", failure_reason=reason).to_json())
-        return 1
-    send(outcome.to_json())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    train_pack(specs, on_epoch=on_epoch, on_leave=leave, split_on_oom=True, on_split=split)
+    return [outcomes[i] for i in range(len(specs))]

@@ -1,13 +1,19 @@
-"""The package's shape: no import cycles among sassha_tune's modules, and no module reaching into
-another module's private names. Static: every ``import`` counts, inside functions too (a lazy
-import that closes a cycle is still a cycle in the design)."""
+"""The package as a whole: no import cycle among its modules (static: every ``import`` counts,
+inside functions too, since a lazy import that closes a cycle is still a cycle in the design), no
+module using another module's private names, and importing it (as a library) changes nothing
+about Optuna's logging, while the CLI keeps Optuna's INFO lines out of its output."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "sassha_tune"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+PACKAGE = ROOT / "sassha_tune"
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -103,7 +109,9 @@ def test_the_detector_finds_a_cycle_through_a_lazy_import(tmp_path):
 
 
 def test_no_import_cycles_among_sassha_tune_modules():
-    assert cycles(import_graph(PACKAGE)) == []
+    graph = import_graph(PACKAGE)
+    assert "sassha_tune.study.samplers" in graph["sassha_tune.config"]  # the graph sees function-level imports
+    assert cycles(graph) == []
 
 
 def test_no_module_uses_another_modules_private_names():
@@ -129,3 +137,35 @@ def test_no_module_uses_another_modules_private_names():
                     and isinstance(node.value, ast.Name) and node.value.id in own_modules):
                 offenders.append(f"{name}: {node.value.id}.{node.attr}")
     assert offenders == []
+
+
+def _python(code: str) -> None:
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_validating_a_config_does_not_import_the_study_loop_or_the_trial():
+    _python(
+        "import sys\n"
+        "from sassha_tune.config import config_from_dict\n"
+        "config_from_dict({'study': {'name': 'x', 'pruner': 'median'}, 'task': {'dataset': 'mnist1d', 'model': 'mlp'},"
+        " 'optimizer': {'name': 'sassha'}})\n"
+        "assert 'sassha_tune.study.samplers' in sys.modules\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('sassha_tune.study.', 'sassha_tune.trial')))\n"
+        "assert loaded == ['sassha_tune.study.samplers'], loaded\n"
+    )
+
+
+def test_importing_the_package_leaves_optuna_logging_alone(tmp_path):
+    db = tmp_path / "none.db"
+    _python(
+        "import optuna\n"
+        "optuna.logging.set_verbosity(optuna.logging.DEBUG)\n"
+        "import sassha_tune.cli, sassha_tune.report, sassha_tune.study.loop, sassha_tune.study.views\n"
+        "import sassha_tune.trial.child, sassha_tune.trial.objective\n"
+        "assert optuna.logging.get_verbosity() == optuna.logging.DEBUG\n"
+        "from typer.testing import CliRunner\n"
+        f"result = CliRunner().invoke(sassha_tune.cli.app, ['status', '--storage', 'sqlite:///{db}'])\n"
+        "assert result.exit_code == 2, result.output  # no such database file\n"
+        "assert optuna.logging.get_verbosity() == optuna.logging.WARNING  # a command quiets Optuna\n"
+    )

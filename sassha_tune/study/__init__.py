@@ -1,0 +1,29 @@
+"""Studies: storages, create / continue, the ask-tell loop, budget, heartbeats, retries.
+
+How a study runs (``run``, ``resume`` and ``worker`` all end in :func:`.loop.run_trials`):
+
+1. **Reconcile** (:mod:`.liveness`). A RUNNING trial whose heartbeat is older than
+   ``study.stale_after`` is *lost*: it becomes FAIL with ``failure_reason: lost`` and its params
+   are enqueued once.
+2. **Budget** (:mod:`.budget`). ``budget.n_trials`` counts every trial of the study, across runs
+   and workers, except the ones lost, interrupted or over budget.
+3. **Ask** with a sampler seeded from (seed, number of trials so far, worker)
+   (:func:`.samplers.trial_seed`), so a resumed seeded study does not repeat its earlier parameter
+   sets (Optuna's samplers restart from their seed in a new process).
+4. **Train** the trial in a fresh process (:mod:`sassha_tune.trial`): an out-of-memory error or a
+   leaked CUDA context cannot poison the next trial. Per-epoch validation metrics come back to
+   this process, which reports them and answers prune / go.
+5. **Tell** with the user attributes of the outcome (:mod:`.tell`).
+
+Ctrl-C (or SIGTERM) marks the running trial FAIL with ``failure_reason: interrupted`` and changes
+nothing else. SQLite gets a 60 s lock timeout and every storage call retries with backoff on
+``database is locked`` (:mod:`.storage`).
+
+Modules: :mod:`.storage` (URLs, masking, retries, opening), :mod:`.samplers` (sampler and pruner
+factories; Optuna only), :mod:`.create` (create or continue, the stored config), :mod:`.budget`,
+:mod:`.liveness` (heartbeats, reconcile), :mod:`.loop` (the ask-tell loop), :mod:`.tell`,
+:mod:`.workers` (one worker per GPU), :mod:`.views` (read-only views for ``status`` and ``export``).
+
+This package's ``__init__`` imports nothing: config validation imports :mod:`.samplers` and must not
+pull in the run loop.
+"""

@@ -1,0 +1,375 @@
+"""The ask-tell loop: run a stored study's trials until its budget is spent.
+
+Each iteration re-reads the stored config (another process may raise the budget), reconciles lost
+trials, checks the budget, asks with a sampler seeded from the study's progress, trains the trial
+(or a pack of trials) in a fresh process and tells the outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ..config import Config, config_to_dict
+from ..devices import check_available as check_device
+from ..errors import UserError
+from ..spaces import SearchSpace, suggest, to_hparams
+from ..trial.outcome import TrialOutcome
+from ..trial.process import TrialProcess
+from .budget import budget_used, counts_toward_budget
+from .create import config_from_payload, plain, stored_payload
+from .liveness import Heartbeat, reconcile
+from .samplers import make_pruner, make_sampler, trial_seed
+from .storage import load_study, study_storage, trial_id, with_retry
+from .tell import fail, finish
+
+__all__ = ["WORKER_KEY", "HISTORY_KEYS", "LoopSummary", "run_trials", "start_trial", "run_pack", "split_line",
+           "sampler_for", "pruner_for"]
+
+WORKER_KEY = "sassha_tune:worker"
+# What the ``history`` user attribute keeps of each epoch message.
+HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+Log = Callable[[str], None]
+
+
+def sampler_for(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
+    """The study's sampler (``study.sampler``) seeded with ``seed`` for one ask."""
+    s = cfg.study.sampler
+    return make_sampler(s.name, s.options, seed, qmc_seed=cfg.sampler_seed)
+
+
+def pruner_for(cfg: Config) -> optuna.pruners.BasePruner:
+    """The study's pruner (``study.pruner``)."""
+    return make_pruner(cfg.study.pruner.name, cfg.study.pruner.options, max_resource=cfg.task.epochs)
+
+
+@dataclass
+class LoopSummary:
+    ran: int = 0
+    states: Counter = field(default_factory=Counter)
+    stopped_because: str = ""
+    seconds: float = 0.0
+
+
+def _describe(frozen: FrozenTrial, cfg: Config) -> str:
+    state = frozen.state.name
+    if frozen.state == TrialState.COMPLETE:
+        values = ", ".join(f"{m}={v:.4g}" for m, v in zip(cfg.study.metrics, frozen.values or [], strict=False))
+        extra = frozen.user_attrs.get("lambda_max")
+        tail = f" lambda_max={extra:.4g}" if isinstance(extra, (int, float)) and "lambda_max" not in cfg.study.metrics else ""
+        return f"trial {frozen.number} {state} {values}{tail}"
+    if frozen.state == TrialState.FAIL:
+        return f"trial {frozen.number} FAIL ({frozen.user_attrs.get('failure_reason')})"
+    return f"trial {frozen.number} {state}"
+
+
+def run_trials(
+    study_name: str,
+    storage_url: str,
+    *,
+    worker: int | str = 0,
+    device: str | None = None,
+    log: Log = print,
+    pack: str | int = 1,
+) -> LoopSummary:
+    """Run trials of a stored study until its budget (or ``budget.timeout``) is reached.
+
+    ``pack`` (``--pack``): ``1`` one trial per process; ``K`` or ``"auto"``: up to K trials asked at
+    once and trained together in one process (:mod:`sassha_tune.packs`) where they can be packed."""
+    from ..data import check_dataset_files
+
+    study = load_study(study_name, storage_url)
+    payload = stored_payload(study)
+    cfg, space = config_from_payload(study_name, payload, validate=True)  # this worker starts on it
+    check_device(device or cfg.device.name, "--device" if device else "device")  # before any trial is asked
+    check_dataset_files(cfg.task.dataset, cfg.task.data_dir)
+    summary = LoopSummary()
+    start = time.monotonic()
+    restore = _sigterm_as_interrupt()
+    waiting = False
+    pack_logged = ""
+    try:
+        while True:
+            # Re-read: another process may have raised the budget (resume --n-trials) or continued
+            # the study with other sampler, pruner or device settings. Rebuilt only when it changed,
+            # and not validated again: what is stored was validated when it was written.
+            current = stored_payload(study)
+            if current != payload:
+                payload = current
+                cfg, space = config_from_payload(study_name, payload, validate=False)
+            study.pruner = pruner_for(cfg)
+            reconcile(study, cfg.study.stale_after, log=log)
+            trials = with_retry(study.get_trials, deepcopy=False)
+            used = budget_used(trials)
+            if cfg.budget.timeout is not None and time.monotonic() - start >= cfg.budget.timeout:
+                summary.stopped_because = f"timeout ({cfg.budget.timeout:g} s)"
+                break
+            if used >= cfg.budget.n_trials:
+                running = [t.number for t in trials if t.state == TrialState.RUNNING]
+                if running:
+                    # Another process holds them; if it died, they go stale and come back as retries.
+                    if not waiting:
+                        log(f"waiting for running trial(s) {running} of other processes")
+                        waiting = True
+                    time.sleep(min(cfg.study.heartbeat_interval, 5.0))
+                    continue
+                summary.stopped_because = f"budget reached ({used}/{cfg.budget.n_trials} trials)"
+                break
+            waiting = False
+            study.sampler = sampler_for(cfg, trial_seed(cfg.sampler_seed, len(trials), worker))
+            if pack != 1:
+                from ..packs import choose_pack_size
+
+                size, why = choose_pack_size(cfg, pack, device=device, budget_left=cfg.budget.n_trials - used)
+                if why != pack_logged:
+                    log(why)
+                    pack_logged = why
+                size = min(size, cfg.budget.n_trials - used)
+                if size > 1:
+                    asked = [with_retry(study.ask) for _ in range(size)]
+                    told = run_pack(study, asked, cfg, space, device=device, worker=worker, log=log)
+                    if not told:
+                        summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
+                        break
+                    for frozen in told:
+                        summary.ran += 1
+                        summary.states[frozen.state.name] += 1
+                        log(_describe(frozen, cfg))
+                    continue
+            trial = with_retry(study.ask)
+            frozen = _run_one(study, trial, cfg, space, device=device, worker=worker, log=log)
+            if frozen is None:  # lost the race for the last slot of the budget
+                summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
+                break
+            summary.ran += 1
+            summary.states[frozen.state.name] += 1
+            log(_describe(frozen, cfg))
+    finally:
+        restore()
+        summary.seconds = time.monotonic() - start
+    return summary
+
+
+def start_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace) -> dict[str, Any] | None:
+    """Claim an asked trial for this process: record the worker, fail it as ``over_budget`` when
+    another worker filled the budget first (then None), else sample its params and store the
+    optimizer's constructor arguments and the seed. Shared by single trials and packs."""
+    with_retry(study_storage(study).set_trial_system_attr, trial_id(trial), WORKER_KEY,
+               f"{os.uname().nodename}:{os.getpid()}")
+    before = [t for t in with_retry(study.get_trials, deepcopy=False)
+              if t.number < trial.number and counts_toward_budget(t)]
+    if len(before) >= cfg.budget.n_trials:
+        fail(study, trial, "over_budget")
+        return None
+    params = suggest(trial, space)
+    hparams = to_hparams(cfg.optimizer.name, {**cfg.optimizer.fixed, **params}, seed=cfg.seed)
+    with_retry(trial.set_user_attr, "optimizer_hparams", plain(dict(hparams)))
+    with_retry(trial.set_user_attr, "seed", cfg.seed)
+    return params
+
+
+def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None) -> dict[str, Any]:
+    """The trial protocol's job (:mod:`sassha_tune.trial`): one trial's params, or a pack's list."""
+    return {
+        "study": study.study_name,
+        "config": config_to_dict(cfg),  # validated: the trial process rebuilds it as is
+        "params": params,
+        "device": device,
+        "prune": cfg.study.pruner.name != "none",
+    }
+
+
+def _stored_history(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ``history`` user attribute: one entry per epoch the trial reported."""
+    return [{k: m.get(k) for k in HISTORY_KEYS} for m in epochs]
+
+
+def _relay(
+    proc: TrialProcess,
+    pending: dict[int | None, optuna.Trial],
+    prune_metric: str | None,
+    on_result: Callable[[int | None, optuna.Trial, TrialOutcome], None],
+    on_split: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[str | None, dict[int | None, list[dict[str, Any]]]]:
+    """Read a trial process's messages to the end. ``pending`` maps the job's members (``None`` for
+    a single trial) to their asked trials: an epoch of a pending trial is reported to it (and
+    answered prune / go), its result is popped from ``pending`` and handed to ``on_result`` (with
+    the epochs before it as ``outcome.history``). Returns (the user error the process reported, or
+    None; the epochs by member)."""
+    epochs: dict[int | None, list[dict[str, Any]]] = {key: [] for key in pending}
+    user_error: str | None = None
+    for msg in proc.messages():
+        kind, key = msg.get("type"), msg.get("member")
+        if kind == "epoch":
+            metrics = msg.get("metrics", {})
+            epochs[key].append(metrics)
+            if prune_metric is not None:
+                value = metrics.get(prune_metric)
+                stop = False
+                if isinstance(value, (int, float)) and key in pending:
+                    pending[key].report(float(value), int(msg["epoch"]))
+                    stop = pending[key].should_prune()
+                proc.answer(stop)
+        elif kind == "result" and key in pending:
+            on_result(key, pending.pop(key), TrialOutcome.from_message(msg, epochs[key]))
+        elif kind == "split" and on_split is not None:
+            on_split(msg)
+        elif kind == "user_error":
+            user_error = str(msg.get("message"))
+    return user_error, epochs
+
+
+@contextmanager
+def _failed_when_unwinding(
+    study: optuna.Study, unfinished: Callable[[], list[optuna.Trial]], procs: list[TrialProcess], log: Log,
+    interrupted: Callable[[list[optuna.Trial]], str],
+) -> Iterator[None]:
+    """Whatever stops a run early stops its process and fails its unfinished trials, with the
+    reason: Ctrl-C (``interrupted``), a user error (``error: <message>``), a crash of this process."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        for p in procs:
+            p.stop()
+        trials = unfinished()
+        for trial in trials:
+            fail(study, trial, "interrupted")
+        log(interrupted(trials))
+        raise
+    except UserError as exc:
+        for p in procs:
+            p.stop()
+        for trial in unfinished():
+            fail(study, trial, f"error: {exc}"[:300])
+        raise
+    except BaseException:
+        for p in procs:
+            p.stop()
+        for trial in unfinished():
+            fail(study, trial, "error: sassha-tune crashed while running this trial")
+        raise
+
+
+def _exit_reason(rc: int | None) -> str:
+    """Why a trial process that sent no result failed."""
+    if rc is not None and rc < 0:
+        if -rc == signal.SIGKILL:
+            return "error: trial process killed (SIGKILL; out of host memory?)"
+        return f"error: trial process killed by signal {-rc}"
+    return f"error: trial process exited with code {rc}"
+
+
+def _run_one(
+    study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace, *, device: str | None,
+    worker: int | str, log: Log,
+) -> FrozenTrial | None:
+    """One asked trial in one trial process; the frozen trial told (None: over budget)."""
+    procs: list[TrialProcess] = []
+    with _failed_when_unwinding(study, lambda: [trial], procs, log,
+                                lambda _: f"trial {trial.number} interrupted: marked FAIL"):
+        with Heartbeat(study, trial, cfg.study.heartbeat_interval):
+            params = start_trial(study, trial, cfg, space)
+            if params is None:
+                return None
+            job = _job(study, cfg, params, device)
+            log(f"trial {trial.number} started: {fmt_params(params)}")
+            procs.append(TrialProcess(job))
+            results: dict[int | None, TrialOutcome] = {}
+            user_error, epochs = _relay(
+                procs[0], {None: trial}, cfg.study.metrics[0] if job["prune"] else None,
+                on_result=lambda key, _trial, outcome: results.__setitem__(key, outcome),
+            )
+            procs[0].wait()
+            rc = procs[0].close()
+            if user_error is not None:
+                raise UserError(user_error)
+            outcome = results.get(None) or TrialOutcome("fail", failure_reason=_exit_reason(rc))
+            outcome.attrs["history"] = _stored_history(epochs[None])
+            return finish(study, trial, outcome)
+
+
+def split_line(epoch: int, halves: list[list[int]]) -> str:
+    """The one line that tells the user a pack was split, e.g. ``pack of 8 ran out of memory in
+    epoch 1; retrying as 2 packs of 4 (trials [0, 1, 2, 3] and [4, 5, 6, 7])``."""
+    sizes = [len(h) for h in halves]
+    when = f"in epoch {epoch}" if epoch else "while setting up its members"
+    how = f"2 packs of {sizes[0]}" if sizes[0] == sizes[1] else f"packs of {sizes[0]} and {sizes[1]}"
+    return f"pack of {sum(sizes)} ran out of memory {when}; retrying as {how} (trials {halves[0]} and {halves[1]})"
+
+
+def run_pack(
+    study: optuna.Study, trials: list[optuna.Trial], cfg: Config, space: SearchSpace, *, device: str | None,
+    worker: int | str, log: Log,
+) -> list[FrozenTrial]:
+    """K asked trials -> one trial process training them as a pack (:mod:`sassha_tune.packs`) ->
+    each trial told as its member finishes.
+
+    Returns the frozen trials told (a trial that lost the race for the budget is failed
+    ``over_budget`` and left out)."""
+    told: list[FrozenTrial] = []
+    pending: dict[int | None, optuna.Trial] = {}  # member -> trial
+    procs: list[TrialProcess] = []
+
+    def tell(member: int | None, trial: optuna.Trial, outcome: TrialOutcome) -> None:
+        outcome.attrs["history"] = _stored_history(outcome.history)
+        told.append(finish(study, trial, outcome))
+
+    with _failed_when_unwinding(study, lambda: list(pending.values()), procs, log,
+                                lambda ts: f"trials {[t.number for t in ts]} interrupted: marked FAIL"):
+        with ExitStack() as stack:
+            params_list, members = [], []
+            for trial in trials:
+                stack.enter_context(Heartbeat(study, trial, cfg.study.heartbeat_interval))
+                params = start_trial(study, trial, cfg, space)
+                if params is None:
+                    continue
+                pending[len(params_list)] = trial
+                params_list.append(params)
+                members.append(trial)
+                log(f"trial {trial.number} started (pack member {len(params_list) - 1}): {fmt_params(params)}")
+            if not params_list:
+                return told
+            job = _job(study, cfg, params_list, device)
+            procs.append(TrialProcess(job))
+
+            def split(msg: dict[str, Any]) -> None:  # out of memory before any member reported
+                halves = [[members[j].number for j in half] for half in msg.get("halves", [])]
+                log(split_line(int(msg.get("epoch", 0)), halves))
+
+            user_error, _ = _relay(procs[0], pending, cfg.study.metrics[0] if job["prune"] else None,
+                                   on_result=tell, on_split=split)
+            procs[0].wait()
+            rc = procs[0].close()
+            if user_error is not None:
+                raise UserError(user_error)
+            for i, trial in list(pending.items()):
+                told.append(finish(study, trial, TrialOutcome("fail", failure_reason=f"error: pack process exited with code {rc}")))
+                pending.pop(i)
+            return told
+
+
+def fmt_params(params: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Treat SIGTERM like Ctrl-C while trials run (the running trial is marked interrupted)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,218 @@
+"""Storages: the URL of a study database, masking its password, opening it, loading a study.
+
+Every storage call of the package goes through :func:`with_retry` (SQLite says ``database is
+locked`` under concurrent workers; the call is retried with backoff). SQLite gets a 60 s lock
+timeout. No message ever shows a password: :func:`mask_url` for URLs, the same scrubbing for the
+driver's error texts. Optuna has no public accessor for a study's storage and ids, which the
+heartbeats, retries and worker records need: :func:`study_storage`, :func:`study_id` and
+:func:`trial_id` are the one place that reads Optuna's private attributes.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import optuna
+
+from ..errors import StorageError
+
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = [
+    "DEFAULT_STORAGE",
+    "STORAGE_ENV",
+    "mask_url",
+    "resolve_storage",
+    "with_retry",
+    "open_storage",
+    "load_study",
+    "study_storage",
+    "study_id",
+    "trial_id",
+]
+
+DEFAULT_STORAGE = "sqlite:///sassha-tune.db"
+STORAGE_ENV = "SASSHA_TUNE_STORAGE"
+
+T = TypeVar("T")
+
+# ``scheme://user:password@`` (or ``user:password@``): everything up to the last ``@`` counts as
+# the password, so an unparsable URL still never shows one (over-masking is the safe side).
+_USERINFO = re.compile(r"^(?P<head>(?:[A-Za-z][\w+.\-]*://)?[^:/@?#\s]*:)(?P<password>(?!//).*)@", re.S)
+
+
+def _mask_userinfo(text: str) -> str:
+    return _USERINFO.sub(lambda m: f"{m['head']}***@", text, count=1)
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (for every message and table).
+
+    Works on strings SQLAlchemy cannot parse too: ``//user:pass@`` becomes ``//user:***@``."""
+    from sqlalchemy.engine import make_url
+
+    text = str(url)
+    try:
+        text = make_url(text).render_as_string(hide_password=True)
+    except Exception:
+        pass
+    return _mask_userinfo(text)
+
+
+def resolve_storage(cli_storage: str | None, cfg: Config | None = None) -> str:
+    """``--storage`` wins, then ``study.storage`` in the config, then ``sqlite:///sassha-tune.db``."""
+    if cli_storage:
+        return cli_storage
+    if cfg is not None and cfg.study.storage:
+        return cfg.study.storage
+    return DEFAULT_STORAGE
+
+
+def _is_locked(exc: BaseException) -> bool:
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if "database is locked" in str(e) or "database table is locked" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def with_retry(fn: Callable[..., T], *args: Any, tries: int = 10, **kwargs: Any) -> T:
+    """Call ``fn``, retrying with jittered exponential backoff while SQLite says it is locked."""
+    delay = 0.05
+    for attempt in range(tries):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if attempt == tries - 1 or not _is_locked(exc):
+                raise
+            time.sleep(delay * (1.0 + random.random()))
+            delay = min(delay * 2.0, 5.0)
+    raise AssertionError("unreachable")
+
+
+def _scrub(text: str, url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        password = make_url(url).password
+    except Exception:
+        password = None
+    if password:
+        text = text.replace(str(password), "***")
+    m = _USERINFO.match(str(url))
+    if m and m["password"]:
+        text = text.replace(m["password"], "***")
+    return " ".join(text.split())[:300]
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    """The database file of an SQLite URL when it does not exist (``None`` otherwise)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    db = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return None if Path(db).is_file() else db
+
+
+def open_storage(url: str, *, create: bool = True, study_name: str | None = None) -> optuna.storages.RDBStorage:
+    """An RDBStorage for any SQLAlchemy URL; SQLite gets a long lock timeout.
+
+    ``create=False`` (every command but ``run``): a missing SQLite file is a :class:`StorageError`,
+    never an empty new file, and no table is created. ``study_name`` only words that error."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    shown = mask_url(url)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise StorageError(
+            f"storage {shown}: not a database URL (e.g. sqlite:///sassha-tune.db or "
+            "postgresql+psycopg://user@host:5432/db)"
+        ) from None
+    engine_kwargs: dict[str, Any]
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        missing = _missing_sqlite_file(url)
+        if not create and missing is not None:
+            so = f", so there is no study {study_name!r}" if study_name else ""
+            raise StorageError(
+                f"storage {shown}: no such database file ({missing} does not exist{so}; "
+                "only `sassha-tune run CONFIG` creates one)"
+            )
+        if db and db != ":memory:" and not Path(db).expanduser().resolve().parent.is_dir():
+            raise StorageError(f"storage {shown}: directory {Path(db).parent} does not exist")
+        engine_kwargs = {"connect_args": {"timeout": 60}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        return with_retry(optuna.storages.RDBStorage, url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+    except ModuleNotFoundError as exc:
+        raise StorageError(
+            f"storage {shown}: the database driver is not installed ({exc.name}); for PostgreSQL: "
+            "pip install 'psycopg[binary]' and use postgresql+psycopg://"
+        ) from None
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        raise StorageError(f"storage {shown}: cannot open it: {_scrub(str(cause).splitlines()[0] if str(cause) else type(cause).__name__, url)}") from None
+
+
+def load_study(
+    name: str, storage_url: str | None, *, storage: optuna.storages.BaseStorage | None = None
+) -> optuna.Study:
+    """Load a study for reading (nothing is created); a missing one names the studies there.
+
+    ``storage`` (already open) wins over ``storage_url``, which then only words messages."""
+    if storage is None:
+        if storage_url is None:
+            raise ValueError("load_study needs storage_url or storage")
+        storage = open_storage(storage_url, create=False, study_name=name)
+    where = mask_url(storage_url) if storage_url is not None else type(storage).__name__
+    try:
+        return with_retry(optuna.load_study, study_name=name, storage=storage)
+    except KeyError:
+        pass
+    except Exception as exc:  # e.g. a database without Optuna's tables
+        cause = exc.__cause__ or exc
+        text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+        raise StorageError(f"storage {where}: cannot read it: {_scrub(text, storage_url or '')}") from None
+    import difflib
+
+    names = sorted(with_retry(optuna.get_all_study_names, storage))
+    close = difflib.get_close_matches(name, names, n=1)
+    available = ", ".join(names) if names else "(none)"
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise StorageError(f"study {name!r} not found in {where}; available studies: {available}{hint}")
+
+
+# Optuna keeps these private and offers no public equivalent for what the package does with them
+# (system attributes of studies and trials, state changes of trials this process did not ask).
+
+
+def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage a study lives in."""
+    return study._storage
+
+
+def study_id(study: optuna.Study) -> int:
+    """The storage's id of a study (for its system attributes)."""
+    return study._study_id
+
+
+def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
+    """The storage's id of a trial (an asked :class:`optuna.Trial` or a :class:`FrozenTrial`)."""
+    return trial._trial_id

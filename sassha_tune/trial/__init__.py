@@ -1,0 +1,31 @@
+"""One trial in a fresh process: the trial protocol, its parent and child sides, and the trial itself.
+
+A study trains every trial (a single trial, a pack of trials, each rank of a multi-rank trial) in
+a child process, so that an out-of-memory error or a leaked CUDA context cannot poison the next
+one. Parent and child speak one protocol, in JSON lines:
+
+* **Job** (parent -> child, one line on the child's stdin)::
+
+    {"study": NAME, "config": CONFIG, "params": PARAMS, "device": DEVICE, "prune": BOOL}
+
+  ``config`` is a validated config as plain data (:func:`sassha_tune.config.config_to_dict`); the
+  child rebuilds it with :func:`sassha_tune.config.config_from_stored`, without validating it
+  again. ``params`` is one trial's parameters (a mapping) or a pack's (a list of mappings).
+* **Messages** (child -> parent, lines on the child's stdout; whatever the trial prints goes to
+  stderr): ``{"type": "epoch", "epoch": N, "metrics": {...}}`` after every epoch, answered by the
+  parent with a ``go`` or ``stop`` line when the job prunes; ``{"type": "result", "state": ...,
+  "attrs": {...}, "values": [...], "failure_reason": ...}`` once (:class:`.outcome.TrialOutcome`);
+  ``{"type": "user_error", "message": ...}`` for a :class:`~sassha_tune.errors.UserError`. A pack's
+  epoch and result messages carry ``"member": I`` (the index in ``params``), and a pack that ran
+  out of memory before any member reported says ``{"type": "split", "epoch": N, "halves": [...]}``.
+* **Exit code**: 0 done, 1 an unexpected error (a ``fail`` result with the reason was sent, the
+  traceback is on stderr), 2 a user error, 3 no job or the parent is gone, 130 interrupted.
+
+Modules: :mod:`.process` (the parent side: :class:`~.process.TrialProcess`), :mod:`.child` (the
+child side, ``python -m sassha_tune.trial``), :mod:`.objective` (a trial as a function:
+params -> trained model -> metrics -> outcome), :mod:`.outcome` (the outcome and its message),
+:mod:`.device` (a device must exist before a trial is asked).
+
+This package's ``__init__`` imports nothing: :mod:`sassha_tune.distributed` starts rank processes
+through :mod:`.process`, which must not pull in the trial code.
+"""

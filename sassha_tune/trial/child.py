@@ -1,0 +1,116 @@
+"""The child side of the trial protocol: ``python -m sassha_tune.trial``.
+
+Reads the job from stdin, runs it -- one trial (:func:`.objective.evaluate_params`) or a pack of
+trials (:func:`.objective.evaluate_pack`) -- and sends its messages as JSON lines (protocol in
+:mod:`sassha_tune.trial`). The protocol gets its own copy of stdout and stdout itself is pointed at
+stderr, so nothing the trial prints can corrupt a message. The process exits at once when its
+parent is gone (a killed coordinator), and quietly when the protocol pipe breaks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from ..config import config_from_stored
+from ..errors import UserError
+from .objective import evaluate_pack, evaluate_params
+from .outcome import TrialOutcome, json_safe, one_line
+from .process import PARENT_PID_ENV
+
+__all__ = ["main"]
+
+_PARENT_GONE = 3
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit at once when the process that launched us is gone (killed coordinator)."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent:
+            os._exit(_PARENT_GONE)
+
+
+class _Channel:
+    """This process's end of the protocol: messages out, go/stop replies in."""
+
+    def __init__(self, out: TextIO, prune: bool) -> None:
+        self.out, self.prune = out, prune
+
+    def send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.out.write(json.dumps(msg) + "\n")
+            self.out.flush()
+        except (BrokenPipeError, EOFError, OSError):
+            # The parent is gone (e.g. SIGKILLed): nobody reads the result; its heartbeat goes stale
+            # and the trial is reconciled as lost. Exit quietly, without flushing the dead pipe.
+            os._exit(_PARENT_GONE)
+
+    def on_epoch(self, member: int | None = None) -> Callable[[int, dict], bool]:
+        """The trainer's epoch callback: report the epoch, then (when pruning) wait for go/stop."""
+
+        def callback(epoch: int, metrics: dict) -> bool:
+            self.send(_tagged({"type": "epoch", "epoch": epoch, "metrics": json_safe(metrics)}, member))
+            if not self.prune:
+                return False
+            try:
+                reply = sys.stdin.readline()
+            except (EOFError, OSError):
+                reply = ""
+            if not reply:  # the parent is gone
+                os._exit(_PARENT_GONE)
+            return reply.strip() == "stop"
+
+        return callback
+
+
+def _tagged(msg: dict[str, Any], member: int | None) -> dict[str, Any]:
+    return msg if member is None else {**msg, "member": member}
+
+
+def main() -> int:
+    parent = int(os.environ.get(PARENT_PID_ENV, os.getppid()))
+    proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
+    os.dup2(2, 1)  # stray prints of the trial go to stderr, never into the protocol
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+    line = sys.stdin.readline()
+    if not line:
+        return _PARENT_GONE
+    job = json.loads(line)
+    channel = _Channel(proto, prune=bool(job.get("prune")))
+    params = job["params"]
+    members: list[int | None] = list(range(len(params))) if isinstance(params, list) else [None]
+    outcome: TrialOutcome | None = None
+    try:
+        # The parent validated the config; rebuilding it is all that is left to do here.
+        cfg = config_from_stored(job["config"], source=f"study {job.get('study', '?')} (stored config)")
+        if isinstance(params, list):
+            evaluate_pack(
+                cfg, params, on_epoch=[channel.on_epoch(i) for i in range(len(params))],
+                on_outcome=lambda i, o: channel.send(_tagged(o.to_json(), i)),
+                on_split=lambda epoch, halves: channel.send({"type": "split", "epoch": epoch, "halves": halves}),
+                device=job.get("device"),
+            )
+        else:
+            outcome = evaluate_params(cfg, params, on_epoch=channel.on_epoch(), device=job.get("device"))
+    except UserError as exc:
+        channel.send({"type": "user_error", "message": str(exc)})
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug or a broken plug-in: the trial fails, the study goes on
+        traceback.print_exc()
+        reason = "out_of_memory" if type(exc).__name__ == "OutOfMemoryError" else one_line(exc)
+        for member in members:  # the parent ignores results for pack members already told
+            channel.send(_tagged(TrialOutcome("fail", failure_reason=reason).to_json(), member))
+        return 1
+    if outcome is not None:
+        channel.send(outcome.to_json())
+    return 0
