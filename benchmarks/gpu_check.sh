@@ -125,7 +125,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sassha_tune.models import build_model
+from sassha_tune.training.models import build_model
 from sassha_tune.optim import OPTIMIZERS, build_optimizer
 
 ap = argparse.ArgumentParser()
@@ -201,10 +201,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from sassha_tune.data import load_dataset
+from sassha_tune.training.data import load_dataset
 from sassha_tune.errors import DataError
-from sassha_tune.models import build_model
-from sassha_tune.sharpness import CHEAP_BUDGET, hessian_metrics
+from sassha_tune.training.models import build_model
+from sassha_tune.metrics.sharpness import CHEAP_BUDGET, hessian_metrics
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--device", default="cuda")
@@ -263,7 +263,7 @@ cat > "$WORK/dist.py" <<'EOF'
 import argparse
 import os
 
-from sassha_tune.trainer import TrainSpec, train
+from sassha_tune.training.trainer import TrainSpec, train
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--device", default="cuda")

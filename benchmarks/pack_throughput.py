@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from sassha_tune.packs import train_pack
-from sassha_tune.trainer import TrainSpec, train
+from sassha_tune.training.packs import train_pack
+from sassha_tune.training.trainer import TrainSpec, train
 
 SHAPES = {"cifar": [3, 32, 32], "fashion": [1, 28, 28]}
 

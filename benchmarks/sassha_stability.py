@@ -27,8 +27,8 @@ import sys
 import torch
 
 from sassha_tune.report.health import near_chance_threshold
-from sassha_tune.spaces import to_hparams
-from sassha_tune.trainer import TrainSpec, train
+from sassha_tune.config.spaces import to_hparams
+from sassha_tune.training.trainer import TrainSpec, train
 
 
 def cell(spec: TrainSpec) -> str:

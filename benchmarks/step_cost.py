@@ -65,7 +65,7 @@ class _Block(nn.Module):
 
 
 class _LocalResNet(nn.Module):
-    """CIFAR ResNet-(6n+2), 16/32/64 channels times ``width``/16 (used if sassha_tune.models is missing)."""
+    """CIFAR ResNet-(6n+2), 16/32/64 channels times ``width``/16 (used if sassha_tune.training.models is missing)."""
 
     def __init__(self, depth: int = 20, num_classes: int = 10, width: int = 16) -> None:
         super().__init__()
@@ -96,14 +96,14 @@ def _smooth_cnn() -> nn.Module:
 def make_model(name: str) -> nn.Module:
     """``resnet20``, ``resnet20x2`` (channels doubled), ``wrn16_4`` or ``smooth_cnn``.
 
-    Uses ``sassha_tune.models.build_model`` when it exists, a local CIFAR ResNet otherwise.
+    Uses ``sassha_tune.training.models.build_model`` when it exists, a local CIFAR ResNet otherwise.
     """
     if name == "smooth_cnn":
         return _smooth_cnn()
     width = 32 if name == "resnet20x2" else 16
     name = "resnet20" if name == "resnet20x2" else name
     try:
-        from sassha_tune.models import build_model
+        from sassha_tune.training.models import build_model
     except ImportError:
         build_model = None
     if build_model is not None:

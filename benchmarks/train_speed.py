@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from sassha_tune.data import FASHION_MNIST_DIR, load_dataset
 from sassha_tune.errors import DataError
 from sassha_tune.optim import OPTIMIZERS
-from sassha_tune.trainer import TrainSpec, train
+from sassha_tune.training.data import FASHION_MNIST_DIR, load_dataset
+from sassha_tune.training.trainer import TrainSpec, train
 
 HPARAMS = {
     "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},

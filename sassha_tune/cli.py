@@ -159,7 +159,7 @@ def _check_flags(gpus: str | None, device: str | None, pack: str | None) -> tupl
     """Every flag that can be checked without a config or storage, before anything is created:
     (GPU list, pack size). ``--device`` must also exist on this machine (``--gpus``: CUDA must)."""
     from .devices import check_available as check_device
-    from .packs import parse_pack
+    from .study.pack_size import parse_pack
 
     gpu_list = _parse_gpus(gpus)
     check_device_name(device)
@@ -206,10 +206,10 @@ def run(
 ) -> None:
     """Create the study a config describes (or continue it) and run trials until its budget is spent."""
     from .config import advice, load_config
-    from .data import check_dataset_files
     from .devices import check_available as check_device
     from .study.create import create_or_continue, set_budget
     from .study.storage import resolve_storage
+    from .training.data import check_dataset_files
 
     gpu_list, pack_size = _check_flags(gpus, device, pack)
     cfg = load_config(config)  # everything validated before any storage is touched
@@ -421,8 +421,8 @@ def train(
 ) -> None:
     """Train once with the config's fixed hyperparameters (e.g. an exported config) and print the metrics."""
     from .config import load_config, yaml_load
+    from .config.spaces import check_param_names
     from .devices import check_available as check_device
-    from .spaces import check_param_names
     from .trial.objective import evaluate_params
 
     check_device_name(device)
@@ -442,7 +442,7 @@ def train(
             raise UserError(f"{params}: expected a mapping of hyperparameter names to values")
         check_param_names(cfg.optimizer.name, list(raw), str(params), "params")
         extra = raw
-    from .spaces import space_for_config
+    from .config.spaces import space_for_config
 
     unset = sorted(set(space_for_config(cfg).params) - set(cfg.optimizer.fixed) - set(extra))
     if unset:

@@ -8,8 +8,8 @@ import yaml
 from typer.testing import CliRunner
 
 from sassha_tune.cli import app
-from sassha_tune.data import check_dataset_files
 from sassha_tune.errors import DataError
+from sassha_tune.training.data import check_dataset_files
 
 
 def _config(tmp_path, dataset: str):

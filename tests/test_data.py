@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from sassha_tune.data import DATASETS, Splits, augment_batch, load_dataset, read_idx
 from sassha_tune.errors import DataError, UserError
+from sassha_tune.training.data import DATASETS, Splits, augment_batch, load_dataset, read_idx
 
 
 def _write_idx(path, arr: np.ndarray, magic_type: int = 0x08) -> None:

@@ -10,8 +10,8 @@ import torch
 
 from sassha_tune.devices import onednn_workaround, resolve_device
 from sassha_tune.errors import UserError
-from sassha_tune.models import build_model
-from sassha_tune.sharpness import hessian_metrics
+from sassha_tune.metrics.sharpness import hessian_metrics
+from sassha_tune.training.models import build_model
 
 
 def test_resolve_device(monkeypatch):

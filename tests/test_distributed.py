@@ -19,6 +19,7 @@ from torch import nn
 
 from sassha_tune import distributed
 from sassha_tune.optim import SAMSGD, SGD, AdaHessian, MSassha, Sassha, SophiaH
+from sassha_tune.trial.ranks import free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -73,7 +74,7 @@ def two_rank_results(tmp_path_factory):
     import torch.multiprocessing as mp
 
     out = str(tmp_path_factory.mktemp("ddp") / "final")
-    mp.spawn(_rank_main, args=(2, distributed.free_port(), out), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), out), nprocs=2, join=True)
     return [torch.load(f"{out}.{r}") for r in range(2)]
 
 

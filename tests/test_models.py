@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sassha_tune.errors import UserError
-from sassha_tune.models import MODELS, build_model, has_normalization
+from sassha_tune.training.models import MODELS, build_model, has_normalization
 
 CASES = [
     ("mlp", (1, 40), {}),
@@ -110,8 +110,8 @@ def test_gpt_shapes_tied_head_and_hessian_vector_products():
     # the optimizers' graph passes and the sharpness metrics switch to its math kernel
     from torch import nn
 
+    from sassha_tune.metrics.sharpness import hessian_metrics
     from sassha_tune.optim import Sassha
-    from sassha_tune.sharpness import hessian_metrics
 
     torch.manual_seed(0)
     model = build_model("gpt", (12,), 256, n_layer=2, n_head=2, n_embd=16)

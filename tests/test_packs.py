@@ -1,4 +1,4 @@
-"""Trial packs: a member follows the lone run's trajectory (sassha_tune.packs)."""
+"""Trial packs: a member follows the lone run's trajectory (sassha_tune.training.packs)."""
 
 import sqlite3
 
@@ -7,8 +7,9 @@ import torch
 from typer.testing import CliRunner
 
 from sassha_tune.cli import app
-from sassha_tune.packs import choose_pack_size, pack_blocker, train_pack
-from sassha_tune.trainer import TrainSpec, train
+from sassha_tune.study.pack_size import choose_pack_size
+from sassha_tune.training.packs import pack_blocker, train_pack
+from sassha_tune.training.trainer import TrainSpec, train
 
 MLP = dict(dataset="synthetic", dataset_options=dict(n=640, n_test=64, dim=20), model="mlp",
            model_options=dict(hidden=[32, 32]), batch_size=64, epochs=5, device="cpu", progress=False,

@@ -1,4 +1,4 @@
-"""Trial packs that run out of memory: split in halves and retried from scratch (sassha_tune.packs).
+"""Trial packs that run out of memory: split in halves and retried from scratch (sassha_tune.training.packs).
 
 There is no GPU in CI and the CPU allocator cannot be exhausted safely, so the out-of-memory error
 is emulated by a model plug-in, ``plugins_example:memory_limited``: its forward raises
@@ -21,9 +21,9 @@ import torch
 from typer.testing import CliRunner
 
 from sassha_tune.cli import app
-from sassha_tune.packs import train_pack
 from sassha_tune.study.loop import split_line
-from sassha_tune.trainer import TrainSpec, train
+from sassha_tune.training.packs import train_pack
+from sassha_tune.training.trainer import TrainSpec, train
 
 PLUGIN = "plugins_example:memory_limited"
 TESTS = Path(__file__).resolve().parent

@@ -2,7 +2,7 @@
 
 The studies are small real studies in a temporary SQLite file, built with Optuna's ask/tell:
 each trial really trains an MLP on the "synthetic" dataset (1 epoch, 6 steps, CPU) with
-``sassha_tune.trainer`` and measures its sharpness with ``sassha_tune.sharpness.hessian_metrics``
+``sassha_tune.training.trainer`` and measures its sharpness with ``sassha_tune.metrics.sharpness.hessian_metrics``
 on a tiny budget; the trial attributes are stored as the objective stores them.
 """
 
@@ -19,8 +19,9 @@ import torch
 
 from sassha_tune import report
 from sassha_tune.errors import StorageError
-from sassha_tune.sharpness import generalization_gap, hessian_metrics
-from sassha_tune.trainer import TrainSpec, final_metrics, train
+from sassha_tune.metrics.evaluation import final_metrics
+from sassha_tune.metrics.sharpness import generalization_gap, hessian_metrics
+from sassha_tune.training.trainer import TrainSpec, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -44,7 +45,7 @@ def _trained_attrs(optimizer: str, hparams: dict, seed: int) -> dict:
     result = train(spec)
     if result.status != "completed":
         return {"failure_reason": result.failure_reason or result.status}
-    m = final_metrics(result)
+    m = final_metrics(result.model, result.splits)
     gap = generalization_gap({"acc": m["train_acc"], "loss": m["train_loss"]},
                              {"acc": m["val_acc"], "loss": m["val_loss"]})
     s = result.splits

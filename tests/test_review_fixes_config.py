@@ -15,13 +15,13 @@ import yaml
 from typer.testing import CliRunner
 
 from sassha_tune import config as config_mod
-from sassha_tune import trainer
 from sassha_tune.cli import app
 from sassha_tune.config import config_from_dict, config_to_dict, load_config, published_to_enqueue
-from sassha_tune.data import DATASETS, dataset_option_names
+from sassha_tune.config.spaces import space_for_config
 from sassha_tune.errors import ConfigError
-from sassha_tune.models import MODELS, build_model, model_option_names
-from sassha_tune.spaces import space_for_config
+from sassha_tune.training import trainer
+from sassha_tune.training.data import DATASETS, dataset_option_names
+from sassha_tune.training.models import MODELS, build_model, model_option_names
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -123,7 +123,7 @@ def test_valid_budget_values_load():
 
 
 def test_budget_keys_are_hessian_metrics_keywords():
-    from sassha_tune.sharpness import hessian_metrics
+    from sassha_tune.metrics.sharpness import hessian_metrics
 
     kwargs = {p.name for p in inspect.signature(hessian_metrics).parameters.values() if p.kind == p.KEYWORD_ONLY}
     assert set(config_mod.SHARPNESS_BUDGET_KEYS) == kwargs - {"seed", "subset_size"}

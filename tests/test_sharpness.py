@@ -1,4 +1,4 @@
-"""Tests for sassha_tune.sharpness: exactness on small problems, invariances, and the protocol."""
+"""Tests for sassha_tune.metrics.sharpness: exactness on small problems, invariances, and the protocol."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from sassha_tune import sharpness
-from sassha_tune.optim import hessian as hessian_module
-from sassha_tune.sharpness import (
+from sassha_tune.metrics import sharpness
+from sassha_tune.metrics.sharpness import (
     SharpnessTracker,
     generalization_gap,
     hessian_metrics,
     measurement_protocol,
     select_subset,
 )
+from sassha_tune.optim import hessian as hessian_module
 
 torch.set_num_threads(1)
 

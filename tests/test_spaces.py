@@ -9,15 +9,15 @@ import pytest
 
 from sassha_tune import optim
 from sassha_tune.config import SHARPNESS_BUDGET_KEYS
-from sassha_tune.errors import ConfigError
-from sassha_tune.optim.registry import OPTIMIZER_NAMES, OPTIMIZERS
-from sassha_tune.spaces import (
+from sassha_tune.config.spaces import (
     SPACES_DIR,
     load_space,
     space_from_dict,
     suggest,
     to_hparams,
 )
+from sassha_tune.errors import ConfigError
+from sassha_tune.optim.registry import OPTIMIZER_NAMES, OPTIMIZERS
 
 
 @pytest.mark.parametrize("name", OPTIMIZER_NAMES)
@@ -125,7 +125,7 @@ def test_published_configs_enqueue_as_is():
 
 
 def test_budget_keys_match_hessian_metrics():
-    from sassha_tune.sharpness import hessian_metrics
+    from sassha_tune.metrics.sharpness import hessian_metrics
 
     kwargs = set(inspect.signature(hessian_metrics).parameters) - {"model", "loss_fn", "inputs", "targets", "seed",
                                                                    "subset_size"}

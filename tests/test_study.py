@@ -12,8 +12,8 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import OperationalError
 
 from sassha_tune.config import load_config
+from sassha_tune.config.spaces import load_space, suggest
 from sassha_tune.errors import StorageError, UserError
-from sassha_tune.spaces import load_space, suggest
 from sassha_tune.study.budget import budget_used
 from sassha_tune.study.create import create_or_continue, set_budget
 from sassha_tune.study.liveness import HEARTBEAT_KEY, reconcile

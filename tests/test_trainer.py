@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from sassha_tune import optim
-from sassha_tune.data import load_dataset
 from sassha_tune.errors import UserError
+from sassha_tune.metrics.evaluation import evaluate, final_metrics
 from sassha_tune.optim import SGD, OptimizerInfo
-from sassha_tune.trainer import TrainSpec, evaluate, final_metrics, lr_factor, train
+from sassha_tune.training.data import load_dataset
+from sassha_tune.training.trainer import TrainSpec, lr_factor, train
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_cnn1d_sgd_reaches_85_percent_on_mnist1d(mnist1d, one_thread):
     assert result.epochs_completed == 12 and len(result.history) == 12
     assert result.steps == 12 * math.ceil(3600 / 64)
     assert result.ms_per_step > 0 and result.train_seconds > 0 and result.device == "cpu"
-    m = final_metrics(result)
+    m = final_metrics(result.model, result.splits)
     assert m["test_acc"] >= 0.85, m
     assert set(m) == {"train_acc", "train_loss", "val_acc", "val_loss", "test_acc", "test_loss"}
     assert result.history[-1]["lr"] < 0.001  # cosine to ~0
@@ -78,7 +79,7 @@ def test_same_seed_same_history_with_dataset_loading_and_augmentation():
     assert a.splits.noisy_indices is not None and len(a.splits.noisy_indices) == round(
         0.2 * len(a.splits.y_train)
     )
-    assert "train_clean_acc" in final_metrics(a)
+    assert "train_clean_acc" in final_metrics(a.model, a.splits)
 
 
 def test_divergence_is_reported(mnist1d):
@@ -229,11 +230,11 @@ def test_plugins_through_train():
         progress=True,
     )
     r = train(spec)
-    assert r.status == "completed" and final_metrics(r)["test_acc"] > 0.8
+    assert r.status == "completed" and final_metrics(r.model, r.splits)["test_acc"] > 0.8
 
 
 def test_steps_per_epoch_one_rule_for_lone_runs_packs_and_ranks():
-    from sassha_tune.trainer import steps_per_epoch
+    from sassha_tune.training.trainer import steps_per_epoch
 
     spec = TrainSpec(batch_size=32)
     assert steps_per_epoch(spec, 320) == 10  # full batches only
@@ -266,7 +267,7 @@ def test_language_model_trains_and_reports_per_token_metrics(tmp_path):
     first, last = r.history
     assert last["val_loss"] < first["val_loss"] < math.log(256)  # below a uniform guess over bytes
     assert last["val_ppl"] == pytest.approx(math.exp(last["val_loss"]))
-    m = final_metrics(r)
+    m = final_metrics(r.model, r.splits)
     assert m["val_ppl"] == pytest.approx(math.exp(m["val_loss"])) and 0 < m["train_acc"] < 1
 
 

@@ -21,9 +21,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import Config, config_to_dict
+from ..config.spaces import SearchSpace, suggest, to_hparams
 from ..devices import check_available as check_device
 from ..errors import UserError
-from ..spaces import SearchSpace, suggest, to_hparams
 from ..trial.outcome import TrialOutcome
 from ..trial.process import TrialProcess
 from .budget import budget_used, counts_toward_budget
@@ -86,8 +86,8 @@ def run_trials(
     """Run trials of a stored study until its budget (or ``budget.timeout``) is reached.
 
     ``pack`` (``--pack``): ``1`` one trial per process; ``K`` or ``"auto"``: up to K trials asked at
-    once and trained together in one process (:mod:`sassha_tune.packs`) where they can be packed."""
-    from ..data import check_dataset_files
+    once and trained together in one process (:mod:`sassha_tune.training.packs`) where they can be packed."""
+    from ..training.data import check_dataset_files
 
     study = load_study(study_name, storage_url)
     payload = stored_payload(study)
@@ -129,7 +129,7 @@ def run_trials(
             waiting = False
             study.sampler = sampler_for(cfg, trial_seed(cfg.sampler_seed, len(trials), worker))
             if pack != 1:
-                from ..packs import choose_pack_size
+                from .pack_size import choose_pack_size
 
                 size, why = choose_pack_size(cfg, pack, device=device, budget_left=cfg.budget.n_trials - used)
                 if why != pack_logged:
@@ -312,7 +312,7 @@ def run_pack(
     study: optuna.Study, trials: list[optuna.Trial], cfg: Config, space: SearchSpace, *, device: str | None,
     worker: int | str, log: Log,
 ) -> list[FrozenTrial]:
-    """K asked trials -> one trial process training them as a pack (:mod:`sassha_tune.packs`) ->
+    """K asked trials -> one trial process training them as a pack (:mod:`sassha_tune.training.packs`) ->
     each trial told as its member finishes.
 
     Returns the frozen trials told (a trial that lost the race for the budget is failed

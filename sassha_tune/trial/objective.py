@@ -2,10 +2,10 @@
 
 :func:`evaluate_params` is the whole trial as a function (``sassha-tune train`` calls it directly;
 in a study, the trial process does, :mod:`sassha_tune.trial.child`). :func:`evaluate_pack` does
-the same for the K trials of a pack trained together (:func:`sassha_tune.packs.train_pack`), and
+the same for the K trials of a pack trained together (:func:`sassha_tune.training.packs.train_pack`), and
 :func:`outcome_from_result` turns a finished training run into the outcome both store. A trial
 with ``device.processes > 1`` runs as that many rank processes
-(:func:`sassha_tune.distributed.launch_ranks`).
+(:func:`sassha_tune.trial.ranks.launch_ranks`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..config import Config, config_to_dict
+from ..config.spaces import to_hparams
 from ..errors import UserError
-from ..spaces import to_hparams
 from .outcome import TrialOutcome, json_safe
 
 __all__ = ["STORED_ATTRS", "build_spec", "merged_params", "evaluate_params", "outcome_from_result", "evaluate_pack"]
@@ -38,7 +38,7 @@ def merged_params(cfg: Config, params: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_spec(cfg: Config, params: Mapping[str, Any], *, device: str | None = None, progress: bool | None = None):
-    from ..trainer import TrainSpec
+    from ..training.trainer import TrainSpec
 
     t = cfg.task
     return TrainSpec(
@@ -80,7 +80,7 @@ def evaluate_params(
 ) -> TrialOutcome:
     """Train with ``params`` and measure everything a trial stores. Raises only UserError / bugs."""
     from ..distributed import launched_world_size
-    from ..trainer import train
+    from ..training.trainer import train
 
     if cfg.device.processes > 1 and launched_world_size() <= 1:
         return _evaluate_ranks(cfg, params, on_epoch=on_epoch, device=device)
@@ -92,10 +92,10 @@ def evaluate_params(
 
 
 def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
-    """A finished :class:`~sassha_tune.trainer.TrainResult` -> the trial's outcome: final metrics,
+    """A finished :class:`~sassha_tune.training.trainer.TrainResult` -> the trial's outcome: final metrics,
     sharpness and the stored attributes (shared by single trials and pack members)."""
-    from ..sharpness import generalization_gap, hessian_metrics
-    from ..trainer import final_metrics
+    from ..metrics.evaluation import cross_entropy, final_metrics
+    from ..metrics.sharpness import generalization_gap, hessian_metrics
 
     attrs: dict[str, Any] = {
         "epochs_completed": result.epochs_completed,
@@ -121,7 +121,7 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
     if result.status == "stopped":
         return TrialOutcome("pruned", json_safe(attrs), history=history)
 
-    final = final_metrics(result, batch_size=spec.eval_batch_size)
+    final = final_metrics(result.model, result.splits, batch_size=spec.eval_batch_size)
     attrs.update(final)
     attrs.update(
         generalization_gap(
@@ -133,7 +133,7 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
         splits = result.splits
         sharp = hessian_metrics(
             result.model,
-            None,
+            cross_entropy if splits.is_language else None,  # None: the classification loss
             splits.x_train,
             splits.y_train,
             seed=cfg.metrics.seed,
@@ -160,9 +160,9 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
 def _evaluate_ranks(
     cfg: Config, params: Mapping[str, Any], *, on_epoch: Callable[[int, dict], bool] | None, device: str | None
 ) -> TrialOutcome:
-    """``device.processes: N``: run the trial as N rank processes (:func:`~sassha_tune.distributed.launch_ranks`);
+    """``device.processes: N``: run the trial as N rank processes (:func:`~sassha_tune.trial.ranks.launch_ranks`);
     rank 0's result is the trial's, a rank that dies fails it with ``rank_failed: ...``."""
-    from ..distributed import launch_ranks
+    from .ranks import launch_ranks
 
     job = {"config": config_to_dict(cfg), "params": dict(params), "device": device, "prune": on_epoch is not None}
     result, epochs, failure = launch_ranks(job, cfg.device.processes, on_epoch)
@@ -190,7 +190,7 @@ def evaluate_pack(
     ``split_on_oom``; ``on_split(epoch, halves)`` is told). Each outcome records the pack the member
     actually ran in: ``pack_size``, ``pack_index`` (its position there) and, after a split,
     ``pack_oom_sizes`` (the sizes of the packs it was in that ran out of memory, largest first)."""
-    from ..packs import train_pack
+    from ..training.packs import train_pack
 
     specs = [build_spec(cfg, p, device=device, progress=False) for p in params_list]
     outcomes: dict[int, TrialOutcome] = {}

@@ -2,7 +2,7 @@
 
 :class:`TrialProcess` starts ``python -m sassha_tune.trial``, sends the job, iterates the child's
 messages, answers its epoch messages when the job prunes, and stops and reaps it. A study's single
-trials and packs use it, and so does :func:`sassha_tune.distributed.launch_ranks` for each rank of
+trials and packs use it, and so does :func:`sassha_tune.trial.ranks.launch_ranks` for each rank of
 a multi-rank trial. See :mod:`sassha_tune.trial` for the protocol.
 """
 

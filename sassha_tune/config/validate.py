@@ -1,166 +1,47 @@
-"""The study config: YAML -> validated, typed dataclasses.
+"""Validation: YAML -> a checked :class:`~.schema.Config`.
 
 Everything a user can get wrong is checked here, before a storage, a study or a process is
 created. Errors are :class:`~sassha_tune.errors.ConfigError` with one line of the form
-``FILE: key.path: expected X, got Y``; unknown keys name the closest valid key.
-
-The config never runs code. The only code it can name is a ``package.module:function`` plug-in
-(a model or dataset factory), which the module that uses it imports.
+``FILE: key.path: expected X, got Y``; unknown keys name the closest valid key. The search space
+is part of the config and is resolved and checked here too (:mod:`.spaces`).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import difflib
 import importlib.util
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .devices import DEVICE_CHOICES, DEVICE_NAME
-from .errors import ConfigError
-from .metrics.names import OBJECTIVE_METRICS, PER_EPOCH_METRICS, SHARPNESS_METRICS
-from .plugins import PLUGIN_SPEC, is_plugin
+from ..devices import DEVICE_CHOICES, DEVICE_NAME
+from ..errors import ConfigError
+from ..metrics.names import OBJECTIVE_METRICS, PER_EPOCH_METRICS, SHARPNESS_METRICS
+from ..plugins import PLUGIN_SPEC, is_plugin
+from .schema import (
+    AMP_MODES,
+    PRUNERS,
+    SAMPLERS,
+    BudgetConfig,
+    Config,
+    DeviceConfig,
+    MetricsConfig,
+    ObjectiveSpec,
+    OptimizerConfig,
+    PrunerConfig,
+    SamplerConfig,
+    ScheduleConfig,
+    StudyConfig,
+    TaskConfig,
+    fill_derived_defaults,
+)
 from .yamlfile import yaml_load
 
-__all__ = [
-    "Config",
-    "ObjectiveSpec",
-    "load_config",
-    "config_from_dict",
-    "config_to_dict",
-    "config_from_stored",
-    "yaml_load",
-    "SHARPNESS_BUDGET_KEYS",
-    "published_to_enqueue",
-]
+__all__ = ["config_from_dict", "load_config", "published_to_enqueue", "SHARPNESS_BUDGET_KEYS"]
 
-SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "nsgaii")
-PRUNERS = ("none", "median", "hyperband", "successive_halving")
-# Schedule names: trainer.SCHEDULES (imported where the config is checked; the trainer needs torch).
-AMP_MODES = ("none", "bf16")
 _STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
-
-
-# --------------------------------------------------------------------------------------------
-# The typed config
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ObjectiveSpec:
-    metric: str
-    direction: str  # "maximize" | "minimize"
-
-
-@dataclass
-class SamplerConfig:
-    name: str = "tpe"
-    seed: int | None = None  # None: the top-level seed
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class PrunerConfig:
-    name: str = "none"
-    options: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class StudyConfig:
-    name: str
-    storage: str | None = None
-    objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec("val_acc", "maximize")])
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    pruner: PrunerConfig = field(default_factory=PrunerConfig)
-    heartbeat_interval: float = 10.0
-    stale_after: float = 60.0
-
-    @property
-    def directions(self) -> list[str]:
-        return [o.direction for o in self.objectives]
-
-    @property
-    def metrics(self) -> list[str]:
-        return [o.metric for o in self.objectives]
-
-
-@dataclass
-class BudgetConfig:
-    n_trials: int = 20
-    timeout: float | None = None
-
-
-@dataclass
-class TaskConfig:
-    dataset: str
-    model: str
-    data_dir: str | None = None
-    dataset_options: dict[str, Any] = field(default_factory=dict)
-    model_options: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 10
-    batch_size: int = 128
-    eval_batch_size: int | None = None
-    augment: bool | None = None  # None: the dataset's default augmentation
-    label_noise: float = 0.0
-    val_fraction: float = 0.1
-    max_steps_per_epoch: int | None = None
-
-
-@dataclass
-class OptimizerConfig:
-    name: str
-    search_space: str | dict[str, Any] | None = None  # None: the shipped space named like the optimizer
-    fixed: dict[str, Any] = field(default_factory=dict)
-    # true/false, or the `source` strings of the space's published configurations to enqueue
-    enqueue_published: bool | list[str] = False
-    grad_clip: float = 0.0
-
-
-@dataclass
-class ScheduleConfig:
-    name: str = "multistep"
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
-    gamma: float = 0.1
-    warmup_fraction: float = 0.0
-
-
-@dataclass
-class MetricsConfig:
-    sharpness: bool = True
-    subset_size: int = 1024
-    seed: int = 0
-    budget: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class DeviceConfig:
-    name: str = "auto"
-    amp: str = "none"
-    channels_last: bool = False
-    processes: int = 1  # data-parallel ranks per trial (one GPU each on CUDA); docs/distributed.md
-
-
-@dataclass
-class Config:
-    study: StudyConfig
-    task: TaskConfig
-    optimizer: OptimizerConfig
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    device: DeviceConfig = field(default_factory=DeviceConfig)
-    seed: int = 0
-    provenance: dict[str, Any] = field(default_factory=dict)
-    source: str = "<config>"  # file the config came from (not part of the schema)
-    base_dir: str = "."  # where relative search-space paths are looked up
-
-    @property
-    def sampler_seed(self) -> int:
-        return self.seed if self.study.sampler.seed is None else self.study.sampler.seed
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,7 +441,7 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
     )
     if t["data_dir"] is not None and not Path(t["data_dir"]).expanduser().is_absolute():
         t["data_dir"] = str((Path(base_dir) / Path(t["data_dir"]).expanduser()).resolve())
-    from .optim.registry import OPTIMIZER_NAMES  # the registry is the one list of optimizers
+    from ..optim.registry import OPTIMIZER_NAMES  # the registry is the one list of optimizers
 
     o = _section(
         raw["optimizer"],
@@ -574,7 +455,7 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
         ctx,
         "optimizer",
     )
-    from .trainer import SCHEDULES  # the trainer's list is the one list of schedules
+    from ..training.trainer import SCHEDULES  # the trainer's list is the one list of schedules
 
     sc_raw = raw.get("schedule")
     if isinstance(sc_raw, str):
@@ -659,7 +540,7 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
     if cfg.study.sampler.name == "cmaes" and importlib.util.find_spec("cmaes") is None:
         raise ctx.fail("study.sampler.name", "", raw="'cmaes' needs the cmaes package (pip install cmaes)")
     # Build sampler and pruner once: wrong options fail here, before anything is created.
-    from .study.samplers import make_pruner, make_sampler
+    from ..study.samplers import make_pruner, make_sampler
 
     sampler, pruner = cfg.study.sampler, cfg.study.pruner
     try:
@@ -670,8 +551,8 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
         make_pruner(pruner.name, pruner.options, max_resource=cfg.task.epochs)
     except (TypeError, ValueError) as exc:
         raise ctx.fail("study.pruner.options", "", raw=f"rejected by the pruner: {exc}") from None
-    from .data import DATASETS, dataset_option_names
-    from .models import MODELS, is_builtin_model, model_name_error, model_option_names
+    from ..training.data import DATASETS, dataset_option_names
+    from ..training.models import MODELS, is_builtin_model, model_name_error, model_option_names
 
     if not is_plugin(cfg.task.dataset) and cfg.task.dataset not in DATASETS:
         _choice(tuple(DATASETS))(cfg.task.dataset, ctx, "task.dataset")
@@ -695,21 +576,15 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} needs device cuda or auto (rank r uses cuda:r), not {cfg.device.name!r}")
         if cfg.task.batch_size < cfg.device.processes:
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} is more than task.batch_size {cfg.task.batch_size} (each rank takes a slice of every batch)")
-    _derived_defaults(cfg)
+    fill_derived_defaults(cfg)
     # The search space is part of the config: resolve and validate it now, then the checks that need it.
     from .spaces import space_for_config
 
     _space_checks(cfg, space_for_config(cfg), ctx)
 
 
-def _derived_defaults(cfg: Config) -> None:
-    """Defaults that depend on other settings (a stored config from an older version may lack them)."""
-    if cfg.task.eval_batch_size is None:
-        cfg.task.eval_batch_size = max(cfg.task.batch_size, 256)
-
-
 def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
-    from .optim.registry import OPTIMIZERS
+    from ..optim.registry import OPTIMIZERS
 
     fixed, searched = cfg.optimizer.fixed, space.params
     if OPTIMIZERS[cfg.optimizer.name].decoupled_weight_decay and "lr" not in fixed and "lr" not in searched:
@@ -768,90 +643,3 @@ def load_config(path: str | Path) -> Config:
     raw = yaml_load(text, str(p))
     # config_from_dict resolves and validates the search space too
     return config_from_dict(raw, source=str(p), base_dir=p.resolve().parent)
-
-
-def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """The config as plain data (what a study stores and what ``export`` writes)."""
-    d = dataclasses.asdict(cfg)
-    d.pop("source", None)
-    d.pop("base_dir", None)
-    study = d["study"]
-    objectives = study.pop("objectives")
-    if len(objectives) == 1:
-        study["objective"] = objectives[0]["metric"]
-        study["direction"] = objectives[0]["direction"]
-    else:
-        study["objectives"] = objectives
-    if study.get("storage") is None:
-        study.pop("storage")
-    if not d["provenance"]:
-        d.pop("provenance")
-    return d
-
-
-def config_from_stored(data: Mapping[str, Any], source: str = "<stored config>") -> Config:
-    """Rebuild a :class:`Config` from plain data written by :func:`config_to_dict`, **without**
-    validating it again: for data that :func:`config_from_dict` validated when it was written (the
-    config a study stores, the config a trial process is handed). Validation builds a sampler and
-    a pruner, looks up the model and dataset, loads the search space; a study loop re-reads its
-    config before every trial and every trial process rebuilds it, and neither needs that again.
-
-    A key the data lacks gets the default :func:`config_from_dict` gives it (a study stored by an
-    older version); malformed data raises ``TypeError`` / ``KeyError`` here or fails later, so
-    never pass user input: that is :func:`config_from_dict`'s job."""
-    d = copy.deepcopy(dict(data))
-    study = dict(d["study"])
-    if "objectives" in study:
-        objectives = [ObjectiveSpec(**o) for o in study.pop("objectives")]
-    else:
-        objectives = [ObjectiveSpec(study.pop("objective"), study.pop("direction"))]
-    cfg = Config(
-        study=StudyConfig(
-            objectives=objectives,
-            sampler=SamplerConfig(**study.pop("sampler", {})),
-            pruner=PrunerConfig(**study.pop("pruner", {})),
-            **study,
-        ),
-        task=TaskConfig(**d["task"]),
-        optimizer=OptimizerConfig(**d["optimizer"]),
-        budget=BudgetConfig(**d.get("budget", {})),
-        schedule=ScheduleConfig(**d.get("schedule", {})),
-        metrics=MetricsConfig(**d.get("metrics", {})),
-        device=DeviceConfig(**d.get("device", {})),
-        seed=d.get("seed", 0),
-        provenance=d.get("provenance", {}),
-        source=source,
-    )
-    _derived_defaults(cfg)
-    return cfg
-
-
-def advice(cfg: Config) -> list[str]:
-    """Notes for a valid config that is likely to waste trials (printed by ``run``, never fatal)."""
-    from .models import has_normalization
-
-    notes = []
-    name, fixed = cfg.optimizer.name, cfg.optimizer.fixed
-    space = cfg.optimizer.search_space
-    uses_default_space = space is None or space == name
-    # Measured (docs/optimizer.md, "Dense start and eps on models without normalization"; the
-    # MNIST-1D reproduction in docs/results.md): lazy Hessian refreshes on such models diverge or
-    # collapse in many trials unless the first steps refresh densely.
-    lazy_on_plain_model = (
-        uses_default_space and "dense_refresh_steps" not in fixed and has_normalization(cfg.task.model) is False
-    )
-    if not lazy_on_plain_model:
-        return notes
-    if name == "sassha":
-        notes.append(
-            f"sassha on {cfg.task.model}, a model without normalization layers: with the default sassha space "
-            "many trials diverge in their first steps; search_space: sassha_nonorm (dense Hessian start, "
-            "eps >= 1e-4) avoids that (docs/optimizer.md)"
-        )
-    elif name == "adahessian":
-        notes.append(
-            f"adahessian on {cfg.task.model}, a model without normalization layers: lazy Hessian refreshes "
-            "diverge in some trials; optimizer.fixed: {dense_refresh_steps: 50} cut that from 6 to 1 of 16 "
-            "on MNIST-1D (docs/results.md)"
-        )
-    return notes

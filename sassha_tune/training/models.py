@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import UserError
-from .plugins import is_plugin, load_plugin
+from ..errors import UserError
+from ..plugins import is_plugin, load_plugin
 
 MODELS = ["mlp", "cnn1d", "cnn", "resnet20", "resnet32", "resnet56", "wrn16_4", "wrn28_10", "vit", "gpt"]
 

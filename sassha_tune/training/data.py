@@ -66,8 +66,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .errors import DataError, UserError
-from .plugins import load_plugin
+from ..errors import DataError, UserError
+from ..plugins import load_plugin
 
 DATASETS = ["mnist1d", "digits", "fashion_mnist", "cifar10", "cifar100", "synthetic", "custom", "text"]
 AUGMENTATIONS = ("crop_flip", "crop")

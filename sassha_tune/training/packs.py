@@ -33,9 +33,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import math
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -45,16 +42,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ..devices import resolve_device
+from ..errors import UserError
+from ..optim import OPTIMIZERS
+from ..optim.base import clear_grads, frozen_running_stats
+from ..optim.hessian import hutchinson_diagonals
+from ..optim.sam import SAMStep
+from ..optim.sassha import Sassha
+from ..plugins import is_plugin, load_plugin
 from .data import Splits
-from .devices import resolve_device
-from .errors import UserError
 from .models import build_model
-from .optim import OPTIMIZERS
-from .optim.base import clear_grads, frozen_running_stats
-from .optim.hessian import hutchinson_diagonals
-from .optim.sam import SAMStep
-from .optim.sassha import Sassha
-from .plugins import is_plugin, load_plugin
 from .trainer import (
     OOM_ERRORS,
     LoneSteps,
@@ -71,14 +68,11 @@ from .trainer import (
 
 __all__ = [
     "pack_blocker",
-    "choose_pack_size",
     "train_pack",
-    "parse_pack",
 ]
 
 #: TrainSpec fields that may differ between members (everything else must be equal)
 _PER_MEMBER = frozenset({"hparams", "seed", "progress"})
-AUTO_MAX = 16  # auto never packs more (model-steps/s saturates around K = 16 for ResNet-20, field notes §2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,83 +221,8 @@ def pack_blocker(optimizer: str, model: str, model_options: dict | None = None, 
     return None
 
 
-def parse_pack(text: str | None) -> str | int:
-    """``--pack``: ``auto``, or an integer >= 1."""
-    if text is None:
-        return "auto"
-    t = str(text).strip().lower()
-    if t == "auto":
-        return "auto"
-    if t.isdigit() and int(t) >= 1:
-        return int(t)
-    raise UserError(f"--pack: expected auto or an integer >= 1, got {text!r}")
-
-
-def _free_cuda_bytes(device: str) -> int | None:
-    """Free memory of the CUDA device, asked in a child process (the coordinator keeps no CUDA context)."""
-    code = (
-        "import sys, torch\n"
-        "d = torch.device(sys.argv[1] if sys.argv[1] != 'auto' else 'cuda')\n"
-        "print(torch.cuda.mem_get_info(d)[0] if torch.cuda.is_available() else -1)\n"
-    )
-    try:
-        out = subprocess.run([sys.executable, "-c", code, device], capture_output=True, text=True, timeout=120)
-        value = int(out.stdout.strip().splitlines()[-1])
-    except Exception:
-        return None
-    return value if value >= 0 else None
-
-
-def _member_bytes(cfg: Any) -> int:
-    """A deliberately generous estimate of one member's GPU memory: parameter-sized tensors
-    (params, two gradients, optimizer state, probes, double-backward graph: ~12 copies) plus
-    saved activations (~600 floats per input element per example, 2 bytes with bf16)."""
-    from .data import load_dataset as _ld  # noqa: F401  (shape comes from the config below)
-
-    shape = tuple(int(s) for s in (cfg.task.dataset_options.get("shape") or ()))
-    known = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "fashion_mnist": (1, 28, 28), "mnist1d": (1, 40),
-             "digits": (1, 8, 8)}
-    shape = shape or known.get(cfg.task.dataset, (3, 32, 32))
-    try:
-        model = build_model(cfg.task.model, shape, 100, **dict(cfg.task.model_options))
-        n_params = sum(p.numel() for p in model.parameters())
-    except Exception:
-        n_params = 10_000_000
-    elem = 2 if cfg.device.amp == "bf16" else 4
-    return 12 * 4 * n_params + cfg.task.batch_size * math.prod(shape) * 600 * elem
-
-
-def choose_pack_size(cfg: Any, requested: str | int, *, device: str | None, budget_left: int) -> tuple[int, str]:
-    """(pack size, one line saying why) for a study's config and ``--pack``."""
-    from .spaces import to_hparams
-
-    try:
-        hp = to_hparams(cfg.optimizer.name, dict(cfg.optimizer.fixed), seed=cfg.seed)
-    except Exception:
-        hp = dict(cfg.optimizer.fixed)
-    if requested == 1:
-        return 1, "one trial at a time (--pack 1)"
-    blocker = pack_blocker(cfg.optimizer.name, cfg.task.model, dict(cfg.task.model_options), hp)
-    if blocker is not None:
-        return 1, f"one trial at a time: cannot pack ({blocker})"
-    if isinstance(requested, int):
-        return requested, f"packs of {requested} trials per process (--pack {requested})"
-    dev = (device or cfg.device.name or "auto").lower()
-    if dev == "cpu" or (dev == "auto" and not torch.cuda.is_available()):
-        return 1, "one trial at a time (--pack auto on the CPU: a small model already uses the cores)"
-    free = _free_cuda_bytes(dev)
-    if free is None:
-        return 1, "one trial at a time (--pack auto: could not read the GPU's free memory)"
-    per = _member_bytes(cfg)
-    k = max(1, min(AUTO_MAX, int(0.6 * free) // max(per, 1)))
-    why = f"--pack auto: {free / 2**30:.1f} GiB free, ~{per / 2**30:.2f} GiB per member, at most {AUTO_MAX}"
-    if k == 1:
-        return 1, f"one trial at a time ({why})"
-    return k, f"packs of up to {k} trials per process ({why})"
-
-
 # --------------------------------------------------------------------------------------------
-# The pack trainer: the one training loop (sassha_tune.trainer.train_members) with a pack's stepper
+# The pack trainer: the one training loop (sassha_tune.training.trainer.train_members) with a pack's stepper
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,5 +1,5 @@
 """The one training loop: ``train(TrainSpec) -> TrainResult`` for a trial, :func:`train_members`
-for K >= 1 trials at once (a trial pack, :mod:`sassha_tune.packs`), plus ``evaluate`` and
+for K >= 1 trials at once (a trial pack, :mod:`sassha_tune.training.packs`), plus ``evaluate`` and
 ``final_metrics``.
 
 The data live on the device as tensors; batches come from each member's seeded permutation and are
@@ -29,16 +29,16 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed
+from .. import distributed
+from ..devices import onednn_workaround, resolve_device
+from ..devices import synchronize as _sync
+from ..errors import UserError
+from ..metrics.evaluation import cross_entropy, evaluate, perplexity
+from ..optim import build_optimizer
 from .data import Splits, augment_batch, load_dataset, token_windows
-from .devices import onednn_workaround, resolve_device
-from .devices import synchronize as _sync
-from .errors import UserError
 from .models import build_model
-from .optim import build_optimizer
 
 SCHEDULES = ("constant", "multistep", "cosine")
 #: what an allocator raises when a device runs out of memory (a result, never a crash)
@@ -93,71 +93,6 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = None
     rank: int = 0  # under data parallelism: this process's rank (only rank 0 evaluates)
     world_size: int = 1
-
-
-def cross_entropy(logits: Tensor, targets: Tensor, *, reduction: str = "mean") -> Tensor:
-    """The training loss of every task: cross-entropy over classes, or over every token of a window
-    for a language model (logits (batch, T, vocabulary), targets (batch, T))."""
-    if logits.dim() > 2:
-        logits, targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-    return F.cross_entropy(logits, targets, reduction=reduction)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on (x, y) in eval mode, no augmentation; for
-    token windows, per token (next-token accuracy).
-
-    Restores the model's train/eval mode. An empty set gives (nan, nan).
-    """
-    n = y.numel()
-    if n == 0:
-        return float("nan"), float("nan")
-    was_training = model.training
-    model.eval()
-    try:
-        loss_sum = torch.zeros((), dtype=torch.float64, device=y.device)
-        correct = torch.zeros((), dtype=torch.long, device=y.device)
-        for i in range(0, len(y), batch_size):
-            out = model(x[i : i + batch_size]).float()
-            yb = y[i : i + batch_size]
-            loss_sum += cross_entropy(out, yb, reduction="sum").double()
-            correct += (out.argmax(-1) == yb).sum()
-        return float(loss_sum) / n, int(correct) / n
-    finally:
-        model.train(was_training)
-
-
-def perplexity(loss: float) -> float:
-    """exp(mean token cross-entropy); inf when it overflows, nan for nan."""
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
-
-
-def final_metrics(result: TrainResult, *, batch_size: int = 1024) -> dict:
-    """Train (full, un-augmented, the labels trained on), validation and test loss/accuracy.
-
-    With label noise, ``train_clean_acc`` / ``train_clean_loss`` use the original labels. Language
-    models: per token, and ``train_ppl`` / ``val_ppl`` / ``test_ppl`` too.
-    """
-    s, m = result.splits, result.model
-    out: dict = {}
-    for split, x, y in (
-        ("train", s.x_train, s.y_train),
-        ("val", s.x_val, s.y_val),
-        ("test", s.x_test, s.y_test),
-    ):
-        loss, acc = evaluate(m, x, y, batch_size=batch_size)
-        out[f"{split}_loss"], out[f"{split}_acc"] = loss, acc
-        if s.is_language:
-            out[f"{split}_ppl"] = perplexity(loss)
-    if s.y_train_clean is not None:
-        out["train_clean_loss"], out["train_clean_acc"] = evaluate(
-            m, s.x_train, s.y_train_clean, batch_size=batch_size
-        )
-    return out
 
 
 def lr_factor(spec: TrainSpec, step: int, total: int) -> float:

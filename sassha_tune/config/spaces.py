@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "ParamSpec",
@@ -46,7 +46,7 @@ def _shipped_spaces_dir() -> Path:
     """Where the shipped search spaces are: the checkout's ``search_spaces/`` (editable installs,
     running from the repository), else the copy a wheel installs under ``<prefix>/share/sassha-tune``
     (``[tool.setuptools.data-files]`` in pyproject.toml)."""
-    checkout = Path(__file__).resolve().parent.parent / "search_spaces"
+    checkout = Path(__file__).resolve().parents[2] / "search_spaces"
     if checkout.is_dir():
         return checkout
     return Path(sysconfig.get_path("data")) / "share" / "sassha-tune" / "search_spaces"
@@ -170,7 +170,7 @@ def _param(name: str, raw: Any, src: str, path: str) -> ParamSpec:
 def check_param_names(optimizer: str, names: list[str], src: str, path: str) -> None:
     """Every name must be a hyperparameter of ``optimizer`` (its constructor's arguments, from the
     optimizer registry), with a "did you mean" hint."""
-    from .optim.registry import OPTIMIZERS
+    from ..optim.registry import OPTIMIZERS
 
     info = OPTIMIZERS.get(optimizer)
     if info is None:
@@ -289,7 +289,7 @@ def to_hparams(optimizer: str, params: Mapping[str, Any], *, seed: int | None = 
     * ``beta1`` / ``beta2`` become ``betas``;
     * optimizers with Hessian probes get ``seed`` (the trial seed) unless it is given.
     """
-    from .optim.registry import OPTIMIZERS
+    from ..optim.registry import OPTIMIZERS
 
     info = OPTIMIZERS.get(optimizer)
     hp = dict(params)

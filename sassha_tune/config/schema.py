@@ -1,0 +1,207 @@
+"""The study config as typed dataclasses, and its plain-data form (what a study stores).
+
+:mod:`.validate` builds a :class:`Config` from user input and checks everything;
+:func:`config_to_dict` turns it into plain data; :func:`config_from_stored` rebuilds it from that
+data without checking again (for data validated when it was written).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "Config",
+    "ObjectiveSpec",
+    "StudyConfig",
+    "TaskConfig",
+    "OptimizerConfig",
+    "config_to_dict",
+    "config_from_stored",
+    "fill_derived_defaults",
+    "SAMPLERS",
+    "PRUNERS",
+    "AMP_MODES",
+]
+
+SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "nsgaii")
+PRUNERS = ("none", "median", "hyperband", "successive_halving")
+# Schedule names: trainer.SCHEDULES (imported where the config is checked; the trainer needs torch).
+AMP_MODES = ("none", "bf16")
+
+@dataclass
+class ObjectiveSpec:
+    metric: str
+    direction: str  # "maximize" | "minimize"
+
+
+@dataclass
+class SamplerConfig:
+    name: str = "tpe"
+    seed: int | None = None  # None: the top-level seed
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrunerConfig:
+    name: str = "none"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyConfig:
+    name: str
+    storage: str | None = None
+    objectives: list[ObjectiveSpec] = field(default_factory=lambda: [ObjectiveSpec("val_acc", "maximize")])
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    heartbeat_interval: float = 10.0
+    stale_after: float = 60.0
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    @property
+    def metrics(self) -> list[str]:
+        return [o.metric for o in self.objectives]
+
+
+@dataclass
+class BudgetConfig:
+    n_trials: int = 20
+    timeout: float | None = None
+
+
+@dataclass
+class TaskConfig:
+    dataset: str
+    model: str
+    data_dir: str | None = None
+    dataset_options: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int | None = None
+    augment: bool | None = None  # None: the dataset's default augmentation
+    label_noise: float = 0.0
+    val_fraction: float = 0.1
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: str
+    search_space: str | dict[str, Any] | None = None  # None: the shipped space named like the optimizer
+    fixed: dict[str, Any] = field(default_factory=dict)
+    # true/false, or the `source` strings of the space's published configurations to enqueue
+    enqueue_published: bool | list[str] = False
+    grad_clip: float = 0.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "multistep"
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = 0.1
+    warmup_fraction: float = 0.0
+
+
+@dataclass
+class MetricsConfig:
+    sharpness: bool = True
+    subset_size: int = 1024
+    seed: int = 0
+    budget: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DeviceConfig:
+    name: str = "auto"
+    amp: str = "none"
+    channels_last: bool = False
+    processes: int = 1  # data-parallel ranks per trial (one GPU each on CUDA); docs/distributed.md
+
+
+@dataclass
+class Config:
+    study: StudyConfig
+    task: TaskConfig
+    optimizer: OptimizerConfig
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    seed: int = 0
+    provenance: dict[str, Any] = field(default_factory=dict)
+    source: str = "<config>"  # file the config came from (not part of the schema)
+    base_dir: str = "."  # where relative search-space paths are looked up
+
+    @property
+    def sampler_seed(self) -> int:
+        return self.seed if self.study.sampler.seed is None else self.study.sampler.seed
+
+
+def fill_derived_defaults(cfg: Config) -> None:
+    """Defaults that depend on other settings (a stored config from an older version may lack them)."""
+    if cfg.task.eval_batch_size is None:
+        cfg.task.eval_batch_size = max(cfg.task.batch_size, 256)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain data (what a study stores and what ``export`` writes)."""
+    d = dataclasses.asdict(cfg)
+    d.pop("source", None)
+    d.pop("base_dir", None)
+    study = d["study"]
+    objectives = study.pop("objectives")
+    if len(objectives) == 1:
+        study["objective"] = objectives[0]["metric"]
+        study["direction"] = objectives[0]["direction"]
+    else:
+        study["objectives"] = objectives
+    if study.get("storage") is None:
+        study.pop("storage")
+    if not d["provenance"]:
+        d.pop("provenance")
+    return d
+
+
+def config_from_stored(data: Mapping[str, Any], source: str = "<stored config>") -> Config:
+    """Rebuild a :class:`Config` from plain data written by :func:`config_to_dict`, **without**
+    validating it again: for data that :func:`config_from_dict` validated when it was written (the
+    config a study stores, the config a trial process is handed). Validation builds a sampler and
+    a pruner, looks up the model and dataset, loads the search space; a study loop re-reads its
+    config before every trial and every trial process rebuilds it, and neither needs that again.
+
+    A key the data lacks gets the default :func:`config_from_dict` gives it (a study stored by an
+    older version); malformed data raises ``TypeError`` / ``KeyError`` here or fails later, so
+    never pass user input: that is :func:`config_from_dict`'s job."""
+    d = copy.deepcopy(dict(data))
+    study = dict(d["study"])
+    if "objectives" in study:
+        objectives = [ObjectiveSpec(**o) for o in study.pop("objectives")]
+    else:
+        objectives = [ObjectiveSpec(study.pop("objective"), study.pop("direction"))]
+    cfg = Config(
+        study=StudyConfig(
+            objectives=objectives,
+            sampler=SamplerConfig(**study.pop("sampler", {})),
+            pruner=PrunerConfig(**study.pop("pruner", {})),
+            **study,
+        ),
+        task=TaskConfig(**d["task"]),
+        optimizer=OptimizerConfig(**d["optimizer"]),
+        budget=BudgetConfig(**d.get("budget", {})),
+        schedule=ScheduleConfig(**d.get("schedule", {})),
+        metrics=MetricsConfig(**d.get("metrics", {})),
+        device=DeviceConfig(**d.get("device", {})),
+        seed=d.get("seed", 0),
+        provenance=d.get("provenance", {}),
+        source=source,
+    )
+    fill_derived_defaults(cfg)
+    return cfg
