@@ -26,8 +26,8 @@ import sys
 
 import torch
 
-from sassha_tune.report.health import near_chance_threshold
 from sassha_tune.config.spaces import to_hparams
+from sassha_tune.report.health import near_chance_threshold
 from sassha_tune.training.trainer import TrainSpec, train
 
 
