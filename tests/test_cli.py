@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from sassha_tune.cli import app
+from sassha_tune.metrics.names import STORED_ATTRS
 from sassha_tune.study.budget import budget_used
-from sassha_tune.trial.objective import STORED_ATTRS
 
 pytestmark = pytest.mark.slow
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 #: one entry of a trial's per-epoch history (``TrainResult.history``, the ``history`` attribute)
 EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+#: what a language model's epoch entries have besides (validation perplexity)
+LANGUAGE_EPOCH_KEYS = ("val_ppl",)
 
 #: the per-epoch values a pruner can act on (a study objective must be one of them to prune)
 PER_EPOCH_METRICS = ("val_acc", "val_loss")

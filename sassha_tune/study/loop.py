@@ -24,6 +24,7 @@ from ..config import Config, config_to_dict
 from ..config.spaces import SearchSpace, suggest, to_hparams
 from ..devices import check_available as check_device
 from ..errors import UserError
+from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS
 from ..trial.outcome import TrialOutcome
 from ..trial.process import TrialProcess
 from .budget import budget_used, counts_toward_budget
@@ -33,12 +34,11 @@ from .samplers import make_pruner, make_sampler, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
 from .tell import fail, finish
 
-__all__ = ["WORKER_KEY", "HISTORY_KEYS", "LoopSummary", "run_trials", "start_trial", "run_pack", "split_line",
+__all__ = ["WORKER_KEY", "LoopSummary", "run_trials", "start_trial", "run_pack", "split_line",
            "sampler_for", "pruner_for"]
 
 WORKER_KEY = "sassha_tune:worker"
 # What the ``history`` user attribute keeps of each epoch message.
-HISTORY_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
 
 Log = Callable[[str], None]
 
@@ -192,7 +192,7 @@ def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None) -> d
 
 def _stored_history(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The ``history`` user attribute: one entry per epoch the trial reported."""
-    return [{k: m.get(k) for k in HISTORY_KEYS} for m in epochs]
+    return [{k: m.get(k) for k in EPOCH_KEYS} | {k: m[k] for k in LANGUAGE_EPOCH_KEYS if k in m} for m in epochs]
 
 
 def _relay(

@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .. import __version__
 from ..errors import UserError
+from ..metrics.names import EXPORTED_METRICS
 from .budget import budget_used
 from .storage import load_study, open_storage, with_retry
 
@@ -74,7 +75,7 @@ def export_config(study: optuna.Study, number: int | None = None) -> dict[str, A
     d = json.loads(json.dumps(study.user_attrs["config"]))
     d["optimizer"]["fixed"] = {**d["optimizer"].get("fixed", {}), **dict(trial.params)}
     d["optimizer"].pop("enqueue_published", None)
-    metrics = {k: trial.user_attrs.get(k) for k in ("val_acc", "val_loss", "test_acc", "lambda_max") if k in trial.user_attrs}
+    metrics = {k: trial.user_attrs.get(k) for k in EXPORTED_METRICS if k in trial.user_attrs}
     d["provenance"] = {
         "study": study.study_name,
         "trial": trial.number,

@@ -17,17 +17,10 @@ from typing import Any
 from ..config import Config, config_to_dict
 from ..config.spaces import to_hparams
 from ..errors import UserError
+from ..metrics.names import SHARPNESS_ATTRS
 from .outcome import TrialOutcome, json_safe
 
-__all__ = ["STORED_ATTRS", "build_spec", "merged_params", "evaluate_params", "outcome_from_result", "evaluate_pack"]
-
-# The user attributes every finished trial stores (docs/architecture.md, "Stored trial attributes").
-STORED_ATTRS = (
-    "val_acc", "val_loss", "train_acc", "train_loss", "test_acc", "test_loss", "gen_gap_acc", "gen_gap_loss",
-    "lambda_max", "hessian_trace", "hessian_trace_se", "sam_sharpness", "adaptive_sharpness",
-    "epochs_completed", "train_seconds", "ms_per_step", "hvp_count", "device", "num_classes",
-)
-_SHARPNESS_KEYS = ("lambda_max", "hessian_trace", "hessian_trace_se", "sam_sharpness", "adaptive_sharpness", "hvp_count")
+__all__ = ["build_spec", "merged_params", "evaluate_params", "outcome_from_result", "evaluate_pack"]
 
 
 def merged_params(cfg: Config, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -140,12 +133,12 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
             subset_size=cfg.metrics.subset_size,
             **cfg.metrics.budget,
         )
-        for key in _SHARPNESS_KEYS:
+        for key in SHARPNESS_ATTRS:
             attrs[key] = sharp.get(key)
         attrs["sharpness_protocol"] = sharp.get("protocol")
         attrs["sharpness_seconds"] = sharp.get("seconds")
     else:
-        for key in _SHARPNESS_KEYS:
+        for key in SHARPNESS_ATTRS:
             attrs[key] = None
     attrs = json_safe(attrs)
     values = []
