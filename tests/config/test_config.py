@@ -178,7 +178,7 @@ def test_missing_config_file(tmp_path):
 
 def _stored_cases(tmp_path: Path):
     """Validated configs of several shapes: every example, two objectives, every section set."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     cases = [load_config(p) for p in sorted((root / "examples").glob("*.yaml"))]
     cases.append(config_from_dict({**BASE, "study": {"name": "two", "objectives": ["val_acc", "lambda_max"]}}))
     cases.append(config_from_dict({

@@ -185,24 +185,3 @@ def test_loop_picks_up_a_budget_raised_by_another_process(tmp_path):
     summary = run_trials("unit", url, device="cpu", log=log)
     assert summary.ran == 2 and summary.stopped_because == "budget reached (2/2 trials)", lines
     assert budget_used(optuna.load_study(study_name="unit", storage=url).trials) == 2
-
-
-def test_trial_process_trains_the_config_it_is_handed_without_validating_it(tmp_path):
-    # The job carries a validated config as plain data; the child rebuilds it as is. A search-space
-    # name that validation would have to resolve (and here could not) is never looked up there.
-    from sassha_tune.config import config_to_dict
-    from sassha_tune.trial.process import TrialProcess
-
-    cfg = _cfg(tmp_path, task__max_steps_per_epoch=1, task__epochs=2, metrics__sharpness=False,
-               study__pruner="median")
-    stored = config_to_dict(cfg)
-    stored["optimizer"]["search_space"] = "no_such_space"
-    proc = TrialProcess({"study": "unit", "config": stored, "params": {"lr": 0.1}, "device": "cpu", "prune": True})
-    messages = []
-    for msg in proc.messages():
-        messages.append(msg)
-        if msg["type"] == "epoch":
-            proc.answer(stop=False)  # a pruning job waits for go / stop after each epoch
-    assert proc.wait(timeout=60) == 0 and proc.close() == 0
-    assert [m["type"] for m in messages] == ["epoch", "epoch", "result"]
-    assert messages[-1]["state"] == "complete" and messages[-1]["attrs"]["epochs_completed"] == 2

@@ -26,7 +26,7 @@ from sassha_tune.training.packs import train_pack
 from sassha_tune.training.trainer import TrainSpec, train
 
 PLUGIN = "plugins_example:memory_limited"
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # where plugins_example.py is
 
 BASE = dict(dataset="synthetic", dataset_options=dict(n=240, n_test=40, dim=10), model=PLUGIN, batch_size=32,
             epochs=2, max_steps_per_epoch=3, device="cpu", progress=False, schedule="cosine")

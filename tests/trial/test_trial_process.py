@@ -1,0 +1,57 @@
+"""The trial protocol's child process (``python -m sassha_tune.trial``) through its parent class:
+it trains the validated config it is handed as is, and exits quietly when its parent is gone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from sassha_tune.config import config_from_dict, config_to_dict
+from sassha_tune.trial.process import TrialProcess
+
+TINY = {
+    "study": {"name": "tiny", "pruner": "median"},
+    "budget": {"n_trials": 2},
+    "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [8]}, "epochs": 2,
+             "batch_size": 64, "max_steps_per_epoch": 1},
+    "optimizer": {"name": "sgd"},
+    "metrics": {"sharpness": False},
+    "device": "cpu",
+    "seed": 0,
+}
+
+# What a trial process is handed: a validated config as plain data (the trial protocol's job)
+STORED = config_to_dict(config_from_dict(yaml.safe_load(yaml.safe_dump(TINY)), source="test"))
+
+
+def test_trial_process_trains_the_config_it_is_handed_without_validating_it():
+    # The job carries a validated config as plain data; the child rebuilds it as is. A search-space
+    # name that validation would have to resolve (and here could not) is never looked up there.
+    stored = json.loads(json.dumps(STORED))
+    stored["optimizer"]["search_space"] = "no_such_space"
+    proc = TrialProcess({"study": "tiny", "config": stored, "params": {"lr": 0.1}, "device": "cpu", "prune": True})
+    messages = []
+    for msg in proc.messages():
+        messages.append(msg)
+        if msg["type"] == "epoch":
+            proc.answer(stop=False)  # a pruning job waits for go / stop after each epoch
+    assert proc.wait(timeout=60) == 0 and proc.close() == 0
+    assert [m["type"] for m in messages] == ["epoch", "epoch", "result"]
+    assert messages[-1]["state"] == "complete" and messages[-1]["attrs"]["epochs_completed"] == 2
+
+
+@pytest.mark.parametrize("params", [{"lr": 0.1}, [{"lr": 0.1}, {"lr": 0.05}]], ids=["trial", "pack"])
+def test_trial_process_with_dead_parent_exits_quietly(tmp_path, params):
+    job = {"study": "tiny", "config": STORED, "params": params, "device": "cpu", "prune": False}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SASSHA_TUNE_PARENT_PID": str(os.getpid())}
+    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.trial"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    proc.stdout.close()  # nobody reads the protocol any more: every send hits a broken pipe
+    _, stderr = proc.communicate(json.dumps(job) + "\n", timeout=120)
+    assert proc.returncode == 3, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
