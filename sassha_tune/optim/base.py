@@ -145,13 +145,18 @@ def accumulated_backward(closures: Sequence[Closure], *, context: Callable[[], A
     return torch.stack(losses).mean()
 
 
+def grads_of(params: Iterable[Tensor]) -> list[Tensor]:
+    """The gradients of the parameters that have one, in order."""
+    return [g for p in params if (g := p.grad) is not None]
+
+
 def clear_grads(params: Iterable[Tensor]) -> None:
     for p in params:
         p.grad = None
 
 
-def trainable(optimizer: torch.optim.Optimizer) -> list[Tensor]:
-    """All parameters of all groups, in ``param_groups`` order."""
+def trainable(optimizer: Any) -> list[Tensor]:
+    """All parameters of all groups (of a ``torch.optim.Optimizer``), in ``param_groups`` order."""
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
@@ -291,14 +296,17 @@ class CheckedGroups:
 
     CHECKED: tuple[str, ...] = ()
     SAME_IN_EVERY_GROUP: tuple[str, ...] = ()
+    # what the torch.optim.Optimizer it is mixed into provides
+    param_groups: list[dict[str, Any]]
+    defaults: dict[str, Any]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)  # type: ignore[misc]
-        group = self.param_groups[-1]  # type: ignore[attr-defined]
+        super().add_param_group(param_group)  # type: ignore[misc]  # the torch optimizer's (next in the MRO)
+        group = self.param_groups[-1]
         try:
             self._check_group(group)
         except ValueError:
-            self.param_groups.pop()  # type: ignore[attr-defined]
+            self.param_groups.pop()
             raise
 
     def _check_group(self, group: dict[str, Any]) -> None:
@@ -306,16 +314,16 @@ class CheckedGroups:
             if key in group:
                 GROUP_CHECKS[key](group[key])
         same = [k for k in self.SAME_IN_EVERY_GROUP if k in group]
-        check_same_in_groups(self.param_groups, group, same)  # type: ignore[attr-defined]
+        check_same_in_groups(self.param_groups, group, same)
 
     def _extend_defaults(self, extra: Mapping[str, Any]) -> None:
         """Add hyperparameters a ``torch.optim`` base class does not know (it built the groups
         already): into ``defaults`` and every group that does not set them, then check the groups."""
-        self.defaults.update(extra)  # type: ignore[attr-defined]
-        for group in self.param_groups:  # type: ignore[attr-defined]
+        self.defaults.update(extra)
+        for group in self.param_groups:
             for key, value in extra.items():
                 group.setdefault(key, value)
-        for group in self.param_groups:  # type: ignore[attr-defined]
+        for group in self.param_groups:
             self._check_group(group)
 
 

@@ -21,6 +21,7 @@ from .base import (
     accumulated_backward,
     clear_grads,
     clip_grads_,
+    grads_of,
     micro_batches,
     trainable,
 )
@@ -52,11 +53,10 @@ class OnePassStep(CheckedGroups):
     def _all_reduce_grads(self) -> None:
         group = distributed.active_group(self.process_group)
         if group is not None:
-            distributed.all_reduce_mean([p.grad for p in trainable(self) if p.grad is not None], group)  # type: ignore[arg-type]
+            distributed.all_reduce_mean(grads_of(trainable(self)), group)
 
     def _clip(self) -> None:
-        grads = [p.grad for p in trainable(self) if p.grad is not None]  # type: ignore[arg-type]
-        clip_grads_(grads, self.param_groups[0]["max_grad_norm"])  # type: ignore[attr-defined]
+        clip_grads_(grads_of(trainable(self)), self.param_groups[0]["max_grad_norm"])
 
     def apply_update(self) -> None:
         """The update from the gradients in ``.grad``: clipped to ``max_grad_norm``, then the torch
@@ -69,7 +69,7 @@ class OnePassStep(CheckedGroups):
             self.apply_update()
             return None
         closures = micro_batches(closure, type(self).__name__)
-        clear_grads(trainable(self))  # type: ignore[arg-type]
+        clear_grads(trainable(self))
         loss = accumulated_backward(closures)
         self._all_reduce_grads()
         self.apply_update()

@@ -71,7 +71,7 @@ class SAMStep(OnePassStep):
     def perturb(self) -> Perturbation | None:
         """Phase 1, after the first backward: ``θ ← θ + e`` from the gradients in ``.grad``
         (``None`` when no parameter has one: nothing to do this step). The gradients are cleared."""
-        groups = self.param_groups  # type: ignore[attr-defined]
+        groups = self.param_groups
         params = [[p for p in g["params"] if p.grad is not None] for g in groups]
         active = [p for ps in params for p in ps]
         if not active:
@@ -104,7 +104,7 @@ class SAMStep(OnePassStep):
 
     def step(self, closure: Closures | None = None):  # type: ignore[override]
         closures = micro_batches(closure, type(self).__name__)
-        clear_grads(trainable(self))  # type: ignore[arg-type]
+        clear_grads(trainable(self))
         loss = accumulated_backward(closures)
         perturbation = self.perturb()
         if perturbation is None:

@@ -35,7 +35,7 @@ import dataclasses
 import gc
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -339,7 +339,7 @@ class StackedSteps:
         self.pack.keep([self.slots[m.index] for m in live])
         for m in live:
             new_views = self.pack.views(m.slot)
-            _rebind(m.optimizer, self.views[m.index], new_views)  # type: ignore[arg-type]
+            _rebind(m.optimizer, self.views[m.index], new_views)
             self.views[m.index] = new_views
             self.slots[m.index] = m.slot
 
@@ -468,7 +468,7 @@ def _one_pass_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x
     for m, vs in zip(live, views, strict=True):
         for v, g in zip(vs, grads, strict=True):
             v.grad = g[m.slot]
-        m.optimizer.step()  # type: ignore[union-attr]
+        m.optimizer.step()
     return loss.detach(), out.detach()
 
 
@@ -483,7 +483,7 @@ def _sam_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: Ten
     for m, vs in zip(live, views, strict=True):
         for v, g in zip(vs, grads1, strict=True):
             v.grad = g[m.slot]
-        perturbations.append(m.optimizer.perturb())  # type: ignore[union-attr]
+        perturbations.append(cast(SAMStep, m.optimizer).perturb())
     del grads1
     with torch.enable_grad(), frozen_running_stats(pack.module), autocast():
         loss2, _ = pack.forward(x, y)
@@ -492,7 +492,7 @@ def _sam_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: Ten
     for m, vs, perturbation in zip(live, views, perturbations, strict=True):
         for v, g in zip(vs, grads2, strict=True):
             v.grad = g[m.slot]
-        m.optimizer.restore_and_update(perturbation)  # type: ignore[union-attr]
+        cast(SAMStep, m.optimizer).restore_and_update(perturbation)  # type: ignore[arg-type]  # never None: every view has a gradient
     return loss.detach(), out.detach()
 
 
@@ -510,7 +510,7 @@ def _hutchinson(
     requests = []
     for slot in slots:
         m, vs = by_slot[slot]
-        requests.append(m.optimizer.probe_requests([[vs[i] for i in due[slot]]])[0])  # type: ignore[union-attr]
+        requests.append(cast(Sassha, m.optimizer).probe_requests([[vs[i] for i in due[slot]]])[0])
 
     def stacked_hvp(probes: list[list[Tensor] | None], keep: bool) -> list[list[Tensor] | None]:
         stacked = [torch.zeros_like(p) for p in pack.params]
@@ -538,7 +538,7 @@ def _sassha_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: 
     grads1 = _grads(loss, pack)
     plans, flat_es = {}, {}
     for m, vs in zip(live, views, strict=True):
-        opt: Sassha = m.optimizer  # type: ignore[assignment]
+        opt = cast(Sassha, m.optimizer)
         clear_grads(vs)
         plans[m.slot] = opt.plan_step([vs])
         es = opt.perturbation([vs], [[g[m.slot] for g in grads1]])
@@ -551,7 +551,7 @@ def _sassha_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: 
         grads2 = _grads(loss2, pack, create_graph=need_graph)
     del loss2
     due = {s: plan.due[0] for s, plan in plans.items() if plan.due[0]}
-    point = {m.slot: m.optimizer.param_groups[0]["hessian_point"] for m in live}  # type: ignore[union-attr]
+    point = {m.slot: m.optimizer.param_groups[0]["hessian_point"] for m in live}
     due_perturbed = {s: i for s, i in due.items() if point[s] == "perturbed"}
     due_reference = {s: i for s, i in due.items() if point[s] == "reference"}
     estimates: dict[int, list[Tensor]] = {}
@@ -564,6 +564,6 @@ def _sassha_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: 
         estimates.update(_hutchinson(pack, grads2, due_reference, live, views, keep_graph=False))
     for m, vs in zip(live, views, strict=True):
         est = estimates.get(m.slot)
-        m.optimizer.update([vs], [[g[m.slot] for g in grads2]], [est] if est else None, plans[m.slot])  # type: ignore[union-attr]
+        cast(Sassha, m.optimizer).update([vs], [[g[m.slot] for g in grads2]], [est] if est else None, plans[m.slot])
     del grads2
     return loss.detach(), out.detach()

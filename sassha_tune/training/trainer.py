@@ -195,14 +195,15 @@ class Member:
     on_epoch: Callable[[int, dict], bool] | None
     perm_gen: torch.Generator
     aug_gen: torch.Generator
-    optimizer: torch.optim.Optimizer | None = None
+    optimizer: torch.optim.Optimizer = field(init=False)  # set by the stepper (attach)
     base_lrs: list[float] = field(default_factory=list)
     slot: int = 0  # position among the live members (a stacked pack's slice)
     history: list[dict] = field(default_factory=list)
     steps: int = 0
-    perm: Tensor | None = None
-    loss_sum: Tensor | None = None
-    correct: Tensor | None = None
+    # the running epoch: this member's batch order, summed loss, correct predictions, examples
+    perm: Tensor | None = None  # None for a language model (windows at random offsets)
+    loss_sum: Tensor = field(init=False)
+    correct: Tensor = field(init=False)
     seen: int = 0
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -311,7 +312,7 @@ class LoneSteps:
                     first.extend((logits.detach(), loss.detach()))
                 return loss if weight == 1.0 else loss * weight
 
-            loss = m.optimizer.step(closure)  # type: ignore[union-attr]
+            loss = m.optimizer.step(closure)
             if loss is None or weight != 1.0:
                 loss = first[1]
             out.append((loss.detach(), first[0]))
@@ -334,7 +335,7 @@ class LoneSteps:
 
             return closure
 
-        m.optimizer.step([micro(j) for j in range(len(chunks))])  # type: ignore[union-attr]
+        m.optimizer.step([micro(j) for j in range(len(chunks))])  # type: ignore[arg-type]  # micro-batches
         # the metrics' loss: the mean of the micro-batches' pass-1 losses, weighted by their sizes
         sizes = torch.tensor([c[1].numel() for c in chunks], dtype=torch.float64, device=yb.device)
         losses = torch.stack([f[1].double() for f in firsts])
@@ -497,16 +498,18 @@ def train_members(
                 xs, ys = [], []
                 for m in live:
                     if language:  # windows at random offsets of the token stream
-                        xb, yb = token_windows(m.splits.tokens_train, block, spec0.batch_size, m.perm_gen)  # type: ignore[arg-type]
+                        assert m.splits.tokens_train is not None
+                        xb, yb = token_windows(m.splits.tokens_train, block, spec0.batch_size, m.perm_gen)
                     else:
-                        idx = m.perm[i * spec0.batch_size : (i + 1) * spec0.batch_size]  # type: ignore[index]
+                        assert m.perm is not None
+                        idx = m.perm[i * spec0.batch_size : (i + 1) * spec0.batch_size]
                         xb, yb = m.splits.x_train[idx], m.splits.y_train[idx]
                     if aug:
                         xb = augment_batch(xb, aug, m.aug_gen)
                     xs.append(xb)
                     ys.append(yb)
                     factor = lr_factor(m.spec, step, total_steps)
-                    for group, base in zip(m.optimizer.param_groups, m.base_lrs, strict=True):  # type: ignore[union-attr]
+                    for group, base in zip(m.optimizer.param_groups, m.base_lrs, strict=True):
                         group["lr"] = base * factor
                 if channels_last:
                     xs = [xb.contiguous(memory_format=torch.channels_last) for xb in xs]
@@ -523,9 +526,9 @@ def train_members(
                 for m, yb, (loss, logits) in zip(live, ys, outcome, strict=True):
                     m.steps += 1
                     m.seen += yb.numel()
-                    m.loss_sum += loss.double() * yb.numel()  # type: ignore[operator]
-                    m.correct += (logits.argmax(-1) == yb).sum()  # type: ignore[operator]
-                    if check and distributed.any_true(not bool(torch.isfinite(m.loss_sum)), ranks.group):  # type: ignore[arg-type]
+                    m.loss_sum += loss.double() * yb.numel()
+                    m.correct += (logits.argmax(-1) == yb).sum()
+                    if check and distributed.any_true(not bool(torch.isfinite(m.loss_sum)), ranks.group):
                         diverged.append(m)
                 del xs, ys, outcome
                 if progress:
@@ -541,7 +544,7 @@ def train_members(
             gone = []
             for m in list(live):
                 if ranks.world_size > 1:  # the epoch's training metrics over the global batches
-                    totals = torch.stack([m.loss_sum, m.correct.double(), torch.full_like(m.loss_sum, m.seen)])  # type: ignore[list-item,union-attr,arg-type]
+                    totals = torch.stack([m.loss_sum, m.correct.double(), torch.full_like(m.loss_sum, m.seen)])
                     distributed.all_reduce_mean([totals], ranks.group)
                     totals *= ranks.world_size
                     m.loss_sum, m.correct, m.seen = totals[0], totals[1].round().long(), int(totals[2].round())
@@ -551,11 +554,11 @@ def train_members(
                     val_loss, val_acc = evaluate(model, m.splits.x_val, m.splits.y_val, batch_size=spec0.eval_batch_size)
                     metrics = {
                         "epoch": epoch,
-                        "train_loss": float(m.loss_sum) / max(m.seen, 1),  # type: ignore[arg-type]
-                        "train_acc": int(m.correct) / max(m.seen, 1),  # type: ignore[arg-type]
+                        "train_loss": float(m.loss_sum) / max(m.seen, 1),
+                        "train_acc": int(m.correct) / max(m.seen, 1),
                         "val_loss": val_loss,
                         "val_acc": val_acc,
-                        "lr": m.optimizer.param_groups[0]["lr"],  # type: ignore[union-attr]
+                        "lr": m.optimizer.param_groups[0]["lr"],
                         "seconds": time.perf_counter() - t_epoch,
                     }
                     if language:
@@ -588,10 +591,9 @@ def train_members(
                 fail_out_of_memory(m)
     except OOM_ERRORS:
         # drop the references that hold activations, graphs and optimizer state, then give memory back
-        for m in members:
-            if m.optimizer is not None:
-                m.optimizer.zero_grad(set_to_none=True)
-                m.optimizer.state.clear()
+        for m in members:  # every member has its optimizer: the stepper attached them before the loop
+            m.optimizer.zero_grad(set_to_none=True)
+            m.optimizer.state.clear()
         stepper.release([])
         # Nobody was told anything yet: the caller may restart the members in smaller packs (and
         # frees the rest of this attempt once its frames are gone). After a report it may not
