@@ -114,6 +114,37 @@ def test_no_import_cycles_among_sassha_tune_modules():
     assert cycles(graph) == []
 
 
+# Who may import whom (docs/architecture.md): a package imports only from its own layer and the
+# layers below. The one exception: config validation builds the study's sampler and pruner to
+# check their options, through study/samplers.py (which depends on Optuna only).
+LAYERS = [
+    {"sassha_tune", "errors", "devices", "plugins", "provenance", "distributed"},  # foundation
+    {"optim"},
+    {"metrics"},
+    {"training"},
+    {"config"},
+    {"trial"},
+    {"study"},
+    {"report"},
+    {"cli"},
+]
+UPWARD_ALLOWED = {("sassha_tune.config.validate", "sassha_tune.study"),
+                  ("sassha_tune.config.validate", "sassha_tune.study.samplers")}
+
+
+def _layer(module: str) -> int:
+    part = module.split(".")[1] if "." in module else "sassha_tune"
+    return next(i for i, layer in enumerate(LAYERS) if part in layer)
+
+
+def test_packages_import_only_their_own_layer_and_below():
+    graph = import_graph(PACKAGE)
+    upward = sorted((a, b) for a, targets in graph.items() for b in targets
+                    if _layer(b) > _layer(a) and (a, b) not in UPWARD_ALLOWED)
+    assert upward == []
+    assert {_layer(m) for m in graph} == set(range(len(LAYERS)))  # every layer is a real package
+
+
 def test_no_module_uses_another_modules_private_names():
     """``from x import _name`` / ``module._name`` across the package's own modules: a module's
     private names are its own (Optuna's and torch's private attributes are not checked here)."""

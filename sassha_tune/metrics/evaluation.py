@@ -1,22 +1,19 @@
-"""What a trained model scores: the loss every task trains on, evaluation on a split, and the
-final metrics a trial stores (train, validation and test loss and accuracy; perplexity for language
-models). The trainer validates with :func:`evaluate`; the trial objective stores
-:func:`final_metrics`; the sharpness metrics (:mod:`.sharpness`) use :func:`cross_entropy`.
+"""What a trained model scores: the loss every task trains on (:func:`cross_entropy`, over classes
+or over the tokens of a window), evaluation on a split (:func:`evaluate`: mean loss and accuracy,
+per token for language models) and :func:`perplexity`. The trainer validates with them, a trial's
+final metrics are them on its three splits, the sharpness metrics (:mod:`.sharpness`) measure
+the same loss.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from ..training.data import Splits
-
-__all__ = ["cross_entropy", "evaluate", "perplexity", "final_metrics"]
+__all__ = ["cross_entropy", "evaluate", "perplexity"]
 
 
 def cross_entropy(logits: Tensor, targets: Tensor, *, reduction: str = "mean") -> Tensor:
@@ -58,28 +55,3 @@ def perplexity(loss: float) -> float:
         return math.exp(loss)
     except OverflowError:
         return math.inf
-
-
-def final_metrics(model: nn.Module, splits: Splits, *, batch_size: int = 1024) -> dict:
-    """Train (full, un-augmented, the labels trained on), validation and test loss/accuracy of
-    ``model`` on ``splits``.
-
-    With label noise, ``train_clean_acc`` / ``train_clean_loss`` use the original labels. Language
-    models: per token, and ``train_ppl`` / ``val_ppl`` / ``test_ppl`` too.
-    """
-    s, m = splits, model
-    out: dict = {}
-    for split, x, y in (
-        ("train", s.x_train, s.y_train),
-        ("val", s.x_val, s.y_val),
-        ("test", s.x_test, s.y_test),
-    ):
-        loss, acc = evaluate(m, x, y, batch_size=batch_size)
-        out[f"{split}_loss"], out[f"{split}_acc"] = loss, acc
-        if s.is_language:
-            out[f"{split}_ppl"] = perplexity(loss)
-    if s.y_train_clean is not None:
-        out["train_clean_loss"], out["train_clean_acc"] = evaluate(
-            m, s.x_train, s.y_train_clean, batch_size=batch_size
-        )
-    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config, config_to_dict
 from ..config.spaces import to_hparams
@@ -20,7 +20,12 @@ from ..errors import UserError
 from ..metrics.names import SHARPNESS_ATTRS
 from .outcome import TrialOutcome, json_safe
 
-__all__ = ["build_spec", "merged_params", "evaluate_params", "outcome_from_result", "evaluate_pack"]
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..training.data import Splits
+
+__all__ = ["final_metrics", "build_spec", "merged_params", "evaluate_params", "outcome_from_result", "evaluate_pack"]
 
 
 def merged_params(cfg: Config, params: Mapping[str, Any]) -> dict[str, Any]:
@@ -87,7 +92,7 @@ def evaluate_params(
 def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
     """A finished :class:`~sassha_tune.training.trainer.TrainResult` -> the trial's outcome: final metrics,
     sharpness and the stored attributes (shared by single trials and pack members)."""
-    from ..metrics.evaluation import cross_entropy, final_metrics
+    from ..metrics.evaluation import cross_entropy
     from ..metrics.sharpness import generalization_gap, hessian_metrics
 
     attrs: dict[str, Any] = {
@@ -210,3 +215,30 @@ def evaluate_pack(
 
     train_pack(specs, on_epoch=on_epoch, on_leave=leave, split_on_oom=True, on_split=split)
     return [outcomes[i] for i in range(len(specs))]
+
+
+def final_metrics(model: nn.Module, splits: Splits, *, batch_size: int = 1024) -> dict:
+    """Train (full, un-augmented, the labels trained on), validation and test loss/accuracy of
+    ``model`` on ``splits``.
+
+    With label noise, ``train_clean_acc`` / ``train_clean_loss`` use the original labels. Language
+    models: per token, and ``train_ppl`` / ``val_ppl`` / ``test_ppl`` too.
+    """
+    from ..metrics.evaluation import evaluate, perplexity
+
+    s, m = splits, model
+    out: dict = {}
+    for split, x, y in (
+        ("train", s.x_train, s.y_train),
+        ("val", s.x_val, s.y_val),
+        ("test", s.x_test, s.y_test),
+    ):
+        loss, acc = evaluate(m, x, y, batch_size=batch_size)
+        out[f"{split}_loss"], out[f"{split}_acc"] = loss, acc
+        if s.is_language:
+            out[f"{split}_ppl"] = perplexity(loss)
+    if s.y_train_clean is not None:
+        out["train_clean_loss"], out["train_clean_acc"] = evaluate(
+            m, s.x_train, s.y_train_clean, batch_size=batch_size
+        )
+    return out

@@ -19,9 +19,9 @@ import torch
 
 from sassha_tune import report
 from sassha_tune.errors import StorageError
-from sassha_tune.metrics.evaluation import final_metrics
 from sassha_tune.metrics.sharpness import generalization_gap, hessian_metrics
 from sassha_tune.training.trainer import TrainSpec, train
+from sassha_tune.trial.objective import final_metrics
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

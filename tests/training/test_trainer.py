@@ -9,10 +9,11 @@ import torch
 
 from sassha_tune import optim
 from sassha_tune.errors import UserError
-from sassha_tune.metrics.evaluation import evaluate, final_metrics
+from sassha_tune.metrics.evaluation import evaluate
 from sassha_tune.optim import SGD, OptimizerInfo
 from sassha_tune.training.data import load_dataset
 from sassha_tune.training.trainer import TrainSpec, lr_factor, train
+from sassha_tune.trial.objective import final_metrics
 
 
 @pytest.fixture(scope="module")
