@@ -20,7 +20,7 @@ One module per concept:
 * :mod:`.compare` -- the comparison (:func:`compare_figures`, :func:`run_compare`).
 
 Everything here only reads the storage: it is opened and studies are loaded with
-:func:`sassha_tune.study.open_storage` (``create=False``) and :func:`sassha_tune.study.load_study`
+:func:`sassha_tune.study.storage.open_storage` (``create=False``) and :func:`sassha_tune.study.storage.load_study`
 (in :mod:`.rows`, the only module that touches them), no attribute is ever set, RUNNING/WAITING
 trials are ignored. Figures are built on :class:`matplotlib.figure.Figure` directly (Agg canvas,
 no pyplot global state), so the pure functions :func:`build_figures` and :func:`compare_figures`

@@ -2,7 +2,7 @@
 settings and the provenance section, with every password hidden.
 
 A storage URL, and every URL-looking string inside a stored config, is shown through the study
-module's :func:`~sassha_tune.study.mask_url` (``postgresql://user:***@host/db``).
+module's :func:`~sassha_tune.study.storage.mask_url` (``postgresql://user:***@host/db``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Read-only access to a study for the reports, and its finished trials as rows.
 
-The storage is opened and studies are loaded with :func:`sassha_tune.study.open_storage`
+The storage is opened and studies are loaded with :func:`sassha_tune.study.storage.open_storage`
 (``create=False``: a report never creates a database file or a table) and
-:func:`sassha_tune.study.load_study` (one implementation, one set of messages); every other report
+:func:`sassha_tune.study.storage.load_study` (one implementation, one set of messages); every other report
 module reaches the storage through this one. A row is a plain dict per finished trial
 (:func:`load_rows`); the helpers below read numbers out of rows, pick the complete, search and ranked
 rows, compute the Pareto front and format values for tables.
