@@ -220,7 +220,7 @@ def run(
     url = resolve_storage(storage, cfg)
     if not gpu_list:
         check_device(device or cfg.device.name)  # a GPU this machine lacks costs no study
-    check_dataset_files(cfg.task.dataset, cfg.task.data_dir)  # a missing dataset costs no study
+    check_dataset_files(cfg.task.dataset, cfg.task.data_dir, cfg.task.dataset_options)  # a missing dataset costs no study
     study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=_log)
     if n_trials is not None:
         set_budget(study, n_trials)

@@ -90,6 +90,7 @@ class TaskConfig:
     label_noise: float = 0.0
     val_fraction: float = 0.1
     max_steps_per_epoch: int | None = None
+    grad_accumulation: int = 1  # micro-batches per optimizer step (batch_size is the whole step's)
 
 
 @dataclass
@@ -108,6 +109,7 @@ class ScheduleConfig:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1
     warmup_fraction: float = 0.0
+    min_lr_fraction: float = 0.0  # cosine: the lr decays to this fraction of the initial lr
 
 
 @dataclass

@@ -282,10 +282,14 @@ def suggest(trial: Any, space: SearchSpace) -> dict[str, Any]:
     return out
 
 
-def to_hparams(optimizer: str, params: Mapping[str, Any], *, seed: int | None = None) -> dict[str, Any]:
+def to_hparams(
+    optimizer: str, params: Mapping[str, Any], *, seed: int | None = None, language: bool = False
+) -> dict[str, Any]:
     """Config-convention values -> optimizer constructor arguments. The one conversion point.
 
-    * ``weight_decay`` (the scripts' ``--wd``) becomes ``wd / lr`` for decoupled optimizers;
+    * ``weight_decay`` (the scripts' ``--wd``) becomes ``wd / lr`` for decoupled optimizers, as the
+      image-classification scripts pass it; ``language``: as given, as the language-model scripts
+      pass it (nanoGPT style: ``AdamW(weight_decay=wd)``, SASSHA-LM's ``2e-4``);
     * ``beta1`` / ``beta2`` become ``betas``;
     * optimizers with Hessian probes get ``seed`` (the trial seed) unless it is given.
     """
@@ -299,7 +303,7 @@ def to_hparams(optimizer: str, params: Mapping[str, Any], *, seed: int | None = 
         hp["betas"] = (float(b1), float(b2))
     elif isinstance(hp.get("betas"), list):
         hp["betas"] = tuple(hp["betas"])
-    if info is not None and info.decoupled_weight_decay and "weight_decay" in hp:
+    if info is not None and info.decoupled_weight_decay and "weight_decay" in hp and not language:
         if "lr" not in hp:
             raise ConfigError(
                 f"weight_decay for {optimizer} is given in the scripts' convention (wd / lr); it needs lr too"
@@ -308,3 +312,11 @@ def to_hparams(optimizer: str, params: Mapping[str, Any], *, seed: int | None = 
     if info is not None and info.seeded and seed is not None:
         hp.setdefault("seed", seed)
     return hp
+
+
+def trial_hparams(cfg: Any, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The optimizer arguments of one trial of ``cfg``: ``optimizer.fixed`` with the trial's
+    ``params`` over it, converted by :func:`to_hparams` with the study's seed and the weight-decay
+    convention of the task's kind (``task.dataset: text``: the language-model scripts')."""
+    merged = {**cfg.optimizer.fixed, **params}
+    return to_hparams(cfg.optimizer.name, merged, seed=cfg.seed, language=cfg.task.dataset == "text")

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..devices import DEVICE_CHOICES, DEVICE_NAME
 from ..errors import ConfigError
-from ..metrics.names import OBJECTIVE_METRICS, PER_EPOCH_METRICS, SHARPNESS_METRICS
+from ..metrics.names import LANGUAGE_METRICS, OBJECTIVE_METRICS, PER_EPOCH_METRICS, SHARPNESS_METRICS
 from ..plugins import PLUGIN_SPEC, is_plugin
 from .schema import (
     AMP_MODES,
@@ -435,10 +435,14 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
             "label_noise": (_float(0, 1, hi_open=True), 0.0),
             "val_fraction": (_float(0, 1, lo_open=True, hi_open=True), 0.1),
             "max_steps_per_epoch": (_optional(_int(1)), None),
+            "grad_accumulation": (_int(1), 1),
         },
         ctx,
         "task",
     )
+    if t["grad_accumulation"] > t["batch_size"]:
+        raise ctx.fail("task.grad_accumulation", f"an integer <= task.batch_size ({t['batch_size']}): "
+                       "each micro-batch takes a slice of a step's batch", t["grad_accumulation"])
     if t["data_dir"] is not None and not Path(t["data_dir"]).expanduser().is_absolute():
         t["data_dir"] = str((Path(base_dir) / Path(t["data_dir"]).expanduser()).resolve())
     from ..optim.registry import OPTIMIZER_NAMES  # the registry is the one list of optimizers
@@ -467,10 +471,13 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
             "milestones": (_fractions, [0.5, 0.75]),
             "gamma": (_float(0, 1, lo_open=True), 0.1),
             "warmup_fraction": (_float(0, 1, hi_open=True), 0.0),
+            "min_lr_fraction": (_float(0, 1), 0.0),
         },
         ctx,
         "schedule",
     )
+    if sc["min_lr_fraction"] and sc["name"] != "cosine":
+        raise ctx.fail("schedule.min_lr_fraction", "", raw=f"only the cosine schedule decays to a floor, not {sc['name']!r}")
     m = _section(
         raw.get("metrics"),
         {
@@ -522,6 +529,10 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
         for name in metrics:
             if name in SHARPNESS_METRICS:
                 raise ctx.fail("metrics.sharpness", "", raw=f"is false but study objective {name!r} needs it")
+    language = cfg.task.dataset == "text"
+    for name in metrics:
+        if name in LANGUAGE_METRICS and not language:
+            raise ctx.fail("study.objective", "", raw=f"{name!r} needs a language-model task (task.dataset: text)")
     if cfg.study.pruner.name != "none":
         if len(metrics) > 1:
             raise ctx.fail(
@@ -552,7 +563,13 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
     except (TypeError, ValueError) as exc:
         raise ctx.fail("study.pruner.options", "", raw=f"rejected by the pruner: {exc}") from None
     from ..training.data import DATASETS, dataset_option_names
-    from ..training.models import MODELS, is_builtin_model, model_name_error, model_option_names
+    from ..training.models import (
+        MODELS,
+        is_builtin_model,
+        is_language_model,
+        model_name_error,
+        model_option_names,
+    )
 
     if not is_plugin(cfg.task.dataset) and cfg.task.dataset not in DATASETS:
         _choice(tuple(DATASETS))(cfg.task.dataset, ctx, "task.dataset")
@@ -560,6 +577,15 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
         raise ctx.fail("task.model", "", raw=_choice_text(cfg.task.model, tuple(MODELS), "or a package.module:factory plug-in"))
     if error := model_name_error(cfg.task.model):
         raise ctx.fail("task.model", "", raw=f"{cfg.task.model!r}: {error}")
+    if not is_plugin(cfg.task.model) and is_language_model(cfg.task.model) != (cfg.task.dataset == "text"):
+        if cfg.task.dataset == "text":
+            raise ctx.fail("task.model", "", raw=f"dataset 'text' needs a language model (gpt or a plug-in), not {cfg.task.model!r}")
+        raise ctx.fail("task.model", "", raw=f"{cfg.task.model!r} is a language model: it needs task.dataset: text")
+    if cfg.task.dataset == "text":
+        if cfg.task.label_noise:
+            raise ctx.fail("task.label_noise", "", raw="dataset 'text' takes no label noise (its targets are the next tokens)")
+        if cfg.task.augment:
+            raise ctx.fail("task.augment", "", raw="dataset 'text' has no augmentation (its batches are windows at random offsets)")
     # Options of built-in datasets and models are known (data.py / models.py list them); a plug-in's
     # options go to user code, which the config never imports.
     _options(cfg.task.dataset_options, dataset_option_names(cfg.task.dataset), ctx, "task.dataset_options",
@@ -587,7 +613,8 @@ def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
     from ..optim.registry import OPTIMIZERS
 
     fixed, searched = cfg.optimizer.fixed, space.params
-    if OPTIMIZERS[cfg.optimizer.name].decoupled_weight_decay and "lr" not in fixed and "lr" not in searched:
+    wd_per_lr = OPTIMIZERS[cfg.optimizer.name].decoupled_weight_decay and cfg.task.dataset != "text"
+    if wd_per_lr and "lr" not in fixed and "lr" not in searched:
         if "weight_decay" in fixed or "weight_decay" in searched:
             where = "optimizer.fixed.weight_decay" if "weight_decay" in fixed else "optimizer.search_space.params.weight_decay"
             raise ctx.fail(

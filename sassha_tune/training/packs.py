@@ -392,7 +392,12 @@ def train_pack(
     """
     specs = list(specs)
     if kernels is None:
-        kernels = "exact" if specs and specs[0].optimizer == "sassha" else "batched"
+        # exact for SASSHA (see above) and for gradient accumulation (only a member's own
+        # optimizer.step takes its micro-batches)
+        exact = specs and (specs[0].optimizer == "sassha" or specs[0].accumulation > 1)
+        kernels = "exact" if exact else "batched"
+    if kernels == "batched" and specs and specs[0].accumulation > 1:
+        raise ValueError("cannot pack: gradient accumulation runs with kernels='exact' only")
     if kernels not in ("batched", "exact"):
         raise ValueError(f"kernels must be 'batched' or 'exact', got {kernels!r}")
     _check_packable(specs)

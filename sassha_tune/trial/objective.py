@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config, config_to_dict
-from ..config.spaces import to_hparams
+from ..config.spaces import trial_hparams
 from ..errors import UserError
 from ..metrics.names import SHARPNESS_ATTRS
 from .outcome import TrialOutcome, json_safe
@@ -25,14 +25,7 @@ if TYPE_CHECKING:
 
     from ..training.data import Splits
 
-__all__ = ["final_metrics", "build_spec", "merged_params", "evaluate_params", "outcome_from_result", "evaluate_pack"]
-
-
-def merged_params(cfg: Config, params: Mapping[str, Any]) -> dict[str, Any]:
-    """``optimizer.fixed`` plus the trial's params, in the config convention."""
-    merged = dict(cfg.optimizer.fixed)
-    merged.update(params)
-    return merged
+__all__ = ["final_metrics", "build_spec", "evaluate_params", "outcome_from_result", "evaluate_pack"]
 
 
 def build_spec(cfg: Config, params: Mapping[str, Any], *, device: str | None = None, progress: bool | None = None):
@@ -51,7 +44,7 @@ def build_spec(cfg: Config, params: Mapping[str, Any], *, device: str | None = N
         label_noise=t.label_noise,
         val_fraction=t.val_fraction,
         optimizer=cfg.optimizer.name,
-        hparams=to_hparams(cfg.optimizer.name, merged_params(cfg, params), seed=cfg.seed),
+        hparams=trial_hparams(cfg, params),
         schedule=cfg.schedule.name,
         milestones=list(cfg.schedule.milestones),
         gamma=cfg.schedule.gamma,
@@ -65,6 +58,8 @@ def build_spec(cfg: Config, params: Mapping[str, Any], *, device: str | None = N
         max_steps_per_epoch=t.max_steps_per_epoch,
         eval_batch_size=t.eval_batch_size,  # config validation fills in the default
         processes=cfg.device.processes,
+        accumulation=t.grad_accumulation,
+        min_lr_fraction=cfg.schedule.min_lr_fraction,
     )
 
 

@@ -67,7 +67,10 @@ def test_weight_decay_convention_is_converted_once():
     # Sophia-H (cifar10/resnet20): lr 1e-3, --wd 1e-3 -> 1.0
     assert to_hparams("sophiah", {"lr": 1e-3, "weight_decay": 1e-3})["weight_decay"] == pytest.approx(1.0)
     decoupled = {name for name, info in OPTIMIZERS.items() if info.decoupled_weight_decay}
-    assert decoupled == {"sassha", "msassha", "adamw", "sam_adamw", "adahessian", "sophiah"}
+    assert decoupled == {"sassha", "msassha", "adamw", "sam_adamw", "adahessian", "sophiah", "sassha_lm"}
+    # language models: weight decay as the language-model scripts pass it (as given)
+    assert to_hparams("adamw", {"lr": 6e-4, "weight_decay": 0.1}, language=True)["weight_decay"] == 0.1
+    assert to_hparams("sassha_lm", {"lr": 0.3, "weight_decay": 2e-4}, language=True)["weight_decay"] == 2e-4
     assert to_hparams("adamw", {"lr": 1e-3, "beta1": 0.8, "beta2": 0.99})["betas"] == (0.8, 0.99)
 
 

@@ -22,6 +22,7 @@ HPARAMS = {
     "sophiah": {"lr": 1e-2, "lazy_hessian": 2},
     "sassha": {"lr": 0.05, "rho": 0.05, "lazy_hessian": 2},
     "msassha": {"lr": 0.05, "rho": 0.05, "lazy_hessian": 2, "weight_decay": 0.0},
+    "sassha_lm": {"lr": 0.05, "rho": 0.05, "lazy_hessian": 2, "rho_warmup_iters": 3, "hessian_warmup_iters": 3},
 }
 
 
