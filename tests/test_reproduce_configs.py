@@ -49,3 +49,17 @@ def test_dense_parts_change_only_the_sassha_space_and_the_dense_start(part):
         if new.optimizer.search_space != old.optimizer.search_space:
             assert (new.optimizer.name, new.optimizer.search_space) == ("sassha", "sassha_nonorm")
         assert {k: v for k, v in new.optimizer.fixed.items() if k != "dense_refresh_steps"} == old.optimizer.fixed
+
+
+def test_language_model_comparison_shares_the_protocol():
+    """benchmarks/lm_compare: every optimizer gets the same task, budget, schedule, clipping, sampler
+    and sharpness protocol; only the optimizer, its language-model space and its fixed betas differ."""
+    cfgs = [load_config(p) for p in sorted((PARTS_DIR.parent / "lm_compare").glob("*.yaml"))]
+    assert {c.optimizer.name for c in cfgs} == {"sassha_lm", "adamw", "sam_adamw", "sophiah"}
+    first = cfgs[0]
+    for c in cfgs:
+        assert c.task.dataset == "text" and c.study.metrics == ["val_ppl"] and c.optimizer.grad_clip == 1.0
+        assert str(c.optimizer.search_space).endswith("_lm") and c.optimizer.enqueue_published is True
+        for section in ("task", "budget", "schedule", "metrics", "device"):
+            assert dataclasses.asdict(getattr(c, section)) == dataclasses.asdict(getattr(first, section)), c.source
+        assert c.study.sampler == first.study.sampler and c.seed == first.seed
