@@ -61,8 +61,9 @@ class OptimizerInfo:
     decoupled_weight_decay: bool
     #: takes ``seed`` for its Rademacher probes (a trial passes its seed unless fixed)
     seeded: bool
-    #: a trial pack can run it (its step has public phases a pack drives on stacked views)
-    packable: bool
+    #: a trial pack can run it with batched kernels (its step has public phases a pack drives on
+    #: views of stacked parameters); every optimizer packs with exact kernels (each member steps alone)
+    batched_packs: bool
     #: forward/backward passes per step (cost about ``passes`` x SGD's)
     passes: int
     #: takes ``model=`` so its second pass can freeze BatchNorm running statistics
@@ -95,19 +96,19 @@ def _linear_weight_groups(model: nn.Module, kwargs: dict[str, Any]) -> list[dict
 OPTIMIZERS: dict[str, OptimizerInfo] = {
     info.name: info
     for info in (
-        OptimizerInfo("sgd", SGD, decoupled_weight_decay=False, seeded=False, packable=True, passes=1,
+        OptimizerInfo("sgd", SGD, decoupled_weight_decay=False, seeded=False, batched_packs=True, passes=1,
                       defaults={"momentum": 0.9}),
-        OptimizerInfo("adamw", AdamW, decoupled_weight_decay=True, seeded=False, packable=True, passes=1),
-        OptimizerInfo("sam_sgd", SAMSGD, decoupled_weight_decay=False, seeded=False, packable=True, passes=2,
+        OptimizerInfo("adamw", AdamW, decoupled_weight_decay=True, seeded=False, batched_packs=True, passes=1),
+        OptimizerInfo("sam_sgd", SAMSGD, decoupled_weight_decay=False, seeded=False, batched_packs=True, passes=2,
                       needs_model=True, defaults={"momentum": 0.9}),
-        OptimizerInfo("sam_adamw", SAMAdamW, decoupled_weight_decay=True, seeded=False, packable=True, passes=2,
+        OptimizerInfo("sam_adamw", SAMAdamW, decoupled_weight_decay=True, seeded=False, batched_packs=True, passes=2,
                       needs_model=True),
-        OptimizerInfo("adahessian", AdaHessian, decoupled_weight_decay=True, seeded=True, packable=False, passes=1),
-        OptimizerInfo("sophiah", SophiaH, decoupled_weight_decay=True, seeded=True, packable=False, passes=1),
-        OptimizerInfo("sassha", Sassha, decoupled_weight_decay=True, seeded=True, packable=True, passes=2,
+        OptimizerInfo("adahessian", AdaHessian, decoupled_weight_decay=True, seeded=True, batched_packs=False, passes=1),
+        OptimizerInfo("sophiah", SophiaH, decoupled_weight_decay=True, seeded=True, batched_packs=False, passes=1),
+        OptimizerInfo("sassha", Sassha, decoupled_weight_decay=True, seeded=True, batched_packs=True, passes=2,
                       needs_model=True),
-        OptimizerInfo("msassha", MSassha, decoupled_weight_decay=True, seeded=True, packable=False, passes=1),
-        OptimizerInfo("sassha_lm", SasshaLM, decoupled_weight_decay=True, seeded=True, packable=False, passes=2,
+        OptimizerInfo("msassha", MSassha, decoupled_weight_decay=True, seeded=True, batched_packs=False, passes=1),
+        OptimizerInfo("sassha_lm", SasshaLM, decoupled_weight_decay=True, seeded=True, batched_packs=False, passes=2,
                       needs_model=True, param_groups=_linear_weight_groups),
     )
 }

@@ -204,10 +204,16 @@ class SasshaLM(HessianPreconditioned):
                                   [g["perturb_eps"] for g in self.param_groups], inplace=True)
             flat_e = [e for group_e in es for e in group_e]
             data = [p.data for p in flat]
+            # Under data parallelism each rank perturbs by its own gradient, and the rounding of
+            # (theta + e) - e would differ between ranks: they would drift apart. Restore by copy there.
+            saved = torch._foreach_mul(data, 1.0) if distributed.active_group(self.process_group) is not None else None
             torch._foreach_add_(data, flat_e)
             _, grads, estimates = self._pass(list(reversed(closures)), params, refresh, second=True)
-            torch._foreach_sub_(data, flat_e)  # restore on .data
-            del es, flat_e, data
+            if saved is None:
+                torch._foreach_sub_(data, flat_e)  # restore on .data
+            else:
+                torch._foreach_copy_(data, saved)
+            del es, flat_e, data, saved
         self._update(params, grads, estimates, plan)
         return loss
 

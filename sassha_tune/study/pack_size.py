@@ -77,7 +77,9 @@ def choose_pack_size(cfg: Any, requested: str | int, *, device: str | None, budg
         hp = dict(cfg.optimizer.fixed)
     if requested == 1:
         return 1, "one trial at a time (--pack 1)"
-    blocker = pack_blocker(cfg.optimizer.name, cfg.task.model, dict(cfg.task.model_options), hp)
+    if cfg.device.processes > 1:
+        return 1, f"one trial at a time: cannot pack (each trial runs as {cfg.device.processes} processes)"
+    blocker = pack_blocker(cfg.task.model, dict(cfg.task.model_options), hp)
     if blocker is not None:
         return 1, f"one trial at a time: cannot pack ({blocker})"
     if isinstance(requested, int):

@@ -193,17 +193,15 @@ class _Views:
 # --------------------------------------------------------------------------------------------
 
 
-def pack_blocker(optimizer: str, model: str, model_options: dict | None = None, hparams: dict | None = None) -> str | None:
-    """Why trials of this kind cannot be packed (one line), or None when they can.
+def pack_blocker(model: str, model_options: dict | None = None, hparams: dict | None = None) -> str | None:
+    """Why trials of this kind cannot be packed (one line), or None when they can. Every optimizer
+    packs (with exact kernels where it has no batched step, see :func:`train_pack`).
 
     A plug-in model (``package.module:factory``) is packed only when its factory declares
     ``packable = True`` (an attribute of the factory function): the plug-in author's promise that
     the model is deterministic and stateless (no random numbers in the forward, no state kept
     between calls), which packs rely on and cannot check. A plug-in that cannot be imported here,
     or does not declare it, is not packed (docs/packs.md, "Plug-in models")."""
-    packable = sorted(name for name, info in OPTIMIZERS.items() if info.packable)
-    if optimizer not in packable:
-        return f"optimizer {optimizer!r} is not packable (packable: {', '.join(packable)})"
     if is_plugin(model):
         try:
             factory: Any = load_plugin(model, "model plug-in")
@@ -238,7 +236,7 @@ def _check_packable(specs: Sequence[TrainSpec]) -> None:
                 raise ValueError(f"cannot pack: members differ in {f.name!r} (only hparams and seed may differ)")
     for s in specs:
         check_spec(s)
-        blocker = pack_blocker(s.optimizer, s.model, s.model_options, s.hparams)
+        blocker = pack_blocker(s.model, s.model_options, s.hparams)
         if blocker is not None:
             raise ValueError(f"cannot pack: {blocker}")
 
@@ -391,13 +389,14 @@ def train_pack(
     the default (see docs/packs.md, "Out of memory").
     """
     specs = list(specs)
+    batchable = bool(specs) and specs[0].accumulation == 1 and OPTIMIZERS[specs[0].optimizer].batched_packs
     if kernels is None:
-        # exact for SASSHA (see above) and for gradient accumulation (only a member's own
-        # optimizer.step takes its micro-batches)
-        exact = specs and (specs[0].optimizer == "sassha" or specs[0].accumulation > 1)
-        kernels = "exact" if exact else "batched"
-    if kernels == "batched" and specs and specs[0].accumulation > 1:
-        raise ValueError("cannot pack: gradient accumulation runs with kernels='exact' only")
+        # exact for SASSHA (see above), for optimizers without a batched step and for gradient
+        # accumulation (only a member's own optimizer.step takes its micro-batches)
+        kernels = "batched" if batchable and specs[0].optimizer != "sassha" else "exact"
+    if kernels == "batched" and not batchable:
+        raise ValueError(f"cannot pack with kernels='batched': {specs[0].optimizer} with accumulation "
+                         f"{specs[0].accumulation} has no batched step (kernels='exact' runs it)")
     if kernels not in ("batched", "exact"):
         raise ValueError(f"kernels must be 'batched' or 'exact', got {kernels!r}")
     _check_packable(specs)

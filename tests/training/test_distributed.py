@@ -18,7 +18,7 @@ import yaml
 from torch import nn
 
 from sassha_tune import distributed
-from sassha_tune.optim import SAMSGD, SGD, AdaHessian, MSassha, Sassha, SophiaH
+from sassha_tune.optim import SAMSGD, SGD, AdaHessian, MSassha, Sassha, SasshaLM, SophiaH
 from sassha_tune.trial.ranks import free_port
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -33,6 +33,9 @@ CASES = {
     "msassha": lambda ps, m: MSassha(ps, lr=0.05, rho=0.1, lazy_hessian=3),
     "adahessian": lambda ps, m: AdaHessian(ps, lr=0.05, lazy_hessian=3),
     "sophiah": lambda ps, m: SophiaH(ps, lr=0.05, lazy_hessian=3),
+    "sassha_lm_sum": lambda ps, m: SasshaLM(ps, lr=0.05, rho=0.1, lazy_hessian=3, rho_warmup_iters=4, model=m),
+    "sassha_lm_mean": lambda ps, m: SasshaLM(ps, lr=0.05, rho=0.1, lazy_hessian=3, rho_warmup_iters=4, model=m,
+                                             grad_reduce="mean"),
 }
 
 
@@ -104,6 +107,16 @@ def test_local_perturbation_differs_as_documented(two_rank_results, name):
     local1, _ = two_rank_results[1][f"{name}_local"]
     assert torch.equal(local0, local1)
     assert _rel(local0, single) > 1e-4
+
+
+def test_language_model_variant_sums_or_averages_and_keeps_ranks_identical(two_rank_results):
+    """SASSHA-LM perturbs by each rank's own gradient (as the official code) and sums (its default)
+    or averages the ranks' gradients and estimates: every rank ends with the same parameters."""
+    for name in ("sassha_lm_sum", "sassha_lm_mean"):
+        (a, gen_a), (b, gen_b) = two_rank_results[0][name], two_rank_results[1][name]
+        assert torch.equal(a, b) and torch.equal(gen_a, gen_b), name
+    summed, averaged = two_rank_results[0]["sassha_lm_sum"][0], two_rank_results[0]["sassha_lm_mean"][0]
+    assert _rel(summed, averaged) > 1e-4  # sum = 2x the mean gradient here: another trajectory
 
 
 def test_single_process_is_untouched():

@@ -112,24 +112,23 @@ def test_pruned_member_leaves():
 
 
 def test_cannot_pack():
-    assert pack_blocker("adahessian", "mlp") is not None
-    assert pack_blocker("sassha", "pkg.mod:factory") is not None
-    assert pack_blocker("sassha", "vit", {"dropout": 0.1}) is not None
-    assert pack_blocker("sassha", "resnet20") is None
+    assert pack_blocker("mlp") is None  # every optimizer packs (exact kernels where there is no batched step)
+    assert pack_blocker("pkg.mod:factory") is not None
+    assert pack_blocker("vit", {"dropout": 0.1}) is not None
+    assert pack_blocker("resnet20") is None
     with pytest.raises(ValueError, match="differ in 'batch_size'"):
         train_pack([TrainSpec(**{**MLP, "batch_size": 32}), TrainSpec(**MLP)])
 
 
 def test_plugin_is_packed_only_when_its_factory_declares_it():
     # memory_limited declares `packable = True`; tiny_linear does not; a missing module cannot say
-    assert pack_blocker("sassha", "plugins_example:memory_limited") is None
-    assert pack_blocker("sgd", "plugins_example:memory_limited", {"max_members": 4}) is None
-    assert "is a plug-in" in pack_blocker("sassha", "plugins_example:tiny_linear")
-    assert "is a plug-in" in pack_blocker("sassha", "plugins_example:no_such_factory")
-    assert "is a plug-in" in pack_blocker("sassha", "no_such_module_here:build")
+    assert pack_blocker("plugins_example:memory_limited") is None
+    assert pack_blocker("plugins_example:memory_limited", {"max_members": 4}) is None
+    assert "is a plug-in" in pack_blocker("plugins_example:tiny_linear")
+    assert "is a plug-in" in pack_blocker("plugins_example:no_such_factory")
+    assert "is a plug-in" in pack_blocker("no_such_module_here:build")
     # the other checks still apply to a packable plug-in
-    assert "dropout" in pack_blocker("sassha", "plugins_example:memory_limited", {"dropout": 0.1})
-    assert "not packable" in pack_blocker("adahessian", "plugins_example:memory_limited")
+    assert "dropout" in pack_blocker("plugins_example:memory_limited", {"dropout": 0.1})
 
 
 def test_pack_size_choice():
@@ -141,9 +140,27 @@ def test_pack_size_choice():
     cfg = config_from_dict(raw)
     assert choose_pack_size(cfg, "auto", device="cpu", budget_left=4)[0] == 1
     assert choose_pack_size(cfg, 3, device="cpu", budget_left=4)[0] == 3
-    raw["optimizer"] = {"name": "adahessian", "search_space": "adahessian"}
+    raw["optimizer"] = {"name": "adahessian", "search_space": "adahessian"}  # exact kernels: packs too
+    assert choose_pack_size(config_from_dict(raw), 3, device="cpu", budget_left=4)[0] == 3
+    raw["task"] = {**raw["task"], "model": "vit", "model_options": {"dropout": 0.1}}
     size, why = choose_pack_size(config_from_dict(raw), 3, device="cpu", budget_left=4)
-    assert size == 1 and "cannot pack" in why
+    assert size == 1 and "cannot pack (the model uses dropout" in why
+    raw["task"]["model_options"] = {}
+    raw["device"] = {"name": "cpu", "processes": 2}
+    size, why = choose_pack_size(config_from_dict(raw), 3, device="cpu", budget_left=4)
+    assert size == 1 and "runs as 2 processes" in why
+
+
+@pytest.mark.parametrize(("optimizer", "hparams"), [
+    ("adahessian", [dict(lr=0.05, lazy_hessian=2), dict(lr=0.02, lazy_hessian=3)]),
+    ("sophiah", [dict(lr=0.01, lazy_hessian=2), dict(lr=0.02, lazy_hessian=1)]),
+])
+def test_optimizers_without_a_batched_step_pack_with_exact_kernels(optimizer, hparams):
+    specs = [TrainSpec(optimizer=optimizer, hparams=h, seed=s, **{**MLP, "epochs": 2}) for s, h in enumerate(hparams)]
+    with pytest.raises(ValueError, match="has no batched step"):
+        train_pack(specs, kernels="batched")
+    for spec, member in zip(specs, train_pack(specs), strict=True):
+        assert max_rel_diff(member.model, train(spec).model) == 0.0  # each member steps alone: bitwise
 
 
 def test_cli_run_with_pack_stores_ordinary_trials(tmp_path):
