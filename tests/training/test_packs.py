@@ -188,3 +188,22 @@ def test_cli_run_with_pack_stores_ordinary_trials(tmp_path):
             assert t.user_attrs.get(key) is not None, key
         assert len(t.user_attrs["history"]) == 2
     sqlite3.connect(db).close()
+
+
+def test_language_model_pack_members_equal_their_lone_runs(tmp_path):
+    # SASSHA-LM with gradient accumulation on token windows: exact kernels, each member its lone run
+    import random
+
+    rng = random.Random(3)
+    words = "the a cat dog sat on mat ran fast and".split()
+    (tmp_path / "t.txt").write_text(" ".join(rng.choice(words) for _ in range(3000)), encoding="utf-8")
+    base = dict(dataset="text", data_dir=str(tmp_path), dataset_options={"block_size": 12}, model="gpt",
+                model_options=dict(n_layer=1, n_head=2, n_embd=16), epochs=2, batch_size=8, max_steps_per_epoch=4,
+                accumulation=2, device="cpu", progress=False, schedule="cosine", optimizer="sassha_lm")
+    hps = [dict(lr=0.05, rho=0.05, lazy_hessian=2, rho_warmup_iters=2, seed=1),
+           dict(lr=0.1, rho=0.02, lazy_hessian=3, rho_warmup_iters=1, weight_decay=1e-3, seed=2)]
+    specs = [TrainSpec(hparams=h, seed=s, **base) for s, h in enumerate(hps)]
+    for spec, member in zip(specs, train_pack(specs), strict=True):
+        alone = train(spec)
+        assert max_rel_diff(member.model, alone.model) == 0.0
+        assert [h["val_ppl"] for h in member.history] == [h["val_ppl"] for h in alone.history]
