@@ -1,3 +1,45 @@
-"""sassha-tune: tune the SASSHA optimizer (and compare it with its peers) with Optuna studies."""
+"""sassha-tune: tune the SASSHA optimizer (and compare it with its peers) with Optuna studies.
 
-__version__ = "0.1.0"
+The public API, importable from the package itself::
+
+    from sassha_tune import Sassha, SasshaLM, SGD, AdamW, SAMSGD, SAMAdamW, AdaHessian, SophiaH, MSassha
+    from sassha_tune import build_optimizer, frozen_running_stats, linear_weight_groups
+    from sassha_tune import run_study, resume_study, load_config, config_from_dict
+
+The names are loaded on first use (PEP 562), so importing one part of the package (the CLI, a
+single optimizer) does not import the others; ``import sassha_tune`` alone imports no torch.
+Importing sassha-tune changes no logging configuration.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+from .version import __version__
+
+# public name -> the module that defines it
+_PUBLIC = {
+    **{name: "sassha_tune.optim" for name in (
+        "Sassha", "SasshaLM", "MSassha", "SGD", "AdamW", "SAMSGD", "SAMAdamW", "AdaHessian", "SophiaH",
+        "build_optimizer", "frozen_running_stats", "linear_weight_groups", "OPTIMIZERS",
+    )},
+    **{name: "sassha_tune.config" for name in ("load_config", "config_from_dict", "Config")},
+    "run_study": "sassha_tune.api",
+    "resume_study": "sassha_tune.api",
+    "UserError": "sassha_tune.errors",
+}
+
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        value = getattr(import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # the next access is a plain attribute
+        return value
+    raise AttributeError(f"module 'sassha_tune' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -8,11 +8,13 @@ Ctrl-C exits with 130 after the running trial is marked ``interrupted``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -73,6 +75,13 @@ def main() -> None:
     app()
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class ExportFormat(str, Enum):
+    yaml = "yaml"
+    json = "json"
+    kwargs = "kwargs"
+
 
 StorageOpt = Annotated[
     str | None,
@@ -172,18 +181,15 @@ def _check_flags(gpus: str | None, device: str | None, pack: str | None) -> tupl
     return gpu_list, pack_size
 
 
-def _run_study(name: str, storage: str, gpus: list[str], device: str | None, pack_size: str | int) -> None:
-    from .study.loop import run_trials
-    from .study.workers import run_gpu_workers
+@contextlib.contextmanager
+def _workers_exit_code() -> Iterator[None]:
+    """A failed GPU worker printed why itself: exit with its code, without another line."""
+    from .api import WorkersFailed
 
-    if gpus:
-        code = run_gpu_workers(name, storage, gpus, log=_log, pack=pack_size)
-        if code:
-            raise typer.Exit(code)
-        return
-    summary = run_trials(name, storage, device=device, log=_log, pack=pack_size)
-    states = ", ".join(f"{k} {v}" for k, v in sorted(summary.states.items())) or "no trials"
-    _log(f"done: {summary.ran} trials this run ({states}) in {summary.seconds:.1f} s; {summary.stopped_because}")
+    try:
+        yield
+    except WorkersFailed as exc:
+        raise typer.Exit(exc.exit_code) from None
 
 
 @app.command()
@@ -205,28 +211,12 @@ def run(
     pack: PackOpt = "auto",
 ) -> None:
     """Create the study a config describes (or continue it) and run trials until its budget is spent."""
-    from .config import advice, load_config
-    from .devices import check_available as check_device
-    from .study.create import create_or_continue, set_budget
-    from .study.storage import resolve_storage
-    from .training.data import check_dataset_files
+    from .api import run_study
 
-    gpu_list, pack_size = _check_flags(gpus, device, pack)
-    cfg = load_config(config)  # everything validated before any storage is touched
-    for note in advice(cfg):
-        _log(f"note: {note}")
-    if n_trials is not None:
-        cfg.budget.n_trials = n_trials
-    url = resolve_storage(storage, cfg)
-    if not gpu_list:
-        check_device(device or cfg.device.name)  # a GPU this machine lacks costs no study
-    check_dataset_files(cfg.task.dataset, cfg.task.data_dir, cfg.task.dataset_options)  # a missing dataset costs no study
-    study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=_log)
-    if n_trials is not None:
-        set_budget(study, n_trials)
-    if create_only:
-        return
-    _run_study(cfg.study.name, url, gpu_list, device, pack_size)
+    gpu_list, pack_size = _check_flags(gpus, device, pack)  # the flags named as typed
+    with _workers_exit_code():
+        run_study(config, storage=storage, n_trials=n_trials, device=device, pack=pack_size, gpus=gpu_list,
+                  allow_space_change=allow_space_change, create_only=create_only, log=_log)
 
 
 @app.command()
@@ -240,19 +230,12 @@ def resume(
     pack: PackOpt = "auto",
 ) -> None:
     """Continue a study from its stored config: lost trials are failed and retried, the budget is finished."""
-    from .devices import check_available as check_device
-    from .study.create import set_budget, stored_config
-    from .study.storage import load_study, resolve_storage
+    from .api import resume_study
 
     gpu_list, pack_size = _check_flags(gpus, device, pack)
-    url = resolve_storage(storage)
-    s = load_study(study, url)
-    cfg, _ = stored_config(s)
-    if not gpu_list:
-        check_device(device or cfg.device.name)  # before the budget changes or a trial is asked
-    if n_trials is not None:
-        set_budget(s, n_trials)
-    _run_study(study, url, gpu_list, device, pack_size)
+    with _workers_exit_code():
+        resume_study(study, storage=storage, n_trials=n_trials, device=device, pack=pack_size, gpus=gpu_list,
+                     log=_log)
 
 
 @app.command()
@@ -371,7 +354,11 @@ def status(
 def export(
     study: StudyArg,
     storage: StorageOpt = None,
-    format: Annotated[str, typer.Option("--format", help="Output format: yaml or json.")] = "yaml",
+    format: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="yaml or json: the config with the trial's params fixed (for `train`); "
+                     "kwargs: the optimizer's class and constructor arguments, as JSON (for your own loop)."),
+    ] = ExportFormat.yaml,
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Write here instead of stdout.", dir_okay=False)
     ] = None,
@@ -379,17 +366,16 @@ def export(
         int | None, typer.Option("--trial", help="Export this trial number instead of the best one.")
     ] = None,
 ) -> None:
-    """Write the study's config with the best trial's params fixed; `sassha-tune train` runs it as is."""
+    """Write the study's config with the best trial's params fixed (`sassha-tune train` runs it as is),
+    or with --format kwargs the optimizer's constructor arguments."""
     import yaml
 
     from .study.storage import load_study, resolve_storage
-    from .study.views import export_config
+    from .study.views import export_config, export_kwargs
 
-    if format not in ("yaml", "json"):
-        raise UserError(f"--format: expected yaml or json, got {format!r}")
     s = load_study(study, resolve_storage(storage))
-    d = export_config(s, trial)
-    text = json.dumps(d, indent=2) + "\n" if format == "json" else yaml.safe_dump(d, sort_keys=False)
+    d = export_kwargs(s, trial) if format == ExportFormat.kwargs else export_config(s, trial)
+    text = yaml.safe_dump(d, sort_keys=False) if format == ExportFormat.yaml else json.dumps(d, indent=2) + "\n"
     if out_file is None:
         sys.stdout.write(text)
     else:

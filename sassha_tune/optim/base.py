@@ -82,6 +82,38 @@ def second_pass_context(model: nn.Module | None):
     return frozen_running_stats(model) if model is not None else nullcontext()
 
 
+#: the message a closure that already ran ``backward`` gets (the habit of LBFGS and SAM implementations
+#: elsewhere), instead of autograd's "Trying to backward through the graph a second time"
+CLOSURE_BACKWARD_ERROR = (
+    "step: the loss's graph was already backpropagated: the closure must return the loss without calling "
+    "backward() (the optimizer calls backward itself, as often as its method needs), and must compute "
+    "the loss afresh on each call; see sassha_tune.optim.base"
+)
+
+
+@contextmanager
+def closure_protocol() -> Iterator[None]:
+    """Autograd's error for a graph used twice becomes :data:`CLOSURE_BACKWARD_ERROR` (one line)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "backward through the graph a second time" in str(exc):
+            raise RuntimeError(CLOSURE_BACKWARD_ERROR) from None
+        raise
+
+
+def loss_of_closure(closure: Closure) -> Tensor:
+    loss = closure()
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"step: the closure returned {type(loss).__name__}, expected the loss as a tensor")
+    if not loss.requires_grad:
+        raise RuntimeError(
+            "step: the closure's loss does not require grad (was it computed under torch.no_grad(), or "
+            "detached?); the closure must return the loss with its graph, without calling backward()"
+        )
+    return loss
+
+
 def micro_batches(closure: Closures | None, who: str) -> list[Closure]:
     """The micro-batch closures of a step (a lone closure is one micro-batch)."""
     if closure is None:
@@ -111,16 +143,16 @@ def accumulated_grads(
     ``None``: the loss does not depend on that parameter in any micro-batch.
     """
     if len(closures) == 1:
-        with torch.enable_grad(), context(), double_backward_context(create_graph):
-            loss = closures[0]()
+        with closure_protocol(), torch.enable_grad(), context(), double_backward_context(create_graph):
+            loss = loss_of_closure(closures[0])
             grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
         return loss, list(grads)
     n = len(closures)
     losses: list[Tensor] = []
     total: list[Tensor | None] = [None] * len(params)
     for c in closures:
-        with torch.enable_grad(), context(), double_backward_context(create_graph):
-            loss = c()
+        with closure_protocol(), torch.enable_grad(), context(), double_backward_context(create_graph):
+            loss = loss_of_closure(c)
             grads = torch.autograd.grad(loss / n, list(params), create_graph=create_graph, allow_unused=True)
             # summed with gradients enabled: with create_graph the sum carries every micro-batch's graph
             total = [g if t is None else (t if g is None else t + g) for t, g in zip(total, grads, strict=True)]
@@ -131,15 +163,15 @@ def accumulated_grads(
 def accumulated_backward(closures: Sequence[Closure], *, context: Callable[[], Any] = nullcontext) -> Tensor:
     """:func:`accumulated_grads` with ``backward`` into ``.grad`` (for ``torch.optim`` updates)."""
     if len(closures) == 1:
-        with torch.enable_grad(), context():
-            loss = closures[0]()
+        with closure_protocol(), torch.enable_grad(), context():
+            loss = loss_of_closure(closures[0])
             loss.backward()
         return loss
     n = len(closures)
     losses = []
     for c in closures:
-        with torch.enable_grad(), context():
-            loss = c()
+        with closure_protocol(), torch.enable_grad(), context():
+            loss = loss_of_closure(c)
             (loss / n).backward()
         losses.append(loss.detach())
     return torch.stack(losses).mean()

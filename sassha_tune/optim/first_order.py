@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .. import distributed
+from ..distributed import active_group, all_reduce_mean
 from .base import (
     CheckedGroups,
     Closures,
@@ -51,9 +51,9 @@ class OnePassStep(CheckedGroups):
         self._extend_defaults({"max_grad_norm": max_grad_norm})
 
     def _all_reduce_grads(self) -> None:
-        group = distributed.active_group(self.process_group)
+        group = active_group(self.process_group)
         if group is not None:
-            distributed.all_reduce_mean(grads_of(trainable(self)), group)
+            all_reduce_mean(grads_of(trainable(self)), group)
 
     def _clip(self) -> None:
         clip_grads_(grads_of(trainable(self)), self.param_groups[0]["max_grad_norm"])

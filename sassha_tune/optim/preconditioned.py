@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import distributed
+from ..distributed import active_group, all_reduce_mean
 from .base import (
     GROUP_CHECKS,
     CheckedGroups,
@@ -193,9 +193,9 @@ class HessianPreconditioned(CheckedGroups, torch.optim.Optimizer):
         ``estimate`` of this step, in the same all-reduce), clip them, expose them as ``p.grad`` and
         cast to the state dtype."""
         out = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)]
-        group = distributed.active_group(self.process_group)
+        group = active_group(self.process_group)
         if group is not None:
-            distributed.all_reduce_mean(out + list(estimate or []), group)
+            all_reduce_mean(out + list(estimate or []), group)
         clip_grads_(out, self.param_groups[0]["max_grad_norm"])
         for p, g in zip(params, out, strict=True):
             p.grad = g

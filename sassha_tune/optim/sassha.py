@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import distributed
+from ..distributed import active_group, all_reduce_mean
 from .base import (
     Closures,
     accumulated_grads,
@@ -170,9 +170,9 @@ class Sassha(HessianPreconditioned):
             return loss.detach()
         plan = self.plan_step(params)
         settings = self.param_groups[0]  # the optimizer-wide keys (the same in every group)
-        group = distributed.active_group(self.process_group)
+        group = active_group(self.process_group)
         if group is not None and settings["perturbation_grad"] == "global":
-            distributed.all_reduce_mean([g for gs in grads1 for g in gs], group)
+            all_reduce_mean([g for gs in grads1 for g in gs], group)
 
         # perturb: e is written over the pass-1 gradients, which are not needed any more
         flat_e = [e for group_e in self.perturbation(params, grads1) for e in group_e]

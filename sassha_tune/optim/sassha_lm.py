@@ -17,13 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .. import distributed
+from ..distributed import active_group, all_reduce_mean, all_reduce_sum
 from .base import (
     Closure,
     Closures,
     clear_grads,
     clip_grads_,
+    closure_protocol,
     double_backward_context,
+    loss_of_closure,
     micro_batches,
     regroup,
     second_pass_context,
@@ -160,8 +162,8 @@ class SasshaLM(HessianPreconditioned):
         losses = []
         model = self.model if second else None  # pass 2 freezes BatchNorm running statistics
         for c in closures:
-            with torch.enable_grad(), second_pass_context(model), double_backward_context(estimate):
-                loss = c()
+            with closure_protocol(), torch.enable_grad(), second_pass_context(model), double_backward_context(estimate):
+                loss = loss_of_closure(c)
                 grads = torch.autograd.grad(loss if n == 1 else loss / n, flat, create_graph=estimate, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads, strict=True)]
             if estimate:
@@ -206,7 +208,7 @@ class SasshaLM(HessianPreconditioned):
             data = [p.data for p in flat]
             # Under data parallelism each rank perturbs by its own gradient, and the rounding of
             # (theta + e) - e would differ between ranks: they would drift apart. Restore by copy there.
-            saved = torch._foreach_mul(data, 1.0) if distributed.active_group(self.process_group) is not None else None
+            saved = torch._foreach_mul(data, 1.0) if active_group(self.process_group) is not None else None
             torch._foreach_add_(data, flat_e)
             _, grads, estimates = self._pass(list(reversed(closures)), params, refresh, second=True)
             if saved is None:
@@ -222,9 +224,9 @@ class SasshaLM(HessianPreconditioned):
     ) -> None:
         flat_p = [p for ps in params for p in ps]
         flat_est = [h for hs in (estimates or []) for h in hs]
-        group = distributed.active_group(self.process_group)
+        group = active_group(self.process_group)
         if group is not None:
-            reduce = distributed.all_reduce_mean if self.param_groups[0]["grad_reduce"] == "mean" else distributed.all_reduce_sum
+            reduce = all_reduce_mean if self.param_groups[0]["grad_reduce"] == "mean" else all_reduce_sum
             reduce(grads + flat_est, group)
         clip_grads_(grads, self.param_groups[0]["max_grad_norm"])
         for p, g in zip(flat_p, grads, strict=True):

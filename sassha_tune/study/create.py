@@ -14,11 +14,11 @@ from typing import Any
 
 import optuna
 
-from .. import __version__
 from ..config import Config, config_from_dict, config_from_stored, config_to_dict, published_to_enqueue
 from ..config.spaces import SearchSpace, space_for_config, space_from_dict
 from ..errors import StorageError, UserError
 from ..provenance import git_commit
+from ..version import __version__
 from .storage import mask_url, open_storage, study_id, study_storage, with_retry
 
 __all__ = [

@@ -3,6 +3,7 @@ the config ``export`` writes. Nothing here writes to the storage."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from typing import Any
@@ -10,13 +11,13 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .. import __version__
 from ..errors import UserError
 from ..metrics.names import EXPORTED_METRICS
+from ..version import __version__
 from .budget import budget_used
 from .storage import load_study, open_storage, with_retry
 
-__all__ = ["study_rows", "study_detail", "best_trial", "export_config"]
+__all__ = ["study_rows", "study_detail", "best_trial", "export_config", "export_kwargs"]
 
 
 def study_rows(storage_url: str) -> list[dict[str, Any]]:
@@ -84,3 +85,37 @@ def export_config(study: optuna.Study, number: int | None = None) -> dict[str, A
         "sassha_tune_version": __version__,
     }
     return d
+
+
+def export_kwargs(study: optuna.Study, number: int | None = None) -> dict[str, Any]:
+    """The chosen trial's optimizer as constructor arguments (``export --format kwargs``): what a
+    user's own loop passes to the class, in the constructor's convention (decoupled weight decay
+    already divided by lr where the config's convention is the scripts' ``wd``), the registry's
+    defaults included, and the call that builds it."""
+    from ..config.spaces import trial_hparams
+    from ..optim.registry import optimizer_info
+    from .create import stored_config
+
+    d = export_config(study, number)  # the same checks: a COMPLETE trial
+    cfg, _ = stored_config(study)
+    trial = best_trial(study, d["provenance"]["trial"])
+    assert trial is not None  # export_config found it
+    info = optimizer_info(cfg.optimizer.name)
+    kwargs = {**info.defaults, **trial_hparams(cfg, trial.params)}
+    kwargs = json.loads(json.dumps(kwargs))  # plain data: tuples (betas) become lists
+    cls = f"sassha_tune.{info.cls.__name__}"
+    if info.param_groups is not None:  # SASSHA-LM: decay on linear weights only
+        params = f"sassha_tune.linear_weight_groups(model, weight_decay={kwargs.pop('weight_decay', 2e-4)!r})"
+    else:
+        params = "model.parameters()"
+    model = ", model=model" if info.needs_model else ""
+    return {
+        "optimizer": cfg.optimizer.name,
+        "class": cls,
+        "kwargs": kwargs,
+        "construct": f"{cls}({params}{model}, **kwargs)",
+        # not a constructor argument: the learning-rate schedule the trial trained with
+        "schedule": dataclasses.asdict(cfg.schedule),
+        "provenance": d["provenance"],
+    }
+

@@ -31,9 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import distributed
 from ..devices import onednn_workaround, resolve_device
 from ..devices import synchronize as _sync
+from ..distributed import Ranks, all_reduce_mean, any_true, broadcast_module, broadcast_object, setup
 from ..errors import UserError
 from ..metrics.evaluation import cross_entropy, evaluate, perplexity
 from ..optim import build_optimizer
@@ -373,10 +373,10 @@ def train(
     """Train ``spec.model`` on ``spec.dataset`` with ``spec.optimizer``; never raises on divergence/OOM."""
     check_spec(spec)
     device = resolve_device(spec.device)
-    ranks, device = distributed.setup(spec.processes, device)
+    ranks, device = setup(spec.processes, device)
     try:
         (member,) = build_members([spec], [on_epoch], device, splits=splits)
-        distributed.broadcast_module(member.model, ranks.group)  # identical start on every rank
+        broadcast_module(member.model, ranks.group)  # identical start on every rank
         results = train_members([member], LoneSteps(_autocast(spec, device)), device, ranks=ranks,
                                 progress=_progress(spec) if ranks.is_main else None)
     finally:
@@ -396,7 +396,7 @@ def train_members(
     *,
     on_leave: Callable[[int, TrainResult], None] | None = None,
     may_split: bool = False,
-    ranks: distributed.Ranks | None = None,
+    ranks: Ranks | None = None,
     progress: Any = None,
 ) -> list[TrainResult] | OutOfMemory:
     """Train ``members`` (all with the same task; see :func:`build_members`) in lockstep.
@@ -407,7 +407,7 @@ def train_members(
     unless ``may_split`` and nobody reported yet (no ``on_epoch`` call, no member left): then
     :class:`OutOfMemory` is returned. Results are in the order of ``members``.
     """
-    ranks = ranks if ranks is not None else distributed.Ranks()
+    ranks = ranks if ranks is not None else Ranks()
     spec0 = members[0].spec
     stepper.attach(members)
     n_train = len(members[0].splits.y_train)
@@ -528,7 +528,7 @@ def train_members(
                     m.seen += yb.numel()
                     m.loss_sum += loss.double() * yb.numel()
                     m.correct += (logits.argmax(-1) == yb).sum()
-                    if check and distributed.any_true(not bool(torch.isfinite(m.loss_sum)), ranks.group):
+                    if check and any_true(not bool(torch.isfinite(m.loss_sum)), ranks.group):
                         diverged.append(m)
                 del xs, ys, outcome
                 if progress:
@@ -545,7 +545,7 @@ def train_members(
             for m in list(live):
                 if ranks.world_size > 1:  # the epoch's training metrics over the global batches
                     totals = torch.stack([m.loss_sum, m.correct.double(), torch.full_like(m.loss_sum, m.seen)])
-                    distributed.all_reduce_mean([totals], ranks.group)
+                    all_reduce_mean([totals], ranks.group)
                     totals *= ranks.world_size
                     m.loss_sum, m.correct, m.seen = totals[0], totals[1].round().long(), int(totals[2].round())
                 metrics, bad_val, stop = None, False, False
@@ -571,7 +571,7 @@ def train_members(
                         if m.on_epoch is not None:
                             reported = True
                             stop = bool(m.on_epoch(epoch, dict(metrics)))
-                metrics, bad_val, stop = distributed.broadcast_object((metrics, bad_val, stop), ranks.group)
+                metrics, bad_val, stop = broadcast_object((metrics, bad_val, stop), ranks.group)
                 if not ranks.is_main and not bad_val:
                     m.history.append(metrics)
                 if bad_val:

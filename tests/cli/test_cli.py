@@ -108,6 +108,22 @@ def test_run_status_export_train(tmp_path, monkeypatch):
     assert d["optimizer"]["fixed"]["lr"] == best.params["lr"]
     as_json = _invoke(["export", "tiny", "--format", "json"]).stdout
     assert json.loads(as_json)["optimizer"]["fixed"] == d["optimizer"]["fixed"]
+    # kwargs: the constructor's arguments as the trial's optimizer got them (wd / lr), ready to pass
+    k = json.loads(_invoke(["export", "tiny", "--format", "kwargs"]).stdout)
+    assert k["class"] == "sassha_tune.Sassha" and k["provenance"]["trial"] == best.number
+    assert k["construct"] == "sassha_tune.Sassha(model.parameters(), model=model, **kwargs)"
+    assert k["kwargs"] == best.user_attrs["optimizer_hparams"]  # sassha: no registry defaults over them
+    import torch
+
+    import sassha_tune
+
+    model = torch.nn.Linear(40, 10)
+    opt = eval(k["construct"], {"sassha_tune": sassha_tune, "model": model, "kwargs": k["kwargs"]})
+    assert k["schedule"]["name"] == d["schedule"]["name"]
+    assert opt.seed == k["kwargs"].pop("seed")  # the probe seed is the one constructor argument outside the groups
+    for key, value in k["kwargs"].items():
+        got = opt.param_groups[0][key]
+        assert (list(got) if isinstance(got, tuple) else got) == value, key
 
     _invoke(["report", "tiny", "--out", str(tmp_path / "rep")])
     assert (tmp_path / "rep" / "report.md").is_file()

@@ -165,7 +165,7 @@ class _Recorder(SGD):
 
 
 def test_trainer_is_optimizer_agnostic(monkeypatch, mnist1d):
-    info = OptimizerInfo("recorder", _Recorder, decoupled_weight_decay=False, seeded=False, packable=False, passes=2)
+    info = OptimizerInfo("recorder", _Recorder, decoupled_weight_decay=False, seeded=False, batched_packs=False, passes=2)
     monkeypatch.setitem(optim.OPTIMIZERS, "recorder", info)
     spec = TrainSpec(
         optimizer="recorder",
@@ -191,7 +191,7 @@ def test_out_of_memory_is_caught(monkeypatch, mnist1d):
         def step(self, closure):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    info = OptimizerInfo("boom", Boom, decoupled_weight_decay=False, seeded=False, packable=False, passes=1)
+    info = OptimizerInfo("boom", Boom, decoupled_weight_decay=False, seeded=False, batched_packs=False, passes=1)
     monkeypatch.setitem(optim.OPTIMIZERS, "boom", info)
     r = train(TrainSpec(optimizer="boom", hparams={"lr": 0.1}, epochs=2, device="cpu"), splits=mnist1d)
     assert r.status == "out_of_memory" and r.failure_reason == "out_of_memory" and r.epochs_completed == 0

@@ -1,0 +1,191 @@
+"""Run a study from Python: what ``sassha-tune run`` and ``sassha-tune resume`` do, as functions.
+
+    import sassha_tune
+
+    study = sassha_tune.run_study("examples/quickstart.yaml", storage="sqlite:///mine.db")
+    print(study.best_trials[0].params)
+
+Both functions return the :class:`optuna.study.Study`, so everything Optuna offers
+(``trials_dataframe``, ``optuna.visualization``, optuna-dashboard on the same storage) works on the
+result. They leave the process's logging as it is: progress lines go to ``log`` (default: the
+``sassha_tune`` logger at INFO level, silent unless the caller configured logging) and Optuna's
+own verbosity is never changed here (the CLI quiets it for its commands only).
+
+Bad input raises :class:`~sassha_tune.errors.UserError` (one line naming the field and what was
+expected) before a storage is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import optuna
+
+    from .config import Config
+
+Log = Callable[[str], None]
+
+_logger = logging.getLogger("sassha_tune")
+
+
+class WorkersFailed(UserError):
+    """A GPU worker process (``gpus=[...]``) exited with an error; its own output says why."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"a GPU worker exited with code {code} (its output above says why)")
+        self.exit_code = code
+
+
+def _default_log(message: str) -> None:
+    _logger.info(message)
+
+
+def _as_config(config: str | Path | Mapping[str, Any] | Config) -> Config:
+    from .config import Config, config_from_dict, load_config
+
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    if isinstance(config, Mapping):
+        # relative paths in a dict (data_dir, a search-space file) are read from the working directory
+        return config_from_dict(dict(config), source="<config dict>", base_dir=Path.cwd())
+    raise UserError(f"config: expected a YAML path, a dict or a Config, got {type(config).__name__}")
+
+
+def _check_gpus(gpus: list[str] | list[int] | None, device: str | None) -> list[str]:
+    if not gpus:
+        return []
+    items = [str(g) for g in gpus]
+    if not all(g.isdigit() for g in items):
+        raise UserError(f"gpus: expected GPU indices like [0, 1], got {list(gpus)!r}")
+    if len(set(items)) != len(items):
+        raise UserError(f"gpus: GPU listed twice in {list(gpus)!r}")
+    if device is not None:
+        raise UserError("device cannot be combined with gpus (each GPU worker trains on its own cuda device)")
+    return items
+
+
+def _check_flags(gpus: list[str] | list[int] | None, device: str | None, pack: str | int) -> tuple[list[str], str | int]:
+    """The arguments that need neither a config nor a storage, checked first: (GPUs, pack size)."""
+    from .devices import check_available, check_device_name
+    from .study.pack_size import parse_pack
+
+    check_device_name(device, "device")
+    gpu_list = _check_gpus(gpus, device)
+    if isinstance(pack, bool) or not isinstance(pack, (str, int)):
+        raise UserError(f"pack: expected auto or an integer >= 1, got {pack!r}")
+    try:
+        pack_size = parse_pack(str(pack))
+    except UserError:
+        raise UserError(f"pack: expected auto or an integer >= 1, got {pack!r}") from None
+    check_available(device, "device")
+    if gpu_list:
+        check_available("cuda", "gpus")
+    return gpu_list, pack_size
+
+
+def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: str | int, log: Log) -> None:
+    from .study.loop import run_trials
+    from .study.workers import run_gpu_workers
+
+    if gpus:
+        code = run_gpu_workers(name, url, gpus, log=log, pack=pack_size)
+        if code:
+            raise WorkersFailed(code)
+        return
+    summary = run_trials(name, url, device=device, log=log, pack=pack_size)
+    states = ", ".join(f"{k} {v}" for k, v in sorted(summary.states.items())) or "no trials"
+    log(f"done: {summary.ran} trials this run ({states}) in {summary.seconds:.1f} s; {summary.stopped_because}")
+
+
+def run_study(
+    config: str | Path | Mapping[str, Any] | Config,
+    *,
+    storage: str | None = None,
+    n_trials: int | None = None,
+    device: str | None = None,
+    pack: str | int = "auto",
+    gpus: list[str] | list[int] | None = None,
+    allow_space_change: bool = False,
+    create_only: bool = False,
+    log: Log | None = None,
+) -> optuna.Study:
+    """Create the study ``config`` describes (or continue it) and run trials until its budget is spent.
+
+    ``config``: a YAML path, the same content as a dict, or a :class:`~sassha_tune.config.Config`.
+    ``storage``: a SQLAlchemy URL (default: ``study.storage`` of the config, else
+    ``$SASSHA_TUNE_STORAGE``, else ``sqlite:///sassha-tune.db``). ``n_trials`` sets the study's
+    total budget; ``device`` overrides the config's; ``pack`` is ``"auto"``, ``1`` or ``K`` trials
+    per process (docs/packs.md); ``gpus`` starts one worker process per listed GPU;
+    ``create_only`` creates (or checks) the study and runs nothing. Same as ``sassha-tune run``.
+    """
+    from .config import advice
+    from .devices import check_available
+    from .study.create import create_or_continue, set_budget
+    from .study.storage import resolve_storage
+    from .training.data import check_dataset_files
+
+    log = log or _default_log
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+        raise UserError(f"n_trials: expected an integer >= 1, got {n_trials!r}")
+    gpu_list, pack_size = _check_flags(gpus, device, pack)
+    cfg = _as_config(config)  # everything validated before any storage is touched
+    for note in advice(cfg):
+        log(f"note: {note}")
+    if n_trials is not None:
+        cfg.budget.n_trials = n_trials
+    url = resolve_storage(storage, cfg)
+    if not gpu_list:
+        check_available(device or cfg.device.name)  # a GPU this machine lacks costs no study
+    check_dataset_files(cfg.task.dataset, cfg.task.data_dir, cfg.task.dataset_options)  # nor a missing dataset
+    study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=log)
+    if n_trials is not None:
+        set_budget(study, n_trials)
+    if not create_only:
+        _run(cfg.study.name, url, gpu_list, device, pack_size, log)
+    return _reloaded(cfg.study.name, url)
+
+
+def resume_study(
+    name: str,
+    *,
+    storage: str | None = None,
+    n_trials: int | None = None,
+    device: str | None = None,
+    pack: str | int = "auto",
+    gpus: list[str] | list[int] | None = None,
+    log: Log | None = None,
+) -> optuna.Study:
+    """Continue a stored study from its stored config: lost trials are failed and retried, the budget
+    is finished. Same as ``sassha-tune resume``; the arguments are those of :func:`run_study`."""
+    from .devices import check_available
+    from .study.create import set_budget, stored_config
+    from .study.storage import load_study, resolve_storage
+
+    log = log or _default_log
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+        raise UserError(f"n_trials: expected an integer >= 1, got {n_trials!r}")
+    gpu_list, pack_size = _check_flags(gpus, device, pack)
+    url = resolve_storage(storage)
+    study = load_study(name, url)
+    cfg, _ = stored_config(study)
+    if not gpu_list:
+        check_available(device or cfg.device.name)  # before the budget changes or a trial is asked
+    if n_trials is not None:
+        set_budget(study, n_trials)
+    _run(name, url, gpu_list, device, pack_size, log)
+    return _reloaded(name, url)
+
+
+def _reloaded(name: str, url: str) -> optuna.Study:
+    """The study as stored now (trials told by worker processes included)."""
+    from .study.storage import load_study
+
+    return load_study(name, url)
