@@ -130,7 +130,7 @@ def run_study(
     from .devices import check_available
     from .study.create import create_or_continue, set_budget
     from .study.storage import resolve_storage
-    from .training.data import check_dataset_files
+    from .trial.objective import check_task_inputs
 
     log = log or _default_log
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
@@ -144,7 +144,7 @@ def run_study(
     url = resolve_storage(storage, cfg)
     if not gpu_list:
         check_available(device or cfg.device.name)  # a GPU this machine lacks costs no study
-    check_dataset_files(cfg.task.dataset, cfg.task.data_dir, cfg.task.dataset_options)  # nor a missing dataset
+    check_task_inputs(cfg)  # a missing dataset file or train function costs no study
     study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=log)
     if n_trials is not None:
         set_budget(study, n_trials)

@@ -28,8 +28,8 @@ from .devices import check_device_name
 from .errors import UserError
 
 # Piped output (logs, CI) is not squeezed into 80 columns; a terminal keeps its own width.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False)
+out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, emoji=False)
 
 
 class _OneLineErrors(TyperGroup):
@@ -64,7 +64,7 @@ app = typer.Typer(
     name="sassha-tune",
     help="Tune SASSHA (and its peers) with crash-safe, resumable Optuna studies.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     cls=_OneLineErrors,
 )
@@ -73,6 +73,24 @@ app = typer.Typer(
 def main() -> None:
     """Console-script entry point (same as ``app()``)."""
     app()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from .version import __version__
+
+        out.print(f"sassha-tune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Tune SASSHA (and its peers) with crash-safe, resumable Optuna studies."""
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -93,12 +111,24 @@ StorageOpt = Annotated[
         show_envvar=False,
     ),
 ]
+# the commands that name a study rather than a config: no config to take the storage from
+StudyStorageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--storage",
+        help="SQLAlchemy database URL of the studies (default: sqlite:///sassha-tune.db in the working "
+        "directory). Also read from $SASSHA_TUNE_STORAGE.",
+        envvar="SASSHA_TUNE_STORAGE",
+        show_envvar=False,
+    ),
+]
 StudyArg = Annotated[str, typer.Argument(help="Name of a study in the storage.", show_default=False)]
 ConfigArg = Annotated[
     Path, typer.Argument(help="The study's YAML config (see docs/config.md).", show_default=False)
 ]
 DeviceOpt = Annotated[
-    str | None, typer.Option("--device", help="Override the config's device: auto, cpu, cuda or cuda:N.")
+    str | None,
+    typer.Option("--device", metavar="[auto|cpu|cuda|cuda:N]", help="Override the config's device."),
 ]
 NTrialsOpt = Annotated[
     int | None,
@@ -223,7 +253,7 @@ def run(
 @handle_errors
 def resume(
     study: StudyArg,
-    storage: StorageOpt = None,
+    storage: StudyStorageOpt = None,
     n_trials: NTrialsOpt = None,
     gpus: GpusOpt = None,
     device: DeviceOpt = None,
@@ -242,7 +272,7 @@ def resume(
 @handle_errors
 def worker(
     study: StudyArg,
-    storage: StorageOpt = None,
+    storage: StudyStorageOpt = None,
     device: DeviceOpt = None,
     worker_id: Annotated[
         int | None,
@@ -293,7 +323,7 @@ def _health_rows(study: Any) -> dict[str, list[tuple[str, str]]]:
 @handle_errors
 def status(
     study: Annotated[str | None, typer.Argument(help="A study to show in detail (default: list all studies).")] = None,
-    storage: StorageOpt = None,
+    storage: StudyStorageOpt = None,
 ) -> None:
     """Show the studies in a storage (trial counts by state, budget, best value) or one study in detail."""
     from .metrics.names import SUMMARY_METRICS
@@ -353,7 +383,7 @@ def status(
 @handle_errors
 def export(
     study: StudyArg,
-    storage: StorageOpt = None,
+    storage: StudyStorageOpt = None,
     format: Annotated[
         ExportFormat,
         typer.Option("--format", help="yaml or json: the config with the trial's params fixed (for `train`); "
@@ -434,7 +464,8 @@ def train(
     if unset:
         _log(f"note: {', '.join(unset)} not fixed: the optimizer's defaults are used")
     outcome = evaluate_params(cfg, extra, device=device)
-    table = Table(title=f"{cfg.optimizer.name} on {cfg.task.dataset}/{cfg.task.model}: {outcome.state}")
+    task = cfg.task.train or f"{cfg.task.dataset}/{cfg.task.model}"
+    table = Table(title=f"{cfg.optimizer.name} on {task}: {outcome.state}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in outcome.attrs.items():
@@ -457,7 +488,7 @@ def train(
 @handle_errors
 def report(
     study: StudyArg,
-    storage: StorageOpt = None,
+    storage: StudyStorageOpt = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.md and the plots.", file_okay=False)] = Path(
         "report"
     ),
@@ -473,7 +504,7 @@ def report(
 @handle_errors
 def compare(
     studies: Annotated[list[str], typer.Argument(help="Two or more study names (e.g. one per optimizer).")],
-    storage: StorageOpt = None,
+    storage: StudyStorageOpt = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for compare.md and the plots.", file_okay=False)] = Path(
         "compare"
     ),

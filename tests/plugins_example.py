@@ -104,3 +104,32 @@ def memory_limited(*, input_shape, num_classes, max_members=1, max_models=None, 
 
 
 memory_limited.packable = True  # the plug-in's promise to packs.pack_blocker (docs/packs.md, "Plug-in models")
+
+
+# ---- task.train plug-ins (your own training function) ----
+
+def quadratic_x(n: int = 64, dim: int = 4) -> torch.Tensor:
+    """The fixed inputs of ``own_quadratic``: its loss's Hessian is ``2/n X^T X``."""
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(7))
+
+
+def own_quadratic(reporter):
+    """A train function whose objective is the learning rate it was given (``val_acc = lr``, every
+    epoch), so a test knows which trial a median pruner stops; it steps the trial's optimizer on a
+    least-squares problem and asks for sharpness there. Returns what it saw of the hyperparameters."""
+    x = quadratic_x()
+    y = torch.zeros(len(x), 1)
+    model = nn.Linear(x.shape[1], 1, bias=False)
+    optimizer = reporter.make_optimizer(model)
+
+    def mse(out, target):
+        return ((out - target) ** 2).mean()
+
+    for _ in range(reporter.epochs):
+        optimizer.step(lambda: mse(model(x), y))
+        reporter.report({"val_acc": reporter.hparams["lr"], "train_loss": float(mse(model(x), y))})
+    reporter.sharpness_on(model, x, y, loss_fn=mse)
+    if reporter.options.get("fail_above") is not None and reporter.hparams["lr"] > reporter.options["fail_above"]:
+        raise ValueError(f"lr {reporter.hparams['lr']} too large for this test")
+    return {"val_acc": reporter.hparams["lr"], "wd_given": reporter.hparams["weight_decay"],
+            "optimizer_is": float(type(optimizer).__name__ == "Sassha")}

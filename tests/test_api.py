@@ -39,6 +39,9 @@ def test_public_names_are_the_defining_modules_objects():
                  "build_optimizer", "frozen_running_stats", "linear_weight_groups"):
         assert getattr(sassha_tune, name) is getattr(optim, name)
     assert sassha_tune.load_config is load_config
+    from sassha_tune.trial.user_train import TrialReporter
+
+    assert sassha_tune.TrialReporter is TrialReporter and sassha_tune.TrialPruned is optuna.TrialPruned
     assert set(sassha_tune.__all__) <= set(dir(sassha_tune)) | {"__version__"}
     with pytest.raises(AttributeError, match="no attribute 'Sasha'"):
         sassha_tune.Sasha  # noqa: B018

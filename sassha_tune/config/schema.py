@@ -91,6 +91,10 @@ class TaskConfig:
     val_fraction: float = 0.1
     max_steps_per_epoch: int | None = None
     grad_accumulation: int = 1  # micro-batches per optimizer step (batch_size is the whole step's)
+    # your own training function (``package.module:function``): it brings its own data and model,
+    # so dataset and model are "" and the built-in trainer's keys are not used
+    train: str | None = None
+    train_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,6 +162,13 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d.pop("source", None)
     d.pop("base_dir", None)
+    task = d["task"]
+    if task["train"] is None:  # the built-in trainer: as configs were before task.train existed
+        task.pop("train")
+        task.pop("train_options")
+    else:  # the user's function: only the keys such a task takes (config_from_dict reads it back)
+        d["task"] = {key: task[key] for key in ("train", "train_options", "epochs")}
+        del d["schedule"], d["optimizer"]["grad_clip"]  # the function's own business
     study = d["study"]
     objectives = study.pop("objectives")
     if len(objectives) == 1:
@@ -195,7 +206,7 @@ def config_from_stored(data: Mapping[str, Any], source: str = "<stored config>")
             pruner=PrunerConfig(**study.pop("pruner", {})),
             **study,
         ),
-        task=TaskConfig(**d["task"]),
+        task=TaskConfig(**({"dataset": "", "model": ""} if d["task"].get("train") else {}), **d["task"]),
         optimizer=OptimizerConfig(**d["optimizer"]),
         budget=BudgetConfig(**d.get("budget", {})),
         schedule=ScheduleConfig(**d.get("schedule", {})),

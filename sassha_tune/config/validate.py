@@ -209,6 +209,12 @@ def _plugin_or_name(v: Any, ctx: _Ctx, path: str) -> str:
     return v
 
 
+def _plugin(v: Any, ctx: _Ctx, path: str) -> str:
+    if not isinstance(v, str) or not PLUGIN_SPEC.match(v):
+        raise ctx.fail(path, "a package.module:function plug-in", v)
+    return v
+
+
 def _search_space_ref(v: Any, ctx: _Ctx, path: str) -> str | dict[str, Any] | None:
     if v is None or (isinstance(v, str) and v.strip()):
         return v
@@ -397,31 +403,10 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
     )
 
 
-_TOP_KEYS = ["study", "budget", "task", "optimizer", "schedule", "metrics", "device", "seed", "provenance"]
-
-
-def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = ".") -> Config:
-    """Validate a plain dict (the parsed YAML) into a :class:`Config`."""
-    ctx = _Ctx(source)
-    if not isinstance(raw, dict):
-        raise ctx.fail("(top level)", "a mapping with sections study, task, optimizer, ...", raw)
-    _check_keys(raw, _TOP_KEYS, ctx, "")
-    for required in ("task", "optimizer"):
-        if required not in raw:
-            raise ctx.fail(required, "a section", _REQUIRED)
-    default_name = Path(source).stem if source and not source.startswith("<") else "sassha-tune"
-    if not _STUDY_NAME_RE.match(default_name):
-        default_name = "sassha-tune"
-    study = _parse_study(raw.get("study"), ctx, default_name)
-
-    b = _section(
-        raw.get("budget"),
-        {"n_trials": (_int(1), 20), "timeout": (_optional(_float(0, lo_open=True)), None)},
-        ctx,
-        "budget",
-    )
+def _builtin_task(raw_task: Any, ctx: _Ctx, base_dir: str | Path) -> dict[str, Any]:
+    """``task`` for the built-in trainer: a dataset, a model and how to train them."""
     t = _section(
-        raw["task"],
+        raw_task,
         {
             "dataset": (_plugin_or_name, _REQUIRED),
             "model": (_plugin_or_name, _REQUIRED),
@@ -445,6 +430,56 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
                        "each micro-batch takes a slice of a step's batch", t["grad_accumulation"])
     if t["data_dir"] is not None and not Path(t["data_dir"]).expanduser().is_absolute():
         t["data_dir"] = str((Path(base_dir) / Path(t["data_dir"]).expanduser()).resolve())
+    return t
+
+
+# with your own training function the built-in trainer's keys have no meaning
+_USER_TRAIN_KEYS = ["train", "train_options", "epochs"]
+
+
+def _user_train_task(raw_task: dict[str, Any], ctx: _Ctx) -> dict[str, Any]:
+    """``task`` with ``train: package.module:function``: the function brings its own data and model."""
+    for key in raw_task:
+        if isinstance(key, str) and key not in _USER_TRAIN_KEYS:
+            raise ctx.fail(f"task.{key}", "", raw=f"is not used with task.train (your function trains its own "
+                           f"data and model); a task.train task takes {', '.join(_USER_TRAIN_KEYS)}")
+    t = _section(raw_task, {"train": (_plugin, _REQUIRED), "train_options": (_mapping, {}), "epochs": (_int(1), 10)},
+                 ctx, "task")
+    return {**t, "dataset": "", "model": ""}
+
+
+_TOP_KEYS = ["study", "budget", "task", "optimizer", "schedule", "metrics", "device", "seed", "provenance"]
+
+
+def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = ".") -> Config:
+    """Validate a plain dict (the parsed YAML) into a :class:`Config`."""
+    ctx = _Ctx(source)
+    if not isinstance(raw, dict):
+        raise ctx.fail("(top level)", "a mapping with sections study, task, optimizer, ...", raw)
+    _check_keys(raw, _TOP_KEYS, ctx, "")
+    for required in ("task", "optimizer"):
+        if required not in raw:
+            raise ctx.fail(required, "a section", _REQUIRED)
+    default_name = Path(source).stem if source and not source.startswith("<") else "sassha-tune"
+    if not _STUDY_NAME_RE.match(default_name):
+        default_name = "sassha-tune"
+    study = _parse_study(raw.get("study"), ctx, default_name)
+
+    b = _section(
+        raw.get("budget"),
+        {"n_trials": (_int(1), 20), "timeout": (_optional(_float(0, lo_open=True)), None)},
+        ctx,
+        "budget",
+    )
+    if isinstance(raw["task"], dict) and "train" in raw["task"]:
+        t = _user_train_task(raw["task"], ctx)
+        # what the built-in trainer does with these, your function does itself
+        if "schedule" in raw:
+            raise ctx.fail("schedule", "", raw="is not used with task.train (your function sets its own learning rates)")
+        if isinstance(raw["optimizer"], dict) and "grad_clip" in raw["optimizer"]:
+            raise ctx.fail("optimizer.grad_clip", "", raw="is not used with task.train (clip in your function)")
+    else:
+        t = _builtin_task(raw["task"], ctx, base_dir)
     from ..optim.registry import OPTIMIZER_NAMES  # the registry is the one list of optimizers
 
     o = _section(
@@ -531,7 +566,7 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
                 raise ctx.fail("metrics.sharpness", "", raw=f"is false but study objective {name!r} needs it")
     language = cfg.task.dataset == "text"
     for name in metrics:
-        if name in LANGUAGE_METRICS and not language:
+        if name in LANGUAGE_METRICS and not language and cfg.task.train is None:
             raise ctx.fail("study.objective", "", raw=f"{name!r} needs a language-model task (task.dataset: text)")
     if cfg.study.pruner.name != "none":
         if len(metrics) > 1:
@@ -562,6 +597,20 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
         make_pruner(pruner.name, pruner.options, max_resource=cfg.task.epochs)
     except (TypeError, ValueError) as exc:
         raise ctx.fail("study.pruner.options", "", raw=f"rejected by the pruner: {exc}") from None
+    if cfg.task.train is not None:
+        if cfg.device.processes > 1:
+            raise ctx.fail("device.processes", "", raw="must be 1 with task.train (your function runs in one process)")
+    else:
+        _builtin_task_checks(cfg, ctx)
+    fill_derived_defaults(cfg)
+    # The search space is part of the config: resolve and validate it now, then the checks that need it.
+    from .spaces import space_for_config
+
+    _space_checks(cfg, space_for_config(cfg), ctx)
+
+
+def _builtin_task_checks(cfg: Config, ctx: _Ctx) -> None:
+    """The dataset, model and trainer keys of a built-in task, against each other and the device."""
     from ..training.data import DATASETS, dataset_option_names
     from ..training.models import (
         MODELS,
@@ -602,11 +651,6 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} needs device cuda or auto (rank r uses cuda:r), not {cfg.device.name!r}")
         if cfg.task.batch_size < cfg.device.processes:
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} is more than task.batch_size {cfg.task.batch_size} (each rank takes a slice of every batch)")
-    fill_derived_defaults(cfg)
-    # The search space is part of the config: resolve and validate it now, then the checks that need it.
-    from .spaces import space_for_config
-
-    _space_checks(cfg, space_for_config(cfg), ctx)
 
 
 def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:

@@ -87,13 +87,13 @@ def run_trials(
 
     ``pack`` (``--pack``): ``1`` one trial per process; ``K`` or ``"auto"``: up to K trials asked at
     once and trained together in one process (:mod:`sassha_tune.training.packs`) where they can be packed."""
-    from ..training.data import check_dataset_files
+    from ..trial.objective import check_task_inputs
 
     study = load_study(study_name, storage_url)
     payload = stored_payload(study)
     cfg, space = config_from_payload(study_name, payload, validate=True)  # this worker starts on it
     check_device(device or cfg.device.name, "--device" if device else "device")  # before any trial is asked
-    check_dataset_files(cfg.task.dataset, cfg.task.data_dir, cfg.task.dataset_options)
+    check_task_inputs(cfg)  # a missing dataset file or train function costs no study
     summary = LoopSummary()
     start = time.monotonic()
     restore = _sigterm_as_interrupt()

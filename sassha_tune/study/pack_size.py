@@ -77,6 +77,8 @@ def choose_pack_size(cfg: Any, requested: str | int, *, device: str | None, budg
         hp = dict(cfg.optimizer.fixed)
     if requested == 1:
         return 1, "one trial at a time (--pack 1)"
+    if cfg.task.train is not None:
+        return 1, "one trial at a time: cannot pack (task.train: your function trains one model)"
     if cfg.device.processes > 1:
         return 1, f"one trial at a time: cannot pack (each trial runs as {cfg.device.processes} processes)"
     blocker = pack_blocker(cfg.task.model, dict(cfg.task.model_options), hp)

@@ -114,8 +114,9 @@ def export_kwargs(study: optuna.Study, number: int | None = None) -> dict[str, A
         "class": cls,
         "kwargs": kwargs,
         "construct": f"{cls}({params}{model}, **kwargs)",
-        # not a constructor argument: the learning-rate schedule the trial trained with
-        "schedule": dataclasses.asdict(cfg.schedule),
+        # not a constructor argument: the learning-rate schedule the trial trained with (none of
+        # ours with task.train: the user's function had its own)
+        "schedule": None if cfg.task.train else dataclasses.asdict(cfg.schedule),
         "provenance": d["provenance"],
     }
 

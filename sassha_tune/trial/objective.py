@@ -25,7 +25,22 @@ if TYPE_CHECKING:
 
     from ..training.data import Splits
 
-__all__ = ["final_metrics", "build_spec", "evaluate_params", "outcome_from_result", "evaluate_pack"]
+__all__ = ["final_metrics", "build_spec", "evaluate_params", "outcome_from_result", "evaluate_pack",
+           "check_task_inputs"]
+
+
+def check_task_inputs(cfg: Config) -> None:
+    """Before a study is created or a trial asked: a file-based dataset's files exist, or the
+    ``task.train`` function can be imported and found (importing runs its module's top-level
+    code, as a trial will). A one-line :class:`UserError` otherwise."""
+    if cfg.task.train is not None:
+        from ..plugins import load_plugin
+
+        load_plugin(cfg.task.train, "task.train")
+        return
+    from ..training.data import check_dataset_files
+
+    check_dataset_files(cfg.task.dataset, cfg.task.data_dir, cfg.task.dataset_options)
 
 
 def build_spec(cfg: Config, params: Mapping[str, Any], *, device: str | None = None, progress: bool | None = None):
@@ -75,6 +90,10 @@ def evaluate_params(
     from ..distributed import launched_world_size
     from ..training.trainer import train
 
+    if cfg.task.train is not None:  # the user's own training function (task.train)
+        from .user_train import evaluate_user_train
+
+        return evaluate_user_train(cfg, params, on_epoch=on_epoch, device=device)
     if cfg.device.processes > 1 and launched_world_size() <= 1:
         return _evaluate_ranks(cfg, params, on_epoch=on_epoch, device=device)
     spec = build_spec(cfg, params, device=device, progress=progress)

@@ -249,3 +249,23 @@ def test_every_command_documents_its_options(command):
     # each option line carries a description, not just a name
     lines = [ln for ln in result.output.splitlines() if "--" in ln and "--help" not in ln]
     assert all(len(ln.split()) > 3 for ln in lines), lines
+
+
+def test_version_completion_and_choices():
+    import importlib.metadata
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output == f"sassha-tune {importlib.metadata.version('sassha-tune')}\n"
+    # the bash completion script completes through the console script's own entry point
+    script = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="sassha-tune")
+    assert script.exit_code == 0 and "_SASSHA_TUNE_COMPLETE=complete_bash" in script.output
+    # an enumerated option lists its choices, and a wrong one is one line naming them
+    assert "yaml|json|kwargs" in CliRunner().invoke(app, ["export", "--help"], terminal_width=200).output
+    bad = subprocess.run([sys.executable, "-m", "sassha_tune", "export", "s", "--format", "xml"],
+                         capture_output=True, text=True, env=_env())
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    assert "--format" in bad.stderr and "'xml' is not one of 'yaml', 'json', 'kwargs'" in bad.stderr
+    # commands that name a study have no config to take a storage from, and say so
+    status_help = CliRunner().invoke(app, ["status", "--help"], terminal_width=200).output
+    assert "study.storage" not in status_help and "sqlite:///sassha-tune.db" in status_help

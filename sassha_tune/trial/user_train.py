@@ -1,0 +1,176 @@
+"""A trial trained by the user's own function: ``task.train: package.module:function``.
+
+For training code that does not fit the built-in trainer (its own data pipeline, a model that
+is not "tensors on the device", a HuggingFace model), the trial calls ``function(reporter)`` in
+the trial process and stores what it returns, as it stores a built-in trial's metrics. The
+:class:`TrialReporter` gives the function what the study chose and takes back what it measures::
+
+    def train(reporter):
+        model = make_my_model()
+        optimizer = reporter.make_optimizer(model)   # the trial's optimizer and hyperparameters
+        for epoch in range(reporter.epochs):
+            ...  # the user's loop: loss = optimizer.step(closure)
+            reporter.report({"val_acc": val_acc, "train_loss": train_loss})  # may raise TrialPruned
+        reporter.sharpness_on(model, x_fixed, y_fixed)  # optional: our sharpness metrics
+        return {"val_acc": val_acc, "train_acc": train_acc, "val_loss": val_loss, "train_loss": train_loss}
+
+Everything around the trial is the same as for the built-in tasks: the fresh trial process, the
+heartbeats, the budget, retries of lost trials, pruning (through :meth:`TrialReporter.report`),
+reports and export.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import optuna
+
+from ..config import Config
+from ..config.spaces import trial_hparams
+from ..errors import UserError
+from ..metrics.names import SHARPNESS_ATTRS
+from ..plugins import load_plugin
+from .outcome import TrialOutcome, json_safe, one_line
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["TrialReporter", "TrialPruned", "evaluate_user_train"]
+
+#: what ``report`` raises when the study prunes the trial (Optuna's own exception: the function
+#: may let it propagate, or catch it to clean up and re-raise)
+TrialPruned = optuna.TrialPruned
+
+
+class TrialReporter:
+    """What a ``task.train`` function gets: the trial's choices, and where its measurements go.
+
+    Attributes:
+        optimizer_name: the registry name of the study's optimizer (``"sassha"``, ...).
+        hparams: its constructor arguments for this trial (registry defaults, ``optimizer.fixed``
+            and the sampled values, weight decay already in the constructor's convention), as
+            :meth:`make_optimizer` passes them.
+        params: the trial's sampled parameters as Optuna stores them (the config's convention).
+        epochs: ``task.epochs`` (the pruner's resource: report at most this many epochs).
+        seed: the config's ``seed``.
+        device: the trial's device (``"cpu"``, ``"cuda:0"``, ...), resolved from the config.
+        options: ``task.train_options``, as written in the config.
+    """
+
+    def __init__(self, cfg: Config, params: Mapping[str, Any], *, device: str,
+                 on_epoch: Callable[[int, dict], bool] | None) -> None:
+        self.optimizer_name = cfg.optimizer.name
+        self.hparams = trial_hparams(cfg, params)
+        self.params = dict(params)
+        self.epochs = cfg.task.epochs
+        self.seed = cfg.seed
+        self.device = device
+        self.options = dict(cfg.task.train_options)
+        self.history: list[dict[str, Any]] = []
+        self.sharpness_inputs: tuple[Any, ...] | None = None
+        self._on_epoch = on_epoch
+
+    def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """The trial's optimizer over ``model`` (its parameter groups and ``model=`` as the
+        registry builds them: the same call as the built-in trainer's)."""
+        from ..optim.registry import build_optimizer
+
+        return build_optimizer(self.optimizer_name, model, self.hparams)
+
+    def report(self, metrics: Mapping[str, Any]) -> None:
+        """One epoch's metrics (e.g. ``val_acc``, ``train_loss``; floats). Epochs count from 1.
+        They become the trial's learning curve and the pruner's input; raises :data:`TrialPruned`
+        when the study prunes the trial."""
+        if len(self.history) >= self.epochs:
+            raise UserError(f"task.train: the function reported more than task.epochs = {self.epochs} epochs")
+        entry = {"epoch": len(self.history) + 1, **{str(k): _number(k, v) for k, v in metrics.items()}}
+        self.history.append(entry)
+        if self._on_epoch is not None and self._on_epoch(entry["epoch"], dict(entry)):
+            raise TrialPruned(f"pruned at epoch {entry['epoch']}")
+
+    def sharpness_on(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Measure sharpness on ``model`` once the function returns, on a fixed subset of
+        ``(inputs, targets)`` (tensors on the model's device; ``loss_fn(outputs, targets)`` returns
+        the mean loss, default cross-entropy), with the config's ``metrics`` protocol."""
+        self.sharpness_inputs = (model, loss_fn, inputs, targets)
+
+
+def _number(key: Any, value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # a 0-d tensor
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"task.train: metric {key!r} must be a number, got {type(value).__name__}")
+    return value
+
+
+def evaluate_user_train(cfg: Config, params: Mapping[str, Any], *,
+                        on_epoch: Callable[[int, dict], bool] | None, device: str | None) -> TrialOutcome:
+    """Run the trial's ``task.train`` function and turn what it returns into the trial's outcome."""
+    import torch
+
+    from ..devices import resolve_device
+    from ..metrics.sharpness import generalization_gap, hessian_metrics
+
+    assert cfg.task.train is not None
+    function = load_plugin(cfg.task.train, "task.train")
+    torch.manual_seed(cfg.seed)  # as a built-in trial starts: the user may seed again
+    reporter = TrialReporter(cfg, params, device=str(resolve_device(device or cfg.device.name)), on_epoch=on_epoch)
+    start = time.perf_counter()
+    try:
+        returned = function(reporter)
+    except TrialPruned:
+        return TrialOutcome("pruned", _attrs(reporter, start), history=reporter.history)
+    except UserError:
+        raise
+    except torch.cuda.OutOfMemoryError:
+        return TrialOutcome("fail", _attrs(reporter, start), failure_reason="out_of_memory", history=reporter.history)
+    except Exception as exc:  # the user's code failed this trial; the study goes on
+        return TrialOutcome("fail", _attrs(reporter, start), failure_reason=one_line(exc), history=reporter.history)
+    attrs = _attrs(reporter, start)
+    if not isinstance(returned, Mapping):
+        raise UserError(f"task.train: {cfg.task.train} must return a mapping of metrics, got {type(returned).__name__}")
+    final = {str(k): _number(k, v) for k, v in returned.items()}
+    attrs.update(final)
+    if all(k in final for k in ("train_acc", "val_acc", "train_loss", "val_loss")):
+        attrs.update(generalization_gap({"acc": final["train_acc"], "loss": final["train_loss"]},
+                                        {"acc": final["val_acc"], "loss": final["val_loss"]}))
+    if cfg.metrics.sharpness and reporter.sharpness_inputs is not None:
+        model, loss_fn, inputs, targets = reporter.sharpness_inputs
+        sharp = hessian_metrics(model, loss_fn, inputs, targets, seed=cfg.metrics.seed,
+                                subset_size=cfg.metrics.subset_size, **cfg.metrics.budget)
+        for key in SHARPNESS_ATTRS:
+            attrs[key] = sharp.get(key)
+        attrs["sharpness_protocol"] = sharp.get("protocol")
+        attrs["sharpness_seconds"] = sharp.get("seconds")
+    else:
+        for key in SHARPNESS_ATTRS:
+            attrs.setdefault(key, None)
+    attrs = json_safe(attrs)
+    values = []
+    for metric in cfg.study.metrics:
+        v = attrs.get(metric)
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            why = "not returned by the train function" if metric not in attrs else "not finite"
+            if metric in SHARPNESS_ATTRS and reporter.sharpness_inputs is None:
+                why = "not measured: the train function did not call reporter.sharpness_on"
+            return TrialOutcome("fail", attrs, failure_reason=f"error: objective {metric} {why}", history=reporter.history)
+        values.append(float(v))
+    return TrialOutcome("complete", attrs, values=values, history=reporter.history)
+
+
+def _attrs(reporter: TrialReporter, start: float) -> dict[str, Any]:
+    attrs: dict[str, Any] = {
+        "epochs_completed": len(reporter.history),
+        "train_seconds": time.perf_counter() - start,
+        "device": reporter.device,
+    }
+    if reporter.history:
+        for key in ("val_acc", "val_loss"):
+            if key in reporter.history[-1]:
+                attrs[key] = reporter.history[-1][key]
+    return attrs

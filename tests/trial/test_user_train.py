@@ -1,0 +1,112 @@
+"""``task.train``: a study driven by the user's own training function, through the real trial
+processes and a real SQLite study (sassha_tune.run_study)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+from plugins_example import quadratic_x
+
+import sassha_tune
+from sassha_tune.config import config_from_dict
+from sassha_tune.errors import UserError
+from sassha_tune.study.create import create_or_continue
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+pytestmark = pytest.mark.slow
+
+
+def _own(**over):
+    cfg = {
+        "study": {"name": "own", "objective": "val_acc",
+                  "pruner": {"name": "median", "options": {"n_startup_trials": 1, "n_warmup_steps": 0}}},
+        "budget": {"n_trials": 3},
+        "task": {"train": "plugins_example:own_quadratic", "epochs": 3},
+        "optimizer": {"name": "sassha", "fixed": {"lazy_hessian": 1, "rho": 0.01}, "search_space": {"params": {
+            "lr": {"type": "float", "low": 0.001, "high": 0.5, "log": True},
+            "weight_decay": {"type": "float", "low": 1e-5, "high": 1e-3, "log": True}}}},
+        "metrics": {"subset_size": 1000, "budget": {"lambda_max_iters": 20, "lambda_tol": 1e-7, "trace_probes": 4,
+                                                     "sam_steps": 2}},
+        "device": "cpu",
+    }
+    for key, value in over.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) else value
+    return cfg
+
+
+def test_a_study_of_your_own_training_function(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = config_from_dict(_own())
+    # the first trial high, the second low: the median pruner (one startup trial) stops the second
+    created = create_or_continue(cfg, url, allow_space_change=False, log=lambda _: None)
+    created.enqueue_trial({"lr": 0.4, "weight_decay": 1e-4})
+    created.enqueue_trial({"lr": 0.002, "weight_decay": 1e-4})
+    created.enqueue_trial({"lr": 0.45, "weight_decay": 1e-3})  # above the median: goes on
+    study = sassha_tune.run_study(cfg, storage=url, log=lambda _: None)
+    t0, t1, t2 = study.get_trials()
+    assert [t.state for t in (t0, t1, t2)] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
+    # the objective is what the function returned; every epoch it reported is an intermediate value
+    assert t0.values == [0.4] and t0.intermediate_values == {1: 0.4, 2: 0.4, 3: 0.4}
+    assert t1.intermediate_values == {1: 0.002} and t1.user_attrs["epochs_completed"] == 1
+    assert [h["epoch"] for h in t0.user_attrs["history"]] == [1, 2, 3]
+    # the function got the constructor's convention: sassha's decoupled weight decay is wd / lr
+    assert t0.user_attrs["wd_given"] == pytest.approx(1e-4 / 0.4, rel=1e-12)
+    assert t0.user_attrs["optimizer_is"] == 1.0
+    # sharpness on the batch it gave: mean squared error of a linear map has Hessian 2/n X^T X
+    x = quadratic_x().double()
+    exact = torch.linalg.eigvalsh(2 / len(x) * x.T @ x)
+    assert t0.user_attrs["lambda_max"] == pytest.approx(exact.max().item(), rel=1e-4)
+    assert t0.user_attrs["hessian_trace"] == pytest.approx(exact.sum().item(), rel=0.5)  # 4 probes: an estimate
+    assert t0.user_attrs["sharpness_protocol"]["subset_size"] == len(x)  # subset_size 1000 > 64: all of it
+
+
+def test_a_failing_function_fails_only_its_trial(tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = config_from_dict(_own(task={"train": "plugins_example:own_quadratic", "epochs": 2,
+                                      "train_options": {"fail_above": 0.1}},
+                                study={"name": "own", "objective": "val_acc"}))
+    created = create_or_continue(cfg, url, allow_space_change=False, log=lambda _: None)
+    created.enqueue_trial({"lr": 0.2, "weight_decay": 1e-4})
+    created.enqueue_trial({"lr": 0.05, "weight_decay": 1e-4})
+    study = sassha_tune.run_study(cfg, storage=url, n_trials=2, log=lambda _: None)
+    failed, done = study.get_trials()
+    assert failed.state == TrialState.FAIL and done.state == TrialState.COMPLETE
+    assert failed.user_attrs["failure_reason"] == "error: ValueError: lr 0.2 too large for this test"
+    assert failed.user_attrs["epochs_completed"] == 2  # what it reported before failing is kept
+
+
+def test_the_example_runs_as_written(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(EXAMPLES), os.environ["PYTHONPATH"]]))  # the trials' too
+    raw = yaml.safe_load((EXAMPLES / "own_loop.yaml").read_text())
+    study = sassha_tune.run_study(raw, storage=f"sqlite:///{tmp_path / 'e.db'}", n_trials=2, log=lambda _: None)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert all(0 <= t.values[0] <= 1 and t.user_attrs["lambda_max"] > 0 for t in trials)
+    assert len(trials[0].intermediate_values) == raw["task"]["epochs"]
+
+
+@pytest.mark.parametrize("change, key, expected", [
+    ({"task": {"train": "plugins_example:own_quadratic", "dataset": "mnist1d"}}, "task.dataset",
+     "is not used with task.train"),
+    ({"task": {"train": "not a plug-in"}}, "task.train", "a package.module:function plug-in"),
+    ({"schedule": {"name": "cosine"}}, "schedule", "is not used with task.train"),
+    ({"device": {"name": "cpu", "processes": 2}}, "device.processes", "must be 1 with task.train"),
+])
+def test_config_mistakes_name_the_key(change, key, expected):
+    with pytest.raises(UserError) as info:
+        config_from_dict(_own(**change))
+    assert f"{key}: " in str(info.value) and expected in str(info.value)
+
+
+def test_a_missing_function_costs_no_study(tmp_path):
+    db = tmp_path / "s.db"
+    with pytest.raises(UserError, match=r"task.train 'plugins_example:no_such_train': .* has no attribute"):
+        sassha_tune.run_study(_own(task={"train": "plugins_example:no_such_train"}), storage=f"sqlite:///{db}")
+    assert not db.exists()
