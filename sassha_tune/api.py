@@ -18,7 +18,7 @@ expected) before a storage is touched.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +26,12 @@ from .errors import UserError
 
 if TYPE_CHECKING:
     import optuna
+    from optuna.trial import FrozenTrial
 
     from .config import Config
 
 Log = Callable[[str], None]
+Callback = Callable[["optuna.Study", "FrozenTrial"], None]
 
 _logger = logging.getLogger("sassha_tune")
 
@@ -91,7 +93,15 @@ def _check_flags(gpus: list[str] | list[int] | None, device: str | None, pack: s
     return gpu_list, pack_size
 
 
-def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: str | int, log: Log) -> None:
+def _check_callbacks_arg(callbacks: Sequence[Callback], gpus: list[str]) -> None:
+    if isinstance(callbacks, (str, bytes)) or not all(callable(c) for c in callbacks):
+        raise UserError("callbacks: expected a list of callables (study, frozen_trial)")
+    if callbacks and gpus:
+        raise UserError("callbacks: run in this process only, so not with gpus (use study.callbacks in the config)")
+
+
+def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: str | int, log: Log,
+         callbacks: Sequence[Callback]) -> None:
     from .study.loop import run_trials
     from .study.workers import run_gpu_workers
 
@@ -100,7 +110,7 @@ def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: st
         if code:
             raise WorkersFailed(code)
         return
-    summary = run_trials(name, url, device=device, log=log, pack=pack_size)
+    summary = run_trials(name, url, device=device, log=log, pack=pack_size, callbacks=callbacks)
     states = ", ".join(f"{k} {v}" for k, v in sorted(summary.states.items())) or "no trials"
     log(f"done: {summary.ran} trials this run ({states}) in {summary.seconds:.1f} s; {summary.stopped_because}")
 
@@ -116,6 +126,7 @@ def run_study(
     allow_space_change: bool = False,
     create_only: bool = False,
     log: Log | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> optuna.Study:
     """Create the study ``config`` describes (or continue it) and run trials until its budget is spent.
 
@@ -124,10 +135,13 @@ def run_study(
     ``$SASSHA_TUNE_STORAGE``, else ``sqlite:///sassha-tune.db``). ``n_trials`` sets the study's
     total budget; ``device`` overrides the config's; ``pack`` is ``"auto"``, ``1`` or ``K`` trials
     per process (docs/packs.md); ``gpus`` starts one worker process per listed GPU;
-    ``create_only`` creates (or checks) the study and runs nothing. Same as ``sassha-tune run``.
+    ``create_only`` creates (or checks) the study and runs nothing; ``callbacks``: Optuna-style
+    callables ``(study, frozen_trial)`` told of every finished trial, after the config's
+    ``study.callbacks`` (in this process only, so not with ``gpus``). Same as ``sassha-tune run``.
     """
     from .config import advice
     from .devices import check_available
+    from .study.callbacks import check_callbacks
     from .study.create import create_or_continue, set_budget
     from .study.storage import resolve_storage
     from .trial.objective import check_task_inputs
@@ -136,6 +150,7 @@ def run_study(
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
         raise UserError(f"n_trials: expected an integer >= 1, got {n_trials!r}")
     gpu_list, pack_size = _check_flags(gpus, device, pack)
+    _check_callbacks_arg(callbacks, gpu_list)
     cfg = _as_config(config)  # everything validated before any storage is touched
     for note in advice(cfg):
         log(f"note: {note}")
@@ -145,11 +160,12 @@ def run_study(
     if not gpu_list:
         check_available(device or cfg.device.name)  # a GPU this machine lacks costs no study
     check_task_inputs(cfg)  # a missing dataset file or train function costs no study
+    check_callbacks(cfg.study.callbacks)  # nor a tracker whose package is missing
     study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=log)
     if n_trials is not None:
         set_budget(study, n_trials)
     if not create_only:
-        _run(cfg.study.name, url, gpu_list, device, pack_size, log)
+        _run(cfg.study.name, url, gpu_list, device, pack_size, log, callbacks)
     return _reloaded(cfg.study.name, url)
 
 
@@ -162,6 +178,7 @@ def resume_study(
     pack: str | int = "auto",
     gpus: list[str] | list[int] | None = None,
     log: Log | None = None,
+    callbacks: Sequence[Callback] = (),
 ) -> optuna.Study:
     """Continue a stored study from its stored config: lost trials are failed and retried, the budget
     is finished. Same as ``sassha-tune resume``; the arguments are those of :func:`run_study`."""
@@ -173,6 +190,7 @@ def resume_study(
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
         raise UserError(f"n_trials: expected an integer >= 1, got {n_trials!r}")
     gpu_list, pack_size = _check_flags(gpus, device, pack)
+    _check_callbacks_arg(callbacks, gpu_list)
     url = resolve_storage(storage)
     study = load_study(name, url)
     cfg, _ = stored_config(study)
@@ -180,7 +198,7 @@ def resume_study(
         check_available(device or cfg.device.name)  # before the budget changes or a trial is asked
     if n_trials is not None:
         set_budget(study, n_trials)
-    _run(name, url, gpu_list, device, pack_size, log)
+    _run(name, url, gpu_list, device, pack_size, log, callbacks)
     return _reloaded(name, url)
 
 

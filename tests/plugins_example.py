@@ -133,3 +133,25 @@ def own_quadratic(reporter):
         raise ValueError(f"lr {reporter.hparams['lr']} too large for this test")
     return {"val_acc": reporter.hparams["lr"], "wd_given": reporter.hparams["weight_decay"],
             "optimizer_is": float(type(optimizer).__name__ == "Sassha")}
+
+
+# ---- study.callbacks plug-ins ----
+
+def record_trials(*, path):
+    """A callback factory: ``factory(**options) -> callback(study, frozen_trial)`` appending one JSON
+    line per finished trial to ``path``."""
+    import json
+
+    def callback(study, trial):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"study": study.study_name, "number": trial.number, "state": trial.state.name,
+                                "values": trial.values, "lr": trial.params.get("lr")}) + "\n")
+
+    return callback
+
+
+def failing_callback():
+    def callback(study, trial):
+        raise RuntimeError(f"tracker unreachable for trial {trial.number}")
+
+    return callback

@@ -60,6 +60,8 @@ class StudyConfig:
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     heartbeat_interval: float = 10.0
     stale_after: float = 60.0
+    # told of every finished trial: [{"name": builtin or package.module:factory, "options": {...}}]
+    callbacks: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def directions(self) -> list[str]:

@@ -354,6 +354,7 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
             "pruner": (lambda v, c, p: v, None),
             "heartbeat_interval": (_float(0, lo_open=True), 10.0),
             "stale_after": (_float(0, lo_open=True), 60.0),
+            "callbacks": (lambda v, c, p: v, None),
         },
         ctx,
         "study",
@@ -400,7 +401,14 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
         pruner=PrunerConfig(p["name"], p["options"]),
         heartbeat_interval=d["heartbeat_interval"],
         stale_after=d["stale_after"],
+        callbacks=_callbacks(d["callbacks"], ctx),
     )
+
+
+def _callbacks(raw: Any, ctx: _Ctx) -> list[dict[str, Any]]:
+    from ..study.callbacks import parse_callbacks  # the callbacks module knows its built-ins
+
+    return parse_callbacks(raw, lambda path, expected, got: ctx.fail(path, expected, got))
 
 
 def _builtin_task(raw_task: Any, ctx: _Ctx, base_dir: str | Path) -> dict[str, Any]:

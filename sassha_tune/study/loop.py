@@ -12,7 +12,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +28,7 @@ from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS
 from ..trial.outcome import TrialOutcome
 from ..trial.process import TrialProcess
 from .budget import budget_used, counts_toward_budget
+from .callbacks import Callback, make_callbacks, notify
 from .create import config_from_payload, plain, stored_payload
 from .liveness import Heartbeat, reconcile
 from .samplers import make_pruner, make_sampler, trial_seed
@@ -82,11 +83,14 @@ def run_trials(
     device: str | None = None,
     log: Log = print,
     pack: str | int = 1,
+    callbacks: Sequence[Callback] = (),
 ) -> LoopSummary:
     """Run trials of a stored study until its budget (or ``budget.timeout``) is reached.
 
     ``pack`` (``--pack``): ``1`` one trial per process; ``K`` or ``"auto"``: up to K trials asked at
-    once and trained together in one process (:mod:`sassha_tune.training.packs`) where they can be packed."""
+    once and trained together in one process (:mod:`sassha_tune.training.packs`) where they can be packed.
+    After each trial is told, the config's ``study.callbacks`` and then ``callbacks`` (callables
+    ``(study, frozen_trial)``) are called with it (:mod:`.callbacks`)."""
     from ..trial.objective import check_task_inputs
 
     study = load_study(study_name, storage_url)
@@ -94,6 +98,7 @@ def run_trials(
     cfg, space = config_from_payload(study_name, payload, validate=True)  # this worker starts on it
     check_device(device or cfg.device.name, "--device" if device else "device")  # before any trial is asked
     check_task_inputs(cfg)  # a missing dataset file or train function costs no study
+    told_to = [*make_callbacks(cfg.study.callbacks, cfg.study.metrics), *((getattr(c, "__name__", type(c).__name__), c) for c in callbacks)]
     summary = LoopSummary()
     start = time.monotonic()
     restore = _sigterm_as_interrupt()
@@ -146,6 +151,7 @@ def run_trials(
                         summary.ran += 1
                         summary.states[frozen.state.name] += 1
                         log(_describe(frozen, cfg))
+                        notify(told_to, study, frozen, log)
                     continue
             trial = with_retry(study.ask)
             frozen = _run_one(study, trial, cfg, space, device=device, worker=worker, log=log)
@@ -155,6 +161,7 @@ def run_trials(
             summary.ran += 1
             summary.states[frozen.state.name] += 1
             log(_describe(frozen, cfg))
+            notify(told_to, study, frozen, log)
     finally:
         restore()
         summary.seconds = time.monotonic() - start
