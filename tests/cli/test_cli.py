@@ -257,9 +257,15 @@ def test_version_completion_and_choices():
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.output == f"sassha-tune {importlib.metadata.version('sassha-tune')}\n"
-    # the bash completion script completes through the console script's own entry point
-    script = CliRunner().invoke(app, ["--show-completion", "bash"], prog_name="sassha-tune")
-    assert script.exit_code == 0 and "_SASSHA_TUNE_COMPLETE=complete_bash" in script.output
+    # shell completion, as the installed bash script asks for it: command names, then choices
+    def complete(words: str) -> list[str]:
+        env = {"_SASSHA_TUNE_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split(" ")) - 1)}
+        result = CliRunner().invoke(app, [], prog_name="sassha-tune", env=env)
+        assert result.exit_code == 0, result.output
+        return result.output.split()
+
+    assert complete("sassha-tune ex") == ["export"]
+    assert complete("sassha-tune export s --format ") == ["yaml", "json", "kwargs"]
     # an enumerated option lists its choices, and a wrong one is one line naming them
     assert "yaml|json|kwargs" in CliRunner().invoke(app, ["export", "--help"], terminal_width=200).output
     bad = subprocess.run([sys.executable, "-m", "sassha_tune", "export", "s", "--format", "xml"],
