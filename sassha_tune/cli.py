@@ -406,8 +406,9 @@ def train(
     ] = None,
 ) -> None:
     """Train once with the config's fixed hyperparameters (e.g. an exported config) and print the metrics."""
-    from .config import load_config, yaml_load
+    from .config import load_config
     from .config.spaces import check_param_names
+    from .config.yamlfile import read_yaml_file
     from .devices import check_available as check_device
     from .trial.objective import evaluate_params
 
@@ -423,7 +424,7 @@ def train(
     if params is not None:
         if not params.is_file():
             raise UserError(f"--params {params}: no such file")
-        raw = yaml_load(params.read_text(encoding="utf-8"), str(params))
+        raw = read_yaml_file(params, "params file")
         if not isinstance(raw, dict):
             raise UserError(f"{params}: expected a mapping of hyperparameter names to values")
         check_param_names(cfg.optimizer.name, list(raw), str(params), "params")

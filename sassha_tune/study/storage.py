@@ -11,7 +11,6 @@ heartbeats, retries and worker records need: :func:`study_storage`, :func:`study
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import optuna
 
 from ..errors import StorageError
+from ..redact import mask_url, scrub
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -41,29 +41,6 @@ DEFAULT_STORAGE = "sqlite:///sassha-tune.db"
 STORAGE_ENV = "SASSHA_TUNE_STORAGE"
 
 T = TypeVar("T")
-
-# ``scheme://user:password@`` (or ``user:password@``): everything up to the last ``@`` counts as
-# the password, so an unparsable URL still never shows one (over-masking is the safe side).
-_USERINFO = re.compile(r"^(?P<head>(?:[A-Za-z][\w+.\-]*://)?[^:/@?#\s]*:)(?P<password>(?!//).*)@", re.S)
-
-
-def _mask_userinfo(text: str) -> str:
-    return _USERINFO.sub(lambda m: f"{m['head']}***@", text, count=1)
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for every message and table).
-
-    Works on strings SQLAlchemy cannot parse too: ``//user:pass@`` becomes ``//user:***@``."""
-    from sqlalchemy.engine import make_url
-
-    text = str(url)
-    try:
-        text = make_url(text).render_as_string(hide_password=True)
-    except Exception:
-        pass
-    return _mask_userinfo(text)
-
 
 def resolve_storage(cli_storage: str | None, cfg: Config | None = None) -> str:
     """``--storage`` wins, then ``study.storage`` in the config, then ``sqlite:///sassha-tune.db``."""
@@ -100,18 +77,7 @@ def with_retry(fn: Callable[..., T], *args: Any, tries: int = 10, **kwargs: Any)
 
 
 def _scrub(text: str, url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        password = make_url(url).password
-    except Exception:
-        password = None
-    if password:
-        text = text.replace(str(password), "***")
-    m = _USERINFO.match(str(url))
-    if m and m["password"]:
-        text = text.replace(m["password"], "***")
-    return " ".join(text.split())[:300]
+    return scrub(text, url)
 
 
 def _missing_sqlite_file(url: str) -> str | None:
