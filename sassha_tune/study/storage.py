@@ -35,7 +35,14 @@ __all__ = [
     "study_storage",
     "study_id",
     "trial_id",
+    "create_study_atomically",
+    "crash_point",
+    "CRASH_ENV",
 ]
+
+#: test hook: ``SASSHA_TUNE_TEST_CRASH_AT=<point>`` makes this process SIGKILL itself at that point
+#: (see :func:`crash_point`); the kill-during-creation tests use it, nothing else sets it
+CRASH_ENV = "SASSHA_TUNE_TEST_CRASH_AT"
 
 DEFAULT_STORAGE = "sqlite:///sassha-tune.db"
 STORAGE_ENV = "SASSHA_TUNE_STORAGE"
@@ -126,7 +133,8 @@ def open_storage(url: str, *, create: bool = True, study_name: str | None = None
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
-        return with_retry(optuna.storages.RDBStorage, url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+        return _first_open(lambda: with_retry(optuna.storages.RDBStorage, url, engine_kwargs=engine_kwargs,
+                                              skip_table_creation=not create))
     except ModuleNotFoundError as exc:
         raise StorageError(
             f"storage {shown}: the database driver is not installed ({exc.name}); for PostgreSQL: "
@@ -135,6 +143,100 @@ def open_storage(url: str, *, create: bool = True, study_name: str | None = None
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise StorageError(f"storage {shown}: cannot open it: {_scrub(str(cause).splitlines()[0] if str(cause) else type(cause).__name__, url)}") from None
+
+
+def _creation_race(exc: BaseException) -> bool:
+    """Whether ``exc`` is another process creating the same fresh database's tables at the same
+    time (SQLite: ``table studies already exists``, ``UNIQUE constraint failed: alembic_version``)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if "already exists" in text or "alembic_version" in text or "duplicate key value" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _first_open(open_: Callable[[], T], tries: int = 5) -> T:
+    """Open a storage; when several processes create a fresh database's tables at once, the
+    losers' ``CREATE TABLE`` or version row fails: open again, the tables are there now (creating
+    them is idempotent, so a retry is what one process alone would have done)."""
+    for attempt in range(tries):
+        try:
+            return open_()
+        except Exception as exc:
+            if attempt == tries - 1 or not _creation_race(exc):
+                raise
+            time.sleep(0.05 * (attempt + 1) * (1.0 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def crash_point(point: str) -> None:
+    """Test hook: SIGKILL this process here when ``$SASSHA_TUNE_TEST_CRASH_AT`` names ``point``
+    (a kill at the worst moment, for the crash-safety tests; a no-op otherwise)."""
+    import os
+
+    if os.environ.get(CRASH_ENV) == point:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def create_study_atomically(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    directions: list[str],
+    user_attrs: dict[str, Any],
+    system_attrs: dict[str, Any],
+) -> bool:
+    """Create study ``name`` with its directions and attributes in **one transaction**: a kill at
+    any moment leaves no study or a complete one (SQLite and PostgreSQL commit a transaction
+    atomically; Optuna's own ``create_study`` commits the bare study first and every attribute in
+    a transaction of its own, so a kill in between left a study without its config). Returns
+    False when a study of that name exists (another process created it first): nothing written.
+
+    Optuna has no public call for this; its table models are used here, the one module that
+    reads Optuna's storage internals."""
+    import json
+
+    from optuna.storages._rdb import models
+    from sqlalchemy.exc import IntegrityError
+
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        raise TypeError("create_study_atomically needs an RDBStorage")
+    session = storage.scoped_session()
+    try:
+        study = models.StudyModel(
+            study_name=name,
+            directions=[
+                models.StudyDirectionModel(
+                    objective=i,
+                    direction=optuna.study.StudyDirection.MAXIMIZE if d == "maximize"
+                    else optuna.study.StudyDirection.MINIMIZE,
+                )
+                for i, d in enumerate(directions)
+            ],
+        )
+        session.add(study)
+        session.flush()  # the study's id, still inside the transaction
+        for key, value in user_attrs.items():
+            session.add(models.StudyUserAttributeModel(study_id=study.study_id, key=key, value_json=json.dumps(value)))
+        for key, value in system_attrs.items():
+            session.add(models.StudySystemAttributeModel(study_id=study.study_id, key=key, value_json=json.dumps(value)))
+        session.flush()
+        crash_point("create:before-commit")
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return False
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+    return True
 
 
 def load_study(
