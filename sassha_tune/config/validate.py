@@ -731,25 +731,31 @@ def _optimizer_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
             return " ".join(str(exc).split())[:200] or type(exc).__name__
         return None
 
-    base = {n: v for n, v in lowest.items() if n not in fixed}
-    lr = {"lr": fixed["lr"]} if "lr" in fixed else {"lr": base["lr"]} if "lr" in base else {}
+    searched = sorted((n for n in space.params if n not in fixed), key=lambda n: n != "lr")  # lr first
+    # the lr a decoupled weight decay needs (wd / lr): the fixed one, else the constructor's default
+    # while the fixed values are checked and the searched one's low once it is checked itself
+    lr = {"lr": fixed["lr"]} if "lr" in fixed else {"lr": defaults["lr"]} if _is_number(defaults.get("lr")) else {}
     for key in fixed:  # one key at a time names the culprit (with the lr a decoupled weight decay needs)
         if (why := refused({**lr, key: fixed[key]})) is not None:
             raise ctx.fail(f"optimizer.fixed.{key}", "", raw=f"{fixed[key]!r} is refused by {cfg.optimizer.name}: {why}")
-    if (why := refused(base)) is not None:
+    if (why := refused({**lr, **fixed})) is not None:
         raise ctx.fail("optimizer.fixed", "", raw=f"refused by {cfg.optimizer.name}: {why}")
-    for name, p in space.params.items():
-        if name in fixed:
-            continue
+    for name in searched:
+        if name != "lr" and "lr" in lowest and "lr" not in fixed:
+            lr = {"lr": lowest["lr"]}
+        p = space.params[name]
         where = f"optimizer.search_space.params.{name}"
         candidates = [("choices", c) for c in p.choices or ()] if p.type == "categorical" else [("low", p.low), ("high", p.high)]
         for key, value in candidates:
             error = _value_kind_error(name, value, defaults.get(name))
             if error is None:
-                why = refused({**base, name: value})
+                why = refused({**lr, **fixed, name: value})
                 error = None if why is None else f"{value!r} is refused by {cfg.optimizer.name}: {why}"
             if error is not None:
                 raise ctx.fail(f"{where}.{key}", "", raw=error)
+    if (why := refused({**fixed, **{n: lowest[n] for n in searched}})) is not None:
+        raise ctx.fail("optimizer.search_space", "", raw=f"its lowest values with optimizer.fixed are refused by "
+                       f"{cfg.optimizer.name}: {why}")
 
 
 def published_to_enqueue(cfg: Config, space: Any) -> list[dict[str, Any]]:
