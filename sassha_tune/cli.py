@@ -145,6 +145,15 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt:
             err.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # a storage fault (corrupt, read-only, full, locked): one line
+            from .study.storage import storage_fault
+
+            message = storage_fault(exc)
+            if message is None:
+                raise
+            raise _fail(message) from None
 
     return wrapper  # type: ignore[return-value]
 

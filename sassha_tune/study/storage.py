@@ -36,6 +36,7 @@ __all__ = [
     "study_id",
     "trial_id",
     "create_study_atomically",
+    "storage_fault",
     "crash_point",
     "CRASH_ENV",
 ]
@@ -110,6 +111,7 @@ def open_storage(url: str, *, create: bool = True, study_name: str | None = None
     from sqlalchemy.exc import ArgumentError
 
     shown = mask_url(url)
+    _opened.append(shown)
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
@@ -143,6 +145,48 @@ def open_storage(url: str, *, create: bool = True, study_name: str | None = None
     except Exception as exc:
         cause = exc.__cause__ or exc
         raise StorageError(f"storage {shown}: cannot open it: {_scrub(str(cause).splitlines()[0] if str(cause) else type(cause).__name__, url)}") from None
+
+
+# The storages this process opened (masked), for naming the storage in a fault's one line.
+_opened: list[str] = []
+
+# (text in the driver's error, what it means for the user), first match wins
+_FAULTS = (
+    ("file is not a database", "the database file is corrupt (not an SQLite database); restore it from a backup"),
+    ("malformed", "the database file is corrupt (database disk image is malformed); restore it from a backup"),
+    ("readonly database", "it is read-only (attempt to write a readonly database); check the file's permissions and mount"),
+    ("read-only file system", "it is on a read-only file system"),
+    ("database or disk is full", "the disk is full (database or disk is full); free space and resume"),
+    ("no space left", "the disk is full (no space left on device); free space and resume"),
+    ("disk i/o error", "the disk failed to read or write (disk I/O error)"),
+    ("database is locked", "it stayed locked by another process through every retry"),
+    ("unable to open database file", "the database file cannot be opened"),
+)
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """One line naming the storage and the cause when ``exc`` is a storage fault (a corrupt file, a
+    read-only or full disk, a lock that never cleared), else None. Passwords masked."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    texts: list[str] = []
+    is_db_error = False
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        texts.append(str(e).lower())
+        module = type(e).__module__
+        is_db_error = is_db_error or module.startswith(("sqlalchemy", "sqlite3", "psycopg", "pymysql", "optuna.exceptions"))
+        e = e.__cause__ or e.__context__
+    if not is_db_error and not isinstance(exc, OSError):
+        return None
+    where = f"storage {_opened[-1]}" if _opened else "storage"
+    for text in texts:
+        for needle, meaning in _FAULTS:
+            if needle in text:
+                return f"{where}: {meaning}"
+    if is_db_error:
+        return f"{where}: the database refused an operation: {scrub(texts[-1], _opened[-1] if _opened else '', 200)}"
+    return None
 
 
 def _creation_race(exc: BaseException) -> bool:
