@@ -131,6 +131,8 @@ def open_storage(url: str, *, create: bool = True, study_name: str | None = None
             )
         if db and db != ":memory:" and not Path(db).expanduser().resolve().parent.is_dir():
             raise StorageError(f"storage {shown}: directory {Path(db).parent} does not exist")
+        if missing is None and db and db != ":memory:" and not db.startswith("file:"):
+            _check_sqlite_file(Path(db).expanduser(), shown)
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
@@ -144,6 +146,8 @@ def open_storage(url: str, *, create: bool = True, study_name: str | None = None
         ) from None
     except Exception as exc:
         cause = exc.__cause__ or exc
+        if (fault := storage_fault(exc)) is not None and "refused an operation" not in fault:
+            raise StorageError(fault) from None
         raise StorageError(f"storage {shown}: cannot open it: {_scrub(str(cause).splitlines()[0] if str(cause) else type(cause).__name__, url)}") from None
 
 
@@ -186,6 +190,35 @@ def storage_fault(exc: BaseException) -> str | None:
                 return f"{where}: {meaning}"
     if is_db_error:
         return f"{where}: the database refused an operation: {scrub(texts[-1], _opened[-1] if _opened else '', 200)}"
+    return None
+
+
+def _check_sqlite_file(path: Path, shown: str) -> None:
+    """Refuse a corrupt SQLite file before anything reads or writes it: a write to an intact page
+    of a damaged file would succeed and change it further (``PRAGMA quick_check``, read-only)."""
+    import sqlite3
+
+    if path.stat().st_size == 0:
+        return  # an empty file: a new database
+    try:
+        con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=60)
+        try:
+            rows = con.execute("PRAGMA quick_check").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        if "locked" in str(exc):
+            return  # busy, not broken: the storage's own retries wait for it
+        raise StorageError(f"storage {shown}: {_fault_meaning(str(exc).lower()) or 'cannot read it: ' + scrub(str(exc), '')}") from None
+    if rows != [("ok",)]:
+        raise StorageError(f"storage {shown}: the database file is corrupt ({scrub(str(rows[0][0]), '', 80)}); "
+                           "restore it from a backup")
+
+
+def _fault_meaning(text: str) -> str | None:
+    for needle, meaning in _FAULTS:
+        if needle in text:
+            return meaning
     return None
 
 
