@@ -145,6 +145,7 @@ def run_study(
     from .study.create import create_or_continue, set_budget
     from .study.storage import resolve_storage
     from .trial.objective import check_task_inputs
+    from .trial.preflight import check_task
 
     log = log or _default_log
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
@@ -161,6 +162,7 @@ def run_study(
         check_available(device or cfg.device.name)  # a GPU this machine lacks costs no study
     check_task_inputs(cfg)  # a missing dataset file or train function costs no study
     check_callbacks(cfg.study.callbacks)  # nor a tracker whose package is missing
+    check_task(cfg)  # nor data or a model that every trial would fail on
     study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=log)
     if n_trials is not None:
         set_budget(study, n_trials)
@@ -185,6 +187,7 @@ def resume_study(
     from .devices import check_available
     from .study.create import set_budget, stored_config
     from .study.storage import load_study, resolve_storage
+    from .trial.preflight import check_task
 
     log = log or _default_log
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
@@ -196,6 +199,7 @@ def resume_study(
     cfg, _ = stored_config(study)
     if not gpu_list:
         check_available(device or cfg.device.name)  # before the budget changes or a trial is asked
+    check_task(cfg)  # a plug-in's data, checked again: it may have changed since the study was created
     if n_trials is not None:
         set_budget(study, n_trials)
     _run(name, url, gpu_list, device, pack_size, log, callbacks)

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import math
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from enum import Enum
@@ -173,8 +174,19 @@ def handle_errors(fn: F) -> F:
         except UserError as exc:
             raise _fail(str(exc), getattr(exc, "exit_code", 2)) from None
         except KeyboardInterrupt:
+            # the running trial is marked already; a further Ctrl-C would only interrupt the exit
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             err.print("[yellow]interrupted[/yellow]")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:  # a storage fault (corrupt, read-only, full, locked): one line
+            from .study.storage import storage_fault
+
+            message = storage_fault(exc)
+            if message is None:
+                raise
+            raise _fail(message) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -436,8 +448,9 @@ def train(
     ] = None,
 ) -> None:
     """Train once with the config's fixed hyperparameters (e.g. an exported config) and print the metrics."""
-    from .config import load_config, yaml_load
+    from .config import load_config
     from .config.spaces import check_param_names
+    from .config.yamlfile import read_yaml_file
     from .devices import check_available as check_device
     from .trial.objective import evaluate_params
 
@@ -453,7 +466,7 @@ def train(
     if params is not None:
         if not params.is_file():
             raise UserError(f"--params {params}: no such file")
-        raw = yaml_load(params.read_text(encoding="utf-8"), str(params))
+        raw = read_yaml_file(params, "params file")
         if not isinstance(raw, dict):
             raise UserError(f"{params}: expected a mapping of hyperparameter names to values")
         check_param_names(cfg.optimizer.name, list(raw), str(params), "params")

@@ -147,6 +147,7 @@ class Config:
     provenance: dict[str, Any] = field(default_factory=dict)
     source: str = "<config>"  # file the config came from (not part of the schema)
     base_dir: str = "."  # where relative search-space paths are looked up
+    name_given: bool = True  # study.name was written (not the file name's default; not stored)
 
     @property
     def sampler_seed(self) -> int:
@@ -164,6 +165,7 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d.pop("source", None)
     d.pop("base_dir", None)
+    d.pop("name_given", None)
     task = d["task"]
     if task["train"] is None:  # the built-in trainer: as configs were before task.train existed
         task.pop("train")

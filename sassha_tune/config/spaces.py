@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .yamlfile import excerpt
 
 __all__ = [
     "ParamSpec",
@@ -115,7 +116,7 @@ def _num(v: Any) -> bool:
 
 def _param(name: str, raw: Any, src: str, path: str) -> ParamSpec:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{src}: {path}: expected a mapping with type, low, high (or choices), got {raw!r}")
+        raise ConfigError(f"{src}: {path}: expected a mapping with type, low, high (or choices), got {excerpt(raw)}")
     for key in raw:
         if key not in _PARAM_KEYS:
             close = difflib.get_close_matches(str(key), _PARAM_KEYS, n=1, cutoff=0.5)
@@ -123,45 +124,45 @@ def _param(name: str, raw: Any, src: str, path: str) -> ParamSpec:
             raise ConfigError(f"{src}: {path}.{key}: unknown key ({hint})")
     kind = raw.get("type")
     if kind not in _TYPES:
-        raise ConfigError(f"{src}: {path}.type: expected one of {', '.join(_TYPES)}, got {kind!r}")
+        raise ConfigError(f"{src}: {path}.type: expected one of {', '.join(_TYPES)}, got {excerpt(kind)}")
     if kind == "categorical":
         for key in ("low", "high", "log", "step"):
             if key in raw:
                 raise ConfigError(f"{src}: {path}.{key}: not used by a categorical parameter (give choices)")
         choices = raw.get("choices")
         if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{src}: {path}.choices: expected a non-empty list, got {choices!r}")
+            raise ConfigError(f"{src}: {path}.choices: expected a non-empty list, got {excerpt(choices)}")
         for c in choices:
             if not (c is None or isinstance(c, (bool, int, float, str))):
-                raise ConfigError(f"{src}: {path}.choices: expected scalars (number, string, bool), got {c!r}")
+                raise ConfigError(f"{src}: {path}.choices: expected scalars (number, string, bool), got {excerpt(c)}")
         if len(set(map(repr, choices))) != len(choices):
-            raise ConfigError(f"{src}: {path}.choices: expected distinct values, got {choices!r}")
+            raise ConfigError(f"{src}: {path}.choices: expected distinct values, got {excerpt(choices)}")
         if name == "dense_refresh_steps" and any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in choices):
-            raise ConfigError(f"{src}: {path}.choices: expected integers >= 0 (steps), got {choices!r}")
+            raise ConfigError(f"{src}: {path}.choices: expected integers >= 0 (steps), got {excerpt(choices)}")
         return ParamSpec(name, kind, choices=tuple(choices))
     if "choices" in raw:
         raise ConfigError(f"{src}: {path}.choices: only for type: categorical")
     low, high = raw.get("low"), raw.get("high")
     for key, v in (("low", low), ("high", high)):
         if not _num(v) or (kind == "int" and not isinstance(v, int)):
-            raise ConfigError(f"{src}: {path}.{key}: expected {'an integer' if kind == 'int' else 'a number'}, got {v!r}")
+            raise ConfigError(f"{src}: {path}.{key}: expected {'an integer' if kind == 'int' else 'a number'}, got {excerpt(v)}")
     if not low < high:
-        raise ConfigError(f"{src}: {path}: expected low < high, got low={low!r}, high={high!r}")
+        raise ConfigError(f"{src}: {path}: expected low < high, got low={excerpt(low)}, high={excerpt(high)}")
     log = raw.get("log", False)
     if not isinstance(log, bool):
-        raise ConfigError(f"{src}: {path}.log: expected true or false, got {log!r}")
+        raise ConfigError(f"{src}: {path}.log: expected true or false, got {excerpt(log)}")
     if log and low <= 0:
-        raise ConfigError(f"{src}: {path}.low: expected a number > 0 with log: true, got {low!r}")
+        raise ConfigError(f"{src}: {path}.low: expected a number > 0 with log: true, got {excerpt(low)}")
     step = raw.get("step")
     if step is not None:
         if log:
             raise ConfigError(f"{src}: {path}.step: cannot be combined with log: true")
         if not _num(step) or step <= 0 or (kind == "int" and not isinstance(step, int)):
-            raise ConfigError(f"{src}: {path}.step: expected a positive {'integer' if kind == 'int' else 'number'}, got {step!r}")
+            raise ConfigError(f"{src}: {path}.step: expected a positive {'integer' if kind == 'int' else 'number'}, got {excerpt(step)}")
     if name == "lazy_hessian" and low < 1:
-        raise ConfigError(f"{src}: {path}.low: expected the Hessian interval k >= 1, got {low!r}")
+        raise ConfigError(f"{src}: {path}.low: expected the Hessian interval k >= 1, got {excerpt(low)}")
     if name == "dense_refresh_steps" and (kind != "int" or low < 0):
-        raise ConfigError(f"{src}: {path}: expected type int with low >= 0 (steps), got type {kind} with low {low!r}")
+        raise ConfigError(f"{src}: {path}: expected type int with low >= 0 (steps), got type {kind} with low {excerpt(low)}")
     if kind == "float":
         low, high = float(low), float(high)
     return ParamSpec(name, kind, low=low, high=high, log=log, step=step)
@@ -187,7 +188,7 @@ def check_param_names(optimizer: str, names: list[str], src: str, path: str) -> 
 def space_from_dict(raw: Any, src: str, optimizer: str | None = None, path: str = "") -> SearchSpace:
     prefix = f"{path}." if path else ""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{src}: {path or '(top level)'}: expected a mapping with params, got {raw!r}")
+        raise ConfigError(f"{src}: {path or '(top level)'}: expected a mapping with params, got {excerpt(raw)}")
     allowed = ("optimizer", "params", "published", "description")
     for key in raw:
         if key not in allowed:
@@ -196,22 +197,22 @@ def space_from_dict(raw: Any, src: str, optimizer: str | None = None, path: str 
             raise ConfigError(f"{src}: {prefix}{key}: unknown key ({hint})")
     declared = raw.get("optimizer")
     if declared is not None and optimizer is not None and declared != optimizer:
-        raise ConfigError(f"{src}: {prefix}optimizer: this space is for {declared!r}, but the config's optimizer is {optimizer!r}")
+        raise ConfigError(f"{src}: {prefix}optimizer: this space is for {excerpt(declared)}, but the config's optimizer is {excerpt(optimizer)}")
     opt = optimizer or declared
     params_raw = raw.get("params")
     if not isinstance(params_raw, dict) or not params_raw:
-        raise ConfigError(f"{src}: {prefix}params: expected a non-empty mapping of parameters, got {params_raw!r}")
+        raise ConfigError(f"{src}: {prefix}params: expected a non-empty mapping of parameters, got {excerpt(params_raw)}")
     params = {str(n): _param(str(n), p, src, f"{prefix}params.{n}") for n, p in params_raw.items()}
     if opt is not None:
         check_param_names(opt, list(params), src, f"{prefix}params")
     published_raw = raw.get("published") or []
     if not isinstance(published_raw, list):
-        raise ConfigError(f"{src}: {prefix}published: expected a list of mappings, got {published_raw!r}")
+        raise ConfigError(f"{src}: {prefix}published: expected a list of mappings, got {excerpt(published_raw)}")
     published = []
     for i, entry in enumerate(published_raw):
         where = f"{prefix}published[{i}]"
         if not isinstance(entry, dict):
-            raise ConfigError(f"{src}: {where}: expected a mapping of parameter values, got {entry!r}")
+            raise ConfigError(f"{src}: {where}: expected a mapping of parameter values, got {excerpt(entry)}")
         values = {k: v for k, v in entry.items() if k != "source"}
         if opt is not None:
             check_param_names(opt, list(values), src, where)
@@ -219,7 +220,7 @@ def space_from_dict(raw: Any, src: str, optimizer: str | None = None, path: str 
             if k in params and not params[k].contains(v):
                 p = params[k]
                 rng = f"one of {list(p.choices or ())}" if p.type == "categorical" else f"{p.low} <= value <= {p.high}"
-                raise ConfigError(f"{src}: {where}.{k}: expected {rng} (the space must contain it), got {v!r}")
+                raise ConfigError(f"{src}: {where}.{k}: expected {rng} (the space must contain it), got {excerpt(v)}")
         published.append(dict(entry))
     return SearchSpace(optimizer=opt, params=params, published=published, source=src)
 
@@ -239,15 +240,15 @@ def _find_space_file(ref: str, base_dir: str | Path) -> Path | None:
 
 
 def load_space(ref: str, optimizer: str | None, base_dir: str | Path = ".", src: str = "<config>") -> SearchSpace:
-    from .yamlfile import yaml_load
+    from .yamlfile import read_yaml_file
 
     path = _find_space_file(ref, base_dir)
     if path is None:
         shipped = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
         raise ConfigError(
-            f"{src}: optimizer.search_space: no search space {ref!r} (a shipped name: {', '.join(shipped)}; or a path to a YAML file)"
+            f"{src}: optimizer.search_space: no search space {excerpt(ref)} (a shipped name: {', '.join(shipped)}; or a path to a YAML file)"
         )
-    raw = yaml_load(path.read_text(encoding="utf-8"), str(path))
+    raw = read_yaml_file(path, "search-space file")
     return space_from_dict(raw, str(path), optimizer)
 
 

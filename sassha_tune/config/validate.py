@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib.util
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,11 +38,19 @@ from .schema import (
     TaskConfig,
     fill_derived_defaults,
 )
-from .yamlfile import yaml_load
+from .yamlfile import read_yaml_file
 
 __all__ = ["config_from_dict", "load_config", "published_to_enqueue", "SHARPNESS_BUDGET_KEYS"]
 
-_STUDY_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_STUDY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
+#: the longest study name: Optuna's column holds 512 characters, but MariaDB's index on it (utf8mb4)
+#: and the file names of reports are the tighter limits; 128 fits every storage.
+MAX_NAME_LENGTH = 128
+#: the largest seed: torch, numpy and the probe generators all take seeds up to 2**63 - 1
+MAX_SEED = 2**63 - 1
+#: the longest heartbeat interval and staleness (one day): a longer one overflows the heartbeat
+#: thread's timer and leaves a crashed study waiting for days before `resume` reclaims its trials
+MAX_LIVENESS_SECONDS = 86400.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +101,7 @@ def _int(lo: int | None = None, hi: int | None = None) -> Checker:
 
 def _float(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False) -> Checker:
     def check(v: Any, ctx: _Ctx, path: str) -> float:
-        ok = _is_number(v) and v == v  # not NaN
+        ok = _is_number(v) and math.isfinite(v)  # neither NaN nor infinite
         if ok and lo is not None:
             ok = v > lo if lo_open else v >= lo
         if ok and hi is not None:
@@ -195,8 +204,21 @@ def _device_name(v: Any, ctx: _Ctx, path: str) -> str:
 
 
 def _study_name(v: Any, ctx: _Ctx, path: str) -> str:
-    if not isinstance(v, str) or not _STUDY_NAME_RE.match(v):
-        raise ctx.fail(path, "a study name of letters, digits, '_', '-', '.'", v)
+    # fullmatch: ``$`` would accept a trailing newline (a study ``mal\n`` nobody can name again)
+    if not isinstance(v, str) or not _STUDY_NAME_RE.fullmatch(v) or len(v) > MAX_NAME_LENGTH:
+        raise ctx.fail(path, f"a study name of letters, digits, '_', '-', '.' (at most {MAX_NAME_LENGTH})", v)
+    return v
+
+
+def _storage(v: Any, ctx: _Ctx, path: str) -> str:
+    """A storage URL: a printable string. Never echoed unmasked (it may carry a password)."""
+    from ..redact import mask_url
+
+    if not isinstance(v, str) or not v.strip():
+        shown = type(v).__name__ if not isinstance(v, str) else "an empty string"
+        raise ctx.fail(path, "", raw=f"expected a database URL string, got {shown}")
+    if not v.isprintable():
+        raise ctx.fail(path, "", raw=f"expected a database URL without control characters, got {mask_url(v)!r}")
     return v
 
 
@@ -346,14 +368,14 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
         raw,
         {
             "name": (_study_name, default_name),
-            "storage": (_optional(_str), None),
+            "storage": (_optional(_storage), None),
             "objective": (_optional(lambda v, c, p: v), None),
             "direction": (_optional(_choice(("maximize", "minimize"))), None),
             "objectives": (_optional(lambda v, c, p: v), None),
             "sampler": (lambda v, c, p: v, None),
             "pruner": (lambda v, c, p: v, None),
-            "heartbeat_interval": (_float(0, lo_open=True), 10.0),
-            "stale_after": (_float(0, lo_open=True), 60.0),
+            "heartbeat_interval": (_float(0.01, MAX_LIVENESS_SECONDS), 10.0),
+            "stale_after": (_float(0, MAX_LIVENESS_SECONDS, lo_open=True), 60.0),
             "callbacks": (lambda v, c, p: v, None),
         },
         ctx,
@@ -383,7 +405,7 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
         sampler_raw = {"name": sampler_raw}
     s = _section(
         sampler_raw,
-        {"name": (_choice(SAMPLERS), "tpe"), "seed": (_optional(_int(0)), None), "options": (_mapping, {})},
+        {"name": (_choice(SAMPLERS), "tpe"), "seed": (_optional(_int(0, MAX_SEED)), None), "options": (_mapping, {})},
         ctx,
         "study.sampler",
     )
@@ -408,7 +430,11 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
 def _callbacks(raw: Any, ctx: _Ctx) -> list[dict[str, Any]]:
     from ..study.callbacks import parse_callbacks  # the callbacks module knows its built-ins
 
-    return parse_callbacks(raw, lambda path, expected, got: ctx.fail(path, expected, got))
+    entries = parse_callbacks(raw, lambda path, expected, got: ctx.fail(path, expected, got))
+    for i, entry in enumerate(entries):
+        if PLUGIN_SPEC.match(entry["name"]):
+            _import_plugin(entry["name"], ctx, f"study.callbacks[{i}].name")
+    return entries
 
 
 def _builtin_task(raw_task: Any, ctx: _Ctx, base_dir: str | Path) -> dict[str, Any]:
@@ -469,9 +495,10 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
         if required not in raw:
             raise ctx.fail(required, "a section", _REQUIRED)
     default_name = Path(source).stem if source and not source.startswith("<") else "sassha-tune"
-    if not _STUDY_NAME_RE.match(default_name):
+    if not _STUDY_NAME_RE.fullmatch(default_name) or len(default_name) > MAX_NAME_LENGTH:
         default_name = "sassha-tune"
     study = _parse_study(raw.get("study"), ctx, default_name)
+    name_given = isinstance(raw.get("study"), dict) and "name" in raw["study"]
 
     b = _section(
         raw.get("budget"),
@@ -526,7 +553,7 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
         {
             "sharpness": (_bool, True),
             "subset_size": (_int(1), 1024),
-            "seed": (_int(0), 0),
+            "seed": (_int(0, MAX_SEED), 0),
             "budget": (_sharpness_budget, {}),
         },
         ctx,
@@ -546,7 +573,7 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
         ctx,
         "device",
     )
-    seed = _int(0)(raw.get("seed", 0), ctx, "seed")
+    seed = _int(0, MAX_SEED)(raw.get("seed", 0), ctx, "seed")
     provenance = _mapping(raw.get("provenance"), ctx, "provenance")
 
     cfg = Config(
@@ -561,6 +588,7 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
         provenance=provenance,
         source=source,
         base_dir=str(base_dir),
+        name_given=name_given,
     )
     _cross_checks(cfg, ctx)
     return cfg
@@ -606,6 +634,7 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
     except (TypeError, ValueError) as exc:
         raise ctx.fail("study.pruner.options", "", raw=f"rejected by the pruner: {exc}") from None
     if cfg.task.train is not None:
+        _import_plugin(cfg.task.train, ctx, "task.train")
         if cfg.device.processes > 1:
             raise ctx.fail("device.processes", "", raw="must be 1 with task.train (your function runs in one process)")
     else:
@@ -654,11 +683,28 @@ def _builtin_task_checks(cfg: Config, ctx: _Ctx) -> None:
         if not isinstance(factory, str) or not PLUGIN_SPEC.match(factory):
             raise ctx.fail("task.dataset_options.factory", "a package.module:function plug-in (dataset custom needs one)",
                            _REQUIRED if factory is None else factory)
+        _import_plugin(factory, ctx, "task.dataset_options.factory")
+    if is_plugin(cfg.task.model):
+        _import_plugin(cfg.task.model, ctx, "task.model")
     if cfg.device.processes > 1:
         if cfg.device.name.startswith("cuda:"):
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} needs device cuda or auto (rank r uses cuda:r), not {cfg.device.name!r}")
         if cfg.task.batch_size < cfg.device.processes:
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} is more than task.batch_size {cfg.task.batch_size} (each rank takes a slice of every batch)")
+
+
+def _import_plugin(spec: str, ctx: _Ctx, path: str) -> None:
+    """A plug-in must import and name a callable (importing runs the module's top-level code)."""
+    from ..errors import UserError
+    from ..plugins import load_plugin
+
+    try:
+        load_plugin(spec, "plug-in")
+    except UserError as exc:
+        raise ctx.fail(path, "", raw=str(exc)) from None
+    except Exception as exc:  # the module's own code failed while it was imported
+        raise ctx.fail(path, "", raw=f"plug-in {spec!r}: importing it raised {type(exc).__name__}: "
+                       f"{' '.join(str(exc).split())[:150]}") from None
 
 
 def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
@@ -675,6 +721,7 @@ def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
                 raw=f"{cfg.optimizer.name} takes weight_decay in the scripts' convention (wd / lr), so it needs lr: "
                 "fix lr in optimizer.fixed or search it",
             )
+    _optimizer_checks(cfg, space, ctx)
     wanted = cfg.optimizer.enqueue_published
     if isinstance(wanted, list):
         sources = [str(p["source"]) for p in space.published if "source" in p]
@@ -686,6 +733,86 @@ def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
                 raise ctx.fail(
                     f"optimizer.enqueue_published[{i}]", "", raw=f"no published configuration {src!r}{hint}; valid sources: {valid}"
                 )
+
+
+def _value_kind_error(name: str, value: Any, default: Any) -> str | None:
+    """Why ``value`` cannot be constructor argument ``name`` whose default is ``default`` (None: it can)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"expected a finite number, got {_show(value)}"
+    if isinstance(value, list) and any(isinstance(x, float) and not math.isfinite(x) for x in value):
+        return f"expected finite numbers, got {_show(value)}"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            return f"expected true or false, got {_show(value)}"
+    elif _is_number(default) and not _is_number(value):
+        return f"expected a number, got {_show(value)}"
+    return None
+
+
+def _optimizer_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
+    """Ask the optimizer itself: build it on a dummy parameter with ``optimizer.fixed`` and with each
+    bound of each searched parameter (its other searched parameters at their lowest values), so a
+    value it refuses (a negative lr, ``lazy_hessian: 0``, a string) fails now, not in every trial."""
+    import inspect
+
+    import torch
+
+    from ..optim.registry import OPTIMIZERS
+    from .spaces import trial_hparams
+
+    info = OPTIMIZERS[cfg.optimizer.name]
+    defaults: dict[str, Any] = {}
+    for klass in info.cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        for p in inspect.signature(init).parameters.values():
+            if p.default is not p.empty:
+                defaults.setdefault(p.name, p.default)
+    defaults.update(info.defaults)
+    if "betas" in defaults and isinstance(defaults["betas"], tuple):
+        defaults.setdefault("beta1", defaults["betas"][0])
+        defaults.setdefault("beta2", defaults["betas"][1])
+    fixed = cfg.optimizer.fixed
+    for key, value in fixed.items():
+        error = _value_kind_error(key, value, defaults.get(key))
+        if error:
+            raise ctx.fail(f"optimizer.fixed.{key}", "", raw=error)
+    lowest = {n: (p.choices[0] if p.type == "categorical" else p.low) for n, p in space.params.items()}
+    model = torch.nn.Linear(1, 1)
+
+    def refused(params: dict[str, Any]) -> str | None:
+        try:
+            info.build(model, trial_hparams(cfg, params))
+        except (TypeError, ValueError, ZeroDivisionError, OverflowError, RuntimeError, ConfigError) as exc:
+            return " ".join(str(exc).split())[:200] or type(exc).__name__
+        return None
+
+    searched = sorted((n for n in space.params if n not in fixed), key=lambda n: n != "lr")  # lr first
+    # the lr a decoupled weight decay needs (wd / lr): the fixed one, else the constructor's default
+    # while the fixed values are checked and the searched one's low once it is checked itself
+    lr = {"lr": fixed["lr"]} if "lr" in fixed else {"lr": defaults["lr"]} if _is_number(defaults.get("lr")) else {}
+    for key in fixed:  # one key at a time names the culprit (with the lr a decoupled weight decay needs)
+        if (why := refused({**lr, key: fixed[key]})) is not None:
+            raise ctx.fail(f"optimizer.fixed.{key}", "", raw=f"{fixed[key]!r} is refused by {cfg.optimizer.name}: {why}")
+    if (why := refused({**lr, **fixed})) is not None:
+        raise ctx.fail("optimizer.fixed", "", raw=f"refused by {cfg.optimizer.name}: {why}")
+    for name in searched:
+        if name != "lr" and "lr" in lowest and "lr" not in fixed:
+            lr = {"lr": lowest["lr"]}
+        p = space.params[name]
+        where = f"optimizer.search_space.params.{name}"
+        candidates = [("choices", c) for c in p.choices or ()] if p.type == "categorical" else [("low", p.low), ("high", p.high)]
+        for key, value in candidates:
+            error = _value_kind_error(name, value, defaults.get(name))
+            if error is None:
+                why = refused({**lr, **fixed, name: value})
+                error = None if why is None else f"{value!r} is refused by {cfg.optimizer.name}: {why}"
+            if error is not None:
+                raise ctx.fail(f"{where}.{key}", "", raw=error)
+    if (why := refused({**fixed, **{n: lowest[n] for n in searched}})) is not None:
+        raise ctx.fail("optimizer.search_space", "", raw=f"its lowest values with optimizer.fixed are refused by "
+                       f"{cfg.optimizer.name}: {why}")
 
 
 def published_to_enqueue(cfg: Config, space: Any) -> list[dict[str, Any]]:
@@ -713,12 +840,8 @@ def published_to_enqueue(cfg: Config, space: Any) -> list[dict[str, Any]]:
 def load_config(path: str | Path) -> Config:
     """Read, parse and validate a config file (and its search space)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ConfigError(f"{p}: no such config file")
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read: {exc}") from None
-    raw = yaml_load(text, str(p))
+    raw = read_yaml_file(p, "config file")
     # config_from_dict resolves and validates the search space too
     return config_from_dict(raw, source=str(p), base_dir=p.resolve().parent)

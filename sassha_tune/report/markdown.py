@@ -39,7 +39,7 @@ def _mask_secrets(value: Any) -> Any:
         return {k: _mask_secrets(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_mask_secrets(v) for v in value]
-    if isinstance(value, str) and "://" in value:
+    if isinstance(value, str) and ("://" in value or "=" in value):
         return mask_url(value)
     return value
 

@@ -19,11 +19,20 @@ from ..config.spaces import SearchSpace, space_for_config, space_from_dict
 from ..errors import StorageError, UserError
 from ..provenance import git_commit
 from ..version import __version__
-from .storage import mask_url, open_storage, study_id, study_storage, with_retry
+from .storage import (
+    crash_point,
+    create_study_atomically,
+    mask_url,
+    open_storage,
+    study_id,
+    study_storage,
+    with_retry,
+)
 
 __all__ = [
     "MUTABLE",
     "SPACE_HISTORY_KEY",
+    "ENQUEUED_KEY",
     "plain",
     "study_payload",
     "create_or_continue",
@@ -34,6 +43,8 @@ __all__ = [
 ]
 
 SPACE_HISTORY_KEY = "sassha_tune:search_space_history"
+#: system attribute: False while a new study's published configurations are not all enqueued
+ENQUEUED_KEY = "sassha_tune:published_enqueued"
 
 # Config sections a continued study may change; anything else changes what a trial means.
 MUTABLE = ("budget", "study.sampler", "study.pruner", "study.heartbeat_interval", "study.stale_after", "device", "provenance")
@@ -69,6 +80,47 @@ def study_payload(cfg: Config, space: SearchSpace) -> tuple[dict[str, Any], dict
     return plain(d), plain(space.to_dict())
 
 
+def _creation_attrs(cfg: Config, config_d: dict[str, Any], space_d: dict[str, Any]) -> dict[str, Any]:
+    """The user attributes a study of ``cfg`` is created with (``config`` last: its presence says
+    the others are there too)."""
+    attrs: dict[str, Any] = {
+        "search_space": space_d,
+        "optimizer": cfg.optimizer.name,
+        "objectives": [f"{o.metric} {o.direction}" for o in cfg.study.objectives],
+        "sassha_tune_version": __version__,
+    }
+    commit = git_commit()
+    if commit:
+        attrs["code_commit"] = commit
+    attrs["config"] = config_d
+    return attrs
+
+
+def _enqueue_published(study: optuna.Study, cfg: Config, space: SearchSpace) -> None:
+    """Enqueue the published configurations (idempotent: ``skip_if_exists``), then record it done."""
+    for entry in published_to_enqueue(cfg, space):
+        params = {k: v for k, v in entry.items() if k in space.params}
+        with_retry(
+            study.enqueue_trial, params, user_attrs={"published": entry.get("source", "published")},
+            skip_if_exists=True,
+        )
+    crash_point("create:before-enqueued-mark")
+    with_retry(study_storage(study).set_study_system_attr, study_id(study), ENQUEUED_KEY, True)
+
+
+def _check_unnamed(cfg: Config, names: list[str], storage_url: str) -> None:
+    """A config without ``study.name`` may only create the first study of a storage: in one that
+    already holds studies, the file-name default would silently join or start one nobody named."""
+    if cfg.name_given or not names:
+        return
+    shown = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
+    raise UserError(
+        f"{cfg.source}: study.name: expected a name: storage {mask_url(storage_url)} already holds studies "
+        f"({shown}); name the study to create or continue (the default would be {cfg.study.name!r}, "
+        "from the file name)"
+    )
+
+
 def create_or_continue(
     cfg: Config,
     storage_url: str,
@@ -76,34 +128,46 @@ def create_or_continue(
     allow_space_change: bool = False,
     log: Callable[[str], None] = print,
 ) -> optuna.Study:
-    """Create the study named in ``cfg`` or continue it; the stored config is the one that runs."""
+    """Create the study named in ``cfg`` or continue it; the stored config is the one that runs.
+
+    Creation is atomic (:func:`~.storage.create_study_atomically`: the study, its directions and
+    its attributes in one transaction), so a kill leaves no study or a complete one. A study left
+    half-created by an older version (no attributes, no trials) is adopted: its attributes are
+    completed from ``cfg``, with a line saying so."""
     space = space_for_config(cfg, check_fixed=True)
     config_d, space_d = study_payload(cfg, space)
     storage = open_storage(storage_url)
     name = cfg.study.name
     directions = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
                   for d in cfg.study.directions]
-    existing = name in with_retry(optuna.get_all_study_names, storage)
-    study = with_retry(
-        optuna.create_study, study_name=name, storage=storage, directions=cfg.study.directions, load_if_exists=True
-    )
-    if not existing and "config" not in study.user_attrs:
-        with_retry(study.set_user_attr, "config", config_d)
-        with_retry(study.set_user_attr, "search_space", space_d)
-        with_retry(study.set_user_attr, "optimizer", cfg.optimizer.name)
-        with_retry(study.set_user_attr, "objectives", [f"{o.metric} {o.direction}" for o in cfg.study.objectives])
-        with_retry(study.set_user_attr, "sassha_tune_version", __version__)
-        commit = git_commit()
-        if commit:
-            with_retry(study.set_user_attr, "code_commit", commit)
-        for entry in published_to_enqueue(cfg, space):
-            params = {k: v for k, v in entry.items() if k in space.params}
-            with_retry(
-                study.enqueue_trial, params, user_attrs={"published": entry.get("source", "published")},
-                skip_if_exists=True,
-            )
-        log(f"created study {name!r} in {mask_url(storage_url)}")
-        return study
+    names = with_retry(optuna.get_all_study_names, storage)
+    _check_unnamed(cfg, names, storage_url)
+    crash_point("create:before-create")
+    if name not in names:
+        pending = bool(published_to_enqueue(cfg, space))
+        system = {ENQUEUED_KEY: False} if pending else {}
+        if with_retry(create_study_atomically, storage, name, cfg.study.directions,
+                      _creation_attrs(cfg, config_d, space_d), system):
+            study = with_retry(optuna.load_study, study_name=name, storage=storage)
+            crash_point("create:after-commit")
+            if pending:
+                _enqueue_published(study, cfg, space)
+            log(f"created study {name!r} in {mask_url(storage_url)}")
+            return study
+        # another process created it between our look and our write: continue it like any other
+    study = with_retry(optuna.load_study, study_name=name, storage=storage)
+    if "config" not in study.user_attrs and not with_retry(study.get_trials, deepcopy=False):
+        if list(study.directions) == directions:
+            for key, value in _creation_attrs(cfg, config_d, space_d).items():  # config last
+                with_retry(study.set_user_attr, key, value)
+            log(f"adopted study {name!r} in {mask_url(storage_url)}: its creation was interrupted before "
+                "its settings were stored; completed them from this config")
+            _enqueue_published(study, cfg, space)
+            return study
+        with_retry(optuna.delete_study, study_name=name, storage=storage)
+        log(f"removed study {name!r} from {mask_url(storage_url)}: its creation was interrupted (no settings, "
+            "no trials, other objectives); creating it again")
+        return create_or_continue(cfg, storage_url, allow_space_change=allow_space_change, log=log)
 
     stored = study.user_attrs.get("config")
     stored_space = study.user_attrs.get("search_space")
@@ -139,6 +203,9 @@ def create_or_continue(
             "comparable: use a new study.name (budget, sampler, pruner and device may change)"
         )
     with_retry(study.set_user_attr, "config", config_d)
+    if with_retry(study_storage(study).get_study_system_attrs, study_id(study)).get(ENQUEUED_KEY) is False:
+        _enqueue_published(study, cfg, space)
+        log(f"enqueued the published configurations of {name!r} (its creation was interrupted before they were)")
     log(f"continuing study {name!r} in {mask_url(storage_url)} ({len(study.trials)} trials so far)")
     return study
 

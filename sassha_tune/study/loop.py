@@ -247,12 +247,16 @@ def _failed_when_unwinding(
     try:
         yield
     except KeyboardInterrupt:
-        for p in procs:
-            p.stop()
-        trials = unfinished()
-        for trial in trials:
-            fail(study, trial, "interrupted")
-        log(interrupted(trials))
+        # A second Ctrl-C (or SIGTERM) while the first is being handled would leave the trial
+        # RUNNING (reclaimed later as lost): the run is already stopping, so ignore it until the
+        # trials are marked.
+        with _signals_ignored():
+            for p in procs:
+                p.stop()
+            trials = unfinished()
+            for trial in trials:
+                fail(study, trial, "interrupted")
+            log(interrupted(trials))
         raise
     except UserError as exc:
         for p in procs:
@@ -266,6 +270,20 @@ def _failed_when_unwinding(
         for trial in unfinished():
             fail(study, trial, "error: sassha-tune crashed while running this trial")
         raise
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored inside (main thread only; elsewhere signals never arrive)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _exit_reason(rc: int | None) -> str:

@@ -11,7 +11,6 @@ heartbeats, retries and worker records need: :func:`study_storage`, :func:`study
 from __future__ import annotations
 
 import random
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import optuna
 
 from ..errors import StorageError
+from ..redact import mask_url, scrub
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -35,35 +35,20 @@ __all__ = [
     "study_storage",
     "study_id",
     "trial_id",
+    "create_study_atomically",
+    "storage_fault",
+    "crash_point",
+    "CRASH_ENV",
 ]
+
+#: test hook: ``SASSHA_TUNE_TEST_CRASH_AT=<point>`` makes this process SIGKILL itself at that point
+#: (see :func:`crash_point`); the kill-during-creation tests use it, nothing else sets it
+CRASH_ENV = "SASSHA_TUNE_TEST_CRASH_AT"
 
 DEFAULT_STORAGE = "sqlite:///sassha-tune.db"
 STORAGE_ENV = "SASSHA_TUNE_STORAGE"
 
 T = TypeVar("T")
-
-# ``scheme://user:password@`` (or ``user:password@``): everything up to the last ``@`` counts as
-# the password, so an unparsable URL still never shows one (over-masking is the safe side).
-_USERINFO = re.compile(r"^(?P<head>(?:[A-Za-z][\w+.\-]*://)?[^:/@?#\s]*:)(?P<password>(?!//).*)@", re.S)
-
-
-def _mask_userinfo(text: str) -> str:
-    return _USERINFO.sub(lambda m: f"{m['head']}***@", text, count=1)
-
-
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (for every message and table).
-
-    Works on strings SQLAlchemy cannot parse too: ``//user:pass@`` becomes ``//user:***@``."""
-    from sqlalchemy.engine import make_url
-
-    text = str(url)
-    try:
-        text = make_url(text).render_as_string(hide_password=True)
-    except Exception:
-        pass
-    return _mask_userinfo(text)
-
 
 def resolve_storage(cli_storage: str | None, cfg: Config | None = None) -> str:
     """``--storage`` wins, then ``study.storage`` in the config, then ``sqlite:///sassha-tune.db``."""
@@ -100,18 +85,7 @@ def with_retry(fn: Callable[..., T], *args: Any, tries: int = 10, **kwargs: Any)
 
 
 def _scrub(text: str, url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    try:
-        password = make_url(url).password
-    except Exception:
-        password = None
-    if password:
-        text = text.replace(str(password), "***")
-    m = _USERINFO.match(str(url))
-    if m and m["password"]:
-        text = text.replace(m["password"], "***")
-    return " ".join(text.split())[:300]
+    return scrub(text, url)
 
 
 def _missing_sqlite_file(url: str) -> str | None:
@@ -137,6 +111,7 @@ def open_storage(url: str, *, create: bool = True, study_name: str | None = None
     from sqlalchemy.exc import ArgumentError
 
     shown = mask_url(url)
+    _opened.append(shown)
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
@@ -156,11 +131,14 @@ def open_storage(url: str, *, create: bool = True, study_name: str | None = None
             )
         if db and db != ":memory:" and not Path(db).expanduser().resolve().parent.is_dir():
             raise StorageError(f"storage {shown}: directory {Path(db).parent} does not exist")
+        if missing is None and db and db != ":memory:" and not db.startswith("file:"):
+            _check_sqlite_file(Path(db).expanduser(), shown)
         engine_kwargs = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
-        return with_retry(optuna.storages.RDBStorage, url, engine_kwargs=engine_kwargs, skip_table_creation=not create)
+        return _first_open(lambda: with_retry(optuna.storages.RDBStorage, url, engine_kwargs=engine_kwargs,
+                                              skip_table_creation=not create))
     except ModuleNotFoundError as exc:
         raise StorageError(
             f"storage {shown}: the database driver is not installed ({exc.name}); for PostgreSQL: "
@@ -168,7 +146,174 @@ def open_storage(url: str, *, create: bool = True, study_name: str | None = None
         ) from None
     except Exception as exc:
         cause = exc.__cause__ or exc
+        if (fault := storage_fault(exc)) is not None and "refused an operation" not in fault:
+            raise StorageError(fault) from None
         raise StorageError(f"storage {shown}: cannot open it: {_scrub(str(cause).splitlines()[0] if str(cause) else type(cause).__name__, url)}") from None
+
+
+# The storages this process opened (masked), for naming the storage in a fault's one line.
+_opened: list[str] = []
+
+# (text in the driver's error, what it means for the user), first match wins
+_FAULTS = (
+    ("file is not a database", "the database file is corrupt (not an SQLite database); restore it from a backup"),
+    ("malformed", "the database file is corrupt (database disk image is malformed); restore it from a backup"),
+    ("readonly database", "it is read-only (attempt to write a readonly database); check the file's permissions and mount"),
+    ("read-only file system", "it is on a read-only file system"),
+    ("database or disk is full", "the disk is full (database or disk is full); free space and resume"),
+    ("no space left", "the disk is full (no space left on device); free space and resume"),
+    ("disk i/o error", "the disk failed to read or write (disk I/O error)"),
+    ("database is locked", "it stayed locked by another process through every retry"),
+    ("unable to open database file", "the database file cannot be opened"),
+)
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """One line naming the storage and the cause when ``exc`` is a storage fault (a corrupt file, a
+    read-only or full disk, a lock that never cleared), else None. Passwords masked."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    texts: list[str] = []
+    is_db_error = False
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        texts.append(str(e).lower())
+        module = type(e).__module__
+        is_db_error = is_db_error or module.startswith(("sqlalchemy", "sqlite3", "psycopg", "pymysql", "optuna.exceptions"))
+        e = e.__cause__ or e.__context__
+    if not is_db_error and not isinstance(exc, OSError):
+        return None
+    where = f"storage {_opened[-1]}" if _opened else "storage"
+    for text in texts:
+        for needle, meaning in _FAULTS:
+            if needle in text:
+                return f"{where}: {meaning}"
+    if is_db_error:
+        return f"{where}: the database refused an operation: {scrub(texts[-1], _opened[-1] if _opened else '', 200)}"
+    return None
+
+
+def _check_sqlite_file(path: Path, shown: str) -> None:
+    """Refuse a corrupt SQLite file before anything reads or writes it: a write to an intact page
+    of a damaged file would succeed and change it further (``PRAGMA quick_check``, read-only)."""
+    import sqlite3
+
+    if path.stat().st_size == 0:
+        return  # an empty file: a new database
+    try:
+        con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=60)
+        try:
+            rows = con.execute("PRAGMA quick_check").fetchall()
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        if "locked" in str(exc):
+            return  # busy, not broken: the storage's own retries wait for it
+        raise StorageError(f"storage {shown}: {_fault_meaning(str(exc).lower()) or 'cannot read it: ' + scrub(str(exc), '')}") from None
+    if rows != [("ok",)]:
+        raise StorageError(f"storage {shown}: the database file is corrupt ({scrub(str(rows[0][0]), '', 80)}); "
+                           "restore it from a backup")
+
+
+def _fault_meaning(text: str) -> str | None:
+    for needle, meaning in _FAULTS:
+        if needle in text:
+            return meaning
+    return None
+
+
+def _creation_race(exc: BaseException) -> bool:
+    """Whether ``exc`` is another process creating the same fresh database's tables at the same
+    time (SQLite: ``table studies already exists``, ``UNIQUE constraint failed: alembic_version``)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e)
+        if "already exists" in text or "alembic_version" in text or "duplicate key value" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _first_open(open_: Callable[[], T], tries: int = 5) -> T:
+    """Open a storage; when several processes create a fresh database's tables at once, the
+    losers' ``CREATE TABLE`` or version row fails: open again, the tables are there now (creating
+    them is idempotent, so a retry is what one process alone would have done)."""
+    for attempt in range(tries):
+        try:
+            return open_()
+        except Exception as exc:
+            if attempt == tries - 1 or not _creation_race(exc):
+                raise
+            time.sleep(0.05 * (attempt + 1) * (1.0 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def crash_point(point: str) -> None:
+    """Test hook: SIGKILL this process here when ``$SASSHA_TUNE_TEST_CRASH_AT`` names ``point``
+    (a kill at the worst moment, for the crash-safety tests; a no-op otherwise)."""
+    import os
+
+    if os.environ.get(CRASH_ENV) == point:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def create_study_atomically(
+    storage: optuna.storages.BaseStorage,
+    name: str,
+    directions: list[str],
+    user_attrs: dict[str, Any],
+    system_attrs: dict[str, Any],
+) -> bool:
+    """Create study ``name`` with its directions and attributes in **one transaction**: a kill at
+    any moment leaves no study or a complete one (SQLite and PostgreSQL commit a transaction
+    atomically; Optuna's own ``create_study`` commits the bare study first and every attribute in
+    a transaction of its own, so a kill in between left a study without its config). Returns
+    False when a study of that name exists (another process created it first): nothing written.
+
+    Optuna has no public call for this; its table models are used here, the one module that
+    reads Optuna's storage internals."""
+    import json
+
+    from optuna.storages._rdb import models
+    from sqlalchemy.exc import IntegrityError
+
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        raise TypeError("create_study_atomically needs an RDBStorage")
+    session = storage.scoped_session()
+    try:
+        study = models.StudyModel(
+            study_name=name,
+            directions=[
+                models.StudyDirectionModel(
+                    objective=i,
+                    direction=optuna.study.StudyDirection.MAXIMIZE if d == "maximize"
+                    else optuna.study.StudyDirection.MINIMIZE,
+                )
+                for i, d in enumerate(directions)
+            ],
+        )
+        session.add(study)
+        session.flush()  # the study's id, still inside the transaction
+        for key, value in user_attrs.items():
+            session.add(models.StudyUserAttributeModel(study_id=study.study_id, key=key, value_json=json.dumps(value)))
+        for key, value in system_attrs.items():
+            session.add(models.StudySystemAttributeModel(study_id=study.study_id, key=key, value_json=json.dumps(value)))
+        session.flush()
+        crash_point("create:before-commit")
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        return False
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+    return True
 
 
 def load_study(

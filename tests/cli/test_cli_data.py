@@ -47,7 +47,14 @@ def test_resume_with_missing_dataset_asks_no_trial(tmp_path):
     (tmp_path / "nowhere").mkdir()
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (tmp_path / "nowhere" / f"{name}.gz").write_bytes(b"")
-    assert CliRunner().invoke(app, ["run", str(cfg), "--create-only"]).exit_code == 0
+    # empty files pass the file check but not the data check `run` makes before creating the study
+    assert CliRunner().invoke(app, ["run", str(cfg), "--create-only"]).exit_code == 2
+    assert not (tmp_path / "studies.db").exists()
+    from sassha_tune.config import load_config
+    from sassha_tune.study.create import create_or_continue
+
+    loaded = load_config(cfg)
+    create_or_continue(loaded, loaded.study.storage, log=lambda _: None)  # "elsewhere"
     for f in (tmp_path / "nowhere").iterdir():
         f.unlink()
     result = CliRunner().invoke(app, ["resume", "missing-data", "--storage", f"sqlite:///{tmp_path / 'studies.db'}"])
@@ -86,11 +93,11 @@ def test_enqueue_published_list_enqueues_only_the_named_configurations(tmp_path)
         ({"model": "mlp"}, {"name": "sassha", "search_space": "sassha"}, True),
         ({"model": "cnn1d"}, {"name": "sassha", "search_space": "sassha_nonorm"}, False),
         ({"model": "cnn1d"}, {"name": "sassha", "fixed": {"dense_refresh_steps": 50}}, False),
-        ({"model": "resnet8"}, {"name": "sassha"}, False),
+        ({"model": "resnet8", "dataset": "digits"}, {"name": "sassha"}, False),
         ({"model": "cnn1d"}, {"name": "sgd"}, False),
         ({"model": "cnn1d"}, {"name": "adahessian"}, "adahessian"),
         ({"model": "cnn1d"}, {"name": "adahessian", "fixed": {"dense_refresh_steps": 50}}, False),
-        ({"model": "resnet8"}, {"name": "adahessian"}, False),
+        ({"model": "resnet8", "dataset": "digits"}, {"name": "adahessian"}, False),
     ],
 )
 def test_run_notes_sassha_on_a_model_without_normalization(tmp_path, model, optimizer, noted):

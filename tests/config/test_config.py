@@ -198,8 +198,12 @@ def _stored_cases(tmp_path: Path):
     return cases
 
 
-def test_config_from_stored_rebuilds_what_was_validated(tmp_path):
+def test_config_from_stored_rebuilds_what_was_validated(tmp_path, monkeypatch):
     from dataclasses import replace
+
+    # examples/plugin.yaml's plug-ins are imported when it is validated (as its comment says:
+    # PYTHONPATH=examples)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "examples"))
 
     from sassha_tune.config import config_from_stored
 

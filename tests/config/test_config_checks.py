@@ -158,16 +158,19 @@ def test_unknown_option_fails_at_load(tmp_path, monkeypatch, task, expected):
         assert fragment in message, (fragment, message)
 
 
-def test_plugin_options_are_not_checked():
+def test_plugin_options_are_not_checked_but_plugins_must_import():
     d = copy.deepcopy(BASE)
     d["task"].update(
         dataset="custom",
-        dataset_options={"factory": "nowhere_module:make", "anything": 1},
-        model="nowhere_module:build",
+        dataset_options={"factory": "plugins_example:blobs", "anything": 1},
+        model="plugins_example:tiny_linear",
         model_options={"whatever": 2},
     )
-    cfg = config_from_dict(d)  # nothing imported
+    cfg = config_from_dict(d)  # imported (tests/plugins_example.py), its options go to it unchecked
     assert cfg.task.model_options == {"whatever": 2}
+    d["task"]["model"] = "nowhere_module:build"
+    with pytest.raises(ConfigError, match=r"task\.model: plug-in 'nowhere_module:build': cannot import"):
+        config_from_dict(d)
 
 
 def test_option_names_come_from_the_builders():
@@ -329,6 +332,7 @@ def test_enqueue_published_list_with_space_without_published(tmp_path, monkeypat
 @pytest.mark.parametrize(
     "path", sorted(glob.glob(str(ROOT / "examples" / "*.yaml")) + glob.glob(str(ROOT / "examples" / "compare" / "*.yaml")))
 )
-def test_examples_load(path):
+def test_examples_load(path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))  # plugin.yaml: PYTHONPATH=examples, as it says
     cfg = load_config(path)
     assert config_from_dict(config_to_dict(cfg), source="stored", base_dir=Path(path).parent)

@@ -30,25 +30,22 @@ def _cfg(callbacks, name="cb"):
 
 
 def test_config_callbacks_and_python_callbacks_see_every_trial(tmp_path):
+    """A recording plug-in, a failing one (a warning line each time; the study goes on) and a
+    Python callable, on one study."""
     lines = tmp_path / "told.jsonl"
-    seen = []
+    seen, logged = [], []
     study = sassha_tune.run_study(
-        _cfg([{"name": "plugins_example:record_trials", "options": {"path": str(lines)}}]),
-        storage=f"sqlite:///{tmp_path / 's.db'}", log=lambda _: None,
+        _cfg([{"name": "plugins_example:record_trials", "options": {"path": str(lines)}},
+              "plugins_example:failing_callback"]),
+        storage=f"sqlite:///{tmp_path / 's.db'}", log=logged.append,
         callbacks=[lambda s, t: seen.append((t.number, t.state))],
     )
     stored = study.get_trials()
+    assert [t.state for t in stored] == [TrialState.COMPLETE] * 2
     told = [json.loads(line) for line in lines.read_text().splitlines()]
     assert [(t["number"], t["state"], t["values"], t["lr"]) for t in told] == [
         (t.number, "COMPLETE", t.values, t.params["lr"]) for t in stored]
     assert seen == [(t.number, TrialState.COMPLETE) for t in stored]
-
-
-def test_a_failing_callback_is_a_warning_and_the_study_goes_on(tmp_path):
-    logged = []
-    study = sassha_tune.run_study(_cfg(["plugins_example:failing_callback"]), storage=f"sqlite:///{tmp_path / 's.db'}",
-                                  log=logged.append)
-    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 2
     warnings = [line for line in logged if line.startswith("warning:")]
     assert warnings == [f"warning: callback plugins_example:failing_callback failed after trial {i}: "
                         f"error: RuntimeError: tracker unreachable for trial {i}" for i in (0, 1)]
@@ -59,7 +56,7 @@ def test_a_failing_callback_is_a_warning_and_the_study_goes_on(tmp_path):
     (["neptune"], "study.callbacks[0].name: expected one of mlflow, wandb, tensorboard or a package.module:factory"),
     ([{"name": "mlflow", "options": ["x"]}], "study.callbacks[0].options: expected a mapping of keyword arguments"),
     ([{"name": "mlflow", "tracking": "x"}], "study.callbacks[0]: expected a name, or a mapping with name and options"),
-    (["plugins_example:no_such_factory"], "study.callbacks[0] 'plugins_example:no_such_factory': 'plugins_example' has no attribute"),
+    (["plugins_example:no_such_factory"], "study.callbacks[0].name: plug-in 'plugins_example:no_such_factory': 'plugins_example' has no attribute"),
 ])
 def test_bad_callbacks_are_refused_before_a_study_exists(tmp_path, callbacks, message):
     db = tmp_path / "s.db"

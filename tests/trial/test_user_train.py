@@ -107,6 +107,6 @@ def test_config_mistakes_name_the_key(change, key, expected):
 
 def test_a_missing_function_costs_no_study(tmp_path):
     db = tmp_path / "s.db"
-    with pytest.raises(UserError, match=r"task.train 'plugins_example:no_such_train': .* has no attribute"):
+    with pytest.raises(UserError, match=r"task.train: plug-in 'plugins_example:no_such_train': .* has no attribute"):
         sassha_tune.run_study(_own(task={"train": "plugins_example:no_such_train"}), storage=f"sqlite:///{db}")
     assert not db.exists()

@@ -1,0 +1,124 @@
+"""Storage faults: a corrupt file, an immutable file, a full disk. Each command says one line
+naming the storage and the cause, exits 2, prints no traceback, and loses nothing."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from sassha_tune.cli import app
+
+CONFIG = {
+    "study": {"name": "faults"},
+    "budget": {"n_trials": 1},
+    "task": {"dataset": "mnist1d", "model": "mlp", "epochs": 1, "max_steps_per_epoch": 1,
+             "dataset_options": {"max_train": 200, "max_test": 50}},
+    "optimizer": {"name": "sgd", "search_space": {"params": {"lr": {"type": "float", "low": 0.01, "high": 0.1}}}},
+    "metrics": {"sharpness": False},
+    "device": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def study_db(tmp_path_factory) -> tuple[Path, Path]:
+    """(a storage with one study of one complete trial, its config)."""
+    folder = tmp_path_factory.mktemp("faults")
+    cfg = folder / "faults.yaml"
+    cfg.write_text(yaml.safe_dump(CONFIG))
+    db = folder / "good.db"
+    result = CliRunner().invoke(app, ["run", str(cfg), "--storage", f"sqlite:///{db}"])
+    assert result.exit_code == 0, result.output
+    return db, cfg
+
+
+def _one_line(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: storage sqlite:///"), result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def _commands(url: str, cfg: Path, out: Path) -> list[list[str]]:
+    return [["status", "--storage", url], ["status", "faults", "--storage", url],
+            ["report", "faults", "--storage", url, "--out", str(out)], ["export", "faults", "--storage", url],
+            ["resume", "faults", "--storage", url, "--n-trials", "2"], ["run", str(cfg), "--storage", url]]
+
+
+def test_a_corrupt_database_gets_one_line_from_every_command(tmp_path, study_db):
+    good, cfg = study_db
+    db = tmp_path / "s.db"
+    data = bytearray(good.read_bytes())
+    middle = len(data) // 3
+    data[middle:middle + 8000] = b"\xde\xad" * 4000
+    db.write_bytes(bytes(data))
+    before = db.read_bytes()
+    for args in _commands(f"sqlite:///{db}", cfg, tmp_path / "report"):
+        _one_line(CliRunner().invoke(app, args), "corrupt")
+    assert db.read_bytes() == before
+
+
+def test_garbage_instead_of_a_database_gets_one_line(tmp_path, study_db):
+    _, cfg = study_db
+    db = tmp_path / "s.db"
+    db.write_bytes(b"this is not a database\n" * 500)
+    for args in _commands(f"sqlite:///{db}", cfg, tmp_path / "report")[:2]:
+        _one_line(CliRunner().invoke(app, args), "corrupt")
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    if shutil.which("chattr") is None:
+        return False
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True).returncode == 0
+
+
+def test_an_immutable_database_gets_one_line_and_stays_readable(tmp_path, study_db):
+    good, cfg = study_db
+    db = tmp_path / "s.db"
+    shutil.copyfile(good, db)
+    if not _chattr("+i", db):
+        pytest.skip("chattr +i is not available here (needs root and a file system with attributes)")
+    try:
+        before = db.read_bytes()
+        url = f"sqlite:///{db}"
+        for args in (["resume", "faults", "--storage", url, "--n-trials", "2"],
+                     ["run", str(cfg), "--storage", url, "--n-trials", "3"]):  # commands that must write
+            _one_line(CliRunner().invoke(app, args), "read-only")
+        assert CliRunner().invoke(app, ["status", "faults", "--storage", f"sqlite:///{db}"]).exit_code == 0
+        assert db.read_bytes() == before
+    finally:
+        _chattr("-i", db)
+
+
+def test_a_full_disk_gets_one_line_and_loses_nothing(tmp_path, study_db):
+    good, cfg = study_db
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)")
+    try:
+        db = mnt / "s.db"
+        shutil.copyfile(good, db)
+        try:  # fill the disk to the last block
+            with open(mnt / "fill", "wb", buffering=0) as f:
+                while True:
+                    f.write(b"\0" * 4096)
+        except OSError:
+            pass
+        url = f"sqlite:///{db}"
+        _one_line(CliRunner().invoke(app, ["resume", "faults", "--storage", url, "--n-trials", "3"]), "disk is full")
+        (mnt / "fill").unlink()
+        result = CliRunner().invoke(app, ["resume", "faults", "--storage", url, "--n-trials", "2"])
+        assert result.exit_code == 0, result.output
+        states = [t.state.name for t in optuna.load_study(study_name="faults", storage=url).trials]
+        assert states[0] == "COMPLETE" and "RUNNING" not in states
+    finally:
+        # lazy: this process may still hold the database open (its storage engine)
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
