@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ def terminal_table(headers: Sequence[str], table: Sequence[Sequence[str]], *, wi
         blocks.append(render(cols))
         text = "\n\n".join(blocks)
     if dropped:
-        text += f"\n(left out to fit {width} columns: {', '.join(dropped)}; all columns are in the markdown)"
+        text += "\n" + textwrap.fill(f"(left out: {', '.join(dropped)}; all in the markdown)", width)
     return text
 
 
