@@ -36,7 +36,9 @@ __all__ = [
     "N_BOOT",
     "PRIMARY",
     "TARGETS",
+    "correlate",
     "correlation_entries",
+    "find",
     "kendall_tau",
     "partial_spearman",
     "rank",
@@ -146,7 +148,8 @@ def _columns(rows: Sequence[dict[str, Any]], keys: Sequence[str]) -> tuple[list[
     return [r["number"] for r in kept], [np.array([_value(r, k) for r in kept], dtype=float) for k in keys]
 
 
-def _entry(x: str, y: str, method: str, rows: Sequence[dict[str, Any]], over: str) -> dict[str, Any]:
+def correlate(x: str, y: str, method: str, rows: Sequence[dict[str, Any]], over: str = "trained") -> dict[str, Any]:
+    """One correlation entry ``{"x", "y", "method", "value", "ci", "n", "over"}`` over ``rows``."""
     keys = (x, y, CONTROL) if method == "partial_spearman" else (x, y)
     _, cols = _columns(rows, keys)
     n = len(cols[0])
@@ -168,7 +171,7 @@ def correlation_entries(rows: Sequence[dict[str, Any]], over: str = "trained") -
     Spearman given :data:`CONTROL`, each ``{"x", "y", "method", "value", "ci": [lo, hi], "n",
     "over"}`` (``value`` / ``ci`` ``None`` below :data:`MIN_TRIALS` trials or when a variable is
     constant). ``rows``: the trials to correlate over (``over`` names them in the entries)."""
-    return [_entry(x, y, method, rows, over)
+    return [correlate(x, y, method, rows, over)
             for x in SHARPNESS_METRICS for y in TARGETS
             for method in ("spearman", "kendall", "partial_spearman")]
 

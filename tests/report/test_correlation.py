@@ -198,3 +198,28 @@ def test_report_html_is_self_contained(tmp_path):
                   "Parallel coordinate (Optuna)", "Slice (Optuna)", "Contour (Optuna)",
                   "Does flatness predict generalization here?", "Best trials"):
         assert title in page, title
+
+
+def test_compare_sharpness_over_trained_trials_and_its_summary(tmp_path):
+    from sassha_tune.report import compare_figures, run_compare
+
+    url = f"sqlite:///{tmp_path / 'crafted.db'}"
+    study = _study(url)
+    run_compare(["crafted"], url, tmp_path / "cmp")
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    (entry,) = summary["sharpness_over_trained"]
+    assert entry["trained"] == 10 and entry["near_chance"] == 6
+    assert entry["lambda_max"]["median"] == pytest.approx(float(np.median(LAM_TRAINED)))
+    assert entry["lambda_max"]["iqr"] == pytest.approx(list(np.percentile(LAM_TRAINED, [25, 75])))
+    rho = entry["lambda_max_vs_gap"]
+    assert rho["n"] == 10 and rho["value"] == pytest.approx(stats.spearmanr(LAM_TRAINED, GAP_TRAINED).statistic)
+    (ranked,) = summary["studies"]
+    assert ranked["study"] == "crafted" and ranked["near_chance"] == "6"
+    assert "## Sharpness over trained trials" in (tmp_path / "cmp" / "compare.md").read_text()
+    figs = compare_figures([study])
+    ax = figs["best_vs_trials"].axes[0]
+    assert len(ax.lines) == 1 and len(ax.collections) == 1  # one median line, one band
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.x0 > 1.0  # the legend is anchored right of the axes, outside them
+    gap = figs["gap_vs_lambda_max"].axes[0]
+    assert len(gap.collections[0].get_offsets()) == 10  # trained trials only
