@@ -122,7 +122,7 @@ def html_figures(study: optuna.Study) -> dict[str, go.Figure | str]:
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
-table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; display: block; overflow-x: auto; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
 th { background: #f0f0f0; }
 .verdict { background: #fff8e0; border-left: 4px solid #e0a000; padding: 0.6em 1em; }
