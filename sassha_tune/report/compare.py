@@ -186,7 +186,8 @@ def _sharpness_entries(studies: Sequence[optuna.Study]) -> list[dict[str, Any]]:
         trained = trained_rows(rows)
         health = budget_health(rows)
         entry: dict[str, Any] = {"study": study.study_name, "optimizer": optimizer_name(study),
-                                 "trained": len(trained), "near_chance": health["near_chance"]}
+                                 "trained": len(trained),
+                                 "near_chance": health["near_chance"] if health["near_chance_known"] else None}
         for key in ("lambda_max", "adaptive_sharpness"):
             q1, med, q3 = _quartiles([row_attr(r, key) for r in trained])
             entry[key] = {"median": med if math.isfinite(med) else None,
@@ -207,7 +208,8 @@ def _sharpness_table(entries: Sequence[dict[str, Any]]) -> tuple[list[str], list
         c = e["lambda_max_vs_gap"]
         rho = "-" if c["value"] is None else (
             f"{c['value']:+.2f}" + (f" [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}]" if c["ci"] else ""))
-        table.append([e["study"], e["optimizer"], str(e["trained"]), str(e["near_chance"]),
+        table.append([e["study"], e["optimizer"], str(e["trained"]),
+                      "-" if e["near_chance"] is None else str(e["near_chance"]),
                       quart(e["lambda_max"]), quart(e["adaptive_sharpness"]), rho])
     return (["study", "optimizer", "trained", "near_chance", "lambda_max median [IQR]",
              "adaptive median [IQR]", "rho(lambda_max, gap) [CI]"], table)

@@ -137,7 +137,8 @@ def write_html(study: optuna.Study, path: Path, summary: dict[str, Any],
     c = summary["counts"]
     parts = [f"<h1>Study report: {html.escape(study.study_name)}</h1>",
              f"<p>optimizer <code>{html.escape(summary['optimizer'])}</code>; {c['trials']} search trials: "
-             f"{c['trained']} trained, {c['near_chance']} near chance ({html.escape(summary['near_chance_rule'])}), "
+             f"{c['trained']} trained, {c['near_chance'] if c['near_chance'] is not None else 'unknown'} near chance "
+             f"({html.escape(summary['near_chance_rule'])}), "
              f"{c['failed']} failed, {c['pruned']} pruned. Pareto front (trained trials): "
              f"{html.escape(str(summary['pareto'] or 'none'))}.</p>",
              "<h2>Does flatness predict generalization here?</h2>",

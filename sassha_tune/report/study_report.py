@@ -134,16 +134,15 @@ def _health_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 _FIGURE_CAPTIONS = {
     "gap_vs_lambda_max": "Generalization gap vs lambda_max, one point per trained trial, colour = "
-    "validation accuracy; near-chance trials are the red x (untrained networks are trivially flat: "
-    "they are left out of every statistic). A positive gap is overfitting. A rising trend says sharper "
+    "validation accuracy. A positive gap is overfitting. A rising trend says sharper "
     "minima generalize worse in this study; how strong it is, and over how many trials, is in the "
     "section above.",
-    "gap_vs_adaptive_sharpness": "Generalization gap vs adaptive (scale-invariant) sharpness; red x: near chance.",
+    "gap_vs_adaptive_sharpness": "Generalization gap vs adaptive (scale-invariant) sharpness.",
     "pareto": "Validation accuracy vs lambda_max; the orange line is the Pareto front of the trained trials "
-    "(no other trained trial is both more accurate and flatter). Near-chance trials (red x) are never on it.",
+    "(no other trained trial is both more accurate and flatter).",
     "learning_curves": "Per-epoch accuracy and loss of the best trained trials (solid: validation, dashed: "
     "training, the running average of the epoch's batches).",
-    "params_vs_lambda_max": "Each searched parameter against the final lambda_max (red x: near chance): "
+    "params_vs_lambda_max": "Each searched parameter against the final lambda_max: "
     "which settings lead to sharp or flat minima.",
     "parallel_coordinates": "One line per trained trial through its parameters (scaled to their range, "
     "log where searched on a log scale), its lambda_max and its validation accuracy (colour).",
@@ -151,6 +150,16 @@ _FIGURE_CAPTIONS = {
     "trials are marked on the bottom edge.",
     "importances": "fANOVA importance of each parameter for validation accuracy (needs several "
     "complete trials to mean anything).",
+}
+
+
+# Appended to the captions when the study's trials store num_classes (near chance is known).
+_CHANCE_NOTES = {
+    "gap_vs_lambda_max": " Near-chance trials are the red x: untrained networks are trivially flat, so "
+    "they are left out of every statistic.",
+    "gap_vs_adaptive_sharpness": " Red x: near chance.",
+    "pareto": " Near-chance trials (red x) are never on it.",
+    "params_vs_lambda_max": " Red x: near chance.",
 }
 
 
@@ -196,6 +205,8 @@ def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dic
         out.append("## Figures\n")
         for key, path in figure_paths.items():
             caption = _FIGURE_CAPTIONS.get(key)
+            if caption is not None and summary["counts"]["near_chance"] is not None:
+                caption += _CHANCE_NOTES.get(key, "")
             if caption is None and key.startswith("slice_"):
                 caption = f"Validation accuracy vs `{key[6:]}` (sensitivity; darker = later trial)."
             out.append(figure_entry(key, caption or "", path))

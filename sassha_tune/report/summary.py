@@ -57,7 +57,8 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
             "trials": len(rows),
             "complete": health["complete"],
             "trained": len(trained),
-            "near_chance": excluded,
+            # None when no complete trial stores num_classes (an older study): unknown, not zero
+            "near_chance": excluded if health["near_chance_known"] else None,
             "near_chance_unknown": health["complete"] - health["near_chance_known"],
             "failed": health["failed"],
             "pruned": health["pruned"],
@@ -100,6 +101,10 @@ def correlation_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str
 
 def _counts_sentence(summary: dict[str, Any]) -> str:
     c = summary["counts"]
+    if c["near_chance"] is None:  # an older study: nothing is said about chance
+        return (f"Computed over the **{c['trained']} complete trials** of {c['trials']} search trials; left out: "
+                f"{c['failed']} failed, {c['pruned']} pruned. The trials store no `num_classes`, so untrained "
+                "networks (trivially flat) cannot be told apart and are included.")
     text = (f"Computed over the **{c['trained']} trials that trained** (complete and not near chance) of "
             f"{c['trials']} search trials; left out: {c['near_chance']} near chance ({NEAR_CHANCE_RULE}), "
             f"{c['failed']} failed, {c['pruned']} pruned")
@@ -134,7 +139,8 @@ def correlation_lines(summary: dict[str, Any]) -> list[str]:
 def terminal_lines(summary: dict[str, Any]) -> Sequence[str]:
     """The short form printed by ``report``: counts, the main correlation and the verdict."""
     c = summary["counts"]
-    lines = [f"trained trials: {c['trained']} (left out: {c['near_chance']} near chance, {c['failed']} failed, "
+    chance = "" if c["near_chance"] is None else f"{c['near_chance']} near chance, "
+    lines = [f"trained trials: {c['trained']} (left out: {chance}{c['failed']} failed, "
              f"{c['pruned']} pruned); Pareto front: {summary['pareto'] or 'none'}"]
     lines.append("verdict: " + summary["verdict"])
     return lines
