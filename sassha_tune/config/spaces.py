@@ -70,6 +70,12 @@ class ParamSpec:
     step: float | int | None = None
     choices: tuple[Any, ...] | None = None
 
+    @property
+    def is_fixed(self) -> bool:
+        """A categorical with one choice: a fixed value, not a searched parameter (Optuna never
+        sees it, so it is no "parameter" of importances, slices or the dashboard)."""
+        return self.type == "categorical" and len(self.choices or ()) == 1
+
     def contains(self, value: Any) -> bool:
         if self.type == "categorical":
             return value in (self.choices or ())
@@ -270,11 +276,19 @@ def space_for_config(cfg: Any, *, check_fixed: bool = False) -> SearchSpace:
     return space
 
 
+def fixed_values(space: SearchSpace) -> dict[str, Any]:
+    """The space's one-choice categoricals as fixed values (``{"dense_refresh_steps": 50}``)."""
+    return {name: (p.choices or ())[0] for name, p in space.params.items() if p.is_fixed}
+
+
 def suggest(trial: Any, space: SearchSpace) -> dict[str, Any]:
-    """Draw one value per parameter with ``trial.suggest_*`` (enqueued values are used as is)."""
+    """Draw one value per searched parameter with ``trial.suggest_*`` (enqueued values are used as
+    is); a one-choice categorical takes its value without being suggested (:func:`fixed_values`)."""
     out: dict[str, Any] = {}
     for name, p in space.params.items():
-        if p.type == "float":
+        if p.is_fixed:
+            out[name] = (p.choices or ())[0]
+        elif p.type == "float":
             out[name] = trial.suggest_float(name, p.low, p.high, log=p.log, step=p.step)
         elif p.type == "int":
             out[name] = trial.suggest_int(name, int(p.low), int(p.high), log=p.log, step=int(p.step or 1))

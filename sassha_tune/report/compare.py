@@ -4,6 +4,7 @@ bands, the ranking, the per-optimizer table, ``compare.md`` and :func:`run_compa
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -13,10 +14,10 @@ from typing import Any
 import numpy as np
 import optuna
 from matplotlib.figure import Figure
-from tabulate import tabulate
 
 from sassha_tune.errors import StorageError
 
+from .correlation import correlate
 from .curves import (
     BOOTSTRAP_SEED,
     N_BOOTSTRAP,
@@ -26,13 +27,12 @@ from .curves import (
     trial_cost,
 )
 from .figures import GAP_LABEL, LAMBDA_LABEL, maybe_log, save_figures
-from .health import NEAR_CHANCE_RULE, budget_health, near_chance_count
-from .markdown import figure_entry, markdown_table, provenance_section
+from .health import NEAR_CHANCE_RULE, budget_health, near_chance_count, trained_rows
+from .markdown import figure_entry, markdown_table, provenance_section, terminal_table
 from .reruns import rerun_table
 from .rows import (
     SEED_RERUN_ATTR,
     SEED_STUDY_SUFFIX,
-    complete_rows,
     format_value,
     load_rows,
     optimizer_name,
@@ -49,32 +49,34 @@ __all__ = ["compare_figures", "run_compare"]
 
 
 def _band(ax: Any, x: np.ndarray, curves: np.ndarray, label: str, color: Any) -> None:
-    """Observed curve (solid) and the 10-90 % bootstrap band over trial orders (shaded)."""
+    """Median over trial orders (one line) and the 10-90 % band over them (shaded): one line and
+    one band per study, so that seven optimizers stay readable."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns before any result
-        lo = np.nanpercentile(curves, 10, axis=0)
-        hi = np.nanpercentile(curves, 90, axis=0)
-    ax.plot(x, curves[0], color=color, drawstyle="steps-post", label=label)
+        lo, med, hi = np.nanpercentile(curves, [10, 50, 90], axis=0)
+    ax.plot(x, med, color=color, drawstyle="steps-post", label=label, linewidth=1.6)
     ax.fill_between(x, lo, hi, color=color, alpha=0.2, step="post", linewidth=0)
 
 
 def compare_figures(studies: Sequence[optuna.Study]) -> dict[str, Figure]:
     """Figures comparing studies, keyed by file stem.
 
-    ``best_vs_trials`` and ``best_vs_seconds``: one solid line (observed order) and one shaded
+    ``best_vs_trials`` and ``best_vs_seconds``: one line (the median over trial orders) and one shaded
     10-90 % bootstrap band (over :data:`~sassha_tune.report.curves.N_BOOTSTRAP` seeded shuffles of
     the trial order) per study; ``final_sharpness``: one bar per study, lambda_max of its best trial
-    (selected on val_acc); ``gap_vs_lambda_max``: one scatter per study, one point per complete trial.
+    (selected on val_acc among the trained trials); ``gap_vs_lambda_max``: one scatter per study, one
+    point per trained trial (near-chance trials left out). Legends sit outside the axes.
     """
     colors = [f"C{i % 10}" for i in range(len(studies))]
+    legend = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0, "fontsize": "small"}
     all_rows = [load_rows(s) for s in studies]
     labels = [f"{s.study_name} ({optimizer_name(s)})" for s in studies]
 
-    fig_n = Figure(figsize=(7, 4.8))
+    fig_n = Figure(figsize=(9.5, 4.8))
     ax_n = fig_n.add_subplot()
-    fig_t = Figure(figsize=(7, 4.8))
+    fig_t = Figure(figsize=(9.5, 4.8))
     ax_t = fig_t.add_subplot()
     arrays = [budget_arrays(rows) for rows in all_rows]
     total = max((float(c.sum()) for _, c in arrays), default=0.0)
@@ -88,30 +90,30 @@ def compare_figures(studies: Sequence[optuna.Study]) -> dict[str, Figure]:
     ax_t.set_xlabel("cumulative train seconds (budget)")
     for ax, fig, what in ((ax_n, fig_n, "trials"), (ax_t, fig_t, "train-seconds")):
         ax.set_ylabel("best validation accuracy so far")
-        ax.set_title(f"Best val accuracy vs {what} (band: 10-90 % over shuffled trial orders)")
+        ax.set_title(f"Best val accuracy vs {what}\n(line: median, band: 10-90 % over shuffled trial orders)")
         if ax.lines:
-            ax.legend(loc="lower right")
+            ax.legend(**legend)
         fig.tight_layout()
 
     fig_s = Figure(figsize=(7, 4.8))
     ax_s = fig_s.add_subplot()
     lambdas = []
     for rows in all_rows:
-        ranked = ranked_rows(search_rows(rows))
+        ranked = ranked_rows(trained_rows(rows))
         lambdas.append(row_attr(ranked[0], "lambda_max") if ranked else math.nan)
     ax_s.bar(range(len(studies)), [0.0 if math.isnan(v) else v for v in lambdas], color=colors)
     ax_s.set_xticks(range(len(studies)), labels, rotation=20, ha="right")
     maybe_log(ax_s, "y", lambdas)
     ax_s.set_xlabel("study (optimizer)")
     ax_s.set_ylabel("lambda_max of the best trial")
-    ax_s.set_title("Final sharpness of each study's best trial (selected on val_acc)")
+    ax_s.set_title("Final sharpness of each study's best trained trial (selected on val_acc)")
     fig_s.tight_layout()
 
-    fig_g = Figure(figsize=(7, 4.8))
+    fig_g = Figure(figsize=(9.5, 4.8))
     ax_g = fig_g.add_subplot()
     xs_all = []
     for rows, label, color in zip(all_rows, labels, colors, strict=True):
-        pts = [(row_attr(r, "lambda_max"), row_attr(r, "gen_gap_acc")) for r in complete_rows(search_rows(rows))]
+        pts = [(row_attr(r, "lambda_max"), row_attr(r, "gen_gap_acc")) for r in trained_rows(rows)]
         pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
         xs_all += [p[0] for p in pts]
         ax_g.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=label, alpha=0.7)
@@ -119,9 +121,9 @@ def compare_figures(studies: Sequence[optuna.Study]) -> dict[str, Figure]:
     maybe_log(ax_g, "x", xs_all)
     ax_g.set_xlabel(LAMBDA_LABEL)
     ax_g.set_ylabel(GAP_LABEL)
-    ax_g.set_title("Generalization gap vs lambda_max, all trials, by study")
+    ax_g.set_title("Generalization gap vs lambda_max, trained trials (near chance left out), by study")
     if studies:
-        ax_g.legend(loc="best")
+        ax_g.legend(**legend)
     fig_g.tight_layout()
     return {
         "best_vs_trials": fig_n,
@@ -166,6 +168,53 @@ def _ranking(studies: Sequence[optuna.Study]) -> tuple[list[str], list[list[str]
     return headers, [[str(i + 1), *line] for i, (_, line) in enumerate(entries)]
 
 
+def _quartiles(values: list[float]) -> tuple[float, float, float]:
+    arr = np.array([v for v in values if math.isfinite(v)], dtype=float)
+    if not len(arr):
+        return (math.nan,) * 3
+    q1, med, q3 = np.percentile(arr, [25, 50, 75])
+    return float(q1), float(med), float(q3)
+
+
+def _sharpness_entries(studies: Sequence[optuna.Study]) -> list[dict[str, Any]]:
+    """Per study, over its trained trials only (near chance left out: an untrained network is
+    trivially flat): median and quartiles of lambda_max and adaptive sharpness, and the Spearman
+    correlation of lambda_max with the generalization gap (bootstrap interval, n)."""
+    out = []
+    for study in studies:
+        rows = search_rows(load_rows(study))
+        trained = trained_rows(rows)
+        health = budget_health(rows)
+        entry: dict[str, Any] = {"study": study.study_name, "optimizer": optimizer_name(study),
+                                 "trained": len(trained),
+                                 "near_chance": health["near_chance"] if health["near_chance_known"] else None}
+        for key in ("lambda_max", "adaptive_sharpness"):
+            q1, med, q3 = _quartiles([row_attr(r, key) for r in trained])
+            entry[key] = {"median": med if math.isfinite(med) else None,
+                          "iqr": [q1, q3] if math.isfinite(q1) else None}
+        entry["lambda_max_vs_gap"] = correlate("lambda_max", "gen_gap_acc", "spearman", trained)
+        out.append(entry)
+    return out
+
+
+def _sharpness_table(entries: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    def quart(d: dict[str, Any]) -> str:
+        if d["median"] is None:
+            return "-"
+        return f"{format_value(d['median'])} [{format_value(d['iqr'][0])}, {format_value(d['iqr'][1])}]"
+
+    table = []
+    for e in entries:
+        c = e["lambda_max_vs_gap"]
+        rho = "-" if c["value"] is None else (
+            f"{c['value']:+.2f}" + (f" [{c['ci'][0]:+.2f}, {c['ci'][1]:+.2f}]" if c["ci"] else ""))
+        table.append([e["study"], e["optimizer"], str(e["trained"]),
+                      "-" if e["near_chance"] is None else str(e["near_chance"]),
+                      quart(e["lambda_max"]), quart(e["adaptive_sharpness"]), rho])
+    return (["study", "optimizer", "trained", "near_chance", "lambda_max median [IQR]",
+             "adaptive median [IQR]", "rho(lambda_max, gap) [CI]"], table)
+
+
 def _by_optimizer(studies: Sequence[optuna.Study]) -> tuple[list[str], list[list[str]]] | None:
     """Median and IQR of best val_acc over the independent studies of each optimizer (>= 2)."""
     groups: dict[str, list[float]] = {}
@@ -184,6 +233,9 @@ def _by_optimizer(studies: Sequence[optuna.Study]) -> tuple[list[str], list[list
     return ["optimizer", "studies", "studies without result", "median best_val_acc", "IQR"], table
 
 
+# Left out first when the ranking is too wide for the terminal (all columns stay in compare.md).
+_RANKING_DROP = ("train_seconds", "fail_rate", "pruned", "diverged", "best_trial", "test_acc")
+
 _COMPARE_METHOD = """\
 ## Methodology
 
@@ -199,9 +251,9 @@ _COMPARE_METHOD = """\
   (`-` when no failed trial stores a `failure_reason`).
   Neither improves the best, but both spend budget.
 - **Budget curves**: best validation accuracy so far vs number of trials and vs cumulative
-  `train_seconds` (the trial's wall-clock time when not stored). The solid line is the observed
-  trial order; the band is the 10-90 % range over {n_boot} shuffles of the trial order (numpy seed
-  {seed}), i.e. how lucky the observed order was. Equal train-seconds is the primary comparison
+  `train_seconds` (the trial's wall-clock time when not stored). The line is the median and the
+  band the 10-90 % range over {n_boot} orders of the trials (the observed one and shuffles, numpy
+  seed {seed}), i.e. how much of a lead is the order the sampler happened to try things in. Equal train-seconds is the primary comparison
   (SASSHA and SAM cost about 2x per step); equal trials is secondary.
 - **Seed re-runs**: trials with user attribute `seed_rerun_of` and all trials of a study named
   `<study>{suffix}` are re-runs of a chosen config over training seeds; they are left out of the
@@ -211,19 +263,27 @@ _COMPARE_METHOD = """\
 _FIGURE_CAPTIONS = {
     "best_vs_trials": "Best validation accuracy vs number of trials.",
     "best_vs_seconds": "Best validation accuracy vs cumulative train-seconds (equal-cost view).",
-    "final_sharpness": "lambda_max of each study's best trial (lower = flatter).",
-    "gap_vs_lambda_max": "Generalization gap vs lambda_max over all complete trials, by study.",
+    "final_sharpness": "lambda_max of each study's best trained trial (lower = flatter).",
+    "gap_vs_lambda_max": "Generalization gap vs lambda_max over the trained trials, by study (near-chance "
+    "trials left out: untrained networks are trivially flat).",
 }
 
 
 def _compare_markdown(studies: Sequence[optuna.Study], figure_paths: dict[str, Path], ranking: Any,
-                      by_opt: Any, reruns: Any, storage: str | None) -> str:
+                      by_opt: Any, reruns: Any, storage: str | None, sharpness: Any) -> str:
     out = ["# Optimizer comparison\n"]
     out.append("Studies: " + ", ".join(f"`{s.study_name}` ({optimizer_name(s)})" for s in studies) + "\n")
     out.append(_COMPARE_METHOD.format(n_boot=N_BOOTSTRAP, seed=BOOTSTRAP_SEED, suffix=SEED_STUDY_SUFFIX,
                                       rule=NEAR_CHANCE_RULE))
     out.append("## Ranking by best validation accuracy\n")
     out.append(markdown_table(*ranking))
+    out.append("## Sharpness over trained trials\n")
+    out.append("Over each study's trained trials only (complete and not near chance: an untrained network is "
+               "trivially flat, so counting it would make an optimizer that often fails to train look flat). "
+               "Median and interquartile range of the final sharpness; Spearman's rho of lambda_max with the "
+               "generalization gap, with its 95 % bootstrap interval. Sharpness is comparable across studies "
+               "only when they share the measurement protocol (`metrics` section) and the task.\n")
+    out.append(markdown_table(*sharpness))
     if by_opt is not None:
         out.append("## Per optimizer over independent studies\n")
         out.append(markdown_table(*by_opt))
@@ -261,11 +321,20 @@ def run_compare(study_names: list[str], storage: str, out_dir: Path) -> None:
     ranking = _ranking(studies)
     by_opt = _by_optimizer(studies)
     reruns = rerun_table(studies, backend, names_in_storage)
+    sharp = _sharpness_entries(studies)
     text = _compare_markdown(studies, paths, ranking, by_opt, reruns,
-                             storage if isinstance(storage, str) else None)
+                             storage if isinstance(storage, str) else None, _sharpness_table(sharp))
     (out_dir / "compare.md").write_text(text, encoding="utf-8")
-    print(tabulate(ranking[1], headers=ranking[0], disable_numparse=True))
+    summary = {
+        "studies": [dict(zip(ranking[0], line, strict=True)) for line in ranking[1]],
+        "sharpness_over_trained": sharp,
+        "near_chance_rule": NEAR_CHANCE_RULE,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    print(terminal_table(*ranking, drop_order=_RANKING_DROP))
+    print()
+    print(terminal_table(*_sharpness_table(sharp), drop_order=("adaptive median [IQR]",)))
     if reruns[1]:
         print()
-        print(tabulate(reruns[1], headers=reruns[0], disable_numparse=True))
-    print(f"wrote {out_dir / 'compare.md'} and {len(paths)} plots to {out_dir}")
+        print(terminal_table(*reruns))
+    print(f"wrote {out_dir / 'compare.md'}, summary.json and {len(paths)} plots to {out_dir}")

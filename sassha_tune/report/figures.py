@@ -12,22 +12,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib.cm as cm
+import numpy as np
 import optuna
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
+from .health import near_chance_rows, pareto_numbers, trained_rows
 from .rows import (
     SEED_RERUN_ATTR,
     as_float,
     complete_rows,
     load_rows,
-    pareto_numbers,
+    ranked_rows,
     row_attr,
     row_val_acc,
     search_rows,
 )
 
-__all__ = ["GAP_LABEL", "LAMBDA_LABEL", "SLICE_PARAMS", "build_figures", "maybe_log", "save_figures"]
+__all__ = ["GAP_LABEL", "LAMBDA_LABEL", "N_CURVES", "SLICE_PARAMS", "build_figures", "curve_rows",
+           "history_series", "maybe_log", "save_figures"]
 
 #: Parameters that get a slice plot when the study searched them.
 SLICE_PARAMS = ("lr", "rho", "lazy_hessian", "eps")
@@ -35,6 +40,10 @@ SLICE_PARAMS = ("lr", "rho", "lazy_hessian", "eps")
 GAP_LABEL = "generalization gap (gen_gap_acc, + = overfitting)"
 LAMBDA_LABEL = "lambda_max (top Hessian eigenvalue)"
 _VAL_LABEL = "validation accuracy"
+#: How many of the best trials get their learning curves drawn.
+N_CURVES = 5
+_CHANCE_STYLE = {"marker": "x", "color": "tab:red", "linewidths": 1.0}
+_CHANCE_LABEL = "near chance (left out of statistics)"
 
 
 def _message_figure(title: str, message: str) -> Figure:
@@ -53,40 +62,164 @@ def maybe_log(ax: Any, axis: str, values: Sequence[float]) -> None:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
 
 
+def _points(rows: Sequence[dict[str, Any]], x_key: str, y_key: str) -> list[tuple[float, float, float, int]]:
+    pts = [(row_attr(r, x_key), row_val_acc(r) if y_key == "val_acc" else row_attr(r, y_key), row_val_acc(r),
+            r["number"]) for r in rows]
+    return [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
+
+
 def _gap_scatter(rows: Sequence[dict[str, Any]], x_key: str, x_label: str, title: str) -> Figure:
-    """Generalization gap vs a sharpness measure, one point per complete trial, coloured by val acc."""
-    pts = [(row_attr(r, x_key), row_attr(r, "gen_gap_acc"), row_val_acc(r)) for r in complete_rows(rows)]
-    pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
+    """Generalization gap vs a sharpness measure: one point per trained trial, coloured by val
+    acc; near-chance trials drawn apart (red x), never in the statistics."""
+    pts = _points(trained_rows(rows), x_key, "gen_gap_acc")
+    chance = _points(near_chance_rows(rows), x_key, "gen_gap_acc")
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
-    xs, ys, cs = (list(v) for v in zip(*pts, strict=True)) if pts else ([], [], [])
-    sc = ax.scatter(xs, ys, c=cs, cmap="viridis", edgecolors="k", linewidths=0.3, label="trials")
+    xs, ys, cs = ([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts])
+    sc = ax.scatter(xs, ys, c=cs, cmap="viridis", edgecolors="k", linewidths=0.3, label="trained trials")
     if pts:
         fig.colorbar(sc, ax=ax, label=_VAL_LABEL)
+    if chance:
+        ax.scatter([p[0] for p in chance], [p[1] for p in chance], label=_CHANCE_LABEL, **_CHANCE_STYLE)
     ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
-    maybe_log(ax, "x", xs)
+    maybe_log(ax, "x", xs + [p[0] for p in chance])
     ax.set_xlabel(x_label)
     ax.set_ylabel(GAP_LABEL)
-    ax.set_title(title)
+    ax.set_title(f"{title} ({len(pts)} trained, {len(chance)} near chance)")
+    ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     return fig
 
 
 def _pareto_figure(rows: Sequence[dict[str, Any]]) -> Figure:
-    pts = [(r["number"], row_attr(r, "lambda_max"), row_val_acc(r)) for r in complete_rows(rows)]
-    pts = [p for p in pts if math.isfinite(p[1])]
+    pts = _points(trained_rows(rows), "lambda_max", "val_acc")
+    chance = _points(near_chance_rows(rows), "lambda_max", "val_acc")
     front = pareto_numbers(rows)
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
-    ax.scatter([p[1] for p in pts], [p[2] for p in pts], color="tab:blue", alpha=0.6, label="trials")
-    fpts = sorted((p for p in pts if p[0] in front), key=lambda p: p[1])
-    ax.plot([p[1] for p in fpts], [p[2] for p in fpts], color="tab:red", marker="o", drawstyle="steps-post",
-            label="Pareto front")
-    maybe_log(ax, "x", [p[1] for p in pts])
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", alpha=0.6, label="trained trials")
+    if chance:
+        ax.scatter([p[0] for p in chance], [p[1] for p in chance], label=_CHANCE_LABEL, **_CHANCE_STYLE)
+    fpts = sorted((p for p in pts if p[3] in front), key=lambda p: p[0])
+    ax.plot([p[0] for p in fpts], [p[1] for p in fpts], color="tab:orange", marker="o", drawstyle="steps-post",
+            label="Pareto front (trained trials only)")
+    maybe_log(ax, "x", [p[0] for p in pts + chance])
     ax.set_xlabel(LAMBDA_LABEL)
     ax.set_ylabel(_VAL_LABEL)
     ax.set_title("Pareto front: validation accuracy (up) vs lambda_max (down)")
-    ax.legend(loc="best")
+    ax.legend(loc="best", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def history_series(row: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
+    """(epochs, values) of one per-epoch metric from a trial's ``history`` attribute."""
+    history = row["user_attrs"].get("history") or []
+    pts = [(int(h.get("epoch") or i + 1), as_float(h.get(key))) for i, h in enumerate(history) if isinstance(h, dict)]
+    pts = [p for p in pts if math.isfinite(p[1])]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def curve_rows(rows: Sequence[dict[str, Any]], n: int = N_CURVES) -> list[dict[str, Any]]:
+    """The best ``n`` trained trials that stored a per-epoch history (for the learning curves)."""
+    return [r for r in ranked_rows(trained_rows(rows)) if r["user_attrs"].get("history")][:n]
+
+
+def _curves_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+    best = curve_rows(rows)
+    title = f"Learning curves of the {len(best)} best trained trials"
+    if not best:
+        return _message_figure(title, "no trial stored a per-epoch history")
+    fig = Figure(figsize=(11, 4.4))
+    ax_acc, ax_loss = fig.subplots(1, 2)
+    for i, r in enumerate(best):
+        color = f"C{i}"
+        for ax, metric in ((ax_acc, "acc"), (ax_loss, "loss")):
+            for split, style in (("train", "--"), ("val", "-")):
+                xs, ys = history_series(r, f"{split}_{metric}")
+                if xs:
+                    ax.plot(xs, ys, linestyle=style, color=color, marker=".",
+                            label=f"trial {r['number']}" if split == "val" else None)
+    ax_acc.set_ylabel("accuracy (solid: validation, dashed: training)")
+    ax_loss.set_ylabel("loss (solid: validation, dashed: training)")
+    for ax in (ax_acc, ax_loss):
+        ax.set_xlabel("epoch")
+    ax_acc.legend(loc="best", fontsize="small")
+    fig.suptitle(title + " (training values: running average over the epoch)")
+    fig.tight_layout()
+    return fig
+
+
+def _is_log_values(values: Sequence[float]) -> bool:
+    finite = [v for v in values if math.isfinite(v)]
+    return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 100
+
+
+def _params_vs_lambda_figure(study: optuna.Study, rows: Sequence[dict[str, Any]], names: Sequence[str]) -> Figure:
+    trained, chance = trained_rows(rows), near_chance_rows(rows)
+    cols = min(3, len(names))
+    nrows = math.ceil(len(names) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * nrows))
+    axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+    for ax, name in zip(axes, names, strict=False):
+        for group, kwargs in ((trained, {"c": "tab:blue", "edgecolors": "k", "linewidths": 0.3,
+                                         "label": "trained"}),
+                              (chance, {**_CHANCE_STYLE, "label": "near chance"})):
+            pts = [(as_float(r["params"].get(name)), row_attr(r, "lambda_max")) for r in group if name in r["params"]]
+            pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
+            if pts:
+                ax.scatter([p[0] for p in pts], [p[1] for p in pts], **kwargs)
+        if _is_log_param(study, name):
+            ax.set_xscale("log")
+        maybe_log(ax, "y", [row_attr(r, "lambda_max") for r in trained + chance])
+        ax.set_xlabel(name)
+        ax.set_ylabel("lambda_max")
+    for ax in axes[len(names):]:
+        ax.set_axis_off()
+    if len(axes):
+        axes[0].legend(loc="best", fontsize="small")
+    fig.suptitle("Each searched parameter vs lambda_max (red x: near chance)")
+    fig.tight_layout()
+    return fig
+
+
+def _parallel_figure(study: optuna.Study, rows: Sequence[dict[str, Any]], names: Sequence[str]) -> Figure:
+    """Parallel coordinates: one line per trained trial through its (normalized) parameters and
+    lambda_max to its val_acc, coloured by val_acc."""
+    trained = [r for r in trained_rows(rows) if all(name in r["params"] for name in names)]
+    axes_names = [*names, "lambda_max", "val_acc"]
+
+    def raw(r: dict[str, Any], name: str) -> float:
+        if name == "val_acc":
+            return row_val_acc(r)
+        if name == "lambda_max":
+            return row_attr(r, name)
+        return as_float(r["params"].get(name))
+
+    fig = Figure(figsize=(max(6.4, 1.4 * len(axes_names)), 4.8))
+    ax = fig.add_subplot()
+    table = np.array([[raw(r, a) for a in axes_names] for r in trained], dtype=float).reshape(-1, len(axes_names))
+    scaled = np.full_like(table, np.nan)
+    labels = []
+    for j, name in enumerate(axes_names):
+        col = table[:, j]
+        log = (_is_log_param(study, name) if name in names else _is_log_values(col)) and np.all(col[np.isfinite(col)] > 0)
+        col = np.log10(col) if log else col
+        finite = col[np.isfinite(col)]
+        lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+        scaled[:, j] = (col - lo) / (hi - lo) if hi > lo else 0.5
+        fmt = (lambda v: f"{10 ** v:.2g}") if log else (lambda v: f"{v:.3g}")
+        labels.append(f"{name}\n[{fmt(lo)}, {fmt(hi)}]" + ("\n(log)" if log else ""))
+    accs = table[:, -1] if len(table) else np.zeros(0)
+    norm = Normalize(vmin=float(np.nanmin(accs)) if len(accs) else 0, vmax=float(np.nanmax(accs)) if len(accs) else 1)
+    for k in np.argsort(accs):
+        ax.plot(range(len(axes_names)), scaled[k], color=cm.viridis(norm(accs[k])), alpha=0.8, linewidth=1.2)
+    for j in range(len(axes_names)):
+        ax.axvline(j, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(axes_names)), labels, fontsize="small")
+    ax.set_yticks([0, 1], ["min", "max"])
+    fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=ax, label=_VAL_LABEL)
+    ax.set_title(f"Parallel coordinates of the {len(trained)} trained trials (near-chance trials left out)")
     fig.tight_layout()
     return fig
 
@@ -183,9 +316,11 @@ def build_figures(study: optuna.Study) -> dict[str, Figure]:
     """All figures of a one-study report, keyed by file stem (``<key>.png``).
 
     Keys: ``gap_vs_lambda_max``, ``gap_vs_adaptive_sharpness``, ``pareto``, ``history``,
-    ``importances`` and ``slice_<param>`` for each of :data:`SLICE_PARAMS` that was searched.
-    Scatter plots hold one point per complete trial with the plotted metrics; seed re-runs are
-    left out. Empty dict when the study has no complete trial.
+    ``importances``, ``learning_curves`` (the :data:`N_CURVES` best trained trials),
+    ``params_vs_lambda_max`` and ``parallel_coordinates`` (when parameters were searched) and
+    ``slice_<param>`` for each of :data:`SLICE_PARAMS` that was searched. Scatter plots hold one
+    point per complete trial with the plotted metrics, near-chance trials drawn apart (red x) and
+    never on the Pareto front; seed re-runs are left out. Empty dict when the study has no complete trial.
     """
     rows = search_rows(load_rows(study))
     if not complete_rows(rows):
@@ -199,7 +334,11 @@ def build_figures(study: optuna.Study) -> dict[str, Figure]:
         "history": _history_figure(rows),
         "importances": _importance_figure(study),
     }
-    searched = {p for r in rows for p in r["params"]}
+    searched = sorted({p for r in rows for p in r["params"]})
+    figures["learning_curves"] = _curves_figure(rows)
+    if searched:
+        figures["params_vs_lambda_max"] = _params_vs_lambda_figure(study, rows, searched)
+        figures["parallel_coordinates"] = _parallel_figure(study, rows, searched)
     for name in SLICE_PARAMS:
         if name in searched:
             figures[f"slice_{name}"] = _slice_figure(study, rows, name)

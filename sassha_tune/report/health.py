@@ -13,7 +13,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from .rows import as_float
+from .rows import as_float, complete_rows, row_attr, row_val_acc, search_rows
 
 __all__ = [
     "NEAR_CHANCE_RULE",
@@ -22,6 +22,9 @@ __all__ = [
     "near_chance",
     "near_chance_count",
     "near_chance_threshold",
+    "near_chance_rows",
+    "pareto_numbers",
+    "trained_rows",
 ]
 
 #: The near-chance rule in words, for reports (:func:`near_chance_threshold` computes it).
@@ -103,3 +106,31 @@ def near_chance_count(health: dict[str, Any]) -> str | None:
     if known < health["complete"]:
         return f"{health['near_chance']} of {known} known"
     return str(health["near_chance"])
+
+
+def trained_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials that trained: complete search trials (seed re-runs left out) that are not near
+    chance. A trial whose near-chance verdict is unknown (no ``num_classes``) is kept: nothing is
+    guessed. What every statistic, scatter plot and Pareto front of ``report`` and ``compare`` is
+    computed over."""
+    return [r for r in complete_rows(search_rows(rows)) if near_chance(r["state"], r["user_attrs"]) is not True]
+
+
+def near_chance_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The complete search trials that ended near chance (drawn apart, left out of statistics)."""
+    return [r for r in complete_rows(search_rows(rows)) if near_chance(r["state"], r["user_attrs"]) is True]
+
+
+def pareto_numbers(rows: Iterable[dict[str, Any]]) -> set[int]:
+    """Trial numbers on the front of (val_acc up, lambda_max down) among the trials that trained
+    (:func:`trained_rows`): a near-chance network is trivially flat, so it is never on the front."""
+    points = [(r["number"], row_val_acc(r), row_attr(r, "lambda_max")) for r in trained_rows(rows)]
+    points = [p for p in points if not math.isnan(p[2])]
+    front = set()
+    for number, acc, lam in points:
+        dominated = any(
+            (a >= acc and m <= lam) and (a > acc or m < lam) for _, a, m in points
+        )
+        if not dominated:
+            front.add(number)
+    return front

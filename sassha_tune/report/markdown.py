@@ -8,6 +8,8 @@ module's :func:`~sassha_tune.study.storage.mask_url` (``postgresql://user:***@ho
 from __future__ import annotations
 
 import platform
+import shutil
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,59 @@ from sassha_tune.provenance import git_commit, package_version
 
 from .rows import mask_url
 
-__all__ = ["figure_entry", "markdown_table", "provenance_section", "yaml_block"]
+__all__ = ["figure_entry", "markdown_table", "provenance_section", "terminal_table", "yaml_block"]
 
 
 def markdown_table(headers: Sequence[str], table: Sequence[Sequence[str]], **options: Any) -> str:
     """A GitHub markdown table of text cells (no number parsing), followed by a blank line."""
     return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True, **options) + "\n"
+
+
+def _width(text: str) -> int:
+    return max((len(line) for line in text.splitlines()), default=0)
+
+
+def terminal_table(headers: Sequence[str], table: Sequence[Sequence[str]], *, width: int | None = None,
+                   drop_order: Sequence[str] = ()) -> str:
+    """A plain-text table that fits ``width`` columns (default: the terminal's, 80 when unknown).
+
+    When it is too wide, the columns named in ``drop_order`` are left out, first named first,
+    until it fits, and a last line names them (every column is in the markdown report). When it
+    is still too wide, the columns are split into stacked tables that each repeat the first
+    column (the trial number).
+    """
+    width = width or shutil.get_terminal_size((80, 24)).columns
+    headers, rows = list(headers), [list(r) for r in table]
+    dropped: list[str] = []
+
+    def render(cols: Sequence[int]) -> str:
+        return tabulate([[r[j] for j in cols] for r in rows], headers=[headers[j] for j in cols],
+                        tablefmt="simple", disable_numparse=True)
+
+    text = render(range(len(headers)))
+    for name in drop_order:
+        if _width(text) <= width:
+            break
+        if name not in headers:
+            continue
+        j = headers.index(name)
+        headers.pop(j)
+        for r in rows:
+            r.pop(j)
+        dropped.append(name)
+        text = render(range(len(headers)))
+    if _width(text) > width and len(headers) > 2:
+        blocks, cols = [], [0]
+        for j in range(1, len(headers)):
+            if len(cols) > 1 and _width(render([*cols, j])) > width:
+                blocks.append(render(cols))
+                cols = [0]
+            cols.append(j)
+        blocks.append(render(cols))
+        text = "\n\n".join(blocks)
+    if dropped:
+        text += "\n" + textwrap.fill(f"(left out: {', '.join(dropped)}; all in the markdown)", width)
+    return text
 
 
 def figure_entry(key: str, caption: str, path: Path) -> str:

@@ -5,13 +5,13 @@ The storage is opened and studies are loaded with :func:`sassha_tune.study.stora
 :func:`sassha_tune.study.storage.load_study` (one implementation, one set of messages); every other report
 module reaches the storage through this one. A row is a plain dict per finished trial
 (:func:`load_rows`); the helpers below read numbers out of rows, pick the complete, search and ranked
-rows, compute the Pareto front and format values for tables.
+rows and format values for tables.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import optuna
@@ -29,7 +29,6 @@ __all__ = [
     "load_rows",
     "mask_url",
     "optimizer_name",
-    "pareto_numbers",
     "ranked_rows",
     "read_storage",
     "read_study",
@@ -142,20 +141,6 @@ def search_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def ranked_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Complete trials, best validation accuracy first (ties: lower trial number first)."""
     return sorted(complete_rows(rows), key=lambda r: (-row_val_acc(r), r["number"]))
-
-
-def pareto_numbers(rows: Sequence[dict[str, Any]]) -> set[int]:
-    """Trial numbers on the front of (val_acc up, lambda_max down) among complete trials."""
-    points = [(r["number"], row_val_acc(r), row_attr(r, "lambda_max")) for r in complete_rows(rows)]
-    points = [p for p in points if not math.isnan(p[2])]
-    front = set()
-    for number, acc, lam in points:
-        dominated = any(
-            (a >= acc and m <= lam) and (a > acc or m < lam) for _, a, m in points
-        )
-        if not dominated:
-            front.add(number)
-    return front
 
 
 def format_value(value: Any) -> str:

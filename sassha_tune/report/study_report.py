@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,14 +15,14 @@ from optuna.trial import TrialState
 from tabulate import tabulate
 
 from .figures import build_figures, save_figures
-from .health import NEAR_CHANCE_RULE, budget_health, near_chance, near_chance_count
-from .markdown import figure_entry, markdown_table, provenance_section, yaml_block
+from .health import NEAR_CHANCE_RULE, budget_health, near_chance, near_chance_count, pareto_numbers
+from .html import write_html
+from .markdown import figure_entry, markdown_table, provenance_section, terminal_table, yaml_block
 from .reruns import rerun_table
 from .rows import (
     format_value,
     is_rerun,
     load_rows,
-    pareto_numbers,
     ranked_rows,
     read_storage,
     read_study,
@@ -30,6 +31,7 @@ from .rows import (
     search_rows,
     stored_study_names,
 )
+from .summary import correlation_lines, study_summary, terminal_lines
 
 __all__ = ["best_trials_table", "run_report"]
 
@@ -74,17 +76,25 @@ def _best_trials_rows(study: optuna.Study, n: int) -> tuple[list[str], list[list
     return headers, table
 
 
-def best_trials_table(study: optuna.Study, n: int = 10, tablefmt: str = "simple") -> str:
+# Left out first when the terminal table is too wide (every column stays in report.md).
+_DROP_ORDER = ("seconds", "sam_sharp", "trace", "adapt_sharp", "test_acc")
+
+
+def best_trials_table(study: optuna.Study, n: int = 10, tablefmt: str = "simple", width: int | None = None) -> str:
     """The ``n`` best complete trials (selected on validation accuracy) as a tabulate table.
 
     Columns: trial number, every searched parameter, then val_acc, test_acc, gen_gap, lambda_max,
     trace, sam_sharp, adapt_sharp, seconds (and ``pareto`` for a two-objective study, and
     ``near_chance`` = ``yes`` on the trials :func:`~sassha_tune.report.health.near_chance` when one
-    of the shown trials is).
+    of the shown trials is). ``tablefmt="simple"`` (the terminal's) fits ``width`` columns (the
+    terminal's by default): seconds, sam_sharp, trace, adapt_sharp, test_acc are left out in that
+    order until it does, and a last line says so.
     """
     headers, table = _best_trials_rows(study, n)
     if not table:
         return f"study '{study.study_name}' has no complete trials yet"
+    if tablefmt == "simple":
+        return terminal_table(headers, table, width=width, drop_order=_DROP_ORDER)
     return tabulate(table, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
@@ -123,12 +133,19 @@ def _health_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 
 _FIGURE_CAPTIONS = {
-    "gap_vs_lambda_max": "Generalization gap vs lambda_max, one point per complete trial, colour = "
-    "validation accuracy. A positive gap is overfitting. A rising trend says sharper minima "
-    "generalize worse in this study.",
+    "gap_vs_lambda_max": "Generalization gap vs lambda_max, one point per trained trial, colour = "
+    "validation accuracy. A positive gap is overfitting. A rising trend says sharper "
+    "minima generalize worse in this study; how strong it is, and over how many trials, is in the "
+    "section above.",
     "gap_vs_adaptive_sharpness": "Generalization gap vs adaptive (scale-invariant) sharpness.",
-    "pareto": "Validation accuracy vs lambda_max; the red line is the Pareto front (no other trial "
-    "is both more accurate and flatter).",
+    "pareto": "Validation accuracy vs lambda_max; the orange line is the Pareto front of the trained trials "
+    "(no other trained trial is both more accurate and flatter).",
+    "learning_curves": "Per-epoch accuracy and loss of the best trained trials (solid: validation, dashed: "
+    "training, the running average of the epoch's batches).",
+    "params_vs_lambda_max": "Each searched parameter against the final lambda_max: "
+    "which settings lead to sharp or flat minima.",
+    "parallel_coordinates": "One line per trained trial through its parameters (scaled to their range, "
+    "log where searched on a log scale), its lambda_max and its validation accuracy (colour).",
     "history": "Validation accuracy per trial and the best so far; failed (x) and pruned (|) "
     "trials are marked on the bottom edge.",
     "importances": "fANOVA importance of each parameter for validation accuracy (needs several "
@@ -136,8 +153,18 @@ _FIGURE_CAPTIONS = {
 }
 
 
+# Appended to the captions when the study's trials store num_classes (near chance is known).
+_CHANCE_NOTES = {
+    "gap_vs_lambda_max": " Near-chance trials are the red x: untrained networks are trivially flat, so "
+    "they are left out of every statistic.",
+    "gap_vs_adaptive_sharpness": " Red x: near chance.",
+    "pareto": " Near-chance trials (red x) are never on it.",
+    "params_vs_lambda_max": " Red x: near chance.",
+}
+
+
 def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dict[str, Path],
-                     reruns: tuple[list[str], list[list[str]]]) -> str:
+                     reruns: tuple[list[str], list[list[str]]], summary: dict[str, Any]) -> str:
     rows = load_rows(study)
     search = search_rows(rows)
     running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
@@ -172,11 +199,14 @@ def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dic
                    f"gen_gap {format_value(row_attr(best, 'gen_gap_acc'))}, "
                    f"lambda_max {format_value(row_attr(best, 'lambda_max'))}.\n")
         out.append("```yaml\n" + yaml.safe_dump(best["params"], sort_keys=True) + "```\n")
+        out += correlation_lines(summary)
         out.append("## Best trials\n")
         out.append(best_trials_table(study, n=10, tablefmt="github") + "\n")
         out.append("## Figures\n")
         for key, path in figure_paths.items():
             caption = _FIGURE_CAPTIONS.get(key)
+            if caption is not None and summary["counts"]["near_chance"] is not None:
+                caption += _CHANCE_NOTES.get(key, "")
             if caption is None and key.startswith("slice_"):
                 caption = f"Validation accuracy vs `{key[6:]}` (sensitivity; darker = later trial)."
             out.append(figure_entry(key, caption or "", path))
@@ -195,7 +225,9 @@ def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dic
 
 
 def run_report(study_name: str, storage: str, out_dir: Path) -> None:
-    """Print the best-trials table and write PNG plots and ``report.md`` to ``out_dir``.
+    """Print the best-trials table and the verdict; write PNG plots, ``report.md``,
+    ``summary.json`` (:func:`~sassha_tune.report.summary.study_summary`) and the interactive
+    ``report.html`` to ``out_dir``.
 
     Reads the storage only. A missing study raises :class:`~sassha_tune.errors.StorageError`
     listing the available names; a study without finished trials prints a message and writes a
@@ -206,10 +238,14 @@ def run_report(study_name: str, storage: str, out_dir: Path) -> None:
     reruns = rerun_table([study], backend, stored_study_names(backend))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    summary = study_summary(study)
     figures = build_figures(study)
     paths = save_figures(figures, out_dir)
-    text = _report_markdown(study, storage if isinstance(storage, str) else None, paths, reruns)
+    text = _report_markdown(study, storage if isinstance(storage, str) else None, paths, reruns, summary)
     (out_dir / "report.md").write_text(text, encoding="utf-8")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    html = write_html(study, out_dir / "report.html", summary,
+                      {"Best trials": _best_trials_rows(study, 10), "Best config re-run over seeds": reruns})
     rows = load_rows(study)
     chance = near_chance_count(budget_health(search_rows(rows)))
     print(f"study {study.study_name} ({study.user_attrs.get('optimizer', 'unknown')}): {_state_counts(rows)}"
@@ -219,4 +255,6 @@ def run_report(study_name: str, storage: str, out_dir: Path) -> None:
               f"wrote {out_dir / 'report.md'}")
         return
     print(best_trials_table(study))
-    print(f"wrote {out_dir / 'report.md'} and {len(paths)} plots to {out_dir}")
+    for line in terminal_lines(summary):
+        print(line)
+    print(f"wrote {out_dir / 'report.md'}, summary.json, {html.name} and {len(paths)} plots to {out_dir}")

@@ -9,6 +9,7 @@ needs ``--allow-space-change`` and is recorded in ``sassha_tune:search_space_his
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -152,6 +153,7 @@ def create_or_continue(
             crash_point("create:after-commit")
             if pending:
                 _enqueue_published(study, cfg, space)
+            _set_metric_names(study, list(cfg.study.metrics))
             log(f"created study {name!r} in {mask_url(storage_url)}")
             return study
         # another process created it between our look and our write: continue it like any other
@@ -178,6 +180,7 @@ def create_or_continue(
             f"study {name!r} exists with objectives {study.user_attrs.get('objectives')}; the config asks for "
             f"{[f'{o.metric} {o.direction}' for o in cfg.study.objectives]}: use a new study.name"
         )
+    _set_metric_names(study, list(cfg.study.metrics))
     space_changes = _diff(stored_space, space_d)
     if space_changes:
         if not allow_space_change:
@@ -230,6 +233,17 @@ def config_from_payload(
     src = f"study {study_name} (stored config)"
     cfg = config_from_dict(raw, source=src) if validate else config_from_stored(raw, source=src)
     return cfg, space_from_dict(space_raw, src, cfg.optimizer.name)
+
+
+def _set_metric_names(study: optuna.Study, names: list[str]) -> None:
+    """The objectives' names (``val_acc``, ...) on the study, so that optuna-dashboard and Optuna's
+    plots say "val_acc" instead of "Objective 0"; set again only when they differ (older studies
+    get them on their next run)."""
+    if study.metric_names == names:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        with_retry(study.set_metric_names, names)
 
 
 def stored_config(study: optuna.Study) -> tuple[Config, SearchSpace]:

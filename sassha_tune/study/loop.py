@@ -24,7 +24,7 @@ from ..config import Config, config_to_dict
 from ..config.spaces import SearchSpace, suggest, trial_hparams
 from ..devices import check_available as check_device
 from ..errors import UserError
-from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS
+from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS, PER_EPOCH_METRICS
 from ..trial.outcome import TrialOutcome
 from ..trial.process import TrialProcess
 from .budget import budget_used, counts_toward_budget
@@ -202,18 +202,29 @@ def _stored_history(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: m.get(k) for k in EPOCH_KEYS} | {k: m[k] for k in LANGUAGE_EPOCH_KEYS if k in m} for m in epochs]
 
 
+def reported_metric(cfg: Config) -> str | None:
+    """The per-epoch value every trial reports to Optuna (``trial.report``): the objective of a
+    single-objective study whose metric is measured per epoch; None otherwise (Optuna has no
+    intermediate values for several objectives)."""
+    metrics = cfg.study.metrics
+    return metrics[0] if len(metrics) == 1 and metrics[0] in PER_EPOCH_METRICS else None
+
+
 def _relay(
     proc: TrialProcess,
     pending: dict[int | None, optuna.Trial],
-    prune_metric: str | None,
+    report_metric: str | None,
+    prune: bool,
     on_result: Callable[[int | None, optuna.Trial, TrialOutcome], None],
     on_split: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[str | None, dict[int | None, list[dict[str, Any]]]]:
     """Read a trial process's messages to the end. ``pending`` maps the job's members (``None`` for
-    a single trial) to their asked trials: an epoch of a pending trial is reported to it (and
-    answered prune / go), its result is popped from ``pending`` and handed to ``on_result`` (with
-    the epochs before it as ``outcome.history``). Returns (the user error the process reported, or
-    None; the epochs by member)."""
+    a single trial) to their asked trials: an epoch of a pending trial is reported to it
+    (``report_metric``, whether the study prunes or not: the learning curves of the dashboard and
+    ``plot_intermediate_values``), and when ``prune`` is true, answered prune / go; its result is
+    popped from ``pending`` and handed to ``on_result`` (with the epochs before it as
+    ``outcome.history``). Returns (the user error the process reported, or None; the epochs by
+    member)."""
     epochs: dict[int | None, list[dict[str, Any]]] = {key: [] for key in pending}
     user_error: str | None = None
     for msg in proc.messages():
@@ -221,13 +232,12 @@ def _relay(
         if kind == "epoch":
             metrics = msg.get("metrics", {})
             epochs[key].append(metrics)
-            if prune_metric is not None:
-                value = metrics.get(prune_metric)
-                stop = False
-                if isinstance(value, (int, float)) and key in pending:
-                    pending[key].report(float(value), int(msg["epoch"]))
-                    stop = pending[key].should_prune()
-                proc.answer(stop)
+            value = metrics.get(report_metric) if report_metric is not None else None
+            reported = isinstance(value, int | float) and not isinstance(value, bool) and key in pending
+            if reported:
+                with_retry(pending[key].report, float(value), int(msg["epoch"]))
+            if prune:
+                proc.answer(bool(reported and pending[key].should_prune()))
         elif kind == "result" and key in pending:
             on_result(key, pending.pop(key), TrialOutcome.from_message(msg, epochs[key]))
         elif kind == "split" and on_split is not None:
@@ -312,7 +322,7 @@ def _run_one(
             procs.append(TrialProcess(job))
             results: dict[int | None, TrialOutcome] = {}
             user_error, epochs = _relay(
-                procs[0], {None: trial}, cfg.study.metrics[0] if job["prune"] else None,
+                procs[0], {None: trial}, reported_metric(cfg), job["prune"],
                 on_result=lambda key, _trial, outcome: results.__setitem__(key, outcome),
             )
             procs[0].wait()
@@ -372,7 +382,7 @@ def run_pack(
                 halves = [[members[j].number for j in half] for half in msg.get("halves", [])]
                 log(split_line(int(msg.get("epoch", 0)), halves))
 
-            user_error, _ = _relay(procs[0], pending, cfg.study.metrics[0] if job["prune"] else None,
+            user_error, _ = _relay(procs[0], pending, reported_metric(cfg), job["prune"],
                                    on_result=tell, on_split=split)
             procs[0].wait()
             rc = procs[0].close()

@@ -66,6 +66,16 @@ def best_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial | 
     return max(front or done, key=lambda t: (sign * t.values[0], -t.number))
 
 
+def _space_fixed(study: optuna.Study) -> dict[str, Any]:
+    """The one-choice categoricals of the stored search space: fixed values the trials ran with."""
+    from ..config.spaces import fixed_values, space_from_dict
+
+    raw = study.user_attrs.get("search_space")
+    if not isinstance(raw, dict) or not raw.get("params"):
+        return {}
+    return fixed_values(space_from_dict(raw, f"study {study.study_name}"))
+
+
 def export_config(study: optuna.Study, number: int | None = None) -> dict[str, Any]:
     """The study's config with the chosen trial's params fixed: ``sassha-tune train`` runs it as is."""
     trial = best_trial(study, number)
@@ -74,7 +84,7 @@ def export_config(study: optuna.Study, number: int | None = None) -> dict[str, A
     if trial.state != TrialState.COMPLETE:
         raise UserError(f"trial {trial.number} of {study.study_name!r} is {trial.state.name}, not COMPLETE")
     d = json.loads(json.dumps(study.user_attrs["config"]))
-    d["optimizer"]["fixed"] = {**d["optimizer"].get("fixed", {}), **dict(trial.params)}
+    d["optimizer"]["fixed"] = {**d["optimizer"].get("fixed", {}), **_space_fixed(study), **dict(trial.params)}
     d["optimizer"].pop("enqueue_published", None)
     metrics = {k: trial.user_attrs.get(k) for k in EXPORTED_METRICS if k in trial.user_attrs}
     d["provenance"] = {
@@ -101,7 +111,7 @@ def export_kwargs(study: optuna.Study, number: int | None = None) -> dict[str, A
     trial = best_trial(study, d["provenance"]["trial"])
     assert trial is not None  # export_config found it
     info = optimizer_info(cfg.optimizer.name)
-    kwargs = {**info.defaults, **trial_hparams(cfg, trial.params)}
+    kwargs = {**info.defaults, **trial_hparams(cfg, {**_space_fixed(study), **trial.params})}
     kwargs = json.loads(json.dumps(kwargs))  # plain data: tuples (betas) become lists
     cls = f"sassha_tune.{info.cls.__name__}"
     if info.param_groups is not None:  # SASSHA-LM: decay on linear weights only

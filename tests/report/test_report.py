@@ -151,7 +151,7 @@ def test_load_rows_one_row_per_finished_trial(shared):
 
 def test_best_trials_table_has_params_and_metric_columns(shared):
     study = shared["sassha"]
-    table = report.best_trials_table(study, n=3)
+    table = report.best_trials_table(study, n=3, width=400)
     header = table.splitlines()[0].split()
     assert header[:5] == ["trial", "eps", "lazy_hessian", "lr", "rho"]
     assert tuple(header[5:]) == METRIC_HEADERS
@@ -160,12 +160,44 @@ def test_best_trials_table_has_params_and_metric_columns(shared):
     assert len(table.splitlines()) == 2 + 3
 
 
+def test_terminal_table_fits_the_width_and_says_what_it_left_out(shared):
+    study = shared["sassha"]
+    wide = report.best_trials_table(study, n=3, width=400)
+    assert max(map(len, wide.splitlines())) > 80  # the full table does not fit 80 columns
+    for width in (100, 60):
+        lines = report.best_trials_table(study, n=3, width=width).splitlines()
+        assert all(len(line) <= width for line in lines)
+        start = next(i for i, line in enumerate(lines) if line.startswith("(left out: "))
+        note, lines = " ".join(lines[start:]), lines[:start]
+        # stacked blocks when even the kept columns do not fit, each starting with the trial number
+        blocks = [lines[0].split()] + [lines[i + 1].split() for i, line in enumerate(lines[:-1]) if not line]
+        assert all(b[0] == "trial" for b in blocks)
+        shown = [h for b in blocks for h in b[1:]]
+        assert shown[:4] == ["eps", "lazy_hessian", "lr", "rho"]
+        assert {"val_acc", "gen_gap", "lambda_max"} <= set(shown)
+        left_out = [h for h in METRIC_HEADERS if h not in shown]
+        assert left_out and set(note[len("(left out: "):].split(";")[0].split(", ")) == set(left_out)
+    # markdown keeps every column
+    assert all(h in report.best_trials_table(study, n=3, tablefmt="github") for h in METRIC_HEADERS)
+
+
 def test_build_figures_labels_and_one_point_per_complete_trial(shared):
     study = shared["sassha"]
     n_complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     figs = report.build_figures(study)
     assert {"gap_vs_lambda_max", "gap_vs_adaptive_sharpness", "pareto", "history", "importances",
+            "learning_curves", "params_vs_lambda_max", "parallel_coordinates",
             "slice_lr", "slice_rho", "slice_lazy_hessian", "slice_eps"} == set(figs)
+    # no num_classes stored: near chance unknown, every complete trial counts as trained
+    per_param = [ax for ax in figs["params_vs_lambda_max"].axes if ax.get_xlabel()]
+    assert [ax.get_xlabel() for ax in per_param] == ["eps", "lazy_hessian", "lr", "rho"]
+    assert all(len(ax.collections[0].get_offsets()) == n_complete for ax in per_param)
+    parallel = figs["parallel_coordinates"].axes[0]
+    assert len(parallel.lines) == n_complete + 6  # one per trial, one vertical axis per coordinate
+    assert [t.get_text().split("\n")[0] for t in parallel.get_xticklabels()] == [
+        "eps", "lazy_hessian", "lr", "rho", "lambda_max", "val_acc"]
+    # these trials store no per-epoch history: the figure says so
+    assert "no trial stored a per-epoch history" in figs["learning_curves"].axes[0].texts[0].get_text()
     for key, xlabel in (("gap_vs_lambda_max", "lambda_max"), ("gap_vs_adaptive_sharpness", "adaptive sharpness")):
         ax = figs[key].axes[0]
         assert xlabel in ax.get_xlabel()
@@ -228,7 +260,7 @@ def test_run_report_writes_files_prints_table_and_is_read_only(shared, tmp_path,
 
 def test_two_objective_study(shared, tmp_path):
     url, study = shared["url"], shared["mo"]
-    table = report.best_trials_table(study)
+    table = report.best_trials_table(study, width=400)
     assert table.splitlines()[0].split()[-1] == "pareto" and "*" in table
     report.run_report("mo", url, tmp_path / "mo")
     assert "maximize, minimize; the best trial is selected on val_acc, the Pareto front" in (

@@ -1,0 +1,166 @@
+"""``report.html``: one self-contained interactive page per study (plotly, its JavaScript inlined
+once, so the file opens without a network).
+
+It holds Optuna's own visualizations (history, intermediate values, parallel coordinate,
+importances, slice, contour; over every complete trial, as optuna-dashboard shows them) and ours
+(generalization gap vs sharpness, the Pareto front, learning curves; trained trials, near-chance
+ones drawn apart), with the verdict, the correlation table and the best trials.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import plotly.graph_objects as go
+from optuna.trial import FrozenTrial
+from plotly.offline import get_plotlyjs
+from tabulate import tabulate
+
+from .figures import GAP_LABEL, LAMBDA_LABEL, curve_rows, history_series
+from .health import near_chance_rows, pareto_numbers, trained_rows
+from .rows import as_float, load_rows, row_attr, row_val_acc, search_rows
+from .summary import correlation_table
+
+__all__ = ["html_figures", "write_html"]
+
+
+def _target(t: FrozenTrial) -> float:
+    value = as_float(t.user_attrs.get("val_acc"))
+    return as_float(t.values[0]) if math.isnan(value) and t.values else value
+
+
+def _optuna_figures(study: optuna.Study) -> dict[str, go.Figure | str]:
+    """Optuna's plots (on val_acc), or why one could not be drawn."""
+    vis = optuna.visualization
+    kw = {"target": _target, "target_name": "val_acc"}
+    makers: dict[str, Callable[[], go.Figure]] = {
+        "Optimization history (Optuna)": lambda: vis.plot_optimization_history(study, **kw),
+        "Intermediate values: the per-epoch objective (Optuna)": lambda: vis.plot_intermediate_values(study),
+        "Parallel coordinate (Optuna)": lambda: vis.plot_parallel_coordinate(study, **kw),
+        "Parameter importances (Optuna, fANOVA)": lambda: vis.plot_param_importances(
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), **kw),
+        "Slice (Optuna)": lambda: vis.plot_slice(study, **kw),
+        "Contour (Optuna)": lambda: vis.plot_contour(study, **kw),
+    }
+    out: dict[str, go.Figure | str] = {}
+    for title, make in makers.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out[title] = make()
+        except Exception as exc:  # too few trials, no parameters, several objectives: say why
+            out[title] = f"not available: {exc}".splitlines()[0]
+    return out
+
+
+def _scatter(rows: list[dict[str, Any]], x_key: str, y_key: str, x_label: str, y_label: str,
+             title: str, front: set[int] | None = None) -> go.Figure:
+    fig = go.Figure()
+
+    def pts(group: list[dict[str, Any]]) -> list[tuple[float, float, float, int]]:
+        out = [(row_attr(r, x_key), row_val_acc(r) if y_key == "val_acc" else row_attr(r, y_key),
+                row_val_acc(r), r["number"]) for r in group]
+        return [p for p in out if math.isfinite(p[0]) and math.isfinite(p[1])]
+
+    trained, chance = pts(trained_rows(rows)), pts(near_chance_rows(rows))
+    fig.add_trace(go.Scatter(
+        x=[p[0] for p in trained], y=[p[1] for p in trained], mode="markers", name="trained trials",
+        text=[f"trial {p[3]}, val_acc {p[2]:.4g}" for p in trained],
+        marker={"color": [p[2] for p in trained], "colorscale": "Viridis", "showscale": True,
+                "colorbar": {"title": "val_acc"}, "line": {"width": 0.5, "color": "black"}}))
+    if chance:
+        fig.add_trace(go.Scatter(x=[p[0] for p in chance], y=[p[1] for p in chance], mode="markers",
+                                 name="near chance (left out)", text=[f"trial {p[3]}" for p in chance],
+                                 marker={"symbol": "x", "color": "red", "size": 9}))
+    if front is not None:
+        fpts = sorted((p for p in trained if p[3] in front), key=lambda p: p[0])
+        fig.add_trace(go.Scatter(x=[p[0] for p in fpts], y=[p[1] for p in fpts], mode="lines+markers",
+                                 line={"shape": "hv", "color": "orange"}, name="Pareto front (trained)"))
+    xs = [p[0] for p in trained + chance]
+    if xs and min(xs) > 0 and max(xs) / min(xs) > 100:
+        fig.update_xaxes(type="log")
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label,
+                      legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def _curves(rows: list[dict[str, Any]]) -> go.Figure:
+    fig = go.Figure()
+    for i, r in enumerate(curve_rows(rows)):
+        color = f"hsl({(i * 67) % 360}, 70%, 45%)"
+        for split, dash in (("val", "solid"), ("train", "dash")):
+            xs, ys = history_series(r, f"{split}_acc")
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"trial {r['number']} {split}",
+                                     line={"color": color, "dash": dash}))
+    fig.update_layout(title="Learning curves of the best trained trials (solid: validation, dashed: training)",
+                      xaxis_title="epoch", yaxis_title="accuracy")
+    return fig
+
+
+def html_figures(study: optuna.Study) -> dict[str, go.Figure | str]:
+    """Every figure of ``report.html`` by title: ours first, then Optuna's (a string says why a
+    figure is missing)."""
+    rows = search_rows(load_rows(study))
+    ours: dict[str, go.Figure | str] = {
+        "Generalization gap vs lambda_max": _scatter(rows, "lambda_max", "gen_gap_acc", LAMBDA_LABEL, GAP_LABEL,
+                                                     "Generalization gap vs lambda_max"),
+        "Generalization gap vs adaptive sharpness": _scatter(rows, "adaptive_sharpness", "gen_gap_acc",
+                                                             "adaptive sharpness", GAP_LABEL,
+                                                             "Generalization gap vs adaptive sharpness"),
+        "Pareto front": _scatter(rows, "lambda_max", "val_acc", LAMBDA_LABEL, "validation accuracy",
+                                 "Validation accuracy vs lambda_max", front=pareto_numbers(rows)),
+        "Learning curves": _curves(rows),
+    }
+    return {**ours, **_optuna_figures(study)}
+
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 1em 0; display: block; overflow-x: auto; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: right; }
+th { background: #f0f0f0; }
+.verdict { background: #fff8e0; border-left: 4px solid #e0a000; padding: 0.6em 1em; }
+.missing { color: #777; font-style: italic; }
+"""
+
+
+def write_html(study: optuna.Study, path: Path, summary: dict[str, Any],
+               tables: dict[str, tuple[list[str], list[list[str]]]]) -> Path:
+    """Write ``report.html`` (self-contained: plotly's JavaScript inlined once) and return its path.
+    ``tables``: further tables (headers, rows of text cells) by title, e.g. the best trials."""
+    c = summary["counts"]
+    parts = [f"<h1>Study report: {html.escape(study.study_name)}</h1>",
+             f"<p>optimizer <code>{html.escape(summary['optimizer'])}</code>; {c['trials']} search trials: "
+             f"{c['trained']} trained, {c['near_chance'] if c['near_chance'] is not None else 'unknown'} near chance "
+             f"({html.escape(summary['near_chance_rule'])}), "
+             f"{c['failed']} failed, {c['pruned']} pruned. Pareto front (trained trials): "
+             f"{html.escape(str(summary['pareto'] or 'none'))}.</p>",
+             "<h2>Does flatness predict generalization here?</h2>",
+             f"<p class='verdict'>{html.escape(summary['verdict'])}</p>",
+             tabulate(correlation_table(summary)[1], headers=correlation_table(summary)[0], tablefmt="html",
+                      disable_numparse=True),
+             "<p>Brackets: bootstrap interval; computed over the trained trials only.</p>"]
+    for title, (headers, table) in tables.items():
+        if table:
+            parts += [f"<h2>{html.escape(title)}</h2>",
+                      tabulate(table, headers=headers, tablefmt="html", disable_numparse=True)]
+    parts.append("<h2>Figures</h2><p>Ours (near-chance trials drawn apart), then Optuna's own "
+                 "(over every complete trial, as optuna-dashboard shows them).</p>")
+    for title, fig in html_figures(study).items():
+        parts.append(f"<h3>{html.escape(title)}</h3>")
+        if isinstance(fig, str):
+            parts.append(f"<p class='missing'>{html.escape(fig)}</p>")
+        else:
+            parts.append(fig.to_html(full_html=False, include_plotlyjs=False))
+    page = ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(study.study_name)}: sassha-tune report</title><style>{_STYLE}</style>"
+            f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+    path.write_text(page, encoding="utf-8")
+    return path
