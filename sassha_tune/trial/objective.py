@@ -10,14 +10,13 @@ with ``device.processes > 1`` runs as that many rank processes
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config, config_to_dict
 from ..config.spaces import trial_hparams
 from ..errors import UserError
-from ..metrics.names import SHARPNESS_ATTRS
+from .measured import finished_outcome, sharpness_attrs
 from .outcome import TrialOutcome, json_safe
 
 if TYPE_CHECKING:
@@ -107,7 +106,7 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
     """A finished :class:`~sassha_tune.training.trainer.TrainResult` -> the trial's outcome: final metrics,
     sharpness and the stored attributes (shared by single trials and pack members)."""
     from ..metrics.evaluation import cross_entropy
-    from ..metrics.sharpness import generalization_gap, hessian_metrics
+    from ..metrics.sharpness import generalization_gap
 
     attrs: dict[str, Any] = {
         "epochs_completed": result.epochs_completed,
@@ -141,32 +140,10 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
             {"acc": final["val_acc"], "loss": final["val_loss"]},
         )
     )
-    if cfg.metrics.sharpness:
-        splits = result.splits
-        sharp = hessian_metrics(
-            result.model,
-            cross_entropy if splits.is_language else None,  # None: the classification loss
-            splits.x_train,
-            splits.y_train,
-            seed=cfg.metrics.seed,
-            subset_size=cfg.metrics.subset_size,
-            **cfg.metrics.budget,
-        )
-        for key in SHARPNESS_ATTRS:
-            attrs[key] = sharp.get(key)
-        attrs["sharpness_protocol"] = sharp.get("protocol")
-        attrs["sharpness_seconds"] = sharp.get("seconds")
-    else:
-        for key in SHARPNESS_ATTRS:
-            attrs[key] = None
-    attrs = json_safe(attrs)
-    values = []
-    for metric in cfg.study.metrics:
-        v = attrs.get(metric)
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
-            return TrialOutcome("fail", attrs, failure_reason=f"error: objective {metric} is not finite", history=history)
-        values.append(float(v))
-    return TrialOutcome("complete", attrs, values=values, history=history)
+    splits = result.splits
+    attrs.update(sharpness_attrs(cfg, result.model, cross_entropy if splits.is_language else None,  # None: classes
+                                 splits.x_train, splits.y_train))
+    return finished_outcome(cfg, attrs, history)
 
 
 def _evaluate_ranks(

@@ -21,7 +21,6 @@ reports and export.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,8 @@ from ..config.spaces import trial_hparams
 from ..errors import UserError
 from ..metrics.names import SHARPNESS_ATTRS
 from ..plugins import load_plugin
-from .outcome import TrialOutcome, json_safe, one_line
+from .measured import finished_outcome, sharpness_attrs
+from .outcome import TrialOutcome, one_line
 
 if TYPE_CHECKING:
     import torch
@@ -97,7 +97,7 @@ class TrialReporter:
         """Measure sharpness on ``model`` once the function returns, on a fixed subset of
         ``(inputs, targets)`` (tensors on the model's device; ``loss_fn(outputs, targets)`` returns
         the mean loss, default cross-entropy), with the config's ``metrics`` protocol."""
-        self.sharpness_inputs = (model, loss_fn, inputs, targets)
+        self.sharpness_inputs = (model, loss_fn, inputs, targets)  # sharpness_attrs' order
 
 
 def _number(key: Any, value: Any) -> Any:
@@ -114,7 +114,7 @@ def evaluate_user_train(cfg: Config, params: Mapping[str, Any], *,
     import torch
 
     from ..devices import resolve_device
-    from ..metrics.sharpness import generalization_gap, hessian_metrics
+    from ..metrics.sharpness import generalization_gap
 
     assert cfg.task.train is not None
     function = load_plugin(cfg.task.train, "task.train")
@@ -139,28 +139,18 @@ def evaluate_user_train(cfg: Config, params: Mapping[str, Any], *,
     if all(k in final for k in ("train_acc", "val_acc", "train_loss", "val_loss")):
         attrs.update(generalization_gap({"acc": final["train_acc"], "loss": final["train_loss"]},
                                         {"acc": final["val_acc"], "loss": final["val_loss"]}))
-    if cfg.metrics.sharpness and reporter.sharpness_inputs is not None:
-        model, loss_fn, inputs, targets = reporter.sharpness_inputs
-        sharp = hessian_metrics(model, loss_fn, inputs, targets, seed=cfg.metrics.seed,
-                                subset_size=cfg.metrics.subset_size, **cfg.metrics.budget)
-        for key in SHARPNESS_ATTRS:
-            attrs[key] = sharp.get(key)
-        attrs["sharpness_protocol"] = sharp.get("protocol")
-        attrs["sharpness_seconds"] = sharp.get("seconds")
-    else:
+    if reporter.sharpness_inputs is not None:
+        attrs.update(sharpness_attrs(cfg, *reporter.sharpness_inputs))
+    else:  # a sharpness metric the function returned itself is kept
         for key in SHARPNESS_ATTRS:
             attrs.setdefault(key, None)
-    attrs = json_safe(attrs)
-    values = []
-    for metric in cfg.study.metrics:
-        v = attrs.get(metric)
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
-            why = "not returned by the train function" if metric not in attrs else "not finite"
-            if metric in SHARPNESS_ATTRS and reporter.sharpness_inputs is None:
-                why = "not measured: the train function did not call reporter.sharpness_on"
-            return TrialOutcome("fail", attrs, failure_reason=f"error: objective {metric} {why}", history=reporter.history)
-        values.append(float(v))
-    return TrialOutcome("complete", attrs, values=values, history=reporter.history)
+
+    def why_missing(metric: str) -> str:
+        if metric in SHARPNESS_ATTRS and reporter.sharpness_inputs is None:
+            return "not measured: the train function did not call reporter.sharpness_on"
+        return "not returned by the train function" if metric not in final else "is not finite"
+
+    return finished_outcome(cfg, attrs, reporter.history, why_missing)
 
 
 def _attrs(reporter: TrialReporter, start: float) -> dict[str, Any]:
