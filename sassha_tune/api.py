@@ -12,17 +12,20 @@ result. They leave the process's logging as it is: progress lines go to ``log`` 
 own verbosity is never changed here (the CLI quiets it for its commands only).
 
 Bad input raises :class:`~sassha_tune.errors.UserError` (one line naming the field and what was
-expected) before a storage is touched.
+expected) before a storage is touched; a storage that fails under a run (corrupt, read-only, full,
+locked) raises :class:`~sassha_tune.errors.StorageError`, a ``UserError`` with the one line the
+CLI prints (the storage named, the cause, passwords masked).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import UserError
+from .errors import StorageError, UserError
 
 if TYPE_CHECKING:
     import optuna
@@ -42,6 +45,24 @@ class WorkersFailed(UserError):
     def __init__(self, code: int) -> None:
         super().__init__(f"a GPU worker exited with code {code} (its output above says why)")
         self.exit_code = code
+
+
+def _storage_faults_in_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except UserError:
+            raise
+        except Exception as exc:
+            from .study.storage import storage_fault
+
+            message = storage_fault(exc)
+            if message is None:
+                raise
+            raise StorageError(message) from None
+
+    return wrapper
 
 
 def _default_log(message: str) -> None:
@@ -115,6 +136,7 @@ def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: st
     log(f"done: {summary.ran} trials this run ({states}) in {summary.seconds:.1f} s; {summary.stopped_because}")
 
 
+@_storage_faults_in_one_line
 def run_study(
     config: str | Path | Mapping[str, Any] | Config,
     *,
@@ -171,6 +193,7 @@ def run_study(
     return _reloaded(cfg.study.name, url)
 
 
+@_storage_faults_in_one_line
 def resume_study(
     name: str,
     *,

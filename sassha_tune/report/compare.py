@@ -27,6 +27,7 @@ from .curves import (
     trial_cost,
 )
 from .figures import GAP_LABEL, LAMBDA_LABEL, maybe_log, save_figures
+from .files import write_text
 from .health import NEAR_CHANCE_RULE, budget_health, near_chance_count, trained_rows
 from .markdown import figure_entry, markdown_table, provenance_section, terminal_table
 from .reruns import rerun_table
@@ -324,13 +325,13 @@ def run_compare(study_names: list[str], storage: str, out_dir: Path) -> None:
     sharp = _sharpness_entries(studies)
     text = _compare_markdown(studies, paths, ranking, by_opt, reruns,
                              storage if isinstance(storage, str) else None, _sharpness_table(sharp))
-    (out_dir / "compare.md").write_text(text, encoding="utf-8")
+    write_text(out_dir / "compare.md", text)
     summary = {
         "studies": [dict(zip(ranking[0], line, strict=True)) for line in ranking[1]],
         "sharpness_over_trained": sharp,
         "near_chance_rule": NEAR_CHANCE_RULE,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(terminal_table(*ranking, drop_order=_RANKING_DROP))
     print()
     print(terminal_table(*_sharpness_table(sharp), drop_order=("adaptive median [IQR]",)))

@@ -19,6 +19,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
+from .files import replaced
 from .health import near_chance_rows, pareto_numbers, trained_rows
 from .rows import (
     SEED_RERUN_ATTR,
@@ -350,7 +351,8 @@ def save_figures(figures: dict[str, Figure], out_dir: Path) -> dict[str, Path]:
     paths = {}
     for key, fig in figures.items():
         path = out_dir / f"{key}.png"
-        fig.savefig(path, dpi=110)
+        with replaced(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
         paths[key] = path
     for fig in figures.values():
         fig.clf()

@@ -23,6 +23,7 @@ from plotly.offline import get_plotlyjs
 from tabulate import tabulate
 
 from .figures import GAP_LABEL, LAMBDA_LABEL, curve_rows, history_series
+from .files import write_text
 from .health import near_chance_rows, pareto_numbers, trained_rows
 from .rows import as_float, load_rows, row_attr, row_val_acc, search_rows
 from .summary import correlation_table
@@ -162,5 +163,5 @@ def write_html(study: optuna.Study, path: Path, summary: dict[str, Any],
             f"<title>{html.escape(study.study_name)}: sassha-tune report</title><style>{_STYLE}</style>"
             f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
-    path.write_text(page, encoding="utf-8")
+    write_text(path, page)
     return path

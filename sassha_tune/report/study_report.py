@@ -15,6 +15,7 @@ from optuna.trial import TrialState
 from tabulate import tabulate
 
 from .figures import build_figures, save_figures
+from .files import write_text
 from .health import NEAR_CHANCE_RULE, budget_health, near_chance, near_chance_count, pareto_numbers
 from .html import write_html
 from .markdown import figure_entry, markdown_table, provenance_section, terminal_table, yaml_block
@@ -242,8 +243,8 @@ def run_report(study_name: str, storage: str, out_dir: Path) -> None:
     figures = build_figures(study)
     paths = save_figures(figures, out_dir)
     text = _report_markdown(study, storage if isinstance(storage, str) else None, paths, reruns, summary)
-    (out_dir / "report.md").write_text(text, encoding="utf-8")
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_text(out_dir / "report.md", text)
+    write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     html = write_html(study, out_dir / "report.html", summary,
                       {"Best trials": _best_trials_rows(study, 10), "Best config re-run over seeds": reruns})
     rows = load_rows(study)

@@ -122,3 +122,34 @@ def test_a_full_disk_gets_one_line_and_loses_nothing(tmp_path, study_db):
     finally:
         # lazy: this process may still hold the database open (its storage engine)
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_the_python_api_says_the_same_line(tmp_path, study_db):
+    """resume_study on a full disk: a StorageError (a UserError) with the CLI's one line, not the
+    driver's exception; nothing lost."""
+    import sassha_tune
+    from sassha_tune.errors import StorageError
+
+    good, _ = study_db
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)")
+    try:
+        db = mnt / "s.db"
+        shutil.copyfile(good, db)
+        try:  # fill the disk to the last block
+            with open(mnt / "fill", "wb", buffering=0) as f:
+                while True:
+                    f.write(b"\0" * 4096)
+        except OSError:
+            pass
+        with pytest.raises(StorageError) as info:
+            sassha_tune.resume_study("faults", storage=f"sqlite:///{db}", n_trials=3, log=lambda _: None)
+        message = str(info.value)
+        assert message.startswith("storage sqlite:///") and "disk is full" in message and "\n" not in message
+        (mnt / "fill").unlink()
+        states = [t.state.name for t in optuna.load_study(study_name="faults", storage=f"sqlite:///{db}").trials]
+        assert states[0] == "COMPLETE"
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
