@@ -138,10 +138,17 @@ def test_run_status_export_train(tmp_path, monkeypatch):
     print(f"3-trial run: {run_seconds:.1f} s")
 
 
+def _interruptible() -> None:
+    """In the child before it starts Python: Ctrl-C as on a terminal. A test session started in the
+    background (``cmd &`` without job control) passes SIGINT on as ignored, and Python then never
+    raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_run(cfg: Path, url: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "sassha_tune.cli", "run", str(cfg), "--storage", url],
-        cwd=cwd, env=_env(), stdout=subprocess.PIPE, text=True,
+        cwd=cwd, env=_env(), stdout=subprocess.PIPE, text=True, preexec_fn=_interruptible,
     )
 
 

@@ -102,7 +102,10 @@ def test_a_double_ctrl_c_still_marks_the_running_trial_interrupted(tmp_path):
     cfg = tmp_path / "ctrlc.yaml"
     cfg.write_text(yaml.safe_dump(data))
     proc = subprocess.Popen([sys.executable, "-m", "sassha_tune", "run", str(cfg), "--storage", url],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # Ctrl-C as on a terminal, even when this session runs in the background
+                            # (which hands SIGINT on as ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     for line in proc.stdout:
         if "started" in line or time.monotonic() > deadline:
