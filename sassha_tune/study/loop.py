@@ -29,6 +29,7 @@ from ..trial.outcome import TrialOutcome
 from ..trial.process import TrialProcess
 from .budget import budget_used, counts_toward_budget
 from .callbacks import Callback, make_callbacks, notify
+from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard
 from .create import config_from_payload, plain, stored_payload
 from .liveness import Heartbeat, reconcile
 from .samplers import make_pruner, make_sampler, trial_seed
@@ -193,7 +194,8 @@ def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None) -> d
         "config": config_to_dict(cfg),  # validated: the trial process rebuilds it as is
         "params": params,
         "device": device,
-        "prune": cfg.study.pruner.name != "none",
+        # the child waits for go/stop after each epoch when a pruner or the chance guard may stop it
+        "prune": cfg.study.pruner.name != "none" or ChanceGuard(cfg).active,
     }
 
 
@@ -217,16 +219,19 @@ def _relay(
     prune: bool,
     on_result: Callable[[int | None, optuna.Trial, TrialOutcome], None],
     on_split: Callable[[dict[str, Any]], None] | None = None,
+    guard: ChanceGuard | None = None,
 ) -> tuple[str | None, dict[int | None, list[dict[str, Any]]]]:
     """Read a trial process's messages to the end. ``pending`` maps the job's members (``None`` for
     a single trial) to their asked trials: an epoch of a pending trial is reported to it
     (``report_metric``, whether the study prunes or not: the learning curves of the dashboard and
     ``plot_intermediate_values``), and when ``prune`` is true, answered prune / go; its result is
     popped from ``pending`` and handed to ``on_result`` (with the epochs before it as
-    ``outcome.history``). Returns (the user error the process reported, or None; the epochs by
-    member)."""
+    ``outcome.history``). ``guard``: the chance guard (:mod:`.chance_guard`), asked first; a trial
+    it stops is told PRUNED with ``prune_reason: near_chance``. Returns (the user error the process
+    reported, or None; the epochs by member)."""
     epochs: dict[int | None, list[dict[str, Any]]] = {key: [] for key in pending}
     user_error: str | None = None
+    guarded: set[int | None] = set()  # members the chance guard stopped
     for msg in proc.messages():
         kind, key = msg.get("type"), msg.get("member")
         if kind == "epoch":
@@ -237,9 +242,16 @@ def _relay(
             if reported:
                 with_retry(pending[key].report, float(value), int(msg["epoch"]))
             if prune:
-                proc.answer(bool(reported and pending[key].should_prune()))
+                if key in pending and guard is not None and guard.stops(int(msg["epoch"]), metrics):
+                    guarded.add(key)
+                    proc.answer(True)
+                else:
+                    proc.answer(bool(reported and pending[key].should_prune()))
         elif kind == "result" and key in pending:
-            on_result(key, pending.pop(key), TrialOutcome.from_message(msg, epochs[key]))
+            outcome = TrialOutcome.from_message(msg, epochs[key])
+            if key in guarded and outcome.state == "pruned":
+                outcome.attrs[PRUNE_REASON_KEY] = NEAR_CHANCE
+            on_result(key, pending.pop(key), outcome)
         elif kind == "split" and on_split is not None:
             on_split(msg)
         elif kind == "user_error":
@@ -324,6 +336,7 @@ def _run_one(
             user_error, epochs = _relay(
                 procs[0], {None: trial}, reported_metric(cfg), job["prune"],
                 on_result=lambda key, _trial, outcome: results.__setitem__(key, outcome),
+                guard=ChanceGuard(cfg),
             )
             procs[0].wait()
             rc = procs[0].close()
@@ -383,7 +396,7 @@ def run_pack(
                 log(split_line(int(msg.get("epoch", 0)), halves))
 
             user_error, _ = _relay(procs[0], pending, reported_metric(cfg), job["prune"],
-                                   on_result=tell, on_split=split)
+                                   on_result=tell, on_split=split, guard=ChanceGuard(cfg))
             procs[0].wait()
             rc = procs[0].close()
             if user_error is not None:
