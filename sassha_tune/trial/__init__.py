@@ -12,8 +12,9 @@ one. Parent and child speak one protocol, in JSON lines:
   child rebuilds it with :func:`sassha_tune.config.config_from_stored`, without validating it
   again. ``params`` is one trial's parameters (a mapping) or a pack's (a list of mappings).
 * **Messages** (child -> parent, lines on the child's stdout; whatever the trial prints goes to
-  stderr): ``{"type": "epoch", "epoch": N, "metrics": {...}}`` after every epoch, answered by the
-  parent with a ``go`` or ``stop`` line when the job prunes; ``{"type": "result", "state": ...,
+  stderr): ``{"type": "epoch", "epoch": N, "metrics": {...}}`` after every epoch (a classifier's
+  metrics carry ``num_classes``), answered by the parent with a ``go`` or ``stop`` line when the
+  job prunes (``"prune": true``: a pruner or the chance guard may stop it); ``{"type": "result", "state": ...,
   "attrs": {...}, "values": [...], "failure_reason": ...}`` once (:class:`.outcome.TrialOutcome`);
   ``{"type": "user_error", "message": ...}`` for a :class:`~sassha_tune.errors.UserError`. A pack's
   epoch and result messages carry ``"member": I`` (the index in ``params``), and a pack that ran
