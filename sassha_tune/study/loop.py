@@ -31,7 +31,7 @@ from .budget import budget_used, counts_toward_budget
 from .callbacks import Callback, make_callbacks, notify
 from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard
 from .create import config_from_payload, plain, stored_payload
-from .liveness import Heartbeat, reconcile
+from .liveness import Heartbeat, reconcile, retry_lost
 from .samplers import make_pruner, make_sampler, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
 from .tell import fail, finish
@@ -308,13 +308,27 @@ def _signals_ignored() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+# What a trial process killed by SIGKILL (by hand, by the out-of-memory killer, by a scheduler)
+# leaves: its trial is lost, as if the machine had gone, and retried once (README, liveness).
+LOST = "lost"
+KILLED_WHY = "trial process killed by SIGKILL"
+
+
 def _exit_reason(rc: int | None) -> str:
-    """Why a trial process that sent no result failed."""
+    """Why a trial process that sent no result failed: ``lost`` when SIGKILL ended it."""
     if rc is not None and rc < 0:
         if -rc == signal.SIGKILL:
-            return "error: trial process killed (SIGKILL; out of host memory?)"
+            return LOST
         return f"error: trial process killed by signal {-rc}"
     return f"error: trial process exited with code {rc}"
+
+
+def _told(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, log: Log) -> FrozenTrial:
+    """Tell ``outcome``; a trial lost to a killed process gets its retry (once, :func:`retry_lost`)."""
+    frozen = finish(study, trial, outcome)
+    if outcome.state == "fail" and outcome.failure_reason == LOST:
+        retry_lost(study, frozen, KILLED_WHY, log=log)
+    return frozen
 
 
 def _run_one(
@@ -344,7 +358,7 @@ def _run_one(
                 raise UserError(user_error)
             outcome = results.get(None) or TrialOutcome("fail", failure_reason=_exit_reason(rc))
             outcome.attrs["history"] = _stored_history(epochs[None])
-            return finish(study, trial, outcome)
+            return _told(study, trial, outcome, log)
 
 
 def split_line(epoch: int, halves: list[list[int]]) -> str:
@@ -401,8 +415,9 @@ def run_pack(
             rc = procs[0].close()
             if user_error is not None:
                 raise UserError(user_error)
+            reason = LOST if rc == -signal.SIGKILL else f"error: pack process exited with code {rc}"
             for i, trial in list(pending.items()):
-                told.append(finish(study, trial, TrialOutcome("fail", failure_reason=f"error: pack process exited with code {rc}")))
+                told.append(_told(study, trial, TrialOutcome("fail", failure_reason=reason), log))
                 pending.pop(i)
             return told
 
