@@ -26,7 +26,7 @@ from ..devices import check_available as check_device
 from ..errors import UserError
 from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS, PER_EPOCH_METRICS
 from ..trial.outcome import TrialOutcome
-from ..trial.process import TrialProcess
+from ..trial.process import TrialProcess, WarmJob, WarmWorker
 from .budget import budget_used, counts_toward_budget
 from .callbacks import Callback, make_callbacks, notify
 from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard
@@ -36,7 +36,7 @@ from .samplers import make_pruner, make_sampler, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
 from .tell import fail, finish
 
-__all__ = ["WORKER_KEY", "LoopSummary", "run_trials", "start_trial", "run_pack", "split_line",
+__all__ = ["WORKER_KEY", "Launcher", "LoopSummary", "run_trials", "start_trial", "run_pack", "split_line",
            "sampler_for", "pruner_for"]
 
 WORKER_KEY = "sassha_tune:worker"
@@ -85,13 +85,16 @@ def run_trials(
     log: Log = print,
     pack: str | int = 1,
     callbacks: Sequence[Callback] = (),
+    warm: bool = False,
 ) -> LoopSummary:
     """Run trials of a stored study until its budget (or ``budget.timeout``) is reached.
 
     ``pack`` (``--pack``): ``1`` one trial per process; ``K`` or ``"auto"``: up to K trials asked at
     once and trained together in one process (:mod:`sassha_tune.training.packs`) where they can be packed.
     After each trial is told, the config's ``study.callbacks`` and then ``callbacks`` (callables
-    ``(study, frozen_trial)``) are called with it (:mod:`.callbacks`)."""
+    ``(study, frozen_trial)``) are called with it (:mod:`.callbacks`). ``warm`` (``--warm``): single
+    trials run one after another in one long-lived trial worker (:class:`Launcher`); packs and
+    multi-rank trials keep their fresh processes."""
     from ..trial.objective import check_task_inputs
 
     study = load_study(study_name, storage_url)
@@ -105,6 +108,7 @@ def run_trials(
     restore = _sigterm_as_interrupt()
     waiting = False
     pack_logged = ""
+    launcher = Launcher(warm, log)
     try:
         while True:
             # Re-read: another process may have raised the budget (resume --n-trials) or continued
@@ -155,7 +159,7 @@ def run_trials(
                         notify(told_to, study, frozen, log)
                     continue
             trial = with_retry(study.ask)
-            frozen = _run_one(study, trial, cfg, space, device=device, worker=worker, log=log)
+            frozen = _run_one(study, trial, cfg, space, device=device, worker=worker, log=log, launch=launcher.launch)
             if frozen is None:  # lost the race for the last slot of the budget
                 summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
                 break
@@ -164,6 +168,7 @@ def run_trials(
             log(_describe(frozen, cfg))
             notify(told_to, study, frozen, log)
     finally:
+        launcher.close()
         restore()
         summary.seconds = time.monotonic() - start
     return summary
@@ -213,7 +218,7 @@ def reported_metric(cfg: Config) -> str | None:
 
 
 def _relay(
-    proc: TrialProcess,
+    proc: TrialProcess | WarmJob,
     pending: dict[int | None, optuna.Trial],
     report_metric: str | None,
     prune: bool,
@@ -261,7 +266,7 @@ def _relay(
 
 @contextmanager
 def _failed_when_unwinding(
-    study: optuna.Study, unfinished: Callable[[], list[optuna.Trial]], procs: list[TrialProcess], log: Log,
+    study: optuna.Study, unfinished: Callable[[], list[optuna.Trial]], procs: Sequence[TrialProcess | WarmJob], log: Log,
     interrupted: Callable[[list[optuna.Trial]], str],
 ) -> Iterator[None]:
     """Whatever stops a run early stops its process and fails its unfinished trials, with the
@@ -331,12 +336,42 @@ def _told(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, log: 
     return frozen
 
 
+class Launcher:
+    """Where a single trial's job runs: a fresh :class:`TrialProcess` each (the default), or with
+    ``warm`` the current :class:`WarmWorker`, started on first use and replaced by a new one after a
+    job that spent it (an unexpected error, out of memory, Ctrl-C, a kill), with a log line.
+    Multi-rank trials (``device.processes > 1``) always get a fresh process."""
+
+    def __init__(self, warm: bool, log: Log) -> None:
+        self.warm, self.log = warm, log
+        self.worker: WarmWorker | None = None
+        self.last: WarmJob | None = None
+
+    def launch(self, job: dict[str, Any]) -> TrialProcess | WarmJob:
+        if not self.warm or job["config"].get("device", {}).get("processes", 1) > 1:
+            return TrialProcess(job)
+        if self.worker is None or self.worker.spent:
+            old = self.worker
+            if old is not None:
+                old.close()
+            self.worker = WarmWorker()
+            why = self.last.why_spent if self.last is not None and self.last.why_spent else "it ended"
+            self.log(f"warm trial worker {self.worker.pid} started"
+                     + (f" (replacing worker {old.pid} after {why})" if old is not None else ""))
+        self.last = self.worker.start(job)
+        return self.last
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+
 def _run_one(
     study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace, *, device: str | None,
-    worker: int | str, log: Log,
+    worker: int | str, log: Log, launch: Callable[[dict[str, Any]], TrialProcess | WarmJob] = TrialProcess,
 ) -> FrozenTrial | None:
     """One asked trial in one trial process; the frozen trial told (None: over budget)."""
-    procs: list[TrialProcess] = []
+    procs: list[TrialProcess | WarmJob] = []
     with _failed_when_unwinding(study, lambda: [trial], procs, log,
                                 lambda _: f"trial {trial.number} interrupted: marked FAIL"):
         with Heartbeat(study, trial, cfg.study.heartbeat_interval):
@@ -345,7 +380,7 @@ def _run_one(
                 return None
             job = _job(study, cfg, params, device)
             log(f"trial {trial.number} started: {fmt_params(params)}")
-            procs.append(TrialProcess(job))
+            procs.append(launch(job))
             results: dict[int | None, TrialOutcome] = {}
             user_error, epochs = _relay(
                 procs[0], {None: trial}, reported_metric(cfg), job["prune"],
