@@ -10,6 +10,7 @@ parent is gone (a killed coordinator), and quietly when the protocol pipe breaks
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -99,7 +100,10 @@ def _serve(proto: TextIO) -> int:
     ``replace: true`` and exits with that code; end of input: exit 0."""
     fresh = _FreshState()
     while True:
-        line = sys.stdin.readline()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C between two jobs: nothing to tell
+            return 130
         if not line:
             return 0
         fresh.restore()
@@ -129,6 +133,10 @@ class _FreshState:
     def restore(self) -> None:
         import torch
 
+        gc.collect()  # what the previous trial left (its model, data, optimizer state) goes now
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         torch.set_default_dtype(self.dtype)
         torch.use_deterministic_algorithms(self.deterministic, warn_only=self.warn_only)
         torch.set_grad_enabled(self.grad)
