@@ -98,3 +98,27 @@ def test_a_lost_retry_of_a_retry_is_not_retried_again(tmp_path):
     assert retry_lost(study, frozen, "trial process killed by SIGKILL", log=lines.append) is False
     assert lines == [f"trial {frozen.number} lost (trial process killed by SIGKILL); not retried again"]
     assert [t.state for t in study.trials] == [TrialState.FAIL]
+
+
+def test_ctrl_c_with_a_warm_worker_marks_the_trial_interrupted_and_leaves_no_process(tmp_path):
+    url = f"sqlite:///{tmp_path}/i.db"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.cli", "run", str(_config(tmp_path, n_trials=5)),
+                             "--storage", url, "--pack", "1", "--warm"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if "trial 1 started" in line:
+            break
+    worker = _trial_child(proc.pid)
+    proc.send_signal(signal.SIGINT)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=60) == 130, out
+    trials = sorted(optuna.load_study(study_name="killed", storage=url).trials, key=lambda t: t.number)
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    assert trials[1].user_attrs["failure_reason"] == "interrupted"
+    assert budget_used(trials) == 1
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:  # reaped by the coordinator
+        time.sleep(0.05)
+    assert not Path(f"/proc/{worker}").exists()
