@@ -58,7 +58,8 @@ def failure_kind(reason: Any) -> str:
 def budget_health(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Where a study's trials went, from :func:`~sassha_tune.report.rows.load_rows` rows.
 
-    ``complete``, ``pruned`` and ``failed`` (counts); ``near_chance``: complete trials near chance
+    ``complete``, ``pruned`` and ``failed`` (counts); ``pruned_near_chance``: the pruned trials the
+    chance guard stopped (``prune_reason: near_chance``); ``near_chance``: complete trials near chance
     among the ``near_chance_known`` complete trials that store ``num_classes`` and ``val_acc``
     (both 0 for an older study: unknown, not zero); ``failures``: FAIL trials by
     :func:`failure_kind`, most frequent first, and ``failures_known``: how many of them store a
@@ -72,6 +73,9 @@ def budget_health(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return {
         "complete": states["COMPLETE"],
         "pruned": states["PRUNED"],
+        # stopped by the study's chance guard (study.chance_guard): still near chance after its epochs
+        "pruned_near_chance": sum(r["state"] == "PRUNED" and r["user_attrs"].get("prune_reason") == "near_chance"
+                                  for r in rows),
         "failed": states["FAIL"],
         "near_chance": sum(v is True for v in verdicts),
         "near_chance_known": sum(v is not None for v in verdicts),

@@ -136,3 +136,15 @@ def test_chance_guard_with_task_train_is_refused(tmp_path):
                                     "optimizer": {"name": "sgd", "fixed": {"lr": 0.1}}, "device": "cpu"}))
     with pytest.raises(ConfigError, match="study.chance_guard: works with the built-in trainer only"):
         load_config(path)
+
+
+def test_the_report_counts_the_trials_the_guard_stopped():
+    from sassha_tune.report.health import budget_health
+
+    rows = [
+        {"state": "PRUNED", "user_attrs": {"prune_reason": "near_chance", "num_classes": 10}},
+        {"state": "PRUNED", "user_attrs": {}},
+        {"state": "COMPLETE", "user_attrs": {"val_acc": 0.9, "num_classes": 10}},
+    ]
+    health = budget_health(rows)
+    assert (health["pruned"], health["pruned_near_chance"], health["near_chance"]) == (2, 1, 0)
