@@ -145,9 +145,8 @@ PackOpt = Annotated[
 ]
 WarmOpt = Annotated[
     bool,
-    typer.Option("--warm/--fresh-process", help="--warm: single trials run one after another in one long-lived "
-                 "trial worker (replaced after a failure); default --fresh-process: a fresh process per trial. "
-                 "Experimental, docs/architecture.md."),
+    typer.Option("--warm", help="Run single trials one after another in one long-lived trial worker "
+                 "(replaced after a failure) instead of a fresh process each. Experimental."),
 ]
 GpusOpt = Annotated[
     str | None,
