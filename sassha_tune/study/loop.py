@@ -2,7 +2,10 @@
 
 Each iteration re-reads the stored config (another process may raise the budget), reconciles lost
 trials, checks the budget, asks with a sampler seeded from the study's progress, trains the trial
-(or a pack of trials) in a fresh process and tells the outcome.
+(or a pack of trials) in a fresh process (or, with ``warm``, in the long-lived trial worker of its
+:class:`Launcher`) and tells the outcome. Every epoch passes the chance guard
+(:mod:`.chance_guard`) and the pruner; a trial process killed by SIGKILL leaves its trial ``lost``,
+retried once (:func:`~.liveness.retry_lost`).
 """
 
 from __future__ import annotations
