@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,9 @@ class StudyConfig:
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     heartbeat_interval: float = 10.0
     stale_after: float = 60.0
+    # the chance guard: "auto" (max(2, ceil(0.2 * task.epochs))), an epoch count, or 0 (off);
+    # see chance_guard_after
+    chance_guard: int | str = "auto"
     # told of every finished trial: [{"name": builtin or package.module:factory, "options": {...}}]
     callbacks: list[dict[str, Any]] = field(default_factory=list)
 
@@ -152,6 +156,18 @@ class Config:
     @property
     def sampler_seed(self) -> int:
         return self.seed if self.study.sampler.seed is None else self.study.sampler.seed
+
+    @property
+    def chance_guard_after(self) -> int | None:
+        """The first epoch at which the chance guard stops a trial still near chance; ``None``
+        when it is off (``study.chance_guard: 0``) or cannot apply (``task.train``: the user's
+        function reports no number of classes). ``auto``: ``max(2, ceil(0.2 * task.epochs))``."""
+        guard = self.study.chance_guard
+        if self.task.train is not None or guard == 0:
+            return None
+        if guard == "auto":
+            return max(2, math.ceil(0.2 * self.task.epochs))
+        return int(guard)
 
 
 def fill_derived_defaults(cfg: Config) -> None:

@@ -377,6 +377,7 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
             "heartbeat_interval": (_float(0.01, MAX_LIVENESS_SECONDS), 10.0),
             "stale_after": (_float(0, MAX_LIVENESS_SECONDS, lo_open=True), 60.0),
             "callbacks": (lambda v, c, p: v, None),
+            "chance_guard": (_chance_guard, "auto"),
         },
         ctx,
         "study",
@@ -423,8 +424,16 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
         pruner=PrunerConfig(p["name"], p["options"]),
         heartbeat_interval=d["heartbeat_interval"],
         stale_after=d["stale_after"],
+        chance_guard=d["chance_guard"],
         callbacks=_callbacks(d["callbacks"], ctx),
     )
+
+
+def _chance_guard(v: Any, ctx: _Ctx, path: str) -> int | str:
+    """``auto``, or an epoch count (0: off); checked against ``task.epochs`` in the cross checks."""
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        return v
+    raise ctx.fail(path, "'auto', 0 (off) or the epoch after which a trial still near chance stops", v)
 
 
 def _callbacks(raw: Any, ctx: _Ctx) -> list[dict[str, Any]]:
@@ -617,6 +626,14 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
                 "",
                 raw=f"pruning needs a per-epoch objective ({', '.join(PER_EPOCH_METRICS)}), not {metrics[0]!r}",
             )
+    guard = cfg.study.chance_guard
+    if isinstance(guard, int) and guard > 0:
+        if cfg.task.train is not None:
+            raise ctx.fail("study.chance_guard", "", raw="works with the built-in trainer only (task.train reports "
+                           "no number of classes); use 0 or leave it out")
+        if guard >= cfg.task.epochs:
+            raise ctx.fail("study.chance_guard", f"'auto', 0 (off) or an epoch before the last "
+                           f"(1..{cfg.task.epochs - 1}; task.epochs is {cfg.task.epochs})", guard)
     if cfg.study.sampler.name == "gp" and importlib.util.find_spec("scipy") is None:
         raise ctx.fail("study.sampler.name", "", raw="'gp' needs scipy (pip install scipy); use tpe or random")
     if cfg.study.sampler.name == "cmaes" and importlib.util.find_spec("cmaes") is None:

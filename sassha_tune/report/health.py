@@ -1,7 +1,9 @@
 """Budget health: which trials ended near chance, why trials failed, and the counts of both.
 
-The one definition of "near chance" (:func:`near_chance`) and of a failure's kind
-(:func:`failure_kind`) that ``status``, ``report`` and ``compare`` use.
+The one definition of a failure's kind (:func:`failure_kind`) and the verdict "near chance" on a
+stored trial (:func:`near_chance`) that ``status``, ``report`` and ``compare`` use; the rule itself
+(:func:`near_chance_threshold`, :data:`NEAR_CHANCE_RULE`) lives in :mod:`sassha_tune.metrics.chance`,
+where the study loop's chance guard uses it too, and is re-exported here.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from optuna.trial import TrialState
 
+from ..metrics.chance import NEAR_CHANCE_RULE, acc_near_chance, near_chance_threshold
 from .rows import as_float, complete_rows, row_attr, row_val_acc, search_rows
 
 __all__ = [
@@ -27,20 +30,6 @@ __all__ = [
     "trained_rows",
 ]
 
-#: The near-chance rule in words, for reports (:func:`near_chance_threshold` computes it).
-NEAR_CHANCE_RULE = "val_acc <= chance + min(chance / 2, 0.05), chance = 1 / num_classes"
-
-
-def near_chance_threshold(num_classes: int) -> float:
-    """The highest validation accuracy still "near chance" for ``num_classes`` classes.
-
-    1.5x chance leaves room for the noise of a small validation split around an untrained
-    network's 1/C (0.15 for 10 classes, 0.015 for 100); capped at 5 points above chance so that
-    a binary task does not call a 74 %-accurate model collapsed (0.55 for 2 classes).
-    """
-    chance = 1.0 / num_classes
-    return chance + min(chance / 2, 0.05)
-
 
 def near_chance(state: str | TrialState, user_attrs: dict[str, Any]) -> bool | None:
     """Whether a trial finished near chance accuracy: COMPLETE and
@@ -54,13 +43,7 @@ def near_chance(state: str | TrialState, user_attrs: dict[str, Any]) -> bool | N
     name = state.name if isinstance(state, TrialState) else str(state)
     if name != "COMPLETE":
         return False
-    classes = user_attrs.get("num_classes")
-    if isinstance(classes, bool) or not isinstance(classes, int | float) or not classes >= 2:
-        return None
-    acc = as_float(user_attrs.get("val_acc"))
-    if math.isnan(acc):
-        return None
-    return acc <= near_chance_threshold(int(classes))
+    return acc_near_chance(as_float(user_attrs.get("val_acc")), user_attrs.get("num_classes"))
 
 
 def failure_kind(reason: Any) -> str:
@@ -75,7 +58,8 @@ def failure_kind(reason: Any) -> str:
 def budget_health(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """Where a study's trials went, from :func:`~sassha_tune.report.rows.load_rows` rows.
 
-    ``complete``, ``pruned`` and ``failed`` (counts); ``near_chance``: complete trials near chance
+    ``complete``, ``pruned`` and ``failed`` (counts); ``pruned_near_chance``: the pruned trials the
+    chance guard stopped (``prune_reason: near_chance``); ``near_chance``: complete trials near chance
     among the ``near_chance_known`` complete trials that store ``num_classes`` and ``val_acc``
     (both 0 for an older study: unknown, not zero); ``failures``: FAIL trials by
     :func:`failure_kind`, most frequent first, and ``failures_known``: how many of them store a
@@ -89,6 +73,9 @@ def budget_health(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     return {
         "complete": states["COMPLETE"],
         "pruned": states["PRUNED"],
+        # stopped by the study's chance guard (study.chance_guard): still near chance after its epochs
+        "pruned_near_chance": sum(r["state"] == "PRUNED" and r["user_attrs"].get("prune_reason") == "near_chance"
+                                  for r in rows),
         "failed": states["FAIL"],
         "near_chance": sum(v is True for v in verdicts),
         "near_chance_known": sum(v is not None for v in verdicts),

@@ -118,6 +118,8 @@ def _health_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     if chance is not None:
         table.append([f"near chance (of complete; {NEAR_CHANCE_RULE})", chance])
     table.append(["pruned", str(health["pruned"])])
+    if health["pruned_near_chance"]:
+        table.append(["pruned: near chance (the chance guard)", str(health["pruned_near_chance"])])
     table.append(["failed", str(health["failed"])])
     if health["failures_known"]:
         table += [[f"failed: {kind}", str(n)] for kind, n in health["failures"].items()]

@@ -62,6 +62,7 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
             "near_chance_unknown": health["complete"] - health["near_chance_known"],
             "failed": health["failed"],
             "pruned": health["pruned"],
+            "pruned_near_chance": health["pruned_near_chance"],
             "failures": health["failures"],
         },
         "near_chance_rule": NEAR_CHANCE_RULE,

@@ -4,7 +4,9 @@ A RUNNING trial whose heartbeat (trial system attribute ``sassha_tune:heartbeat`
 ``study.heartbeat_interval`` seconds by the process that owns the trial, :class:`Heartbeat`) is
 older than ``study.stale_after`` is *lost*: :func:`reconcile` makes it FAIL with
 ``failure_reason: lost`` and enqueues its params once (the retried numbers are kept in the study
-system attribute ``sassha_tune:retried``; the retry carries ``retry_of``). Optuna's own heartbeat
+system attribute ``sassha_tune:retried``; the retry carries ``retry_of``). A trial whose process
+was killed by SIGKILL while its coordinator lives is lost too: the loop fails it as ``lost`` at
+once and retries it the same way (:func:`retry_lost`). Optuna's own heartbeat
 works only inside ``study.optimize``, so the loop keeps its own.
 """
 
@@ -20,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from .storage import study_id, study_storage, trial_id, with_retry
 
-__all__ = ["HEARTBEAT_KEY", "RETRIED_KEY", "MAX_RETRY_DEPTH", "Heartbeat", "reconcile"]
+__all__ = ["HEARTBEAT_KEY", "RETRIED_KEY", "MAX_RETRY_DEPTH", "Heartbeat", "reconcile", "retry_lost"]
 
 HEARTBEAT_KEY = "sassha_tune:heartbeat"
 RETRIED_KEY = "sassha_tune:retried"
@@ -48,20 +50,30 @@ def reconcile(study: optuna.Study, stale_after: float, *, log: Callable[[str], N
         except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
             continue  # finished meanwhile, or another worker got there first
         lost.append(t.number)
-        retried = list(with_retry(storage.get_study_system_attrs, study_id(study)).get(RETRIED_KEY, []))
-        depth = len(t.user_attrs.get("retry_history", []))
-        if t.number in retried or depth >= MAX_RETRY_DEPTH:
-            log(f"trial {t.number} lost (heartbeat stale); not retried again")
-            continue
-        retried.append(t.number)
-        with_retry(storage.set_study_system_attr, study_id(study), RETRIED_KEY, sorted(retried))
-        attrs = {"retry_of": t.number, "retry_history": [*t.user_attrs.get("retry_history", []), t.number]}
-        for key in ("published",):
-            if key in t.user_attrs:
-                attrs[key] = t.user_attrs[key]
-        with_retry(study.enqueue_trial, dict(t.params), user_attrs=attrs)
-        log(f"trial {t.number} lost (heartbeat stale): marked FAIL, params enqueued for a retry")
+        retry_lost(study, t, "heartbeat stale", log=log)
     return lost
+
+
+def retry_lost(study: optuna.Study, t: FrozenTrial, why: str, *, log: Callable[[str], None] = print) -> bool:
+    """Enqueue the params of ``t``, a trial just failed as ``lost``, once (the retry carries
+    ``retry_of`` and ``retry_history``); False when it was retried before or is a retry of a retry
+    (:data:`MAX_RETRY_DEPTH`). ``why`` goes into the log line. Used by :func:`reconcile` and by
+    the study loop for a trial process killed by SIGKILL."""
+    storage = study_storage(study)
+    retried = list(with_retry(storage.get_study_system_attrs, study_id(study)).get(RETRIED_KEY, []))
+    depth = len(t.user_attrs.get("retry_history", []))
+    if t.number in retried or depth >= MAX_RETRY_DEPTH:
+        log(f"trial {t.number} lost ({why}); not retried again")
+        return False
+    retried.append(t.number)
+    with_retry(storage.set_study_system_attr, study_id(study), RETRIED_KEY, sorted(retried))
+    attrs = {"retry_of": t.number, "retry_history": [*t.user_attrs.get("retry_history", []), t.number]}
+    for key in ("published",):
+        if key in t.user_attrs:
+            attrs[key] = t.user_attrs[key]
+    with_retry(study.enqueue_trial, dict(t.params), user_attrs=attrs)
+    log(f"trial {t.number} lost ({why}): marked FAIL, params enqueued for a retry")
+    return True
 
 
 class Heartbeat:

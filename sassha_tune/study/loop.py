@@ -2,7 +2,10 @@
 
 Each iteration re-reads the stored config (another process may raise the budget), reconciles lost
 trials, checks the budget, asks with a sampler seeded from the study's progress, trains the trial
-(or a pack of trials) in a fresh process and tells the outcome.
+(or a pack of trials) in a fresh process (or, with ``warm``, in the long-lived trial worker of its
+:class:`Launcher`) and tells the outcome. Every epoch passes the chance guard
+(:mod:`.chance_guard`) and the pruner; a trial process killed by SIGKILL leaves its trial ``lost``,
+retried once (:func:`~.liveness.retry_lost`).
 """
 
 from __future__ import annotations
@@ -26,16 +29,17 @@ from ..devices import check_available as check_device
 from ..errors import UserError
 from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS, PER_EPOCH_METRICS
 from ..trial.outcome import TrialOutcome
-from ..trial.process import TrialProcess
+from ..trial.process import TrialProcess, WarmJob, WarmWorker
 from .budget import budget_used, counts_toward_budget
 from .callbacks import Callback, make_callbacks, notify
+from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard
 from .create import config_from_payload, plain, stored_payload
-from .liveness import Heartbeat, reconcile
+from .liveness import Heartbeat, reconcile, retry_lost
 from .samplers import make_pruner, make_sampler, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
 from .tell import fail, finish
 
-__all__ = ["WORKER_KEY", "LoopSummary", "run_trials", "start_trial", "run_pack", "split_line",
+__all__ = ["WORKER_KEY", "Launcher", "LoopSummary", "run_trials", "start_trial", "run_pack", "split_line",
            "sampler_for", "pruner_for"]
 
 WORKER_KEY = "sassha_tune:worker"
@@ -84,13 +88,16 @@ def run_trials(
     log: Log = print,
     pack: str | int = 1,
     callbacks: Sequence[Callback] = (),
+    warm: bool = False,
 ) -> LoopSummary:
     """Run trials of a stored study until its budget (or ``budget.timeout``) is reached.
 
     ``pack`` (``--pack``): ``1`` one trial per process; ``K`` or ``"auto"``: up to K trials asked at
     once and trained together in one process (:mod:`sassha_tune.training.packs`) where they can be packed.
     After each trial is told, the config's ``study.callbacks`` and then ``callbacks`` (callables
-    ``(study, frozen_trial)``) are called with it (:mod:`.callbacks`)."""
+    ``(study, frozen_trial)``) are called with it (:mod:`.callbacks`). ``warm`` (``--warm``): single
+    trials run one after another in one long-lived trial worker (:class:`Launcher`); packs and
+    multi-rank trials keep their fresh processes."""
     from ..trial.objective import check_task_inputs
 
     study = load_study(study_name, storage_url)
@@ -104,6 +111,7 @@ def run_trials(
     restore = _sigterm_as_interrupt()
     waiting = False
     pack_logged = ""
+    launcher = Launcher(warm, log)
     try:
         while True:
             # Re-read: another process may have raised the budget (resume --n-trials) or continued
@@ -154,7 +162,7 @@ def run_trials(
                         notify(told_to, study, frozen, log)
                     continue
             trial = with_retry(study.ask)
-            frozen = _run_one(study, trial, cfg, space, device=device, worker=worker, log=log)
+            frozen = _run_one(study, trial, cfg, space, device=device, worker=worker, log=log, launch=launcher.launch)
             if frozen is None:  # lost the race for the last slot of the budget
                 summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
                 break
@@ -163,6 +171,7 @@ def run_trials(
             log(_describe(frozen, cfg))
             notify(told_to, study, frozen, log)
     finally:
+        launcher.close()
         restore()
         summary.seconds = time.monotonic() - start
     return summary
@@ -193,7 +202,8 @@ def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None) -> d
         "config": config_to_dict(cfg),  # validated: the trial process rebuilds it as is
         "params": params,
         "device": device,
-        "prune": cfg.study.pruner.name != "none",
+        # the child waits for go/stop after each epoch when a pruner or the chance guard may stop it
+        "prune": cfg.study.pruner.name != "none" or ChanceGuard(cfg).active,
     }
 
 
@@ -211,22 +221,25 @@ def reported_metric(cfg: Config) -> str | None:
 
 
 def _relay(
-    proc: TrialProcess,
+    proc: TrialProcess | WarmJob,
     pending: dict[int | None, optuna.Trial],
     report_metric: str | None,
     prune: bool,
     on_result: Callable[[int | None, optuna.Trial, TrialOutcome], None],
     on_split: Callable[[dict[str, Any]], None] | None = None,
+    guard: ChanceGuard | None = None,
 ) -> tuple[str | None, dict[int | None, list[dict[str, Any]]]]:
     """Read a trial process's messages to the end. ``pending`` maps the job's members (``None`` for
     a single trial) to their asked trials: an epoch of a pending trial is reported to it
     (``report_metric``, whether the study prunes or not: the learning curves of the dashboard and
     ``plot_intermediate_values``), and when ``prune`` is true, answered prune / go; its result is
     popped from ``pending`` and handed to ``on_result`` (with the epochs before it as
-    ``outcome.history``). Returns (the user error the process reported, or None; the epochs by
-    member)."""
+    ``outcome.history``). ``guard``: the chance guard (:mod:`.chance_guard`), asked first; a trial
+    it stops is told PRUNED with ``prune_reason: near_chance``. Returns (the user error the process
+    reported, or None; the epochs by member)."""
     epochs: dict[int | None, list[dict[str, Any]]] = {key: [] for key in pending}
     user_error: str | None = None
+    guarded: set[int | None] = set()  # members the chance guard stopped
     for msg in proc.messages():
         kind, key = msg.get("type"), msg.get("member")
         if kind == "epoch":
@@ -237,9 +250,16 @@ def _relay(
             if reported:
                 with_retry(pending[key].report, float(value), int(msg["epoch"]))
             if prune:
-                proc.answer(bool(reported and pending[key].should_prune()))
+                if key in pending and guard is not None and guard.stops(int(msg["epoch"]), metrics):
+                    guarded.add(key)
+                    proc.answer(True)
+                else:
+                    proc.answer(bool(reported and pending[key].should_prune()))
         elif kind == "result" and key in pending:
-            on_result(key, pending.pop(key), TrialOutcome.from_message(msg, epochs[key]))
+            outcome = TrialOutcome.from_message(msg, epochs[key])
+            if key in guarded and outcome.state == "pruned":
+                outcome.attrs[PRUNE_REASON_KEY] = NEAR_CHANCE
+            on_result(key, pending.pop(key), outcome)
         elif kind == "split" and on_split is not None:
             on_split(msg)
         elif kind == "user_error":
@@ -249,7 +269,7 @@ def _relay(
 
 @contextmanager
 def _failed_when_unwinding(
-    study: optuna.Study, unfinished: Callable[[], list[optuna.Trial]], procs: list[TrialProcess], log: Log,
+    study: optuna.Study, unfinished: Callable[[], list[optuna.Trial]], procs: Sequence[TrialProcess | WarmJob], log: Log,
     interrupted: Callable[[list[optuna.Trial]], str],
 ) -> Iterator[None]:
     """Whatever stops a run early stops its process and fails its unfinished trials, with the
@@ -296,21 +316,65 @@ def _signals_ignored() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+# What a trial process killed by SIGKILL (by hand, by the out-of-memory killer, by a scheduler)
+# leaves: its trial is lost, as if the machine had gone, and retried once (README, liveness).
+LOST = "lost"
+KILLED_WHY = "trial process killed by SIGKILL"
+
+
 def _exit_reason(rc: int | None) -> str:
-    """Why a trial process that sent no result failed."""
+    """Why a trial process that sent no result failed: ``lost`` when SIGKILL ended it."""
     if rc is not None and rc < 0:
         if -rc == signal.SIGKILL:
-            return "error: trial process killed (SIGKILL; out of host memory?)"
+            return LOST
         return f"error: trial process killed by signal {-rc}"
     return f"error: trial process exited with code {rc}"
 
 
+def _told(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, log: Log) -> FrozenTrial:
+    """Tell ``outcome``; a trial lost to a killed process gets its retry (once, :func:`retry_lost`)."""
+    frozen = finish(study, trial, outcome)
+    if outcome.state == "fail" and outcome.failure_reason == LOST:
+        retry_lost(study, frozen, KILLED_WHY, log=log)
+    return frozen
+
+
+class Launcher:
+    """Where a single trial's job runs: a fresh :class:`TrialProcess` each (the default), or with
+    ``warm`` the current :class:`WarmWorker`, started on first use and replaced by a new one after a
+    job that spent it (an unexpected error, out of memory, Ctrl-C, a kill), with a log line.
+    Multi-rank trials (``device.processes > 1``) always get a fresh process."""
+
+    def __init__(self, warm: bool, log: Log) -> None:
+        self.warm, self.log = warm, log
+        self.worker: WarmWorker | None = None
+        self.last: WarmJob | None = None
+
+    def launch(self, job: dict[str, Any]) -> TrialProcess | WarmJob:
+        if not self.warm or job["config"].get("device", {}).get("processes", 1) > 1:
+            return TrialProcess(job)
+        if self.worker is None or self.worker.spent:
+            old = self.worker
+            if old is not None:
+                old.close()
+            self.worker = WarmWorker()
+            why = self.last.why_spent if self.last is not None and self.last.why_spent else "it ended"
+            self.log(f"warm trial worker {self.worker.pid} started"
+                     + (f" (replacing worker {old.pid} after {why})" if old is not None else ""))
+        self.last = self.worker.start(job)
+        return self.last
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.close()
+
+
 def _run_one(
     study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace, *, device: str | None,
-    worker: int | str, log: Log,
+    worker: int | str, log: Log, launch: Callable[[dict[str, Any]], TrialProcess | WarmJob] = TrialProcess,
 ) -> FrozenTrial | None:
     """One asked trial in one trial process; the frozen trial told (None: over budget)."""
-    procs: list[TrialProcess] = []
+    procs: list[TrialProcess | WarmJob] = []
     with _failed_when_unwinding(study, lambda: [trial], procs, log,
                                 lambda _: f"trial {trial.number} interrupted: marked FAIL"):
         with Heartbeat(study, trial, cfg.study.heartbeat_interval):
@@ -319,11 +383,12 @@ def _run_one(
                 return None
             job = _job(study, cfg, params, device)
             log(f"trial {trial.number} started: {fmt_params(params)}")
-            procs.append(TrialProcess(job))
+            procs.append(launch(job))
             results: dict[int | None, TrialOutcome] = {}
             user_error, epochs = _relay(
                 procs[0], {None: trial}, reported_metric(cfg), job["prune"],
                 on_result=lambda key, _trial, outcome: results.__setitem__(key, outcome),
+                guard=ChanceGuard(cfg),
             )
             procs[0].wait()
             rc = procs[0].close()
@@ -331,7 +396,7 @@ def _run_one(
                 raise UserError(user_error)
             outcome = results.get(None) or TrialOutcome("fail", failure_reason=_exit_reason(rc))
             outcome.attrs["history"] = _stored_history(epochs[None])
-            return finish(study, trial, outcome)
+            return _told(study, trial, outcome, log)
 
 
 def split_line(epoch: int, halves: list[list[int]]) -> str:
@@ -383,13 +448,14 @@ def run_pack(
                 log(split_line(int(msg.get("epoch", 0)), halves))
 
             user_error, _ = _relay(procs[0], pending, reported_metric(cfg), job["prune"],
-                                   on_result=tell, on_split=split)
+                                   on_result=tell, on_split=split, guard=ChanceGuard(cfg))
             procs[0].wait()
             rc = procs[0].close()
             if user_error is not None:
                 raise UserError(user_error)
+            reason = LOST if rc == -signal.SIGKILL else f"error: pack process exited with code {rc}"
             for i, trial in list(pending.items()):
-                told.append(finish(study, trial, TrialOutcome("fail", failure_reason=f"error: pack process exited with code {rc}")))
+                told.append(_told(study, trial, TrialOutcome("fail", failure_reason=reason), log))
                 pending.pop(i)
             return told
 

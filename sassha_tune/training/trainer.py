@@ -570,7 +570,10 @@ def train_members(
                             progress.update(task, description=f"epoch {epoch}/{spec0.epochs} val_acc {val_acc:.3f}")
                         if m.on_epoch is not None:
                             reported = True
-                            stop = bool(m.on_epoch(epoch, dict(metrics)))
+                            # the epoch as reported (not as kept in the history): a classifier's
+                            # number of classes, so that a listener can tell chance accuracy
+                            told = dict(metrics) if language else {**metrics, "num_classes": int(m.splits.num_classes)}
+                            stop = bool(m.on_epoch(epoch, told))
                 metrics, bad_val, stop = broadcast_object((metrics, bad_val, stop), ranks.group)
                 if not ranks.is_main and not bad_val:
                     m.history.append(metrics)

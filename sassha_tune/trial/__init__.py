@@ -12,14 +12,22 @@ one. Parent and child speak one protocol, in JSON lines:
   child rebuilds it with :func:`sassha_tune.config.config_from_stored`, without validating it
   again. ``params`` is one trial's parameters (a mapping) or a pack's (a list of mappings).
 * **Messages** (child -> parent, lines on the child's stdout; whatever the trial prints goes to
-  stderr): ``{"type": "epoch", "epoch": N, "metrics": {...}}`` after every epoch, answered by the
-  parent with a ``go`` or ``stop`` line when the job prunes; ``{"type": "result", "state": ...,
+  stderr): ``{"type": "epoch", "epoch": N, "metrics": {...}}`` after every epoch (a classifier's
+  metrics carry ``num_classes``), answered by the parent with a ``go`` or ``stop`` line when the
+  job prunes (``"prune": true``: a pruner or the chance guard may stop it); ``{"type": "result", "state": ...,
   "attrs": {...}, "values": [...], "failure_reason": ...}`` once (:class:`.outcome.TrialOutcome`);
   ``{"type": "user_error", "message": ...}`` for a :class:`~sassha_tune.errors.UserError`. A pack's
   epoch and result messages carry ``"member": I`` (the index in ``params``), and a pack that ran
   out of memory before any member reported says ``{"type": "split", "epoch": N, "halves": [...]}``.
 * **Exit code**: 0 done, 1 an unexpected error (a ``fail`` result with the reason was sent, the
   traceback is on stderr), 2 a user error, 3 no job or the parent is gone, 130 interrupted.
+* **Warm worker** (``python -m sassha_tune.trial --serve``, the study's ``--warm``): job after job
+  on the same stdin, each answered by its messages and then ``{"type": "done", "code": C,
+  "replace": R}`` (C: the exit code above). Before every job the worker puts back the torch
+  settings it started with (default dtype, deterministic algorithms, grad mode, threads, matmul
+  precision, cuDNN / TF32 flags) and frees what the last one left; the trainer seeds every
+  generator. ``replace: true`` (an unexpected error, out of memory, Ctrl-C) means it exits after
+  this job; end of input ends it (exit 0).
 
 Modules: :mod:`.process` (the parent side: :class:`~.process.TrialProcess`), :mod:`.child` (the
 child side, ``python -m sassha_tune.trial``), :mod:`.objective` (a trial as a function:

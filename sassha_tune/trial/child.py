@@ -4,11 +4,13 @@ Reads the job from stdin, runs it -- one trial (:func:`.objective.evaluate_param
 trials (:func:`.objective.evaluate_pack`) -- and sends its messages as JSON lines (protocol in
 :mod:`sassha_tune.trial`). The protocol gets its own copy of stdout and stdout itself is pointed at
 stderr, so nothing the trial prints can corrupt a message. The process exits at once when its
-parent is gone (a killed coordinator), and quietly when the protocol pipe breaks.
+parent is gone (a killed coordinator), and quietly when the protocol pipe breaks. With
+``--serve`` it is a warm trial worker: jobs one after another (:func:`_serve`).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -74,16 +76,79 @@ def _tagged(msg: dict[str, Any], member: int | None) -> dict[str, Any]:
     return msg if member is None else {**msg, "member": member}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """One job (``python -m sassha_tune.trial``), or with ``--serve`` jobs one after another."""
+    argv = sys.argv[1:] if argv is None else argv
     parent = int(os.environ.get(PARENT_PID_ENV, os.getppid()))
     proto = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
     os.dup2(2, 1)  # stray prints of the trial go to stderr, never into the protocol
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
-
+    if "--serve" in argv:
+        return _serve(proto)
     line = sys.stdin.readline()
     if not line:
         return _PARENT_GONE
-    job = json.loads(line)
+    code, _ = _run_job(json.loads(line), proto)
+    return code
+
+
+def _serve(proto: TextIO) -> int:
+    """A warm trial worker: jobs one after another, each answered by its messages and then
+    ``{"type": "done", "code": C, "replace": R}`` (C: the exit code a fresh process would have had).
+    Every job starts from the state this process started in (:class:`_FreshState`). After a job
+    that may have poisoned the process (an unexpected error, out of memory, Ctrl-C) it says
+    ``replace: true`` and exits with that code; end of input: exit 0."""
+    fresh = _FreshState()
+    while True:
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C between two jobs: nothing to tell
+            return 130
+        if not line:
+            return 0
+        fresh.restore()
+        code, reason = _run_job(json.loads(line), proto)
+        replace = code != 0 or reason == "out_of_memory"
+        _Channel(proto, prune=False).send({"type": "done", "code": code, "replace": replace})
+        if replace:
+            return code
+
+
+class _FreshState:
+    """The process-wide torch settings a fresh trial process starts with, captured once and put
+    back before every job of a warm worker (the trainer seeds the generators itself)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self.dtype = torch.get_default_dtype()
+        self.deterministic = torch.are_deterministic_algorithms_enabled()
+        self.warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        self.grad = torch.is_grad_enabled()
+        self.threads = torch.get_num_threads()
+        self.matmul_precision = torch.get_float32_matmul_precision()
+        self.cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+                      torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+
+    def restore(self) -> None:
+        import torch
+
+        gc.collect()  # what the previous trial left (its model, data, optimizer state) goes now
+        if torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        torch.set_default_dtype(self.dtype)
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.warn_only)
+        torch.set_grad_enabled(self.grad)
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        torch.set_float32_matmul_precision(self.matmul_precision)
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) = self.cudnn
+
+
+def _run_job(job: dict[str, Any], proto: TextIO) -> tuple[int, str | None]:
+    """Run one job, sending its messages: (the exit code, the failure reason of a failed single trial)."""
     channel = _Channel(proto, prune=bool(job.get("prune")))
     params = job["params"]
     members: list[int | None] = list(range(len(params))) if isinstance(params, list) else [None]
@@ -102,15 +167,16 @@ def main() -> int:
             outcome = evaluate_params(cfg, params, on_epoch=channel.on_epoch(), device=job.get("device"))
     except UserError as exc:
         channel.send({"type": "user_error", "message": str(exc)})
-        return 2
+        return 2, None
     except KeyboardInterrupt:
-        return 130
+        return 130, None
     except Exception as exc:  # a bug or a broken plug-in: the trial fails, the study goes on
         traceback.print_exc()
         reason = "out_of_memory" if type(exc).__name__ == "OutOfMemoryError" else one_line(exc)
         for member in members:  # the parent ignores results for pack members already told
             channel.send(_tagged(TrialOutcome("fail", failure_reason=reason).to_json(), member))
-        return 1
+        return 1, reason
     if outcome is not None:
         channel.send(outcome.to_json())
-    return 0
+        return 0, outcome.failure_reason
+    return 0, None

@@ -3,7 +3,8 @@
 :class:`TrialProcess` starts ``python -m sassha_tune.trial``, sends the job, iterates the child's
 messages, answers its epoch messages when the job prunes, and stops and reaps it. A study's single
 trials and packs use it, and so does :func:`sassha_tune.trial.ranks.launch_ranks` for each rank of
-a multi-rank trial. See :mod:`sassha_tune.trial` for the protocol.
+a multi-rank trial. :class:`WarmWorker` is the long-lived variant (``--warm``): one process running
+job after job, each ended by a ``done`` message. See :mod:`sassha_tune.trial` for the protocol.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["PARENT_PID_ENV", "TrialProcess"]
+__all__ = ["PARENT_PID_ENV", "TrialProcess", "WarmJob", "WarmWorker"]
 
 # The child watches this process and exits when it is gone (a killed coordinator leaves no orphan).
 PARENT_PID_ENV = "SASSHA_TUNE_PARENT_PID"
@@ -100,3 +101,124 @@ class TrialProcess:
             except OSError:
                 pass
         return self.proc.returncode
+
+
+class WarmWorker:
+    """A long-lived ``python -m sassha_tune.trial --serve``: one job after another through the same
+    protocol, each ended by a ``done`` message (imports and process start paid once).
+
+    :meth:`start` hands a job to it and returns a :class:`WarmJob`, which the study loop drives like
+    a :class:`TrialProcess`. The worker is spent (:attr:`spent`) after a job that may have
+    poisoned it (it says so and exits) or when it died (SIGKILL): start a new one then."""
+
+    def __init__(self, *, env: Mapping[str, str] | None = None) -> None:
+        full_env = dict(os.environ if env is None else env)
+        full_env[PARENT_PID_ENV] = str(os.getpid())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sassha_tune.trial", "--serve"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=full_env, bufsize=1,
+        )
+        self.spent = False
+        self.jobs = 0
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self, job: Mapping[str, Any]) -> WarmJob:
+        assert not self.spent, "a spent worker takes no job"
+        self.jobs += 1
+        warm = WarmJob(self, job)
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps(dict(job)) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            self.spent = True  # it died between jobs: the job ends at once, its exit code tells why
+        return warm
+
+    def close(self, timeout: float = 10.0) -> int:
+        """End it: end of input (it exits 0 between jobs), then SIGTERM / SIGKILL after ``timeout``."""
+        self.spent = True
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            try:
+                self.proc.stdout.close()
+            except OSError:
+                pass
+        return self.proc.returncode
+
+
+class WarmJob:
+    """One job of a :class:`WarmWorker`, with :class:`TrialProcess`'s interface: messages until
+    ``done``, go/stop answers, the job's exit code (that of the worker, negative, if it died)."""
+
+    def __init__(self, worker: WarmWorker, job: Mapping[str, Any]) -> None:
+        self.worker, self.job = worker, dict(job)
+        self.code: int | None = None
+        self.why_spent = ""  # why the worker cannot take another job ("" while it can)
+
+    def messages(self) -> Iterator[dict[str, Any]]:
+        stdout = self.worker.proc.stdout
+        assert stdout is not None
+        if not self.worker.spent:
+            for line in stdout:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    msg = json.loads(line)
+                except ValueError:
+                    continue
+                if msg.get("type") == "done":
+                    self.code = int(msg.get("code", 1))
+                    if msg.get("replace"):
+                        self.worker.spent = True
+                        self.why_spent = f"exit code {self.code}" if self.code else "out of memory"
+                    return
+                yield msg
+        # no done: the worker died in this job
+        self.worker.spent = True
+        self.code = self.worker.proc.wait()
+        self.why_spent = f"killed by signal {-self.code}" if self.code < 0 else f"exit code {self.code}"
+
+    def answer(self, stop: bool) -> None:
+        if self.job.get("prune") and not self.worker.spent:
+            try:
+                assert self.worker.proc.stdin is not None
+                self.worker.proc.stdin.write(("stop" if stop else "go") + "\n")
+                self.worker.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.code is None:
+            for _ in self.messages():
+                pass
+        assert self.code is not None
+        if self.worker.spent:
+            self.worker.close(timeout if timeout is not None else 10.0)
+        return self.code
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker (a run that stops early): SIGTERM, then SIGKILL after ``timeout``."""
+        self.worker.spent = True
+        if self.worker.proc.poll() is None:
+            self.worker.proc.terminate()
+        self.worker.close(timeout)
+
+    def close(self, timeout: float = 10.0) -> int:
+        return self.wait(timeout)

@@ -1,0 +1,40 @@
+"""The chance guard: a trial still near chance after a few epochs stops, stored as PRUNED.
+
+From epoch ``cfg.chance_guard_after`` (``study.chance_guard``) up to the epoch before the last, a
+trial whose validation accuracy is near chance (:func:`sassha_tune.metrics.chance.acc_near_chance`,
+the rule the report uses) is answered ``stop``, whether the study has a pruner or not; it is told
+PRUNED with the user attribute ``prune_reason: near_chance`` and its sharpness is not measured.
+The last epoch is never judged here: a trial that trains to the end completes, and the report
+judges it. Only epochs that carry ``num_classes`` are judged (the built-in trainer's
+classification tasks; not language models, not ``task.train``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ..config import Config
+from ..metrics.chance import acc_near_chance
+
+__all__ = ["NEAR_CHANCE", "PRUNE_REASON_KEY", "ChanceGuard"]
+
+PRUNE_REASON_KEY = "prune_reason"
+NEAR_CHANCE = "near_chance"
+
+
+class ChanceGuard:
+    """Judges a trial's epoch messages: :meth:`stops` says whether this epoch ends it."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.after = cfg.chance_guard_after
+        self.epochs = cfg.task.epochs
+
+    @property
+    def active(self) -> bool:
+        return self.after is not None and self.after < self.epochs
+
+    def stops(self, epoch: int, metrics: Mapping[str, Any]) -> bool:
+        if not self.active or not self.after <= epoch < self.epochs:  # type: ignore[operator]
+            return False
+        return acc_near_chance(metrics.get("val_acc"), metrics.get("num_classes")) is True
