@@ -105,7 +105,10 @@ def test_ctrl_c_with_a_warm_worker_marks_the_trial_interrupted_and_leaves_no_pro
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.cli", "run", str(_config(tmp_path, n_trials=5)),
                              "--storage", url, "--pack", "1", "--warm"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            # Ctrl-C as on a terminal, even when this session runs in the background
+                            # (which hands SIGINT on as ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stdout is not None
     for line in proc.stdout:
         if "trial 1 started" in line:
