@@ -52,8 +52,7 @@ def _label(i: int) -> str:
 
 def check_callbacks(entries: Sequence[Mapping[str, Any]]) -> None:
     """Before a study is created: for ``study.callbacks`` (``entries``), every built-in's packages
-    are installed and every plug-in's factory can be imported (importing runs its module's
-    top-level code). Nothing is built."""
+    are installed. Nothing is built; plug-in factories were imported when the config was validated."""
     for i, entry in enumerate(entries):
         name = entry["name"]
         if name in BUILTIN_CALLBACKS:
@@ -62,8 +61,6 @@ def check_callbacks(entries: Sequence[Mapping[str, Any]]) -> None:
             if missing:
                 raise UserError(f"{_label(i)}: {name!r} needs {', '.join(missing)} "
                                 f"(pip install \"sassha-tune[{extra}]\")")
-        else:
-            load_plugin(name, _label(i))
 
 
 def _installed(module: str) -> bool:

@@ -29,13 +29,10 @@ __all__ = ["final_metrics", "build_spec", "evaluate_params", "outcome_from_resul
 
 
 def check_task_inputs(cfg: Config) -> None:
-    """Before a study is created or a trial asked: a file-based dataset's files exist, or the
-    ``task.train`` function can be imported and found (importing runs its module's top-level
-    code, as a trial will). A one-line :class:`UserError` otherwise."""
+    """Before a study is created or a trial asked: a file-based dataset's files exist (a one-line
+    :class:`UserError` otherwise). A ``task.train`` function brings its own data; it was imported
+    when the config was validated."""
     if cfg.task.train is not None:
-        from ..plugins import load_plugin
-
-        load_plugin(cfg.task.train, "task.train")
         return
     from ..training.data import check_dataset_files
 
