@@ -29,3 +29,37 @@ torch.set_num_threads(1)
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """``mount(size) -> folder``: a real tmpfs of ``size`` (e.g. ``"400k"``), unmounted (lazily: a
+    storage engine may still hold a file open) at the end; skips where mounting is not allowed."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"mnt{len(mounted)}"
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)],
+                          capture_output=True).returncode:
+            pytest.skip("cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write zeros to ``folder / "fill"`` until the file system is full; the file (to free it)."""
+    fill = folder / "fill"
+    try:
+        with open(fill, "wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 4096)
+    except OSError:
+        pass
+    return fill

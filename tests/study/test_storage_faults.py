@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import fill_disk
 from typer.testing import CliRunner
 
 from sassha_tune.cli import app
@@ -97,59 +98,36 @@ def test_an_immutable_database_gets_one_line_and_stays_readable(tmp_path, study_
         _chattr("-i", db)
 
 
-def test_a_full_disk_gets_one_line_and_loses_nothing(tmp_path, study_db):
+def test_a_full_disk_gets_one_line_and_loses_nothing(study_db, small_tmpfs):
     good, cfg = study_db
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)")
-    try:
-        db = mnt / "s.db"
-        shutil.copyfile(good, db)
-        try:  # fill the disk to the last block
-            with open(mnt / "fill", "wb", buffering=0) as f:
-                while True:
-                    f.write(b"\0" * 4096)
-        except OSError:
-            pass
-        url = f"sqlite:///{db}"
-        _one_line(CliRunner().invoke(app, ["resume", "faults", "--storage", url, "--n-trials", "3"]), "disk is full")
-        (mnt / "fill").unlink()
-        result = CliRunner().invoke(app, ["resume", "faults", "--storage", url, "--n-trials", "2"])
-        assert result.exit_code == 0, result.output
-        states = [t.state.name for t in optuna.load_study(study_name="faults", storage=url).trials]
-        assert states[0] == "COMPLETE" and "RUNNING" not in states
-    finally:
-        # lazy: this process may still hold the database open (its storage engine)
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    mnt = small_tmpfs("400k")
+    db = mnt / "s.db"
+    shutil.copyfile(good, db)
+    fill = fill_disk(mnt)
+    url = f"sqlite:///{db}"
+    _one_line(CliRunner().invoke(app, ["resume", "faults", "--storage", url, "--n-trials", "3"]), "disk is full")
+    fill.unlink()
+    result = CliRunner().invoke(app, ["resume", "faults", "--storage", url, "--n-trials", "2"])
+    assert result.exit_code == 0, result.output
+    states = [t.state.name for t in optuna.load_study(study_name="faults", storage=url).trials]
+    assert states[0] == "COMPLETE" and "RUNNING" not in states
 
 
-def test_the_python_api_says_the_same_line(tmp_path, study_db):
+def test_the_python_api_says_the_same_line(study_db, small_tmpfs):
     """resume_study on a full disk: a StorageError (a UserError) with the CLI's one line, not the
     driver's exception; nothing lost."""
     import sassha_tune
     from sassha_tune.errors import StorageError
 
     good, _ = study_db
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs CAP_SYS_ADMIN)")
-    try:
-        db = mnt / "s.db"
-        shutil.copyfile(good, db)
-        try:  # fill the disk to the last block
-            with open(mnt / "fill", "wb", buffering=0) as f:
-                while True:
-                    f.write(b"\0" * 4096)
-        except OSError:
-            pass
-        with pytest.raises(StorageError) as info:
-            sassha_tune.resume_study("faults", storage=f"sqlite:///{db}", n_trials=3, log=lambda _: None)
-        message = str(info.value)
-        assert message.startswith("storage sqlite:///") and "disk is full" in message and "\n" not in message
-        (mnt / "fill").unlink()
-        states = [t.state.name for t in optuna.load_study(study_name="faults", storage=f"sqlite:///{db}").trials]
-        assert states[0] == "COMPLETE"
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    mnt = small_tmpfs("400k")
+    db = mnt / "s.db"
+    shutil.copyfile(good, db)
+    fill = fill_disk(mnt)
+    with pytest.raises(StorageError) as info:
+        sassha_tune.resume_study("faults", storage=f"sqlite:///{db}", n_trials=3, log=lambda _: None)
+    message = str(info.value)
+    assert message.startswith("storage sqlite:///") and "disk is full" in message and "\n" not in message
+    fill.unlink()
+    states = [t.state.name for t in optuna.load_study(study_name="faults", storage=f"sqlite:///{db}").trials]
+    assert states[0] == "COMPLETE"
