@@ -122,16 +122,16 @@ def _check_callbacks_arg(callbacks: Sequence[Callback], gpus: list[str]) -> None
 
 
 def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: str | int, log: Log,
-         callbacks: Sequence[Callback], warm: bool = False) -> None:
+         callbacks: Sequence[Callback], fresh_process: bool = False) -> None:
     from .study.loop import run_trials
     from .study.workers import run_gpu_workers
 
     if gpus:
-        code = run_gpu_workers(name, url, gpus, log=log, pack=pack_size, warm=warm)
+        code = run_gpu_workers(name, url, gpus, log=log, pack=pack_size, fresh_process=fresh_process)
         if code:
             raise WorkersFailed(code)
         return
-    summary = run_trials(name, url, device=device, log=log, pack=pack_size, callbacks=callbacks, warm=warm)
+    summary = run_trials(name, url, device=device, log=log, pack=pack_size, callbacks=callbacks, fresh_process=fresh_process)
     states = ", ".join(f"{k} {v}" for k, v in sorted(summary.states.items())) or "no trials"
     log(f"done: {summary.ran} trials this run ({states}) in {summary.seconds:.1f} s; {summary.stopped_because}")
 
@@ -149,7 +149,7 @@ def run_study(
     create_only: bool = False,
     log: Log | None = None,
     callbacks: Sequence[Callback] = (),
-    warm: bool = False,
+    fresh_process: bool = False,
 ) -> optuna.Study:
     """Create the study ``config`` describes (or continue it) and run trials until its budget is spent.
 
@@ -160,7 +160,9 @@ def run_study(
     per process (docs/packs.md); ``gpus`` starts one worker process per listed GPU;
     ``create_only`` creates (or checks) the study and runs nothing; ``callbacks``: Optuna-style
     callables ``(study, frozen_trial)`` told of every finished trial, after the config's
-    ``study.callbacks`` (in this process only, so not with ``gpus``). Same as ``sassha-tune run``.
+    ``study.callbacks`` (in this process only, so not with ``gpus``). ``fresh_process``: a fresh
+    trial process per trial instead of one warm trial worker (as ``study.fresh_process: true``).
+    Same as ``sassha-tune run``.
     """
     from .config import advice
     from .devices import check_available
@@ -190,7 +192,7 @@ def run_study(
     if n_trials is not None:
         set_budget(study, n_trials)
     if not create_only:
-        _run(cfg.study.name, url, gpu_list, device, pack_size, log, callbacks, warm=warm)
+        _run(cfg.study.name, url, gpu_list, device, pack_size, log, callbacks, fresh_process=fresh_process)
     return _reloaded(cfg.study.name, url)
 
 
@@ -205,7 +207,7 @@ def resume_study(
     gpus: list[str] | list[int] | None = None,
     log: Log | None = None,
     callbacks: Sequence[Callback] = (),
-    warm: bool = False,
+    fresh_process: bool = False,
 ) -> optuna.Study:
     """Continue a stored study from its stored config: lost trials are failed and retried, the budget
     is finished. Same as ``sassha-tune resume``; the arguments are those of :func:`run_study`."""
@@ -227,7 +229,7 @@ def resume_study(
     check_task(cfg)  # a plug-in's data, checked again: it may have changed since the study was created
     if n_trials is not None:
         set_budget(study, n_trials)
-    _run(name, url, gpu_list, device, pack_size, log, callbacks, warm=warm)
+    _run(name, url, gpu_list, device, pack_size, log, callbacks, fresh_process=fresh_process)
     return _reloaded(name, url)
 
 

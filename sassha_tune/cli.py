@@ -143,10 +143,11 @@ PackOpt = Annotated[
         "1 on the CPU), an integer K, or 1 (one at a time). See docs/packs.md.",
     ),
 ]
-WarmOpt = Annotated[
+FreshOpt = Annotated[
     bool,
-    typer.Option("--warm", help="Run single trials one after another in one long-lived trial worker "
-                 "(replaced after a failure) instead of a fresh process each. Experimental."),
+    typer.Option("--fresh-process", help="A fresh trial process for every trial, instead of one long-lived "
+                 "trial worker running single trials one after another (replaced after a failure). "
+                 "Same as study.fresh_process: true."),
 ]
 GpusOpt = Annotated[
     str | None,
@@ -256,7 +257,7 @@ def run(
         typer.Option("--create-only", help="Create (or check) the study and exit; run trials with `worker`."),
     ] = False,
     pack: PackOpt = "auto",
-    warm: WarmOpt = False,
+    fresh_process: FreshOpt = False,
 ) -> None:
     """Create the study a config describes (or continue it) and run trials until its budget is spent."""
     from .api import run_study
@@ -264,7 +265,7 @@ def run(
     gpu_list, pack_size = _check_flags(gpus, device, pack)  # the flags named as typed
     with _workers_exit_code():
         run_study(config, storage=storage, n_trials=n_trials, device=device, pack=pack_size, gpus=gpu_list,
-                  allow_space_change=allow_space_change, create_only=create_only, log=_log, warm=warm)
+                  allow_space_change=allow_space_change, create_only=create_only, log=_log, fresh_process=fresh_process)
 
 
 @app.command()
@@ -276,7 +277,7 @@ def resume(
     gpus: GpusOpt = None,
     device: DeviceOpt = None,
     pack: PackOpt = "auto",
-    warm: WarmOpt = False,
+    fresh_process: FreshOpt = False,
 ) -> None:
     """Continue a study from its stored config: lost trials are failed and retried, the budget is finished."""
     from .api import resume_study
@@ -284,7 +285,7 @@ def resume(
     gpu_list, pack_size = _check_flags(gpus, device, pack)
     with _workers_exit_code():
         resume_study(study, storage=storage, n_trials=n_trials, device=device, pack=pack_size, gpus=gpu_list,
-                     log=_log, warm=warm)
+                     log=_log, fresh_process=fresh_process)
 
 
 @app.command()
@@ -298,7 +299,7 @@ def worker(
         typer.Option("--worker-id", help="Number mixed into the sampler seed (default: the process id)."),
     ] = None,
     pack: PackOpt = "auto",
-    warm: WarmOpt = False,
+    fresh_process: FreshOpt = False,
 ) -> None:
     """Join an existing study (e.g. on PostgreSQL from another machine) and run trials until its budget is spent."""
     import os
@@ -310,7 +311,7 @@ def worker(
     url = resolve_storage(storage)
     wid: int | str = worker_id if worker_id is not None else f"pid{os.getpid()}"
     # run_trials checks the stored config's device before it asks a trial
-    summary = run_trials(study, url, worker=wid, device=device, log=_log, pack=pack_size, warm=warm)
+    summary = run_trials(study, url, worker=wid, device=device, log=_log, pack=pack_size, fresh_process=fresh_process)
     _log(f"worker done: {summary.ran} trials in {summary.seconds:.1f} s; {summary.stopped_because}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 
 import numpy as np
@@ -128,6 +129,8 @@ def own_quadratic(reporter):
     for _ in range(reporter.epochs):
         optimizer.step(lambda: mse(model(x), y))
         reporter.report({"val_acc": reporter.hparams["lr"], "train_loss": float(mse(model(x), y))})
+        if reporter.options.get("hang_above") is not None and reporter.hparams["lr"] > reporter.options["hang_above"]:
+            time.sleep(3600)  # a hung trial: only budget.trial_timeout ends it
     reporter.sharpness_on(model, x, y, loss_fn=mse)
     if reporter.options.get("fail_above") is not None and reporter.hparams["lr"] > reporter.options["fail_above"]:
         raise ValueError(f"lr {reporter.hparams['lr']} too large for this test")

@@ -66,6 +66,8 @@ class StudyConfig:
     chance_guard: int | str = "auto"
     # told of every finished trial: [{"name": builtin or package.module:factory, "options": {...}}]
     callbacks: list[dict[str, Any]] = field(default_factory=list)
+    # True: a fresh trial process for every trial; False: single trials share one warm trial worker
+    fresh_process: bool = False
 
     @property
     def directions(self) -> list[str]:
@@ -80,6 +82,7 @@ class StudyConfig:
 class BudgetConfig:
     n_trials: int = 20
     timeout: float | None = None
+    trial_timeout: float | None = None  # seconds one trial may run before it is stopped (FAIL timeout)
 
 
 @dataclass

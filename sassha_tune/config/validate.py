@@ -378,6 +378,7 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
             "stale_after": (_float(0, MAX_LIVENESS_SECONDS, lo_open=True), 60.0),
             "callbacks": (lambda v, c, p: v, None),
             "chance_guard": (_chance_guard, "auto"),
+            "fresh_process": (_bool, False),
         },
         ctx,
         "study",
@@ -426,6 +427,7 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
         stale_after=d["stale_after"],
         chance_guard=d["chance_guard"],
         callbacks=_callbacks(d["callbacks"], ctx),
+        fresh_process=d["fresh_process"],
     )
 
 
@@ -511,7 +513,8 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
 
     b = _section(
         raw.get("budget"),
-        {"n_trials": (_int(1), 20), "timeout": (_optional(_float(0, lo_open=True)), None)},
+        {"n_trials": (_int(1), 20), "timeout": (_optional(_float(0, lo_open=True)), None),
+         "trial_timeout": (_optional(_float(0, MAX_LIVENESS_SECONDS * 30, lo_open=True)), None)},
         ctx,
         "budget",
     )

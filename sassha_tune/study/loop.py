@@ -2,8 +2,9 @@
 
 Each iteration re-reads the stored config (another process may raise the budget), reconciles lost
 trials, checks the budget, asks with a sampler seeded from the study's progress, trains the trial
-(or a pack of trials) in a fresh process (or, with ``warm``, in the long-lived trial worker of its
-:class:`Launcher`) and tells the outcome. Every epoch passes the chance guard
+(or a pack of trials) in the long-lived trial worker of its :class:`Launcher` (or, with
+``fresh_process``, a fresh process) and tells the outcome. A trial that runs past
+``budget.trial_timeout`` is stopped and fails with ``failure_reason: timeout``. Every epoch passes the chance guard
 (:mod:`.chance_guard`) and the pruner; a trial process killed by SIGKILL leaves its trial ``lost``,
 retried once (:func:`~.liveness.retry_lost`).
 """
@@ -29,7 +30,7 @@ from ..devices import check_available as check_device
 from ..errors import UserError
 from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS, PER_EPOCH_METRICS
 from ..trial.outcome import TrialOutcome
-from ..trial.process import TrialProcess, WarmJob, WarmWorker
+from ..trial.process import TrialProcess, WarmJob, WarmWorker, Watchdog
 from .budget import budget_used, counts_toward_budget
 from .callbacks import Callback, make_callbacks, notify
 from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard
@@ -88,16 +89,17 @@ def run_trials(
     log: Log = print,
     pack: str | int = 1,
     callbacks: Sequence[Callback] = (),
-    warm: bool = False,
+    fresh_process: bool = False,
 ) -> LoopSummary:
     """Run trials of a stored study until its budget (or ``budget.timeout``) is reached.
 
     ``pack`` (``--pack``): ``1`` one trial per process; ``K`` or ``"auto"``: up to K trials asked at
     once and trained together in one process (:mod:`sassha_tune.training.packs`) where they can be packed.
     After each trial is told, the config's ``study.callbacks`` and then ``callbacks`` (callables
-    ``(study, frozen_trial)``) are called with it (:mod:`.callbacks`). ``warm`` (``--warm``): single
-    trials run one after another in one long-lived trial worker (:class:`Launcher`); packs and
-    multi-rank trials keep their fresh processes."""
+    ``(study, frozen_trial)``) are called with it (:mod:`.callbacks`). Single trials run one after
+    another in one long-lived trial worker (:class:`Launcher`), unless ``fresh_process``
+    (``--fresh-process``) or the config's ``study.fresh_process`` asks for a fresh process per
+    trial; packs and multi-rank trials always get fresh processes."""
     from ..trial.objective import check_task_inputs
 
     study = load_study(study_name, storage_url)
@@ -111,7 +113,7 @@ def run_trials(
     restore = _sigterm_as_interrupt()
     waiting = False
     pack_logged = ""
-    launcher = Launcher(warm, log)
+    launcher = Launcher(fresh_process, log)
     try:
         while True:
             # Re-read: another process may have raised the budget (resume --n-trials) or continued
@@ -320,6 +322,8 @@ def _signals_ignored() -> Iterator[None]:
 # leaves: its trial is lost, as if the machine had gone, and retried once (README, liveness).
 LOST = "lost"
 KILLED_WHY = "trial process killed by SIGKILL"
+# What a trial stopped by budget.trial_timeout fails with (counted toward the budget, not retried).
+TIMEOUT = "timeout"
 
 
 def _exit_reason(rc: int | None) -> str:
@@ -340,18 +344,21 @@ def _told(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, log: 
 
 
 class Launcher:
-    """Where a single trial's job runs: a fresh :class:`TrialProcess` each (the default), or with
-    ``warm`` the current :class:`WarmWorker`, started on first use and replaced by a new one after a
-    job that spent it (an unexpected error, out of memory, Ctrl-C, a kill), with a log line.
-    Multi-rank trials (``device.processes > 1``) always get a fresh process."""
+    """Where a single trial's job runs: the current :class:`WarmWorker` (the default), started on
+    first use and replaced by a new one after a job that spent it (an unexpected error, out of
+    memory, Ctrl-C, a kill, the trial timeout), with a log line; or a fresh :class:`TrialProcess`
+    per trial with ``fresh_process`` or the job config's ``study.fresh_process``. Multi-rank trials
+    (``device.processes > 1``) always get a fresh process."""
 
-    def __init__(self, warm: bool, log: Log) -> None:
-        self.warm, self.log = warm, log
+    def __init__(self, fresh_process: bool, log: Log) -> None:
+        self.fresh_process, self.log = fresh_process, log
         self.worker: WarmWorker | None = None
         self.last: WarmJob | None = None
 
     def launch(self, job: dict[str, Any]) -> TrialProcess | WarmJob:
-        if not self.warm or job["config"].get("device", {}).get("processes", 1) > 1:
+        config = job["config"]
+        if (self.fresh_process or config.get("study", {}).get("fresh_process")
+                or config.get("device", {}).get("processes", 1) > 1):
             return TrialProcess(job)
         if self.worker is None or self.worker.spent:
             old = self.worker
@@ -385,16 +392,23 @@ def _run_one(
             log(f"trial {trial.number} started: {fmt_params(params)}")
             procs.append(launch(job))
             results: dict[int | None, TrialOutcome] = {}
-            user_error, epochs = _relay(
-                procs[0], {None: trial}, reported_metric(cfg), job["prune"],
-                on_result=lambda key, _trial, outcome: results.__setitem__(key, outcome),
-                guard=ChanceGuard(cfg),
-            )
-            procs[0].wait()
+            with Watchdog(procs[0], cfg.budget.trial_timeout) as deadline:
+                user_error, epochs = _relay(
+                    procs[0], {None: trial}, reported_metric(cfg), job["prune"],
+                    on_result=lambda key, _trial, outcome: results.__setitem__(key, outcome),
+                    guard=ChanceGuard(cfg),
+                )
+                procs[0].wait()
+            if deadline.fired and isinstance(procs[0], WarmJob):
+                procs[0].why_spent = "the trial timeout"
             rc = procs[0].close()
             if user_error is not None:
                 raise UserError(user_error)
-            outcome = results.get(None) or TrialOutcome("fail", failure_reason=_exit_reason(rc))
+            outcome = results.get(None)
+            if outcome is None and deadline.fired:
+                log(f"trial {trial.number} stopped: it ran past budget.trial_timeout ({cfg.budget.trial_timeout:g} s)")
+                outcome = TrialOutcome("fail", failure_reason=TIMEOUT)
+            outcome = outcome or TrialOutcome("fail", failure_reason=_exit_reason(rc))
             outcome.attrs["history"] = _stored_history(epochs[None])
             return _told(study, trial, outcome, log)
 
@@ -447,13 +461,20 @@ def run_pack(
                 halves = [[members[j].number for j in half] for half in msg.get("halves", [])]
                 log(split_line(int(msg.get("epoch", 0)), halves))
 
-            user_error, _ = _relay(procs[0], pending, reported_metric(cfg), job["prune"],
-                                   on_result=tell, on_split=split, guard=ChanceGuard(cfg))
-            procs[0].wait()
+            # the members train together, so the pack as a whole gets one trial's timeout
+            with Watchdog(procs[0], cfg.budget.trial_timeout) as deadline:
+                user_error, _ = _relay(procs[0], pending, reported_metric(cfg), job["prune"],
+                                       on_result=tell, on_split=split, guard=ChanceGuard(cfg))
+                procs[0].wait()
             rc = procs[0].close()
             if user_error is not None:
                 raise UserError(user_error)
-            reason = LOST if rc == -signal.SIGKILL else f"error: pack process exited with code {rc}"
+            if deadline.fired and pending:
+                log(f"trials {[t.number for t in pending.values()]} stopped: their pack ran past "
+                    f"budget.trial_timeout ({cfg.budget.trial_timeout:g} s)")
+                reason = TIMEOUT
+            else:
+                reason = LOST if rc == -signal.SIGKILL else f"error: pack process exited with code {rc}"
             for i, trial in list(pending.items()):
                 told.append(_told(study, trial, TrialOutcome("fail", failure_reason=reason), log))
                 pending.pop(i)

@@ -16,7 +16,7 @@ __all__ = ["run_gpu_workers"]
 
 def run_gpu_workers(
     study_name: str, storage_url: str, gpus: list[str], *, log: Callable[[str], None] = print, pack: str | int = 1,
-    warm: bool = False,
+    fresh_process: bool = False,
 ) -> int:
     """Start one ``sassha-tune worker`` per GPU (``CUDA_VISIBLE_DEVICES=N``); wait for all of them.
 
@@ -29,7 +29,7 @@ def run_gpu_workers(
         env["CUDA_VISIBLE_DEVICES"] = gpu
         env[STORAGE_ENV] = storage_url
         cmd = [sys.executable, "-m", "sassha_tune.cli", "worker", study_name, "--device", "cuda",
-               "--worker-id", str(i), "--pack", str(pack), *(["--warm"] if warm else [])]
+               "--worker-id", str(i), "--pack", str(pack), *(["--fresh-process"] if fresh_process else [])]
         procs.append(subprocess.Popen(cmd, env=env))
         log(f"worker {i} started on GPU {gpu} (pid {procs[-1].pid})")
         time.sleep(0.5)  # stagger the first storage writes

@@ -21,9 +21,9 @@ one. Parent and child speak one protocol, in JSON lines:
   out of memory before any member reported says ``{"type": "split", "epoch": N, "halves": [...]}``.
 * **Exit code**: 0 done, 1 an unexpected error (a ``fail`` result with the reason was sent, the
   traceback is on stderr), 2 a user error, 3 no job or the parent is gone, 130 interrupted.
-* **Warm worker** (``python -m sassha_tune.trial --serve``, the study's ``--warm``): job after job
-  on the same stdin, each answered by its messages and then ``{"type": "done", "code": C,
-  "replace": R}`` (C: the exit code above). Before every job the worker puts back the torch
+* **Warm worker** (``python -m sassha_tune.trial --serve``, a study's default for single trials):
+  job after job on the same stdin, each answered by its messages and then ``{"type": "done",
+  "code": C, "replace": R}`` (C: the exit code above). Before every job the worker puts back the torch
   settings it started with (default dtype, deterministic algorithms, grad mode, threads, matmul
   precision, cuDNN / TF32 flags) and frees what the last one left; the trainer seeds every
   generator. ``replace: true`` (an unexpected error, out of memory, Ctrl-C) means it exits after

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["PARENT_PID_ENV", "TrialProcess", "WarmJob", "WarmWorker"]
+__all__ = ["PARENT_PID_ENV", "TrialProcess", "WarmJob", "WarmWorker", "Watchdog"]
 
 # The child watches this process and exits when it is gone (a killed coordinator leaves no orphan).
 PARENT_PID_ENV = "SASSHA_TUNE_PARENT_PID"
@@ -79,8 +81,15 @@ class TrialProcess:
 
     def terminate(self) -> None:
         """SIGTERM, if it still runs."""
+        self.send_signal(signal.SIGTERM)
+
+    def send_signal(self, sig: int) -> None:
+        """``sig`` to the child, if it still runs (safe from another thread: :class:`Watchdog`)."""
         if self.proc.poll() is None:
-            self.proc.terminate()
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; returns when it has exited."""
@@ -195,6 +204,14 @@ class WarmJob:
         self.code = self.worker.proc.wait()
         self.why_spent = f"killed by signal {-self.code}" if self.code < 0 else f"exit code {self.code}"
 
+    def send_signal(self, sig: int) -> None:
+        """``sig`` to the worker running this job, if it still runs (:class:`Watchdog`)."""
+        if self.worker.proc.poll() is None:
+            try:
+                self.worker.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
     def answer(self, stop: bool) -> None:
         if self.job.get("prune") and not self.worker.spent:
             try:
@@ -222,3 +239,40 @@ class WarmJob:
 
     def close(self, timeout: float = 10.0) -> int:
         return self.wait(timeout)
+
+
+class _Signalled(Protocol):
+    def send_signal(self, sig: int) -> None: ...
+
+
+class Watchdog:
+    """A deadline for one job (``budget.trial_timeout``): after ``seconds`` the process running it
+    gets SIGTERM, and SIGKILL ``grace`` seconds later if it is still there; :attr:`fired` says
+    whether it came to that. A context manager around the reading of the job's messages: the
+    killed process closes its stdout, so the reader ends as for any dead process. ``seconds``
+    None: no deadline. A warm worker killed this way is spent and replaced, like any dead one."""
+
+    def __init__(self, proc: _Signalled, seconds: float | None, *, grace: float = 10.0) -> None:
+        self.proc, self.seconds, self.grace = proc, seconds, grace
+        self.fired = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="trial-watchdog")
+
+    def _watch(self) -> None:
+        assert self.seconds is not None
+        if self._done.wait(self.seconds):
+            return
+        self.fired = True
+        self.proc.send_signal(signal.SIGTERM)
+        if not self._done.wait(self.grace):
+            self.proc.send_signal(signal.SIGKILL)
+
+    def __enter__(self) -> Watchdog:
+        if self.seconds is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)

@@ -56,7 +56,7 @@ def _trial_child(parent: int, timeout: float = 60) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the trial process through /proc")
-@pytest.mark.parametrize("mode", ["", "--warm"])
+@pytest.mark.parametrize("mode", ["--fresh-process", ""])
 def test_a_trial_process_killed_by_sigkill_is_lost_and_retried_once(tmp_path, mode):
     url = f"sqlite:///{tmp_path}/k.db"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -82,7 +82,7 @@ def test_a_trial_process_killed_by_sigkill_is_lost_and_retried_once(tmp_path, mo
     assert retries[0].user_attrs["retry_history"] == [1]
     assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert budget_used(trials) == 3  # the lost trial does not count
-    if mode == "--warm":  # the killed worker is replaced by a new one, which runs the rest
+    if mode == "":  # the killed (warm) worker is replaced by a new one, which runs the rest
         assert f"(replacing worker {child} after killed by signal 9)" in out
 
 
@@ -104,7 +104,7 @@ def test_ctrl_c_with_a_warm_worker_marks_the_trial_interrupted_and_leaves_no_pro
     url = f"sqlite:///{tmp_path}/i.db"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.cli", "run", str(_config(tmp_path, n_trials=5)),
-                             "--storage", url, "--pack", "1", "--warm"],
+                             "--storage", url, "--pack", "1"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             # Ctrl-C as on a terminal, even when this session runs in the background
                             # (which hands SIGINT on as ignored)

@@ -1,4 +1,4 @@
-"""Warm trial workers (``--warm``): one long-lived trial process runs trial after trial, and every
+"""Warm trial workers (the default; ``--fresh-process`` turns them off): one long-lived trial process runs trial after trial, and every
 trial stores exactly what it stores in a fresh process (real processes, real SQLite, real training)."""
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ def _config(tmp_path: Path, name: str, **task) -> Path:
 
 def test_warm_and_fresh_trials_store_exactly_the_same_values(tmp_path):
     lines: list[str] = []
-    warm = run_study(_config(tmp_path, "warm"), pack=1, warm=True, log=lines.append)
-    fresh = run_study(_config(tmp_path, "fresh"), pack=1, log=lambda _line: None)
+    warm = run_study(_config(tmp_path, "warm"), pack=1, log=lines.append)
+    fresh = run_study(_config(tmp_path, "fresh"), pack=1, fresh_process=True, log=lambda _line: None)
     w = sorted(warm.trials, key=lambda t: t.number)
     f = sorted(fresh.trials, key=lambda t: t.number)
     assert [t.state for t in w] == [TrialState.COMPLETE] * 3 == [t.state for t in f]
@@ -73,7 +73,7 @@ def test_a_worker_is_replaced_after_out_of_memory(tmp_path):
     data = yaml.safe_load(path.read_text())
     data["budget"]["n_trials"] = 2
     path.write_text(yaml.safe_dump(data))
-    study = run_study(path, pack=1, warm=True, log=lines.append)
+    study = run_study(path, pack=1, log=lines.append)
     trials = sorted(study.trials, key=lambda t: t.number)
     assert [t.state for t in trials[:2]] == [TrialState.FAIL, TrialState.FAIL]
     assert [t.user_attrs["failure_reason"] for t in trials[:2]] == ["out_of_memory", "out_of_memory"]
