@@ -3,7 +3,7 @@
 Runs the quickstart (examples/quickstart.yaml: 8 SASSHA trials of a 1-D CNN on MNIST-1D, CPU)
 into a fresh SQLite file, with the chance guard off (``study.chance_guard: 0``, the old
 behaviour) and on (``auto``), each with a fresh process per trial (the default) and with one warm
-trial worker (``--warm``), one trial at a time (``--pack 1``). For each run: the study's
+trial worker (the default since issue 19; ``fresh`` runs pass ``fresh_process=True``), one trial at a time (``--pack 1``). For each run: the study's
 wall time, the sum of the trials' ``train_seconds`` and ``sharpness_seconds`` (user attributes),
 the share of wall time that is neither (process start, imports, dataset and model building,
 storage round trips), and the training seconds spent on trials that ended near chance (complete
@@ -40,9 +40,20 @@ def measure(guard: str, workdir: Path, pack: int, warm: bool = False) -> dict:
     name = f"overhead-{guard}-{'warm' if warm else 'fresh'}"
     cfg.study.name = name
     cfg.study.storage = f"sqlite:///{workdir / f'{name}.db'}"
+    stamped: list[tuple[float, str]] = []
     t0 = time.perf_counter()
-    study = run_study(cfg, log=lambda _line: None, pack=pack, warm=warm)
+    study = run_study(cfg, log=lambda line: stamped.append((time.perf_counter(), line)), pack=pack,
+                      fresh_process=not warm)
     wall = time.perf_counter() - t0
+    # where "neither" goes: before the first trial starts (validation, the data check, creating the
+    # study), inside trials (the parent's "started" line to the trial's told line, less training
+    # and sharpness: process or job start, data, model, final evaluation, storage writes), between
+    # trials (asking, the sampler, the budget and liveness checks)
+    starts = [t for t, line in stamped if " started" in line and line.startswith("trial ")]
+    ends = [t for t, line in stamped if line.startswith("trial ") and any(
+        f" {state}" in line for state in ("COMPLETE", "PRUNED", "FAIL"))]
+    setup = (starts[0] - t0) if starts else wall
+    in_trials = sum(e - s for s, e in zip(starts, ends, strict=False))
     trials = [t for t in study.trials if t.state.name != "WAITING"]
     train = sum(_num(t.user_attrs.get("train_seconds")) for t in trials)
     sharp = sum(_num(t.user_attrs.get("sharpness_seconds")) for t in trials)
@@ -58,6 +69,9 @@ def measure(guard: str, workdir: Path, pack: int, warm: bool = False) -> dict:
         "sharpness_seconds": sharp,
         "other_seconds": wall - train - sharp,
         "other_share": (wall - train - sharp) / wall,
+        "setup_seconds": setup,
+        "in_trials_other_seconds": in_trials - train - sharp,
+        "between_trials_seconds": wall - setup - in_trials,
         "near_chance_trials": len(chance),
         "near_chance_train_seconds": sum(_num(t.user_attrs.get("train_seconds")) for t in chance),
         "near_chance_epochs": [t.user_attrs.get("epochs_completed") for t in chance],

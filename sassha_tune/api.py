@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
     from .config import Config
+    from .study.loop import Launcher
 
 Log = Callable[[str], None]
 Callback = Callable[["optuna.Study", "FrozenTrial"], None]
@@ -122,7 +124,7 @@ def _check_callbacks_arg(callbacks: Sequence[Callback], gpus: list[str]) -> None
 
 
 def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: str | int, log: Log,
-         callbacks: Sequence[Callback], fresh_process: bool = False) -> None:
+         callbacks: Sequence[Callback], fresh_process: bool = False, launcher: Launcher | None = None) -> None:
     from .study.loop import run_trials
     from .study.workers import run_gpu_workers
 
@@ -131,7 +133,8 @@ def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: st
         if code:
             raise WorkersFailed(code)
         return
-    summary = run_trials(name, url, device=device, log=log, pack=pack_size, callbacks=callbacks, fresh_process=fresh_process)
+    summary = run_trials(name, url, device=device, log=log, pack=pack_size, callbacks=callbacks, fresh_process=fresh_process,
+                         launcher=launcher)
     states = ", ".join(f"{k} {v}" for k, v in sorted(summary.states.items())) or "no trials"
     log(f"done: {summary.ran} trials this run ({states}) in {summary.seconds:.1f} s; {summary.stopped_because}")
 
@@ -187,12 +190,14 @@ def run_study(
         check_available(device or cfg.device.name)  # a GPU this machine lacks costs no study
     check_task_inputs(cfg)  # a missing dataset file or train function costs no study
     check_callbacks(cfg.study.callbacks)  # nor a tracker whose package is missing
-    check_task(cfg)  # nor data or a model that every trial would fail on
-    study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=log)
-    if n_trials is not None:
-        set_budget(study, n_trials)
-    if not create_only:
-        _run(cfg.study.name, url, gpu_list, device, pack_size, log, callbacks, fresh_process=fresh_process)
+    with _early_launcher(cfg, gpu_list, pack_size, device, fresh_process, log, run=not create_only) as launcher:
+        check_task(cfg)  # nor data or a model that every trial would fail on
+        study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=log)
+        if n_trials is not None:
+            set_budget(study, n_trials)
+        if not create_only:
+            _run(cfg.study.name, url, gpu_list, device, pack_size, log, callbacks, fresh_process=fresh_process,
+                 launcher=launcher)
     return _reloaded(cfg.study.name, url)
 
 
@@ -226,11 +231,31 @@ def resume_study(
     cfg, _ = stored_config(study)
     if not gpu_list:
         check_available(device or cfg.device.name)  # before the budget changes or a trial is asked
-    check_task(cfg)  # a plug-in's data, checked again: it may have changed since the study was created
-    if n_trials is not None:
-        set_budget(study, n_trials)
-    _run(name, url, gpu_list, device, pack_size, log, callbacks, fresh_process=fresh_process)
+    with _early_launcher(cfg, gpu_list, pack_size, device, fresh_process, log) as launcher:
+        check_task(cfg)  # a plug-in's data, checked again: it may have changed since the study was created
+        if n_trials is not None:
+            set_budget(study, n_trials)
+        _run(name, url, gpu_list, device, pack_size, log, callbacks, fresh_process=fresh_process, launcher=launcher)
     return _reloaded(name, url)
+
+
+@contextmanager
+def _early_launcher(cfg: Config, gpus: list[str], pack_size: str | int, device: str | None, fresh_process: bool,
+                    log: Log, *, run: bool = True) -> Iterator[Launcher | None]:
+    """The study loop's :class:`~sassha_tune.study.loop.Launcher`, its warm trial worker started
+    before the data check and the study's creation so that its imports overlap them; closed on
+    the way out, whatever happens. None with ``gpus`` (each GPU worker has its own) or ``run`` False."""
+    if gpus or not run:
+        yield None
+        return
+    from .study.loop import Launcher
+
+    launcher = Launcher(fresh_process, log)
+    try:
+        launcher.prestart(cfg, pack_size, device)
+        yield launcher
+    finally:
+        launcher.close()
 
 
 def _reloaded(name: str, url: str) -> optuna.Study:

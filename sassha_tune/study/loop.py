@@ -90,6 +90,7 @@ def run_trials(
     pack: str | int = 1,
     callbacks: Sequence[Callback] = (),
     fresh_process: bool = False,
+    launcher: Launcher | None = None,
 ) -> LoopSummary:
     """Run trials of a stored study until its budget (or ``budget.timeout``) is reached.
 
@@ -99,7 +100,8 @@ def run_trials(
     ``(study, frozen_trial)``) are called with it (:mod:`.callbacks`). Single trials run one after
     another in one long-lived trial worker (:class:`Launcher`), unless ``fresh_process``
     (``--fresh-process``) or the config's ``study.fresh_process`` asks for a fresh process per
-    trial; packs and multi-rank trials always get fresh processes."""
+    trial; packs and multi-rank trials always get fresh processes. ``launcher``: a
+    :class:`Launcher` the caller started early (:meth:`Launcher.prestart`) and closes itself."""
     from ..trial.objective import check_task_inputs
 
     study = load_study(study_name, storage_url)
@@ -113,7 +115,8 @@ def run_trials(
     restore = _sigterm_as_interrupt()
     waiting = False
     pack_logged = ""
-    launcher = Launcher(fresh_process, log)
+    own_launcher = launcher is None
+    launcher = launcher or Launcher(fresh_process, log)
     try:
         while True:
             # Re-read: another process may have raised the budget (resume --n-trials) or continued
@@ -173,7 +176,8 @@ def run_trials(
             log(_describe(frozen, cfg))
             notify(told_to, study, frozen, log)
     finally:
-        launcher.close()
+        if own_launcher:
+            launcher.close()
         restore()
         summary.seconds = time.monotonic() - start
     return summary
@@ -354,6 +358,18 @@ class Launcher:
         self.fresh_process, self.log = fresh_process, log
         self.worker: WarmWorker | None = None
         self.last: WarmJob | None = None
+
+    def prestart(self, cfg: Config, pack: str | int, device: str | None) -> None:
+        """Start the warm worker now, when this study's single trials will use one, so that its
+        process start and imports overlap the study's own setup (the data check, creating the
+        study) instead of delaying the first trial. Not for packs (``--pack`` other than 1, or
+        ``auto`` off the CPU) or fresh processes, which would leave it idle."""
+        on_cpu = (device or cfg.device.name) == "cpu"
+        if (self.fresh_process or cfg.study.fresh_process or cfg.device.processes > 1
+                or not (pack == 1 or (pack == "auto" and on_cpu)) or self.worker is not None):
+            return
+        self.worker = WarmWorker()
+        self.log(f"warm trial worker {self.worker.pid} started")
 
     def launch(self, job: dict[str, Any]) -> TrialProcess | WarmJob:
         config = job["config"]

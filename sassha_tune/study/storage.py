@@ -35,6 +35,7 @@ __all__ = [
     "study_storage",
     "study_id",
     "trial_id",
+    "set_user_attrs",
     "create_study_atomically",
     "storage_fault",
     "crash_point",
@@ -361,3 +362,25 @@ def study_id(study: optuna.Study) -> int:
 def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
     """The storage's id of a trial (an asked :class:`optuna.Trial` or a :class:`FrozenTrial`)."""
     return trial._trial_id
+
+
+def set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    """Every key of ``attrs`` as a user attribute of a running trial, in one transaction.
+
+    A finished trial stores 30-40 attributes; Optuna's public ``set_user_attr`` commits each one
+    (an fsync on SQLite, several milliseconds), which cost a study about 0.2 s per trial. Optuna
+    has no public call for several keys, so this drives RDBStorage's own per-key writer inside one
+    session (same checks, same upserts, one commit); any other storage gets the keys one by one."""
+    storage = study_storage(study)
+    backend = getattr(storage, "_backend", storage)  # under Optuna's _CachedStorage
+    write = getattr(backend, "_set_trial_attr_without_commit", None)
+    if not isinstance(backend, optuna.storages.RDBStorage) or write is None:
+        for key, value in attrs.items():
+            storage.set_trial_user_attr(trial_id(trial), key, value)
+        return
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    with _create_scoped_session(backend.scoped_session, True) as session:
+        for key, value in attrs.items():
+            write(session, models.TrialUserAttributeModel, trial_id(trial), key, value)

@@ -11,17 +11,18 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..trial.outcome import TrialOutcome
-from .storage import with_retry
+from .storage import set_user_attrs, with_retry
 
 __all__ = ["finish", "fail"]
 
 
 def finish(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> FrozenTrial:
     """Store the outcome's user attributes and tell the trial its state (and values)."""
-    for key, value in outcome.attrs.items():
-        with_retry(trial.set_user_attr, key, value)
+    attrs = dict(outcome.attrs)
     if outcome.state == "fail":
-        with_retry(trial.set_user_attr, "failure_reason", outcome.failure_reason or "error: unknown")
+        attrs["failure_reason"] = outcome.failure_reason or "error: unknown"
+    with_retry(set_user_attrs, study, trial, attrs)
+    if outcome.state == "fail":
         return _tell(study, trial, state=TrialState.FAIL)
     if outcome.state == "pruned":
         return _tell(study, trial, state=TrialState.PRUNED)

@@ -57,7 +57,8 @@ import os
 import pickle
 import random
 import struct
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -343,10 +344,16 @@ def _cache_dir(data_dir: str | None) -> Path:
     return Path(base) / "sassha-tune"
 
 
-def _load_mnist1d(data_dir: str | None, opts: dict) -> dict:
+def _mnist1d_path(data_dir: str | None, opts: dict) -> Path:
+    """Where MNIST-1D generated with these ``args`` is cached."""
     overrides = dict(opts.get("args") or {})
     key = hashlib.sha1(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    path = _cache_dir(data_dir) / f"mnist1d-{key}.npz"
+    return _cache_dir(data_dir) / f"mnist1d-{key}.npz"
+
+
+def _load_mnist1d(data_dir: str | None, opts: dict) -> dict:
+    overrides = dict(opts.get("args") or {})
+    path = _mnist1d_path(data_dir, opts)
     if path.is_file():
         try:
             with np.load(path) as z:
@@ -570,7 +577,7 @@ def _load_text_splits(data_dir: str | None, opts: dict, val_fraction: float, dev
     test_fraction = float(opts.get("test_fraction", 0.1))
     if block < 1 or not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
         raise UserError("dataset 'text' needs block_size >= 1 and val_fraction + test_fraction < 1")
-    tokens = read_text_tokens(data_dir, opts)
+    tokens = _through_file_cache("text", data_dir, opts, lambda: read_text_tokens(data_dir, opts))
     n_val, n_test = int(round(val_fraction * len(tokens))), int(round(test_fraction * len(tokens)))
     n_train = len(tokens) - n_val - n_test
     parts = [tokens[:n_train], tokens[n_train : n_train + n_val], tokens[n_train + n_val :]]
@@ -585,6 +592,81 @@ def _load_text_splits(data_dir: str | None, opts: dict, val_fraction: float, dev
         x_train=x_tr, y_train=y_tr, x_val=x_val, y_val=y_val, x_test=x_te, y_test=y_te,
         num_classes=VOCABULARY, input_shape=(block,), augment=None, name="text", tokens_train=streams[0],
     )
+
+
+# --------------------------------------------------------------------------------------------
+# the warm worker's file cache
+
+# A warm trial worker (sassha_tune.trial, --serve) loads the same dataset trial after trial. What a
+# built-in loader read from its files is kept for the process's life (at most two datasets), keyed
+# by the dataset, its folder and options, and checked against the size and modification time of
+# the files it reads: a changed file is read again. Every load gets its own copy of the arrays, so
+# nothing a trial does to its data reaches the next. Off unless the process turns it on: a
+# coordinator that only checks the data once should not keep it in memory.
+_FILE_CACHE_SIZE = 2
+_file_cache: OrderedDict[str, tuple[tuple, Any]] = OrderedDict()
+_file_cache_on = False
+
+
+def cache_loaded_files(enabled: bool = True) -> None:
+    """Keep what the built-in loaders read from files for later loads in this process (on: warm
+    trial workers); ``False`` turns it off and empties it."""
+    global _file_cache_on
+    _file_cache_on = enabled
+    if not enabled:
+        _file_cache.clear()
+
+
+def _files_read(name: str, data_dir: str | None, opts: dict) -> list[Path]:
+    """The files the loader of ``name`` reads (generated datasets: their cached file, if any)."""
+    if name == "fashion_mnist":
+        folder, suffix = _fashion_mnist_dir(data_dir)
+        return [folder / (f + suffix) for f in _FASHION_FILES]
+    if name in ("cifar10", "cifar100"):
+        folder = (_cifar_dir(data_dir, "cifar-10-batches-py", "data_batch_1", "CIFAR-10") if name == "cifar10"
+                  else _cifar_dir(data_dir, "cifar-100-python", "train", "CIFAR-100"))
+        return sorted(p for p in folder.iterdir() if p.is_file())
+    if name == "mnist1d":
+        return [_mnist1d_path(data_dir, opts)]
+    if name == "text":
+        return _text_files(data_dir, opts)
+    return []  # digits, synthetic: generated from their options alone
+
+
+def _stamp(paths: list[Path]) -> tuple:
+    out = []
+    for path in paths:
+        try:
+            st = path.stat()
+            out.append((str(path), st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((str(path), None, None))
+    return tuple(out)
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    return value
+
+
+def _through_file_cache(name: str, data_dir: str | None, opts: dict, load: Callable[[], Any]) -> Any:
+    """``load()``, or a copy of what it returned before for the same dataset and unchanged files."""
+    if not _file_cache_on:
+        return load()
+    key = json.dumps([name, str(Path(data_dir).expanduser().resolve()) if data_dir else None, opts],
+                     sort_keys=True, default=str)
+    hit = _file_cache.get(key)
+    if hit is not None and hit[0] == _stamp(_files_read(name, data_dir, opts)):
+        _file_cache.move_to_end(key)
+        return _copied(hit[1])
+    value = load()
+    _file_cache[key] = (_stamp(_files_read(name, data_dir, opts)), _copied(value))  # after: mnist1d writes its file
+    while len(_file_cache) > _FILE_CACHE_SIZE:
+        _file_cache.popitem(last=False)
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -649,7 +731,7 @@ def load_dataset(
             raise UserError(
                 f"Unknown option(s) {', '.join(unknown)} for dataset {name!r} (known: {', '.join(known)})"
             )
-        raw = loader(data_dir, opts)
+        raw = _through_file_cache(name, data_dir, opts, lambda: loader(data_dir, opts))
     else:
         raise DataError(f"Unknown dataset {name!r} (expected one of {', '.join(DATASETS)})")
 

@@ -84,7 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     os.dup2(2, 1)  # stray prints of the trial go to stderr, never into the protocol
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
     if "--serve" in argv:
-        return _serve(proto)
+        code = _serve(proto)
+        # Nothing is left to do, and the interpreter's teardown with torch loaded takes a second
+        # or more, which the study waits for: flush and leave at once.
+        for stream in (proto, sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
     line = sys.stdin.readline()
     if not line:
         return _PARENT_GONE
@@ -98,6 +106,9 @@ def _serve(proto: TextIO) -> int:
     Every job starts from the state this process started in (:class:`_FreshState`). After a job
     that may have poisoned the process (an unexpected error, out of memory, Ctrl-C) it says
     ``replace: true`` and exits with that code; end of input: exit 0."""
+    from ..training.data import cache_loaded_files
+
+    cache_loaded_files()  # the next trials load the same files: read them once (training/data.py)
     fresh = _FreshState()
     while True:
         try:

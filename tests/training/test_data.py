@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 
@@ -319,3 +320,42 @@ def test_text_errors_name_the_file_or_folder(tmp_path):
         load_dataset("text", str(d / "a.txt"), options={"block_size": 512})
     with pytest.raises(UserError, match="no label_noise"):
         load_dataset("text", str(d), label_noise=0.1)
+
+
+def test_the_warm_workers_file_cache_reads_a_file_once_and_again_when_it_changes(tmp_path):
+    """cache_loaded_files (warm trial workers): a dataset's files are read once, while their size and
+    modification time stay; each load gets its own copy; a changed file is read again."""
+    from sassha_tune.training.data import cache_loaded_files
+
+    rng = np.random.default_rng(1)
+    images = tmp_path / "train-images-idx3-ubyte"  # uncompressed IDX: a rewrite keeps the size
+
+    def write_images(arr):
+        images.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", *arr.shape) + arr.astype(np.uint8).tobytes())
+
+    first = rng.integers(0, 256, (20, 28, 28))
+    write_images(first)
+    for name, arr in (("train-labels-idx1-ubyte", np.arange(20) % 10),
+                      ("t10k-images-idx3-ubyte", rng.integers(0, 256, (5, 28, 28))),
+                      ("t10k-labels-idx1-ubyte", np.arange(5) % 10)):
+        (tmp_path / name).write_bytes(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+                                      + arr.astype(np.uint8).tobytes())
+    cache_loaded_files()
+    try:
+        a = load_dataset("fashion_mnist", str(tmp_path), val_fraction=0.2, options={"normalize": False})
+        expected = a.x_train.clone()
+        a.x_train.add_(1000.0)  # what a trial does to its data stays with it
+        stat = images.stat()
+        write_images(255 - first)  # other pixels, same size; the old modification time put back
+        os.utime(images, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        b = load_dataset("fashion_mnist", str(tmp_path), val_fraction=0.2, options={"normalize": False})
+        assert torch.equal(b.x_train, expected)  # read from the cache, not from the rewritten file
+        os.utime(images, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # now it changed
+        c = load_dataset("fashion_mnist", str(tmp_path), val_fraction=0.2, options={"normalize": False})
+        assert torch.equal(c.x_train, 255.0 - expected)
+    finally:
+        cache_loaded_files(False)
+    write_images(first)  # same size, the same modification time as for the last load
+    os.utime(images, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    d = load_dataset("fashion_mnist", str(tmp_path), val_fraction=0.2, options={"normalize": False})
+    assert torch.equal(d.x_train, expected)  # off: every load reads the files
