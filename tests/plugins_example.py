@@ -114,10 +114,30 @@ def quadratic_x(n: int = 64, dim: int = 4) -> torch.Tensor:
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(7))
 
 
+def process_state() -> dict:
+    """The process-wide torch settings a trial could change and leave behind, as numbers (a train
+    function's metrics are numbers)."""
+    return {"default_dtype_bytes": float(torch.get_default_dtype().itemsize),
+            "autocast_cpu": float(torch.is_autocast_enabled("cpu")), "anomaly": float(torch.is_anomaly_enabled()),
+            "deterministic": float(torch.are_deterministic_algorithms_enabled()),
+            "grad": float(torch.is_grad_enabled()), "threads": float(torch.get_num_threads()),
+            "matmul_precision": float(["highest", "high", "medium"].index(torch.get_float32_matmul_precision()))}
+
+
+def _spoil_process_state() -> None:
+    torch.set_default_dtype(torch.float64)
+    torch.set_autocast_enabled("cpu", True)
+    torch.autograd.set_detect_anomaly(True)
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(1 if torch.get_num_threads() > 1 else 2)
+    torch.set_float32_matmul_precision("medium")
+
+
 def own_quadratic(reporter):
     """A train function whose objective is the learning rate it was given (``val_acc = lr``, every
     epoch), so a test knows which trial a median pruner stops; it steps the trial's optimizer on a
     least-squares problem and asks for sharpness there. Returns what it saw of the hyperparameters."""
+    seen = {f"state_{k}": v for k, v in process_state().items()}  # before this trial changes anything
     x = quadratic_x()
     y = torch.zeros(len(x), 1)
     model = nn.Linear(x.shape[1], 1, bias=False)
@@ -134,8 +154,10 @@ def own_quadratic(reporter):
     reporter.sharpness_on(model, x, y, loss_fn=mse)
     if reporter.options.get("fail_above") is not None and reporter.hparams["lr"] > reporter.options["fail_above"]:
         raise ValueError(f"lr {reporter.hparams['lr']} too large for this test")
+    if reporter.options.get("spoil_above") is not None and reporter.hparams["lr"] > reporter.options["spoil_above"]:
+        _spoil_process_state()  # and leave it so: a warm worker must put it back before the next trial
     return {"val_acc": reporter.hparams["lr"], "wd_given": reporter.hparams["weight_decay"],
-            "optimizer_is": float(type(optimizer).__name__ == "Sassha")}
+            "optimizer_is": float(type(optimizer).__name__ == "Sassha"), **seen}
 
 
 # ---- study.callbacks plug-ins ----

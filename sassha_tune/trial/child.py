@@ -140,6 +140,9 @@ class _FreshState:
         self.matmul_precision = torch.get_float32_matmul_precision()
         self.cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
                       torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+        self.anomaly = torch.is_anomaly_enabled()
+        # autocast left on by a trial that set it without a context manager (or died inside one)
+        self.autocast = {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")}
 
     def restore(self) -> None:
         import torch
@@ -156,6 +159,10 @@ class _FreshState:
         torch.set_float32_matmul_precision(self.matmul_precision)
         (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
          torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) = self.cudnn
+        torch.autograd.set_detect_anomaly(self.anomaly)
+        for device, (enabled, dtype) in self.autocast.items():
+            torch.set_autocast_enabled(device, enabled)
+            torch.set_autocast_dtype(device, dtype)
 
 
 def _run_job(job: dict[str, Any], proto: TextIO) -> tuple[int, str | None]:

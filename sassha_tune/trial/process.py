@@ -3,7 +3,7 @@
 :class:`TrialProcess` starts ``python -m sassha_tune.trial``, sends the job, iterates the child's
 messages, answers its epoch messages when the job prunes, and stops and reaps it. A study's single
 trials and packs use it, and so does :func:`sassha_tune.trial.ranks.launch_ranks` for each rank of
-a multi-rank trial. :class:`WarmWorker` is the long-lived variant (``--warm``): one process running
+a multi-rank trial. :class:`WarmWorker` is the long-lived variant (a study's default for single trials): one process running
 job after job, each ended by a ``done`` message. See :mod:`sassha_tune.trial` for the protocol.
 """
 

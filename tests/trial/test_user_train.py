@@ -132,3 +132,27 @@ def test_a_trial_past_its_timeout_is_stopped_and_its_worker_replaced(tmp_path):
     assert len(study.get_trials()) == 2  # a timeout is not retried, and it counts toward the budget
     assert "trial 0 stopped: it ran past budget.trial_timeout (8 s)" in lines
     assert any(line.endswith("after the trial timeout)") for line in lines if line.startswith("warm trial worker")), lines
+
+
+def test_a_warm_worker_puts_back_what_a_trial_changed_in_the_process(tmp_path):
+    """The first trial sets the default dtype to float64, autocast, anomaly detection, deterministic
+    algorithms, the thread count and the matmul precision, and leaves them so; the next trial in
+    the same warm worker sees what a fresh process shows."""
+    from plugins_example import process_state
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    cfg = config_from_dict(_own(task={"train": "plugins_example:own_quadratic", "epochs": 1,
+                                      "train_options": {"spoil_above": 0.1}},
+                                budget={"n_trials": 2},
+                                study={"name": "own", "objective": "val_acc", "pruner": {"name": "none"}}))
+    created = create_or_continue(cfg, url, allow_space_change=False, log=lambda _: None)
+    created.enqueue_trial({"lr": 0.2, "weight_decay": 1e-4})  # spoils the process after training
+    created.enqueue_trial({"lr": 0.05, "weight_decay": 1e-4})
+    lines: list[str] = []
+    study = sassha_tune.run_study(cfg, storage=url, log=lines.append)
+    spoiler, after = study.get_trials()
+    assert [t.state for t in (spoiler, after)] == [TrialState.COMPLETE] * 2
+    assert sum(line.startswith("warm trial worker") for line in lines) == 1  # both in one worker
+    fresh = {k: spoiler.user_attrs[f"state_{k}"] for k in process_state()}
+    assert fresh["default_dtype_bytes"] == 4.0 and fresh["autocast_cpu"] == 0.0 and fresh["anomaly"] == 0.0
+    assert {k: after.user_attrs[f"state_{k}"] for k in process_state()} == fresh
