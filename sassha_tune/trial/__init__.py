@@ -25,7 +25,7 @@ one. Parent and child speak one protocol, in JSON lines:
   job after job on the same stdin, each answered by its messages and then ``{"type": "done",
   "code": C, "replace": R}`` (C: the exit code above). Before every job the worker puts back the torch
   settings it started with (default dtype, deterministic algorithms, grad mode, threads, matmul
-  precision, cuDNN / TF32 flags) and frees what the last one left; the trainer seeds every
+  precision, cuDNN / TF32 flags, autocast, anomaly detection) and frees what the last one left; the trainer seeds every
   generator. ``replace: true`` (an unexpected error, out of memory, Ctrl-C) means it exits after
   this job; end of input ends it (exit 0).
 
