@@ -108,7 +108,7 @@ def test_a_double_ctrl_c_still_marks_the_running_trial_interrupted(tmp_path):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     for line in proc.stdout:
-        if "started" in line or time.monotonic() > deadline:
+        if "trial 0 started" in line or time.monotonic() > deadline:
             break
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
