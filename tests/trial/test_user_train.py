@@ -118,20 +118,22 @@ def test_a_trial_past_its_timeout_is_stopped_and_its_worker_replaced(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     cfg = config_from_dict(_own(task={"train": "plugins_example:own_quadratic", "epochs": 2,
                                       "train_options": {"hang_above": 0.1}},
-                                budget={"n_trials": 2, "trial_timeout": 8},
-                                study={"name": "own", "objective": "val_acc"}))
+                                budget={"n_trials": 3, "trial_timeout": 6},
+                                study={"name": "own", "objective": "val_acc", "pruner": {"name": "none"}}))
     created = create_or_continue(cfg, url, allow_space_change=False, log=lambda _: None)
+    created.enqueue_trial({"lr": 0.05, "weight_decay": 1e-4})  # warms the worker up
     created.enqueue_trial({"lr": 0.2, "weight_decay": 1e-4})  # hangs after its first epoch
-    created.enqueue_trial({"lr": 0.05, "weight_decay": 1e-4})
+    created.enqueue_trial({"lr": 0.06, "weight_decay": 1e-4})  # in a new worker
     lines: list[str] = []
     study = sassha_tune.run_study(cfg, storage=url, log=lines.append)
-    hung, done = study.get_trials()
+    before, hung, after = study.get_trials()
     assert hung.state == TrialState.FAIL and hung.user_attrs["failure_reason"] == "timeout"
     assert [h["epoch"] for h in hung.user_attrs["history"]] == [1] and hung.intermediate_values == {1: 0.2}
-    assert done.state == TrialState.COMPLETE and done.values == [0.05]
-    assert len(study.get_trials()) == 2  # a timeout is not retried, and it counts toward the budget
-    assert "trial 0 stopped: it ran past budget.trial_timeout (8 s)" in lines
-    assert any(line.endswith("after the trial timeout)") for line in lines if line.startswith("warm trial worker")), lines
+    assert [before.state, after.state] == [TrialState.COMPLETE] * 2 and after.values == [0.06]
+    assert len(study.get_trials()) == 3  # a timeout is not retried, and it counts toward the budget
+    assert "trial 1 stopped: it ran past budget.trial_timeout (6 s)" in lines
+    workers = [line for line in lines if line.startswith("warm trial worker")]
+    assert len(workers) == 2 and workers[1].endswith("after the trial timeout)"), workers
 
 
 def test_a_warm_worker_puts_back_what_a_trial_changed_in_the_process(tmp_path):
