@@ -15,7 +15,9 @@ retried numbers are kept in the study system attribute ``sassha_tune:retried``; 
 ``retry_of``). Optuna's ``fail_stale_trials`` is not used for this: it sets FAIL before its callback
 runs, and a finished trial's user attributes can no longer be set, so the reason could not be
 stored; :func:`reconcile` asks :func:`~.storage.storage_heartbeats` for the stale ids (Optuna's own
-query, our grace period) and fails them itself.
+query, our grace period) and fails them itself, the state and the reason in one transaction that
+only one worker can win (:func:`~.storage.fail_running_trial`), so a trial is lost and retried once
+even when two workers judge it stale at the same moment.
 
 Studies of earlier versions: a RUNNING trial with the old heartbeat (trial system attribute
 ``sassha_tune:heartbeat``, ``time.time()`` of the owner's clock) is judged by the old rule too (its
@@ -39,7 +41,15 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .storage import record_heartbeat, storage_heartbeats, study_id, study_storage, trial_id, with_retry
+from .storage import (
+    fail_running_trial,
+    record_heartbeat,
+    storage_heartbeats,
+    study_id,
+    study_storage,
+    trial_id,
+    with_retry,
+)
 
 __all__ = ["HEARTBEAT_KEY", "RETRIED_KEY", "MAX_RETRY_DEPTH", "Heartbeat", "reconcile", "retry_lost"]
 
@@ -75,10 +85,7 @@ def reconcile(study: optuna.Study, stale_after: float, *, log: Callable[[str], N
         fresh_old = old is not None and now - old <= stale_after
         if fresh_storage or fresh_old:
             continue
-        try:
-            with_retry(storage.set_trial_user_attr, tid, "failure_reason", "lost")
-            with_retry(storage.set_trial_state_values, tid, TrialState.FAIL)
-        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+        if not fail_running_trial(study, tid, {"failure_reason": "lost"}):
             continue  # finished meanwhile, or another worker got there first
         lost.append(t.number)
         retry_lost(study, t, "heartbeat stale", log=log)

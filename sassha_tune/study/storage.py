@@ -45,6 +45,7 @@ __all__ = [
     "record_heartbeat",
     "StorageHeartbeats",
     "storage_heartbeats",
+    "fail_running_trial",
     "create_study_atomically",
     "storage_fault",
     "crash_point",
@@ -436,3 +437,51 @@ def storage_heartbeats(study: optuna.Study, grace_period: float) -> StorageHeart
 
     beating = with_retry(running_with_heartbeat)
     return StorageHeartbeats(beating, stale & beating)
+
+
+def fail_running_trial(study: optuna.Study, trial_id: int, user_attrs: dict[str, Any]) -> bool:
+    """Make a RUNNING trial FAIL and set ``user_attrs`` on it in **one transaction**; False (nothing
+    written) when it was no longer RUNNING: another worker failed or finished it first.
+
+    Optuna's ``set_trial_state_values`` reads the state and then writes it; on SQLite the read
+    takes no lock, so two workers that judge the same trial stale at the same moment (they agree
+    on the moment now that the database's clock decides) could both fail it and both retry it, and
+    a finished trial's user attributes cannot be set afterwards. One conditional ``UPDATE ... WHERE
+    state = RUNNING`` claims the trial atomically on SQLite and PostgreSQL alike; it goes through
+    Optuna's table models (no public call does this)."""
+    import datetime
+    import json
+
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    backend = _rdb_backend(study_storage(study))
+
+    def claim() -> bool:
+        session = backend.scoped_session()
+        try:
+            claimed = (
+                session.query(models.TrialModel)
+                .filter(models.TrialModel.trial_id == trial_id, models.TrialModel.state == TrialState.RUNNING)
+                .update({models.TrialModel.state: TrialState.FAIL}, synchronize_session=False)
+            )
+            if claimed != 1:
+                session.rollback()
+                return False
+            trial = session.get(models.TrialModel, trial_id)
+            trial.datetime_complete = datetime.datetime.now()  # as Optuna stamps a finished trial
+            for key, value in user_attrs.items():
+                attr = models.TrialUserAttributeModel.find_by_trial_and_key(trial, key, session)
+                if attr is None:
+                    session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=json.dumps(value)))
+                else:
+                    attr.value_json = json.dumps(value)
+            session.commit()
+            return True
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    return with_retry(claim)
