@@ -63,3 +63,23 @@ def fill_disk(folder: Path) -> Path:
     except OSError:
         pass
     return fill
+
+
+PG_HOST, PG_PORT, PG_DB = "127.0.0.1", 5432, "test"
+
+
+def postgres_url() -> str:
+    """The URL of the test PostgreSQL server (127.0.0.1:5432, database ``test``, trust auth as
+    ``postgres`` or ``root``); skips the test when it is unreachable or psycopg is missing."""
+    try:
+        import psycopg
+    except ImportError:
+        pytest.skip("psycopg is not installed (pip install 'psycopg[binary]')")
+    errors = []
+    for user in ("postgres", "root"):
+        try:
+            psycopg.connect(host=PG_HOST, port=PG_PORT, user=user, dbname=PG_DB, connect_timeout=3).close()
+            return f"postgresql+psycopg://{user}@{PG_HOST}:{PG_PORT}/{PG_DB}"
+        except Exception as exc:  # unreachable server, unknown role, ...
+            errors.append(f"{user}: {' '.join(str(exc).split())[:120]}")
+    pytest.skip(f"PostgreSQL at {PG_HOST}:{PG_PORT}/{PG_DB} unreachable ({'; '.join(errors)})")

@@ -2,9 +2,9 @@
 
 How a study runs (``run``, ``resume`` and ``worker`` all end in :func:`.loop.run_trials`):
 
-1. **Reconcile** (:mod:`.liveness`). A RUNNING trial whose heartbeat is older than
-   ``study.stale_after`` is *lost*: it becomes FAIL with ``failure_reason: lost`` and its params
-   are enqueued once.
+1. **Reconcile** (:mod:`.liveness`). A RUNNING trial whose heartbeat (the storage's own) is
+   older than ``study.stale_after`` by the database's clock is *lost*: it becomes FAIL with
+   ``failure_reason: lost`` and its params are enqueued once.
 2. **Budget** (:mod:`.budget`). ``budget.n_trials`` counts every trial of the study, across runs
    and workers, except the ones lost, interrupted or over budget.
 3. **Ask** with a sampler seeded from (seed, number of trials so far, worker)

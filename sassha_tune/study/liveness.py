@@ -1,13 +1,34 @@
 """Liveness: the heartbeat of a running trial and the reconciliation of lost ones.
 
-A RUNNING trial whose heartbeat (trial system attribute ``sassha_tune:heartbeat``, refreshed every
-``study.heartbeat_interval`` seconds by the process that owns the trial, :class:`Heartbeat`) is
-older than ``study.stale_after`` is *lost*: :func:`reconcile` makes it FAIL with
-``failure_reason: lost`` and enqueues its params once (the retried numbers are kept in the study
-system attribute ``sassha_tune:retried``; the retry carries ``retry_of``). A trial whose process
-was killed by SIGKILL while its coordinator lives is lost too: the loop fails it as ``lost`` at
-once and retries it the same way (:func:`retry_lost`). Optuna's own heartbeat
-works only inside ``study.optimize``, so the loop keeps its own.
+The process that owns a running trial records a heartbeat every ``study.heartbeat_interval``
+seconds (:class:`Heartbeat`, a thread) in the storage's own heartbeat table (RDBStorage's
+``record_heartbeat``, the ``trial_heartbeats`` table that optuna-dashboard and
+:func:`optuna.storages.fail_stale_trials` read). The time of a beat and the age of the last one
+both come from the database's clock (``now()`` / ``CURRENT_TIMESTAMP`` in the query), so workers
+whose own clocks disagree do not fail each other's trials: on PostgreSQL that is the server's clock;
+on SQLite it is the OS clock of the process running the query (SQLite computes
+``CURRENT_TIMESTAMP`` in the client library), which is one clock for the processes of one machine.
+
+A RUNNING trial whose last storage heartbeat is older than ``study.stale_after`` is *lost*:
+:func:`reconcile` makes it FAIL with ``failure_reason: lost`` and enqueues its params once (the
+retried numbers are kept in the study system attribute ``sassha_tune:retried``; the retry carries
+``retry_of``). Optuna's ``fail_stale_trials`` is not used for this: it sets FAIL before its callback
+runs, and a finished trial's user attributes can no longer be set, so the reason could not be
+stored; :func:`reconcile` asks :func:`~.storage.storage_heartbeats` for the stale ids (Optuna's own
+query, our grace period) and fails them itself, the state and the reason in one transaction that
+only one worker can win (:func:`~.storage.fail_running_trial`), so a trial is lost and retried once
+even when two workers judge it stale at the same moment.
+
+Studies of earlier versions: a RUNNING trial with the old heartbeat (trial system attribute
+``sassha_tune:heartbeat``, ``time.time()`` of the owner's clock) is judged by the old rule too (its
+age by this process's clock); it is alive while either heartbeat is fresh. Nothing old is written
+any more. A RUNNING trial with no heartbeat of either kind (its owner died between ``ask`` and the
+first beat, or it was just asked) gets a storage heartbeat from the first :func:`reconcile` that
+sees it, which starts its grace period on the database's clock; an owner that lives beats on.
+
+A trial whose process was killed by SIGKILL while its coordinator lives is lost too: the loop
+fails it as ``lost`` at once and retries it the same way (:func:`retry_lost`). Optuna's own
+heartbeat thread works only inside ``study.optimize``, so the loop runs :class:`Heartbeat`.
 """
 
 from __future__ import annotations
@@ -20,34 +41,51 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .storage import study_id, study_storage, trial_id, with_retry
+from .storage import (
+    fail_running_trial,
+    record_heartbeat,
+    storage_heartbeats,
+    study_id,
+    study_storage,
+    trial_id,
+    with_retry,
+)
 
 __all__ = ["HEARTBEAT_KEY", "RETRIED_KEY", "MAX_RETRY_DEPTH", "Heartbeat", "reconcile", "retry_lost"]
 
-HEARTBEAT_KEY = "sassha_tune:heartbeat"
+HEARTBEAT_KEY = "sassha_tune:heartbeat"  # the old heartbeat (read, never written)
 RETRIED_KEY = "sassha_tune:retried"
 MAX_RETRY_DEPTH = 2  # a lost retry of a lost retry is not retried again
 
 
-def _last_beat(t: FrozenTrial) -> float:
+def _old_beat(t: FrozenTrial) -> float | None:
     hb = t.system_attrs.get(HEARTBEAT_KEY)
-    if isinstance(hb, (int, float)):
-        return float(hb)
-    return t.datetime_start.timestamp() if t.datetime_start else 0.0
+    return float(hb) if isinstance(hb, (int, float)) and not isinstance(hb, bool) else None
 
 
 def reconcile(study: optuna.Study, stale_after: float, *, log: Callable[[str], None] = print) -> list[int]:
-    """Fail RUNNING trials with a stale heartbeat ("lost") and enqueue their params once."""
+    """Fail RUNNING trials with a stale heartbeat ("lost") and enqueue their params once; the
+    numbers of the trials failed. Storage heartbeats are judged by the database's clock, old-style
+    ones (studies of earlier versions) by this process's clock."""
     storage = study_storage(study)
+    running = with_retry(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,))
+    if not running:
+        return []
+    beats = storage_heartbeats(study, stale_after)
     now = time.time()
     lost: list[int] = []
-    for t in with_retry(study.get_trials, deepcopy=False, states=(TrialState.RUNNING,)):
-        if now - _last_beat(t) <= stale_after:
+    for t in running:
+        tid, old = trial_id(t), _old_beat(t)
+        if tid not in beats.beating and old is None:
+            # No heartbeat yet: start its grace period on the database's clock. Its owner, if
+            # alive, beats on; if it died before its first beat, the trial goes stale from here.
+            record_heartbeat(storage, tid)
             continue
-        try:
-            with_retry(storage.set_trial_user_attr, trial_id(t), "failure_reason", "lost")
-            with_retry(storage.set_trial_state_values, trial_id(t), TrialState.FAIL)
-        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
+        fresh_storage = tid in beats.beating and tid not in beats.stale
+        fresh_old = old is not None and now - old <= stale_after
+        if fresh_storage or fresh_old:
+            continue
+        if not fail_running_trial(study, tid, {"failure_reason": "lost"}):
             continue  # finished meanwhile, or another worker got there first
         lost.append(t.number)
         retry_lost(study, t, "heartbeat stale", log=log)
@@ -77,8 +115,9 @@ def retry_lost(study: optuna.Study, t: FrozenTrial, why: str, *, log: Callable[[
 
 
 class Heartbeat:
-    """Refreshes an asked trial's heartbeat from a thread while its process trains (a context
-    manager: the first beat on entry, the thread stops on exit)."""
+    """Records an asked trial's heartbeat in the storage from a thread while its process trains
+    (a context manager: the first beat on entry, the thread stops on exit). The storage stamps
+    each beat with the database's time."""
 
     def __init__(self, study: optuna.Study, trial: optuna.Trial, interval: float) -> None:
         self.storage, self.trial_id, self.interval = study_storage(study), trial_id(trial), interval
@@ -86,13 +125,13 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def beat(self) -> None:
-        with_retry(self.storage.set_trial_system_attr, self.trial_id, HEARTBEAT_KEY, time.time())
+        record_heartbeat(self.storage, self.trial_id)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
                 self.beat()
-            except Exception:  # finished trial or storage hiccup: the next beat tries again
+            except Exception:  # storage hiccup: the next beat tries again
                 if self._stop.is_set():
                     return
 

@@ -6,6 +6,13 @@ timeout. No message ever shows a password: :func:`mask_url` for URLs, the same s
 driver's error texts. Optuna has no public accessor for a study's storage and ids, which the
 heartbeats, retries and worker records need: :func:`study_storage`, :func:`study_id` and
 :func:`trial_id` are the one place that reads Optuna's private attributes.
+
+Trial heartbeats are the storage's own (RDBStorage's ``trial_heartbeats`` table, the one
+optuna-dashboard and :func:`optuna.storages.fail_stale_trials` read): :func:`record_heartbeat`
+writes one, :func:`storage_heartbeats` says which RUNNING trials have one and which of those are
+stale. Both the beat and the staleness check take the time from the database (``now()`` /
+``CURRENT_TIMESTAMP``), never from this process's clock; on SQLite that is the C library's clock of
+the process running the query (see :mod:`.liveness` and docs/config.md).
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ __all__ = [
     "study_id",
     "trial_id",
     "set_user_attrs",
+    "record_heartbeat",
+    "StorageHeartbeats",
+    "storage_heartbeats",
+    "fail_running_trial",
     "create_study_atomically",
     "storage_fault",
     "crash_point",
@@ -384,3 +395,116 @@ def set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, An
     with _create_scoped_session(backend.scoped_session, True) as session:
         for key, value in attrs.items():
             write(session, models.TrialUserAttributeModel, trial_id(trial), key, value)
+
+
+def record_heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+    """One heartbeat of a trial in the storage's own heartbeat table, stamped by the database's
+    clock (RDBStorage's public ``record_heartbeat``; a row another process inserted at the same
+    moment is fine, Optuna ignores that race)."""
+    with_retry(storage.record_heartbeat, trial_id)  # type: ignore[attr-defined]
+
+
+class StorageHeartbeats:
+    """What the storage's heartbeat table says about a study's RUNNING trials (storage ids)."""
+
+    def __init__(self, beating: set[int], stale: set[int]) -> None:
+        self.beating = beating  # RUNNING trials with at least one storage heartbeat
+        self.stale = stale  # of those, the ones whose last heartbeat is older than the grace period
+
+
+def _rdb_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
+    # optuna.load_study wraps an RDBStorage in a private cache (_CachedStorage, backend in _backend)
+    backend = getattr(storage, "_backend", storage)
+    if not isinstance(backend, optuna.storages.RDBStorage):
+        raise TypeError(f"storage heartbeats need an RDBStorage, not {type(backend).__name__}")
+    return backend
+
+
+def storage_heartbeats(study: optuna.Study, grace_period: float) -> StorageHeartbeats:
+    """Which RUNNING trials of ``study`` have a storage heartbeat, and which of those have had none
+    for more than ``grace_period`` seconds, judged by the database's clock.
+
+    Optuna has no public query for either. The staleness verdict is Optuna's own
+    ``RDBStorage._get_stale_trial_ids`` (the query behind ``fail_stale_trials``, so our verdict is
+    the one Optuna's tools reach with the same grace period): it reads ``heartbeat_interval`` and
+    ``grace_period`` from the storage, and setting them on the study's storage would switch on
+    Optuna's heartbeat for ``ask`` (a warning per trial), so a shallow twin of the storage (same
+    engine and sessions) carries them. Which trials have a heartbeat at all comes from Optuna's
+    table models (``fail_stale_trials`` skips trials without one; our rules need to know)."""
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    backend = _rdb_backend(study_storage(study))
+    twin = object.__new__(type(backend))
+    twin.__dict__.update(backend.__dict__)
+    twin.heartbeat_interval = grace_period  # only asserted to be set by the query
+    twin.grace_period = grace_period
+    stale = set(with_retry(twin._get_stale_trial_ids, study_id(study)))
+
+    def running_with_heartbeat() -> set[int]:
+        session = backend.scoped_session()
+        try:
+            rows = (
+                session.query(models.TrialHeartbeatModel.trial_id)
+                .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
+                .filter(models.TrialModel.study_id == study_id(study), models.TrialModel.state == TrialState.RUNNING)
+                .all()
+            )
+            session.commit()
+            return {r[0] for r in rows}
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    beating = with_retry(running_with_heartbeat)
+    return StorageHeartbeats(beating, stale & beating)
+
+
+def fail_running_trial(study: optuna.Study, trial_id: int, user_attrs: dict[str, Any]) -> bool:
+    """Make a RUNNING trial FAIL and set ``user_attrs`` on it in **one transaction**; False (nothing
+    written) when it was no longer RUNNING: another worker failed or finished it first.
+
+    Optuna's ``set_trial_state_values`` reads the state and then writes it; on SQLite the read
+    takes no lock, so two workers that judge the same trial stale at the same moment (they agree
+    on the moment now that the database's clock decides) could both fail it and both retry it, and
+    a finished trial's user attributes cannot be set afterwards. One conditional ``UPDATE ... WHERE
+    state = RUNNING`` claims the trial atomically on SQLite and PostgreSQL alike; it goes through
+    Optuna's table models (no public call does this)."""
+    import datetime
+    import json
+
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    backend = _rdb_backend(study_storage(study))
+
+    def claim() -> bool:
+        session = backend.scoped_session()
+        try:
+            claimed = (
+                session.query(models.TrialModel)
+                .filter(models.TrialModel.trial_id == trial_id, models.TrialModel.state == TrialState.RUNNING)
+                .update({models.TrialModel.state: TrialState.FAIL}, synchronize_session=False)
+            )
+            if claimed != 1:
+                session.rollback()
+                return False
+            trial = session.get(models.TrialModel, trial_id)
+            trial.datetime_complete = datetime.datetime.now()  # as Optuna stamps a finished trial
+            for key, value in user_attrs.items():
+                attr = models.TrialUserAttributeModel.find_by_trial_and_key(trial, key, session)
+                if attr is None:
+                    session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=json.dumps(value)))
+                else:
+                    attr.value_json = json.dumps(value)
+            session.commit()
+            return True
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    return with_retry(claim)

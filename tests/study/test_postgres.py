@@ -11,27 +11,10 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import postgres_url
 from optuna.trial import TrialState
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-HOST, PORT, DB = "127.0.0.1", 5432, "test"
-
-
-def _postgres_url() -> str:
-    try:
-        import psycopg
-    except ImportError:
-        pytest.skip("psycopg is not installed (pip install 'psycopg[binary]')")
-    errors = []
-    for user in ("postgres", "root"):
-        try:
-            psycopg.connect(host=HOST, port=PORT, user=user, dbname=DB, connect_timeout=3).close()
-            return f"postgresql+psycopg://{user}@{HOST}:{PORT}/{DB}"
-        except Exception as exc:  # unreachable server, unknown role, ...
-            errors.append(f"{user}: {' '.join(str(exc).split())[:120]}")
-    pytest.skip(f"PostgreSQL at {HOST}:{PORT}/{DB} unreachable ({'; '.join(errors)})")
-
 
 CONFIG = {
     "study": {"heartbeat_interval": 0.5, "stale_after": 5},
@@ -45,7 +28,7 @@ CONFIG = {
 
 
 def test_two_workers_share_one_study(tmp_path: Path):
-    url = _postgres_url()
+    url = postgres_url()
     name = f"pg-{uuid.uuid4().hex[:10]}"
     cfg = {**CONFIG, "study": {**CONFIG["study"], "name": name}}
     path = tmp_path / "pg.yaml"
