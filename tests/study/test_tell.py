@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from conftest import postgres_url
 from optuna.trial import TrialState
 
 from sassha_tune.study.storage import set_user_attrs
@@ -17,12 +18,8 @@ ATTRS = {"val_acc": 0.9325, "history": [{"epoch": 1, "val_acc": 0.5}], "device":
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_attributes_in_one_transaction_equal_key_by_key(tmp_path, backend):
-    if backend == "postgresql":
-        from test_postgres import _postgres_url  # skips where PostgreSQL is unreachable
-
-        url = _postgres_url()
-    else:
-        url = f"sqlite:///{tmp_path / 't.db'}"
+    # postgres_url skips where PostgreSQL is unreachable
+    url = postgres_url() if backend == "postgresql" else f"sqlite:///{tmp_path / 't.db'}"
     name = f"tell-{tmp_path.name}"
     study = optuna.create_study(storage=url, study_name=name, direction="maximize")
     try:
