@@ -3,7 +3,8 @@
 On a terminal, a live area at the bottom (rich): one line per running trial (a spinner, its number,
 its place in the budget, epoch k/E, train loss and the validation metric of its last epoch, or the
 phase it is in, e.g. "measuring sharpness"), then the study: trials done of the budget, the best
-value so far, the ETA and the time so far. The log lines print above it as before. When stdout is
+value so far, the ETA ("—" until a trial of this run finished, "soon" once the running trials take
+longer than the estimate) and the time so far. The log lines print above it as before. When stdout is
 not a terminal (a pipe, CI), or ``$SASSHA_TUNE_PLAIN`` is set, there is no live area: the log lines
 only. Either way a run that reaches its end prints one summary line
 (:meth:`~sassha_tune.study.progress.StudyTally.summary_line`). The events come from the study loop
@@ -101,8 +102,13 @@ class LiveView(StudyTally):
         elapsed = self.clock() - self.started if self.started is not None else 0.0
         line = Text()
         line.append(self.name or "study", style="bold cyan")
-        line.append(f"  {self.done_text()} · {self.best_text()} · ETA {fmt_seconds(eta) if eta is not None else '—'}"
-                    f" · {fmt_seconds(elapsed)} so far")
+        if eta is None:
+            eta_text = "—"  # no trial of this run finished yet
+        elif eta == 0 and self.total is not None and self.done < self.total:
+            eta_text = "soon"  # the running trials take longer than the mean so far
+        else:
+            eta_text = fmt_seconds(eta)
+        line.append(f"  {self.done_text()} · {self.best_text()} · ETA {eta_text} · {fmt_seconds(elapsed)} so far")
         return line
 
     def render(self) -> RenderableType:

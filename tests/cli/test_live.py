@@ -62,6 +62,9 @@ def test_the_view_shows_trial_k_of_n_epoch_best_and_eta():
     view.trial_finished(_told(2, TrialState.COMPLETE, [0.9325]))
     text = _text(_terminal(), view)
     assert "3/8 trials done · best val_acc 0.9325 (trial 2) · ETA 1m 40s · 20 s so far" in text  # 20 s x 5 left
+    view.trial_started(3, {})
+    clock.now += 200  # longer than the 100 s the estimate gave the last 5
+    assert "ETA soon" in _text(_terminal(), view)
 
 
 def test_a_pack_shows_its_members():
