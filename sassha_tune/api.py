@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from .config import Config
     from .study.loop import Launcher
+    from .study.progress import StudyObserver
 
 Log = Callable[[str], None]
 Callback = Callable[["optuna.Study", "FrozenTrial"], None]
@@ -116,15 +117,18 @@ def _check_flags(gpus: list[str] | list[int] | None, device: str | None, pack: s
     return gpu_list, pack_size
 
 
-def _check_callbacks_arg(callbacks: Sequence[Callback], gpus: list[str]) -> None:
+def _check_callbacks_arg(callbacks: Sequence[Callback], gpus: list[str], observer: StudyObserver | None = None) -> None:
     if isinstance(callbacks, (str, bytes)) or not all(callable(c) for c in callbacks):
         raise UserError("callbacks: expected a list of callables (study, frozen_trial)")
     if callbacks and gpus:
         raise UserError("callbacks: run in this process only, so not with gpus (use study.callbacks in the config)")
+    if observer is not None and gpus:
+        raise UserError("observer: sees the trials of this process only, so not with gpus")
 
 
 def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: str | int, log: Log,
-         callbacks: Sequence[Callback], fresh_process: bool = False, launcher: Launcher | None = None) -> None:
+         callbacks: Sequence[Callback], fresh_process: bool = False, launcher: Launcher | None = None,
+         observer: StudyObserver | None = None) -> None:
     from .study.loop import run_trials
     from .study.workers import run_gpu_workers
 
@@ -134,7 +138,7 @@ def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: st
             raise WorkersFailed(code)
         return
     summary = run_trials(name, url, device=device, log=log, pack=pack_size, callbacks=callbacks, fresh_process=fresh_process,
-                         launcher=launcher)
+                         launcher=launcher, observer=observer)
     states = ", ".join(f"{k} {v}" for k, v in sorted(summary.states.items())) or "no trials"
     log(f"done: {summary.ran} trials this run ({states}) in {summary.seconds:.1f} s; {summary.stopped_because}")
 
@@ -153,6 +157,7 @@ def run_study(
     log: Log | None = None,
     callbacks: Sequence[Callback] = (),
     fresh_process: bool = False,
+    observer: StudyObserver | None = None,
 ) -> optuna.Study:
     """Create the study ``config`` describes (or continue it) and run trials until its budget is spent.
 
@@ -165,7 +170,9 @@ def run_study(
     callables ``(study, frozen_trial)`` told of every finished trial, after the config's
     ``study.callbacks`` (in this process only, so not with ``gpus``). ``fresh_process``: a fresh
     trial process per trial instead of one warm trial worker (as ``study.fresh_process: true``).
-    Same as ``sassha-tune run``.
+    ``observer``: a :class:`~sassha_tune.study.progress.StudyObserver` told the study loop's events
+    (trial started, epochs, phases, trial finished; in this process only, so not with ``gpus``),
+    nothing by default. Same as ``sassha-tune run`` (whose live view on a terminal is such an observer).
     """
     from .config import advice
     from .devices import check_available
@@ -179,7 +186,7 @@ def run_study(
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
         raise UserError(f"n_trials: expected an integer >= 1, got {n_trials!r}")
     gpu_list, pack_size = _check_flags(gpus, device, pack)
-    _check_callbacks_arg(callbacks, gpu_list)
+    _check_callbacks_arg(callbacks, gpu_list, observer)
     cfg = _as_config(config)  # everything validated before any storage is touched
     for note in advice(cfg):
         log(f"note: {note}")
@@ -197,7 +204,7 @@ def run_study(
             set_budget(study, n_trials)
         if not create_only:
             _run(cfg.study.name, url, gpu_list, device, pack_size, log, callbacks, fresh_process=fresh_process,
-                 launcher=launcher)
+                 launcher=launcher, observer=observer)
     return _reloaded(cfg.study.name, url)
 
 
@@ -213,6 +220,7 @@ def resume_study(
     log: Log | None = None,
     callbacks: Sequence[Callback] = (),
     fresh_process: bool = False,
+    observer: StudyObserver | None = None,
 ) -> optuna.Study:
     """Continue a stored study from its stored config: lost trials are failed and retried, the budget
     is finished. Same as ``sassha-tune resume``; the arguments are those of :func:`run_study`."""
@@ -225,7 +233,7 @@ def resume_study(
     if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
         raise UserError(f"n_trials: expected an integer >= 1, got {n_trials!r}")
     gpu_list, pack_size = _check_flags(gpus, device, pack)
-    _check_callbacks_arg(callbacks, gpu_list)
+    _check_callbacks_arg(callbacks, gpu_list, observer)
     url = resolve_storage(storage)
     study = load_study(name, url)
     cfg, _ = stored_config(study)
@@ -235,7 +243,8 @@ def resume_study(
         check_task(cfg)  # a plug-in's data, checked again: it may have changed since the study was created
         if n_trials is not None:
             set_budget(study, n_trials)
-        _run(name, url, gpu_list, device, pack_size, log, callbacks, fresh_process=fresh_process, launcher=launcher)
+        _run(name, url, gpu_list, device, pack_size, log, callbacks, fresh_process=fresh_process, launcher=launcher,
+             observer=observer)
     return _reloaded(name, url)
 
 

@@ -3,7 +3,8 @@
 A :class:`~sassha_tune.errors.UserError` becomes one red line on stderr and exit code 2; so does a
 usage error Typer finds (unknown option, ``--n-trials 0``, a missing argument, ...), instead of a
 boxed usage panel (:class:`_OneLineErrors`). ``--help`` is unchanged.
-Ctrl-C exits with 130 after the running trial is marked ``interrupted``.
+Ctrl-C exits with 130 after the running trial is marked ``interrupted``. ``run``, ``resume`` and
+``worker`` show a live view of the study on a terminal (:mod:`sassha_tune.live`).
 """
 
 from __future__ import annotations
@@ -261,11 +262,13 @@ def run(
 ) -> None:
     """Create the study a config describes (or continue it) and run trials until its budget is spent."""
     from .api import run_study
+    from .live import study_view
 
     gpu_list, pack_size = _check_flags(gpus, device, pack)  # the flags named as typed
-    with _workers_exit_code():
+    with _workers_exit_code(), study_view(out) as view:
         run_study(config, storage=storage, n_trials=n_trials, device=device, pack=pack_size, gpus=gpu_list,
-                  allow_space_change=allow_space_change, create_only=create_only, log=_log, fresh_process=fresh_process)
+                  allow_space_change=allow_space_change, create_only=create_only, log=_log, fresh_process=fresh_process,
+                  observer=None if gpu_list else view)
 
 
 @app.command()
@@ -281,11 +284,12 @@ def resume(
 ) -> None:
     """Continue a study from its stored config: lost trials are failed and retried, the budget is finished."""
     from .api import resume_study
+    from .live import study_view
 
     gpu_list, pack_size = _check_flags(gpus, device, pack)
-    with _workers_exit_code():
+    with _workers_exit_code(), study_view(out) as view:
         resume_study(study, storage=storage, n_trials=n_trials, device=device, pack=pack_size, gpus=gpu_list,
-                     log=_log, fresh_process=fresh_process)
+                     log=_log, fresh_process=fresh_process, observer=None if gpu_list else view)
 
 
 @app.command()
@@ -304,6 +308,7 @@ def worker(
     """Join an existing study (e.g. on PostgreSQL from another machine) and run trials until its budget is spent."""
     import os
 
+    from .live import study_view
     from .study.loop import run_trials
     from .study.storage import resolve_storage
 
@@ -311,8 +316,9 @@ def worker(
     url = resolve_storage(storage)
     wid: int | str = worker_id if worker_id is not None else f"pid{os.getpid()}"
     # run_trials checks the stored config's device before it asks a trial
-    summary = run_trials(study, url, worker=wid, device=device, log=_log, pack=pack_size, fresh_process=fresh_process)
-    _log(f"worker done: {summary.ran} trials in {summary.seconds:.1f} s; {summary.stopped_because}")
+    with study_view(out) as view:
+        summary = run_trials(study, url, worker=wid, device=device, log=_log, pack=pack_size, fresh_process=fresh_process, observer=view)
+        _log(f"worker done: {summary.ran} trials in {summary.seconds:.1f} s; {summary.stopped_because}")
 
 
 def _fmt(v: Any) -> str:

@@ -129,7 +129,7 @@ LAYERS = [
     {"study"},
     {"report"},
     {"api"},  # run_study / resume_study: what the CLI's run and resume do
-    {"cli", "__main__"},
+    {"cli", "__main__", "live"},  # live: the CLI's live study view
 ]
 UPWARD_ALLOWED = {("sassha_tune.config.validate", "sassha_tune.study"),
                   ("sassha_tune.config.validate", "sassha_tune.study.samplers"),

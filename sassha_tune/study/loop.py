@@ -36,6 +36,7 @@ from .callbacks import Callback, make_callbacks, notify
 from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard
 from .create import config_from_payload, plain, stored_payload
 from .liveness import Heartbeat, reconcile, retry_lost
+from .progress import StudyObserver
 from .samplers import make_pruner, make_sampler, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
 from .tell import fail, finish
@@ -91,6 +92,7 @@ def run_trials(
     callbacks: Sequence[Callback] = (),
     fresh_process: bool = False,
     launcher: Launcher | None = None,
+    observer: StudyObserver | None = None,
 ) -> LoopSummary:
     """Run trials of a stored study until its budget (or ``budget.timeout``) is reached.
 
@@ -101,7 +103,8 @@ def run_trials(
     another in one long-lived trial worker (:class:`Launcher`), unless ``fresh_process``
     (``--fresh-process``) or the config's ``study.fresh_process`` asks for a fresh process per
     trial; packs and multi-rank trials always get fresh processes. ``launcher``: a
-    :class:`Launcher` the caller started early (:meth:`Launcher.prestart`) and closes itself."""
+    :class:`Launcher` the caller started early (:meth:`Launcher.prestart`) and closes itself. ``observer``: told the loop's events as they happen
+    (:mod:`.progress`; a live view), nothing by default."""
     from ..trial.objective import check_task_inputs
 
     study = load_study(study_name, storage_url)
@@ -111,6 +114,8 @@ def run_trials(
     check_task_inputs(cfg)  # a missing dataset file or train function costs no study
     told_to = [*make_callbacks(cfg.study.callbacks, cfg.study.metrics), *((getattr(c, "__name__", type(c).__name__), c) for c in callbacks)]
     summary = LoopSummary()
+    observer = observer if observer is not None else StudyObserver()
+    observer.study_started(study_name, cfg.study.metrics, [d.name.lower() for d in study.directions], cfg.task.epochs)
     start = time.monotonic()
     restore = _sigterm_as_interrupt()
     waiting = False
@@ -130,6 +135,7 @@ def run_trials(
             reconcile(study, cfg.study.stale_after, log=log)
             trials = with_retry(study.get_trials, deepcopy=False)
             used = budget_used(trials)
+            observer.budget(trials, cfg.budget.n_trials)
             if cfg.budget.timeout is not None and time.monotonic() - start >= cfg.budget.timeout:
                 summary.stopped_because = f"timeout ({cfg.budget.timeout:g} s)"
                 break
@@ -156,7 +162,7 @@ def run_trials(
                 size = min(size, cfg.budget.n_trials - used)
                 if size > 1:
                     asked = [with_retry(study.ask) for _ in range(size)]
-                    told = run_pack(study, asked, cfg, space, device=device, worker=worker, log=log)
+                    told = run_pack(study, asked, cfg, space, device=device, worker=worker, log=log, observer=observer)
                     if not told:
                         summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
                         break
@@ -164,22 +170,26 @@ def run_trials(
                         summary.ran += 1
                         summary.states[frozen.state.name] += 1
                         log(_describe(frozen, cfg))
+                        observer.trial_finished(frozen)
                         notify(told_to, study, frozen, log)
                     continue
             trial = with_retry(study.ask)
-            frozen = _run_one(study, trial, cfg, space, device=device, worker=worker, log=log, launch=launcher.launch)
+            frozen = _run_one(study, trial, cfg, space, device=device, worker=worker, log=log, launch=launcher.launch,
+                              observer=observer)
             if frozen is None:  # lost the race for the last slot of the budget
                 summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
                 break
             summary.ran += 1
             summary.states[frozen.state.name] += 1
             log(_describe(frozen, cfg))
+            observer.trial_finished(frozen)
             notify(told_to, study, frozen, log)
     finally:
         if own_launcher:
             launcher.close()
         restore()
         summary.seconds = time.monotonic() - start
+    observer.study_finished(summary.seconds, summary.stopped_because)
     return summary
 
 
@@ -234,6 +244,7 @@ def _relay(
     on_result: Callable[[int | None, optuna.Trial, TrialOutcome], None],
     on_split: Callable[[dict[str, Any]], None] | None = None,
     guard: ChanceGuard | None = None,
+    observer: StudyObserver | None = None,
 ) -> tuple[str | None, dict[int | None, list[dict[str, Any]]]]:
     """Read a trial process's messages to the end. ``pending`` maps the job's members (``None`` for
     a single trial) to their asked trials: an epoch of a pending trial is reported to it
@@ -241,7 +252,8 @@ def _relay(
     ``plot_intermediate_values``), and when ``prune`` is true, answered prune / go; its result is
     popped from ``pending`` and handed to ``on_result`` (with the epochs before it as
     ``outcome.history``). ``guard``: the chance guard (:mod:`.chance_guard`), asked first; a trial
-    it stops is told PRUNED with ``prune_reason: near_chance``. Returns (the user error the process
+    it stops is told PRUNED with ``prune_reason: near_chance``. ``observer`` is told a pending
+    trial's epochs and phases; other message types are ignored. Returns (the user error the process
     reported, or None; the epochs by member)."""
     epochs: dict[int | None, list[dict[str, Any]]] = {key: [] for key in pending}
     user_error: str | None = None
@@ -251,6 +263,8 @@ def _relay(
         if kind == "epoch":
             metrics = msg.get("metrics", {})
             epochs[key].append(metrics)
+            if observer is not None and key in pending:
+                observer.epoch(pending[key].number, int(msg["epoch"]), metrics)
             value = metrics.get(report_metric) if report_metric is not None else None
             reported = isinstance(value, int | float) and not isinstance(value, bool) and key in pending
             if reported:
@@ -268,6 +282,8 @@ def _relay(
             on_result(key, pending.pop(key), outcome)
         elif kind == "split" and on_split is not None:
             on_split(msg)
+        elif kind == "phase" and observer is not None and key in pending:
+            observer.phase(pending[key].number, str(msg.get("phase")))
         elif kind == "user_error":
             user_error = str(msg.get("message"))
     return user_error, epochs
@@ -395,6 +411,7 @@ class Launcher:
 def _run_one(
     study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace, *, device: str | None,
     worker: int | str, log: Log, launch: Callable[[dict[str, Any]], TrialProcess | WarmJob] = TrialProcess,
+    observer: StudyObserver | None = None,
 ) -> FrozenTrial | None:
     """One asked trial in one trial process; the frozen trial told (None: over budget)."""
     procs: list[TrialProcess | WarmJob] = []
@@ -406,13 +423,15 @@ def _run_one(
                 return None
             job = _job(study, cfg, params, device)
             log(f"trial {trial.number} started: {fmt_params(params)}")
+            if observer is not None:
+                observer.trial_started(trial.number, params)
             procs.append(launch(job))
             results: dict[int | None, TrialOutcome] = {}
             with Watchdog(procs[0], cfg.budget.trial_timeout) as deadline:
                 user_error, epochs = _relay(
                     procs[0], {None: trial}, reported_metric(cfg), job["prune"],
                     on_result=lambda key, _trial, outcome: results.__setitem__(key, outcome),
-                    guard=ChanceGuard(cfg),
+                    guard=ChanceGuard(cfg), observer=observer,
                 )
                 procs[0].wait()
             if deadline.fired and isinstance(procs[0], WarmJob):
@@ -440,7 +459,7 @@ def split_line(epoch: int, halves: list[list[int]]) -> str:
 
 def run_pack(
     study: optuna.Study, trials: list[optuna.Trial], cfg: Config, space: SearchSpace, *, device: str | None,
-    worker: int | str, log: Log,
+    worker: int | str, log: Log, observer: StudyObserver | None = None,
 ) -> list[FrozenTrial]:
     """K asked trials -> one trial process training them as a pack (:mod:`sassha_tune.training.packs`) ->
     each trial told as its member finishes.
@@ -468,6 +487,8 @@ def run_pack(
                 params_list.append(params)
                 members.append(trial)
                 log(f"trial {trial.number} started (pack member {len(params_list) - 1}): {fmt_params(params)}")
+                if observer is not None:
+                    observer.trial_started(trial.number, params, len(params_list) - 1)
             if not params_list:
                 return told
             job = _job(study, cfg, params_list, device)
@@ -480,7 +501,7 @@ def run_pack(
             # the members train together, so the pack as a whole gets one trial's timeout
             with Watchdog(procs[0], cfg.budget.trial_timeout) as deadline:
                 user_error, _ = _relay(procs[0], pending, reported_metric(cfg), job["prune"],
-                                       on_result=tell, on_split=split, guard=ChanceGuard(cfg))
+                                       on_result=tell, on_split=split, guard=ChanceGuard(cfg), observer=observer)
                 procs[0].wait()
             rc = procs[0].close()
             if user_error is not None:

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from .progress import PLAIN_ENV
 from .storage import STORAGE_ENV
 
 __all__ = ["run_gpu_workers"]
@@ -28,6 +29,7 @@ def run_gpu_workers(
         env = dict(os.environ)
         env["CUDA_VISIBLE_DEVICES"] = gpu
         env[STORAGE_ENV] = storage_url
+        env[PLAIN_ENV] = "1"  # the workers share this terminal: log lines only, no live view each
         cmd = [sys.executable, "-m", "sassha_tune.cli", "worker", study_name, "--device", "cuda",
                "--worker-id", str(i), "--pack", str(pack), *(["--fresh-process"] if fresh_process else [])]
         procs.append(subprocess.Popen(cmd, env=env))

@@ -19,6 +19,13 @@ one. Parent and child speak one protocol, in JSON lines:
   ``{"type": "user_error", "message": ...}`` for a :class:`~sassha_tune.errors.UserError`. A pack's
   epoch and result messages carry ``"member": I`` (the index in ``params``), and a pack that ran
   out of memory before any member reported says ``{"type": "split", "epoch": N, "halves": [...]}``.
+  ``{"type": "phase", "phase": NAME}`` says a part of the trial that sends no epoch messages
+  begins; today one name, ``"sharpness"``, sent just before the sharpness of a trained model is
+  measured (after its last epoch; a pack's carries ``member``; a multi-rank trial relays rank 0's).
+  It is not answered. A parent ignores message types it does not know (and phases it does not
+  show), so a child may send new kinds of ``phase`` without breaking an older parent.
+* A trial process draws no progress bar of its own, whatever its stderr is: the study shows its
+  epochs (the CLI's live view, :mod:`sassha_tune.live`).
 * **Exit code**: 0 done, 1 an unexpected error (a ``fail`` result with the reason was sent, the
   traceback is on stderr), 2 a user error, 3 no job or the parent is gone, 130 interrupted.
 * **Warm worker** (``python -m sassha_tune.trial --serve``, a study's default for single trials):

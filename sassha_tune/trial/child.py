@@ -71,6 +71,10 @@ class _Channel:
 
         return callback
 
+    def phase(self, name: str, member: int | None = None) -> None:
+        """A phase without epoch messages begins: ``{"type": "phase", "phase": NAME}``, not answered."""
+        self.send(_tagged({"type": "phase", "phase": name}, member))
+
 
 def _tagged(msg: dict[str, Any], member: int | None) -> dict[str, Any]:
     return msg if member is None else {**msg, "member": member}
@@ -180,9 +184,13 @@ def _run_job(job: dict[str, Any], proto: TextIO) -> tuple[int, str | None]:
                 on_outcome=lambda i, o: channel.send(_tagged(o.to_json(), i)),
                 on_split=lambda epoch, halves: channel.send({"type": "split", "epoch": epoch, "halves": halves}),
                 device=job.get("device"),
+                on_phase=lambda i, name: channel.phase(name, i),
             )
         else:
-            outcome = evaluate_params(cfg, params, on_epoch=channel.on_epoch(), device=job.get("device"))
+            # no progress bar of its own (as a pack's): the study's live view shows the epochs, and
+            # several trial processes on one terminal would draw over each other
+            outcome = evaluate_params(cfg, params, on_epoch=channel.on_epoch(), device=job.get("device"),
+                                      progress=False, on_phase=channel.phase)
     except UserError as exc:
         channel.send({"type": "user_error", "message": str(exc)})
         return 2, None

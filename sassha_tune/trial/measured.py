@@ -14,16 +14,24 @@ from .outcome import TrialOutcome, json_safe
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-__all__ = ["sharpness_attrs", "finished_outcome"]
+__all__ = ["SHARPNESS_PHASE", "sharpness_attrs", "finished_outcome"]
+
+#: the ``phase`` a trial reports while its sharpness is measured (protocol: :mod:`sassha_tune.trial`)
+SHARPNESS_PHASE = "sharpness"
 
 
 def sharpness_attrs(cfg: Config, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
-                    inputs: Tensor, targets: Tensor) -> dict[str, Any]:
+                    inputs: Tensor, targets: Tensor, *, on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The stored sharpness attributes of ``model`` on a fixed subset of ``(inputs, targets)``
-    (``loss_fn`` None: cross-entropy) under ``cfg.metrics``; all None with ``metrics.sharpness: false``."""
+    (``loss_fn`` None: cross-entropy) under ``cfg.metrics``; all None with ``metrics.sharpness: false``.
+    ``on_phase("sharpness")`` is called just before the measurement starts (the trial protocol's
+    ``phase`` message: a study's live view shows it, as nothing else is reported until the result)."""
     if not cfg.metrics.sharpness:
         return {key: None for key in SHARPNESS_ATTRS}
     from ..metrics.sharpness import hessian_metrics
+
+    if on_phase is not None:
+        on_phase(SHARPNESS_PHASE)
 
     sharp = hessian_metrics(model, loss_fn, inputs, targets, seed=cfg.metrics.seed,
                             subset_size=cfg.metrics.subset_size, **cfg.metrics.budget)

@@ -10,6 +10,7 @@ with ``device.processes > 1`` runs as that many rank processes
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -81,27 +82,31 @@ def evaluate_params(
     on_epoch: Callable[[int, dict], bool] | None = None,
     device: str | None = None,
     progress: bool | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> TrialOutcome:
-    """Train with ``params`` and measure everything a trial stores. Raises only UserError / bugs."""
+    """Train with ``params`` and measure everything a trial stores. Raises only UserError / bugs.
+    ``on_phase(name)``: told when a phase without epoch reports begins (``"sharpness"``)."""
     from ..distributed import launched_world_size
     from ..training.trainer import train
 
     if cfg.task.train is not None:  # the user's own training function (task.train)
         from .user_train import evaluate_user_train
 
-        return evaluate_user_train(cfg, params, on_epoch=on_epoch, device=device)
+        return evaluate_user_train(cfg, params, on_epoch=on_epoch, device=device, on_phase=on_phase)
     if cfg.device.processes > 1 and launched_world_size() <= 1:
-        return _evaluate_ranks(cfg, params, on_epoch=on_epoch, device=device)
+        return _evaluate_ranks(cfg, params, on_epoch=on_epoch, device=device, on_phase=on_phase)
     spec = build_spec(cfg, params, device=device, progress=progress)
     result = train(spec, on_epoch=on_epoch)
     if result.rank != 0:  # data parallelism: rank 0 measures and reports
         return TrialOutcome("fail" if result.failure_reason else "complete", failure_reason=result.failure_reason)
-    return outcome_from_result(cfg, spec, result)
+    return outcome_from_result(cfg, spec, result, on_phase=on_phase)
 
 
-def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
+def outcome_from_result(cfg: Config, spec: Any, result: Any, *,
+                        on_phase: Callable[[str], None] | None = None) -> TrialOutcome:
     """A finished :class:`~sassha_tune.training.trainer.TrainResult` -> the trial's outcome: final metrics,
-    sharpness and the stored attributes (shared by single trials and pack members)."""
+    sharpness and the stored attributes (shared by single trials and pack members). ``on_phase``:
+    see :func:`~.measured.sharpness_attrs`."""
     from ..metrics.evaluation import cross_entropy
     from ..metrics.sharpness import generalization_gap
 
@@ -139,19 +144,20 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any) -> TrialOutcome:
     )
     splits = result.splits
     attrs.update(sharpness_attrs(cfg, result.model, cross_entropy if splits.is_language else None,  # None: classes
-                                 splits.x_train, splits.y_train))
+                                 splits.x_train, splits.y_train, on_phase=on_phase))
     return finished_outcome(cfg, attrs, history)
 
 
 def _evaluate_ranks(
-    cfg: Config, params: Mapping[str, Any], *, on_epoch: Callable[[int, dict], bool] | None, device: str | None
+    cfg: Config, params: Mapping[str, Any], *, on_epoch: Callable[[int, dict], bool] | None, device: str | None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> TrialOutcome:
     """``device.processes: N``: run the trial as N rank processes (:func:`~sassha_tune.trial.ranks.launch_ranks`);
     rank 0's result is the trial's, a rank that dies fails it with ``rank_failed: ...``."""
     from .ranks import launch_ranks
 
     job = {"config": config_to_dict(cfg), "params": dict(params), "device": device, "prune": on_epoch is not None}
-    result, epochs, failure = launch_ranks(job, cfg.device.processes, on_epoch)
+    result, epochs, failure = launch_ranks(job, cfg.device.processes, on_epoch, on_phase=on_phase)
     history = [dict(m.get("metrics") or {}) for m in epochs]
     if failure is not None or result is None:
         attrs = {"processes": cfg.device.processes, "epochs_completed": len(history)}
@@ -169,13 +175,15 @@ def evaluate_pack(
     on_outcome: Callable[[int, TrialOutcome], None] | None = None,
     on_split: Callable[[int, list[list[int]]], None] | None = None,
     device: str | None = None,
+    on_phase: Callable[[int, str], None] | None = None,
 ) -> list[TrialOutcome]:
     """:func:`evaluate_params` for K param sets at once; outcome i is member i's.
 
     A pack that runs out of memory before any member reported is split in halves (``train_pack``'s
     ``split_on_oom``; ``on_split(epoch, halves)`` is told). Each outcome records the pack the member
     actually ran in: ``pack_size``, ``pack_index`` (its position there) and, after a split,
-    ``pack_oom_sizes`` (the sizes of the packs it was in that ran out of memory, largest first)."""
+    ``pack_oom_sizes`` (the sizes of the packs it was in that ran out of memory, largest first).
+    ``on_phase(i, name)``: member i begins a phase without epoch reports (``"sharpness"``)."""
     from ..training.packs import train_pack
 
     specs = [build_spec(cfg, p, device=device, progress=False) for p in params_list]
@@ -193,7 +201,8 @@ def evaluate_pack(
             on_split(epoch, halves)
 
     def leave(i: int, result: Any) -> None:
-        outcome = outcome_from_result(cfg, specs[i], result)
+        member_phase = None if on_phase is None else functools.partial(on_phase, i)
+        outcome = outcome_from_result(cfg, specs[i], result, on_phase=member_phase)
         outcome.attrs["pack_size"], outcome.attrs["pack_index"] = placed[i]
         if oom_sizes[i]:
             outcome.attrs["pack_oom_sizes"] = list(oom_sizes[i])

@@ -109,8 +109,10 @@ def _number(key: Any, value: Any) -> Any:
 
 
 def evaluate_user_train(cfg: Config, params: Mapping[str, Any], *,
-                        on_epoch: Callable[[int, dict], bool] | None, device: str | None) -> TrialOutcome:
-    """Run the trial's ``task.train`` function and turn what it returns into the trial's outcome."""
+                        on_epoch: Callable[[int, dict], bool] | None, device: str | None,
+                        on_phase: Callable[[str], None] | None = None) -> TrialOutcome:
+    """Run the trial's ``task.train`` function and turn what it returns into the trial's outcome
+    (``on_phase``: told ``"sharpness"`` before the sharpness of ``reporter.sharpness_on`` is measured)."""
     import torch
 
     from ..devices import resolve_device
@@ -140,7 +142,7 @@ def evaluate_user_train(cfg: Config, params: Mapping[str, Any], *,
         attrs.update(generalization_gap({"acc": final["train_acc"], "loss": final["train_loss"]},
                                         {"acc": final["val_acc"], "loss": final["val_loss"]}))
     if reporter.sharpness_inputs is not None:
-        attrs.update(sharpness_attrs(cfg, *reporter.sharpness_inputs))
+        attrs.update(sharpness_attrs(cfg, *reporter.sharpness_inputs, on_phase=on_phase))
     else:  # a sharpness metric the function returned itself is kept
         for key in SHARPNESS_ATTRS:
             attrs.setdefault(key, None)

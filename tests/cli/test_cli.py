@@ -75,11 +75,23 @@ def test_run_status_export_train(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _config(tmp_path)
     t0 = time.monotonic()
-    _invoke(["run", str(cfg)])  # default storage: sqlite:///sassha-tune.db in the working directory
+    ran = _invoke(["run", str(cfg)])  # default storage: sqlite:///sassha-tune.db in the working directory
     run_seconds = time.monotonic() - t0
     url = "sqlite:///sassha-tune.db"
     trials = _trials(url, "tiny")
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    # piped (not a terminal): the log lines as they always were, no live area, then one summary line
+    lines = ran.output.splitlines()
+    assert "\x1b" not in ran.output
+    assert lines[:2] == [f"created study 'tiny' in {url}",
+                         "one trial at a time (--pack auto on the CPU: a small model already uses the cores)"]
+    assert [line.split(":")[0].split(" COMPLETE")[0] for line in lines[2:8]] == [
+        "trial 0 started", "trial 0", "trial 1 started", "trial 1", "trial 2 started", "trial 2"]
+    assert lines[-2].startswith("done: 3 trials this run (COMPLETE 3) in ")
+    best = max(trials, key=lambda t: (t.values[0], -t.number))
+    assert lines[-1].startswith("3 trials in ") and lines[-1].endswith(
+        f": 3 complete; best val_acc {best.values[0]:.4g} (trial {best.number})")
+    assert len(lines) == 10
     for t in trials:
         missing = [k for k in STORED_ATTRS if k not in t.user_attrs]
         assert not missing, missing
@@ -212,7 +224,8 @@ def test_two_objectives(tmp_path):
         study={"objectives": ["val_acc", {"metric": "lambda_max", "direction": "minimize"}]},
         optimizer={"name": "sgd", "fixed": {}, "search_space": "sgd"},
     )
-    _invoke(["run", str(cfg), "--storage", url])
+    ran = _invoke(["run", str(cfg), "--storage", url])
+    assert ran.output.splitlines()[-1].split("; ")[-1].startswith("Pareto front: ")  # the summary line
     trials = _trials(url, "mo")
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     for t in trials:

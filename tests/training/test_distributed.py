@@ -204,11 +204,24 @@ def test_study_trial_with_two_processes_reports_once(tmp_path):
     from sassha_tune.config import load_config
     from sassha_tune.study.create import create_or_continue
     from sassha_tune.study.loop import run_trials
+    from sassha_tune.study.progress import StudyObserver
+
+    class Seen(StudyObserver):
+        def __init__(self) -> None:
+            self.events: list[tuple] = []
+
+        def epoch(self, number, epoch, metrics):
+            self.events.append(("epoch", number, epoch))
+
+        def phase(self, number, name):
+            self.events.append(("phase", number, name))
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     cfg = load_config(_config(tmp_path))
     create_or_continue(cfg, url, log=lambda _m: None)
-    run_trials("ddp", url, log=lambda _m: None)
+    seen = Seen()
+    run_trials("ddp", url, log=lambda _m: None, observer=seen)
+    assert seen.events == [("epoch", 0, 1), ("phase", 0, "sharpness")]  # rank 0's, relayed by the rank launcher
     (trial,) = optuna.load_study(study_name="ddp", storage=url).get_trials()
     assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("failure_reason")
     assert trial.user_attrs["processes"] == 2
