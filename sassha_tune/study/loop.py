@@ -78,6 +78,10 @@ def _describe(frozen: FrozenTrial, cfg: Config) -> str:
         return f"trial {frozen.number} {state} {values}{tail}"
     if frozen.state == TrialState.FAIL:
         return f"trial {frozen.number} FAIL ({frozen.user_attrs.get('failure_reason')})"
+    if frozen.state == TrialState.PRUNED:
+        epochs = frozen.user_attrs.get("epochs_completed")
+        why = "near chance" if frozen.user_attrs.get(PRUNE_REASON_KEY) == NEAR_CHANCE else "by the pruner"
+        return f"trial {frozen.number} PRUNED ({why}" + (f", after epoch {epochs})" if epochs else ")")
     return f"trial {frozen.number} {state}"
 
 
