@@ -116,12 +116,15 @@ def _serve(proto: TextIO) -> int:
     fresh = _FreshState()
     while True:
         try:
+            # Put back (and collect) right after a job rather than when the next one arrives: the
+            # parent is storing the result meanwhile, so it costs the study no time. The first time
+            # it runs while the study is still being set up (some torch setters are slow once).
+            fresh.restore()
             line = sys.stdin.readline()
         except KeyboardInterrupt:  # Ctrl-C between two jobs: nothing to tell
             return 130
         if not line:
             return 0
-        fresh.restore()
         code, reason = _run_job(json.loads(line), proto)
         replace = code != 0 or reason == "out_of_memory"
         _Channel(proto, prune=False).send({"type": "done", "code": code, "replace": replace})
