@@ -388,19 +388,20 @@ class Launcher:
         if (self.fresh_process or cfg.study.fresh_process or cfg.device.processes > 1
                 or not (pack == 1 or (pack == "auto" and on_cpu)) or self.worker is not None):
             return
-        self.worker = WarmWorker()
-        self.log(f"warm trial worker {self.worker.pid} started")
+        self.worker = WarmWorker()  # announced by its first job (launch), after the study's own lines
 
     def launch(self, job: dict[str, Any]) -> TrialProcess | WarmJob:
         config = job["config"]
         if (self.fresh_process or config.get("study", {}).get("fresh_process")
                 or config.get("device", {}).get("processes", 1) > 1):
             return TrialProcess(job)
+        old = None
         if self.worker is None or self.worker.spent:
             old = self.worker
             if old is not None:
                 old.close()
             self.worker = WarmWorker()
+        if self.worker.jobs == 0:
             why = self.last.why_spent if self.last is not None and self.last.why_spent else "it ended"
             self.log(f"warm trial worker {self.worker.pid} started"
                      + (f" (replacing worker {old.pid} after {why})" if old is not None else ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,13 +86,14 @@ def test_run_status_export_train(tmp_path, monkeypatch):
     assert "\x1b" not in ran.output
     assert lines[:2] == [f"created study 'tiny' in {url}",
                          "one trial at a time (--pack auto on the CPU: a small model already uses the cores)"]
-    assert [line.split(":")[0].split(" COMPLETE")[0] for line in lines[2:8]] == [
+    assert re.fullmatch(r"warm trial worker \d+ started", lines[3])  # one worker, announced by its first trial
+    assert [line.split(":")[0].split(" COMPLETE")[0] for line in lines[2:3] + lines[4:9]] == [
         "trial 0 started", "trial 0", "trial 1 started", "trial 1", "trial 2 started", "trial 2"]
     assert lines[-2].startswith("done: 3 trials this run (COMPLETE 3) in ")
     best = max(trials, key=lambda t: (t.values[0], -t.number))
     assert lines[-1].startswith("3 trials in ") and lines[-1].endswith(
         f": 3 complete; best val_acc {best.values[0]:.4g} (trial {best.number})")
-    assert len(lines) == 10
+    assert len(lines) == 11
     for t in trials:
         missing = [k for k in STORED_ATTRS if k not in t.user_attrs]
         assert not missing, missing
@@ -178,8 +180,7 @@ def test_sigkill_then_resume(tmp_path):
     url = f"sqlite:///{tmp_path}/k.db"
     cfg = _config(tmp_path, "killed", budget={"n_trials": 4})
     proc = _start_run(cfg, url, tmp_path)
-    _wait_for(proc, "trial 1 started")
-    time.sleep(1.0)
+    _wait_for(proc, "trial 1 started")  # RUNNING from here; in the warm worker it takes well under a second
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {t.number: t for t in _trials(url, "killed")}
