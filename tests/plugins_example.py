@@ -114,6 +114,10 @@ def quadratic_x(n: int = 64, dim: int = 4) -> torch.Tensor:
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(7))
 
 
+PROCESS_STATE_KEYS = ("default_dtype_bytes", "autocast_cpu", "anomaly", "deterministic", "grad", "threads",
+                      "matmul_precision")
+
+
 def process_state() -> dict:
     """The process-wide torch settings a trial could change and leave behind, as numbers (a train
     function's metrics are numbers)."""

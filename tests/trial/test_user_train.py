@@ -140,7 +140,8 @@ def test_a_warm_worker_puts_back_what_a_trial_changed_in_the_process(tmp_path):
     """The first trial sets the default dtype to float64, autocast, anomaly detection, deterministic
     algorithms, the thread count and the matmul precision, and leaves them so; the next trial in
     the same warm worker sees what a fresh process shows."""
-    from plugins_example import process_state
+    # read in the trials, never here: this process's torch settings are the earlier tests'
+    from plugins_example import PROCESS_STATE_KEYS
 
     url = f"sqlite:///{tmp_path / 's.db'}"
     cfg = config_from_dict(_own(task={"train": "plugins_example:own_quadratic", "epochs": 1,
@@ -155,6 +156,6 @@ def test_a_warm_worker_puts_back_what_a_trial_changed_in_the_process(tmp_path):
     spoiler, after = study.get_trials()
     assert [t.state for t in (spoiler, after)] == [TrialState.COMPLETE] * 2
     assert sum(line.startswith("warm trial worker") for line in lines) == 1  # both in one worker
-    fresh = {k: spoiler.user_attrs[f"state_{k}"] for k in process_state()}
+    fresh = {k: spoiler.user_attrs[f"state_{k}"] for k in PROCESS_STATE_KEYS}
     assert fresh["default_dtype_bytes"] == 4.0 and fresh["autocast_cpu"] == 0.0 and fresh["anomaly"] == 0.0
-    assert {k: after.user_attrs[f"state_{k}"] for k in process_state()} == fresh
+    assert {k: after.user_attrs[f"state_{k}"] for k in PROCESS_STATE_KEYS} == fresh
