@@ -83,3 +83,16 @@ def postgres_url() -> str:
         except Exception as exc:  # unreachable server, unknown role, ...
             errors.append(f"{user}: {' '.join(str(exc).split())[:120]}")
     pytest.skip(f"PostgreSQL at {PG_HOST}:{PG_PORT}/{PG_DB} unreachable ({'; '.join(errors)})")
+
+
+# Wall-clock values of a trial (attributes, epoch history entries): they differ from run to run.
+TIMING_KEYS = ("train_seconds", "ms_per_step", "sharpness_seconds", "seconds")
+
+
+def untimed(value):
+    """``value`` (a trial's attributes, its history, ...) without the :data:`TIMING_KEYS`, at any depth."""
+    if isinstance(value, dict):
+        return {k: untimed(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [untimed(v) for v in value]
+    return value

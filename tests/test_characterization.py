@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TIMING_KEYS
 
 HERE = Path(__file__).parent
 
@@ -41,7 +42,6 @@ def golden_file(cpu_capability: str) -> Path:
     return HERE / ("characterization.json" if cpu_capability == "AVX2" else f"characterization.{cpu_capability}.json")
 
 # Wall-clock values differ from run to run; everything else a trial stores is compared.
-TIMING_KEYS = ("train_seconds", "ms_per_step", "sharpness_seconds", "seconds")
 
 TASKS: dict[str, dict[str, Any]] = {
     "plain": {

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import untimed
 from optuna.trial import TrialState
 
 from sassha_tune.api import run_study
@@ -48,18 +49,6 @@ def _study(path: Path, pack: int = 1) -> optuna.Study:
     return run_study(path, log=lambda _line: None, pack=pack)
 
 
-TIMING_KEYS = ("train_seconds", "ms_per_step", "seconds")
-
-
-def _untimed(value):
-    """Everything but wall-clock values (which differ from run to run)."""
-    if isinstance(value, dict):
-        return {k: _untimed(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [_untimed(v) for v in value]
-    return value
-
-
 def test_the_guard_and_the_report_share_one_rule():
     assert report_threshold is near_chance_threshold
 
@@ -80,8 +69,8 @@ def test_a_trial_near_chance_is_pruned_at_the_guard_epoch_and_a_learning_trial_c
     assert [t.state for t in off] == [TrialState.COMPLETE, TrialState.COMPLETE]
     assert off[1].user_attrs["epochs_completed"] == 4 and "prune_reason" not in off[1].user_attrs
     assert off[0].values == learns.values
-    assert _untimed(off[0].user_attrs) == _untimed(learns.user_attrs)
-    assert _untimed(off[1].user_attrs["history"][:2]) == _untimed(stuck.user_attrs["history"])
+    assert untimed(off[0].user_attrs) == untimed(learns.user_attrs)
+    assert untimed(off[1].user_attrs["history"][:2]) == untimed(stuck.user_attrs["history"])
 
 
 def test_the_guard_stops_a_pack_member_too(tmp_path):

@@ -1,5 +1,6 @@
-"""Warm trial workers (the default; ``--fresh-process`` turns them off): one long-lived trial process runs trial after trial, and every
-trial stores exactly what it stores in a fresh process (real processes, real SQLite, real training)."""
+"""Warm trial workers (the default; ``--fresh-process`` turns them off): one long-lived trial
+process runs trial after trial, and every trial stores exactly what it stores in a fresh process
+(real processes, real SQLite, real training)."""
 
 from __future__ import annotations
 
@@ -7,21 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import untimed
 from optuna.trial import TrialState
 
 from sassha_tune.api import run_study
 
 pytestmark = pytest.mark.slow
-
-TIMING_KEYS = ("train_seconds", "ms_per_step", "sharpness_seconds", "seconds")
-
-
-def _untimed(value):
-    if isinstance(value, dict):
-        return {k: _untimed(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [_untimed(v) for v in value]
-    return value
 
 
 def _config(tmp_path: Path, name: str, **task) -> Path:
@@ -58,7 +50,7 @@ def test_warm_and_fresh_trials_store_exactly_the_same_values(tmp_path):
     for a, b in zip(w, f, strict=True):
         assert a.params == b.params
         assert a.values == b.values  # floats compared with ==
-        assert _untimed(a.user_attrs) == _untimed(b.user_attrs)
+        assert untimed(a.user_attrs) == untimed(b.user_attrs)
         assert a.intermediate_values == b.intermediate_values
     assert isinstance(w[0].user_attrs["lambda_max"], float)
     started = [line for line in lines if line.startswith("warm trial worker")]
