@@ -380,20 +380,26 @@ class Launcher:
         self.last: WarmJob | None = None
 
     def prestart(self, cfg: Config, pack: str | int, device: str | None) -> None:
-        """Start the warm worker now, when this study's single trials will use one, so that its
-        process start and imports overlap the study's own setup (the data check, creating the
-        study) instead of delaying the first trial. Not for packs (``--pack`` other than 1, or
-        ``auto`` off the CPU) or fresh processes, which would leave it idle."""
-        on_cpu = (device or cfg.device.name) == "cpu"
-        if (self.fresh_process or cfg.study.fresh_process or cfg.device.processes > 1
-                or not (pack == 1 or (pack == "auto" and on_cpu)) or self.worker is not None):
+        """Start the warm worker now, when this study's trials will run in one (single trials, as
+        :func:`~.pack_size.choose_pack_size` decides), so that its process start and imports
+        overlap the study's own setup (the data check, creating the study) instead of delaying the
+        first trial."""
+        from .pack_size import choose_pack_size
+
+        if self.worker is not None or not self._warm(cfg.study.fresh_process, cfg.device.processes):
             return
+        if choose_pack_size(cfg, pack, device=device, budget_left=cfg.budget.n_trials)[0] > 1:
+            return  # packs get fresh processes: a worker would sit idle
         self.worker = WarmWorker()  # announced by its first job (launch), after the study's own lines
+
+    def _warm(self, fresh_process: bool, processes: int) -> bool:
+        """Whether a job runs in the warm worker: not with fresh processes, nor for multi-rank trials."""
+        return not (self.fresh_process or fresh_process or processes > 1)
 
     def launch(self, job: dict[str, Any]) -> TrialProcess | WarmJob:
         config = job["config"]
-        if (self.fresh_process or config.get("study", {}).get("fresh_process")
-                or config.get("device", {}).get("processes", 1) > 1):
+        if not self._warm(bool(config.get("study", {}).get("fresh_process")),
+                          config.get("device", {}).get("processes", 1)):
             return TrialProcess(job)
         old = None
         if self.worker is None or self.worker.spent:
