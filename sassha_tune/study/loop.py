@@ -249,6 +249,7 @@ def _relay(
     on_split: Callable[[dict[str, Any]], None] | None = None,
     guard: ChanceGuard | None = None,
     observer: StudyObserver | None = None,
+    on_started: Callable[[], None] | None = None,
 ) -> tuple[str | None, dict[int | None, list[dict[str, Any]]]]:
     """Read a trial process's messages to the end. ``pending`` maps the job's members (``None`` for
     a single trial) to their asked trials: an epoch of a pending trial is reported to it
@@ -257,7 +258,8 @@ def _relay(
     popped from ``pending`` and handed to ``on_result`` (with the epochs before it as
     ``outcome.history``). ``guard``: the chance guard (:mod:`.chance_guard`), asked first; a trial
     it stops is told PRUNED with ``prune_reason: near_chance``. ``observer`` is told a pending
-    trial's epochs and phases; other message types are ignored. Returns (the user error the process
+    trial's epochs and phases; ``on_started`` is called when the process says it took the job up
+    (the trial timeout's clock); other message types are ignored. Returns (the user error the process
     reported, or None; the epochs by member)."""
     epochs: dict[int | None, list[dict[str, Any]]] = {key: [] for key in pending}
     user_error: str | None = None
@@ -290,6 +292,8 @@ def _relay(
             observer.phase(pending[key].number, str(msg.get("phase")))
         elif kind == "user_error":
             user_error = str(msg.get("message"))
+        elif kind == "started" and on_started is not None:
+            on_started()
     return user_error, epochs
 
 
@@ -442,7 +446,7 @@ def _run_one(
                 user_error, epochs = _relay(
                     procs[0], {None: trial}, reported_metric(cfg), job["prune"],
                     on_result=lambda key, _trial, outcome: results.__setitem__(key, outcome),
-                    guard=ChanceGuard(cfg), observer=observer,
+                    guard=ChanceGuard(cfg), observer=observer, on_started=deadline.begin,
                 )
                 procs[0].wait()
             if deadline.fired and isinstance(procs[0], WarmJob):
@@ -512,7 +516,8 @@ def run_pack(
             # the members train together, so the pack as a whole gets one trial's timeout
             with Watchdog(procs[0], cfg.budget.trial_timeout) as deadline:
                 user_error, _ = _relay(procs[0], pending, reported_metric(cfg), job["prune"],
-                                       on_result=tell, on_split=split, guard=ChanceGuard(cfg), observer=observer)
+                                       on_result=tell, on_split=split, guard=ChanceGuard(cfg), observer=observer,
+                                       on_started=deadline.begin)
                 procs[0].wait()
             rc = procs[0].close()
             if user_error is not None:

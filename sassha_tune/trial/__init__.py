@@ -12,7 +12,8 @@ one. Parent and child speak one protocol, in JSON lines:
   child rebuilds it with :func:`sassha_tune.config.config_from_stored`, without validating it
   again. ``params`` is one trial's parameters (a mapping) or a pack's (a list of mappings).
 * **Messages** (child -> parent, lines on the child's stdout; whatever the trial prints goes to
-  stderr): ``{"type": "epoch", "epoch": N, "metrics": {...}}`` after every epoch (a classifier's
+  stderr): ``{"type": "started"}`` first, when the child takes the job up (its imports done: the
+  trial's ``budget.trial_timeout`` counts from here); ``{"type": "epoch", "epoch": N, "metrics": {...}}`` after every epoch (a classifier's
   metrics carry ``num_classes``), answered by the parent with a ``go`` or ``stop`` line when the
   job prunes (``"prune": true``: a pruner or the chance guard may stop it); ``{"type": "result", "state": ...,
   "attrs": {...}, "values": [...], "failure_reason": ...}`` once (:class:`.outcome.TrialOutcome`);

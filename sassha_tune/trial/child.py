@@ -175,6 +175,7 @@ class _FreshState:
 def _run_job(job: dict[str, Any], proto: TextIO) -> tuple[int, str | None]:
     """Run one job, sending its messages: (the exit code, the failure reason of a failed single trial)."""
     channel = _Channel(proto, prune=bool(job.get("prune")))
+    channel.send({"type": "started"})  # the trial's time (budget.trial_timeout) counts from here
     params = job["params"]
     members: list[int | None] = list(range(len(params))) if isinstance(params, list) else [None]
     outcome: TrialOutcome | None = None

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
@@ -246,22 +247,40 @@ class _Signalled(Protocol):
 
 
 class Watchdog:
-    """A deadline for one job (``budget.trial_timeout``): after ``seconds`` the process running it
-    gets SIGTERM, and SIGKILL ``grace`` seconds later if it is still there; :attr:`fired` says
-    whether it came to that. A context manager around the reading of the job's messages: the
-    killed process closes its stdout, so the reader ends as for any dead process. ``seconds``
-    None: no deadline. A warm worker killed this way is spent and replaced, like any dead one."""
+    """A deadline for one job (``budget.trial_timeout``): ``seconds`` after the job's process said
+    it has begun the job (:meth:`begin`, on its ``started`` message) the process gets SIGTERM, and
+    SIGKILL ``grace`` seconds later if it is still there; :attr:`fired` says whether it came to that.
+    Starting the process (imports, a new warm worker, CUDA) is not the trial's time: until
+    :meth:`begin` the clock runs from the job's handing, so a process that never begins is stopped
+    too, ``seconds`` later. A context manager around the reading of the job's messages: the killed
+    process closes its stdout, so the reader ends as for any dead process. ``seconds`` None: no
+    deadline. A warm worker killed this way is spent and replaced, like any dead one."""
 
     def __init__(self, proc: _Signalled, seconds: float | None, *, grace: float = 10.0) -> None:
         self.proc, self.seconds, self.grace = proc, seconds, grace
         self.fired = False
         self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._deadline = 0.0
+        self._begun = False
         self._thread = threading.Thread(target=self._watch, daemon=True, name="trial-watchdog")
 
+    def begin(self) -> None:
+        """The process began the job: the trial's ``seconds`` count from now (once)."""
+        with self._lock:
+            if not self._begun and self.seconds is not None:
+                self._begun = True
+                self._deadline = time.monotonic() + self.seconds
+
+    def _remaining(self) -> float:
+        with self._lock:
+            return self._deadline - time.monotonic()
+
     def _watch(self) -> None:
-        assert self.seconds is not None
-        if self._done.wait(self.seconds):
-            return
+        while (left := self._remaining()) > 0:
+            if self._done.wait(left):
+                return
+            # woke at the deadline it knew: begin() may have moved it since
         self.fired = True
         self.proc.send_signal(signal.SIGTERM)
         if not self._done.wait(self.grace):
@@ -269,6 +288,7 @@ class Watchdog:
 
     def __enter__(self) -> Watchdog:
         if self.seconds is not None:
+            self._deadline = time.monotonic() + self.seconds
             self._thread.start()
         return self
 

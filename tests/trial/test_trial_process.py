@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
 
 from sassha_tune.config import config_from_dict, config_to_dict
-from sassha_tune.trial.process import TrialProcess
+from sassha_tune.trial.process import TrialProcess, Watchdog
 
 TINY = {
     "study": {"name": "tiny", "pruner": "median"},
@@ -41,7 +43,7 @@ def test_trial_process_trains_the_config_it_is_handed_without_validating_it():
         if msg["type"] == "epoch":
             proc.answer(stop=False)  # a pruning job waits for go / stop after each epoch
     assert proc.wait(timeout=60) == 0 and proc.close() == 0
-    assert [m["type"] for m in messages] == ["epoch", "epoch", "result"]
+    assert [m["type"] for m in messages] == ["started", "epoch", "epoch", "result"]
     assert messages[-1]["state"] == "complete" and messages[-1]["attrs"]["epochs_completed"] == 2
 
 
@@ -55,3 +57,33 @@ def test_trial_process_with_dead_parent_exits_quietly(tmp_path, params):
     _, stderr = proc.communicate(json.dumps(job) + "\n", timeout=120)
     assert proc.returncode == 3, stderr
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
+def test_the_trial_timeout_counts_from_the_jobs_start_not_the_processs():
+    """A process that took 1 s to start (a new warm worker importing torch) still gets its whole
+    ``seconds`` after it began the job; without ``begin`` the clock runs from the handing."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        t0 = time.monotonic()
+        with Watchdog(proc, 2.0, grace=5) as deadline:
+            time.sleep(1.0)
+            deadline.begin()  # the job's start: the deadline is now t0 + 3 s, not t0 + 2 s
+            time.sleep(1.3)
+            assert not deadline.fired and proc.poll() is None
+            assert proc.wait(timeout=10) == -signal.SIGTERM
+            assert deadline.fired and time.monotonic() - t0 >= 3.0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_process_that_never_begins_its_job_is_stopped_after_the_timeout():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        t0 = time.monotonic()
+        with Watchdog(proc, 1.0, grace=5) as deadline:
+            assert proc.wait(timeout=10) == -signal.SIGTERM
+        assert deadline.fired and 1.0 <= time.monotonic() - t0 < 5.0
+    finally:
+        proc.kill()
+        proc.wait()
