@@ -129,7 +129,7 @@ def test_a_trial_past_its_timeout_is_stopped_and_its_worker_replaced(tmp_path):
     before, hung, after = study.get_trials()
     assert hung.state == TrialState.FAIL and hung.user_attrs["failure_reason"] == "timeout"
     assert [h["epoch"] for h in hung.user_attrs["history"]] == [1] and hung.intermediate_values == {1: 0.2}
-    assert [before.state, after.state] == [TrialState.COMPLETE] * 2 and after.values == [0.06]
+    assert [before.state, after.state] == [TrialState.COMPLETE] * 2 and after.values == [0.06], after.user_attrs
     assert len(study.get_trials()) == 3  # a timeout is not retried, and it counts toward the budget
     assert "trial 1 stopped: it ran past budget.trial_timeout (6 s)" in lines
     workers = [line for line in lines if line.startswith("warm trial worker")]
