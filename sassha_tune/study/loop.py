@@ -36,7 +36,7 @@ from .callbacks import Callback, make_callbacks, notify
 from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard
 from .create import config_from_payload, plain, stored_payload
 from .liveness import Heartbeat, reconcile, retry_lost
-from .progress import StudyObserver
+from .progress import GuardedObserver, StudyObserver
 from .samplers import make_pruner, make_sampler, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
 from .tell import fail, finish
@@ -118,7 +118,7 @@ def run_trials(
     check_task_inputs(cfg)  # a missing dataset file or train function costs no study
     told_to = [*make_callbacks(cfg.study.callbacks, cfg.study.metrics), *((getattr(c, "__name__", type(c).__name__), c) for c in callbacks)]
     summary = LoopSummary()
-    observer = observer if observer is not None else StudyObserver()
+    observer = GuardedObserver(observer, log) if observer is not None else StudyObserver()
     observer.study_started(study_name, cfg.study.metrics, [d.name.lower() for d in study.directions], cfg.task.epochs)
     start = time.monotonic()
     restore = _sigterm_as_interrupt()

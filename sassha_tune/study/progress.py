@@ -13,8 +13,8 @@
 * ``study_finished(seconds, stopped_because)`` when the loop ends normally (not on Ctrl-C or an error).
 
 :class:`StudyObserver` does nothing (the default): subclass it and override what you need. Its
-methods run in the loop's thread, between storage calls, so they should be quick and must not
-raise. :class:`StudyTally` folds the events into what a live view shows: trials done of the
+methods run in the loop's thread, between storage calls, so they should be quick; one that raises
+gets a warning line and is told nothing more (:class:`GuardedObserver`), the trials go on. :class:`StudyTally` folds the events into what a live view shows: trials done of the
 budget, the best value so far, the running trials and their last epoch, the ETA, and the final
 :meth:`StudyTally.summary_line`. The rich view of the CLI (:mod:`sassha_tune.live`) renders it.
 """
@@ -31,9 +31,10 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
+from ..trial.outcome import one_line
 from .budget import counts_toward_budget
 
-__all__ = ["PLAIN_ENV", "StudyObserver", "RunningTrial", "StudyTally", "fmt_seconds"]
+__all__ = ["PLAIN_ENV", "GuardedObserver", "StudyObserver", "RunningTrial", "StudyTally", "fmt_seconds"]
 
 #: set (to anything but "" or "0"): plain lines even on a terminal; ``run --gpus`` sets it for its workers
 PLAIN_ENV = "SASSHA_TUNE_PLAIN"
@@ -62,6 +63,47 @@ class StudyObserver:
 
     def study_finished(self, seconds: float, stopped_because: str) -> None:
         """The loop ended normally after ``seconds`` (``stopped_because``: budget reached, timeout)."""
+
+
+class GuardedObserver(StudyObserver):
+    """Passes every event on to ``observer``; the first event it raises on (any ``Exception``) gets
+    one warning line through ``log``, and it is told nothing more. A view that breaks must not fail
+    the trial it was showing, nor the study (study callbacks are guarded the same way)."""
+
+    def __init__(self, observer: StudyObserver, log: Any) -> None:
+        self.observer, self.log = observer, log
+        self.broken = False
+
+    def _tell(self, event: str, *args: Any) -> None:
+        if self.broken:
+            return
+        try:
+            getattr(self.observer, event)(*args)
+        except Exception as exc:
+            self.broken = True
+            self.log(f"warning: observer {type(self.observer).__name__} failed in {event}: {one_line(exc)}; "
+                     "it is told nothing more")
+
+    def study_started(self, name: str, metrics: Sequence[str], directions: Sequence[str], epochs: int | None) -> None:
+        self._tell("study_started", name, metrics, directions, epochs)
+
+    def budget(self, trials: Sequence[FrozenTrial], total: int) -> None:
+        self._tell("budget", trials, total)
+
+    def trial_started(self, number: int, params: Mapping[str, Any], member: int | None = None) -> None:
+        self._tell("trial_started", number, params, member)
+
+    def epoch(self, number: int, epoch: int, metrics: Mapping[str, Any]) -> None:
+        self._tell("epoch", number, epoch, metrics)
+
+    def phase(self, number: int, name: str) -> None:
+        self._tell("phase", number, name)
+
+    def trial_finished(self, frozen: FrozenTrial) -> None:
+        self._tell("trial_finished", frozen)
+
+    def study_finished(self, seconds: float, stopped_because: str) -> None:
+        self._tell("study_finished", seconds, stopped_because)
 
 
 def fmt_seconds(seconds: float) -> str:

@@ -148,13 +148,17 @@ class WarmWorker:
         return warm
 
     def close(self, timeout: float = 10.0) -> int:
-        """End it: end of input (it exits 0 between jobs), then SIGTERM / SIGKILL after ``timeout``."""
+        """End it: end of input (it exits 0 between jobs), then SIGTERM / SIGKILL after ``timeout``.
+        A worker that never got a job (a study refused before its first trial) gets SIGTERM at
+        once: it holds nothing, and waiting for its imports to finish would only delay the error."""
         self.spent = True
         try:
             if self.proc.stdin is not None:
                 self.proc.stdin.close()
         except OSError:
             pass
+        if self.jobs == 0 and self.proc.poll() is None:
+            self.proc.terminate()
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -14,7 +14,9 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from typer.testing import CliRunner
 
+from sassha_tune.cli import app
 from sassha_tune.study.storage import CRASH_ENV
 
 CONFIG = {
@@ -33,6 +35,15 @@ def _cli(*args: str, env: dict | None = None, cwd: Path) -> subprocess.Completed
                           env={**os.environ, **(env or {})}, timeout=300)
 
 
+def _in_process(*args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
+    """The CLI in this process (no crash point set): what a user's next run does, without paying
+    a Python start; a killed run needs a process of its own (:func:`_cli`)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv(CRASH_ENV, raising=False)
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
 def _config(tmp_path: Path, **study) -> Path:
     path = tmp_path / "atomic.yaml"
     path.write_text(yaml.safe_dump({**CONFIG, "study": {**CONFIG["study"], **study}}))
@@ -41,7 +52,7 @@ def _config(tmp_path: Path, **study) -> Path:
 
 @pytest.mark.parametrize("point", ["create:before-create", "create:before-commit", "create:after-commit",
                                    "create:before-enqueued-mark"])
-def test_a_kill_during_creation_leaves_no_study_or_a_complete_one(tmp_path, point):
+def test_a_kill_during_creation_leaves_no_study_or_a_complete_one(tmp_path, monkeypatch, point):
     url = f"sqlite:///{tmp_path / 's.db'}"
     cfg = _config(tmp_path)
     killed = _cli("run", str(cfg), "--storage", url, "--create-only", env={CRASH_ENV: point}, cwd=tmp_path)
@@ -50,8 +61,8 @@ def test_a_kill_during_creation_leaves_no_study_or_a_complete_one(tmp_path, poin
     if names:  # complete: every attribute a sassha-tune study has
         study = optuna.load_study(study_name="atomic", storage=url)
         assert {"config", "search_space", "optimizer", "objectives"} <= set(study.user_attrs)
-    again = _cli("run", str(cfg), "--storage", url, "--create-only", cwd=tmp_path)
-    assert again.returncode == 0, again.stderr
+    code, _, errs = _in_process("run", str(cfg), "--storage", url, "--create-only", cwd=tmp_path, monkeypatch=monkeypatch)
+    assert code == 0, errs
     study = optuna.load_study(study_name="atomic", storage=url)
     published = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
     assert published, "the published configurations are enqueued, whatever the kill interrupted"
@@ -59,22 +70,24 @@ def test_a_kill_during_creation_leaves_no_study_or_a_complete_one(tmp_path, poin
     assert len(set(fixed)) == len(fixed)  # none twice
 
 
-def test_a_half_created_study_of_an_older_version_is_adopted(tmp_path):
+def test_a_half_created_study_of_an_older_version_is_adopted(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 's.db'}"
     optuna.create_study(study_name="atomic", storage=url, direction="maximize")  # attributes never written
-    result = _cli("run", str(_config(tmp_path)), "--storage", url, "--create-only", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "adopted study 'atomic'" in result.stdout
+    code, out, errs = _in_process("run", str(_config(tmp_path)), "--storage", url, "--create-only", cwd=tmp_path,
+                                  monkeypatch=monkeypatch)
+    assert code == 0, errs
+    assert "adopted study 'atomic'" in out
     study = optuna.load_study(study_name="atomic", storage=url)
     assert study.user_attrs["optimizer"] == "sassha" and "config" in study.user_attrs
 
 
-def test_a_half_created_study_with_other_objectives_is_removed_and_created_again(tmp_path):
+def test_a_half_created_study_with_other_objectives_is_removed_and_created_again(tmp_path, monkeypatch):
     url = f"sqlite:///{tmp_path / 's.db'}"
     optuna.create_study(study_name="atomic", storage=url, directions=["minimize", "minimize"])
-    result = _cli("run", str(_config(tmp_path)), "--storage", url, "--create-only", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert "removed study 'atomic'" in result.stdout
+    code, out, errs = _in_process("run", str(_config(tmp_path)), "--storage", url, "--create-only", cwd=tmp_path,
+                                  monkeypatch=monkeypatch)
+    assert code == 0, errs
+    assert "removed study 'atomic'" in out
     assert len(optuna.load_study(study_name="atomic", storage=url).directions) == 1
 
 

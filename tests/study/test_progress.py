@@ -85,6 +85,28 @@ def test_the_observer_is_told_a_pack_and_a_single_trial_in_order(tmp_path):
                        ("study_finished", "budget reached (3/3 trials)")]
 
 
+class BreaksAtItsSecondEpoch(Recorder):
+    def epoch(self, number, epoch, metrics):
+        super().epoch(number, epoch, metrics)
+        if epoch == 2:
+            raise ZeroDivisionError("division by zero")
+
+
+def test_an_observer_that_raises_is_dropped_with_one_warning_and_the_trials_go_on(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({**TINY, "budget": {"n_trials": 2}}))
+    url = f"sqlite:///{tmp_path}/e.db"
+    create_or_continue(load_config(p), url)
+    rec, lines = BreaksAtItsSecondEpoch(), []
+    summary = run_trials("events", url, log=lines.append, pack=1, observer=rec)
+    trials = optuna.load_study(study_name="events", storage=url).trials
+    assert summary.ran == 2 and [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert [e[0] for e in rec.events] == ["study_started", "budget", "trial_started", "epoch", "epoch"]
+    warnings = [line for line in lines if line.startswith("warning: observer")]
+    assert warnings == ["warning: observer BreaksAtItsSecondEpoch failed in epoch: "
+                        "error: ZeroDivisionError: division by zero; it is told nothing more"]
+
+
 class Clock:
     def __init__(self) -> None:
         self.now = 100.0
