@@ -90,8 +90,11 @@ class LiveView(StudyTally):
             line.append(f"  epoch {t.epoch}/{self.epochs}" if self.epochs else f"  epoch {t.epoch}")
             for key in self.shown_metrics(t.metrics):
                 line.append(f"  {key} {_number(t.metrics[key])}")
-        elif t.phase is None:
+        elif t.phase is None and t.step is None:
             line.append("  starting", style="dim")
+        if t.step is not None:  # within the next epoch, not yet reported
+            epoch, step, steps = t.step
+            line.append(f"  step {step}/{steps} of epoch {epoch}", style="cyan")
         if t.phase is not None:
             line.append(f"  {PHASE_WORDS.get(t.phase, t.phase)}", style="yellow")
         line.append(f"  {fmt_seconds(self.clock() - t.started)}", style="dim")

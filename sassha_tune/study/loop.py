@@ -30,7 +30,7 @@ from ..devices import check_available as check_device
 from ..errors import UserError
 from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS, PER_EPOCH_METRICS
 from ..trial.outcome import TrialOutcome
-from ..trial.process import TrialProcess, WarmJob, WarmWorker, Watchdog
+from ..trial.process import STEP_SECONDS, TrialProcess, WarmJob, WarmWorker, Watchdog
 from .budget import budget_used, counts_toward_budget
 from .callbacks import Callback, make_callbacks, notify
 from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard
@@ -215,8 +215,9 @@ def start_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, space: Se
     return params
 
 
-def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None) -> dict[str, Any]:
-    """The trial protocol's job (:mod:`sassha_tune.trial`): one trial's params, or a pack's list."""
+def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None, *, watched: bool = False) -> dict[str, Any]:
+    """The trial protocol's job (:mod:`sassha_tune.trial`): one trial's params, or a pack's list;
+    ``watched``: ask for step messages every ``STEP_SECONDS`` (an observer shows progress within an epoch)."""
     return {
         "study": study.study_name,
         "config": config_to_dict(cfg),  # validated: the trial process rebuilds it as is
@@ -224,6 +225,7 @@ def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None) -> d
         "device": device,
         # the child waits for go/stop after each epoch when a pruner or the chance guard may stop it
         "prune": cfg.study.pruner.name != "none" or ChanceGuard(cfg).active,
+        "steps": STEP_SECONDS if watched else None,
     }
 
 
@@ -290,6 +292,10 @@ def _relay(
             on_split(msg)
         elif kind == "phase" and observer is not None and key in pending:
             observer.phase(pending[key].number, str(msg.get("phase")))
+        elif kind == "step" and observer is not None:
+            for member in msg.get("members", [None]):  # a pack's: the members training now
+                if member in pending:
+                    observer.step(pending[member].number, int(msg["epoch"]), int(msg["step"]), int(msg["steps"]))
         elif kind == "user_error":
             user_error = str(msg.get("message"))
         elif kind == "started" and on_started is not None:
@@ -436,7 +442,7 @@ def _run_one(
             params = start_trial(study, trial, cfg, space)
             if params is None:
                 return None
-            job = _job(study, cfg, params, device)
+            job = _job(study, cfg, params, device, watched=observer is not None and observer.watches_steps)
             log(f"trial {trial.number} started: {fmt_params(params)}")
             if observer is not None:
                 observer.trial_started(trial.number, params)
@@ -506,7 +512,7 @@ def run_pack(
                     observer.trial_started(trial.number, params, len(params_list) - 1)
             if not params_list:
                 return told
-            job = _job(study, cfg, params_list, device)
+            job = _job(study, cfg, params_list, device, watched=observer is not None and observer.watches_steps)
             procs.append(TrialProcess(job))
 
             def split(msg: dict[str, Any]) -> None:  # out of memory before any member reported

@@ -9,6 +9,9 @@
   its index in a pack, None for a single trial);
 * ``epoch(number, epoch, metrics)`` for every epoch message of the trial (:mod:`sassha_tune.trial`);
 * ``phase(number, name)`` for its ``phase`` messages (``"sharpness"``: measuring sharpness);
+* ``step(number, epoch, step, steps)`` within a long epoch, at most about once a second (only for
+  an observer that overrides it: :attr:`StudyObserver.watches_steps`; the trial process sends
+  step messages only then);
 * ``trial_finished(frozen)`` once it is told (pack members one by one);
 * ``study_finished(seconds, stopped_because)`` when the loop ends normally (not on Ctrl-C or an error).
 
@@ -58,6 +61,14 @@ class StudyObserver:
     def phase(self, number: int, name: str) -> None:
         """Trial ``number`` began a phase that sends no epochs (``"sharpness"``; others may come)."""
 
+    def step(self, number: int, epoch: int, step: int, steps: int) -> None:
+        """Trial ``number`` is at ``step`` of the ``steps`` of ``epoch`` (not yet reported)."""
+
+    @property
+    def watches_steps(self) -> bool:
+        """Whether this observer wants :meth:`step` (it overrides it): only then do trials send steps."""
+        return type(self).step is not StudyObserver.step
+
     def trial_finished(self, frozen: FrozenTrial) -> None:
         """The trial was told (any state: COMPLETE, PRUNED, FAIL)."""
 
@@ -99,6 +110,13 @@ class GuardedObserver(StudyObserver):
     def phase(self, number: int, name: str) -> None:
         self._tell("phase", number, name)
 
+    def step(self, number: int, epoch: int, step: int, steps: int) -> None:
+        self._tell("step", number, epoch, step, steps)
+
+    @property
+    def watches_steps(self) -> bool:
+        return self.observer.watches_steps
+
     def trial_finished(self, frozen: FrozenTrial) -> None:
         self._tell("trial_finished", frozen)
 
@@ -126,6 +144,7 @@ class RunningTrial:
     epoch: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     phase: str | None = None
+    step: tuple[int, int, int] | None = None  # (epoch, step, steps) within the epoch after ``epoch``
 
 
 class StudyTally(StudyObserver):
@@ -188,13 +207,19 @@ class StudyTally(StudyObserver):
         with self.lock:
             t = self.running.get(number)
             if t is not None:
-                t.epoch, t.metrics, t.phase = epoch, dict(metrics), None
+                t.epoch, t.metrics, t.phase, t.step = epoch, dict(metrics), None, None
+
+    def step(self, number: int, epoch: int, step: int, steps: int) -> None:
+        with self.lock:
+            t = self.running.get(number)
+            if t is not None and epoch > t.epoch:
+                t.step = (epoch, step, steps)
 
     def phase(self, number: int, name: str) -> None:
         with self.lock:
             t = self.running.get(number)
             if t is not None:
-                t.phase = name
+                t.phase, t.step = name, None
 
     def trial_finished(self, frozen: FrozenTrial) -> None:
         with self.lock:

@@ -361,8 +361,11 @@ def train_pack(
     kernels: str | None = None,
     split_on_oom: bool = False,
     on_split: Callable[[int, list[list[int]]], None] | None = None,
+    on_step: Callable[[int, int, int, list[int]], None] | None = None,
 ) -> list[TrainResult]:
     """Train the members ``specs`` together; result ``i`` is what ``train(specs[i])`` would return.
+    ``on_step(epoch, step, steps, members)``: after every step of the pack now training
+    (``members``: its indices into ``specs``, those that left included; see ``trainer.on_step``).
 
     ``on_epoch[i](epoch, metrics)`` is member i's per-epoch callback (True: stop it, "stopped").
     ``on_leave(i, result)`` is called as soon as member i is done (completed, stopped, diverged),
@@ -412,11 +415,13 @@ def train_pack(
         group = todo.pop(0)
         sub_leave = None if on_leave is None else (lambda j, res, group=group: on_leave(group[j], res))
         may_split = split_on_oom and len(group) > 1
+        sub_step = None if on_step is None else (lambda e, i, n, group=group: on_step(e, i, n, group))
         try:
             members = build_members([specs[i] for i in group], [callbacks[i] for i in group], device,
                                     splits=splits, data=data)
             stepper = LoneSteps(autocast) if kernels == "exact" else StackedSteps(device, autocast)
-            attempt = train_members(members, stepper, device, on_leave=sub_leave, may_split=may_split)
+            attempt = train_members(members, stepper, device, on_leave=sub_leave, may_split=may_split,
+                                    on_step=sub_step)
         except OOM_ERRORS:
             if not split_on_oom:
                 raise  # as before: the caller fails every member

@@ -13,6 +13,9 @@ metrics, the divergence check, validation, ``on_epoch`` and out-of-memory handli
 
 Epochs are numbered from 1: ``history[i]["epoch"] == i + 1`` and ``on_epoch(epoch, metrics)`` is
 called with that number after the epoch's validation; returning True stops the run ("stopped").
+``on_step(epoch, step, steps)``, if given, is called after every optimizer step (``step`` of the
+epoch's ``steps``, from 1; on rank 0 only): progress within a long epoch, for a live view. It must
+be cheap (the trial process throttles what it sends).
 """
 
 from __future__ import annotations
@@ -369,6 +372,7 @@ def train(
     on_epoch: Callable[[int, dict], bool] | None = None,
     *,
     splits: Splits | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> TrainResult:
     """Train ``spec.model`` on ``spec.dataset`` with ``spec.optimizer``; never raises on divergence/OOM."""
     check_spec(spec)
@@ -378,7 +382,8 @@ def train(
         (member,) = build_members([spec], [on_epoch], device, splits=splits)
         broadcast_module(member.model, ranks.group)  # identical start on every rank
         results = train_members([member], LoneSteps(_autocast(spec, device)), device, ranks=ranks,
-                                progress=_progress(spec) if ranks.is_main else None)
+                                progress=_progress(spec) if ranks.is_main else None,
+                                on_step=on_step if ranks.is_main else None)
     finally:
         ranks.close()
     assert not isinstance(results, OutOfMemory)
@@ -398,6 +403,7 @@ def train_members(
     may_split: bool = False,
     ranks: Ranks | None = None,
     progress: Any = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> list[TrainResult] | OutOfMemory:
     """Train ``members`` (all with the same task; see :func:`build_members`) in lockstep.
 
@@ -405,7 +411,8 @@ def train_members(
     ``on_leave(index, result)`` is called as soon as a member is done, so its trial can be told
     while the others train. Out of memory: every member still training fails ``out_of_memory``,
     unless ``may_split`` and nobody reported yet (no ``on_epoch`` call, no member left): then
-    :class:`OutOfMemory` is returned. Results are in the order of ``members``.
+    :class:`OutOfMemory` is returned. Results are in the order of ``members``. ``on_step(epoch,
+    step, steps)``: after every step (module docstring).
     """
     ranks = ranks if ranks is not None else Ranks()
     spec0 = members[0].spec
@@ -533,6 +540,8 @@ def train_members(
                 del xs, ys, outcome
                 if progress:
                     progress.update(task, advance=1, description=f"epoch {epoch}/{spec0.epochs}")
+                if on_step is not None:
+                    on_step(epoch, i + 1, per_epoch)
                 for m in diverged:
                     leave(m, "diverged", "diverged")
                 drop(diverged)

@@ -6,7 +6,7 @@ one. Parent and child speak one protocol, in JSON lines:
 
 * **Job** (parent -> child, one line on the child's stdin)::
 
-    {"study": NAME, "config": CONFIG, "params": PARAMS, "device": DEVICE, "prune": BOOL}
+    {"study": NAME, "config": CONFIG, "params": PARAMS, "device": DEVICE, "prune": BOOL, "steps": SECONDS}
 
   ``config`` is a validated config as plain data (:func:`sassha_tune.config.config_to_dict`); the
   child rebuilds it with :func:`sassha_tune.config.config_from_stored`, without validating it
@@ -23,7 +23,10 @@ one. Parent and child speak one protocol, in JSON lines:
   ``{"type": "phase", "phase": NAME}`` says a part of the trial that sends no epoch messages
   begins; today one name, ``"sharpness"``, sent just before the sharpness of a trained model is
   measured (after its last epoch; a pack's carries ``member``; a multi-rank trial relays rank 0's).
-  It is not answered. A parent ignores message types it does not know (and phases it does not
+  It is not answered. A job whose ``"steps"`` is a number of seconds (someone watches: a live
+  view; :data:`.process.STEP_SECONDS`) also gets ``{"type": "step", "epoch": E, "step": S,
+  "steps": N}`` within long epochs, at most that often (a pack's lists its training
+  ``"members"``), unanswered; ``null`` or absent: none. A parent ignores message types it does not know (and phases it does not
   show), so a child may send new kinds of ``phase`` without breaking an older parent.
 * A trial process draws no progress bar of its own, whatever its stderr is: the study shows its
   epochs (the CLI's live view, :mod:`sassha_tune.live`).

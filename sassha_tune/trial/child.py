@@ -26,7 +26,7 @@ from .objective import evaluate_pack, evaluate_params
 from .outcome import TrialOutcome, json_safe, one_line
 from .process import PARENT_PID_ENV
 
-__all__ = ["main"]
+__all__ = ["main", "step_messages"]
 
 _PARENT_GONE = 3
 
@@ -37,6 +37,28 @@ def _watch_parent(parent: int) -> None:
         time.sleep(0.5)
         if os.getppid() != parent:
             os._exit(_PARENT_GONE)
+
+
+def step_messages(send: Callable[[dict[str, Any]], None], *, pack: bool, every: float,
+                  clock: Callable[[], float] = time.monotonic) -> Callable[..., None]:
+    """A trainer step callback ``(epoch, step, steps[, members])`` that sends ``{"type": "step",
+    "epoch": E, "step": S, "steps": N}`` (a pack's with ``"members": [...]``) when ``every``
+    seconds passed since the last one (or since it was made), never for a step that ends its
+    epoch (the epoch message follows): an epoch shorter than ``every`` sends none."""
+    last = clock()
+
+    def callback(epoch: int, step: int, steps: int, members: list[int] | None = None) -> None:
+        nonlocal last
+        now = clock()
+        if step == steps or now - last < every:
+            return
+        last = now
+        msg: dict[str, Any] = {"type": "step", "epoch": epoch, "step": step, "steps": steps}
+        if pack:
+            msg["members"] = list(members or [])
+        send(msg)
+
+    return callback
 
 
 class _Channel:
@@ -70,6 +92,10 @@ class _Channel:
             return reply.strip() == "stop"
 
         return callback
+
+    def on_step(self, pack: bool, every: float) -> Callable[..., None]:
+        """The trainer's step callback: ``step`` messages at most every ``every`` seconds (:func:`step_messages`)."""
+        return step_messages(self.send, pack=pack, every=every)
 
     def phase(self, name: str, member: int | None = None) -> None:
         """A phase without epoch messages begins: ``{"type": "phase", "phase": NAME}``, not answered."""
@@ -189,12 +215,14 @@ def _run_job(job: dict[str, Any], proto: TextIO) -> tuple[int, str | None]:
                 on_split=lambda epoch, halves: channel.send({"type": "split", "epoch": epoch, "halves": halves}),
                 device=job.get("device"),
                 on_phase=lambda i, name: channel.phase(name, i),
+                on_step=None if job.get("steps") is None else channel.on_step(True, float(job["steps"])),
             )
         else:
             # no progress bar of its own (as a pack's): the study's live view shows the epochs, and
             # several trial processes on one terminal would draw over each other
             outcome = evaluate_params(cfg, params, on_epoch=channel.on_epoch(), device=job.get("device"),
-                                      progress=False, on_phase=channel.phase)
+                                      progress=False, on_phase=channel.phase,
+                                      on_step=None if job.get("steps") is None else channel.on_step(False, float(job["steps"])))
     except UserError as exc:
         channel.send({"type": "user_error", "message": str(exc)})
         return 2, None

@@ -83,9 +83,12 @@ def evaluate_params(
     device: str | None = None,
     progress: bool | None = None,
     on_phase: Callable[[str], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> TrialOutcome:
     """Train with ``params`` and measure everything a trial stores. Raises only UserError / bugs.
-    ``on_phase(name)``: told when a phase without epoch reports begins (``"sharpness"``)."""
+    ``on_phase(name)``: told when a phase without epoch reports begins (``"sharpness"``).
+    ``on_step(epoch, step, steps)``: after every training step (not for ``task.train``, whose steps
+    are its own)."""
     from ..distributed import launched_world_size
     from ..training.trainer import train
 
@@ -94,9 +97,9 @@ def evaluate_params(
 
         return evaluate_user_train(cfg, params, on_epoch=on_epoch, device=device, on_phase=on_phase)
     if cfg.device.processes > 1 and launched_world_size() <= 1:
-        return _evaluate_ranks(cfg, params, on_epoch=on_epoch, device=device, on_phase=on_phase)
+        return _evaluate_ranks(cfg, params, on_epoch=on_epoch, device=device, on_phase=on_phase, on_step=on_step)
     spec = build_spec(cfg, params, device=device, progress=progress)
-    result = train(spec, on_epoch=on_epoch)
+    result = train(spec, on_epoch=on_epoch, on_step=on_step)
     if result.rank != 0:  # data parallelism: rank 0 measures and reports
         return TrialOutcome("fail" if result.failure_reason else "complete", failure_reason=result.failure_reason)
     return outcome_from_result(cfg, spec, result, on_phase=on_phase)
@@ -150,14 +153,16 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any, *,
 
 def _evaluate_ranks(
     cfg: Config, params: Mapping[str, Any], *, on_epoch: Callable[[int, dict], bool] | None, device: str | None,
-    on_phase: Callable[[str], None] | None = None,
+    on_phase: Callable[[str], None] | None = None, on_step: Callable[[int, int, int], None] | None = None,
 ) -> TrialOutcome:
     """``device.processes: N``: run the trial as N rank processes (:func:`~sassha_tune.trial.ranks.launch_ranks`);
     rank 0's result is the trial's, a rank that dies fails it with ``rank_failed: ...``."""
     from .ranks import launch_ranks
 
-    job = {"config": config_to_dict(cfg), "params": dict(params), "device": device, "prune": on_epoch is not None}
-    result, epochs, failure = launch_ranks(job, cfg.device.processes, on_epoch, on_phase=on_phase)
+    job = {"config": config_to_dict(cfg), "params": dict(params), "device": device, "prune": on_epoch is not None,
+           # rank 0 tells every step to this process, whose on_step sends them on as often as its job asks
+           "steps": 0.0 if on_step is not None else None}
+    result, epochs, failure = launch_ranks(job, cfg.device.processes, on_epoch, on_phase=on_phase, on_step=on_step)
     history = [dict(m.get("metrics") or {}) for m in epochs]
     if failure is not None or result is None:
         attrs = {"processes": cfg.device.processes, "epochs_completed": len(history)}
@@ -176,6 +181,7 @@ def evaluate_pack(
     on_split: Callable[[int, list[list[int]]], None] | None = None,
     device: str | None = None,
     on_phase: Callable[[int, str], None] | None = None,
+    on_step: Callable[[int, int, int, list[int]], None] | None = None,
 ) -> list[TrialOutcome]:
     """:func:`evaluate_params` for K param sets at once; outcome i is member i's.
 
@@ -183,7 +189,8 @@ def evaluate_pack(
     ``split_on_oom``; ``on_split(epoch, halves)`` is told). Each outcome records the pack the member
     actually ran in: ``pack_size``, ``pack_index`` (its position there) and, after a split,
     ``pack_oom_sizes`` (the sizes of the packs it was in that ran out of memory, largest first).
-    ``on_phase(i, name)``: member i begins a phase without epoch reports (``"sharpness"``)."""
+    ``on_phase(i, name)``: member i begins a phase without epoch reports (``"sharpness"``).
+    ``on_step(epoch, step, steps, members)``: after every step of the members training now."""
     from ..training.packs import train_pack
 
     specs = [build_spec(cfg, p, device=device, progress=False) for p in params_list]
@@ -210,7 +217,7 @@ def evaluate_pack(
         if on_outcome is not None:
             on_outcome(i, outcome)
 
-    train_pack(specs, on_epoch=on_epoch, on_leave=leave, split_on_oom=True, on_split=split)
+    train_pack(specs, on_epoch=on_epoch, on_leave=leave, split_on_oom=True, on_split=split, on_step=on_step)
     return [outcomes[i] for i in range(len(specs))]
 
 

@@ -19,7 +19,10 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
-__all__ = ["PARENT_PID_ENV", "TrialProcess", "WarmJob", "WarmWorker", "Watchdog"]
+__all__ = ["PARENT_PID_ENV", "STEP_SECONDS", "TrialProcess", "WarmJob", "WarmWorker", "Watchdog"]
+
+#: seconds between two ``step`` messages (progress within an epoch) when a study asks for them
+STEP_SECONDS = 1.0
 
 # The child watches this process and exits when it is gone (a killed coordinator leaves no orphan).
 PARENT_PID_ENV = "SASSHA_TUNE_PARENT_PID"

@@ -50,13 +50,14 @@ def launch_ranks(
     *,
     poll: float = 0.1,
     on_phase: Callable[[str], None] | None = None,
+    on_step: Callable[[int, int, int], None] | None = None,
 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]], str | None]:
     """Run ``job`` (the trial protocol of :mod:`sassha_tune.trial`) as ``processes`` ranks.
 
     Rank r is a trial process (:class:`~sassha_tune.trial.process.TrialProcess`) with ``RANK=r``,
     ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR=127.0.0.1`` and a free ``MASTER_PORT``; each gets
     the job. Rank 0's messages come back (epoch messages go to ``on_epoch``, whose answer is sent
-    back when the job prunes; ``phase`` messages go to ``on_phase``, unanswered; other messages
+    back when the job prunes; ``phase`` messages go to ``on_phase`` and ``step`` messages to ``on_step``, unanswered; other messages
     are ignored); the other ranks' stdout is discarded. Every rank is watched: when
     one exits with a non-zero code (or rank 0 exits without a result) the others are stopped at once.
 
@@ -106,6 +107,8 @@ def launch_ranks(
                     result = msg
                 elif kind == "phase" and on_phase is not None:
                     on_phase(str(msg.get("phase")))
+                elif kind == "step" and on_step is not None:
+                    on_step(int(msg["epoch"]), int(msg["step"]), int(msg["steps"]))
             for r, p in enumerate(procs[1:], start=1):
                 rc = p.poll()
                 if rc is not None and rc != 0:

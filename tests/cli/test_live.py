@@ -56,6 +56,12 @@ def test_the_view_shows_trial_k_of_n_epoch_best_and_eta():
     view.epoch(2, 4, {"train_loss": 0.51234, "val_acc": 0.9325, "lr": 0.1})
     text = _text(_terminal(), view)
     assert "trial 2 (3/8)  epoch 4/10  train_loss 0.5123  val_acc 0.9325  12 s" in text
+    view.step(2, 5, 120, 390)  # within epoch 5: shown next to epoch 4's metrics
+    assert "val_acc 0.9325  step 120/390 of epoch 5  12 s" in _text(_terminal(), view)
+    view.step(2, 4, 7, 390)  # a late step of an epoch already reported changes nothing
+    assert "val_acc 0.9325  step 120/390 of epoch 5  12 s" in _text(_terminal(), view)
+    view.epoch(2, 5, {"train_loss": 0.5, "val_acc": 0.9325, "lr": 0.1})
+    assert "step" not in _text(_terminal(), view)
     view.phase(2, "sharpness")
     assert "val_acc 0.9325  measuring sharpness  12 s" in _text(_terminal(), view)
     clock.now += 8
@@ -63,6 +69,9 @@ def test_the_view_shows_trial_k_of_n_epoch_best_and_eta():
     text = _text(_terminal(), view)
     assert "3/8 trials done · best val_acc 0.9325 (trial 2) · ETA 1m 40s · 20 s so far" in text  # 20 s x 5 left
     view.trial_started(3, {})
+    assert "trial 3 (4/8)  starting" in _text(_terminal(), view)
+    view.step(3, 1, 10, 390)
+    assert "trial 3 (4/8)  step 10/390 of epoch 1  0 s" in _text(_terminal(), view)
     clock.now += 200  # longer than the 100 s the estimate gave the last 5
     assert "ETA soon" in _text(_terminal(), view)
 

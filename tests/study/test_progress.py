@@ -85,6 +85,30 @@ def test_the_observer_is_told_a_pack_and_a_single_trial_in_order(tmp_path):
                        ("study_finished", "budget reached (3/3 trials)")]
 
 
+class StepRecorder(Recorder):
+    def step(self, number, epoch, step, steps):
+        self.events.append(("step", number, epoch, step, steps))
+
+
+def test_an_observer_of_steps_is_told_the_steps_within_each_epoch(tmp_path, monkeypatch):
+    """With step messages on every step (STEP_SECONDS 0), every step but an epoch's last comes
+    before that epoch's message, for a pack's members and a single trial alike; an observer
+    that does not override ``step`` asks for none (the test above)."""
+    import sassha_tune.study.loop as loop
+
+    monkeypatch.setattr(loop, "STEP_SECONDS", 0.0)
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump({**TINY, "task": {**TINY["task"], "max_steps_per_epoch": 3}}))
+    url = f"sqlite:///{tmp_path}/e.db"
+    create_or_continue(load_config(p), url)
+    rec = StepRecorder()
+    assert rec.watches_steps and not Recorder().watches_steps
+    assert run_trials("events", url, log=lambda _m: None, pack=2, observer=rec).ran == 3
+    for number in (0, 1, 2):  # the pack's two members, then a single trial
+        seen = [e[0] if e[0] != "step" else e[2:] for e in rec.events if e[0] in ("step", "epoch") and e[1] == number]
+        assert seen == [(1, 1, 3), (1, 2, 3), "epoch", (2, 1, 3), (2, 2, 3), "epoch"], (number, seen)
+
+
 class BreaksAtItsSecondEpoch(Recorder):
     def epoch(self, number, epoch, metrics):
         super().epoch(number, epoch, metrics)

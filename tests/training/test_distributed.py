@@ -197,7 +197,7 @@ def test_killed_rank_fails_the_trial_quickly(tmp_path):
     print(f"\nkilled rank -> trial failed in {waited:.2f} s")
 
 
-def test_study_trial_with_two_processes_reports_once(tmp_path):
+def test_study_trial_with_two_processes_reports_once(tmp_path, monkeypatch):
     import optuna
     from optuna.trial import TrialState
 
@@ -216,12 +216,19 @@ def test_study_trial_with_two_processes_reports_once(tmp_path):
         def phase(self, number, name):
             self.events.append(("phase", number, name))
 
+        def step(self, number, epoch, step, steps):
+            self.events.append(("step", number, step))
+
+    import sassha_tune.study.loop as loop
+
+    monkeypatch.setattr(loop, "STEP_SECONDS", 0.0)  # every step but the epoch's last is told
     url = f"sqlite:///{tmp_path / 's.db'}"
     cfg = load_config(_config(tmp_path))
     create_or_continue(cfg, url, log=lambda _m: None)
     seen = Seen()
     run_trials("ddp", url, log=lambda _m: None, observer=seen)
-    assert seen.events == [("epoch", 0, 1), ("phase", 0, "sharpness")]  # rank 0's, relayed by the rank launcher
+    # rank 0's, relayed by the rank launcher
+    assert seen.events == [("step", 0, 1), ("step", 0, 2), ("step", 0, 3), ("epoch", 0, 1), ("phase", 0, "sharpness")]
     (trial,) = optuna.load_study(study_name="ddp", storage=url).get_trials()
     assert trial.state == TrialState.COMPLETE, trial.user_attrs.get("failure_reason")
     assert trial.user_attrs["processes"] == 2

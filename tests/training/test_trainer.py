@@ -108,6 +108,16 @@ def test_on_epoch_stops(mnist1d):
     assert r.steps == 6
 
 
+def test_on_step_is_told_every_step_of_every_epoch_in_order(mnist1d):
+    steps, order = [], []
+    spec = TrainSpec(epochs=3, max_steps_per_epoch=4, hparams={"lr": 0.01}, device="cpu")
+    r = train(spec, lambda epoch, _m: order.append(("epoch", epoch)) or epoch == 2, splits=mnist1d,
+              on_step=lambda *at: (steps.append(at), order.append(("step", at[0]))))
+    # stopped after epoch 2: epoch 3 never starts
+    assert steps == [(e, s, 4) for e in (1, 2) for s in (1, 2, 3, 4)] and r.steps == 8
+    assert order == [("step", 1)] * 4 + [("epoch", 1)] + [("step", 2)] * 4 + [("epoch", 2)]
+
+
 def test_resnet20_bn_trains_on_tiny_images():
     spec = TrainSpec(
         dataset="synthetic",

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from sassha_tune.config import config_from_dict, config_to_dict
+from sassha_tune.trial.child import step_messages
 from sassha_tune.trial.process import TrialProcess, Watchdog
 
 TINY = {
@@ -87,3 +88,20 @@ def test_a_process_that_never_begins_its_job_is_stopped_after_the_timeout():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_step_messages_are_sent_at_most_every_so_often_and_never_for_an_epochs_last_step():
+    now = [0.0]
+    sent: list[dict] = []
+    single = step_messages(sent.append, pack=False, every=1.0, clock=lambda: now[0])
+    for t, epoch, step in [(0.5, 1, 1), (1.0, 1, 2), (1.5, 1, 3), (2.5, 1, 4), (4.0, 1, 5), (4.1, 2, 1), (4.5, 2, 2)]:
+        now[0] = t
+        single(epoch, step, 5)
+    # 0.5 s: too soon; 1.0: sent; 1.5: too soon; 2.5: sent; 4.0: the epoch's last step (its epoch
+    # message follows), so 4.1 is 1.6 s after the last one sent: sent; 4.5: too soon
+    assert sent == [{"type": "step", "epoch": 1, "step": 2, "steps": 5}, {"type": "step", "epoch": 1, "step": 4, "steps": 5},
+                    {"type": "step", "epoch": 2, "step": 1, "steps": 5}]
+    sent.clear()
+    pack = step_messages(sent.append, pack=True, every=0.0, clock=lambda: now[0])
+    pack(2, 1, 3, [0, 2])
+    assert sent == [{"type": "step", "epoch": 2, "step": 1, "steps": 3, "members": [0, 2]}]
