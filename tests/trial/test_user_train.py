@@ -118,7 +118,7 @@ def test_a_trial_past_its_timeout_is_stopped_and_its_worker_replaced(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     cfg = config_from_dict(_own(task={"train": "plugins_example:own_quadratic", "epochs": 2,
                                       "train_options": {"hang_above": 0.1}},
-                                budget={"n_trials": 3, "trial_timeout": 6},
+                                budget={"n_trials": 3, "trial_timeout": 4},
                                 study={"name": "own", "objective": "val_acc", "pruner": {"name": "none"}}))
     created = create_or_continue(cfg, url, allow_space_change=False, log=lambda _: None)
     created.enqueue_trial({"lr": 0.05, "weight_decay": 1e-4})  # warms the worker up
@@ -131,7 +131,7 @@ def test_a_trial_past_its_timeout_is_stopped_and_its_worker_replaced(tmp_path):
     assert [h["epoch"] for h in hung.user_attrs["history"]] == [1] and hung.intermediate_values == {1: 0.2}
     assert [before.state, after.state] == [TrialState.COMPLETE] * 2 and after.values == [0.06], after.user_attrs
     assert len(study.get_trials()) == 3  # a timeout is not retried, and it counts toward the budget
-    assert "trial 1 stopped: it ran past budget.trial_timeout (6 s)" in lines
+    assert "trial 1 stopped: it ran past budget.trial_timeout (4 s)" in lines
     workers = [line for line in lines if line.startswith("warm trial worker")]
     assert len(workers) == 2 and workers[1].endswith("after the trial timeout)"), workers
 
