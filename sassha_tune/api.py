@@ -171,7 +171,8 @@ def run_study(
     ``study.callbacks`` (in this process only, so not with ``gpus``). ``fresh_process``: a fresh
     trial process per trial instead of one warm trial worker (as ``study.fresh_process: true``).
     ``observer``: a :class:`~sassha_tune.study.progress.StudyObserver` told the study loop's events
-    (trial started, epochs, phases, trial finished; in this process only, so not with ``gpus``),
+    (trial started, epochs, phases, steps within an epoch if it ``watches_steps``, trial finished;
+    in this process only, so not with ``gpus``),
     nothing by default; one that raises gets a warning line and is told nothing more. Same as ``sassha-tune run`` (whose live view on a terminal is such an observer).
     """
     from .config import advice

@@ -69,6 +69,10 @@ class LiveView(StudyTally):
             live.stop()
 
     # -- rendering --------------------------------------------------------------------------------
+    @property
+    def watches_steps(self) -> bool:
+        return True  # drawn next to the running trial's last epoch
+
     def shown_metrics(self, metrics: dict[str, Any]) -> list[str]:
         """The epoch metrics a trial line shows: train loss and the study's validation metric."""
         keys = ["train_loss"]

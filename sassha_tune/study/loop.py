@@ -293,7 +293,7 @@ def _relay(
         elif kind == "phase" and observer is not None and key in pending:
             observer.phase(pending[key].number, str(msg.get("phase")))
         elif kind == "step" and observer is not None:
-            for member in msg.get("members", [None]):  # a pack's: the members training now
+            for member in msg.get("members", [None]):  # a pack's: the members of the pack training now
                 if member in pending:
                     observer.step(pending[member].number, int(msg["epoch"]), int(msg["step"]), int(msg["steps"]))
         elif kind == "user_error":
@@ -456,17 +456,25 @@ def _run_one(
                 )
                 procs[0].wait()
             if deadline.fired and isinstance(procs[0], WarmJob):
-                procs[0].why_spent = "the trial timeout"
+                procs[0].retire("the trial timeout")  # signalled: even a worker that said done is replaced
             rc = procs[0].close()
             if user_error is not None:
                 raise UserError(user_error)
             outcome = results.get(None)
             if outcome is None and deadline.fired:
-                log(f"trial {trial.number} stopped: it ran past budget.trial_timeout ({cfg.budget.trial_timeout:g} s)")
+                log(f"trial {trial.number} stopped: it {_timeout_words(deadline, cfg)}")
                 outcome = TrialOutcome("fail", failure_reason=TIMEOUT)
             outcome = outcome or TrialOutcome("fail", failure_reason=_exit_reason(rc))
             outcome.attrs["history"] = _stored_history(epochs[None])
             return _told(study, trial, outcome, log)
+
+
+def _timeout_words(deadline: Watchdog, cfg: Config) -> str:
+    """What a job did when its watchdog fired: ``ran past budget.trial_timeout (4 s)``, or for a
+    process that never took the job up, ``did not start within 64 s (its process never took the job up)``."""
+    if deadline.began:
+        return f"ran past budget.trial_timeout ({cfg.budget.trial_timeout:g} s)"
+    return f"did not start within {deadline.startup:g} s (its process never took the job up)"
 
 
 def split_line(epoch: int, halves: list[list[int]]) -> str:
@@ -529,8 +537,7 @@ def run_pack(
             if user_error is not None:
                 raise UserError(user_error)
             if deadline.fired and pending:
-                log(f"trials {[t.number for t in pending.values()]} stopped: their pack ran past "
-                    f"budget.trial_timeout ({cfg.budget.trial_timeout:g} s)")
+                log(f"trials {[t.number for t in pending.values()]} stopped: their pack {_timeout_words(deadline, cfg)}")
                 reason = TIMEOUT
             else:
                 reason = LOST if rc == -signal.SIGKILL else f"error: pack process exited with code {rc}"

@@ -115,7 +115,12 @@ class GuardedObserver(StudyObserver):
 
     @property
     def watches_steps(self) -> bool:
-        return self.observer.watches_steps
+        if self.broken:
+            return False
+        try:
+            return bool(getattr(self.observer, "watches_steps", False))
+        except Exception:
+            return False
 
     def trial_finished(self, frozen: FrozenTrial) -> None:
         self._tell("trial_finished", frozen)
@@ -208,6 +213,12 @@ class StudyTally(StudyObserver):
             t = self.running.get(number)
             if t is not None:
                 t.epoch, t.metrics, t.phase, t.step = epoch, dict(metrics), None, None
+
+    @property
+    def watches_steps(self) -> bool:
+        """A tally keeps the steps it is told but shows nothing: only a view that draws them (the
+        live view) asks trials to send them."""
+        return False
 
     def step(self, number: int, epoch: int, step: int, steps: int) -> None:
         with self.lock:

@@ -25,8 +25,8 @@ one. Parent and child speak one protocol, in JSON lines:
   measured (after its last epoch; a pack's carries ``member``; a multi-rank trial relays rank 0's).
   It is not answered. A job whose ``"steps"`` is a number of seconds (someone watches: a live
   view; :data:`.process.STEP_SECONDS`) also gets ``{"type": "step", "epoch": E, "step": S,
-  "steps": N}`` within long epochs, at most that often (a pack's lists its training
-  ``"members"``), unanswered; ``null`` or absent: none. A parent ignores message types it does not know (and phases it does not
+  "steps": N}`` within long epochs, at most that often (a pack's lists the ``"members"`` of
+  the pack now training, those that already left included: the parent shows the pending ones), unanswered; ``null`` or absent: none. A parent ignores message types it does not know (and phases it does not
   show), so a child may send new kinds of ``phase`` without breaking an older parent.
 * A trial process draws no progress bar of its own, whatever its stderr is: the study shows its
   epochs (the CLI's live view, :mod:`sassha_tune.live`).

@@ -26,7 +26,7 @@ from .objective import evaluate_pack, evaluate_params
 from .outcome import TrialOutcome, json_safe, one_line
 from .process import PARENT_PID_ENV
 
-__all__ = ["main", "step_messages"]
+__all__ = ["StepMessages", "main"]
 
 _PARENT_GONE = 3
 
@@ -39,26 +39,26 @@ def _watch_parent(parent: int) -> None:
             os._exit(_PARENT_GONE)
 
 
-def step_messages(send: Callable[[dict[str, Any]], None], *, pack: bool, every: float,
-                  clock: Callable[[], float] = time.monotonic) -> Callable[..., None]:
+class StepMessages:
     """A trainer step callback ``(epoch, step, steps[, members])`` that sends ``{"type": "step",
     "epoch": E, "step": S, "steps": N}`` (a pack's with ``"members": [...]``) when ``every``
     seconds passed since the last one (or since it was made), never for a step that ends its
     epoch (the epoch message follows): an epoch shorter than ``every`` sends none."""
-    last = clock()
 
-    def callback(epoch: int, step: int, steps: int, members: list[int] | None = None) -> None:
-        nonlocal last
-        now = clock()
-        if step == steps or now - last < every:
+    def __init__(self, send: Callable[[dict[str, Any]], None], *, pack: bool, every: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.send, self.pack, self.every, self.clock = send, pack, every, clock
+        self.last = clock()
+
+    def __call__(self, epoch: int, step: int, steps: int, members: list[int] | None = None) -> None:
+        now = self.clock()
+        if step == steps or now - self.last < self.every:
             return
-        last = now
+        self.last = now
         msg: dict[str, Any] = {"type": "step", "epoch": epoch, "step": step, "steps": steps}
-        if pack:
+        if self.pack:
             msg["members"] = list(members or [])
-        send(msg)
-
-    return callback
+        self.send(msg)
 
 
 class _Channel:
@@ -93,9 +93,9 @@ class _Channel:
 
         return callback
 
-    def on_step(self, pack: bool, every: float) -> Callable[..., None]:
-        """The trainer's step callback: ``step`` messages at most every ``every`` seconds (:func:`step_messages`)."""
-        return step_messages(self.send, pack=pack, every=every)
+    def on_step(self, pack: bool, every: float) -> StepMessages:
+        """The trainer's step callback: ``step`` messages at most every ``every`` seconds."""
+        return StepMessages(self.send, pack=pack, every=every)
 
     def phase(self, name: str, member: int | None = None) -> None:
         """A phase without epoch messages begins: ``{"type": "phase", "phase": NAME}``, not answered."""
@@ -201,6 +201,8 @@ class _FreshState:
 def _run_job(job: dict[str, Any], proto: TextIO) -> tuple[int, str | None]:
     """Run one job, sending its messages: (the exit code, the failure reason of a failed single trial)."""
     channel = _Channel(proto, prune=bool(job.get("prune")))
+    from ..training import trainer  # noqa: F401  # torch and the training code: imported before the clock starts
+
     channel.send({"type": "started"})  # the trial's time (budget.trial_timeout) counts from here
     params = job["params"]
     members: list[int | None] = list(range(len(params))) if isinstance(params, list) else [None]

@@ -88,7 +88,8 @@ def evaluate_params(
     """Train with ``params`` and measure everything a trial stores. Raises only UserError / bugs.
     ``on_phase(name)``: told when a phase without epoch reports begins (``"sharpness"``).
     ``on_step(epoch, step, steps)``: after every training step (not for ``task.train``, whose steps
-    are its own)."""
+    are its own); if it has an ``every`` attribute (seconds: how often it sends steps on), rank 0
+    of a multi-rank trial reports its steps twice that often."""
     from ..distributed import launched_world_size
     from ..training.trainer import train
 
@@ -160,8 +161,9 @@ def _evaluate_ranks(
     from .ranks import launch_ranks
 
     job = {"config": config_to_dict(cfg), "params": dict(params), "device": device, "prune": on_epoch is not None,
-           # rank 0 tells every step to this process, whose on_step sends them on as often as its job asks
-           "steps": 0.0 if on_step is not None else None}
+           # rank 0 tells this process its steps twice as often as this one sends them on, so that
+           # the two throttles in a row still pass about one a second
+           "steps": None if on_step is None else getattr(on_step, "every", 0.0) / 2}
     result, epochs, failure = launch_ranks(job, cfg.device.processes, on_epoch, on_phase=on_phase, on_step=on_step)
     history = [dict(m.get("metrics") or {}) for m in epochs]
     if failure is not None or result is None:

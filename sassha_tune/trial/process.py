@@ -19,7 +19,10 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
-__all__ = ["PARENT_PID_ENV", "STEP_SECONDS", "TrialProcess", "WarmJob", "WarmWorker", "Watchdog"]
+__all__ = ["PARENT_PID_ENV", "STARTUP_SECONDS", "STEP_SECONDS", "TrialProcess", "WarmJob", "WarmWorker", "Watchdog"]
+
+#: how much longer than its trial timeout a job's process may take to take the job up (start, imports)
+STARTUP_SECONDS = 60.0
 
 #: seconds between two ``step`` messages (progress within an epoch) when a study asks for them
 STEP_SECONDS = 1.0
@@ -212,6 +215,11 @@ class WarmJob:
         self.code = self.worker.proc.wait()
         self.why_spent = f"killed by signal {-self.code}" if self.code < 0 else f"exit code {self.code}"
 
+    def retire(self, why: str) -> None:
+        """The worker takes no further job (e.g. the trial timeout signalled it, even after ``done``)."""
+        self.worker.spent = True
+        self.why_spent = why
+
     def send_signal(self, sig: int) -> None:
         """``sig`` to the worker running this job, if it still runs (:class:`Watchdog`)."""
         if self.worker.proc.poll() is None:
@@ -257,20 +265,30 @@ class Watchdog:
     """A deadline for one job (``budget.trial_timeout``): ``seconds`` after the job's process said
     it has begun the job (:meth:`begin`, on its ``started`` message) the process gets SIGTERM, and
     SIGKILL ``grace`` seconds later if it is still there; :attr:`fired` says whether it came to that.
-    Starting the process (imports, a new warm worker, CUDA) is not the trial's time: until
-    :meth:`begin` the clock runs from the job's handing, so a process that never begins is stopped
-    too, ``seconds`` later. A context manager around the reading of the job's messages: the killed
-    process closes its stdout, so the reader ends as for any dead process. ``seconds`` None: no
-    deadline. A warm worker killed this way is spent and replaced, like any dead one."""
+    Starting the process (a new warm worker importing torch) is not the trial's time: until
+    :meth:`begin` the clock runs from the job's handing with its own allowance, ``startup``
+    (default ``seconds`` + :data:`STARTUP_SECONDS`), so that a process that never begins is stopped
+    too (:attr:`began` tells the two apart). A context manager around the reading of the job's
+    messages: the killed process closes its stdout, so the reader ends as for any dead process.
+    ``seconds`` None: no deadline. A warm worker killed this way is spent and replaced, like any
+    dead one."""
 
-    def __init__(self, proc: _Signalled, seconds: float | None, *, grace: float = 10.0) -> None:
+    def __init__(self, proc: _Signalled, seconds: float | None, *, grace: float = 10.0,
+                 startup: float | None = None) -> None:
         self.proc, self.seconds, self.grace = proc, seconds, grace
+        self.startup = startup if startup is not None or seconds is None else seconds + STARTUP_SECONDS
         self.fired = False
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._deadline = 0.0
         self._begun = False
         self._thread = threading.Thread(target=self._watch, daemon=True, name="trial-watchdog")
+
+    @property
+    def began(self) -> bool:
+        """Whether the process said it took the job up."""
+        with self._lock:
+            return self._begun
 
     def begin(self) -> None:
         """The process began the job: the trial's ``seconds`` count from now (once)."""
@@ -295,7 +313,8 @@ class Watchdog:
 
     def __enter__(self) -> Watchdog:
         if self.seconds is not None:
-            self._deadline = time.monotonic() + self.seconds
+            assert self.startup is not None
+            self._deadline = time.monotonic() + self.startup
             self._thread.start()
         return self
 

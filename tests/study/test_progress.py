@@ -13,7 +13,7 @@ from optuna.trial import TrialState, create_trial
 from sassha_tune.config import load_config
 from sassha_tune.study.create import create_or_continue
 from sassha_tune.study.loop import run_trials
-from sassha_tune.study.progress import StudyObserver, StudyTally, fmt_seconds
+from sassha_tune.study.progress import GuardedObserver, StudyObserver, StudyTally, fmt_seconds
 
 TINY = {
     "study": {"name": "events", "pruner": "none"},
@@ -129,6 +129,25 @@ def test_an_observer_that_raises_is_dropped_with_one_warning_and_the_trials_go_o
     warnings = [line for line in lines if line.startswith("warning: observer")]
     assert warnings == ["warning: observer BreaksAtItsSecondEpoch failed in epoch: "
                         "error: ZeroDivisionError: division by zero; it is told nothing more"]
+
+
+def test_who_asks_for_step_messages():
+    """Only an observer that overrides ``step`` (the live view), and not once it broke; a plain
+    tally keeps steps but shows none; an observer of another class asks for none (no error)."""
+
+    class Duck:  # the events' methods, not a StudyObserver
+        def epoch(self, number, epoch, metrics):
+            raise RuntimeError("no")
+
+    class BreaksWithSteps(StepRecorder, BreaksAtItsSecondEpoch):
+        pass
+
+    lines: list[str] = []
+    assert not GuardedObserver(Duck(), lines.append).watches_steps and not StudyTally().watches_steps
+    guarded = GuardedObserver(BreaksWithSteps(), lines.append)
+    assert guarded.watches_steps
+    guarded.epoch(0, 2, {})
+    assert guarded.broken and not guarded.watches_steps and len(lines) == 1
 
 
 class Clock:

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from sassha_tune.config import config_from_dict, config_to_dict
-from sassha_tune.trial.child import step_messages
-from sassha_tune.trial.process import TrialProcess, Watchdog
+from sassha_tune.trial.child import StepMessages
+from sassha_tune.trial.process import STARTUP_SECONDS, TrialProcess, WarmWorker, Watchdog
 
 TINY = {
     "study": {"name": "tiny", "pruner": "median"},
@@ -66,25 +66,28 @@ def test_the_trial_timeout_counts_from_the_jobs_start_not_the_processs():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         t0 = time.monotonic()
-        with Watchdog(proc, 2.0, grace=5) as deadline:
+        with Watchdog(proc, 2.0, grace=5, startup=2.0) as deadline:
             time.sleep(1.0)
+            assert not deadline.began
             deadline.begin()  # the job's start: the deadline is now t0 + 3 s, not t0 + 2 s
+            assert deadline.began
             time.sleep(1.3)
             assert not deadline.fired and proc.poll() is None
             assert proc.wait(timeout=10) == -signal.SIGTERM
-            assert deadline.fired and time.monotonic() - t0 >= 3.0
+            assert deadline.fired and 3.0 <= time.monotonic() - t0 < 8.0
     finally:
         proc.kill()
         proc.wait()
 
 
-def test_a_process_that_never_begins_its_job_is_stopped_after_the_timeout():
+def test_a_process_that_never_begins_its_job_is_stopped_after_its_startup_allowance():
+    assert Watchdog(None, 4.0).startup == 4.0 + STARTUP_SECONDS  # by default: the timeout and a minute
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         t0 = time.monotonic()
-        with Watchdog(proc, 1.0, grace=5) as deadline:
+        with Watchdog(proc, 30.0, grace=5, startup=1.0) as deadline:
             assert proc.wait(timeout=10) == -signal.SIGTERM
-        assert deadline.fired and 1.0 <= time.monotonic() - t0 < 5.0
+        assert deadline.fired and not deadline.began and 1.0 <= time.monotonic() - t0 < 5.0
     finally:
         proc.kill()
         proc.wait()
@@ -93,7 +96,7 @@ def test_a_process_that_never_begins_its_job_is_stopped_after_the_timeout():
 def test_step_messages_are_sent_at_most_every_so_often_and_never_for_an_epochs_last_step():
     now = [0.0]
     sent: list[dict] = []
-    single = step_messages(sent.append, pack=False, every=1.0, clock=lambda: now[0])
+    single = StepMessages(sent.append, pack=False, every=1.0, clock=lambda: now[0])
     for t, epoch, step in [(0.5, 1, 1), (1.0, 1, 2), (1.5, 1, 3), (2.5, 1, 4), (4.0, 1, 5), (4.1, 2, 1), (4.5, 2, 2)]:
         now[0] = t
         single(epoch, step, 5)
@@ -102,6 +105,13 @@ def test_step_messages_are_sent_at_most_every_so_often_and_never_for_an_epochs_l
     assert sent == [{"type": "step", "epoch": 1, "step": 2, "steps": 5}, {"type": "step", "epoch": 1, "step": 4, "steps": 5},
                     {"type": "step", "epoch": 2, "step": 1, "steps": 5}]
     sent.clear()
-    pack = step_messages(sent.append, pack=True, every=0.0, clock=lambda: now[0])
+    pack = StepMessages(sent.append, pack=True, every=0.0, clock=lambda: now[0])
     pack(2, 1, 3, [0, 2])
     assert sent == [{"type": "step", "epoch": 2, "step": 1, "steps": 3, "members": [0, 2]}]
+
+
+def test_a_warm_worker_that_never_got_a_job_is_stopped_at_once():
+    """A study refused before its first trial closes its early-started worker: SIGTERM while it is
+    still importing (a worker that had reached its job loop would exit 0 at end of input)."""
+    worker = WarmWorker()
+    assert worker.close() == -signal.SIGTERM
