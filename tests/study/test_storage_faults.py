@@ -131,3 +131,50 @@ def test_the_python_api_says_the_same_line(study_db, small_tmpfs):
     fill.unlink()
     states = [t.state.name for t in optuna.load_study(study_name="faults", storage=f"sqlite:///{db}").trials]
     assert states[0] == "COMPLETE"
+
+
+def test_a_disk_that_fills_during_a_trial_loses_nothing_and_the_trial_is_retried_on_resume(small_tmpfs):
+    """The disk fills while trial 1 trains: the run stops with the one line (the trial cannot even
+    be marked failed, so it stays RUNNING), trial 0 is kept; once space is freed, resume finds
+    trial 1's heartbeat stale, fails it ``lost`` and retries its parameters."""
+    import sassha_tune
+    from sassha_tune.config import config_from_dict
+    from sassha_tune.errors import StorageError
+    from sassha_tune.study.progress import StudyObserver
+
+    mnt = small_tmpfs("3m")
+    url = f"sqlite:///{mnt / 's.db'}"
+    cfg = config_from_dict({
+        "study": {"name": "fills", "objective": "val_acc", "pruner": {"name": "none"},
+                  "heartbeat_interval": 0.5, "stale_after": 2},
+        "budget": {"n_trials": 3},
+        "task": {"train": "plugins_example:own_quadratic", "epochs": 2},
+        "optimizer": {"name": "sgd", "search_space": {"params": {
+            "lr": {"type": "float", "low": 0.01, "high": 0.1}, "weight_decay": {"type": "float", "low": 1e-5, "high": 1e-3}}}},
+        "device": "cpu",
+    }, source="test")
+
+    class FillsTheDiskInTrial1(StudyObserver):
+        fill: Path | None = None
+
+        def epoch(self, number, epoch, metrics):
+            if number == 1 and epoch == 1:
+                self.fill = fill_disk(mnt)  # before the epoch is reported to the storage
+
+    observer = FillsTheDiskInTrial1()
+    with pytest.raises(StorageError) as info:
+        sassha_tune.run_study(cfg, storage=url, observer=observer, log=lambda _: None)
+    assert "disk is full" in str(info.value) and "\n" not in str(info.value)
+    assert observer.fill is not None
+    observer.fill.unlink()
+    before = optuna.load_study(study_name="fills", storage=url).trials
+    assert [t.state.name for t in before] == ["COMPLETE", "RUNNING"]
+    lines: list[str] = []
+    study = sassha_tune.resume_study("fills", storage=url, log=lines.append)
+    trials = study.trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert trials[0].values == before[0].values  # kept as it was
+    assert trials[1].user_attrs["failure_reason"] == "lost"
+    (retry,) = [t for t in trials if t.user_attrs.get("retry_of") == 1]  # a new trial may run while 1 goes stale
+    assert retry.params == before[1].params and retry.state.name == "COMPLETE"
+    assert "trial 1 lost (heartbeat stale): marked FAIL, params enqueued for a retry" in lines
