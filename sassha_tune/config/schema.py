@@ -131,6 +131,7 @@ class MetricsConfig:
     subset_size: int = 1024
     seed: int = 0
     budget: dict[str, Any] = field(default_factory=dict)
+    track_every: int = 0  # sharpness during training every N epochs, at a cheap budget (0: off)
 
 
 @dataclass

@@ -567,6 +567,7 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
             "subset_size": (_int(1), 1024),
             "seed": (_int(0, MAX_SEED), 0),
             "budget": (_sharpness_budget, {}),
+            "track_every": (_int(0), 0),
         },
         ctx,
         "metrics",
@@ -629,6 +630,14 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
                 "",
                 raw=f"pruning needs a per-epoch objective ({', '.join(PER_EPOCH_METRICS)}), not {metrics[0]!r}",
             )
+    every = cfg.metrics.track_every
+    if every > 0:
+        if cfg.task.train is not None:
+            raise ctx.fail("metrics.track_every", "", raw="works with the built-in trainer only (task.train trains "
+                           "its own model); use 0 or leave it out")
+        if every > cfg.task.epochs:
+            raise ctx.fail("metrics.track_every", f"0 (off) or a number of epochs 1..{cfg.task.epochs} "
+                           f"(task.epochs is {cfg.task.epochs})", every)
     guard = cfg.study.chance_guard
     if isinstance(guard, int) and guard > 0:
         if cfg.task.train is not None:

@@ -151,6 +151,31 @@ def _curves_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
+def tracked_rows(rows: Sequence[dict[str, Any]], n: int = N_CURVES) -> list[dict[str, Any]]:
+    """The best ``n`` trained trials whose history holds sharpness measured during training."""
+    return [r for r in ranked_rows(trained_rows(rows)) if history_series(r, "track_lambda_max")[0]][:n]
+
+
+def _tracked_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+    """``lambda_max`` and the Hessian trace over training (``metrics.track_every``), best trials."""
+    best = tracked_rows(rows)
+    fig = Figure(figsize=(11, 4.4))
+    ax_lambda, ax_trace = fig.subplots(1, 2)
+    for i, r in enumerate(best):
+        for ax, key in ((ax_lambda, "track_lambda_max"), (ax_trace, "track_hessian_trace")):
+            xs, ys = history_series(r, key)
+            ax.plot(xs, ys, color=f"C{i}", marker=".", label=f"trial {r['number']}")
+    for ax, label in ((ax_lambda, LAMBDA_LABEL), (ax_trace, "Hessian trace")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        maybe_log(ax, "y", [y for line in ax.get_lines() for y in line.get_ydata()])
+    ax_lambda.legend(loc="best", fontsize="small")
+    fig.suptitle(f"Sharpness during training of the {len(best)} best trained trials "
+                 "(cheap budget: not comparable with the final values)")
+    fig.tight_layout()
+    return fig
+
+
 def _is_log_values(values: Sequence[float]) -> bool:
     finite = [v for v in values if math.isfinite(v)]
     return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 100
@@ -319,7 +344,8 @@ def build_figures(study: optuna.Study) -> dict[str, Figure]:
     Keys: ``gap_vs_lambda_max``, ``gap_vs_adaptive_sharpness``, ``pareto``, ``history``,
     ``importances``, ``learning_curves`` (the :data:`N_CURVES` best trained trials),
     ``params_vs_lambda_max`` and ``parallel_coordinates`` (when parameters were searched) and
-    ``slice_<param>`` for each of :data:`SLICE_PARAMS` that was searched. Scatter plots hold one
+    ``slice_<param>`` for each of :data:`SLICE_PARAMS` that was searched, and
+    ``sharpness_during_training`` when trials measured it (``metrics.track_every``). Scatter plots hold one
     point per complete trial with the plotted metrics, near-chance trials drawn apart (red x) and
     never on the Pareto front; seed re-runs are left out. Empty dict when the study has no complete trial.
     """
@@ -337,6 +363,8 @@ def build_figures(study: optuna.Study) -> dict[str, Figure]:
     }
     searched = sorted({p for r in rows for p in r["params"]})
     figures["learning_curves"] = _curves_figure(rows)
+    if tracked_rows(rows):
+        figures["sharpness_during_training"] = _tracked_figure(rows)
     if searched:
         figures["params_vs_lambda_max"] = _params_vs_lambda_figure(study, rows, searched)
         figures["parallel_coordinates"] = _parallel_figure(study, rows, searched)

@@ -28,7 +28,7 @@ from ..config import Config, config_to_dict
 from ..config.spaces import SearchSpace, suggest, trial_hparams
 from ..devices import check_available as check_device
 from ..errors import UserError
-from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS, PER_EPOCH_METRICS
+from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS, PER_EPOCH_METRICS, TRACKED_EPOCH_KEYS
 from ..trial.outcome import TrialOutcome
 from ..trial.process import STEP_SECONDS, TrialProcess, WarmJob, WarmWorker, Watchdog
 from .budget import budget_used, counts_toward_budget
@@ -230,8 +230,10 @@ def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None, *, w
 
 
 def _stored_history(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The ``history`` user attribute: one entry per epoch the trial reported."""
-    return [{k: m.get(k) for k in EPOCH_KEYS} | {k: m[k] for k in LANGUAGE_EPOCH_KEYS if k in m} for m in epochs]
+    """The ``history`` user attribute: one entry per epoch the trial reported (a language model's
+    perplexity and the sharpness measured during training where the epoch has them)."""
+    extra = (*LANGUAGE_EPOCH_KEYS, *TRACKED_EPOCH_KEYS)
+    return [{k: m.get(k) for k in EPOCH_KEYS} | {k: m[k] for k in extra if k in m} for m in epochs]
 
 
 def reported_metric(cfg: Config) -> str | None:

@@ -362,10 +362,12 @@ def train_pack(
     split_on_oom: bool = False,
     on_split: Callable[[int, list[list[int]]], None] | None = None,
     on_step: Callable[[int, int, int, list[int]], None] | None = None,
+    measure: Callable[[int, Any, Splits], dict[str, Any]] | None = None,
 ) -> list[TrainResult]:
     """Train the members ``specs`` together; result ``i`` is what ``train(specs[i])`` would return.
     ``on_step(epoch, step, steps, members)``: after every step of the pack now training
     (``members``: its indices into ``specs``, those that left included; see ``trainer.on_step``).
+    ``measure``: each member's extra epoch metrics, as for ``train`` (``trainer.measure``).
 
     ``on_epoch[i](epoch, metrics)`` is member i's per-epoch callback (True: stop it, "stopped").
     ``on_leave(i, result)`` is called as soon as member i is done (completed, stopped, diverged),
@@ -421,7 +423,7 @@ def train_pack(
                                     splits=splits, data=data)
             stepper = LoneSteps(autocast) if kernels == "exact" else StackedSteps(device, autocast)
             attempt = train_members(members, stepper, device, on_leave=sub_leave, may_split=may_split,
-                                    on_step=sub_step)
+                                    on_step=sub_step, measure=measure)
         except OOM_ERRORS:
             if not split_on_oom:
                 raise  # as before: the caller fails every member

@@ -13,6 +13,9 @@ metrics, the divergence check, validation, ``on_epoch`` and out-of-memory handli
 
 Epochs are numbered from 1: ``history[i]["epoch"] == i + 1`` and ``on_epoch(epoch, metrics)`` is
 called with that number after the epoch's validation; returning True stops the run ("stopped").
+``measure(epoch, model, splits)``, if given, runs after each epoch's validation (on rank 0) and
+returns extra metrics for that epoch (sharpness during training, e.g.); they join the epoch's
+metrics, its history entry and what ``on_epoch`` is told. It must leave the model as it found it.
 ``on_step(epoch, step, steps)``, if given, is called after every optimizer step (``step`` of the
 epoch's ``steps``, from 1; on rank 0 only): progress within a long epoch, for a live view. It must
 be cheap (the trial process throttles what it sends).
@@ -373,6 +376,7 @@ def train(
     *,
     splits: Splits | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
+    measure: Callable[[int, nn.Module, Splits], dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train ``spec.model`` on ``spec.dataset`` with ``spec.optimizer``; never raises on divergence/OOM."""
     check_spec(spec)
@@ -383,7 +387,7 @@ def train(
         broadcast_module(member.model, ranks.group)  # identical start on every rank
         results = train_members([member], LoneSteps(_autocast(spec, device)), device, ranks=ranks,
                                 progress=_progress(spec) if ranks.is_main else None,
-                                on_step=on_step if ranks.is_main else None)
+                                on_step=on_step if ranks.is_main else None, measure=measure)
     finally:
         ranks.close()
     assert not isinstance(results, OutOfMemory)
@@ -404,6 +408,7 @@ def train_members(
     ranks: Ranks | None = None,
     progress: Any = None,
     on_step: Callable[[int, int, int], None] | None = None,
+    measure: Callable[[int, nn.Module, Splits], dict[str, Any]] | None = None,
 ) -> list[TrainResult] | OutOfMemory:
     """Train ``members`` (all with the same task; see :func:`build_members`) in lockstep.
 
@@ -412,7 +417,7 @@ def train_members(
     while the others train. Out of memory: every member still training fails ``out_of_memory``,
     unless ``may_split`` and nobody reported yet (no ``on_epoch`` call, no member left): then
     :class:`OutOfMemory` is returned. Results are in the order of ``members``. ``on_step(epoch,
-    step, steps)``: after every step (module docstring).
+    step, steps)``: after every step; ``measure``: extra metrics after each epoch (module docstring).
     """
     ranks = ranks if ranks is not None else Ranks()
     spec0 = members[0].spec
@@ -573,6 +578,8 @@ def train_members(
                     if language:
                         metrics["val_ppl"] = perplexity(val_loss)
                     bad_val = bool(len(m.splits.y_val)) and not math.isfinite(val_loss)
+                    if measure is not None and not bad_val:
+                        metrics.update(measure(epoch, model, m.splits))
                     if not bad_val:
                         m.history.append(metrics)  # before the callback: the epoch counts even if it raises
                         if progress:

@@ -14,7 +14,7 @@ from .outcome import TrialOutcome, json_safe
 if TYPE_CHECKING:
     from torch import Tensor, nn
 
-__all__ = ["SHARPNESS_PHASE", "sharpness_attrs", "finished_outcome"]
+__all__ = ["SHARPNESS_PHASE", "finished_outcome", "sharpness_attrs", "sharpness_during_training"]
 
 #: the ``phase`` a trial reports while its sharpness is measured (protocol: :mod:`sassha_tune.trial`)
 SHARPNESS_PHASE = "sharpness"
@@ -37,6 +37,35 @@ def sharpness_attrs(cfg: Config, model: nn.Module, loss_fn: Callable[[Tensor, Te
                             subset_size=cfg.metrics.subset_size, **cfg.metrics.budget)
     return {**{key: sharp.get(key) for key in SHARPNESS_ATTRS},
             "sharpness_protocol": sharp.get("protocol"), "sharpness_seconds": sharp.get("seconds")}
+
+
+def sharpness_during_training(cfg: Config) -> Callable[[int, nn.Module, Any], dict[str, Any]] | None:
+    """``metrics.track_every: N``: the trainer's ``measure`` hook, which every N epochs measures
+    ``lambda_max`` and the Hessian trace of the model at the end of the epoch, on the same subset
+    and protocol as the final measurement but at :data:`~sassha_tune.metrics.sharpness.CHEAP_BUDGET`
+    (no SAM or adaptive sharpness), as ``track_lambda_max``, ``track_hessian_trace`` and
+    ``track_seconds`` of that epoch. The protocol puts the model and the random generators back
+    exactly, so training goes on as without it. None when off."""
+    every = cfg.metrics.track_every
+    if not every:
+        return None
+    from ..metrics.evaluation import cross_entropy
+    from ..metrics.sharpness import SharpnessTracker
+
+    options = {"seed": cfg.metrics.seed, "subset_size": cfg.metrics.subset_size, "sam_rho": None, "adaptive_rho": None}
+    trackers: dict[bool, SharpnessTracker] = {}
+
+    def measure(epoch: int, model: nn.Module, splits: Any) -> dict[str, Any]:
+        language = bool(splits.is_language)
+        if language not in trackers:
+            trackers[language] = SharpnessTracker(cross_entropy if language else None, every, dict(options))
+        sharp = trackers[language](model, splits.x_train, splits.y_train, epoch=epoch)
+        if sharp is None:
+            return {}
+        return {"track_lambda_max": sharp.get("lambda_max"), "track_hessian_trace": sharp.get("hessian_trace"),
+                "track_seconds": sharp.get("seconds")}
+
+    return measure
 
 
 def finished_outcome(cfg: Config, attrs: dict[str, Any], history: list[dict[str, Any]],

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import Config, config_to_dict
 from ..config.spaces import trial_hparams
 from ..errors import UserError
-from .measured import finished_outcome, sharpness_attrs
+from .measured import finished_outcome, sharpness_attrs, sharpness_during_training
 from .outcome import TrialOutcome, json_safe
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def evaluate_params(
     if cfg.device.processes > 1 and launched_world_size() <= 1:
         return _evaluate_ranks(cfg, params, on_epoch=on_epoch, device=device, on_phase=on_phase, on_step=on_step)
     spec = build_spec(cfg, params, device=device, progress=progress)
-    result = train(spec, on_epoch=on_epoch, on_step=on_step)
+    result = train(spec, on_epoch=on_epoch, on_step=on_step, measure=sharpness_during_training(cfg))
     if result.rank != 0:  # data parallelism: rank 0 measures and reports
         return TrialOutcome("fail" if result.failure_reason else "complete", failure_reason=result.failure_reason)
     return outcome_from_result(cfg, spec, result, on_phase=on_phase)
@@ -219,7 +219,8 @@ def evaluate_pack(
         if on_outcome is not None:
             on_outcome(i, outcome)
 
-    train_pack(specs, on_epoch=on_epoch, on_leave=leave, split_on_oom=True, on_split=split, on_step=on_step)
+    train_pack(specs, on_epoch=on_epoch, on_leave=leave, split_on_oom=True, on_split=split, on_step=on_step,
+               measure=sharpness_during_training(cfg))
     return [outcomes[i] for i in range(len(specs))]
 
 
