@@ -33,7 +33,7 @@ from .rows import (
 )
 
 __all__ = ["GAP_LABEL", "LAMBDA_LABEL", "N_CURVES", "SLICE_PARAMS", "build_figures", "curve_rows",
-           "history_series", "maybe_log", "save_figures"]
+           "history_series", "maybe_log", "save_figures", "tracked_rows"]
 
 #: Parameters that get a slice plot when the study searched them.
 SLICE_PARAMS = ("lr", "rho", "lazy_hessian", "eps")

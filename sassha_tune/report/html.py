@@ -3,8 +3,8 @@ once, so the file opens without a network).
 
 It holds Optuna's own visualizations (history, intermediate values, parallel coordinate,
 importances, slice, contour; over every complete trial, as optuna-dashboard shows them) and ours
-(generalization gap vs sharpness, the Pareto front, learning curves; trained trials, near-chance
-ones drawn apart), with the verdict, the correlation table and the best trials.
+(generalization gap vs sharpness, the Pareto front, learning curves, sharpness during training
+where measured; trained trials, near-chance ones drawn apart), with the verdict, the correlation table and the best trials.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial
 from plotly.offline import get_plotlyjs
 from tabulate import tabulate
 
-from .figures import GAP_LABEL, LAMBDA_LABEL, curve_rows, history_series
+from .figures import GAP_LABEL, LAMBDA_LABEL, curve_rows, history_series, tracked_rows
 from .files import write_text
 from .health import near_chance_rows, pareto_numbers, trained_rows
 from .rows import as_float, load_rows, row_attr, row_val_acc, search_rows
@@ -104,6 +104,17 @@ def _curves(rows: list[dict[str, Any]]) -> go.Figure:
     return fig
 
 
+def _tracked(rows: list[dict[str, Any]]) -> go.Figure:
+    """lambda_max over training (``metrics.track_every``) of the best trained trials that measured it."""
+    fig = go.Figure()
+    for r in tracked_rows(rows):
+        xs, ys = history_series(r, "track_lambda_max")
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"trial {r['number']}"))
+    fig.update_layout(title="lambda_max during training (cheap budget: not comparable with the final values)",
+                      xaxis_title="epoch", yaxis_title=LAMBDA_LABEL)
+    return fig
+
+
 def html_figures(study: optuna.Study) -> dict[str, go.Figure | str]:
     """Every figure of ``report.html`` by title: ours first, then Optuna's (a string says why a
     figure is missing)."""
@@ -118,6 +129,8 @@ def html_figures(study: optuna.Study) -> dict[str, go.Figure | str]:
                                  "Validation accuracy vs lambda_max", front=pareto_numbers(rows)),
         "Learning curves": _curves(rows),
     }
+    if tracked_rows(rows):
+        ours["Sharpness during training"] = _tracked(rows)
     return {**ours, **_optuna_figures(study)}
 
 

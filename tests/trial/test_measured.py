@@ -69,6 +69,11 @@ def test_sharpness_during_training_is_stored_every_n_epochs_and_changes_no_train
     lines = figures["sharpness_during_training"].axes[0].get_lines()
     assert sorted(list(line.get_xdata()) for line in lines) == [[2, 4], [2, 4]]
     assert "sharpness_during_training" not in build_figures(plain)
+    from sassha_tune.report.html import html_figures
+
+    traces = html_figures(tracked)["Sharpness during training"].data
+    assert sorted(list(trace.x) for trace in traces) == [[2, 4], [2, 4]]
+    assert "Sharpness during training" not in html_figures(plain)
 
 
 @pytest.mark.parametrize(("change", "expected"), [
