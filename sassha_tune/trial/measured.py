@@ -39,13 +39,15 @@ def sharpness_attrs(cfg: Config, model: nn.Module, loss_fn: Callable[[Tensor, Te
             "sharpness_protocol": sharp.get("protocol"), "sharpness_seconds": sharp.get("seconds")}
 
 
-def sharpness_during_training(cfg: Config) -> Callable[[int, nn.Module, Any], dict[str, Any]] | None:
+def sharpness_during_training(cfg: Config, on_phase: Callable[[str], None] | None = None,
+                              ) -> Callable[[int, nn.Module, Any], dict[str, Any]] | None:
     """``metrics.track_every: N``: the trainer's ``measure`` hook, which every N epochs measures
     ``lambda_max`` and the Hessian trace of the model at the end of the epoch, on the same subset
     and protocol as the final measurement but at :data:`~sassha_tune.metrics.sharpness.CHEAP_BUDGET`
     (no SAM or adaptive sharpness), as ``track_lambda_max``, ``track_hessian_trace`` and
     ``track_seconds`` of that epoch. The protocol puts the model and the random generators back
-    exactly, so training goes on as without it. None when off."""
+    exactly, so training goes on as without it. ``on_phase("sharpness")`` is told before each
+    measurement (the live view shows it until the epoch's message). None when off."""
     every = cfg.metrics.track_every
     if not every:
         return None
@@ -59,6 +61,8 @@ def sharpness_during_training(cfg: Config) -> Callable[[int, nn.Module, Any], di
         language = bool(splits.is_language)
         if language not in trackers:
             trackers[language] = SharpnessTracker(cross_entropy if language else None, every, dict(options))
+        if on_phase is not None and epoch % every == 0:
+            on_phase(SHARPNESS_PHASE)
         sharp = trackers[language](model, splits.x_train, splits.y_train, epoch=epoch)
         if sharp is None:
             return {}

@@ -100,7 +100,7 @@ def evaluate_params(
     if cfg.device.processes > 1 and launched_world_size() <= 1:
         return _evaluate_ranks(cfg, params, on_epoch=on_epoch, device=device, on_phase=on_phase, on_step=on_step)
     spec = build_spec(cfg, params, device=device, progress=progress)
-    result = train(spec, on_epoch=on_epoch, on_step=on_step, measure=sharpness_during_training(cfg))
+    result = train(spec, on_epoch=on_epoch, on_step=on_step, measure=sharpness_during_training(cfg, on_phase))
     if result.rank != 0:  # data parallelism: rank 0 measures and reports
         return TrialOutcome("fail" if result.failure_reason else "complete", failure_reason=result.failure_reason)
     return outcome_from_result(cfg, spec, result, on_phase=on_phase)

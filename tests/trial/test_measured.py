@@ -92,3 +92,26 @@ def test_track_every_needs_the_built_in_trainer():
     data["optimizer"] = {"name": "sgd", "search_space": {"params": {"lr": {"type": "float", "low": 0.01, "high": 0.1}}}}
     with pytest.raises(ConfigError, match="metrics.track_every: works with the built-in trainer only"):
         config_from_dict(data, source="c.yaml")
+
+
+def test_the_live_view_is_told_each_measurement_during_training(tmp_path):
+    from sassha_tune.study.progress import StudyObserver
+
+    class Seen(StudyObserver):
+        def __init__(self) -> None:
+            self.events: list[tuple] = []
+
+        def epoch(self, number, epoch, metrics):
+            self.events.append(("epoch", epoch, "track_lambda_max" in metrics))
+
+        def phase(self, number, name):
+            self.events.append(("phase", name))
+
+    data = _config("seen", 2)
+    data["budget"]["n_trials"] = 1
+    seen = Seen()
+    sassha_tune.run_study(config_from_dict(data), storage=f"sqlite:///{tmp_path / 's.db'}", pack=1,
+                          observer=seen, log=lambda _: None)
+    # epochs 2 and 4 measure before they report; then the final measurement
+    assert seen.events == [("epoch", 1, False), ("phase", "sharpness"), ("epoch", 2, True), ("epoch", 3, False),
+                           ("phase", "sharpness"), ("epoch", 4, True), ("phase", "sharpness")]
