@@ -22,7 +22,8 @@ one. Parent and child speak one protocol, in JSON lines:
   out of memory before any member reported says ``{"type": "split", "epoch": N, "halves": [...]}``.
   ``{"type": "phase", "phase": NAME}`` says a part of the trial that sends no epoch messages
   begins; today one name, ``"sharpness"``, sent just before the sharpness of a trained model is
-  measured (after its last epoch; a pack's carries ``member``; a multi-rank trial relays rank 0's).
+  measured (after its last epoch; a pack's carries ``member``; a multi-rank trial relays rank 0's),
+  and by a single trial before each measurement during training (``metrics.track_every``).
   It is not answered. A job whose ``"steps"`` is a number of seconds (someone watches: a live
   view; :data:`.process.STEP_SECONDS`) also gets ``{"type": "step", "epoch": E, "step": S,
   "steps": N}`` within long epochs, at most that often (a pack's lists the ``"members"`` of
