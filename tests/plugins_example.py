@@ -107,6 +107,26 @@ def memory_limited(*, input_shape, num_classes, max_members=1, max_models=None, 
 memory_limited.packable = True  # the plug-in's promise to packs.pack_blocker (docs/packs.md, "Plug-in models")
 
 
+class OutOfMemoryWhenMeasured(nn.Module):
+    """Trains and validates like an MLP, but runs out of memory (emulated) in a sharpness
+    measurement: a forward in eval mode with gradients on, which only the measurement does."""
+
+    def __init__(self, input_shape, num_classes, hidden: int = 16) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), hidden), nn.ReLU(),
+                                 nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        if not self.training and torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("emulated: no memory for Hessian-vector products")
+        return self.net(x)
+
+
+def oom_when_measured(*, input_shape, num_classes, hidden=16):
+    """A model plug-in: :class:`OutOfMemoryWhenMeasured`."""
+    return OutOfMemoryWhenMeasured(input_shape, num_classes, hidden)
+
+
 # ---- task.train plug-ins (your own training function) ----
 
 def quadratic_x(n: int = 64, dim: int = 4) -> torch.Tensor:

@@ -14,7 +14,7 @@ EPOCH_KEYS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "
 LANGUAGE_EPOCH_KEYS = ("val_ppl",)
 #: what the epochs measured for sharpness during training have besides (``metrics.track_every``;
 #: a cheap budget: do not compare with the final ``lambda_max`` / ``hessian_trace``)
-TRACKED_EPOCH_KEYS = ("track_lambda_max", "track_hessian_trace", "track_seconds")
+TRACKED_EPOCH_KEYS = ("track_lambda_max", "track_hessian_trace", "track_seconds", "track_error")
 
 #: the per-epoch values a pruner can act on (a study objective must be one of them to prune)
 PER_EPOCH_METRICS = ("val_acc", "val_loss", "val_ppl")

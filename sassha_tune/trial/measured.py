@@ -19,6 +19,9 @@ __all__ = ["SHARPNESS_PHASE", "finished_outcome", "sharpness_attrs", "sharpness_
 #: the ``phase`` a trial reports while its sharpness is measured (protocol: :mod:`sassha_tune.trial`)
 SHARPNESS_PHASE = "sharpness"
 
+#: ``metrics.budget`` keys that bound the measurement's memory: sharpness during training keeps them
+MEMORY_BUDGET_KEYS = ("chunk_size", "lambda_method", "trace_batch_size")
+
 
 def sharpness_attrs(cfg: Config, model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
                     inputs: Tensor, targets: Tensor, *, on_phase: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -51,10 +54,19 @@ def sharpness_during_training(cfg: Config, on_phase: Callable[[str], None] | Non
     every = cfg.metrics.track_every
     if not every:
         return None
+    import gc
+
+    import torch
+
     from ..metrics.evaluation import cross_entropy
     from ..metrics.sharpness import SharpnessTracker
+    from ..training.trainer import OOM_ERRORS
 
-    options = {"seed": cfg.metrics.seed, "subset_size": cfg.metrics.subset_size, "sam_rho": None, "adaptive_rho": None}
+    # what the user set so that the final measurement fits in memory holds here too (with the
+    # optimizer's state alive, memory is tighter mid-training than after it)
+    memory = {k: v for k, v in cfg.metrics.budget.items() if k in MEMORY_BUDGET_KEYS}
+    options = {"seed": cfg.metrics.seed, "subset_size": cfg.metrics.subset_size, "sam_rho": None, "adaptive_rho": None,
+               **memory}
     trackers: dict[bool, SharpnessTracker] = {}
 
     def measure(epoch: int, model: nn.Module, splits: Any) -> dict[str, Any]:
@@ -63,7 +75,14 @@ def sharpness_during_training(cfg: Config, on_phase: Callable[[str], None] | Non
             trackers[language] = SharpnessTracker(cross_entropy if language else None, every, dict(options))
         if on_phase is not None and epoch % every == 0:
             on_phase(SHARPNESS_PHASE)
-        sharp = trackers[language](model, splits.x_train, splits.y_train, epoch=epoch)
+        try:
+            sharp = trackers[language](model, splits.x_train, splits.y_train, epoch=epoch)
+        except OOM_ERRORS:
+            # a value for a plot must not cost the trial (or its pack) its training: none this epoch
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return {"track_error": "out_of_memory"}
         if sharp is None:
             return {}
         return {"track_lambda_max": sharp.get("lambda_max"), "track_hessian_trace": sharp.get("hessian_trace"),
