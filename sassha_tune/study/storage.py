@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -383,7 +384,7 @@ def set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, An
     has no public call for several keys, so this drives RDBStorage's own per-key writer inside one
     session (same checks, same upserts, one commit); any other storage gets the keys one by one."""
     storage = study_storage(study)
-    backend = getattr(storage, "_backend", storage)  # under Optuna's _CachedStorage
+    backend = _unwrapped(storage)
     write = getattr(backend, "_set_trial_attr_without_commit", None)
     if not isinstance(backend, optuna.storages.RDBStorage) or write is None:
         for key, value in attrs.items():
@@ -412,12 +413,32 @@ class StorageHeartbeats:
         self.stale = stale  # of those, the ones whose last heartbeat is older than the grace period
 
 
-def _rdb_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
+def _unwrapped(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
     # optuna.load_study wraps an RDBStorage in a private cache (_CachedStorage, backend in _backend)
-    backend = getattr(storage, "_backend", storage)
+    return getattr(storage, "_backend", storage)
+
+
+def _rdb_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
+    backend = _unwrapped(storage)
     if not isinstance(backend, optuna.storages.RDBStorage):
         raise TypeError(f"storage heartbeats need an RDBStorage, not {type(backend).__name__}")
     return backend
+
+
+@contextmanager
+def _session(backend: optuna.storages.RDBStorage) -> Iterator[Any]:
+    """One session of the storage's engine: committed at the end, rolled back on any error, closed.
+    (Optuna's own helper would turn driver errors into StorageInternalError; these are raised as
+    they are, for with_retry and storage_fault to read.)"""
+    session = backend.scoped_session()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
 
 
 def storage_heartbeats(study: optuna.Study, grace_period: float) -> StorageHeartbeats:
@@ -442,21 +463,14 @@ def storage_heartbeats(study: optuna.Study, grace_period: float) -> StorageHeart
     stale = set(with_retry(twin._get_stale_trial_ids, study_id(study)))
 
     def running_with_heartbeat() -> set[int]:
-        session = backend.scoped_session()
-        try:
+        with _session(backend) as session:
             rows = (
                 session.query(models.TrialHeartbeatModel.trial_id)
                 .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
                 .filter(models.TrialModel.study_id == study_id(study), models.TrialModel.state == TrialState.RUNNING)
                 .all()
             )
-            session.commit()
-            return {r[0] for r in rows}
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+        return {r[0] for r in rows}
 
     beating = with_retry(running_with_heartbeat)
     return StorageHeartbeats(beating, stale & beating)
@@ -481,16 +495,14 @@ def fail_running_trial(study: optuna.Study, trial_id: int, user_attrs: dict[str,
     backend = _rdb_backend(study_storage(study))
 
     def claim() -> bool:
-        session = backend.scoped_session()
-        try:
+        with _session(backend) as session:
             claimed = (
                 session.query(models.TrialModel)
                 .filter(models.TrialModel.trial_id == trial_id, models.TrialModel.state == TrialState.RUNNING)
                 .update({models.TrialModel.state: TrialState.FAIL}, synchronize_session=False)
             )
             if claimed != 1:
-                session.rollback()
-                return False
+                return False  # nothing was written: the commit on the way out is empty
             trial = session.get(models.TrialModel, trial_id)
             trial.datetime_complete = datetime.datetime.now()  # as Optuna stamps a finished trial
             for key, value in user_attrs.items():
@@ -499,12 +511,6 @@ def fail_running_trial(study: optuna.Study, trial_id: int, user_attrs: dict[str,
                     session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=json.dumps(value)))
                 else:
                     attr.value_json = json.dumps(value)
-            session.commit()
-            return True
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
+        return True
 
     return with_retry(claim)

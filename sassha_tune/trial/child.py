@@ -206,6 +206,8 @@ def _run_job(job: dict[str, Any], proto: TextIO) -> tuple[int, str | None]:
     channel.send({"type": "started"})  # the trial's time (budget.trial_timeout) counts from here
     params = job["params"]
     members: list[int | None] = list(range(len(params))) if isinstance(params, list) else [None]
+    every = job.get("steps")  # seconds between step messages, or None: none
+    on_step = None if every is None else channel.on_step(isinstance(params, list), float(every))
     outcome: TrialOutcome | None = None
     try:
         # The parent validated the config; rebuilding it is all that is left to do here.
@@ -217,14 +219,14 @@ def _run_job(job: dict[str, Any], proto: TextIO) -> tuple[int, str | None]:
                 on_split=lambda epoch, halves: channel.send({"type": "split", "epoch": epoch, "halves": halves}),
                 device=job.get("device"),
                 on_phase=lambda i, name: channel.phase(name, i),
-                on_step=None if job.get("steps") is None else channel.on_step(True, float(job["steps"])),
+                on_step=on_step,
             )
         else:
             # no progress bar of its own (as a pack's): the study's live view shows the epochs, and
             # several trial processes on one terminal would draw over each other
             outcome = evaluate_params(cfg, params, on_epoch=channel.on_epoch(), device=job.get("device"),
                                       progress=False, on_phase=channel.phase,
-                                      on_step=None if job.get("steps") is None else channel.on_step(False, float(job["steps"])))
+                                      on_step=on_step)
     except UserError as exc:
         channel.send({"type": "user_error", "message": str(exc)})
         return 2, None

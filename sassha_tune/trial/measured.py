@@ -67,24 +67,25 @@ def sharpness_during_training(cfg: Config, on_phase: Callable[[str], None] | Non
     memory = {k: v for k, v in cfg.metrics.budget.items() if k in MEMORY_BUDGET_KEYS}
     options = {"seed": cfg.metrics.seed, "subset_size": cfg.metrics.subset_size, "sam_rho": None, "adaptive_rho": None,
                **memory}
-    trackers: dict[bool, SharpnessTracker] = {}
+    tracker: SharpnessTracker | None = None  # built at the first call: the loss depends on the data
 
     def measure(epoch: int, model: nn.Module, splits: Any) -> dict[str, Any]:
-        language = bool(splits.is_language)
-        if language not in trackers:
-            trackers[language] = SharpnessTracker(cross_entropy if language else None, every, dict(options))
-        if on_phase is not None and epoch % every == 0:
+        nonlocal tracker
+        if epoch % every:
+            return {}
+        if tracker is None:
+            tracker = SharpnessTracker(cross_entropy if splits.is_language else None, options=dict(options))
+        if on_phase is not None:
             on_phase(SHARPNESS_PHASE)
         try:
-            sharp = trackers[language](model, splits.x_train, splits.y_train, epoch=epoch)
+            sharp = tracker(model, splits.x_train, splits.y_train, epoch=epoch)
         except OOM_ERRORS:
             # a value for a plot must not cost the trial (or its pack) its training: none this epoch
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             return {"track_error": "out_of_memory"}
-        if sharp is None:
-            return {}
+        assert sharp is not None  # every=1: it measures whenever asked
         return {"track_lambda_max": sharp.get("lambda_max"), "track_hessian_trace": sharp.get("hessian_trace"),
                 "track_seconds": sharp.get("seconds")}
 

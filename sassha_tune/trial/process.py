@@ -31,6 +31,15 @@ STEP_SECONDS = 1.0
 PARENT_PID_ENV = "SASSHA_TUNE_PARENT_PID"
 
 
+def _signal_if_running(proc: subprocess.Popen, sig: int) -> None:
+    """``sig`` to ``proc`` unless it has exited (it may exit in between: then nothing happens)."""
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
 class TrialProcess:
     """``python -m sassha_tune.trial`` running ``job``: JSON job in, JSON lines out, go/stop replies.
 
@@ -92,11 +101,7 @@ class TrialProcess:
 
     def send_signal(self, sig: int) -> None:
         """``sig`` to the child, if it still runs (safe from another thread: :class:`Watchdog`)."""
-        if self.proc.poll() is None:
-            try:
-                self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
+        _signal_if_running(self.proc, sig)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` seconds; returns when it has exited."""
@@ -222,11 +227,7 @@ class WarmJob:
 
     def send_signal(self, sig: int) -> None:
         """``sig`` to the worker running this job, if it still runs (:class:`Watchdog`)."""
-        if self.worker.proc.poll() is None:
-            try:
-                self.worker.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
+        _signal_if_running(self.worker.proc, sig)
 
     def answer(self, stop: bool) -> None:
         if self.job.get("prune") and not self.worker.spent:
