@@ -40,7 +40,8 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 1024) 
         loss_sum = torch.zeros((), dtype=torch.float64, device=y.device)
         correct = torch.zeros((), dtype=torch.long, device=y.device)
         for i in range(0, len(y), batch_size):
-            out = model(x[i : i + batch_size]).float()
+            out = model(x[i : i + batch_size])
+            out = out.to(torch.promote_types(out.dtype, torch.float32))  # half precision up, float64 kept
             yb = y[i : i + batch_size]
             loss_sum += cross_entropy(out, yb, reduction="sum").double()
             correct += (out.argmax(-1) == yb).sum()

@@ -4,8 +4,9 @@ Every dataset is read from local files or generated; nothing is ever downloaded.
 returns a :class:`Splits` with all tensors already on the target device:
 
 * a seeded validation split carved from the training set (the test set is never touched),
-* inputs as float32 (images NCHW), normalised with per-channel mean/std of the training split
-  (per feature for flat vectors),
+* inputs in torch's default floating dtype (float32 unless the caller chose float64, as the
+  characterization tests do; images NCHW), normalised with per-channel mean/std of the training
+  split (per feature for flat vectors),
 * optional label noise: exactly ``round(label_noise * n_train)`` training labels (the validation
   part is never corrupted) replaced by a different, uniformly drawn class; the indices are kept.
 
@@ -766,7 +767,7 @@ def load_dataset(
     def tensor(a: np.ndarray, dtype: torch.dtype) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
 
-    xs = [tensor(a, torch.float32) for a in (x_tr, x_val, x_test)]
+    xs = [tensor(a, torch.get_default_dtype()) for a in (x_tr, x_val, x_test)]
     normalization = None
     if raw.get("normalize", True) and opts.get("normalize", True):
         x0 = xs[0]
