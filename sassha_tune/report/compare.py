@@ -134,6 +134,23 @@ def compare_figures(studies: Sequence[optuna.Study]) -> dict[str, Figure]:
     }
 
 
+#: A study that ranks on fewer trained trials than this gets a caveat: its best value is mostly luck.
+FEW_TRAINED = 5
+
+
+def thin_evidence(studies: Sequence[optuna.Study]) -> list[str]:
+    """One caveat per study whose ranking rests on fewer than :data:`FEW_TRAINED` trained trials
+    (complete and not near chance): a best-of-few says little about an optimizer."""
+    caveats = []
+    for study in studies:
+        n = len(trained_rows(load_rows(study)))
+        if n < FEW_TRAINED:
+            caveats.append(f"`{study.study_name}` ({optimizer_name(study)}) ranks on {n} trained "
+                           f"trial{'' if n == 1 else 's'} (fewer than {FEW_TRAINED}): its place says little "
+                           "about the optimizer; give it more trials, or re-run its best configuration over seeds.")
+    return caveats
+
+
 def _diverged_count(health: dict[str, Any]) -> str:
     """Diverged trials; ``-`` when the study failed trials but none stores a ``failure_reason``."""
     if health["failed"] and not health["failures_known"]:
@@ -271,13 +288,14 @@ _FIGURE_CAPTIONS = {
 
 
 def _compare_markdown(studies: Sequence[optuna.Study], figure_paths: dict[str, Path], ranking: Any,
-                      by_opt: Any, reruns: Any, storage: str | None, sharpness: Any) -> str:
+                      by_opt: Any, reruns: Any, storage: str | None, sharpness: Any, caveats: Sequence[str]) -> str:
     out = ["# Optimizer comparison\n"]
     out.append("Studies: " + ", ".join(f"`{s.study_name}` ({optimizer_name(s)})" for s in studies) + "\n")
     out.append(_COMPARE_METHOD.format(n_boot=N_BOOTSTRAP, seed=BOOTSTRAP_SEED, suffix=SEED_STUDY_SUFFIX,
                                       rule=NEAR_CHANCE_RULE))
     out.append("## Ranking by best validation accuracy\n")
     out.append(markdown_table(*ranking))
+    out += [f"**Caveat.** {c}\n" for c in caveats]
     out.append("## Sharpness over trained trials\n")
     out.append("Over each study's trained trials only (complete and not near chance: an untrained network is "
                "trivially flat, so counting it would make an optimizer that often fails to train look flat). "
@@ -323,16 +341,20 @@ def run_compare(study_names: list[str], storage: str, out_dir: Path) -> None:
     by_opt = _by_optimizer(studies)
     reruns = rerun_table(studies, backend, names_in_storage)
     sharp = _sharpness_entries(studies)
+    caveats = thin_evidence(studies)
     text = _compare_markdown(studies, paths, ranking, by_opt, reruns,
-                             storage if isinstance(storage, str) else None, _sharpness_table(sharp))
+                             storage if isinstance(storage, str) else None, _sharpness_table(sharp), caveats)
     write_text(out_dir / "compare.md", text)
     summary = {
         "studies": [dict(zip(ranking[0], line, strict=True)) for line in ranking[1]],
         "sharpness_over_trained": sharp,
         "near_chance_rule": NEAR_CHANCE_RULE,
+        "caveats": caveats,
     }
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(terminal_table(*ranking, drop_order=_RANKING_DROP))
+    for caveat in caveats:
+        print("caveat: " + caveat.replace("`", ""))
     print()
     print(terminal_table(*_sharpness_table(sharp), drop_order=("adaptive median [IQR]",)))
     if reruns[1]:

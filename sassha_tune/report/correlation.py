@@ -31,6 +31,7 @@ from .rows import row_attr, row_val_acc
 __all__ = [
     "BOOT_SEED",
     "CONTROL",
+    "KENDALL_MAX_N",
     "LEVEL",
     "MIN_TRIALS",
     "N_BOOT",
@@ -59,7 +60,7 @@ CONTROL = "train_loss"
 #: The pair the verdict is about.
 PRIMARY = ("lambda_max", "gen_gap_acc")
 #: Kendall's tau is bootstrapped only up to this many trials (its cost is quadratic).
-_KENDALL_MAX_N = 300
+KENDALL_MAX_N = 300
 
 
 def rank(values: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -161,7 +162,7 @@ def correlate(x: str, y: str, method: str, rows: Sequence[dict[str, Any]], over:
     stat = {"spearman": spearman, "kendall": kendall_tau, "partial_spearman": partial_spearman}[method]
     value = float(stat(*cols))
     entry["value"] = value if math.isfinite(value) else None
-    if entry["value"] is not None and not (method == "kendall" and n > _KENDALL_MAX_N):
+    if entry["value"] is not None and not (method == "kendall" and n > KENDALL_MAX_N):
         entry["ci"] = _bootstrap_ci(cols, stat)
     return entry
 

@@ -1,11 +1,13 @@
 """Writing report files atomically: a reader (a browser, a CI job, a second ``report``) sees the
-old file or the new one, never half of one, and a full disk or a crash leaves the old file intact."""
+old file or the new one, never half of one, and a full disk or a crash leaves the old file intact.
+New files get the permissions the umask allows (0644 under the usual 022), as files written with
+``open`` do: a report is meant to be shared."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +18,17 @@ __all__ = ["replaced", "write_text"]
 def replaced(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without error it replaces
     ``path`` in one step (``os.replace``), otherwise it is removed."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    # not tempfile.mkstemp: it creates the file 0600 whatever the umask, and os.replace keeps that
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
+        except FileExistsError:
+            continue
+        os.close(fd)
+        break
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -26,8 +26,13 @@ __all__ = ["figure_entry", "markdown_table", "provenance_section", "terminal_tab
 
 
 def markdown_table(headers: Sequence[str], table: Sequence[Sequence[str]], **options: Any) -> str:
-    """A GitHub markdown table of text cells (no number parsing), followed by a blank line."""
-    return tabulate(table, headers=headers, tablefmt="github", disable_numparse=True, **options) + "\n"
+    """A GitHub markdown table of text cells (no number parsing), followed by a blank line. A ``|``
+    in a header or a cell is escaped, so that it cannot split the cell (and the row)."""
+    def cell(text: Any) -> str:
+        return str(text).replace("|", "\\|")
+
+    return tabulate([[cell(c) for c in row] for row in table], headers=[cell(h) for h in headers],
+                    tablefmt="github", disable_numparse=True, **options) + "\n"
 
 
 def _width(text: str) -> int:

@@ -16,6 +16,7 @@ import optuna
 from .correlation import (
     BOOT_SEED,
     CONTROL,
+    KENDALL_MAX_N,
     LEVEL,
     MIN_TRIALS,
     N_BOOT,
@@ -90,7 +91,7 @@ def correlation_table(summary: dict[str, Any]) -> tuple[list[str], list[list[str
     """One row per (sharpness measure, target): Spearman, Kendall and the partial Spearman given
     the training loss, each with its interval, and n."""
     entries = summary["correlations"]
-    headers = ["sharpness", "vs", "spearman [CI]", "kendall [CI]", f"partial | {CONTROL} [CI]", "n"]
+    headers = ["sharpness", "vs", "spearman [CI]", "kendall [CI]", f"partial given {CONTROL} [CI]", "n"]
     pairs = dict.fromkeys((e["x"], e["y"]) for e in entries)
     table = []
     for x, y in pairs:
@@ -122,8 +123,10 @@ def correlation_lines(summary: dict[str, Any]) -> list[str]:
     out.append(
         f"Rank correlations of each sharpness measure with the generalization gap (`gen_gap_acc`, + = "
         f"overfitting) and with validation and test accuracy ({', '.join(TARGETS)}). Brackets: "
-        f"{LEVEL:.0%} percentile bootstrap interval over trials ({N_BOOT} resamples, seed {BOOT_SEED}); "
-        f"`partial | {CONTROL}`: Spearman's rho once the training loss is accounted for (the control for "
+        f"{LEVEL:.0%} percentile bootstrap interval over trials ({N_BOOT} resamples, seed {BOOT_SEED}); a value "
+        "without brackets has none (over half the resamples were degenerate, or Kendall's tau over more "
+        f"than {KENDALL_MAX_N} trials); `partial given {CONTROL}`: Spearman's rho once the training loss is "
+        "accounted for (the control for "
         f"\"flat because barely trained\"). `-`: fewer than {MIN_TRIALS} trials with both values, or a "
         "constant one. For the hypothesis \"flatter generalizes better\", rho with the gap should be "
         "positive and rho with the accuracies negative.\n")

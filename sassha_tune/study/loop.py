@@ -33,7 +33,7 @@ from ..trial.outcome import TrialOutcome
 from ..trial.process import STEP_SECONDS, TrialProcess, WarmJob, WarmWorker, Watchdog
 from .budget import budget_used, counts_toward_budget
 from .callbacks import Callback, make_callbacks, notify
-from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard
+from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard, unjudged_accuracy
 from .create import config_from_payload, plain, stored_payload
 from .liveness import Heartbeat, reconcile, retry_lost
 from .progress import GuardedObserver, StudyObserver
@@ -126,6 +126,7 @@ def run_trials(
     pack_logged = ""
     own_launcher = launcher is None
     launcher = launcher or Launcher(fresh_process, log)
+    warned_unjudged = False  # one warning per run, not per trial
     try:
         while True:
             # Re-read: another process may have raised the budget (resume --n-trials) or continued
@@ -186,6 +187,9 @@ def run_trials(
             summary.ran += 1
             summary.states[frozen.state.name] += 1
             log(_describe(frozen, cfg))
+            if not warned_unjudged and (warning := unjudged_accuracy(cfg, frozen)):
+                log(warning)
+                warned_unjudged = True
             observer.trial_finished(frozen)
             notify(told_to, study, frozen, log)
     finally:

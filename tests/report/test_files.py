@@ -34,3 +34,20 @@ def test_a_full_disk_keeps_the_old_report(small_tmpfs):
         write_text(path, "x" * 200_000)  # more than the disk holds
     assert path.read_text(encoding="utf-8") == "the old report\n"
     assert sorted(p.name for p in mnt.iterdir()) == ["report.md"]
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_files_get_the_permissions_the_umask_allows(tmp_path, umask, mode):
+    """A shared report must be readable by teammates and a web server when the umask says so."""
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        write_text(tmp_path / "report.md", "new")
+        with replaced(tmp_path / "figure.png") as tmp:
+            tmp.write_bytes(b"png")
+    finally:
+        os.umask(old)
+    for name in ("report.md", "figure.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name

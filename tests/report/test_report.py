@@ -8,6 +8,7 @@ on a tiny budget; the trial attributes are stored as the objective stores them.
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from pathlib import Path
@@ -240,6 +241,20 @@ def test_importances_degrade_gracefully_with_one_trial_or_one_param(db):
     assert "at least 2" in " ".join(t.get_text() for t in figs["importances"].axes[0].texts)
 
 
+def assert_tables_render(md: str) -> None:
+    """Every markdown table has as many cells in each row as in its header and separator row
+    (an unescaped ``|`` inside a cell adds one and breaks the table)."""
+    def cells(line: str) -> int:
+        return len(re.split(r"(?<!\\)\|", line.strip())) - 2
+
+    tables = re.findall(r"(?m)(?:^\|.*\n)+", md)
+    assert tables
+    for table in tables:
+        lines = table.splitlines()
+        assert re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", lines[1]), lines[1]
+        assert {cells(line) for line in lines} == {cells(lines[1])}, table
+
+
 def test_run_report_writes_files_prints_table_and_is_read_only(shared, tmp_path, capsys):
     path, url = shared["path"], shared["url"]
     before = _dump(path)
@@ -256,6 +271,8 @@ def test_run_report_writes_files_prints_table_and_is_read_only(shared, tmp_path,
     assert "| optuna " in md and "| torch " in md and "| python " in md and re.search(r"\| device\(s\)\s+\| cpu ", md)
     assert "hunter2" not in md and "tuner:***@db.example" in md
     assert "1 running or waiting" in md
+    assert_tables_render(md)
+    assert "partial given train_loss [CI]" in md
 
 
 def test_two_objective_study(shared, tmp_path):
@@ -321,8 +338,25 @@ def test_compare_ranks_known_winner_and_is_read_only(db, tmp_path, capsys):
     per_optimizer = md.split("## Per optimizer over independent studies")[1].split("##")[0]
     assert "| sgd " in per_optimizer and "| 2 " in per_optimizer  # two SGD studies: median and IQR
     assert "Single-seed results overstate" in md  # no re-runs yet
+    assert_tables_render(md)
     for name in ("best_vs_trials", "best_vs_seconds", "final_sharpness", "gap_vs_lambda_max"):
         assert (out / f"{name}.png").stat().st_size > 0
+
+
+def test_compare_warns_when_a_study_ranks_on_few_trained_trials(shared, db, tmp_path, capsys):
+    """Two trials cannot say which optimizer is better: the ranking says so for that study only."""
+    _, url = db
+    _build_study(url, "two-sgd", 2, optimizer="sgd", lr=(0.1, 0.5))
+    _build_study(url, "ten-sassha", 10)
+    report.run_compare(["two-sgd", "ten-sassha"], url, tmp_path / "cmp")
+    printed = capsys.readouterr().out
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    caveat = "ranks on 2 trained trials (fewer than 5): its place says little about the optimizer"
+    assert f"**Caveat.** `two-sgd` (sgd) {caveat}" in md
+    assert f"caveat: two-sgd (sgd) {caveat}" in printed
+    assert "`ten-sassha`" not in md.split("**Caveat.**", 1)[1].split("##")[0]
+    summary = json.loads((tmp_path / "cmp" / "summary.json").read_text())
+    assert len(summary["caveats"]) == 1 and summary["caveats"][0].startswith("`two-sgd`")
 
 
 def test_compare_figures_curves_bands_and_sharpness(shared):

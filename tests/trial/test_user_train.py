@@ -66,6 +66,17 @@ def test_a_study_of_your_own_training_function(tmp_path):
     assert t0.user_attrs["sharpness_protocol"]["subset_size"] == len(x)  # subset_size 1000 > 64: all of it
 
 
+def test_accuracies_without_num_classes_get_one_warning(tmp_path):
+    """own_quadratic returns val_acc (= lr) and no num_classes: nothing can tell whether a trial
+    stayed at chance, and the user is told so once per run, not once per trial."""
+    lines: list[str] = []
+    sassha_tune.run_study(_own(), storage=f"sqlite:///{tmp_path / 's.db'}", n_trials=2, log=lines.append)
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert warnings == ["warning: task.train plugins_example:own_quadratic returns accuracies without num_classes "
+                        "(trial 0): a trial that stayed at chance counts as trained, and the chance guard cannot "
+                        "stop it; return num_classes with the metrics (and in reporter.report) to fix this"]
+
+
 def test_a_failing_function_fails_only_its_trial(tmp_path):
     url = f"sqlite:///{tmp_path / 's.db'}"
     cfg = config_from_dict(_own(task={"train": "plugins_example:own_quadratic", "epochs": 2,
@@ -85,9 +96,11 @@ def test_the_example_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(EXAMPLES))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(EXAMPLES), os.environ["PYTHONPATH"]]))  # the trials' too
     raw = yaml.safe_load((EXAMPLES / "own_loop.yaml").read_text())
-    study = sassha_tune.run_study(raw, storage=f"sqlite:///{tmp_path / 'e.db'}", n_trials=2, log=lambda _: None)
+    lines: list[str] = []
+    study = sassha_tune.run_study(raw, storage=f"sqlite:///{tmp_path / 'e.db'}", n_trials=2, log=lines.append)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert not [line for line in lines if "num_classes" in line]  # the example returns it
     assert all(0 <= t.values[0] <= 1 and t.user_attrs["lambda_max"] > 0 for t in trials)
     assert len(trials[0].intermediate_values) == raw["task"]["epochs"]
 
