@@ -6,7 +6,8 @@ the image-classification variant (:mod:`.sassha`) in every part of the step but 
 correction of either moment, a refresh schedule on the global iteration count, a warm-up without
 perturbation whose Hessian comes from the clean pass, the Hessian at the perturbed point itself
 (taken after each micro-batch's backward, with fresh probes), gradient clipping of both passes,
-the second pass replaying the micro-batches in reverse order, and gradients summed across ranks.
+the second pass replaying the micro-batches in reverse order, and gradients summed across ranks
+(the first pass's too, before it perturbs: every rank perturbs alike).
 """
 
 from __future__ import annotations
@@ -40,14 +41,16 @@ __all__ = ["SasshaLM", "linear_weight_groups"]
 def linear_weight_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Parameter groups with decoupled weight decay on the weights of ``nn.Linear`` layers only, as
     the official language-model code decays: biases, LayerNorm weights and embeddings (including an
-    output head tied to the token embedding) get none. Returns ``[decayed, not decayed]`` in
-    ``model.parameters()`` order (a group may be empty)."""
+    output head tied to the token embedding) get none. Returns ``[decayed, not decayed]`` (a group
+    may be empty), each **sorted by parameter name** (``model.named_parameters()``, where a tied
+    parameter has its first name), as the official ``configure_optimizers`` orders them: the
+    Hutchinson probes are drawn in this order, so a seeded run draws the official probe stream."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = sorted(((n, p) for n, p in model.named_parameters() if p.requires_grad), key=lambda item: item[0])
     return [
-        {"params": [p for p in params if id(p) in linear], "weight_decay": weight_decay},
-        {"params": [p for p in params if id(p) not in linear], "weight_decay": 0.0},
+        {"params": [p for _, p in named if id(p) in linear], "weight_decay": weight_decay},
+        {"params": [p for _, p in named if id(p) not in linear], "weight_decay": 0.0},
     ]
 
 
@@ -62,24 +65,30 @@ class SasshaLM(HessianPreconditioned):
        micro-batch); the returned loss is its mean, detached;
     2. **warm-up** (i ≤ ``rho_warmup_iters``): no perturbation and no second pass; on refresh
        iterations the Hessian estimate is taken in pass 1, at θ;
-    3. otherwise: the pass-1 gradient is clipped to ``max_grad_norm`` (global norm), then
-       ``e = rho g / (‖g‖ + perturb_eps)``, ``θ ← θ + e``; pass 2 replays the micro-batches in
-       **reverse** order at θ + e (BatchNorm statistics frozen when ``model`` is given); on refresh
-       iterations the estimate is taken in pass 2, at θ + e; ``θ ← (θ + e) − e``;
+    3. otherwise: the pass-1 gradient is reduced across ranks (``grad_reduce``, as step 5; under
+       data parallelism), clipped to ``max_grad_norm`` (global norm), then
+       ``e = rho g / (‖g‖ + perturb_eps)``, ``θ ← θ + e``: every rank perturbs by the whole
+       batch's gradient, as the official loop (which syncs the gradient before clipping and
+       perturbing); pass 2 replays the micro-batches in **reverse** order at θ + e (BatchNorm
+       statistics frozen when ``model`` is given); on refresh iterations the estimate is taken in
+       pass 2, at θ + e; ``θ ← (θ + e) − e``;
     4. refresh iterations are those with ``i mod lazy_hessian == 0`` (the first included): after
        each micro-batch's backward of the pass that estimates, a Hutchinson estimate
        ``mean_s z_s ⊙ (H_j z_s)`` with fresh Rademacher probes from the optimizer's generator;
        the estimates are summed over the micro-batches;
-    5. gradients (and estimates) summed across ranks (``grad_reduce="sum"``, the official default)
-       or averaged (``"mean"``); the final gradient clipped to ``max_grad_norm``;
+    5. the final gradient (pass 2's, or pass 1's during the warm-up) and the signed estimates
+       summed across ranks (``grad_reduce="sum"``, the official default) or averaged (``"mean"``)
+       in one all-reduce; the final gradient clipped to ``max_grad_norm``;
     6. per group: ``θ ← θ(1 − lr·weight_decay)``, ``m ← β1 m + (1 − β1) g``, on refresh
        iterations ``v ← β2 v + (1 − β2)|ĥ|``, then ``θ ← θ − lr · m / (v^α + eps)`` with
        α = ``warmup_hessian_power`` for i ≤ ``hessian_warmup_iters`` and ``hessian_power`` after.
        No bias correction of m or v.
 
     ``weight_decay`` is applied as given (the official scripts pass 2e-4 directly); decay only the
-    weights of linear layers with :func:`linear_weight_groups`. Every parameter that requires a
-    gradient takes part in every step (a parameter the loss does not reach gets a zero gradient).
+    weights of linear layers with :func:`linear_weight_groups` (which also sorts the parameters by
+    name, as the official code, so the probes are drawn in the official order). Every parameter
+    that requires a gradient takes part in every step (a parameter the loss does not reach gets a
+    zero gradient).
     ``None`` for a warm-up disables it. The state (moments, step counts, probe generator) is in
     ``state_dict``, so a resumed run continues the exact trajectory.
     """
@@ -201,33 +210,37 @@ class SasshaLM(HessianPreconditioned):
         loss, grads, estimates = self._pass(closures, params, refresh if warm else [False] * len(params), second=False)
         plan = self.plan_step(params)
         if not warm:
-            clip_grads_(grads, settings["max_grad_norm"])  # the first-pass gradient, before perturbing
+            # As the official loop: the pass-1 gradient reduced across ranks (grad_reduce), then
+            # clipped, then the perturbation; every rank perturbs alike, by the whole batch's gradient.
+            self._reduce(grads)
+            clip_grads_(grads, settings["max_grad_norm"])
             es = sam_perturbation(params, regroup(grads, params), [g["rho"] for g in self.param_groups],
                                   [g["perturb_eps"] for g in self.param_groups], inplace=True)
             flat_e = [e for group_e in es for e in group_e]
             data = [p.data for p in flat]
-            # Under data parallelism each rank perturbs by its own gradient, and the rounding of
-            # (theta + e) - e would differ between ranks: they would drift apart. Restore by copy there.
-            saved = torch._foreach_mul(data, 1.0) if active_group(self.process_group) is not None else None
             torch._foreach_add_(data, flat_e)
             _, grads, estimates = self._pass(list(reversed(closures)), params, refresh, second=True)
-            if saved is None:
-                torch._foreach_sub_(data, flat_e)  # restore on .data
-            else:
-                torch._foreach_copy_(data, saved)
-            del es, flat_e, data, saved
+            torch._foreach_sub_(data, flat_e)  # restore on .data (the same e on every rank: no drift)
+            del es, flat_e, data
         self._update(params, grads, estimates, plan)
         return loss
+
+    def _reduce(self, tensors: list[Tensor]) -> None:
+        """Sum (``grad_reduce="sum"``) or average ``tensors`` across ranks in one coalesced
+        all-reduce; nothing in a single process."""
+        group = active_group(self.process_group)
+        if group is not None and tensors:
+            reduce = all_reduce_mean if self.param_groups[0]["grad_reduce"] == "mean" else all_reduce_sum
+            reduce(tensors, group)
 
     def _update(
         self, params: list[list[Tensor]], grads: list[Tensor], estimates: list[list[Tensor]] | None, plan: StepPlan
     ) -> None:
         flat_p = [p for ps in params for p in ps]
         flat_est = [h for hs in (estimates or []) for h in hs]
-        group = active_group(self.process_group)
-        if group is not None:
-            reduce = all_reduce_mean if self.param_groups[0]["grad_reduce"] == "mean" else all_reduce_sum
-            reduce(grads + flat_est, group)
+        # the final gradient (pass 2, or pass 1 during the warm-up) and the signed estimates, reduced
+        # together; then the clip of the final gradient (the official order: sync, clip, step)
+        self._reduce(grads + flat_est)
         clip_grads_(grads, self.param_groups[0]["max_grad_norm"])
         for p, g in zip(flat_p, grads, strict=True):
             p.grad = g

@@ -130,9 +130,31 @@ def test_weight_decay_groups_decay_linear_weights_only():
     model = _gpt_like()
     decayed, plain = linear_weight_groups(model, 0.1)
     assert [id(p) for p in decayed["params"]] == [id(model.fc.weight)]
-    assert {id(p) for p in plain["params"]} == {id(model.emb.weight), id(model.ln.weight), id(model.ln.bias),
-                                                id(model.fc.bias)}
+    # sorted by name (emb.weight, fc.bias, ln.bias, ln.weight), not in model order (emb, ln, fc)
+    assert [id(p) for p in plain["params"]] == [id(model.emb.weight), id(model.fc.bias), id(model.ln.bias),
+                                                id(model.ln.weight)]
     assert (decayed["weight_decay"], plain["weight_decay"]) == (0.1, 0.0)
+
+
+def test_the_registry_orders_the_groups_by_name_as_the_official_code():
+    """``optimizer.name: sassha_lm`` builds the decayed and not-decayed groups sorted by parameter
+    name, as the official ``configure_optimizers`` (``sorted`` on the names): the probes are drawn in
+    that order. With 11 layers string order puts block 10 before block 2, unlike the model's order."""
+    from sassha_tune.optim import build_optimizer
+    from sassha_tune.training.models import build_model
+
+    model = build_model("gpt", (4,), 5, n_layer=11, n_head=1, n_embd=4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = build_optimizer("sassha_lm", model, {"weight_decay": 0.1})
+    decayed, plain = ([names[id(p)] for p in g["params"]] for g in opt.param_groups)
+    assert decayed == sorted(decayed) and plain == sorted(plain)
+    assert decayed.index("blocks.10.attn.proj.weight") < decayed.index("blocks.2.attn.proj.weight")
+    in_model_order = [n for n in names.values() if n in set(decayed)]
+    assert in_model_order != decayed and sorted(in_model_order) == decayed
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"head.weight"}
+    assert set(decayed) == linear  # every linear weight but the head tied to the token embedding
+    assert set(plain) == set(names.values()) - linear and "tok.weight" in plain
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
 
 
 def _lm_closures(model, step):
