@@ -70,7 +70,7 @@ class TrainSpec:
     schedule: str = "constant"  # constant | multistep | cosine
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of all steps
     gamma: float = 0.1
-    warmup_fraction: float = 0.0  # linear warm-up over this fraction of all steps (any schedule)
+    warmup_fraction: float = 0.0  # linear warm-up from lr 0 over this fraction of all steps (any schedule)
     grad_clip: float | None = None  # passed to the optimizer as hparams["max_grad_norm"]
     amp: str = "none"  # "none" | "bf16"
     channels_last: bool = False
@@ -102,10 +102,17 @@ class TrainResult:
 
 
 def lr_factor(spec: TrainSpec, step: int, total: int) -> float:
-    """The schedule's multiplier of the initial lr at ``step`` (0-based) of ``total`` steps."""
+    """The schedule's multiplier of the initial lr at ``step`` (0-based) of ``total`` steps.
+
+    Warm-up (any schedule, every optimizer): ``step / warm`` over the first ``warm`` =
+    ``round(warmup_fraction * total)`` steps, so the first step runs at lr 0 and step ``warm`` at
+    the full lr, as the official GPT-2 loop's ``lr * it / warmup_iters`` (the image scripts' cosine
+    scheduler also warms up linearly from 0; ``docs/optimizer.md``). Then the schedule: the cosine
+    starts at step ``warm``; multistep milestones are fractions of all steps.
+    """
     warm = int(round(spec.warmup_fraction * total))
     if step < warm:
-        return (step + 1) / warm
+        return step / warm
     if spec.schedule == "constant":
         return 1.0
     if spec.schedule == "multistep":

@@ -152,7 +152,7 @@ def test_schedules():
         [1, 1, 0.1, 0.1, 0.01, 0.01]
     )
     spec = TrainSpec(schedule="cosine", warmup_fraction=0.1)
-    assert lr_factor(spec, 0, 100) == pytest.approx(0.1) and lr_factor(spec, 9, 100) == pytest.approx(1.0)
+    assert lr_factor(spec, 0, 100) == 0.0 and lr_factor(spec, 9, 100) == pytest.approx(0.9)
     assert lr_factor(spec, 10, 100) == pytest.approx(1.0) and lr_factor(spec, 99, 100) < 0.001
     assert lr_factor(TrainSpec(), 77, 100) == 1.0
     with pytest.raises(UserError, match="schedule"):
@@ -293,6 +293,39 @@ def test_gradient_accumulation_matches_the_whole_batch(tmp_path):
     for a, b in zip(whole.model.parameters(), split.model.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     assert split.history[0]["train_loss"] == pytest.approx(whole.history[0]["train_loss"], rel=1e-5)
+
+
+def test_warm_up_is_the_official_language_model_schedule():
+    """The warm-up and cosine of the official GPT-2 loop (its ``get_lr``, written out here with
+    ``lr_decay_iters`` = the run's steps): lr * it / warmup_iters for it < warmup_iters (iteration 0
+    at lr 0), then the cosine from the full lr to min_lr. The warm-up is the same before every
+    schedule, whatever the optimizer."""
+    total, warm, lr, min_lr = 300, 24, 0.3, 1.5e-5
+
+    def official(it: int) -> float:
+        if it < warm:
+            return lr * it / warm
+        coeff = 0.5 * (1.0 + math.cos(math.pi * (it - warm) / (total - warm)))
+        return min_lr + coeff * (lr - min_lr)
+
+    spec = TrainSpec(schedule="cosine", warmup_fraction=warm / total, min_lr_fraction=min_lr / lr)
+    ours = [lr * lr_factor(spec, it, total) for it in range(total)]
+    assert ours == pytest.approx([official(it) for it in range(total)], rel=1e-12, abs=1e-15)
+    assert ours[0] == 0.0 and ours[warm] == pytest.approx(lr)
+    for other in (TrainSpec(schedule="constant", warmup_fraction=0.08), TrainSpec(schedule="multistep", warmup_fraction=0.08)):
+        assert [lr_factor(other, it, total) for it in range(warm + 1)] == pytest.approx([it / warm for it in range(warm + 1)])
+
+
+def test_first_warm_up_step_leaves_the_model_unchanged(mnist1d, one_thread):
+    """Through the trainer: with a warm-up the first step runs at lr 0, so one step of plain SGD
+    leaves the freshly initialized model as it was; without a warm-up the same step moves it."""
+    kw = dict(batch_size=64, hparams={"lr": 0.1, "momentum": 0.0}, device="cpu", seed=2)
+    initial = train(TrainSpec(epochs=0, **kw), splits=mnist1d).model
+    warm = train(TrainSpec(epochs=1, max_steps_per_epoch=1, warmup_fraction=0.9, **kw), splits=mnist1d)  # 1 warm-up step
+    cold = train(TrainSpec(epochs=1, max_steps_per_epoch=1, **kw), splits=mnist1d)
+    assert warm.steps == cold.steps == 1 and warm.history[0]["lr"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(warm.model.parameters(), initial.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(cold.model.parameters(), initial.parameters(), strict=True))
 
 
 def test_cosine_schedule_floor():
