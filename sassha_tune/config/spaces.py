@@ -191,26 +191,44 @@ def check_param_names(optimizer: str, names: list[str], src: str, path: str) -> 
             raise ConfigError(f"{src}: {path}.{n}: not a {optimizer} hyperparameter ({hint})")
 
 
-def space_from_dict(raw: Any, src: str, optimizer: str | None = None, path: str = "") -> SearchSpace:
+def _kind(value: Any) -> str:
+    """What a value is, without its content (for files a config refers to)."""
+    if value is None:
+        return "nothing"
+    kinds = {bool: "true or false", str: "text", list: "a list", dict: "a mapping"}
+    return kinds.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
+
+
+def space_from_dict(
+    raw: Any, src: str, optimizer: str | None = None, path: str = "", *, echo: bool = True
+) -> SearchSpace:
+    """Validate a search space (the parsed YAML of a space file, or an inline mapping at ``path``).
+
+    ``echo=False`` (a file the config refers to): until the content is recognized as a search space
+    (a mapping of the space's keys whose ``params`` is a mapping of the optimizer's
+    hyperparameters), an error says what kind of value it found, never the value itself.
+    """
     prefix = f"{path}." if path else ""
+    where = f"{src}: {path}" if path else src
+    shown = excerpt if echo else _kind
     if not isinstance(raw, dict):
-        raise ConfigError(f"{src}: {path or '(top level)'}: expected a mapping with params, got {excerpt(raw)}")
+        raise ConfigError(f"{where}: expected a mapping with params, got {shown(raw)}")
     allowed = ("optimizer", "params", "published", "description")
     for key in raw:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
             hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(allowed)}"
             raise ConfigError(f"{src}: {prefix}{key}: unknown key ({hint})")
+    params_raw = raw.get("params")
+    if not isinstance(params_raw, dict) or not params_raw:
+        raise ConfigError(f"{src}: {prefix}params: expected a non-empty mapping of parameters, got {shown(params_raw)}")
     declared = raw.get("optimizer")
     if declared is not None and optimizer is not None and declared != optimizer:
         raise ConfigError(f"{src}: {prefix}optimizer: this space is for {excerpt(declared)}, but the config's optimizer is {excerpt(optimizer)}")
     opt = optimizer or declared
-    params_raw = raw.get("params")
-    if not isinstance(params_raw, dict) or not params_raw:
-        raise ConfigError(f"{src}: {prefix}params: expected a non-empty mapping of parameters, got {excerpt(params_raw)}")
+    if opt is not None:  # names before values: a value is shown only under a hyperparameter's name
+        check_param_names(opt, [str(n) for n in params_raw], src, f"{prefix}params")
     params = {str(n): _param(str(n), p, src, f"{prefix}params.{n}") for n, p in params_raw.items()}
-    if opt is not None:
-        check_param_names(opt, list(params), src, f"{prefix}params")
     published_raw = raw.get("published") or []
     if not isinstance(published_raw, list):
         raise ConfigError(f"{src}: {prefix}published: expected a list of mappings, got {excerpt(published_raw)}")
@@ -246,16 +264,23 @@ def _find_space_file(ref: str, base_dir: str | Path) -> Path | None:
 
 
 def load_space(ref: str, optimizer: str | None, base_dir: str | Path = ".", src: str = "<config>") -> SearchSpace:
+    """The search space ``ref`` names (a shipped name or a path, relative to ``base_dir``), for the
+    config ``src``. Every error names the config key, then the file and what is wrong in it; the
+    file's content is not shown before it is recognized as a search space (:func:`space_from_dict`)."""
     from .yamlfile import read_yaml_file
 
+    key = f"{src}: optimizer.search_space"
     path = _find_space_file(ref, base_dir)
     if path is None:
         shipped = sorted(p.stem for p in SPACES_DIR.glob("*.yaml"))
         raise ConfigError(
-            f"{src}: optimizer.search_space: no search space {excerpt(ref)} (a shipped name: {', '.join(shipped)}; or a path to a YAML file)"
+            f"{key}: no search space {excerpt(ref)} (a shipped name: {', '.join(shipped)}; or a path to a YAML file)"
         )
-    raw = read_yaml_file(path, "search-space file")
-    return space_from_dict(raw, str(path), optimizer)
+    try:
+        raw = read_yaml_file(path, "search-space file", echo=False)
+        return space_from_dict(raw, str(path), optimizer, echo=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def space_for_config(cfg: Any, *, check_fixed: bool = False) -> SearchSpace:
@@ -329,9 +354,14 @@ def to_hparams(
     return hp
 
 
+def config_hparams(cfg: Any, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (and nothing else) as optimizer arguments of ``cfg``'s optimizer: converted by
+    :func:`to_hparams` with the study's seed and the weight-decay convention of the task's kind
+    (``task.dataset: text``: the language-model scripts')."""
+    return to_hparams(cfg.optimizer.name, values, seed=cfg.seed, language=cfg.task.dataset == "text")
+
+
 def trial_hparams(cfg: Any, params: Mapping[str, Any]) -> dict[str, Any]:
     """The optimizer arguments of one trial of ``cfg``: ``optimizer.fixed`` with the trial's
-    ``params`` over it, converted by :func:`to_hparams` with the study's seed and the weight-decay
-    convention of the task's kind (``task.dataset: text``: the language-model scripts')."""
-    merged = {**cfg.optimizer.fixed, **params}
-    return to_hparams(cfg.optimizer.name, merged, seed=cfg.seed, language=cfg.task.dataset == "text")
+    ``params`` over it (:func:`config_hparams`)."""
+    return config_hparams(cfg, {**cfg.optimizer.fixed, **params})

@@ -11,9 +11,11 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib.util
+import inspect
 import math
 import re
-from collections.abc import Callable, Mapping
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from .schema import (
     TaskConfig,
     fill_derived_defaults,
 )
-from .yamlfile import read_yaml_file
+from .yamlfile import excerpt, read_yaml_file
 
 __all__ = ["config_from_dict", "load_config", "published_to_enqueue", "SHARPNESS_BUDGET_KEYS"]
 
@@ -163,6 +165,28 @@ def _optional(inner: Checker) -> Checker:
         return None if v is None else inner(v, ctx, path)
 
     return check
+
+
+def _sizes(length: int | None = None, *, least: int = 0) -> Checker:
+    """A list of integers >= 1 (widths, a shape): exactly ``length`` of them, or at least ``least``."""
+    if length is not None:
+        expected = f"a list of {length} integers >= 1"
+    else:
+        expected = "a non-empty list of integers >= 1" if least else "a list of integers >= 1"
+
+    def check(v: Any, ctx: _Ctx, path: str) -> list[int]:
+        ok = isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)
+        if not ok or (len(v) != length if length is not None else len(v) < least):
+            raise ctx.fail(path, expected, v)
+        return v
+
+    return check
+
+
+def _strings(v: Any, ctx: _Ctx, path: str) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+        raise ctx.fail(path, "a list of non-empty strings", v)
+    return v
 
 
 def _scalar_value(v: Any) -> bool:
@@ -299,6 +323,81 @@ def _options(v: Any, names: tuple[str, ...] | None, ctx: _Ctx, path: str, what: 
                 f"{what} takes {', '.join(names)}" if names else f"{what} takes no options"
             )
             raise ctx.fail(f"{path}.{key}", "", raw=f"unknown option ({hint})")
+
+
+def _option_values(options: Mapping[str, Any], checkers: Mapping[str, Checker], ctx: _Ctx, path: str) -> None:
+    """Check each option that has a checker (names were checked by :func:`_options`). The values
+    are kept as written: the config is stored as given and compared on resume."""
+    for key, value in options.items():
+        if key in checkers:
+            checkers[key](value, ctx, f"{path}.{key}")
+
+
+def _model_option_checker(param: inspect.Parameter) -> Checker:
+    """The checker of a built-in model's option, from its constructor parameter: the annotation
+    gives the type; an integer is a size or a count (>= 1); a float a dropout probability
+    (``dropout``: 0 <= p < 1) or else a positive factor; ``tuple[int, int]`` that many sizes;
+    ``Sequence[int]`` any number of them."""
+    kind, origin, args = param.annotation, typing.get_origin(param.annotation), typing.get_args(param.annotation)
+    if kind is bool:
+        return _bool
+    if kind is int:
+        return _int(1)
+    if kind is float:
+        return _float(0, 1, hi_open=True) if param.name == "dropout" else _float(0, lo_open=True)
+    if origin is tuple and args and all(a is int for a in args):
+        return _sizes(len(args))
+    if origin in (list, Sequence) and args == (int,):
+        return _sizes()
+    raise TypeError(f"model option {param.name!r}: the config has no check for its annotation {kind!r}")
+
+
+def _model_option_checkers(model: str) -> dict[str, Checker]:
+    """Built-in model ``model``'s option checkers, read from its constructor (none for a plug-in)."""
+    from ..training.models import model_option_parameters
+
+    return {p.name: _model_option_checker(p) for p in model_option_parameters(model) or ()}
+
+
+def _mnist1d_args(v: Any, ctx: _Ctx, path: str) -> dict[str, Any]:
+    """``mnist1d``'s ``args``: overrides of ``mnist1d.data.get_dataset_args()``, whose names and
+    value kinds they must have (when mnist1d is installed; loading the dataset says when it is not)."""
+    d = _mapping(v, ctx, path)
+    try:
+        from mnist1d.data import get_dataset_args
+    except ImportError:
+        return d
+    defaults = vars(get_dataset_args())
+    _check_keys(d, list(defaults), ctx, f"{path}.")
+    for key, value in d.items():
+        if (error := _value_kind_error(key, value, defaults[key])) is not None:
+            raise ctx.fail(f"{path}.{key}", "", raw=error)
+    return d
+
+
+def _dataset_option_checkers(dataset: str) -> dict[str, Checker]:
+    """The checkers of ``task.dataset_options`` for built-in dataset ``dataset`` (a test checks that
+    every name ``training.data.dataset_option_names`` lists has one). ``max_train``, ``max_test`` and ``normalize``
+    are what ``load_dataset`` does with any dataset's options, the ``custom`` plug-in's included;
+    a plug-in's other options go to its factory unchecked."""
+    from ..training.data import AUGMENTATIONS
+
+    common: dict[str, Checker] = {"max_train": _int(1), "max_test": _int(1), "normalize": _bool}
+    seed = _int(0, MAX_SEED)
+    checkers: dict[str, dict[str, Checker]] = {
+        "mnist1d": {**common, "args": _mnist1d_args},
+        "digits": {**common, "test_fraction": _float(0, 1, lo_open=True, hi_open=True), "data_seed": seed},
+        "fashion_mnist": common,
+        "cifar10": common,
+        "cifar100": {**common, "labels": _choice(("fine", "coarse"))},
+        "synthetic": {**common, "n": _int(1), "n_test": _int(1), "dim": _int(1), "shape": _sizes(least=1),
+                      "classes": _int(2), "hidden": _int(1), "data_seed": seed,
+                      "augment": _optional(_choice(AUGMENTATIONS))},
+        "custom": common,
+        "text": {"block_size": _int(1), "pattern": _str, "exclude": _strings, "max_tokens": _optional(_int(1)),
+                 "test_fraction": _float(0, 1, hi_open=True)},
+    }
+    return checkers.get(dataset, {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,14 +753,10 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
     from ..study.samplers import make_pruner, make_sampler
 
     sampler, pruner = cfg.study.sampler, cfg.study.pruner
-    try:
-        make_sampler(sampler.name, sampler.options, 0, qmc_seed=cfg.sampler_seed)
-    except (TypeError, ValueError) as exc:
-        raise ctx.fail("study.sampler.options", "", raw=f"rejected by the sampler: {exc}") from None
-    try:
-        make_pruner(pruner.name, pruner.options, max_resource=cfg.task.epochs)
-    except (TypeError, ValueError) as exc:
-        raise ctx.fail("study.pruner.options", "", raw=f"rejected by the pruner: {exc}") from None
+    _constructor_options(lambda options: make_sampler(sampler.name, options, 0, qmc_seed=cfg.sampler_seed),
+              sampler.options, ctx, "study.sampler.options", f"sampler {sampler.name!r}")
+    _constructor_options(lambda options: make_pruner(pruner.name, options, max_resource=cfg.task.epochs),
+              pruner.options, ctx, "study.pruner.options", f"pruner {pruner.name!r}")
     if cfg.task.train is not None:
         _import_plugin(cfg.task.train, ctx, "task.train")
         if cfg.device.processes > 1:
@@ -673,6 +768,71 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
     from .spaces import space_for_config
 
     _space_checks(cfg, space_for_config(cfg), ctx)
+
+
+#: annotation heads a config value may match (YAML's kinds, and the unions that may hold them)
+_YAML_KINDS = ("bool", "int", "float", "str", "list", "tuple", "dict", "Sequence", "Mapping", "Any",
+               "Optional", "Union", "Literal")
+
+
+def _union_heads(text: str) -> set[str]:
+    """The top-level names of an annotation written as text: ``Callable[[int], int] | None`` ->
+    ``{"Callable", "None"}`` (``|`` inside brackets does not split)."""
+    heads, depth, start = set(), 0, 0
+    for i, char in enumerate(text + "|"):
+        depth += (char == "[") - (char == "]")
+        if char == "|" and depth == 0:
+            heads.add(text[start:i].split("[")[0].strip().rsplit(".", 1)[-1])
+            start = i + 1
+    return heads
+
+
+def _annotation_error(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` cannot be an argument annotated ``annotation`` (a class, or text under postponed
+    evaluation: ``bool | None``); None when it can or the annotation does not say. ``bool``,
+    ``int``/``float`` alone (or with None) ask for that kind; heads none of which YAML can give
+    (``Callable[...]``, ``BaseSampler``) ask for a Python object."""
+    if value is None or not isinstance(annotation, (str, type)):
+        return None
+    heads = _union_heads(annotation if isinstance(annotation, str) else annotation.__name__) - {"None"}
+    if heads == {"bool"}:
+        return None if isinstance(value, bool) else f"expected true or false, got {_show(value)}"
+    if heads and heads <= {"int", "float"}:
+        return None if _is_number(value) else f"expected a number, got {_show(value)}"
+    if heads and not heads & set(_YAML_KINDS):
+        return f"expected a Python object ({' or '.join(sorted(heads))}), which a config cannot give, got {_show(value)}"
+    return None
+
+
+def _constructor_options(
+    build: Callable[[dict[str, Any]], Any], options: dict[str, Any], ctx: _Ctx, path: str, what: str
+) -> None:
+    """Ask a sampler's or pruner's constructor about ``options``, as ``optimizer.fixed`` is asked of
+    the optimizer: names and value kinds from its signature, then each option alone (an error names
+    its key), then all of them together (an error names the mapping). Optuna checks few values
+    when it builds one: a string where it counts trials would fail every ask of the study."""
+    def refused(opts: dict[str, Any]) -> str | None:
+        try:
+            build(opts)
+        except (TypeError, ValueError) as exc:
+            return " ".join(str(exc).split())[:200] or type(exc).__name__
+        return None
+
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    params = {p.name: p for p in inspect.signature(type(build({})).__init__).parameters.values()
+              if p.kind in kinds and p.name != "self"}
+    _options(options, tuple(params), ctx, path, what)
+    for key, value in options.items():
+        p = params[key]
+        error = None if p.default is p.empty else _value_kind_error(key, value, p.default)
+        if error is None:
+            error = _annotation_error(p.annotation, value)
+        if error is None and (why := refused({key: value})) is not None:
+            error = f"{excerpt(value)} is rejected by the {what}: {why}"
+        if error is not None:
+            raise ctx.fail(f"{path}.{key}", "", raw=error)
+    if (why := refused(options)) is not None:
+        raise ctx.fail(path, "", raw=f"rejected by the {what}: {why}")
 
 
 def _builtin_task_checks(cfg: Config, ctx: _Ctx) -> None:
@@ -707,6 +867,13 @@ def _builtin_task_checks(cfg: Config, ctx: _Ctx) -> None:
              f"dataset {cfg.task.dataset!r}")
     _options(cfg.task.model_options, model_option_names(cfg.task.model), ctx, "task.model_options",
              f"model {cfg.task.model!r}")
+    _option_values(cfg.task.dataset_options, _dataset_option_checkers(cfg.task.dataset), ctx, "task.dataset_options")
+    _option_values(cfg.task.model_options, _model_option_checkers(cfg.task.model), ctx, "task.model_options")
+    test_fraction = cfg.task.dataset_options.get("test_fraction")
+    if cfg.task.dataset == "text" and test_fraction is not None and cfg.task.val_fraction + test_fraction >= 1:
+        raise ctx.fail("task.dataset_options.test_fraction", f"a fraction < {1 - cfg.task.val_fraction:g} "
+                       f"(with task.val_fraction {cfg.task.val_fraction:g}, some text must be left to train on)",
+                       test_fraction)
     if cfg.task.dataset == "custom":
         factory = cfg.task.dataset_options.get("factory")
         if not isinstance(factory, str) or not PLUGIN_SPEC.match(factory):
@@ -775,6 +942,9 @@ def _value_kind_error(name: str, value: Any, default: Any) -> str | None:
             return f"expected true or false, got {_show(value)}"
     elif _is_number(default) and not _is_number(value):
         return f"expected a number, got {_show(value)}"
+    elif isinstance(default, tuple) and all(_is_number(x) for x in default):
+        if not isinstance(value, list) or len(value) != len(default) or not all(_is_number(x) for x in value):
+            return f"expected a list of {len(default)} numbers, got {_show(value)}"
     return None
 
 
@@ -787,7 +957,7 @@ def _optimizer_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
     import torch
 
     from ..optim.registry import OPTIMIZERS
-    from .spaces import trial_hparams
+    from .spaces import config_hparams
 
     info = OPTIMIZERS[cfg.optimizer.name]
     defaults: dict[str, Any] = {}
@@ -811,8 +981,9 @@ def _optimizer_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
     model = torch.nn.Linear(1, 1)
 
     def refused(params: dict[str, Any]) -> str | None:
+        """Why the optimizer refuses exactly ``params`` (None: it takes them)."""
         try:
-            info.build(model, trial_hparams(cfg, params))
+            info.build(model, config_hparams(cfg, params))
         except (TypeError, ValueError, ZeroDivisionError, OverflowError, RuntimeError, ConfigError) as exc:
             return " ".join(str(exc).split())[:200] or type(exc).__name__
         return None

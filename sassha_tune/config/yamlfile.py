@@ -130,8 +130,11 @@ _Loader.add_implicit_resolver(
 )
 
 
-def yaml_load(text: str, source: str) -> Any:
-    """``yaml.safe_load`` (with ``1e-3`` read as a float); syntax errors become one-line ConfigErrors."""
+def yaml_load(text: str, source: str, *, echo: bool = True) -> Any:
+    """``yaml.safe_load`` (with ``1e-3`` read as a float); syntax errors become one-line ConfigErrors.
+
+    ``echo=False``: a syntax error gives its line and column only, not the parser's description
+    (which may quote the text): for files a config refers to, whose content is not the config's."""
     if len(text) > MAX_BYTES:
         raise ConfigError(f"{source}: too large ({len(text)} characters; at most {MAX_BYTES})")
     try:
@@ -148,12 +151,15 @@ def yaml_load(text: str, source: str) -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        if not echo:
+            raise ConfigError(f"{source}: not valid YAML{where}") from None
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{source}: not valid YAML{where}: {problem[:120]}") from None
 
 
-def read_yaml_file(path: str | Path, what: str = "file") -> Any:
-    """Read and parse a YAML file with the bounds above; every failure one line naming the file."""
+def read_yaml_file(path: str | Path, what: str = "file", *, echo: bool = True) -> Any:
+    """Read and parse a YAML file with the bounds above; every failure one line naming the file
+    (``echo``: as in :func:`yaml_load`)."""
     p = Path(path)
     try:
         size = p.stat().st_size
@@ -173,4 +179,4 @@ def read_yaml_file(path: str | Path, what: str = "file") -> Any:
         raise ConfigError(f"{p}: not a UTF-8 text file (byte {exc.start}); a {what} is YAML text") from None
     if "\x00" in text:
         raise ConfigError(f"{p}: not a text file (it contains NUL bytes); a {what} is YAML text")
-    return yaml_load(text, str(p))
+    return yaml_load(text, str(p), echo=echo)

@@ -112,7 +112,7 @@ class CNN(nn.Module):
         self,
         input_shape: Sequence[int],
         num_classes: int,
-        channels: Sequence[int] = (32, 64),
+        channels: tuple[int, int] = (32, 64),
         hidden: int = 128,
     ) -> None:
         super().__init__()
@@ -471,12 +471,12 @@ def has_normalization(name: str) -> bool | None:
     return found[0] in (ResNet, WideResNet, ViT, GPT)
 
 
-def model_option_names(name: str) -> tuple[str, ...] | None:
-    """The ``model_options`` keys built-in model ``name`` accepts, read from its constructor.
-
-    The constructor's parameters after those ``build_model`` fills (the ones the name encodes,
-    ``input_shape``, ``num_classes``). ``None`` for plug-ins (``package.module:factory``) and
-    unknown names. The config validates ``task.model_options`` with this.
+def model_option_parameters(name: str) -> tuple[inspect.Parameter, ...] | None:
+    """The ``model_options`` built-in model ``name`` accepts: its constructor's parameters after
+    those ``build_model`` fills (the ones the name encodes, ``input_shape``, ``num_classes``), with
+    their annotations evaluated (``int``, ``float``, ``bool``, ``tuple[int, int]``, ``Sequence[int]``)
+    and defaults. ``None`` for plug-ins (``package.module:factory``) and unknown names. The config
+    validates ``task.model_options`` (names and values) with this.
     """
     if is_plugin(name):
         return None
@@ -484,9 +484,15 @@ def model_option_names(name: str) -> tuple[str, ...] | None:
     if found is None:
         return None
     cls, encoded = found
-    params = list(inspect.signature(cls.__init__).parameters.values())[1 + len(encoded) + 2 :]
+    params = list(inspect.signature(cls.__init__, eval_str=True).parameters.values())[1 + len(encoded) + 2 :]
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return tuple(p.name for p in params if p.kind in kinds)
+    return tuple(p for p in params if p.kind in kinds)
+
+
+def model_option_names(name: str) -> tuple[str, ...] | None:
+    """The ``model_options`` keys built-in model ``name`` accepts (:func:`model_option_parameters`)."""
+    params = model_option_parameters(name)
+    return None if params is None else tuple(p.name for p in params)
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, **options) -> nn.Module:

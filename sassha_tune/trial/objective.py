@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Config, config_to_dict
 from ..config.spaces import trial_hparams
-from ..errors import UserError
+from ..errors import ConfigError, DataError, UserError
 from .measured import finished_outcome, sharpness_attrs, sharpness_during_training
 from .outcome import TrialOutcome, json_safe
 
@@ -31,13 +31,16 @@ __all__ = ["final_metrics", "build_spec", "evaluate_params", "outcome_from_resul
 
 def check_task_inputs(cfg: Config) -> None:
     """Before a study is created or a trial asked: a file-based dataset's files exist (a one-line
-    :class:`UserError` otherwise). A ``task.train`` function brings its own data; it was imported
-    when the config was validated."""
+    :class:`ConfigError` naming ``task.data_dir`` otherwise). A ``task.train`` function brings its
+    own data; it was imported when the config was validated."""
     if cfg.task.train is not None:
         return
     from ..training.data import check_dataset_files
 
-    check_dataset_files(cfg.task.dataset, cfg.task.data_dir, cfg.task.dataset_options)
+    try:
+        check_dataset_files(cfg.task.dataset, cfg.task.data_dir, cfg.task.dataset_options)
+    except DataError as exc:
+        raise ConfigError(f"{cfg.source}: task.data_dir: {exc}") from None
 
 
 def build_spec(cfg: Config, params: Mapping[str, Any], *, device: str | None = None, progress: bool | None = None):

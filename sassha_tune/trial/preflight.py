@@ -43,19 +43,34 @@ def _splits_error(splits: Any) -> str | None:
     return None
 
 
+def _built_model(cfg: Config, input_shape: tuple, num_classes: int) -> Any:
+    """``cfg``'s model for these inputs; a failure is a :class:`ConfigError` naming its options."""
+    from ..training.models import build_model
+
+    task = cfg.task
+    try:
+        return build_model(task.model, input_shape, num_classes, **task.model_options)
+    except Exception as exc:
+        where = "task.model" if not task.model_options else "task.model_options"
+        raise ConfigError(f"{cfg.source}: {where}: model {task.model!r} could not be built: {_one_line(exc)}") from None
+
+
 def check_task(cfg: Config) -> None:
     """Load ``cfg``'s dataset on the CPU, check its splits, build its model and run it on two
     examples; a failure is a :class:`ConfigError` naming the key to fix."""
     import torch
 
-    from ..training.data import load_dataset
-    from ..training.models import build_model
+    from ..plugins import is_plugin
+    from ..training.data import VOCABULARY, load_dataset
 
     task, src = cfg.task, cfg.source
     if task.train is not None:
         return  # the user's function brings its own data and model (imported at validation)
-    if task.dataset == "text":
-        return  # its files were checked (check_dataset_files); windows are cut per batch
+    if task.dataset == "text":  # its files were checked (check_dataset_files); windows are cut per batch
+        if not is_plugin(task.model):  # a built-in model, built without memory, for windows of any length
+            with torch.device("meta"):
+                _built_model(cfg, (1,), VOCABULARY)
+        return
     key = "task.dataset_options.factory" if task.dataset == "custom" else "task.dataset_options"
     try:
         splits = load_dataset(task.dataset, task.data_dir, val_fraction=task.val_fraction,
@@ -72,11 +87,7 @@ def check_task(cfg: Config) -> None:
         )
     if (why := _splits_error(splits)) is not None:
         raise ConfigError(f"{src}: {key}: dataset {task.dataset!r} is unusable: {why}")
-    try:
-        model = build_model(task.model, splits.input_shape, splits.num_classes, **task.model_options)
-    except Exception as exc:
-        where = "task.model" if not task.model_options else "task.model_options"
-        raise ConfigError(f"{src}: {where}: model {task.model!r} could not be built: {_one_line(exc)}") from None
+    model = _built_model(cfg, splits.input_shape, splits.num_classes)
     try:
         with torch.no_grad():
             model.eval()

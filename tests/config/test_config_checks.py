@@ -21,7 +21,13 @@ from sassha_tune.config.spaces import space_for_config
 from sassha_tune.errors import ConfigError
 from sassha_tune.training import trainer
 from sassha_tune.training.data import DATASETS, dataset_option_names
-from sassha_tune.training.models import MODELS, build_model, model_option_names
+from sassha_tune.training.models import (
+    MODELS,
+    build_model,
+    is_language_model,
+    model_option_names,
+    model_option_parameters,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -189,6 +195,42 @@ def test_option_names_come_from_the_builders():
     assert dataset_option_names("text") == ("block_size", "exclude", "max_tokens", "pattern", "test_fraction")
     assert "labels" in dataset_option_names("cifar100")
     build_model("mlp", (4,), 2, hidden=[3])  # the listed option is what the builder takes
+
+
+def _task(dataset: str, model: str, **options) -> dict:
+    d = copy.deepcopy(BASE)
+    d["task"].update(dataset=dataset, model=model, **options)
+    return d
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_option_is_checked_by_its_own_key(model):
+    """Each option of a built-in model: its default (from the signature) loads, a value of no
+    option's kind is refused under the option's own key."""
+    dataset = "text" if is_language_model(model) else "synthetic"
+    params = model_option_parameters(model)
+    assert params
+    defaults = {p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in params}
+    assert all(p.default is not inspect.Parameter.empty for p in params)
+    config_from_dict(_task(dataset, model, model_options=defaults))
+    for p in params:
+        with pytest.raises(ConfigError, match=rf": task\.model_options\.{p.name}: expected "):
+            config_from_dict(_task(dataset, model, model_options={p.name: [[]]}))
+
+
+@pytest.mark.parametrize("dataset", [d for d in DATASETS if d != "custom"])
+def test_every_dataset_option_is_checked_by_its_own_key(dataset):
+    model = "gpt" if dataset == "text" else "mlp"
+    for name in dataset_option_names(dataset):
+        with pytest.raises(ConfigError, match=rf": task\.dataset_options\.{name}: expected "):
+            config_from_dict(_task(dataset, model, dataset_options={name: [[]]}))
+
+
+def test_plugin_dataset_options_checked_only_where_sassha_tune_uses_them():
+    options = {"factory": "plugins_example:blobs", "max_train": 100, "max_test": 20, "normalize": False, "n": "its own"}
+    config_from_dict(_task("custom", "plugins_example:tiny_linear", dataset_options=options))
+    with pytest.raises(ConfigError, match=r": task\.dataset_options\.normalize: expected true or false, got 'no'"):
+        config_from_dict(_task("custom", "plugins_example:tiny_linear", dataset_options={**options, "normalize": "no"}))
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,10 +90,10 @@ CASES = [
     ("space-wrong-type", "optimizer.search_space", _space(lr={"type": "gaussian", "low": 0, "high": 1}),
      "optimizer.search_space.params.lr.type"),
     # model and dataset options of the wrong type; plug-ins that are not there
-    ("model-options-hidden-string", "task.model_options", {"hidden": "wide"}, "task.model_options"),
+    ("model-options-hidden-string", "task.model_options", {"hidden": "wide"}, "task.model_options.hidden"),
     ("model-options-unknown", "task.model_options", {"hiden": 3}, "task.model_options.hiden"),
     ("model-options-a-list", "task.model_options", [1, 2], "task.model_options"),
-    ("dataset-options-max-train-string", "task.dataset_options", {"max_train": "many"}, "task.dataset_options"),
+    ("dataset-options-max-train-string", "task.dataset_options", {"max_train": "many"}, "task.dataset_options.max_train"),
     ("dataset-options-unknown", "task.dataset_options", {"maxtrain": 5}, "task.dataset_options.maxtrain"),
     ("model-plugin-missing-module", "task.model", "no_such_module_xyz:build", "task.model"),
     ("model-plugin-missing-function", "task.model", "plugins_example:no_such_factory", "task.model"),
@@ -148,8 +148,8 @@ CASES = [
     ("name-slash", "study.name", "../etc", "study.name"),
     ("name-space", "study.name", "my study", "study.name"),
     # sampler, pruner and structure
-    ("sampler-option-unknown", "study.sampler", {"name": "tpe", "options": {"n_startup": 3}}, "study.sampler.options"),
-    ("pruner-option-unknown", "study.pruner", {"name": "median", "options": {"warmup": 1}}, "study.pruner.options"),
+    ("sampler-option-unknown", "study.sampler", {"name": "tpe", "options": {"n_startup": 3}}, "study.sampler.options.n_startup"),
+    ("pruner-option-unknown", "study.pruner", {"name": "median", "options": {"warmup": 1}}, "study.pruner.options.warmup"),
     ("sampler-unknown", "study.sampler", "bayes", "study.sampler.name"),
     ("unknown-top-key", "optimiser", {"name": "sassha"}, "optimiser"),
     ("optimizer-unknown", "optimizer.name", "lion", "optimizer.name"),
@@ -237,3 +237,105 @@ def test_a_config_without_a_name_is_refused_where_studies_exist(tmp_path, existi
 
 def test_malformed_case_count():
     assert len(CASES) + 1 >= 60
+
+
+# --------------------------------------------------------------------------------------------
+# The exact line (issue 23): every value named by its own key, a file the config refers to named
+# by the key that refers to it, and never its content. Files the cases refer to lie next to the
+# config ({dir} in a message).
+
+SYNTHETIC_IMAGES = {**BASE["task"], "dataset": "synthetic", "dataset_options": {"n": 40, "n_test": 8, "shape": [3, 8, 8]}}
+TEXT = {"dataset": "text", "data_dir": ".", "model": "gpt", "epochs": 1, "batch_size": 4, "max_steps_per_epoch": 2,
+        "dataset_options": {"block_size": 8}}
+FILES = {
+    "corpus.txt": "the quick brown fox jumps over the lazy dog. " * 40,
+    "not_yaml.yaml": "token: hunter2\nparams: [\n  lr: {\n",
+    "plain.yaml": "password=hunter2\n",
+    "params_text.yaml": "params: hunter2\n",
+    "not_hyperparameter.yaml": "params:\n  lrr: hunter2\n",
+    "bad_low.yaml": "params:\n  lr: {type: float, low: x, high: 1.0}\n",
+}
+
+# (id, path, value, the line after "error: CONFIG: ")
+EXACT = [
+    # task options, each value checked under its key (types from the builders' signatures)
+    ("resnet-width-negative", "task", {**SYNTHETIC_IMAGES, "model": "resnet20", "model_options": {"width": -3}},
+     "task.model_options.width: expected an integer >= 1, got -3 (int)"),
+    ("mlp-hidden-not-integers", "task.model_options", {"hidden": ["x"]},
+     "task.model_options.hidden: expected a list of integers >= 1, got ['x'] (list)"),
+    ("cnn-channels-one", "task", {**SYNTHETIC_IMAGES, "model": "cnn", "model_options": {"channels": [8]}},
+     "task.model_options.channels: expected a list of 2 integers >= 1, got [8] (list)"),
+    ("vit-dropout-above-1", "task", {**BASE["task"], "model": "vit", "model_options": {"dropout": 1.5}},
+     "task.model_options.dropout: expected a number >= 0 and < 1, got 1.5 (float)"),
+    ("max-train-negative", "task.dataset_options", {"max_train": -5},
+     "task.dataset_options.max_train: expected an integer >= 1, got -5 (int)"),
+    ("max-train-string", "task.dataset_options", {"max_train": "many"},
+     "task.dataset_options.max_train: expected an integer >= 1, got 'many' (str)"),
+    ("synthetic-n-negative", "task", {**SYNTHETIC_IMAGES, "dataset_options": {"n": -5}},
+     "task.dataset_options.n: expected an integer >= 1, got -5 (int)"),
+    ("mnist1d-args-unknown", "task.dataset_options", {"args": {"num_sample": 3}},
+     "task.dataset_options.args.num_sample: unknown key (did you mean 'num_samples'?)"),
+    ("plugin-dataset-max-train-negative", "task",
+     {**BASE["task"], "dataset": "custom", "model": "plugins_example:tiny_linear",
+      "dataset_options": {"factory": "plugins_example:blobs", "max_train": -1}},
+     "task.dataset_options.max_train: expected an integer >= 1, got -1 (int)"),
+    ("text-block-size-negative", "task", {**TEXT, "dataset_options": {"block_size": -4}},
+     "task.dataset_options.block_size: expected an integer >= 1, got -4 (int)"),
+    ("text-test-fraction-leaves-no-text", "task", {**TEXT, "val_fraction": 0.5, "dataset_options": {"test_fraction": 0.5}},
+     "task.dataset_options.test_fraction: expected a fraction < 0.5 (with task.val_fraction 0.5, some text must be "
+     "left to train on), got 0.5 (float)"),
+    ("gpt-heads-do-not-divide", "task", {**TEXT, "model_options": {"n_head": 5}},
+     "task.model_options: model 'gpt' could not be built: gpt: n_embd 128 must be divisible by n_head 5"),
+    ("data-dir-without-the-data", "task", {**BASE["task"], "dataset": "cifar10", "model": "resnet20", "data_dir": "nowhere"},
+     "task.data_dir: CIFAR-10 not found: no cifar-10-batches-py/data_batch_1 under {dir}/nowhere; download the python "
+     "version from https://www.cs.toronto.edu/~kriz/cifar.html, extract it there, or set task.data_dir"),
+    # optimizer.fixed: a fixed tuple of the wrong length; every value blamed on its own key
+    ("betas-three", "optimizer.fixed", {"betas": [0.9, 0.99, 0.1]},
+     "optimizer.fixed.betas: expected a list of 2 numbers, got [0.9, 0.99, 0.1] (list)"),
+    ("adamw-betas-one", "optimizer", {"name": "adamw", "fixed": {"betas": [0.9]}},
+     "optimizer.fixed.betas: expected a list of 2 numbers, got [0.9] (list)"),
+    ("sam-sgd-rho-after-a-good-lr", "optimizer", {"name": "sam_sgd", "fixed": {"lr": 0.1, "rho": -0.5}},
+     "optimizer.fixed.rho: -0.5 is refused by sam_sgd: Invalid rho: -0.5 (expected >= 0)"),
+    # a search-space file: named under optimizer.search_space, its content not shown
+    ("space-file-not-yaml", "optimizer.search_space", "not_yaml.yaml",
+     "optimizer.search_space: {dir}/not_yaml.yaml: not valid YAML (line 4, column 1)"),
+    ("space-file-plain-text", "optimizer.search_space", "plain.yaml",
+     "optimizer.search_space: {dir}/plain.yaml: expected a mapping with params, got text"),
+    ("space-file-params-text", "optimizer.search_space", "params_text.yaml",
+     "optimizer.search_space: {dir}/params_text.yaml: params: expected a non-empty mapping of parameters, got text"),
+    ("space-file-not-a-hyperparameter", "optimizer.search_space", "not_hyperparameter.yaml",
+     "optimizer.search_space: {dir}/not_hyperparameter.yaml: params.lrr: not a sassha hyperparameter "
+     "(did you mean 'lr'?)"),
+    ("space-file-bad-bound", "optimizer.search_space", "bad_low.yaml",
+     "optimizer.search_space: {dir}/bad_low.yaml: params.lr.low: expected a number, got 'x'"),
+    # sampler and pruner options, asked of Optuna's constructors key by key
+    ("sampler-startup-string", "study.sampler", {"name": "tpe", "options": {"n_startup_trials": "x"}},
+     "study.sampler.options.n_startup_trials: expected a number, got 'x' (str)"),
+    ("sampler-gamma-string", "study.sampler", {"name": "tpe", "options": {"gamma": "x"}},
+     "study.sampler.options.gamma: expected a Python object (Callable), which a config cannot give, got 'x' (str)"),
+    ("sampler-multivariate-string", "study.sampler", {"name": "tpe", "options": {"multivariate": "yes"}},
+     "study.sampler.options.multivariate: expected true or false, got 'yes' (str)"),
+    ("pruner-reduction-string", "study.pruner", {"name": "hyperband", "options": {"reduction_factor": "x"}},
+     "study.pruner.options.reduction_factor: expected a number, got 'x' (str)"),
+    ("pruner-option-unknown-by-name", "study.pruner", {"name": "median", "options": {"n_warmup": 1}},
+     "study.pruner.options.n_warmup: unknown option (did you mean 'n_warmup_steps'?)"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "line"), [c[1:] for c in EXACT], ids=[c[0] for c in EXACT])
+def test_malformed_config_gets_its_exact_line(tmp_path, existing_db, monkeypatch, path, value, line):
+    monkeypatch.chdir(tmp_path)
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    expected = f"error: {tmp_path / 'cfg.yaml'}: " + line.replace("{dir}", str(tmp_path.resolve()))
+    data = _set(BASE, path, value)
+    db = tmp_path / "existing.db"
+    shutil.copyfile(existing_db, db)
+    before, files = db.read_bytes(), sorted(p.name for p in tmp_path.iterdir())
+    fresh = tmp_path / "fresh.db"
+    for storage in (fresh, db):
+        code, out, err = _invoke(tmp_path, data, f"sqlite:///{storage}")
+        _assert_refused(code, out, err, path.split(".")[0])
+        assert err.strip() == expected
+    assert not fresh.exists() and db.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({*files, "cfg.yaml"})
