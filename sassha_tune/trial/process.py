@@ -279,8 +279,10 @@ class Watchdog:
         self.proc, self.seconds, self.grace = proc, seconds, grace
         self.startup = startup if startup is not None or seconds is None else seconds + STARTUP_SECONDS
         self.fired = False
-        self._done = threading.Event()
-        self._lock = threading.Lock()
+        # one condition for the deadline and the end: begin() and __exit__ wake the watching thread,
+        # so it always sleeps until the earliest deadline it has, never past a moved one
+        self._changed = threading.Condition()
+        self._done = False
         self._deadline = 0.0
         self._begun = False
         self._thread = threading.Thread(target=self._watch, daemon=True, name="trial-watchdog")
@@ -288,28 +290,34 @@ class Watchdog:
     @property
     def began(self) -> bool:
         """Whether the process said it took the job up."""
-        with self._lock:
+        with self._changed:
             return self._begun
 
     def begin(self) -> None:
         """The process began the job: the trial's ``seconds`` count from now (once)."""
-        with self._lock:
+        with self._changed:
             if not self._begun and self.seconds is not None:
                 self._begun = True
                 self._deadline = time.monotonic() + self.seconds
+                self._changed.notify_all()
 
-    def _remaining(self) -> float:
-        with self._lock:
-            return self._deadline - time.monotonic()
+    def _until(self, deadline: float | None) -> bool:
+        """Sleep until ``deadline`` (None: the current one, followed when :meth:`begin` moves it)
+        or the end; whether the deadline came first."""
+        with self._changed:
+            while not self._done:
+                left = (self._deadline if deadline is None else deadline) - time.monotonic()
+                if left <= 0:
+                    return True
+                self._changed.wait(left)
+            return False
 
     def _watch(self) -> None:
-        while (left := self._remaining()) > 0:
-            if self._done.wait(left):
-                return
-            # woke at the deadline it knew: begin() may have moved it since
+        if not self._until(None):
+            return
         self.fired = True
         self.proc.send_signal(signal.SIGTERM)
-        if not self._done.wait(self.grace):
+        if self._until(time.monotonic() + self.grace):
             self.proc.send_signal(signal.SIGKILL)
 
     def __enter__(self) -> Watchdog:
@@ -320,6 +328,8 @@ class Watchdog:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._done.set()
+        with self._changed:
+            self._done = True
+            self._changed.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=5)

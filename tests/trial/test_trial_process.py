@@ -80,6 +80,22 @@ def test_the_trial_timeout_counts_from_the_jobs_start_not_the_processs():
         proc.wait()
 
 
+def test_the_trial_timeout_fires_on_time_once_the_job_has_begun():
+    """With the default start-up allowance (timeout + 60 s) the watchdog first sleeps toward that
+    allowance; the job's ``started`` must wake it to the real deadline, 2 s later, not a minute on."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        with Watchdog(proc, 2.0, grace=5) as deadline:
+            time.sleep(0.5)  # the watching thread is asleep by now
+            began = time.monotonic()
+            deadline.begin()
+            assert proc.wait(timeout=30) == -signal.SIGTERM
+            assert deadline.fired and deadline.began and 2.0 <= time.monotonic() - began < 6.0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_process_that_never_begins_its_job_is_stopped_after_its_startup_allowance():
     assert Watchdog(None, 4.0).startup == 4.0 + STARTUP_SECONDS  # by default: the timeout and a minute
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
