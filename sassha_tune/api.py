@@ -175,7 +175,7 @@ def run_study(
     in this process only, so not with ``gpus``),
     nothing by default; one that raises gets a warning line and is told nothing more. Same as ``sassha-tune run`` (whose live view on a terminal is such an observer).
     """
-    from .config import advice
+    from .config import advice, with_model_normalization
     from .devices import check_available
     from .study.callbacks import check_callbacks
     from .study.create import create_or_continue, set_budget
@@ -189,8 +189,6 @@ def run_study(
     gpu_list, pack_size = _check_flags(gpus, device, pack)
     _check_callbacks_arg(callbacks, gpu_list, observer)
     cfg = _as_config(config)  # everything validated before any storage is touched
-    for note in advice(cfg):
-        log(f"note: {note}")
     if n_trials is not None:
         cfg.budget.n_trials = n_trials
     url = resolve_storage(storage, cfg)
@@ -199,7 +197,11 @@ def run_study(
     check_task_inputs(cfg)  # a missing dataset file or train function costs no study
     check_callbacks(cfg.study.callbacks)  # nor a tracker whose package is missing
     with _early_launcher(cfg, gpu_list, pack_size, device, fresh_process, log, run=not create_only) as launcher:
-        check_task(cfg)  # nor data or a model that every trial would fail on
+        # nor data or a model that every trial would fail on; a plug-in model's normalization
+        # layers are known once it is built, and may choose the search space
+        with_model_normalization(cfg, check_task(cfg))
+        for note in advice(cfg):
+            log(f"note: {note}")
         study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=log)
         if n_trials is not None:
             set_budget(study, n_trials)

@@ -15,7 +15,13 @@ The config never runs code. The only code it can name is a ``package.module:func
 
 from .advice import advice
 from .schema import Config, ObjectiveSpec, config_from_stored, config_to_dict
-from .validate import SHARPNESS_BUDGET_KEYS, config_from_dict, load_config, published_to_enqueue
+from .validate import (
+    SHARPNESS_BUDGET_KEYS,
+    config_from_dict,
+    load_config,
+    published_to_enqueue,
+    with_model_normalization,
+)
 from .yamlfile import yaml_load
 
 __all__ = [
@@ -28,5 +34,6 @@ __all__ = [
     "config_to_dict",
     "load_config",
     "published_to_enqueue",
+    "with_model_normalization",
     "yaml_load",
 ]

@@ -25,11 +25,18 @@ __all__ = [
     "fill_derived_defaults",
     "SAMPLERS",
     "PRUNERS",
+    "IMPLICIT_KEYS",
     "AMP_MODES",
 ]
 
-SAMPLERS = ("tpe", "random", "gp", "cmaes", "qmc", "nsgaii")
-PRUNERS = ("none", "median", "hyperband", "successive_halving")
+SAMPLERS = ("auto", "tpe", "random", "gp", "cmaes", "qmc", "nsgaii")
+PRUNERS = ("auto", "none", "median", "hyperband", "successive_halving")
+#: Settings whose default changed (issue 24: sampler and pruner ``auto``, the prior enqueued,
+#: diverged trials told as pruned, the search space chosen for the model). When a config does not
+#: write one (:attr:`Config.implicit`) and continues a study that stores it, the study keeps its
+#: own: a study created before keeps its settings.
+IMPLICIT_KEYS = ("study.sampler", "study.pruner", "study.diverged_as_pruned", "optimizer.enqueue_published",
+                 "optimizer.search_space")
 # Schedule names: trainer.SCHEDULES (imported where the config is checked; the trainer needs torch).
 AMP_MODES = ("none", "bf16")
 
@@ -37,6 +44,12 @@ AMP_MODES = ("none", "bf16")
 class ObjectiveSpec:
     metric: str
     direction: str  # "maximize" | "minimize"
+
+
+# The dataclass defaults of the settings in IMPLICIT_KEYS are what a config stored by an older
+# version meant when it lacked them (config_from_stored); a config read from a file gets the
+# current defaults from validate.py (sampler and pruner "auto", diverged_as_pruned true,
+# enqueue_published "auto").
 
 
 @dataclass
@@ -68,6 +81,9 @@ class StudyConfig:
     callbacks: list[dict[str, Any]] = field(default_factory=list)
     # True: a fresh trial process for every trial; False: single trials share one warm trial worker
     fresh_process: bool = False
+    # True: a trial that diverged is told PRUNED (failure_reason: diverged), so that the sampler
+    # learns from it; False: FAIL, which Optuna's samplers do not see (older studies)
+    diverged_as_pruned: bool = False
 
     @property
     def directions(self) -> list[str]:
@@ -111,8 +127,9 @@ class OptimizerConfig:
     name: str
     search_space: str | dict[str, Any] | None = None  # None: the shipped space named like the optimizer
     fixed: dict[str, Any] = field(default_factory=dict)
-    # true/false, or the `source` strings of the space's published configurations to enqueue
-    enqueue_published: bool | list[str] = False
+    # "auto" (the space's prior), true/false, or the `source` strings of the space's published
+    # configurations to enqueue
+    enqueue_published: bool | str | list[str] = False
     grad_clip: float = 0.0
 
 
@@ -156,10 +173,21 @@ class Config:
     source: str = "<config>"  # file the config came from (not part of the schema)
     base_dir: str = "."  # where relative search-space paths are looked up
     name_given: bool = True  # study.name was written (not the file name's default; not stored)
+    implicit: frozenset[str] = field(default=frozenset(), compare=False)  # the IMPLICIT_KEYS not written (not stored)
+    # whether the model has normalization layers (built-in models by name, plug-ins once built;
+    # None: unknown); chooses the search space when none is named (not stored)
+    model_normalized: bool | None = field(default=None, compare=False)
 
     @property
     def sampler_seed(self) -> int:
         return self.seed if self.study.sampler.seed is None else self.study.sampler.seed
+
+    @property
+    def can_prune(self) -> bool:
+        """Whether a pruner can judge this study's trials: one objective, reported every epoch."""
+        from ..metrics.names import PER_EPOCH_METRICS
+
+        return len(self.study.objectives) == 1 and self.study.objectives[0].metric in PER_EPOCH_METRICS
 
     @property
     def chance_guard_after(self) -> int | None:
@@ -186,6 +214,8 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     d.pop("source", None)
     d.pop("base_dir", None)
     d.pop("name_given", None)
+    d.pop("implicit", None)
+    d.pop("model_normalized", None)
     task = d["task"]
     if task["train"] is None:  # the built-in trainer: as configs were before task.train existed
         task.pop("train")

@@ -9,6 +9,11 @@ A space file::
       adaptive:     {type: categorical, choices: [true, false]}
     published:      # enqueued as the first trials when optimizer.enqueue_published is true
       - {source: cifar10/resnet20/sassha.sh, lr: 0.15, weight_decay: 5.0e-4, rho: 0.2, ...}
+    prior:          # where a study starts (optimizer.enqueue_published: auto, the default)
+      - cifar10/resnet32/sassha.sh                  # a published entry, by its source
+      - {source: my-safe-start, lr: 0.1, rho: 0.1}  # or values of its own (the sampler fills the rest)
+    without_normalization: sassha_nonorm   # the space searched instead on a model without normalization
+                                           # layers when the config names no space
 
 Weight-decay convention (the one place it is converted is :func:`to_hparams`): ``weight_decay``
 in configs, search spaces, published lists and exports is the published scripts' ``--wd``. The
@@ -36,6 +41,7 @@ __all__ = [
     "SPACES_DIR",
     "load_space",
     "space_for_config",
+    "default_space_name",
     "space_from_dict",
     "suggest",
     "to_hparams",
@@ -102,6 +108,11 @@ class SearchSpace:
     params: dict[str, ParamSpec]
     published: list[dict[str, Any]] = field(default_factory=list)
     source: str = "<inline>"
+    # Where a study starts and which space replaces this one on a model without normalization:
+    # used when a study is created, not stored with it (to_dict), so they never make a stored
+    # study's space differ from its file's.
+    prior: list[dict[str, Any]] = field(default_factory=list)
+    without_normalization: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, stored with the study and compared on resume."""
@@ -213,7 +224,7 @@ def space_from_dict(
     shown = excerpt if echo else _kind
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with params, got {shown(raw)}")
-    allowed = ("optimizer", "params", "published", "description")
+    allowed = ("optimizer", "params", "published", "prior", "without_normalization", "description")
     for key in raw:
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
@@ -237,16 +248,51 @@ def space_from_dict(
         where = f"{prefix}published[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{src}: {where}: expected a mapping of parameter values, got {excerpt(entry)}")
-        values = {k: v for k, v in entry.items() if k != "source"}
-        if opt is not None:
-            check_param_names(opt, list(values), src, where)
-        for k, v in values.items():
-            if k in params and not params[k].contains(v):
-                p = params[k]
-                rng = f"one of {list(p.choices or ())}" if p.type == "categorical" else f"{p.low} <= value <= {p.high}"
-                raise ConfigError(f"{src}: {where}.{k}: expected {rng} (the space must contain it), got {excerpt(v)}")
+        _values_in_space(entry, params, opt, src, where)
         published.append(dict(entry))
-    return SearchSpace(optimizer=opt, params=params, published=published, source=src)
+    prior = _prior(raw.get("prior"), params, published, opt, src, prefix)
+    instead = raw.get("without_normalization")
+    if instead is not None and (not isinstance(instead, str) or not instead.strip()):
+        raise ConfigError(f"{src}: {prefix}without_normalization: expected the name of a search space, got {excerpt(instead)}")
+    return SearchSpace(optimizer=opt, params=params, published=published, source=src, prior=prior,
+                       without_normalization=instead)
+
+
+def _values_in_space(entry: dict[str, Any], params: dict[str, ParamSpec], opt: str | None, src: str, where: str) -> None:
+    """The values of a published or prior entry: hyperparameters of the optimizer, inside the space."""
+    values = {k: v for k, v in entry.items() if k != "source"}
+    if opt is not None:
+        check_param_names(opt, list(values), src, where)
+    for k, v in values.items():
+        if k in params and not params[k].contains(v):
+            p = params[k]
+            rng = f"one of {list(p.choices or ())}" if p.type == "categorical" else f"{p.low} <= value <= {p.high}"
+            raise ConfigError(f"{src}: {where}.{k}: expected {rng} (the space must contain it), got {excerpt(v)}")
+
+
+def _prior(raw: Any, params: dict[str, ParamSpec], published: list[dict[str, Any]], opt: str | None, src: str,
+           prefix: str) -> list[dict[str, Any]]:
+    """A space's ``prior:``: each item the ``source`` of a published entry, or a mapping of values."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{src}: {prefix}prior: expected a list of published sources or mappings, got {excerpt(raw)}")
+    by_source = {str(p["source"]): p for p in published if "source" in p}
+    prior = []
+    for i, item in enumerate(raw):
+        where = f"{prefix}prior[{i}]"
+        if isinstance(item, str):
+            if item not in by_source:
+                raise ConfigError(f"{src}: {where}: no published configuration {excerpt(item)}; "
+                                  f"published: {', '.join(by_source) or 'none'}")
+            prior.append(dict(by_source[item]))
+            continue
+        if not isinstance(item, dict) or not any(k in params for k in item):
+            raise ConfigError(f"{src}: {where}: expected a published source or a mapping of parameter values, "
+                              f"got {excerpt(item)}")
+        _values_in_space(item, params, opt, src, where)
+        prior.append({"source": f"prior[{i}]", **item})
+    return prior
 
 
 def _find_space_file(ref: str, base_dir: str | Path) -> Path | None:
@@ -283,6 +329,18 @@ def load_space(ref: str, optimizer: str | None, base_dir: str | Path = ".", src:
         raise ConfigError(f"{key}: {exc}") from None
 
 
+def default_space_name(cfg: Any) -> str:
+    """The shipped space a config that names none searches: the optimizer's own, or the one its
+    space names under ``without_normalization`` when the model has no normalization layers
+    (``cfg.model_normalized`` False: built-in models by name, plug-ins once built)."""
+    name = cfg.optimizer.name
+    if cfg.model_normalized is False:
+        instead = load_space(name, name, cfg.base_dir, cfg.source).without_normalization
+        if instead:
+            return instead
+    return name
+
+
 def space_for_config(cfg: Any, *, check_fixed: bool = False) -> SearchSpace:
     """The search space a config names (a shipped name, a file, or inline); validated.
 
@@ -293,7 +351,7 @@ def space_for_config(cfg: Any, *, check_fixed: bool = False) -> SearchSpace:
     if isinstance(ref, dict):
         space = space_from_dict(ref, cfg.source, cfg.optimizer.name, path="optimizer.search_space")
     else:
-        space = load_space(ref or cfg.optimizer.name, cfg.optimizer.name, cfg.base_dir, cfg.source)
+        space = load_space(ref or default_space_name(cfg), cfg.optimizer.name, cfg.base_dir, cfg.source)
     check_param_names(cfg.optimizer.name, list(cfg.optimizer.fixed), cfg.source, "optimizer.fixed")
     both = sorted(set(space.params) & set(cfg.optimizer.fixed))
     if both and check_fixed:

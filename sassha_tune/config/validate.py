@@ -42,7 +42,8 @@ from .schema import (
 )
 from .yamlfile import excerpt, read_yaml_file
 
-__all__ = ["config_from_dict", "load_config", "published_to_enqueue", "SHARPNESS_BUDGET_KEYS"]
+__all__ = ["config_from_dict", "load_config", "published_to_enqueue", "with_model_normalization",
+           "SHARPNESS_BUDGET_KEYS"]
 
 _STUDY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 #: the longest study name: Optuna's column holds 512 characters, but MariaDB's index on it (utf8mb4)
@@ -269,15 +270,16 @@ def _search_space_ref(v: Any, ctx: _Ctx, path: str) -> str | dict[str, Any] | No
     raise ctx.fail(path, "a search-space name, a path to a YAML file, or an inline mapping", v)
 
 
-def _enqueue_published(v: Any, ctx: _Ctx, path: str) -> bool | list[str]:
-    """true/false, or a non-empty list of distinct ``source`` strings (checked against the space later)."""
-    if isinstance(v, bool):
+def _enqueue_published(v: Any, ctx: _Ctx, path: str) -> bool | str | list[str]:
+    """``auto`` (the space's ``prior:``), true/false, or a non-empty list of distinct ``source``
+    strings (checked against the space later)."""
+    if isinstance(v, bool) or v == "auto":
         return v
     if isinstance(v, list) and v and all(isinstance(x, str) and x.strip() for x in v):
         if len(set(v)) != len(v):
             raise ctx.fail(path, "distinct sources", v)
         return list(v)
-    raise ctx.fail(path, "true, false or a list of published `source` strings", v)
+    raise ctx.fail(path, "auto, true, false or a list of published `source` strings", v)
 
 
 def _lambda_method(v: Any, ctx: _Ctx, path: str) -> str | None:
@@ -478,6 +480,7 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
             "callbacks": (lambda v, c, p: v, None),
             "chance_guard": (_chance_guard, "auto"),
             "fresh_process": (_bool, False),
+            "diverged_as_pruned": (_bool, True),
         },
         ctx,
         "study",
@@ -506,14 +509,14 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
         sampler_raw = {"name": sampler_raw}
     s = _section(
         sampler_raw,
-        {"name": (_choice(SAMPLERS), "tpe"), "seed": (_optional(_int(0, MAX_SEED)), None), "options": (_mapping, {})},
+        {"name": (_choice(SAMPLERS), "auto"), "seed": (_optional(_int(0, MAX_SEED)), None), "options": (_mapping, {})},
         ctx,
         "study.sampler",
     )
     pruner_raw = d["pruner"]
     if isinstance(pruner_raw, str):
         pruner_raw = {"name": pruner_raw}
-    p = _section(pruner_raw, {"name": (_choice(PRUNERS), "none"), "options": (_mapping, {})}, ctx, "study.pruner")
+    p = _section(pruner_raw, {"name": (_choice(PRUNERS), "auto"), "options": (_mapping, {})}, ctx, "study.pruner")
     if d["stale_after"] <= d["heartbeat_interval"]:
         raise ctx.fail("study.stale_after", f"a number > study.heartbeat_interval ({d['heartbeat_interval']})", d["stale_after"])
     return StudyConfig(
@@ -527,6 +530,7 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
         chance_guard=d["chance_guard"],
         callbacks=_callbacks(d["callbacks"], ctx),
         fresh_process=d["fresh_process"],
+        diverged_as_pruned=d["diverged_as_pruned"],
     )
 
 
@@ -609,6 +613,7 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
         default_name = "sassha-tune"
     study = _parse_study(raw.get("study"), ctx, default_name)
     name_given = isinstance(raw.get("study"), dict) and "name" in raw["study"]
+    implicit = _implicit(raw)
 
     b = _section(
         raw.get("budget"),
@@ -634,7 +639,7 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
             "name": (_choice(OPTIMIZER_NAMES), _REQUIRED),
             "search_space": (_search_space_ref, None),
             "fixed": (_mapping, {}),
-            "enqueue_published": (_enqueue_published, False),
+            "enqueue_published": (_enqueue_published, "auto"),
             "grad_clip": (_float(0), 0.0),
         },
         ctx,
@@ -701,9 +706,32 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
         source=source,
         base_dir=str(base_dir),
         name_given=name_given,
+        implicit=implicit,
     )
     _cross_checks(cfg, ctx)
     return cfg
+
+
+def _implicit(raw: dict[str, Any]) -> frozenset[str]:
+    """The settings of :data:`~.schema.IMPLICIT_KEYS` the config does not write (a sampler or pruner
+    whose ``name`` is not written counts as not written): a study created before keeps its own."""
+    def written(section: str, key: str, inner: str | None = None) -> bool:
+        d = raw.get(section)
+        if not isinstance(d, dict) or key not in d:
+            return False
+        value = d[key]
+        if inner is None:
+            return value is not None
+        return isinstance(value, str) or (isinstance(value, dict) and inner in value)
+
+    given = {
+        "study.sampler": written("study", "sampler", "name"),
+        "study.pruner": written("study", "pruner", "name"),
+        "study.diverged_as_pruned": written("study", "diverged_as_pruned"),
+        "optimizer.enqueue_published": written("optimizer", "enqueue_published"),
+        "optimizer.search_space": written("optimizer", "search_space"),
+    }
+    return frozenset(k for k, v in given.items() if not v)
 
 
 def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
@@ -716,7 +744,7 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
     for name in metrics:
         if name in LANGUAGE_METRICS and not language and cfg.task.train is None:
             raise ctx.fail("study.objective", "", raw=f"{name!r} needs a language-model task (task.dataset: text)")
-    if cfg.study.pruner.name != "none":
+    if cfg.study.pruner.name not in ("none", "auto"):  # auto prunes only where it can (cfg.can_prune)
         if len(metrics) > 1:
             raise ctx.fail(
                 "study.pruner",
@@ -755,7 +783,8 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
     sampler, pruner = cfg.study.sampler, cfg.study.pruner
     _constructor_options(lambda options: make_sampler(sampler.name, options, 0, qmc_seed=cfg.sampler_seed),
               sampler.options, ctx, "study.sampler.options", f"sampler {sampler.name!r}")
-    _constructor_options(lambda options: make_pruner(pruner.name, options, max_resource=cfg.task.epochs),
+    _constructor_options(lambda options: make_pruner(pruner.name, options, max_resource=cfg.task.epochs,
+                                                     can_prune=cfg.can_prune),
               pruner.options, ctx, "study.pruner.options", f"pruner {pruner.name!r}")
     if cfg.task.train is not None:
         _import_plugin(cfg.task.train, ctx, "task.train")
@@ -763,6 +792,9 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
             raise ctx.fail("device.processes", "", raw="must be 1 with task.train (your function runs in one process)")
     else:
         _builtin_task_checks(cfg, ctx)
+        from ..training.models import has_normalization
+
+        cfg.model_normalized = has_normalization(cfg.task.model)  # a plug-in's: once built (preflight)
     fill_derived_defaults(cfg)
     # The search space is part of the config: resolve and validate it now, then the checks that need it.
     from .spaces import space_for_config
@@ -1015,16 +1047,34 @@ def _optimizer_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
                        f"{cfg.optimizer.name}: {why}")
 
 
-def published_to_enqueue(cfg: Config, space: Any) -> list[dict[str, Any]]:
-    """The published configurations ``optimizer.enqueue_published`` selects, in enqueue order.
+def with_model_normalization(cfg: Config, normalized: bool | None) -> Config:
+    """``cfg`` once its model was built (a plug-in's normalization is known only then): records
+    ``normalized``, and when the config names no search space and the default space changes with
+    it (:func:`~.spaces.default_space_name`), checks the new space as validation checks one."""
+    from .spaces import default_space_name, space_for_config
 
+    if normalized is None or cfg.model_normalized is not None:
+        return cfg
+    before = default_space_name(cfg)
+    cfg.model_normalized = normalized
+    if cfg.optimizer.search_space is None and default_space_name(cfg) != before:
+        _space_checks(cfg, space_for_config(cfg), _Ctx(cfg.source))
+    return cfg
+
+
+def published_to_enqueue(cfg: Config, space: Any) -> list[dict[str, Any]]:
+    """The configurations ``optimizer.enqueue_published`` selects, in enqueue order.
+
+    ``auto``: the space's ``prior:`` (where a study starts; none for a space without one);
     ``false``: none; ``true``: all of ``space.published``; a list of sources: those entries, in the
-    list's order. Each item is the published entry as written (``source`` included); the values to
-    pass to ``study.enqueue_trial`` are the ones whose keys are in ``space.params``.
+    list's order. Each item is the entry as written (``source`` included); the values to pass to
+    ``study.enqueue_trial`` are the ones whose keys are in ``space.params``.
     """
     wanted = cfg.optimizer.enqueue_published
     if wanted is False:
         return []
+    if wanted == "auto":
+        return [dict(p) for p in space.prior]
     if wanted is True:
         return [dict(p) for p in space.published]
     by_source = {str(p["source"]): p for p in space.published if "source" in p}

@@ -47,7 +47,7 @@ OBJECTIVE_METRICS = (
 STORED_ATTRS = (
     "val_acc", "val_loss", "train_acc", "train_loss", "test_acc", "test_loss", "gen_gap_acc", "gen_gap_loss",
     "lambda_max", "hessian_trace", "hessian_trace_se", "sam_sharpness", "adaptive_sharpness",
-    "epochs_completed", "train_seconds", "ms_per_step", "hvp_count", "device", "num_classes",
+    "epochs_completed", "epochs_trained", "train_seconds", "ms_per_step", "hvp_count", "device", "num_classes",
 )
 
 #: the metrics ``status`` shows for a study's best trial, and ``export`` records in its provenance

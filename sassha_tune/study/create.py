@@ -8,6 +8,7 @@ needs ``--allow-space-change`` and is recorded in ``sassha_tune:search_space_his
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from collections.abc import Callable
@@ -73,6 +74,23 @@ def _in_current_form(stored: dict[str, Any]) -> dict[str, Any]:
     return plain(d)
 
 
+def _stored_where_unwritten(config_d: dict[str, Any], stored: dict[str, Any], implicit: frozenset[str]) -> dict[str, Any]:
+    """``config_d`` (a config about to continue a study) with the study's stored value for every
+    setting of :data:`~sassha_tune.config.schema.IMPLICIT_KEYS` the config does not write: a study
+    created before a default changed keeps its settings (a sampler's seed, when written, still
+    applies)."""
+    out = copy.deepcopy(config_d)
+    for key in implicit:
+        section, name = key.split(".")
+        if name == "search_space" or name not in stored.get(section, {}):
+            continue  # the space: compared, and kept, by the caller
+        value = copy.deepcopy(stored[section][name])
+        if name == "sampler":
+            value["seed"] = out[section][name].get("seed")
+        out[section][name] = value
+    return out
+
+
 def study_payload(cfg: Config, space: SearchSpace) -> tuple[dict[str, Any], dict[str, Any]]:
     """(config, search space) as stored in the study: plain data, no storage URL, space inline."""
     d = config_to_dict(cfg)
@@ -98,11 +116,16 @@ def _creation_attrs(cfg: Config, config_d: dict[str, Any], space_d: dict[str, An
 
 
 def _enqueue_published(study: optuna.Study, cfg: Config, space: SearchSpace) -> None:
-    """Enqueue the published configurations (idempotent: ``skip_if_exists``), then record it done."""
+    """Enqueue the configurations ``optimizer.enqueue_published`` selects (the space's prior by
+    default; idempotent: ``skip_if_exists``), then record it done. Each carries where it came from:
+    ``published: <source>`` for a published configuration, ``prior: <source>`` for one of the
+    space's own starting points."""
+    published = {str(p.get("source")) for p in space.published}
     for entry in published_to_enqueue(cfg, space):
         params = {k: v for k, v in entry.items() if k in space.params}
+        source = str(entry.get("source", "published"))
         with_retry(
-            study.enqueue_trial, params, user_attrs={"published": entry.get("source", "published")},
+            study.enqueue_trial, params, user_attrs={"published" if source in published else "prior": source},
             skip_if_exists=True,
         )
     crash_point("create:before-enqueued-mark")
@@ -181,6 +204,9 @@ def create_or_continue(
             f"{[f'{o.metric} {o.direction}' for o in cfg.study.objectives]}: use a new study.name"
         )
     _set_metric_names(study, list(cfg.study.metrics))
+    if "optimizer.search_space" in cfg.implicit:  # a space the config does not name is the study's own
+        space_d = stored_space
+        config_d = {**config_d, "optimizer": {**config_d["optimizer"], "search_space": stored_space}}
     space_changes = _diff(stored_space, space_d)
     if space_changes:
         if not allow_space_change:
@@ -195,6 +221,7 @@ def create_or_continue(
         with_retry(study.set_user_attr, "search_space", space_d)
         log(f"search space of {name!r} changed ({', '.join(space_changes[:4])})")
     stored = _in_current_form(stored)
+    config_d = _stored_where_unwritten(config_d, stored, cfg.implicit)
     other = [
         k for k in _diff({**stored, "optimizer": {**stored.get("optimizer", {}), "search_space": None}},
                          {**config_d, "optimizer": {**config_d["optimizer"], "search_space": None}})

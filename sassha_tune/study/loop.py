@@ -37,9 +37,9 @@ from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard, unjudged_a
 from .create import config_from_payload, plain, stored_payload
 from .liveness import Heartbeat, reconcile, retry_lost
 from .progress import GuardedObserver, StudyObserver
-from .samplers import make_pruner, make_sampler, trial_seed
+from .samplers import make_pruner, make_sampler, resolve_pruner, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
-from .tell import fail, finish
+from .tell import DIVERGED, fail, finish
 
 __all__ = ["WORKER_KEY", "Launcher", "LoopSummary", "run_trials", "start_trial", "run_pack", "split_line",
            "sampler_for", "pruner_for"]
@@ -57,8 +57,16 @@ def sampler_for(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def pruner_for(cfg: Config) -> optuna.pruners.BasePruner:
-    """The study's pruner (``study.pruner``)."""
-    return make_pruner(cfg.study.pruner.name, cfg.study.pruner.options, max_resource=cfg.task.epochs)
+    """The study's pruner (``study.pruner``; ``auto``: :func:`~.samplers.auto_pruner`'s choice)."""
+    return make_pruner(cfg.study.pruner.name, cfg.study.pruner.options, max_resource=cfg.task.epochs,
+                       can_prune=cfg.can_prune)
+
+
+def prunes(cfg: Config) -> bool:
+    """Whether a trial of this study may be stopped after an epoch (a pruner or the chance guard)."""
+    name, _ = resolve_pruner(cfg.study.pruner.name, cfg.study.pruner.options, epochs=cfg.task.epochs,
+                             can_prune=cfg.can_prune)
+    return name != "none" or ChanceGuard(cfg).active
 
 
 @dataclass
@@ -80,6 +88,8 @@ def _describe(frozen: FrozenTrial, cfg: Config) -> str:
         return f"trial {frozen.number} FAIL ({frozen.user_attrs.get('failure_reason')})"
     if frozen.state == TrialState.PRUNED:
         epochs = frozen.user_attrs.get("epochs_completed")
+        if frozen.user_attrs.get("failure_reason") == DIVERGED:  # told pruned so that the sampler sees it
+            return f"trial {frozen.number} PRUNED (diverged in epoch {(epochs or 0) + 1})"
         why = "near chance" if frozen.user_attrs.get(PRUNE_REASON_KEY) == NEAR_CHANCE else "by the pruner"
         return f"trial {frozen.number} PRUNED ({why}" + (f", after epoch {epochs})" if epochs else ")")
     return f"trial {frozen.number} {state}"
@@ -228,7 +238,7 @@ def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None, *, w
         "params": params,
         "device": device,
         # the child waits for go/stop after each epoch when a pruner or the chance guard may stop it
-        "prune": cfg.study.pruner.name != "none" or ChanceGuard(cfg).active,
+        "prune": prunes(cfg),
         "steps": STEP_SECONDS if watched else None,
     }
 
@@ -375,9 +385,15 @@ def _exit_reason(rc: int | None) -> str:
     return f"error: trial process exited with code {rc}"
 
 
-def _told(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, log: Log) -> FrozenTrial:
+def _finish(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, cfg: Config) -> FrozenTrial:
+    """Tell ``outcome`` under the study's rules (a diverged trial as pruned: :mod:`.tell`)."""
+    return finish(study, trial, outcome, diverged_as_pruned=cfg.study.diverged_as_pruned,
+                  reports=reported_metric(cfg) is not None)
+
+
+def _told(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, log: Log, cfg: Config) -> FrozenTrial:
     """Tell ``outcome``; a trial lost to a killed process gets its retry (once, :func:`retry_lost`)."""
-    frozen = finish(study, trial, outcome)
+    frozen = _finish(study, trial, outcome, cfg)
     if outcome.state == "fail" and outcome.failure_reason == LOST:
         retry_lost(study, frozen, KILLED_WHY, log=log)
     return frozen
@@ -472,7 +488,7 @@ def _run_one(
                 outcome = TrialOutcome("fail", failure_reason=TIMEOUT)
             outcome = outcome or TrialOutcome("fail", failure_reason=_exit_reason(rc))
             outcome.attrs["history"] = _stored_history(epochs[None])
-            return _told(study, trial, outcome, log)
+            return _told(study, trial, outcome, log, cfg)
 
 
 def _timeout_words(deadline: Watchdog, cfg: Config) -> str:
@@ -507,7 +523,7 @@ def run_pack(
 
     def tell(member: int | None, trial: optuna.Trial, outcome: TrialOutcome) -> None:
         outcome.attrs["history"] = _stored_history(outcome.history)
-        told.append(finish(study, trial, outcome))
+        told.append(_finish(study, trial, outcome, cfg))
 
     with _failed_when_unwinding(study, lambda: list(pending.values()), procs, log,
                                 lambda ts: f"trials {[t.number for t in ts]} interrupted: marked FAIL"):
@@ -548,7 +564,7 @@ def run_pack(
             else:
                 reason = LOST if rc == -signal.SIGKILL else f"error: pack process exited with code {rc}"
             for i, trial in list(pending.items()):
-                told.append(_told(study, trial, TrialOutcome("fail", failure_reason=reason), log))
+                told.append(_told(study, trial, TrialOutcome("fail", failure_reason=reason), log, cfg))
                 pending.pop(i)
             return told
 

@@ -1,5 +1,10 @@
 """Samplers and pruners by name, from plain arguments, and the sampler seed of each ask.
 
+``auto`` (the default of both) is sassha-tune's choice for small budgets, measured in
+``benchmarks/tuning_efficiency.py`` (docs/tuning.md): a TPE that starts modelling after a few
+trials instead of ten (:data:`AUTO_SAMPLER_OPTIONS`), and successive halving over epochs
+(:func:`auto_pruner`). Options given with ``auto`` override its own.
+
 Depends on Optuna only, so that config validation can build them (wrong options fail when the
 config is loaded) without importing the run loop.
 """
@@ -12,7 +17,25 @@ from typing import Any
 
 import optuna
 
-__all__ = ["make_sampler", "make_pruner", "trial_seed"]
+__all__ = ["AUTO_SAMPLER_OPTIONS", "auto_pruner", "make_sampler", "make_pruner", "resolve_pruner", "trial_seed"]
+
+#: ``sampler: auto``: TPE with these options. Few random start-up trials (the enqueued starting
+#: configurations count as start-up trials too), a joint model of the parameters (lr, rho and eps
+#: interact), and running trials treated as bad by other workers' asks so that parallel workers
+#: do not all propose the same point.
+AUTO_SAMPLER_OPTIONS: dict[str, Any] = {"n_startup_trials": 4, "multivariate": True, "constant_liar": True}
+
+
+def auto_pruner(epochs: int, can_prune: bool) -> tuple[str, dict[str, Any]]:
+    """What ``pruner: auto`` is for trials of ``epochs`` epochs: successive halving with rungs at
+    r, 3r, 9r, ... epochs (r = a tenth of the epochs, at least 1; a trial goes on past a rung only
+    if it is in the best third there), or ``none`` when the study cannot prune (several
+    objectives, an objective that is not reported per epoch) or a trial is too short to have a rung
+    before its last epoch."""
+    min_resource = max(1, round(epochs / 10))
+    if not can_prune or min_resource >= epochs:
+        return "none", {}
+    return "successive_halving", {"min_resource": min_resource, "reduction_factor": 3}
 
 
 def make_sampler(
@@ -23,6 +46,8 @@ def make_sampler(
     ``qmc_seed``: the scramble seed of ``qmc`` (the study's sampler seed, fixed across asks)."""
     opts = dict(options)
     s = optuna.samplers
+    if name == "auto":
+        return s.TPESampler(seed=seed, **{**AUTO_SAMPLER_OPTIONS, **opts})
     if name == "tpe":
         return s.TPESampler(seed=seed, **opts)
     if name == "random":
@@ -42,11 +67,24 @@ def make_sampler(
     raise ValueError(f"unknown sampler {name!r}")
 
 
-def make_pruner(name: str, options: Mapping[str, Any], *, max_resource: int) -> optuna.pruners.BasePruner:
+def resolve_pruner(name: str, options: Mapping[str, Any], *, epochs: int, can_prune: bool = True
+                   ) -> tuple[str, dict[str, Any]]:
+    """The pruner that runs for ``study.pruner`` (``name``, ``options``): ``auto`` becomes
+    :func:`auto_pruner`'s choice, its options overridden by ``options``; any other name is itself."""
+    if name != "auto":
+        return name, dict(options)
+    chosen, base = auto_pruner(epochs, can_prune)
+    return chosen, ({**base, **options} if chosen != "none" else {})
+
+
+def make_pruner(name: str, options: Mapping[str, Any], *, max_resource: int, can_prune: bool = True
+                ) -> optuna.pruners.BasePruner:
     """The pruner ``name`` (``study.pruner.name``) with ``options``.
 
-    ``max_resource``: hyperband's default ``max_resource`` (the number of epochs of a trial)."""
-    opts = dict(options)
+    ``max_resource``: the number of epochs of a trial (hyperband's default ``max_resource``, and
+    what ``auto`` chooses for); ``can_prune``: whether the study's objective is reported per
+    epoch (``auto`` chooses ``none`` otherwise)."""
+    name, opts = resolve_pruner(name, options, epochs=max_resource, can_prune=can_prune)
     p = optuna.pruners
     if name == "none":
         if opts:

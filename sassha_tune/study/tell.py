@@ -1,6 +1,14 @@
 """Telling trials: an outcome (its attributes, values or failure reason) -> the storage.
 
 A trial never stays RUNNING because of a value Optuna rejects: it fails with the reason instead.
+
+A trial that diverged is evidence about its region of the search space, but Optuna's samplers
+(TPE, GP, CMA-ES) do not look at FAIL trials, so a study that tells it FAIL keeps proposing the
+region that diverged. With ``study.diverged_as_pruned`` (the default of new studies) it is told
+PRUNED instead, its ``failure_reason: diverged`` kept, after a NaN reported for the epoch in which
+it diverged: TPE ranks a pruned trial by its last intermediate value and a NaN as the worst, so it
+lands among the bad trials (tests/study/test_tell.py). ``status``, ``report`` and ``compare`` still
+count it as diverged (a pruned trial with a ``failure_reason``), and it is never selected.
 """
 
 from __future__ import annotations
@@ -13,15 +21,26 @@ from optuna.trial import FrozenTrial, TrialState
 from ..trial.outcome import TrialOutcome
 from .storage import set_user_attrs, with_retry
 
-__all__ = ["finish", "fail"]
+__all__ = ["DIVERGED", "finish", "fail"]
+
+#: The failure reason of a trial whose loss or validation loss stopped being finite.
+DIVERGED = "diverged"
 
 
-def finish(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome) -> FrozenTrial:
-    """Store the outcome's user attributes and tell the trial its state (and values)."""
+def finish(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *,
+           diverged_as_pruned: bool = False, reports: bool = False) -> FrozenTrial:
+    """Store the outcome's user attributes and tell the trial its state (and values).
+
+    ``diverged_as_pruned``: a diverged trial is told PRUNED (see the module docstring), after a NaN
+    for the epoch it diverged in when the study ``reports`` a per-epoch value."""
     attrs = dict(outcome.attrs)
     if outcome.state == "fail":
         attrs["failure_reason"] = outcome.failure_reason or "error: unknown"
     with_retry(set_user_attrs, study, trial, attrs)
+    if outcome.state == "fail" and diverged_as_pruned and outcome.failure_reason == DIVERGED:
+        if reports:
+            with_retry(trial.report, float("nan"), len(outcome.history) + 1)
+        return _tell(study, trial, state=TrialState.PRUNED)
     if outcome.state == "fail":
         return _tell(study, trial, state=TrialState.FAIL)
     if outcome.state == "pruned":

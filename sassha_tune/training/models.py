@@ -462,9 +462,21 @@ def is_language_model(name: str) -> bool:
     return found is not None and found[0] is GPT
 
 
+#: The layers that make a network (mostly) invariant to the scale of the weights before them, so
+#: that it absorbs the large steps SASSHA takes where its lazy Hessian estimate is near zero.
+NORMALIZATION_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm,
+                        nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.RMSNorm)
+
+
+def has_normalization_layers(model: nn.Module) -> bool:
+    """Whether a built model has any normalization layer (:data:`NORMALIZATION_LAYERS`, subclasses
+    included): how a plug-in model is judged once built."""
+    return any(isinstance(m, NORMALIZATION_LAYERS) for m in model.modules())
+
+
 def has_normalization(name: str) -> bool | None:
     """Whether built-in model ``name`` has normalization layers (BatchNorm/LayerNorm); ``None``
-    for plug-ins and unknown names, which are not inspected without building them."""
+    for plug-ins and unknown names, which are judged once built (:func:`has_normalization_layers`)."""
     found = None if is_plugin(name) else _builtin(name)
     if found is None:
         return None

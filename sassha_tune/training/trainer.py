@@ -99,6 +99,9 @@ class TrainResult:
     optimizer: torch.optim.Optimizer | None = None
     rank: int = 0  # under data parallelism: this process's rank (only rank 0 evaluates)
     world_size: int = 1
+    # epochs of training steps taken, to the step (a member that left mid-epoch: a fraction): what
+    # the trial cost, in the unit a study's budget is counted in (run-equivalents = this / epochs)
+    epochs_trained: float = 0.0
 
 
 def lr_factor(spec: TrainSpec, step: int, total: int) -> float:
@@ -462,6 +465,7 @@ def train_members(
             ms_per_step=1000.0 * seconds / step if step else float("nan"),
             device=str(device), history=m.history, model=model, splits=m.splits,  # type: ignore[arg-type]
             optimizer=m.optimizer, rank=ranks.rank, world_size=ranks.world_size,
+            epochs_trained=m.steps / per_epoch,
         )
 
     def leave(m: Member, status: str, failure: str | None) -> None:

@@ -119,6 +119,7 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any, *,
 
     attrs: dict[str, Any] = {
         "epochs_completed": result.epochs_completed,
+        "epochs_trained": round(result.epochs_trained, 6),
         "train_seconds": result.train_seconds,
         "ms_per_step": result.ms_per_step,
         "device": result.device,

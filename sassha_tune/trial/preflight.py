@@ -55,9 +55,10 @@ def _built_model(cfg: Config, input_shape: tuple, num_classes: int) -> Any:
         raise ConfigError(f"{cfg.source}: {where}: model {task.model!r} could not be built: {_one_line(exc)}") from None
 
 
-def check_task(cfg: Config) -> None:
+def check_task(cfg: Config) -> bool | None:
     """Load ``cfg``'s dataset on the CPU, check its splits, build its model and run it on two
-    examples; a failure is a :class:`ConfigError` naming the key to fix."""
+    examples; a failure is a :class:`ConfigError` naming the key to fix. Returns whether the model
+    has normalization layers (None when no model was built: ``task.train``, language models)."""
     import torch
 
     from ..plugins import is_plugin
@@ -65,12 +66,12 @@ def check_task(cfg: Config) -> None:
 
     task, src = cfg.task, cfg.source
     if task.train is not None:
-        return  # the user's function brings its own data and model (imported at validation)
+        return None  # the user's function brings its own data and model (imported at validation)
     if task.dataset == "text":  # its files were checked (check_dataset_files); windows are cut per batch
         if not is_plugin(task.model):  # a built-in model, built without memory, for windows of any length
             with torch.device("meta"):
                 _built_model(cfg, (1,), VOCABULARY)
-        return
+        return None
     key = "task.dataset_options.factory" if task.dataset == "custom" else "task.dataset_options"
     try:
         splits = load_dataset(task.dataset, task.data_dir, val_fraction=task.val_fraction,
@@ -97,3 +98,6 @@ def check_task(cfg: Config) -> None:
                           f"(shape {tuple(splits.input_shape)}): {_one_line(exc)}") from None
     if not isinstance(out, torch.Tensor) or out.shape[0] != min(2, len(splits.x_train)):
         raise ConfigError(f"{src}: task.model: model {task.model!r} must return one row of outputs per example")
+    from ..training.models import has_normalization_layers
+
+    return has_normalization_layers(model)

@@ -46,12 +46,16 @@ def test_minimal_config_defaults(tmp_path):
     cfg = load_config(_write(tmp_path, BASE))
     assert cfg.study.name == "cfgtest"
     assert cfg.study.objectives[0].metric == "val_acc" and cfg.study.objectives[0].direction == "maximize"
-    assert cfg.study.sampler.name == "tpe" and cfg.study.pruner.name == "none"
+    assert cfg.study.sampler.name == "auto" and cfg.study.pruner.name == "auto"
+    assert cfg.study.diverged_as_pruned is True
     assert cfg.budget.n_trials == 2 and cfg.budget.timeout is None
     assert cfg.schedule.name == "multistep" and cfg.schedule.milestones == [0.5, 0.75]
     assert cfg.metrics.sharpness is True and cfg.metrics.subset_size == 1024
     assert cfg.device.name == "auto" and cfg.seed == 0
-    assert cfg.optimizer.enqueue_published is False
+    assert cfg.optimizer.enqueue_published == "auto"
+    # none of the settings whose default changed in issue 24 is written: a stored study keeps its own
+    assert cfg.implicit == {"study.sampler", "study.pruner", "study.diverged_as_pruned",
+                            "optimizer.enqueue_published", "optimizer.search_space"}
 
 
 def test_study_name_defaults_to_file_stem(tmp_path):

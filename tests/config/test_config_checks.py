@@ -324,7 +324,8 @@ def test_every_schedule_of_the_trainer_is_a_config_choice():
 
 def test_enqueue_published_list_selects_sources():
     sources = ["cifar100/resnet32/sassha.sh", "cifar10/resnet20/sassha.sh"]
-    cfg = config_from_dict(_with("optimizer", {"name": "sassha", "enqueue_published": sources}))
+    cfg = config_from_dict(_with("optimizer", {"name": "sassha", "search_space": "sassha",
+                                               "enqueue_published": sources}))
     space = space_for_config(cfg)
     chosen = published_to_enqueue(cfg, space)
     assert [e["source"] for e in chosen] == sources
@@ -334,11 +335,29 @@ def test_enqueue_published_list_selects_sources():
 
 
 def test_enqueue_published_true_false():
-    cfg = config_from_dict(_with("optimizer", {"name": "sassha", "enqueue_published": True}))
+    cfg = config_from_dict(_with("optimizer", {"name": "sassha", "search_space": "sassha", "enqueue_published": True}))
     space = space_for_config(cfg)
     assert published_to_enqueue(cfg, space) == space.published
-    cfg = config_from_dict(BASE)
+    cfg = config_from_dict(_with("optimizer", {"name": "sassha", "enqueue_published": False}))
     assert published_to_enqueue(cfg, space_for_config(cfg)) == []
+
+
+def test_enqueue_published_auto_is_the_prior_of_the_space_the_model_gets():
+    """auto (the default): a BatchNorm ResNet starts from two published configurations; a model
+    without normalization searches sassha_nonorm and starts from its dense-start configurations."""
+    resnet = config_from_dict(_with("task", {**BASE["task"], "dataset": "synthetic", "model": "resnet8",
+                                             "dataset_options": {"shape": [3, 8, 8]}}))
+    chosen = published_to_enqueue(resnet, space_for_config(resnet))
+    assert [e["source"] for e in chosen] == ["cifar10/resnet32/sassha.sh", "imagenet/resnet50/sassha.sh"]
+    assert (chosen[0]["lr"], chosen[0]["rho"], chosen[0]["eps"]) == (0.15, 0.2, 1e-4)
+    mlp = config_from_dict(BASE)
+    space = space_for_config(mlp)
+    assert Path(space.source).stem == "sassha_nonorm"
+    chosen = published_to_enqueue(mlp, space)
+    assert [e["source"] for e in chosen] == ["dense-start-lr0.1", "dense-start-lr0.3"]
+    assert all(space.params[k].contains(v) for e in chosen for k, v in e.items() if k in space.params)
+    named = config_from_dict(_with("optimizer", {"name": "sassha", "search_space": "sassha"}))
+    assert Path(space_for_config(named).source).stem == "sassha"  # a named space is searched as named
 
 
 @pytest.mark.parametrize(
@@ -347,13 +366,14 @@ def test_enqueue_published_true_false():
         (["cifar10/resnet20/sasha.sh"], ["optimizer.enqueue_published[0]", "did you mean 'cifar10/resnet20/sassha.sh'",
                                          "valid sources: cifar10/resnet20/sassha.sh, "]),
         (["cifar10/resnet20/sassha.sh", "nope"], ["optimizer.enqueue_published[1]", "'nope'"]),
-        ([], ["optimizer.enqueue_published", "expected true, false or a list"]),
-        ("yes", ["optimizer.enqueue_published", "expected true, false or a list"]),
+        ([], ["optimizer.enqueue_published", "expected auto, true, false or a list"]),
+        ("yes", ["optimizer.enqueue_published", "expected auto, true, false or a list"]),
         (["cifar10/resnet20/sassha.sh"] * 2, ["optimizer.enqueue_published", "distinct"]),
     ],
 )
 def test_enqueue_published_bad_list_fails(tmp_path, monkeypatch, value, expected):
-    message, _ = _run_cli(tmp_path, _with("optimizer", {"name": "sassha", "enqueue_published": value}), monkeypatch)
+    message, _ = _run_cli(tmp_path, _with("optimizer", {"name": "sassha", "search_space": "sassha",
+                                                        "enqueue_published": value}), monkeypatch)
     for fragment in expected:
         assert fragment in message, (fragment, message)
 
