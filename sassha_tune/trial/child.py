@@ -62,34 +62,47 @@ class StepMessages:
 
 
 class _Channel:
-    """This process's end of the protocol: messages out, go/stop replies in."""
+    """This process's end of the protocol for one job: messages out, go/stop replies in. It ends
+    with its job (:meth:`close`): a thread the trial left running that sends later gets an error
+    in that thread, and its message never reaches the parent as the next job's."""
 
     def __init__(self, out: TextIO, prune: bool) -> None:
         self.out, self.prune = out, prune
+        self._lock = threading.RLock()  # one message (and its reply) at a time; close waits for it
+        self._open = True
+
+    def close(self) -> None:
+        with self._lock:
+            self._open = False
 
     def send(self, msg: dict[str, Any]) -> None:
-        try:
-            self.out.write(json.dumps(msg) + "\n")
-            self.out.flush()
-        except (BrokenPipeError, EOFError, OSError):
-            # The parent is gone (e.g. SIGKILLed): nobody reads the result; its heartbeat goes stale
-            # and the trial is reconciled as lost. Exit quietly, without flushing the dead pipe.
-            os._exit(_PARENT_GONE)
+        with self._lock:
+            if not self._open:
+                raise RuntimeError(f"trial protocol: a {msg.get('type')!r} message after its job ended "
+                                   "(from a thread the trial left running?) is not sent")
+            try:
+                self.out.write(json.dumps(msg) + "\n")
+                self.out.flush()
+            except (BrokenPipeError, EOFError, OSError):
+                # The parent is gone (e.g. SIGKILLed): nobody reads the result; its heartbeat goes stale
+                # and the trial is reconciled as lost. Exit quietly, without flushing the dead pipe.
+                os._exit(_PARENT_GONE)
 
     def on_epoch(self, member: int | None = None) -> Callable[[int, dict], bool]:
         """The trainer's epoch callback: report the epoch, then (when pruning) wait for go/stop."""
 
         def callback(epoch: int, metrics: dict) -> bool:
-            self.send(_tagged({"type": "epoch", "epoch": epoch, "metrics": json_safe(metrics)}, member))
-            if not self.prune:
-                return False
-            try:
-                reply = sys.stdin.readline()
-            except (EOFError, OSError):
-                reply = ""
-            if not reply:  # the parent is gone
-                os._exit(_PARENT_GONE)
-            return reply.strip() == "stop"
+            with self._lock:  # the reply belongs to this message: no other may come between
+                self.send(_tagged({"type": "epoch", "epoch": epoch, "metrics": json_safe(metrics)}, member))
+                if not self.prune:
+                    return False
+                try:
+                    reply = sys.stdin.readline()
+                except (EOFError, OSError):
+                    reply = ""
+                if not reply:  # the parent is gone
+                    os._exit(_PARENT_GONE)
+                return reply.strip() == "stop"
 
         return callback
 
@@ -127,7 +140,29 @@ def main(argv: list[str] | None = None) -> int:
     if not line:
         return _PARENT_GONE
     code, _ = _run_job(json.loads(line), proto)
+    _end_soon(proto, code)
     return code
+
+
+#: how long a fresh trial process that has sent its job's messages waits for threads the trial
+#: left running (non-daemon threads hold the interpreter's exit) before it exits anyway
+EXIT_SECONDS = 5.0
+
+
+def _end_soon(proto: TextIO, code: int) -> None:
+    """The job is done: close the protocol, so that the parent reads to its end and has the result,
+    and make sure this process ends with ``code`` within :data:`EXIT_SECONDS` even when a thread
+    the trial left running would keep it alive."""
+    proto.close()
+
+    def leave() -> None:
+        time.sleep(EXIT_SECONDS)
+        left = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
+        print(f"trial process: exiting while threads the trial left are still running ({', '.join(left)})",
+              file=sys.stderr, flush=True)
+        os._exit(code)
+
+    threading.Thread(target=leave, daemon=True, name="trial-exit").start()
 
 
 def _serve(proto: TextIO) -> int:
@@ -208,6 +243,15 @@ def _run_job(job: dict[str, Any], proto: TextIO) -> tuple[int, str | None]:
     members: list[int | None] = list(range(len(params))) if isinstance(params, list) else [None]
     every = job.get("steps")  # seconds between step messages, or None: none
     on_step = None if every is None else channel.on_step(isinstance(params, list), float(every))
+    try:
+        return _job_outcome(job, channel, params, members, on_step)
+    finally:
+        channel.close()  # the job's channel ends with it: a thread the trial left cannot write into the next
+
+
+def _job_outcome(job: dict[str, Any], channel: _Channel, params: Any, members: list[int | None],
+                 on_step: StepMessages | None) -> tuple[int, str | None]:
+    """The job's trial or pack, its outcome messages sent: :func:`_run_job`'s answer."""
     outcome: TrialOutcome | None = None
     try:
         # The parent validated the config; rebuilding it is all that is left to do here.

@@ -21,6 +21,7 @@ reports and export.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -73,6 +74,9 @@ class TrialReporter:
         self.history: list[dict[str, Any]] = []
         self.sharpness_inputs: tuple[Any, ...] | None = None
         self._on_epoch = on_epoch
+        # held through a report's epoch message and reply, so that close() waits for one in flight
+        self._lock = threading.Lock()
+        self._closed = False
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """The trial's optimizer over ``model`` (its parameter groups and ``model=`` as the
@@ -84,28 +88,52 @@ class TrialReporter:
     def report(self, metrics: Mapping[str, Any]) -> None:
         """One epoch's metrics (e.g. ``val_acc``, ``train_loss``; floats). Epochs count from 1.
         They become the trial's learning curve and the pruner's input; raises :data:`TrialPruned`
-        when the study prunes the trial."""
-        if len(self.history) >= self.epochs:
-            raise UserError(f"task.train: the function reported more than task.epochs = {self.epochs} epochs")
-        entry = {"epoch": len(self.history) + 1, **{str(k): _number(k, v) for k, v in metrics.items()}}
-        self.history.append(entry)
-        if self._on_epoch is not None and self._on_epoch(entry["epoch"], dict(entry)):
-            raise TrialPruned(f"pruned at epoch {entry['epoch']}")
+        when the study prunes the trial, and ``RuntimeError`` once the trial has ended (a thread
+        the function left running: its late epochs reach neither this trial nor the next)."""
+        with self._lock:
+            self._check_open("report")
+            if len(self.history) >= self.epochs:
+                raise UserError(f"task.train: the function reported more than task.epochs = {self.epochs} epochs")
+            entry = {"epoch": len(self.history) + 1, **{str(k): _number(k, v) for k, v in metrics.items()}}
+            self.history.append(entry)
+            if self._on_epoch is not None and self._on_epoch(entry["epoch"], dict(entry)):
+                raise TrialPruned(f"pruned at epoch {entry['epoch']}")
+
+    def close(self) -> None:
+        """End the reporter with its trial (the function returned or raised): every later call
+        raises; waits for a report in flight (its epoch message answered) to finish."""
+        with self._lock:
+            self._closed = True
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise RuntimeError(f"reporter.{what} called after its trial ended (from a thread the train function "
+                               "left running?): it reaches neither that trial nor the next")
 
     def sharpness_on(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
         """Measure sharpness on ``model`` once the function returns, on a fixed subset of
         ``(inputs, targets)`` (tensors on the model's device; ``loss_fn(outputs, targets)`` returns
         the mean loss, default cross-entropy), with the config's ``metrics`` protocol."""
+        self._check_open("sharpness_on")
         self.sharpness_inputs = (model, loss_fn, inputs, targets)  # sharpness_attrs' order
 
 
 def _number(key: Any, value: Any) -> Any:
+    """A metric's value as a number (a 0-d tensor's item); ``TypeError`` naming the metric
+    otherwise, which fails the trial as any error of the function does."""
     if hasattr(value, "item") and callable(value.item):  # a 0-d tensor
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise UserError(f"task.train: metric {key!r} must be a number, got {type(value).__name__}")
+        raise TypeError(f"task.train: metric {key!r} must be a number, got {type(value).__name__}")
     return value
+
+
+def _metrics(function: str, returned: Any) -> dict[str, Any]:
+    """What the function returned, as metrics: a mapping of numbers (else ``TypeError``)."""
+    if not isinstance(returned, Mapping):
+        raise TypeError(f"task.train: {function} must return a mapping of metrics, got {type(returned).__name__}")
+    return {str(k): _number(k, v) for k, v in returned.items()}
 
 
 def evaluate_user_train(cfg: Config, params: Mapping[str, Any], *,
@@ -124,19 +152,16 @@ def evaluate_user_train(cfg: Config, params: Mapping[str, Any], *,
     reporter = TrialReporter(cfg, params, device=str(resolve_device(device or cfg.device.name)), on_epoch=on_epoch)
     start = time.perf_counter()
     try:
-        returned = function(reporter)
+        final = _metrics(cfg.task.train, _called(function, reporter))
     except TrialPruned:
         return TrialOutcome("pruned", _attrs(reporter, start), history=reporter.history)
     except UserError:
         raise
     except torch.cuda.OutOfMemoryError:
         return TrialOutcome("fail", _attrs(reporter, start), failure_reason="out_of_memory", history=reporter.history)
-    except Exception as exc:  # the user's code failed this trial; the study goes on
+    except Exception as exc:  # the user's code failed this trial (or returned no metrics); the study goes on
         return TrialOutcome("fail", _attrs(reporter, start), failure_reason=one_line(exc), history=reporter.history)
     attrs = _attrs(reporter, start)
-    if not isinstance(returned, Mapping):
-        raise UserError(f"task.train: {cfg.task.train} must return a mapping of metrics, got {type(returned).__name__}")
-    final = {str(k): _number(k, v) for k, v in returned.items()}
     attrs.update(final)
     if all(k in final for k in ("train_acc", "val_acc", "train_loss", "val_loss")):
         attrs.update(generalization_gap({"acc": final["train_acc"], "loss": final["train_loss"]},
@@ -153,6 +178,14 @@ def evaluate_user_train(cfg: Config, params: Mapping[str, Any], *,
         return "not returned by the train function" if metric not in final else "is not finite"
 
     return finished_outcome(cfg, attrs, reporter.history, why_missing)
+
+
+def _called(function: Callable[[TrialReporter], Any], reporter: TrialReporter) -> Any:
+    """``function(reporter)``; the reporter ends with it, whatever threads it left running."""
+    try:
+        return function(reporter)
+    finally:
+        reporter.close()
 
 
 def _attrs(reporter: TrialReporter, start: float) -> dict[str, Any]:

@@ -1,0 +1,55 @@
+"""``task.train`` functions that misbehave the way a user's may (tests/trial/test_trial_isolation.py):
+threads left running after the function returned, results that are not metrics. Importable in the
+trial processes (tests/conftest.py puts this folder on their PYTHONPATH)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+
+def late_reporter(reporter):
+    """``leave_thread_above``: a trial whose lr is above it returns at once and leaves a thread that
+    keeps reporting epochs of 0.999 (as if training went on in the background); it writes what
+    ``reporter.report`` raised in that thread to ``record``. Other trials report ``val_acc = lr``
+    every epoch, ``epoch_seconds`` apart, and return it."""
+    lr = reporter.hparams["lr"]
+    options = reporter.options
+    if lr > options["leave_thread_above"]:
+        def keep_reporting() -> None:
+            for _ in range(200):
+                time.sleep(0.05)
+                try:
+                    reporter.report({"val_acc": 0.999})
+                except Exception as exc:  # what the late call got: the test reads it
+                    Path(options["record"]).write_text(f"{type(exc).__name__}: {exc}")
+                    return
+
+        threading.Thread(target=keep_reporting, daemon=True).start()
+        time.sleep(0.2)  # the thread is reporting while this trial still runs: those epochs are its own
+        return {"val_acc": lr}
+    for _ in range(reporter.epochs):
+        time.sleep(options["epoch_seconds"])
+        reporter.report({"val_acc": lr})
+    return {"val_acc": lr}
+
+
+def leaves_a_thread(reporter):
+    """Returns its metrics and leaves a non-daemon thread that sleeps for an hour: the trial
+    process must still end (and its result count)."""
+    threading.Thread(target=time.sleep, args=(3600,), name="forgotten", daemon=False).start()
+    return {"val_acc": reporter.hparams["lr"]}
+
+
+def malformed_result(reporter):
+    """What it returns depends on the trial's lr (``train_options.returns``: lr -> kind): a string
+    metric, None, or good metrics."""
+    lr = reporter.hparams["lr"]
+    reporter.report({"val_acc": lr})
+    kind = min(reporter.options["returns"].items(), key=lambda item: abs(float(item[0]) - lr))[1]
+    if kind == "string":
+        return {"val_acc": "0.5"}
+    if kind == "none":
+        return None
+    return {"val_acc": lr}
