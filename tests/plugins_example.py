@@ -19,6 +19,12 @@ def tiny_linear(*, input_shape, num_classes, scale=1.0):
     return model
 
 
+def tiny_batchnorm(*, input_shape, num_classes, hidden=16):
+    """A model plug-in with a normalization layer (BatchNorm1d after its hidden layer)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), hidden), nn.BatchNorm1d(hidden),
+                         nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
 def not_a_module(*, input_shape, num_classes):
     return "nope"
 
