@@ -28,7 +28,7 @@ import difflib
 import math
 import sysconfig
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -342,7 +342,8 @@ def default_space_name(cfg: Any) -> str:
 
 
 def space_for_config(cfg: Any, *, check_fixed: bool = False) -> SearchSpace:
-    """The search space a config names (a shipped name, a file, or inline); validated.
+    """The search space a config names (a shipped name, a file, or inline); validated. A config
+    that names none searches :func:`default_space_name`'s, without the parameters it fixes.
 
     ``check_fixed``: also refuse a parameter both fixed and searched (a study needs one or the
     other; ``train`` runs fixed values and ignores the space, so exported configs keep both).
@@ -350,8 +351,11 @@ def space_for_config(cfg: Any, *, check_fixed: bool = False) -> SearchSpace:
     ref = cfg.optimizer.search_space
     if isinstance(ref, dict):
         space = space_from_dict(ref, cfg.source, cfg.optimizer.name, path="optimizer.search_space")
-    else:
-        space = load_space(ref or default_space_name(cfg), cfg.optimizer.name, cfg.base_dir, cfg.source)
+    elif ref:
+        space = load_space(ref, cfg.optimizer.name, cfg.base_dir, cfg.source)
+    else:  # the default space: a parameter the config fixes is not searched there
+        space = load_space(default_space_name(cfg), cfg.optimizer.name, cfg.base_dir, cfg.source)
+        space = replace(space, params={k: p for k, p in space.params.items() if k not in cfg.optimizer.fixed})
     check_param_names(cfg.optimizer.name, list(cfg.optimizer.fixed), cfg.source, "optimizer.fixed")
     both = sorted(set(space.params) & set(cfg.optimizer.fixed))
     if both and check_fixed:

@@ -1,18 +1,32 @@
-"""The budget: which trials count toward ``budget.n_trials``.
+"""The budget: which trials count toward ``budget.n_trials``, and where the training went.
 
 Every trial of the study counts, across runs and workers -- COMPLETE, PRUNED, RUNNING and FAIL --
 except waiting (enqueued) trials and FAIL trials whose reason is in :data:`NOT_COUNTED`: ``lost``
 (retried), ``interrupted`` (Ctrl-C) or ``over_budget`` (a worker that lost the race for the last
 slot).
+
+What a search really costs is training: :func:`run_equivalents` counts it in *run-equivalents*,
+the epochs every finished trial trained (to the step, ``epochs_trained``; a pruned or failed trial
+counts what it trained) over the epochs of one full run, and :func:`spent_by_outcome` splits it by
+how each trial ended (:data:`OUTCOMES`), for ``status`` and ``report``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["NOT_COUNTED", "counts_toward_budget", "budget_used"]
+from ..metrics.chance import acc_near_chance
+
+__all__ = ["NOT_COUNTED", "OUTCOMES", "counts_toward_budget", "budget_used", "outcome", "run_equivalents",
+           "spent_by_outcome"]
+
+#: How a finished trial ended, for the split of the training spent: it trained to the end
+#: (``completed``), ended or was stopped near chance (``near_chance``), was stopped by the pruner
+#: (``pruned``), diverged (``diverged``, told FAIL or, by default, PRUNED), or failed otherwise.
+OUTCOMES = ("completed", "near_chance", "pruned", "diverged", "failed")
 
 NOT_COUNTED = frozenset({"lost", "interrupted", "over_budget"})
 
@@ -27,3 +41,41 @@ def counts_toward_budget(t: FrozenTrial) -> bool:
 
 def budget_used(trials: Iterable[FrozenTrial]) -> int:
     return sum(counts_toward_budget(t) for t in trials)
+
+
+def outcome(state: str | TrialState, user_attrs: Mapping[str, Any]) -> str | None:
+    """One of :data:`OUTCOMES` for a finished trial (None for a running or waiting one)."""
+    name = state.name if isinstance(state, TrialState) else str(state)
+    if user_attrs.get("failure_reason") == "diverged":
+        return "diverged"
+    if name == "FAIL":
+        return "failed"
+    if name == "PRUNED":
+        return "near_chance" if user_attrs.get("prune_reason") == "near_chance" else "pruned"
+    if name == "COMPLETE":
+        stalled = acc_near_chance(user_attrs.get("val_acc"), user_attrs.get("num_classes")) is True
+        return "near_chance" if stalled else "completed"
+    return None
+
+
+def run_equivalents(user_attrs: Mapping[str, Any], epochs: int) -> float:
+    """The training one finished trial cost, in full runs of ``epochs`` epochs: ``epochs_trained``
+    (to the step), else the epochs it completed (trials stored before ``epochs_trained``)."""
+    trained = user_attrs.get("epochs_trained", user_attrs.get("epochs_completed"))
+    if isinstance(trained, bool) or not isinstance(trained, int | float) or epochs < 1:
+        return 0.0
+    return float(trained) / epochs
+
+
+def spent_by_outcome(trials: Iterable[tuple[str | TrialState, Mapping[str, Any]]], epochs: int
+                     ) -> dict[str, dict[str, float]]:
+    """``{outcome: {"trials": n, "run_eq": r}}`` over finished trials given as (state, user
+    attributes), every outcome of :data:`OUTCOMES` present (zeros included), in that order."""
+    out = {kind: {"trials": 0, "run_eq": 0.0} for kind in OUTCOMES}
+    for state, attrs in trials:
+        kind = outcome(state, attrs)
+        if kind is None:
+            continue
+        out[kind]["trials"] += 1
+        out[kind]["run_eq"] += run_equivalents(attrs, epochs)
+    return out

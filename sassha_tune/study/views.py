@@ -14,10 +14,10 @@ from optuna.trial import FrozenTrial, TrialState
 from ..errors import UserError
 from ..metrics.names import EXPORTED_METRICS
 from ..version import __version__
-from .budget import budget_used
+from .budget import budget_used, spent_by_outcome
 from .storage import load_study, open_storage, with_retry
 
-__all__ = ["study_rows", "study_detail", "best_trial", "export_config", "export_kwargs"]
+__all__ = ["study_rows", "study_detail", "spent_line", "best_trial", "export_config", "export_kwargs"]
 
 
 def study_rows(storage_url: str) -> list[dict[str, Any]]:
@@ -36,6 +36,8 @@ def study_detail(study: optuna.Study) -> dict[str, Any]:
     n_trials = (cfg_raw.get("budget") or {}).get("n_trials")
     best = best_trial(study)
     failures = Counter(str(t.user_attrs.get("failure_reason", "unknown")) for t in trials if t.state == TrialState.FAIL)
+    epochs = int((cfg_raw.get("task") or {}).get("epochs") or 0)
+    spent = spent_by_outcome(((t.state, t.user_attrs) for t in trials if t.state.is_finished()), epochs)
     return {
         "name": study.study_name,
         "optimizer": study.user_attrs.get("optimizer", "?"),
@@ -44,7 +46,16 @@ def study_detail(study: optuna.Study) -> dict[str, Any]:
         "budget": f"{budget_used(trials)}/{n_trials}" if n_trials else "?",
         "best": best,
         "failures": dict(failures),
+        "spent": spent,
     }
+
+
+def spent_line(spent: dict[str, dict[str, float]]) -> str:
+    """The one-line form of :func:`~.budget.spent_by_outcome`: ``training spent: 7.4 run-equivalents
+    (completed 4.0, pruned 1.2, near chance 0.8, diverged 0.4)``; the outcomes with none are left out."""
+    total = sum(v["run_eq"] for v in spent.values())
+    parts = [f"{kind.replace('_', ' ')} {v['run_eq']:.1f}" for kind, v in spent.items() if v["trials"]]
+    return f"training spent: {total:.1f} run-equivalents" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def best_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import optuna
 import pytest
 import yaml
+from optuna.trial import TrialState
 from typer.testing import CliRunner
 
 from sassha_tune.cli import app
@@ -60,7 +61,7 @@ def test_resume_with_missing_dataset_asks_no_trial(tmp_path):
     result = CliRunner().invoke(app, ["resume", "missing-data", "--storage", f"sqlite:///{tmp_path / 'studies.db'}"])
     assert result.exit_code == 2 and "Fashion-MNIST not found" in result.output
     study = optuna.load_study(study_name="missing-data", storage=f"sqlite:///{tmp_path / 'studies.db'}")
-    assert study.trials == []
+    assert {t.state for t in study.trials} <= {TrialState.WAITING}  # the enqueued prior waits; nothing was asked
 
 
 def test_generated_datasets_need_no_files(tmp_path):
@@ -74,7 +75,7 @@ def test_enqueue_published_list_enqueues_only_the_named_configurations(tmp_path)
     cfg = {
         "study": {"name": "enq", "storage": f"sqlite:///{tmp_path / 'studies.db'}"},
         "task": {"dataset": "mnist1d", "model": "cnn1d", "epochs": 1},
-        "optimizer": {"name": "sassha", "enqueue_published": ["cifar10/resnet20/sassha.sh"]},
+        "optimizer": {"name": "sassha", "search_space": "sassha", "enqueue_published": ["cifar10/resnet20/sassha.sh"]},
         "device": "cpu",
     }
     path = tmp_path / "enq.yaml"
@@ -89,10 +90,10 @@ def test_enqueue_published_list_enqueues_only_the_named_configurations(tmp_path)
 @pytest.mark.parametrize(
     ("model", "optimizer", "noted"),
     [
-        ({"model": "cnn1d"}, {"name": "sassha"}, True),
-        ({"model": "mlp"}, {"name": "sassha", "search_space": "sassha"}, True),
+        ({"model": "cnn1d"}, {"name": "sassha"}, "chosen"),  # no space named: sassha_nonorm, said so
+        ({"model": "cnn1d"}, {"name": "sassha", "fixed": {"dense_refresh_steps": 50}}, "chosen"),
+        ({"model": "mlp"}, {"name": "sassha", "search_space": "sassha"}, True),  # named: searched, with a warning
         ({"model": "cnn1d"}, {"name": "sassha", "search_space": "sassha_nonorm"}, False),
-        ({"model": "cnn1d"}, {"name": "sassha", "fixed": {"dense_refresh_steps": 50}}, False),
         ({"model": "resnet8", "dataset": "digits"}, {"name": "sassha"}, False),
         ({"model": "cnn1d"}, {"name": "sgd"}, False),
         ({"model": "cnn1d"}, {"name": "adahessian"}, "adahessian"),
@@ -112,4 +113,8 @@ def test_run_notes_sassha_on_a_model_without_normalization(tmp_path, model, opti
     result = CliRunner().invoke(app, ["run", str(path), "--create-only"])
     assert result.exit_code == 0, result.output
     assert ("search_space: sassha_nonorm" in result.output) is (noted is True)
+    assert ("has no normalization layers: searching the sassha_nonorm space" in result.output) is (noted == "chosen")
+    if noted == "chosen":  # what the config fixes is not searched in the chosen space
+        study = optuna.load_study(study_name="note", storage=f"sqlite:///{tmp_path / 'studies.db'}")
+        assert ("dense_refresh_steps" in study.user_attrs["search_space"]["params"]) is not bool(optimizer.get("fixed"))
     assert ("optimizer.fixed: {dense_refresh_steps: 50}" in result.output) is (noted == "adahessian")

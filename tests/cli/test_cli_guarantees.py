@@ -159,7 +159,7 @@ def test_cuda_without_cuda_fails_before_a_trial_is_asked(tmp_path):
     _one_line_error(_invoke(["train", _config(tmp_path), "--device", "cuda"]), "CUDA is not available")
     _one_line_error(_invoke(["train", _config(tmp_path, "c", device="cuda")]), "device cuda: CUDA is not available")
     s = optuna.load_study(study_name="tiny", storage=url)
-    assert s.trials == []
+    assert {t.state for t in s.trials} <= {optuna.trial.TrialState.WAITING}  # the enqueued prior; none asked
     assert s.user_attrs["config"]["budget"]["n_trials"] == 2  # resume changed nothing
 
 

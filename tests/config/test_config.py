@@ -58,6 +58,16 @@ def test_minimal_config_defaults(tmp_path):
                             "optimizer.enqueue_published", "optimizer.search_space"}
 
 
+def test_a_parameter_fixed_with_the_default_space_is_not_searched(tmp_path):
+    """A named space must not search what the config fixes (an error, above); the default space,
+    which the config did not choose, simply leaves it out."""
+    from sassha_tune.config.spaces import space_for_config
+
+    cfg = load_config(_write(tmp_path, _with("optimizer.fixed", {"lr": 0.1, "rho": 0.05})))
+    space = space_for_config(cfg, check_fixed=True)
+    assert "lr" not in space.params and "rho" not in space.params and "eps" in space.params
+
+
 def test_study_name_defaults_to_file_stem(tmp_path):
     d = copy.deepcopy(BASE)
     del d["study"]
@@ -143,7 +153,8 @@ MALFORMED = [
     ),
     ("study-name", _with("study.name", "has space"), ["study.name"]),
     ("stale-after", _with("study", {"name": "x", "heartbeat_interval": 10, "stale_after": 5}), ["study.stale_after"]),
-    ("fixed-and-searched", _with("optimizer.fixed", {"lr": 0.1}), ["optimizer.fixed.lr", "also searched"]),
+    ("fixed-and-searched", _with("optimizer", {"name": "sassha", "search_space": "sassha", "fixed": {"lr": 0.1}}),
+     ["optimizer.fixed.lr", "also searched"]),
     ("seed", {**BASE, "seed": -1}, ["seed"]),
     ("yaml-syntax", "study: {name: x\ntask: [", ["not valid YAML"]),
     ("top-level-list", "- a\n- b\n", ["(top level)"]),

@@ -22,7 +22,8 @@ from sassha_tune.report.health import near_chance_threshold as report_threshold
 
 def _config(tmp_path: Path, study: dict | None = None, task: dict | None = None, **top) -> Path:
     cfg = {
-        "study": {"name": "guard", "storage": f"sqlite:///{tmp_path / 'guard.db'}", **(study or {})},
+        # no pruner: the guard alone decides (successive halving, the default, would stop lr 1e-7 first)
+        "study": {"name": "guard", "storage": f"sqlite:///{tmp_path / 'guard.db'}", "pruner": "none", **(study or {})},
         "budget": {"n_trials": 2},
         "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [64]}, "epochs": 4,
                  "batch_size": 64, "max_steps_per_epoch": 30, **(task or {})},

@@ -24,7 +24,7 @@ CONFIG = {
     "budget": {"n_trials": 1},
     "task": {"dataset": "mnist1d", "model": "mlp", "epochs": 1, "max_steps_per_epoch": 1,
              "dataset_options": {"max_train": 200, "max_test": 50}},
-    "optimizer": {"name": "sassha", "enqueue_published": True},
+    "optimizer": {"name": "sassha", "search_space": "sassha", "enqueue_published": True},
     "metrics": {"sharpness": False},
     "device": "cpu",
 }

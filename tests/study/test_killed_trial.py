@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 def _config(tmp_path: Path, n_trials: int = 3) -> Path:
     cfg = {
-        "study": {"name": "killed", "heartbeat_interval": 0.5, "stale_after": 5.0},
+        # no pruner: every trial that is not killed completes (what the assertions count)
+        "study": {"name": "killed", "heartbeat_interval": 0.5, "stale_after": 5.0, "pruner": "none"},
         "budget": {"n_trials": n_trials},
         "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [512, 512]},
                  "epochs": 2, "batch_size": 64},  # long enough (a few seconds) to be killed while it trains

@@ -20,7 +20,7 @@ TINY = {
     "budget": {"n_trials": 3},
     "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [16]}, "epochs": 2,
              "batch_size": 64, "max_steps_per_epoch": 2},
-    "optimizer": {"name": "sgd"},
+    "optimizer": {"name": "sgd", "enqueue_published": False},  # nothing waiting: the budget events count asks
     "metrics": {"subset_size": 64, "budget": {"lambda_max_iters": 3, "trace_probes": 2, "sam_steps": 1}},
     "device": "cpu",
     "seed": 0,

@@ -120,7 +120,8 @@ def test_changed_search_space_is_refused_unless_allowed(tmp_path):
 
 def test_study_stores_config_and_published_enqueue(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
-    study = create_or_continue(_cfg(tmp_path, optimizer__enqueue_published=True), url, log=_silent)
+    study = create_or_continue(_cfg(tmp_path, optimizer__search_space="sassha", optimizer__enqueue_published=True),
+                               url, log=_silent)
     attrs = study.user_attrs
     assert attrs["optimizer"] == "sassha" and attrs["config"]["task"]["dataset"] == "mnist1d"
     assert set(attrs["search_space"]["params"]) == {"lr", "rho", "lazy_hessian", "eps", "weight_decay"}

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 
 def _config(tmp_path: Path, name: str, **task) -> Path:
     cfg = {
-        "study": {"name": name, "storage": f"sqlite:///{tmp_path / (name + '.db')}"},
+        # no pruner: every trial trains to the end in both modes (what is compared)
+        "study": {"name": name, "storage": f"sqlite:///{tmp_path / (name + '.db')}", "pruner": "none"},
         "budget": {"n_trials": 3},
         "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [32]}, "epochs": 2,
                  "batch_size": 64, "max_steps_per_epoch": 8, **task},
