@@ -38,6 +38,7 @@ from .rows import (
     load_rows,
     optimizer_name,
     ranked_rows,
+    read_rows,
     read_storage,
     read_study,
     row_attr,
@@ -61,18 +62,20 @@ def _band(ax: Any, x: np.ndarray, curves: np.ndarray, label: str, color: Any) ->
     ax.fill_between(x, lo, hi, color=color, alpha=0.2, step="post", linewidth=0)
 
 
-def compare_figures(studies: Sequence[optuna.Study]) -> dict[str, Figure]:
+def compare_figures(studies: Sequence[optuna.Study],
+                    rows: Sequence[list[dict[str, Any]]] | None = None) -> dict[str, Figure]:
     """Figures comparing studies, keyed by file stem.
 
     ``best_vs_trials`` and ``best_vs_seconds``: one line (the median over trial orders) and one shaded
     10-90 % bootstrap band (over :data:`~sassha_tune.report.curves.N_BOOTSTRAP` seeded shuffles of
     the trial order) per study; ``final_sharpness``: one bar per study, lambda_max of its best trial
     (selected on val_acc among the trained trials); ``gap_vs_lambda_max``: one scatter per study, one
-    point per trained trial (near-chance trials left out). Legends sit outside the axes.
+    point per trained trial (near-chance trials left out). Legends sit outside the axes. ``rows``:
+    each study's rows, when already read.
     """
     colors = [f"C{i % 10}" for i in range(len(studies))]
     legend = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0, "fontsize": "small"}
-    all_rows = [load_rows(s) for s in studies]
+    all_rows = [load_rows(s) for s in studies] if rows is None else rows
     labels = [f"{s.study_name} ({optimizer_name(s)})" for s in studies]
 
     fig_n = Figure(figsize=(9.5, 4.8))
@@ -138,12 +141,13 @@ def compare_figures(studies: Sequence[optuna.Study]) -> dict[str, Figure]:
 FEW_TRAINED = 5
 
 
-def thin_evidence(studies: Sequence[optuna.Study]) -> list[str]:
-    """One caveat per study whose ranking rests on fewer than :data:`FEW_TRAINED` trained trials
-    (complete and not near chance): a best-of-few says little about an optimizer."""
+def thin_evidence(studies: Sequence[optuna.Study], rows: Sequence[list[dict[str, Any]]]) -> list[str]:
+    """One caveat per study (``rows``: each one's rows) whose ranking rests on fewer than
+    :data:`FEW_TRAINED` trained trials (complete and not near chance): a best-of-few says little
+    about an optimizer."""
     caveats = []
-    for study in studies:
-        n = len(trained_rows(load_rows(study)))
+    for study, study_rows in zip(studies, rows, strict=True):
+        n = len(trained_rows(study_rows))
         if n < FEW_TRAINED:
             caveats.append(f"`{study.study_name}` ({optimizer_name(study)}) ranks on {n} trained "
                            f"trial{'' if n == 1 else 's'} (fewer than {FEW_TRAINED}): its place says little "
@@ -158,14 +162,14 @@ def _diverged_count(health: dict[str, Any]) -> str:
     return str(health["failures"].get("diverged", 0))
 
 
-def _ranking(studies: Sequence[optuna.Study]) -> tuple[list[str], list[list[str]]]:
+def _ranking(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
     # near_chance and diverged: how much of the searched space is unusable (robustness to the
     # search space); near_chance is "-" for a study whose trials do not store num_classes.
     headers = ["rank", "study", "optimizer", "trials", "complete", "near_chance", "failed", "diverged",
                "pruned", "fail_rate", "best_val_acc", "test_acc", "best_trial", "lambda_max", "train_seconds"]
     entries = []
-    for study in studies:
-        rows = search_rows(load_rows(study))
+    for study, study_rows in zip(studies, all_rows, strict=True):
+        rows = search_rows(study_rows)
         counts = Counter(r["state"] for r in rows)
         health = budget_health(rows)
         ranked = ranked_rows(rows)
@@ -194,13 +198,13 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return float(q1), float(med), float(q3)
 
 
-def _sharpness_entries(studies: Sequence[optuna.Study]) -> list[dict[str, Any]]:
+def _sharpness_entries(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Per study, over its trained trials only (near chance left out: an untrained network is
     trivially flat): median and quartiles of lambda_max and adaptive sharpness, and the Spearman
     correlation of lambda_max with the generalization gap (bootstrap interval, n)."""
     out = []
-    for study in studies:
-        rows = search_rows(load_rows(study))
+    for study, study_rows in zip(studies, all_rows, strict=True):
+        rows = search_rows(study_rows)
         trained = trained_rows(rows)
         health = budget_health(rows)
         entry: dict[str, Any] = {"study": study.study_name, "optimizer": optimizer_name(study),
@@ -233,11 +237,12 @@ def _sharpness_table(entries: Sequence[dict[str, Any]]) -> tuple[list[str], list
              "adaptive median [IQR]", "rho(lambda_max, gap) [CI]"], table)
 
 
-def _by_optimizer(studies: Sequence[optuna.Study]) -> tuple[list[str], list[list[str]]] | None:
+def _by_optimizer(studies: Sequence[optuna.Study],
+                  all_rows: Sequence[list[dict[str, Any]]]) -> tuple[list[str], list[list[str]]] | None:
     """Median and IQR of best val_acc over the independent studies of each optimizer (>= 2)."""
     groups: dict[str, list[float]] = {}
-    for study in studies:
-        ranked = ranked_rows(search_rows(load_rows(study)))
+    for study, study_rows in zip(studies, all_rows, strict=True):
+        ranked = ranked_rows(search_rows(study_rows))
         groups.setdefault(optimizer_name(study), []).append(row_val_acc(ranked[0]) if ranked else math.nan)
     if not any(len(v) >= 2 for v in groups.values()):
         return None
@@ -287,8 +292,9 @@ _FIGURE_CAPTIONS = {
 }
 
 
-def _compare_markdown(studies: Sequence[optuna.Study], figure_paths: dict[str, Path], ranking: Any,
-                      by_opt: Any, reruns: Any, storage: str | None, sharpness: Any, caveats: Sequence[str]) -> str:
+def _compare_markdown(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, Any]]],
+                      figure_paths: dict[str, Path], ranking: Any, by_opt: Any, reruns: Any, storage: str | None,
+                      sharpness: Any, caveats: Sequence[str]) -> str:
     out = ["# Optimizer comparison\n"]
     out.append("Studies: " + ", ".join(f"`{s.study_name}` ({optimizer_name(s)})" for s in studies) + "\n")
     out.append(_COMPARE_METHOD.format(n_boot=N_BOOTSTRAP, seed=BOOTSTRAP_SEED, suffix=SEED_STUDY_SUFFIX,
@@ -315,7 +321,7 @@ def _compare_markdown(studies: Sequence[optuna.Study], figure_paths: dict[str, P
     out.append("## Figures\n")
     for key, path in figure_paths.items():
         out.append(figure_entry(key, _FIGURE_CAPTIONS.get(key, ""), path))
-    rows = [r for s in studies for r in load_rows(s)]
+    rows = [r for study_rows in all_rows for r in study_rows]
     out += provenance_section(studies[0] if studies else None, rows, storage)
     return "\n".join(out)
 
@@ -333,16 +339,17 @@ def run_compare(study_names: list[str], storage: str, out_dir: Path) -> None:
     competitors = [n for n in dict.fromkeys(study_names)
                    if not (n.endswith(SEED_STUDY_SUFFIX) and n[: -len(SEED_STUDY_SUFFIX)] in study_names)]
     studies = [read_study(name, backend, shown_as=storage) for name in competitors]
+    all_rows = [read_rows(study)[0] for study in studies]  # the one read of each study's trials
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    figures = compare_figures(studies)
+    figures = compare_figures(studies, all_rows)
     paths = save_figures(figures, out_dir)
-    ranking = _ranking(studies)
-    by_opt = _by_optimizer(studies)
-    reruns = rerun_table(studies, backend, names_in_storage)
-    sharp = _sharpness_entries(studies)
-    caveats = thin_evidence(studies)
-    text = _compare_markdown(studies, paths, ranking, by_opt, reruns,
+    ranking = _ranking(studies, all_rows)
+    by_opt = _by_optimizer(studies, all_rows)
+    reruns = rerun_table(studies, backend, names_in_storage, rows=all_rows)
+    sharp = _sharpness_entries(studies, all_rows)
+    caveats = thin_evidence(studies, all_rows)
+    text = _compare_markdown(studies, all_rows, paths, ranking, by_opt, reruns,
                              storage if isinstance(storage, str) else None, _sharpness_table(sharp), caveats)
     write_text(out_dir / "compare.md", text)
     summary = {

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib.cm as cm
 import numpy as np
 import optuna
+from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
@@ -29,11 +30,12 @@ from .rows import (
     ranked_rows,
     row_attr,
     row_val_acc,
+    sampled_study,
     search_rows,
 )
 
-__all__ = ["GAP_LABEL", "LAMBDA_LABEL", "N_CURVES", "SLICE_PARAMS", "build_figures", "curve_rows",
-           "history_series", "maybe_log", "save_figures", "tracked_rows"]
+__all__ = ["GAP_LABEL", "IMPORTANCE_TRIALS", "LAMBDA_LABEL", "N_CURVES", "SLICE_PARAMS", "Importances", "build_figures",
+           "curve_rows", "history_series", "maybe_log", "param_importances", "save_figures", "tracked_rows"]
 
 #: Parameters that get a slice plot when the study searched them.
 SLICE_PARAMS = ("lr", "rho", "lazy_hessian", "eps")
@@ -43,6 +45,9 @@ LAMBDA_LABEL = "lambda_max (top Hessian eigenvalue)"
 _VAL_LABEL = "validation accuracy"
 #: How many of the best trials get their learning curves drawn.
 N_CURVES = 5
+#: fANOVA's cost grows faster than the number of trials: over more complete trials than this, the
+#: importances are those of a seeded random sample of this many.
+IMPORTANCE_TRIALS = 300
 _CHANCE_STYLE = {"marker": "x", "color": "tab:red", "linewidths": 1.0}
 _CHANCE_LABEL = "near chance (left out of statistics)"
 
@@ -238,8 +243,12 @@ def _parallel_figure(study: optuna.Study, rows: Sequence[dict[str, Any]], names:
         labels.append(f"{name}\n[{fmt(lo)}, {fmt(hi)}]" + ("\n(log)" if log else ""))
     accs = table[:, -1] if len(table) else np.zeros(0)
     norm = Normalize(vmin=float(np.nanmin(accs)) if len(accs) else 0, vmax=float(np.nanmax(accs)) if len(accs) else 1)
-    for k in np.argsort(accs):
-        ax.plot(range(len(axes_names)), scaled[k], color=cm.viridis(norm(accs[k])), alpha=0.8, linewidth=1.2)
+    order = np.argsort(accs)  # the best drawn last, on top; one collection: thousands of trials draw fast
+    xs = np.arange(len(axes_names), dtype=float)
+    ax.add_collection(LineCollection([np.column_stack([xs, scaled[k]]) for k in order],
+                                     colors=cm.viridis(norm(accs[order])), alpha=0.8, linewidths=1.2))
+    ax.set_xlim(-0.2, len(axes_names) - 0.8)
+    ax.set_ylim(-0.05, 1.05)
     for j in range(len(axes_names)):
         ax.axvline(j, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(axes_names)), labels, fontsize="small")
@@ -276,14 +285,30 @@ def _history_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
-def _param_importances(study: optuna.Study) -> dict[str, float] | str:
-    """Importances of the parameters for val_acc, or the reason they cannot be computed."""
+class Importances(NamedTuple):
+    """fANOVA importances of the parameters for val_acc (``values``, None when they cannot be
+    computed: ``reason`` says why), over ``used`` of the study's ``complete`` search trials."""
+
+    values: dict[str, float] | None
+    reason: str
+    used: int
+    complete: int
+
+    def note(self) -> str:
+        """``""``, or what the importances were computed over when it was a sample."""
+        return f"over a random {self.used} of the {self.complete} complete trials" if self.used < self.complete else ""
+
+
+def param_importances(study: optuna.Study) -> Importances:
+    """Importances of the parameters for val_acc (fANOVA, seed 0) over the complete search trials,
+    a seeded random :data:`IMPORTANCE_TRIALS` of them when there are more; or why not."""
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if t.user_attrs.get(SEED_RERUN_ATTR) is None]
+    used = min(len(complete), IMPORTANCE_TRIALS)
     if len(complete) < 2:
-        return "needs at least 2 complete trials"
+        return Importances(None, "needs at least 2 complete trials", used, len(complete))
     if not any(t.params for t in complete):
-        return "no searched parameters"
+        return Importances(None, "no searched parameters", used, len(complete))
 
     def target(t: FrozenTrial) -> float:
         value = as_float(t.user_attrs.get("val_acc"))
@@ -291,25 +316,27 @@ def _param_importances(study: optuna.Study) -> dict[str, float] | str:
 
     try:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
-        result = optuna.importance.get_param_importances(study, evaluator=evaluator, target=target)
+        result = optuna.importance.get_param_importances(sampled_study(study, complete, IMPORTANCE_TRIALS),
+                                                         evaluator=evaluator, target=target)
     except Exception as exc:  # too few / degenerate trials: the report says why and goes on
-        return f"not computable: {exc}"
+        return Importances(None, f"not computable: {exc}", used, len(complete))
     result = {k: v for k, v in result.items() if math.isfinite(v)}
-    return result or "not computable: no finite importances"
+    if not result:
+        return Importances(None, "not computable: no finite importances", used, len(complete))
+    return Importances(result, "", used, len(complete))
 
 
-def _importance_figure(study: optuna.Study) -> Figure:
+def _importance_figure(importances: Importances) -> Figure:
     title = "Parameter importances for validation accuracy (fANOVA)"
-    importances = _param_importances(study)
-    if isinstance(importances, str):
-        return _message_figure(title, importances)
-    names = list(importances)[::-1]
+    if importances.values is None:
+        return _message_figure(title, importances.reason)
+    names = list(importances.values)[::-1]
     fig = Figure(figsize=(6.4, 0.6 * len(names) + 1.8))
     ax = fig.add_subplot()
-    ax.barh(names, [importances[n] for n in names], color="tab:blue")
+    ax.barh(names, [importances.values[n] for n in names], color="tab:blue")
     ax.set_xlabel("importance (normalized, sums to 1)")
     ax.set_ylabel("parameter")
-    ax.set_title(title)
+    ax.set_title(title + (f"\n{importances.note()}" if importances.note() else ""))
     fig.tight_layout()
     return fig
 
@@ -338,7 +365,8 @@ def _slice_figure(study: optuna.Study, rows: Sequence[dict[str, Any]], name: str
     return fig
 
 
-def build_figures(study: optuna.Study) -> dict[str, Figure]:
+def build_figures(study: optuna.Study, rows: Sequence[dict[str, Any]] | None = None,
+                  importances: Importances | None = None) -> dict[str, Figure]:
     """All figures of a one-study report, keyed by file stem (``<key>.png``).
 
     Keys: ``gap_vs_lambda_max``, ``gap_vs_adaptive_sharpness``, ``pareto``, ``history``,
@@ -348,8 +376,10 @@ def build_figures(study: optuna.Study) -> dict[str, Figure]:
     ``sharpness_during_training`` when trials measured it (``metrics.track_every``). Scatter plots hold one
     point per complete trial with the plotted metrics, near-chance trials drawn apart (red x) and
     never on the Pareto front; seed re-runs are left out. Empty dict when the study has no complete trial.
+    ``rows`` (the study's :func:`~sassha_tune.report.rows.load_rows`) and ``importances``
+    (:func:`param_importances`): what the caller already read or computed.
     """
-    rows = search_rows(load_rows(study))
+    rows = search_rows(load_rows(study) if rows is None else rows)
     if not complete_rows(rows):
         return {}
     figures = {
@@ -359,7 +389,7 @@ def build_figures(study: optuna.Study) -> dict[str, Figure]:
                                                   "Generalization gap vs adaptive sharpness"),
         "pareto": _pareto_figure(rows),
         "history": _history_figure(rows),
-        "importances": _importance_figure(study),
+        "importances": _importance_figure(param_importances(study) if importances is None else importances),
     }
     searched = sorted({p for r in rows for p in r["params"]})
     figures["learning_curves"] = _curves_figure(rows)

@@ -2,7 +2,8 @@
 once, so the file opens without a network).
 
 It holds Optuna's own visualizations (history, intermediate values, parallel coordinate,
-importances, slice, contour; over every complete trial, as optuna-dashboard shows them) and ours
+importances, slice, contour; over every complete trial, as optuna-dashboard shows them, but over a
+sample in a larger study: :data:`OPTUNA_PLOT_TRIALS`, :data:`CONTOUR_TRIALS`) and ours
 (generalization gap vs sharpness, the Pareto front, learning curves, sharpness during training
 where measured; trained trials, near-chance ones drawn apart), with the verdict, the correlation table and the best trials.
 """
@@ -18,17 +19,25 @@ from typing import Any
 
 import optuna
 import plotly.graph_objects as go
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 from tabulate import tabulate
 
-from .figures import GAP_LABEL, LAMBDA_LABEL, curve_rows, history_series, tracked_rows
+from .figures import (
+    GAP_LABEL,
+    LAMBDA_LABEL,
+    Importances,
+    curve_rows,
+    history_series,
+    param_importances,
+    tracked_rows,
+)
 from .files import write_text
 from .health import near_chance_rows, pareto_numbers, trained_rows
-from .rows import as_float, load_rows, row_attr, row_val_acc, search_rows
+from .rows import as_float, load_rows, row_attr, row_val_acc, sampled_study, search_rows
 from .summary import correlation_table
 
-__all__ = ["html_figures", "write_html"]
+__all__ = ["CONTOUR_TRIALS", "OPTUNA_PLOT_TRIALS", "html_figures", "write_html"]
 
 
 def _target(t: FrozenTrial) -> float:
@@ -36,18 +45,35 @@ def _target(t: FrozenTrial) -> float:
     return as_float(t.values[0]) if math.isnan(value) and t.values else value
 
 
-def _optuna_figures(study: optuna.Study) -> dict[str, go.Figure | str]:
-    """Optuna's plots (on val_acc), or why one could not be drawn."""
+#: Optuna's plots are drawn over at most this many finished trials (a seeded random sample of a
+#: larger study): their cost and page size grow with every trial; the contour plot's with the
+#: square of them (a grid of every pair of parameter values), so it gets fewer.
+OPTUNA_PLOT_TRIALS = 1000
+CONTOUR_TRIALS = 200
+
+
+def _optuna_figures(study: optuna.Study, importances: Importances) -> tuple[dict[str, go.Figure | str], str]:
+    """Optuna's plots (on val_acc), or why one could not be drawn; and over what, when a sample."""
     vis = optuna.visualization
     kw = {"target": _target, "target_name": "val_acc"}
-    makers: dict[str, Callable[[], go.Figure]] = {
-        "Optimization history (Optuna)": lambda: vis.plot_optimization_history(study, **kw),
-        "Intermediate values: the per-epoch objective (Optuna)": lambda: vis.plot_intermediate_values(study),
-        "Parallel coordinate (Optuna)": lambda: vis.plot_parallel_coordinate(study, **kw),
-        "Parameter importances (Optuna, fANOVA)": lambda: vis.plot_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0), **kw),
-        "Slice (Optuna)": lambda: vis.plot_slice(study, **kw),
-        "Contour (Optuna)": lambda: vis.plot_contour(study, **kw),
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
+    samples: dict[int, optuna.Study] = {}
+
+    def over(limit: int) -> optuna.Study:
+        if len(finished) <= limit:
+            return study
+        if limit not in samples:
+            samples[limit] = sampled_study(study, finished, limit)
+        return samples[limit]
+
+    makers: dict[str, Callable[[], go.Figure | str]] = {
+        "Optimization history (Optuna)": lambda: vis.plot_optimization_history(over(OPTUNA_PLOT_TRIALS), **kw),
+        "Intermediate values: the per-epoch objective (Optuna)": lambda: vis.plot_intermediate_values(
+            over(OPTUNA_PLOT_TRIALS)),
+        "Parallel coordinate (Optuna)": lambda: vis.plot_parallel_coordinate(over(OPTUNA_PLOT_TRIALS), **kw),
+        "Parameter importances (Optuna, fANOVA)": lambda: _importance_bars(importances),
+        "Slice (Optuna)": lambda: vis.plot_slice(over(OPTUNA_PLOT_TRIALS), **kw),
+        "Contour (Optuna)": lambda: vis.plot_contour(over(CONTOUR_TRIALS), **kw),
     }
     out: dict[str, go.Figure | str] = {}
     for title, make in makers.items():
@@ -57,7 +83,23 @@ def _optuna_figures(study: optuna.Study) -> dict[str, go.Figure | str]:
                 out[title] = make()
         except Exception as exc:  # too few trials, no parameters, several objectives: say why
             out[title] = f"not available: {exc}".splitlines()[0]
-    return out
+    drawn = [f"{what} over a random {limit}" for what, limit in (("Optuna's plots", OPTUNA_PLOT_TRIALS),
+                                                                    ("the contour", CONTOUR_TRIALS)) if limit in samples]
+    note = (f"Of the {len(finished)} finished trials, {' and '.join(drawn)} are drawn "
+            "(history.png of report.md shows every trial)." if drawn else "")
+    return out, note
+
+
+def _importance_bars(importances: Importances) -> go.Figure | str:
+    """The report's fANOVA importances (:func:`~.figures.param_importances`) as Optuna draws them."""
+    if importances.values is None:
+        return f"not available: {importances.reason}"
+    names = list(importances.values)[::-1]
+    fig = go.Figure(go.Bar(x=[importances.values[n] for n in names], y=names, orientation="h"))
+    fig.update_layout(title="Hyperparameter importances for val_acc" + (
+        f" ({importances.note()})" if importances.note() else ""), xaxis_title="importance (fANOVA, sums to 1)",
+        yaxis_title="hyperparameter")
+    return fig
 
 
 def _scatter(rows: list[dict[str, Any]], x_key: str, y_key: str, x_label: str, y_label: str,
@@ -115,10 +157,17 @@ def _tracked(rows: list[dict[str, Any]]) -> go.Figure:
     return fig
 
 
-def html_figures(study: optuna.Study) -> dict[str, go.Figure | str]:
+def html_figures(study: optuna.Study, rows: list[dict[str, Any]] | None = None,
+                 importances: Importances | None = None) -> dict[str, go.Figure | str]:
     """Every figure of ``report.html`` by title: ours first, then Optuna's (a string says why a
-    figure is missing)."""
-    rows = search_rows(load_rows(study))
+    figure is missing). ``rows`` and ``importances``: what the caller already read or computed."""
+    return _figures(study, rows, importances)[0]
+
+
+def _figures(study: optuna.Study, rows: list[dict[str, Any]] | None,
+             importances: Importances | None) -> tuple[dict[str, go.Figure | str], str]:
+    """:func:`html_figures`, and a note when Optuna's were drawn over a sample of the trials."""
+    rows = search_rows(load_rows(study) if rows is None else rows)
     ours: dict[str, go.Figure | str] = {
         "Generalization gap vs lambda_max": _scatter(rows, "lambda_max", "gen_gap_acc", LAMBDA_LABEL, GAP_LABEL,
                                                      "Generalization gap vs lambda_max"),
@@ -131,7 +180,8 @@ def html_figures(study: optuna.Study) -> dict[str, go.Figure | str]:
     }
     if tracked_rows(rows):
         ours["Sharpness during training"] = _tracked(rows)
-    return {**ours, **_optuna_figures(study)}
+    theirs, note = _optuna_figures(study, param_importances(study) if importances is None else importances)
+    return {**ours, **theirs}, note
 
 
 _STYLE = """
@@ -145,9 +195,12 @@ th { background: #f0f0f0; }
 
 
 def write_html(study: optuna.Study, path: Path, summary: dict[str, Any],
-               tables: dict[str, tuple[list[str], list[list[str]]]]) -> Path:
+               tables: dict[str, tuple[list[str], list[list[str]]]], rows: list[dict[str, Any]] | None = None,
+               importances: Importances | None = None) -> Path:
     """Write ``report.html`` (self-contained: plotly's JavaScript inlined once) and return its path.
-    ``tables``: further tables (headers, rows of text cells) by title, e.g. the best trials."""
+    ``tables``: further tables (headers, rows of text cells) by title, e.g. the best trials;
+    ``rows``, ``importances``: as for :func:`html_figures`."""
+    figures, note = _figures(study, rows, importances)
     c = summary["counts"]
     parts = [f"<h1>Study report: {html.escape(study.study_name)}</h1>",
              f"<p>optimizer <code>{html.escape(summary['optimizer'])}</code>; {c['trials']} search trials: "
@@ -165,8 +218,8 @@ def write_html(study: optuna.Study, path: Path, summary: dict[str, Any],
             parts += [f"<h2>{html.escape(title)}</h2>",
                       tabulate(table, headers=headers, tablefmt="html", disable_numparse=True)]
     parts.append("<h2>Figures</h2><p>Ours (near-chance trials drawn apart), then Optuna's own "
-                 "(over every complete trial, as optuna-dashboard shows them).</p>")
-    for title, fig in html_figures(study).items():
+                 f"(over every complete trial, as optuna-dashboard shows them). {html.escape(note)}</p>")
+    for title, fig in figures.items():
         parts.append(f"<h3>{html.escape(title)}</h3>")
         if isinstance(fig, str):
             parts.append(f"<p class='missing'>{html.escape(fig)}</p>")

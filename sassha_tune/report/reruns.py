@@ -28,10 +28,12 @@ from .rows import (
 __all__ = ["rerun_table"]
 
 
-def _seed_rerun_rows(study: optuna.Study, storage: str | optuna.storages.BaseStorage | None,
+def _seed_rerun_rows(study: optuna.Study, rows: Sequence[dict[str, Any]],
+                     storage: str | optuna.storages.BaseStorage | None,
                      names_in_storage: set[str]) -> list[dict[str, Any]]:
-    """Re-run rows for ``study``: its trials marked ``seed_rerun_of`` and the trials of ``<name>-seeds``."""
-    rows = [r for r in load_rows(study) if is_rerun(r)]
+    """Re-run rows for ``study`` (``rows``: its rows): its trials marked ``seed_rerun_of`` and the
+    trials of ``<name>-seeds``."""
+    rows = [r for r in rows if is_rerun(r)]
     companion = study.study_name + SEED_STUDY_SUFFIX
     if storage is not None and companion in names_in_storage:
         backend = read_storage(storage)
@@ -47,19 +49,21 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{np.mean(finite):.4g} ± {std:.2g}"
 
 
-def rerun_table(studies: Sequence[optuna.Study], storage: Any,
-                names_in_storage: set[str]) -> tuple[list[str], list[list[str]]]:
+def rerun_table(studies: Sequence[optuna.Study], storage: Any, names_in_storage: set[str],
+                rows: Sequence[Sequence[dict[str, Any]]] | None = None) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of the re-run table: per study and re-run group (``seed_rerun_of``, or
     ``best`` for companion-study trials without it) the number of seeds, the failed ones and the
-    mean ± sample std of val_acc, test_acc and lambda_max over the complete ones."""
+    mean ± sample std of val_acc, test_acc and lambda_max over the complete ones. ``rows``: each
+    study's rows, when already read."""
     headers = ["study", "optimizer", "rerun_of", "seeds", "failed", "val_acc", "test_acc", "lambda_max"]
     table = []
-    for study in studies:
-        rows = _seed_rerun_rows(study, storage, names_in_storage)
-        if not rows:
+    for i, study in enumerate(studies):
+        rows_i = load_rows(study) if rows is None else rows[i]
+        rows_i = _seed_rerun_rows(study, rows_i, storage, names_in_storage)
+        if not rows_i:
             continue
         groups: dict[str, list[dict[str, Any]]] = {}
-        for r in rows:
+        for r in rows_i:
             groups.setdefault(str(r["user_attrs"].get(SEED_RERUN_ATTR, "best")), []).append(r)
         for rerun_of, group in sorted(groups.items()):
             done = [r for r in group if r["state"] == "COMPLETE"]

@@ -3,17 +3,19 @@
 The storage is opened and studies are loaded with :func:`sassha_tune.study.storage.open_storage`
 (``create=False``: a report never creates a database file or a table) and
 :func:`sassha_tune.study.storage.load_study` (one implementation, one set of messages); every other report
-module reaches the storage through this one. A row is a plain dict per finished trial
-(:func:`load_rows`); the helpers below read numbers out of rows, pick the complete, search and ranked
-rows and format values for tables.
+module reaches the storage through this one, and a report reads a study once (:func:`read_rows`).
+A row is a plain dict per finished trial (:func:`load_rows`); the helpers below read numbers out
+of rows, pick the complete, search and ranked rows and format values for tables.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
@@ -30,10 +32,12 @@ __all__ = [
     "mask_url",
     "optimizer_name",
     "ranked_rows",
+    "read_rows",
     "read_storage",
     "read_study",
     "row_attr",
     "row_val_acc",
+    "sampled_study",
     "search_rows",
     "stored_study_names",
 ]
@@ -99,6 +103,17 @@ def _row(trial: FrozenTrial) -> dict[str, Any]:
     }
 
 
+_FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def read_rows(study: optuna.Study) -> tuple[list[dict[str, Any]], int]:
+    """The one read of a study a report makes: its finished trials as rows (:func:`load_rows`)
+    and how many trials are running or waiting."""
+    trials = study.get_trials(deepcopy=False)
+    finished = sorted((t for t in trials if t.state in _FINISHED), key=lambda t: t.number)
+    return [_row(t) for t in finished], len(trials) - len(finished)
+
+
 def load_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """One row per finished trial (COMPLETE, PRUNED or FAIL), in trial-number order.
 
@@ -106,8 +121,27 @@ def load_rows(study: optuna.Study) -> list[dict[str, Any]]:
     ``user_attrs`` and ``duration_s`` (wall clock of the trial). RUNNING and WAITING trials are
     left out, so a report works while the study is still running.
     """
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
-    return [_row(t) for t in sorted(trials, key=lambda t: t.number)]
+    return read_rows(study)[0]
+
+
+def sampled_study(study: optuna.Study, trials: Sequence[FrozenTrial], limit: int, seed: int = 0) -> optuna.Study:
+    """An in-memory study (``study``'s name and directions) of ``trials``, or of a seeded random
+    ``limit`` of them when there are more: for Optuna's analyses whose cost grows faster than the
+    number of trials (fANOVA, contour plots). Nothing is written to ``study``'s storage."""
+    if len(trials) > limit:
+        keep = np.sort(np.random.default_rng(seed).choice(len(trials), size=limit, replace=False))
+        trials = [trials[i] for i in keep]
+    storage = optuna.storages.InMemoryStorage()
+    log = logging.getLogger(type(storage).__module__)  # "a new study created in memory": not the user's
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        storage.create_new_study(directions=list(study.directions), study_name=study.study_name)
+    finally:
+        log.setLevel(level)
+    sample = optuna.Study(study_name=study.study_name, storage=storage)
+    sample.add_trials(trials)
+    return sample
 
 
 def row_attr(row: dict[str, Any], key: str) -> float:

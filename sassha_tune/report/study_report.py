@@ -11,10 +11,9 @@ from typing import Any
 
 import optuna
 import yaml
-from optuna.trial import TrialState
 from tabulate import tabulate
 
-from .figures import build_figures, save_figures
+from .figures import build_figures, param_importances, save_figures
 from .files import write_text
 from .health import NEAR_CHANCE_RULE, budget_health, near_chance, near_chance_count, pareto_numbers
 from .html import write_html
@@ -25,6 +24,7 @@ from .rows import (
     is_rerun,
     load_rows,
     ranked_rows,
+    read_rows,
     read_storage,
     read_study,
     row_attr,
@@ -49,8 +49,7 @@ _METRIC_COLUMNS = (
 )
 
 
-def _best_trials_rows(study: optuna.Study, n: int) -> tuple[list[str], list[list[str]]]:
-    rows = load_rows(study)
+def _best_trials_rows(study: optuna.Study, n: int, rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     ranked = ranked_rows(search_rows(rows))[:n]
     param_names = sorted({p for r in ranked for p in r["params"]})
     multi = len(study.directions) > 1
@@ -81,7 +80,8 @@ def _best_trials_rows(study: optuna.Study, n: int) -> tuple[list[str], list[list
 _DROP_ORDER = ("seconds", "sam_sharp", "trace", "adapt_sharp", "test_acc")
 
 
-def best_trials_table(study: optuna.Study, n: int = 10, tablefmt: str = "simple", width: int | None = None) -> str:
+def best_trials_table(study: optuna.Study, n: int = 10, tablefmt: str = "simple", width: int | None = None,
+                      rows: Sequence[dict[str, Any]] | None = None) -> str:
     """The ``n`` best complete trials (selected on validation accuracy) as a tabulate table.
 
     Columns: trial number, every searched parameter, then val_acc, test_acc, gen_gap, lambda_max,
@@ -89,9 +89,9 @@ def best_trials_table(study: optuna.Study, n: int = 10, tablefmt: str = "simple"
     ``near_chance`` = ``yes`` on the trials :func:`~sassha_tune.report.health.near_chance` when one
     of the shown trials is). ``tablefmt="simple"`` (the terminal's) fits ``width`` columns (the
     terminal's by default): seconds, sam_sharp, trace, adapt_sharp, test_acc are left out in that
-    order until it does, and a last line says so.
+    order until it does, and a last line says so. ``rows``: the study's rows, when already read.
     """
-    headers, table = _best_trials_rows(study, n)
+    headers, table = _best_trials_rows(study, n, load_rows(study) if rows is None else rows)
     if not table:
         return f"study '{study.study_name}' has no complete trials yet"
     if tablefmt == "simple":
@@ -167,10 +167,9 @@ _CHANCE_NOTES = {
 
 
 def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dict[str, Path],
-                     reruns: tuple[list[str], list[list[str]]], summary: dict[str, Any]) -> str:
-    rows = load_rows(study)
+                     reruns: tuple[list[str], list[list[str]]], summary: dict[str, Any],
+                     rows: list[dict[str, Any]], running: int) -> str:
     search = search_rows(rows)
-    running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
     optimizer = study.user_attrs.get("optimizer", "unknown")
     objectives = study.user_attrs.get("objectives")
     if isinstance(objectives, list) and objectives:
@@ -204,7 +203,7 @@ def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dic
         out.append("```yaml\n" + yaml.safe_dump(best["params"], sort_keys=True) + "```\n")
         out += correlation_lines(summary)
         out.append("## Best trials\n")
-        out.append(best_trials_table(study, n=10, tablefmt="github") + "\n")
+        out.append(best_trials_table(study, n=10, tablefmt="github", rows=rows) + "\n")
         out.append("## Figures\n")
         for key, path in figure_paths.items():
             caption = _FIGURE_CAPTIONS.get(key)
@@ -238,18 +237,21 @@ def run_report(study_name: str, storage: str, out_dir: Path) -> None:
     """
     backend = read_storage(storage)
     study = read_study(study_name, backend, shown_as=storage)
-    reruns = rerun_table([study], backend, stored_study_names(backend))
+    rows, running = read_rows(study)  # the one read of the study's trials
+    reruns = rerun_table([study], backend, stored_study_names(backend), rows=[rows])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = study_summary(study)
-    figures = build_figures(study)
+    summary = study_summary(study, rows)
+    importances = param_importances(study)
+    figures = build_figures(study, rows, importances)
     paths = save_figures(figures, out_dir)
-    text = _report_markdown(study, storage if isinstance(storage, str) else None, paths, reruns, summary)
+    text = _report_markdown(study, storage if isinstance(storage, str) else None, paths, reruns, summary,
+                            rows, running)
     write_text(out_dir / "report.md", text)
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     html = write_html(study, out_dir / "report.html", summary,
-                      {"Best trials": _best_trials_rows(study, 10), "Best config re-run over seeds": reruns})
-    rows = load_rows(study)
+                      {"Best trials": _best_trials_rows(study, 10, rows), "Best config re-run over seeds": reruns},
+                      rows=rows, importances=importances)
     chance = near_chance_count(budget_health(search_rows(rows)))
     print(f"study {study.study_name} ({study.user_attrs.get('optimizer', 'unknown')}): {_state_counts(rows)}"
           + (f"; near chance (of complete search trials): {chance}" if chance is not None else ""))
@@ -257,7 +259,7 @@ def run_report(study_name: str, storage: str, out_dir: Path) -> None:
         print(f"study '{study.study_name}' has no finished trials with results yet; "
               f"wrote {out_dir / 'report.md'}")
         return
-    print(best_trials_table(study))
+    print(best_trials_table(study, rows=rows))
     for line in terminal_lines(summary):
         print(line)
     print(f"wrote {out_dir / 'report.md'}, summary.json, {html.name} and {len(paths)} plots to {out_dir}")

@@ -16,7 +16,6 @@ import optuna
 from .correlation import (
     BOOT_SEED,
     CONTROL,
-    KENDALL_MAX_N,
     LEVEL,
     MIN_TRIALS,
     N_BOOT,
@@ -39,17 +38,19 @@ def _number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def study_summary(study: optuna.Study) -> dict[str, Any]:
+def study_summary(study: optuna.Study, rows: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
     """``summary.json``: counts (trained, near chance, failed, pruned, ...), the best trial,
     the correlations over the trained trials (and, for contrast, over all complete trials), the
-    Pareto front's trial numbers and the verdict."""
-    rows = search_rows(load_rows(study))
+    Pareto front's trial numbers and the verdict. ``rows``: the study's rows, when already read."""
+    rows = search_rows(load_rows(study) if rows is None else rows)
     health = budget_health(rows)
     trained = trained_rows(rows)
     complete = complete_rows(rows)
     ranked = ranked_rows(rows)
     best = ranked[0] if ranked else None
     excluded = health["near_chance"]
+    entries = correlation_entries(trained)
+    complete_entries = correlation_entries(complete, over="complete", methods=("spearman",))
     return {
         "study": study.study_name,
         "optimizer": optimizer_name(study),
@@ -72,11 +73,10 @@ def study_summary(study: optuna.Study) -> dict[str, Any]:
             **{k: _number(row_val_acc(best) if k == "val_acc" else row_attr(best, k)) for k in _BEST_KEYS},
         },
         "bootstrap": {"resamples": N_BOOT, "seed": BOOT_SEED, "level": LEVEL, "method": "percentile"},
-        "correlations": correlation_entries(trained),
-        "correlations_all_complete": [e for e in correlation_entries(complete, over="complete")
-                                      if e["method"] == "spearman"],
+        "correlations": entries,
+        "correlations_all_complete": complete_entries,
         "pareto": sorted(pareto_numbers(rows)),
-        "verdict": verdict(trained, complete, excluded),
+        "verdict": verdict(entries, complete_entries, excluded),
     }
 
 
@@ -124,9 +124,8 @@ def correlation_lines(summary: dict[str, Any]) -> list[str]:
         f"Rank correlations of each sharpness measure with the generalization gap (`gen_gap_acc`, + = "
         f"overfitting) and with validation and test accuracy ({', '.join(TARGETS)}). Brackets: "
         f"{LEVEL:.0%} percentile bootstrap interval over trials ({N_BOOT} resamples, seed {BOOT_SEED}); a value "
-        "without brackets has none (over half the resamples were degenerate, or Kendall's tau over more "
-        f"than {KENDALL_MAX_N} trials); `partial given {CONTROL}`: Spearman's rho once the training loss is "
-        "accounted for (the control for "
+        "without brackets has none (over half the resamples were degenerate); "
+        f"`partial given {CONTROL}`: Spearman's rho once the training loss is accounted for (the control for "
         f"\"flat because barely trained\"). `-`: fewer than {MIN_TRIALS} trials with both values, or a "
         "constant one. For the hypothesis \"flatter generalizes better\", rho with the gap should be "
         "positive and rho with the accuracies negative.\n")
