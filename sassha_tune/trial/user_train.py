@@ -191,6 +191,7 @@ def _called(function: Callable[[TrialReporter], Any], reporter: TrialReporter) -
 def _attrs(reporter: TrialReporter, start: float) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         "epochs_completed": len(reporter.history),
+        "epochs_trained": len(reporter.history),  # what the function reported; its steps are its own
         "train_seconds": time.perf_counter() - start,
         "device": reporter.device,
     }
