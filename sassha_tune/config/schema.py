@@ -84,6 +84,9 @@ class StudyConfig:
     # True: a trial that diverged is told PRUNED (failure_reason: diverged), so that the sampler
     # learns from it; False: FAIL, which Optuna's samplers do not see (older studies)
     diverged_as_pruned: bool = False
+    # {"study": NAME, "top": K}: a new study runs the K best complete configurations of that
+    # earlier study (same storage) first, instead of the space's prior; None: none
+    warm_start: dict[str, Any] | None = None
 
     @property
     def directions(self) -> list[str]:

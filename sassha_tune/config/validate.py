@@ -481,6 +481,7 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
             "chance_guard": (_chance_guard, "auto"),
             "fresh_process": (_bool, False),
             "diverged_as_pruned": (_bool, True),
+            "warm_start": (_warm_start, None),
         },
         ctx,
         "study",
@@ -517,6 +518,8 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
     if isinstance(pruner_raw, str):
         pruner_raw = {"name": pruner_raw}
     p = _section(pruner_raw, {"name": (_choice(PRUNERS), "auto"), "options": (_mapping, {})}, ctx, "study.pruner")
+    if d["warm_start"] is not None and d["warm_start"]["study"] == d["name"]:
+        raise ctx.fail("study.warm_start", "", raw=f"names this study ({d['name']!r}); name an earlier one")
     if d["stale_after"] <= d["heartbeat_interval"]:
         raise ctx.fail("study.stale_after", f"a number > study.heartbeat_interval ({d['heartbeat_interval']})", d["stale_after"])
     return StudyConfig(
@@ -531,7 +534,19 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
         callbacks=_callbacks(d["callbacks"], ctx),
         fresh_process=d["fresh_process"],
         diverged_as_pruned=d["diverged_as_pruned"],
+        warm_start=d["warm_start"],
     )
+
+
+def _warm_start(v: Any, ctx: _Ctx, path: str) -> dict[str, Any] | None:
+    """``NAME`` or ``{study: NAME, top: K}``: the earlier study (same storage) whose best K complete
+    configurations (default 3) a new study runs first."""
+    if v is None:
+        return None
+    if isinstance(v, str):
+        v = {"study": v}
+    d = _section(v, {"study": (_study_name, _REQUIRED), "top": (_int(1, 100), 3)}, ctx, path)
+    return {"study": d["study"], "top": d["top"]}
 
 
 def _chance_guard(v: Any, ctx: _Ctx, path: str) -> int | str:

@@ -45,11 +45,12 @@ __all__ = [
 ]
 
 SPACE_HISTORY_KEY = "sassha_tune:search_space_history"
-#: system attribute: False while a new study's published configurations are not all enqueued
+#: system attribute: False while a new study's first configurations (prior, published, warm start) are not all enqueued
 ENQUEUED_KEY = "sassha_tune:published_enqueued"
 
 # Config sections a continued study may change; anything else changes what a trial means.
-MUTABLE = ("budget", "study.sampler", "study.pruner", "study.heartbeat_interval", "study.stale_after", "device", "provenance")
+MUTABLE = ("budget", "study.sampler", "study.pruner", "study.heartbeat_interval", "study.stale_after", "device", "provenance",
+           "study.warm_start")  # warm_start: read when the study is created only
 
 
 def plain(value: Any) -> Any:
@@ -115,19 +116,54 @@ def _creation_attrs(cfg: Config, config_d: dict[str, Any], space_d: dict[str, An
     return attrs
 
 
-def _enqueue_published(study: optuna.Study, cfg: Config, space: SearchSpace) -> None:
-    """Enqueue the configurations ``optimizer.enqueue_published`` selects (the space's prior by
-    default; idempotent: ``skip_if_exists``), then record it done. Each carries where it came from:
-    ``published: <source>`` for a published configuration, ``prior: <source>`` for one of the
-    space's own starting points."""
+def _first_trials(storage: Any, cfg: Config, space: SearchSpace) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    """What a new study runs first, as (params, user attributes naming where they came from): the
+    best configurations of ``study.warm_start`` (which replace the space's prior under
+    ``enqueue_published: auto``), then those ``optimizer.enqueue_published`` selects (the space's
+    prior by default): ``published: <source>`` for a published configuration, ``prior: <source>``
+    for one of the space's own starting points. Raises :class:`UserError` for a warm-start study
+    that is not in the storage (before anything is stored)."""
+    first = _warm_start_trials(storage, cfg, space)
+    if first and cfg.optimizer.enqueue_published == "auto":
+        return first
     published = {str(p.get("source")) for p in space.published}
     for entry in published_to_enqueue(cfg, space):
-        params = {k: v for k, v in entry.items() if k in space.params}
         source = str(entry.get("source", "published"))
-        with_retry(
-            study.enqueue_trial, params, user_attrs={"published" if source in published else "prior": source},
-            skip_if_exists=True,
-        )
+        first.append(({k: v for k, v in entry.items() if k in space.params},
+                      {"published" if source in published else "prior": source}))
+    return first
+
+
+def _warm_start_trials(storage: Any, cfg: Config, space: SearchSpace) -> list[tuple[dict[str, Any], dict[str, str]]]:
+    """The ``top`` best complete trials of the warm-start study (by its first objective, in its
+    direction; trials that ended near chance left out), their parameters restricted to those this
+    study searches and lies inside this space (the sampler draws the others)."""
+    from ..metrics.chance import acc_near_chance
+
+    warm = cfg.study.warm_start
+    if warm is None:
+        return []
+    names = with_retry(optuna.get_all_study_names, storage)
+    if warm["study"] not in names:
+        shown = ", ".join(sorted(names)[:5]) or "none"
+        raise UserError(f"{cfg.source}: study.warm_start: no study {warm['study']!r} in this storage (studies: {shown})")
+    earlier = with_retry(optuna.load_study, study_name=warm["study"], storage=storage)
+    sign = 1 if earlier.directions[0] == optuna.study.StudyDirection.MAXIMIZE else -1
+    done = [t for t in with_retry(earlier.get_trials, deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.values and acc_near_chance(t.user_attrs.get("val_acc"), t.user_attrs.get("num_classes")) is not True]
+    best = sorted(done, key=lambda t: (-sign * t.values[0], t.number))[: warm["top"]]
+    out = []
+    for t in best:
+        params = {k: v for k, v in t.params.items() if k in space.params and space.params[k].contains(v)}
+        if params:
+            out.append((params, {"warm_start": f"{warm['study']}#{t.number}"}))
+    return out
+
+
+def _enqueue_first(study: optuna.Study, first: list[tuple[dict[str, Any], dict[str, str]]]) -> None:
+    """Enqueue a new study's first trials (idempotent: ``skip_if_exists``), then record it done."""
+    for params, attrs in first:
+        with_retry(study.enqueue_trial, params, user_attrs=attrs, skip_if_exists=True)
     crash_point("create:before-enqueued-mark")
     with_retry(study_storage(study).set_study_system_attr, study_id(study), ENQUEUED_KEY, True)
 
@@ -168,14 +204,15 @@ def create_or_continue(
     _check_unnamed(cfg, names, storage_url)
     crash_point("create:before-create")
     if name not in names:
-        pending = bool(published_to_enqueue(cfg, space))
+        first = _first_trials(storage, cfg, space)
+        pending = bool(first)
         system = {ENQUEUED_KEY: False} if pending else {}
         if with_retry(create_study_atomically, storage, name, cfg.study.directions,
                       _creation_attrs(cfg, config_d, space_d), system):
             study = with_retry(optuna.load_study, study_name=name, storage=storage)
             crash_point("create:after-commit")
             if pending:
-                _enqueue_published(study, cfg, space)
+                _enqueue_first(study, first)
             _set_metric_names(study, list(cfg.study.metrics))
             log(f"created study {name!r} in {mask_url(storage_url)}")
             return study
@@ -187,7 +224,7 @@ def create_or_continue(
                 with_retry(study.set_user_attr, key, value)
             log(f"adopted study {name!r} in {mask_url(storage_url)}: its creation was interrupted before "
                 "its settings were stored; completed them from this config")
-            _enqueue_published(study, cfg, space)
+            _enqueue_first(study, _first_trials(storage, cfg, space))
             return study
         with_retry(optuna.delete_study, study_name=name, storage=storage)
         log(f"removed study {name!r} from {mask_url(storage_url)}: its creation was interrupted (no settings, "
@@ -234,8 +271,8 @@ def create_or_continue(
         )
     with_retry(study.set_user_attr, "config", config_d)
     if with_retry(study_storage(study).get_study_system_attrs, study_id(study)).get(ENQUEUED_KEY) is False:
-        _enqueue_published(study, cfg, space)
-        log(f"enqueued the published configurations of {name!r} (its creation was interrupted before they were)")
+        _enqueue_first(study, _first_trials(storage, cfg, space_for_config(cfg)))
+        log(f"enqueued the first configurations of {name!r} (its creation was interrupted before they were)")
     log(f"continuing study {name!r} in {mask_url(storage_url)} ({len(study.trials)} trials so far)")
     return study
 

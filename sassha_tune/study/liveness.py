@@ -106,7 +106,7 @@ def retry_lost(study: optuna.Study, t: FrozenTrial, why: str, *, log: Callable[[
     retried.append(t.number)
     with_retry(storage.set_study_system_attr, study_id(study), RETRIED_KEY, sorted(retried))
     attrs = {"retry_of": t.number, "retry_history": [*t.user_attrs.get("retry_history", []), t.number]}
-    for key in ("published", "prior"):
+    for key in ("published", "prior", "warm_start"):
         if key in t.user_attrs:
             attrs[key] = t.user_attrs[key]
     with_retry(study.enqueue_trial, dict(t.params), user_attrs=attrs)

@@ -261,3 +261,37 @@ def test_create_only_stores_the_prior_and_runs_nothing(tmp_path):
     sassha_tune.run_study(_tiny(), storage=url, log=_silent, create_only=True)
     study = optuna.load_study(study_name="defaults", storage=open_storage(url))
     assert [t.state for t in study.trials] == [TrialState.WAITING] * 2
+
+
+# --------------------------------------------------------------------------------------------
+# warm start from an earlier study
+
+
+def test_a_warm_start_runs_the_best_configurations_of_an_earlier_study_first(tmp_path):
+    """Tune small, then continue big: study.warm_start enqueues the earlier study's best complete
+    configurations (by its objective, near-chance trials left out) instead of the prior; a study
+    that is not in the storage is a one-line error before anything is stored."""
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    small = sassha_tune.run_study(_tiny(study={"name": "small", "pruner": "none"}, budget={"n_trials": 4}),
+                                  storage=url, log=_silent)
+    ranked = sorted((t for t in small.trials if t.state == TrialState.COMPLETE), key=lambda t: (-t.values[0], t.number))
+    big = create_or_continue(config_from_dict(_tiny(study={"name": "big", "warm_start": {"study": "small", "top": 2}},
+                                                    task={**TINY["task"], "epochs": 3})), url, log=_silent)
+    waiting = big.get_trials(states=(TrialState.WAITING,))
+    assert [t.user_attrs["warm_start"] for t in waiting] == [f"small#{t.number}" for t in ranked[:2]]
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [ranked[0].params, ranked[1].params]
+    with pytest.raises(sassha_tune.UserError, match=r"study.warm_start: no study 'nope' in this storage"):
+        create_or_continue(config_from_dict(_tiny(study={"name": "other", "warm_start": "nope"})), url, log=_silent)
+    assert "other" not in optuna.get_all_study_names(url)
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    ("defaults", "study.warm_start: names this study ('defaults'); name an earlier one"),
+    (3, "study.warm_start: expected a mapping"),
+    ({"study": "x", "top": 0}, "study.warm_start.top: expected an integer"),
+    ({"top": 2}, "study.warm_start.study: expected a value"),
+])
+def test_a_malformed_warm_start_is_one_line_naming_its_key(value, expected):
+    with pytest.raises(sassha_tune.UserError) as info:
+        config_from_dict(_tiny(study={"warm_start": value}))
+    assert expected in str(info.value) and "\n" not in str(info.value)
