@@ -28,6 +28,7 @@ from typer.core import TyperGroup
 
 from .devices import check_device_name
 from .errors import UserError
+from .printable import printable
 
 # Piped output (logs, CI) is not squeezed into 80 columns; a terminal keeps its own width.
 out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
@@ -54,7 +55,7 @@ class _OneLineErrors(TyperGroup):
             ctx = getattr(exc, "ctx", None)
             hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
             message = " ".join(exc.format_message().split())
-            err.print(f"[red]error:[/red] {escape(message)}{escape(hint)}", soft_wrap=True)
+            err.print(f"[red]error:[/red] {_shown(message)}{_shown(hint)}", soft_wrap=True)
             sys.exit(getattr(exc, "exit_code", 2) or 2)
         except typer.Abort:
             err.print("[yellow]aborted[/yellow]")
@@ -156,8 +157,15 @@ GpusOpt = Annotated[
 ]
 
 
+def _shown(text: Any) -> str:
+    """Text that did not come from this module (a study name, a plug-in's or an exception's
+    message) for the consoles: control characters shown (:func:`~sassha_tune.printable.printable`),
+    rich markup escaped."""
+    return escape(printable(text))
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
-    err.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    err.print(f"[red]error:[/red] {_shown(message)}", soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -199,7 +207,7 @@ def handle_errors(fn: F) -> F:
 
 
 def _log(message: str) -> None:
-    out.print(escape(message), soft_wrap=True)
+    out.print(_shown(message), soft_wrap=True)
 
 
 def _parse_gpus(gpus: str | None) -> list[str]:
@@ -360,15 +368,15 @@ def status(
     url = resolve_storage(storage)
     if study is None:
         rows = study_rows(url)
-        table = Table(title=f"studies in {mask_url(url)}")
+        table = Table(title=f"studies in {_shown(mask_url(url))}")
         for col in ("study", "optimizer", "objectives", "COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING", "budget", "best"):
             table.add_column(col)
         for r in rows:
             best = r["best"]
             table.add_row(
-                r["name"], str(r["optimizer"]), ", ".join(map(str, r["objectives"])),
+                _shown(r["name"]), _shown(r["optimizer"]), _shown(", ".join(map(str, r["objectives"]))),
                 *(str(r["counts"].get(s, 0)) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")),
-                r["budget"], ", ".join(_fmt(v) for v in best.values) if best is not None else "-",
+                _shown(r["budget"]), ", ".join(_fmt(v) for v in best.values) if best is not None else "-",
             )
         if not rows:
             _log(f"no studies in {mask_url(url)}")
@@ -377,15 +385,15 @@ def status(
         return
     s = load_study(study, url)
     d = study_detail(s)
-    table = Table(title=f"study {study} ({d['optimizer']}; {', '.join(map(str, d['objectives']))})")
+    table = Table(title=_shown(f"study {study} ({d['optimizer']}; {', '.join(map(str, d['objectives']))})"))
     table.add_column("state")
     table.add_column("trials", justify="right")
     health = _health_rows(s)
     for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):
         table.add_row(state, str(d["counts"].get(state, 0)))
         for label, count in health.get(state, []):
-            table.add_row(f"  {escape(label)}", count)
-    table.add_row("budget used", d["budget"])
+            table.add_row(f"  {_shown(label)}", count)
+    table.add_row("budget used", _shown(d["budget"]))
     out.print(table)
     # The table splits failures by kind; the full reasons of `error: ...` failures only here.
     details = {k: v for k, v in d["failures"].items() if ":" in k}
@@ -399,10 +407,10 @@ def status(
     bt.add_column("key")
     bt.add_column("value")
     for k, v in best.params.items():
-        bt.add_row(f"param {k}", _fmt(v))
+        bt.add_row(_shown(f"param {k}"), _shown(_fmt(v)))
     for k in SUMMARY_METRICS:
         if k in best.user_attrs:
-            bt.add_row(k, _fmt(best.user_attrs[k]))
+            bt.add_row(k, _shown(_fmt(best.user_attrs[k])))
     out.print(bt)
 
 
@@ -427,6 +435,7 @@ def export(
     or with --format kwargs the optimizer's constructor arguments."""
     import yaml
 
+    from .report.files import write_user_file
     from .study.storage import load_study, resolve_storage
     from .study.views import export_config, export_kwargs
 
@@ -434,12 +443,9 @@ def export(
     d = export_kwargs(s, trial) if format == ExportFormat.kwargs else export_config(s, trial)
     text = yaml.safe_dump(d, sort_keys=False) if format == ExportFormat.yaml else json.dumps(d, indent=2) + "\n"
     if out_file is None:
-        sys.stdout.write(text)
+        sys.stdout.write(text)  # YAML and JSON show control characters as escapes
     else:
-        try:
-            out_file.write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise UserError(f"--out {out_file}: cannot write: {exc.strerror}") from None
+        write_user_file(out_file, text, "--out")
         _log(f"wrote trial {d['provenance']['trial']} of {study} to {out_file}")
 
 
@@ -467,12 +473,15 @@ def train(
     from .config.spaces import check_param_names
     from .config.yamlfile import read_yaml_file
     from .devices import check_available as check_device
+    from .report.files import refuse_link, write_user_file
     from .trial.objective import evaluate_params
 
     check_device_name(device)
     check_device(device, "--device")
-    if metrics_out is not None and not metrics_out.parent.is_dir():
-        raise UserError(f"--metrics-out {metrics_out}: directory {metrics_out.parent} does not exist")
+    if metrics_out is not None:
+        refuse_link(metrics_out, "--metrics-out")  # before anything is trained
+        if not metrics_out.parent.is_dir():
+            raise UserError(f"--metrics-out {metrics_out}: directory {metrics_out.parent} does not exist")
     cfg = load_config(config)
     if seed is not None:
         cfg.seed = seed
@@ -493,21 +502,18 @@ def train(
         _log(f"note: {', '.join(unset)} not fixed: the optimizer's defaults are used")
     outcome = evaluate_params(cfg, extra, device=device)
     task = cfg.task.train or f"{cfg.task.dataset}/{cfg.task.model}"
-    table = Table(title=f"{cfg.optimizer.name} on {task}: {outcome.state}")
+    table = Table(title=_shown(f"{cfg.optimizer.name} on {task}: {outcome.state}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in outcome.attrs.items():
         if isinstance(v, (int, float, str)) or v is None:
-            table.add_row(k, _fmt(v))
+            table.add_row(_shown(k), _shown(_fmt(v)))
     if outcome.failure_reason:
-        table.add_row("failure_reason", outcome.failure_reason)
+        table.add_row("failure_reason", _shown(outcome.failure_reason))
     out.print(table)
     if metrics_out is not None:
         payload = {"state": outcome.state, "failure_reason": outcome.failure_reason, **outcome.attrs}
-        try:
-            metrics_out.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-        except OSError as exc:
-            raise UserError(f"--metrics-out {metrics_out}: cannot write: {exc.strerror or exc}") from None
+        write_user_file(metrics_out, json.dumps(payload, indent=2) + "\n", "--metrics-out")
     if outcome.state == "fail":
         raise typer.Exit(1)
 

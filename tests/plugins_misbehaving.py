@@ -53,3 +53,16 @@ def malformed_result(reporter):
     if kind == "none":
         return None
     return {"val_acc": lr}
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J<script>alert(1)</script>"
+
+
+def raises_hostile(reporter):
+    """A train function whose error message holds terminal escape sequences and HTML."""
+    raise ValueError(f"bad things {HOSTILE}")
+
+
+def hostile_dataset(*, data_dir=None, seed=0):
+    """A dataset plug-in that fails with terminal escape sequences in its message."""
+    raise ValueError(f"cannot load {HOSTILE}")

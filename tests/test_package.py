@@ -120,7 +120,7 @@ def test_no_import_cycles_among_sassha_tune_modules():
 LAYERS = [
     # foundation; the package's __init__ imports nothing but the version: its public names are
     # loaded on first use (PEP 562) from the modules that define them
-    {"sassha_tune", "version", "errors", "devices", "plugins", "provenance", "distributed", "redact"},
+    {"sassha_tune", "version", "errors", "devices", "plugins", "provenance", "distributed", "redact", "printable"},
     {"optim"},
     {"metrics"},
     {"training"},

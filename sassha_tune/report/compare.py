@@ -16,6 +16,7 @@ import optuna
 from matplotlib.figure import Figure
 
 from sassha_tune.errors import StorageError
+from sassha_tune.printable import printable
 
 from .correlation import correlate
 from .curves import (
@@ -29,7 +30,7 @@ from .curves import (
 from .figures import GAP_LABEL, LAMBDA_LABEL, maybe_log, save_figures
 from .files import write_text
 from .health import NEAR_CHANCE_RULE, budget_health, near_chance_count, trained_rows
-from .markdown import figure_entry, markdown_table, provenance_section, terminal_table
+from .markdown import figure_entry, markdown_table, md_code, md_text, provenance_section, terminal_table
 from .reruns import rerun_table
 from .rows import (
     SEED_RERUN_ATTR,
@@ -141,18 +142,22 @@ def compare_figures(studies: Sequence[optuna.Study],
 FEW_TRAINED = 5
 
 
-def thin_evidence(studies: Sequence[optuna.Study], rows: Sequence[list[dict[str, Any]]]) -> list[str]:
-    """One caveat per study (``rows``: each one's rows) whose ranking rests on fewer than
-    :data:`FEW_TRAINED` trained trials (complete and not near chance): a best-of-few says little
-    about an optimizer."""
-    caveats = []
+def thin_evidence(studies: Sequence[optuna.Study], rows: Sequence[list[dict[str, Any]]]) -> list[tuple[str, str, int]]:
+    """(study name, optimizer, trained trials) of each study (``rows``: each one's rows) whose
+    ranking rests on fewer than :data:`FEW_TRAINED` trained trials (complete and not near
+    chance): a best-of-few says little about an optimizer (:func:`caveat` words it)."""
+    thin = []
     for study, study_rows in zip(studies, rows, strict=True):
         n = len(trained_rows(study_rows))
         if n < FEW_TRAINED:
-            caveats.append(f"`{study.study_name}` ({optimizer_name(study)}) ranks on {n} trained "
-                           f"trial{'' if n == 1 else 's'} (fewer than {FEW_TRAINED}): its place says little "
-                           "about the optimizer; give it more trials, or re-run its best configuration over seeds.")
-    return caveats
+            thin.append((study.study_name, optimizer_name(study), n))
+    return thin
+
+
+def caveat(n: int) -> str:
+    """What a study's place in the ranking is worth when it rests on ``n`` trained trials."""
+    return (f"ranks on {n} trained trial{'' if n == 1 else 's'} (fewer than {FEW_TRAINED}): its place says little "
+            "about the optimizer; give it more trials, or re-run its best configuration over seeds.")
 
 
 def _diverged_count(health: dict[str, Any]) -> str:
@@ -294,14 +299,15 @@ _FIGURE_CAPTIONS = {
 
 def _compare_markdown(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, Any]]],
                       figure_paths: dict[str, Path], ranking: Any, by_opt: Any, reruns: Any, storage: str | None,
-                      sharpness: Any, caveats: Sequence[str]) -> str:
+                      sharpness: Any, caveats: Sequence[tuple[str, str, int]]) -> str:
     out = ["# Optimizer comparison\n"]
-    out.append("Studies: " + ", ".join(f"`{s.study_name}` ({optimizer_name(s)})" for s in studies) + "\n")
+    out.append("Studies: " + ", ".join(f"{md_code(s.study_name)} ({md_text(optimizer_name(s))})" for s in studies)
+               + "\n")
     out.append(_COMPARE_METHOD.format(n_boot=N_BOOTSTRAP, seed=BOOTSTRAP_SEED, suffix=SEED_STUDY_SUFFIX,
                                       rule=NEAR_CHANCE_RULE))
     out.append("## Ranking by best validation accuracy\n")
     out.append(markdown_table(*ranking))
-    out += [f"**Caveat.** {c}\n" for c in caveats]
+    out += [f"**Caveat.** {md_code(name)} ({md_text(optimizer)}) {caveat(n)}\n" for name, optimizer, n in caveats]
     out.append("## Sharpness over trained trials\n")
     out.append("Over each study's trained trials only (complete and not near chance: an untrained network is "
                "trivially flat, so counting it would make an optimizer that often fails to train look flat). "
@@ -356,12 +362,12 @@ def run_compare(study_names: list[str], storage: str, out_dir: Path) -> None:
         "studies": [dict(zip(ranking[0], line, strict=True)) for line in ranking[1]],
         "sharpness_over_trained": sharp,
         "near_chance_rule": NEAR_CHANCE_RULE,
-        "caveats": caveats,
+        "caveats": [f"`{name}` ({optimizer}) {caveat(n)}" for name, optimizer, n in caveats],
     }
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(terminal_table(*ranking, drop_order=_RANKING_DROP))
-    for caveat in caveats:
-        print("caveat: " + caveat.replace("`", ""))
+    for name, optimizer, n in caveats:
+        print(f"caveat: {printable(name)} ({printable(optimizer)}) {caveat(n)}")
     print()
     print(terminal_table(*_sharpness_table(sharp), drop_order=("adaptive median [IQR]",)))
     if reruns[1]:

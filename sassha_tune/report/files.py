@@ -1,7 +1,9 @@
 """Writing report files atomically: a reader (a browser, a CI job, a second ``report``) sees the
 old file or the new one, never half of one, and a full disk or a crash leaves the old file intact.
 New files get the permissions the umask allows (0644 under the usual 022), as files written with
-``open`` do: a report is meant to be shared."""
+``open`` do: a report is meant to be shared. The file is renamed over the old one, so a symbolic
+link there is replaced, never written through; a file the user names (``export --out``,
+``train --metrics-out``: :func:`write_user_file`) must not be a link at all."""
 
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["replaced", "write_text"]
+from sassha_tune.errors import UserError
+
+__all__ = ["refuse_link", "replaced", "write_text", "write_user_file"]
 
 
 @contextlib.contextmanager
@@ -40,3 +44,19 @@ def write_text(path: Path, text: str) -> None:
     """``path.write_text(text, encoding="utf-8")``, atomically."""
     with replaced(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def refuse_link(path: Path, option: str) -> None:
+    """A :class:`UserError` naming the command-line ``option`` when ``path`` is a symbolic link."""
+    if path.is_symlink():
+        raise UserError(f"{option} {path}: is a symbolic link; name a regular file (nothing was written)")
+
+
+def write_user_file(path: Path, text: str, option: str) -> None:
+    """Write ``text`` to the file a command-line ``option`` names (:func:`write_text`): a symbolic
+    link there is refused (:func:`refuse_link`), and a failure is one line naming the option."""
+    refuse_link(path, option)
+    try:
+        write_text(path, text)
+    except OSError as exc:
+        raise UserError(f"{option} {path}: cannot write: {exc.strerror or exc}") from None

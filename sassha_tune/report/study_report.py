@@ -13,11 +13,22 @@ import optuna
 import yaml
 from tabulate import tabulate
 
+from sassha_tune.printable import printable
+
 from .figures import build_figures, param_importances, save_figures
 from .files import write_text
 from .health import NEAR_CHANCE_RULE, budget_health, near_chance, near_chance_count, pareto_numbers
 from .html import write_html
-from .markdown import figure_entry, markdown_table, provenance_section, terminal_table, yaml_block
+from .markdown import (
+    fenced,
+    figure_entry,
+    markdown_table,
+    md_code,
+    md_text,
+    provenance_section,
+    terminal_table,
+    yaml_block,
+)
 from .reruns import rerun_table
 from .rows import (
     format_value,
@@ -96,6 +107,8 @@ def best_trials_table(study: optuna.Study, n: int = 10, tablefmt: str = "simple"
         return f"study '{study.study_name}' has no complete trials yet"
     if tablefmt == "simple":
         return terminal_table(headers, table, width=width, drop_order=_DROP_ORDER)
+    if tablefmt == "github":
+        return markdown_table(headers, table).rstrip("\n")
     return tabulate(table, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
@@ -176,14 +189,14 @@ def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dic
         directions = ", ".join(str(o) for o in objectives)
     else:
         directions = ", ".join(d.name.lower() for d in study.directions)
-    out = [f"# Study report: {study.study_name}\n"]
-    out.append(f"- optimizer: `{optimizer}`")
-    out.append(f"- objectives: {directions}; the best trial is selected on val_acc"
+    out = [f"# Study report: {md_text(study.study_name)}\n"]
+    out.append(f"- optimizer: {md_code(optimizer)}")
+    out.append(f"- objectives: {md_text(directions)}; the best trial is selected on val_acc"
                + (", the Pareto front is val_acc up / lambda_max down" if len(study.directions) > 1 else ""))
     out.append(f"- trials: {_state_counts(rows)}, {running} running or waiting (ignored)")
     failures = _failure_counts(rows)
     if failures:
-        out.append("- failure reasons: " + ", ".join(f"{k}: {v}" for k, v in sorted(failures.items())))
+        out.append("- failure reasons: " + ", ".join(f"{md_text(k)}: {v}" for k, v in sorted(failures.items())))
     rerun_rows = [r for r in rows if is_rerun(r)]
     if rerun_rows:
         out.append(f"- seed re-runs (not part of the search, left out of plots): {len(rerun_rows)}")
@@ -200,7 +213,7 @@ def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dic
                    f"{format_value(row_attr(best, 'test_acc'))} (test reported once, for this trial only), "
                    f"gen_gap {format_value(row_attr(best, 'gen_gap_acc'))}, "
                    f"lambda_max {format_value(row_attr(best, 'lambda_max'))}.\n")
-        out.append("```yaml\n" + yaml.safe_dump(best["params"], sort_keys=True) + "```\n")
+        out.append(fenced(yaml.safe_dump(best["params"], sort_keys=True), "yaml"))
         out += correlation_lines(summary)
         out.append("## Best trials\n")
         out.append(best_trials_table(study, n=10, tablefmt="github", rows=rows) + "\n")
@@ -253,10 +266,11 @@ def run_report(study_name: str, storage: str, out_dir: Path) -> None:
                       {"Best trials": _best_trials_rows(study, 10, rows), "Best config re-run over seeds": reruns},
                       rows=rows, importances=importances)
     chance = near_chance_count(budget_health(search_rows(rows)))
-    print(f"study {study.study_name} ({study.user_attrs.get('optimizer', 'unknown')}): {_state_counts(rows)}"
+    print(f"study {printable(study.study_name)} ({printable(study.user_attrs.get('optimizer', 'unknown'))}): "
+          f"{_state_counts(rows)}"
           + (f"; near chance (of complete search trials): {chance}" if chance is not None else ""))
     if not figures:
-        print(f"study '{study.study_name}' has no finished trials with results yet; "
+        print(f"study '{printable(study.study_name)}' has no finished trials with results yet; "
               f"wrote {out_dir / 'report.md'}")
         return
     print(best_trials_table(study, rows=rows))

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 
 from ..config import config_from_stored
 from ..errors import UserError
+from ..printable import printable
 from .objective import evaluate_pack, evaluate_params
 from .outcome import TrialOutcome, json_safe, one_line
 from .process import PARENT_PID_ENV
@@ -158,7 +159,7 @@ def _end_soon(proto: TextIO, code: int) -> None:
     def leave() -> None:
         time.sleep(EXIT_SECONDS)
         left = [t.name for t in threading.enumerate() if not t.daemon and t is not threading.main_thread()]
-        print(f"trial process: exiting while threads the trial left are still running ({', '.join(left)})",
+        print(f"trial process: exiting while threads the trial left are still running ({printable(', '.join(left))})",
               file=sys.stderr, flush=True)
         os._exit(code)
 
@@ -277,7 +278,7 @@ def _job_outcome(job: dict[str, Any], channel: _Channel, params: Any, members: l
     except KeyboardInterrupt:
         return 130, None
     except Exception as exc:  # a bug or a broken plug-in: the trial fails, the study goes on
-        traceback.print_exc()
+        print(printable(traceback.format_exc(), newlines=True), end="", file=sys.stderr, flush=True)
         reason = "out_of_memory" if type(exc).__name__ == "OutOfMemoryError" else one_line(exc)
         for member in members:  # the parent ignores results for pack members already told
             channel.send(_tagged(TrialOutcome("fail", failure_reason=reason).to_json(), member))
