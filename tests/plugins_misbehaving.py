@@ -66,3 +66,25 @@ def raises_hostile(reporter):
 def hostile_dataset(*, data_dir=None, seed=0):
     """A dataset plug-in that fails with terminal escape sequences in its message."""
     raise ValueError(f"cannot load {HOSTILE}")
+
+
+def float_labels(*, data_dir=None, seed=0, whole=False):
+    """A dataset plug-in whose labels are floats: 0.5 / 1.5 (not classes), or 0.0 / 1.0 with ``whole``."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 4)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.float64) + (0.0 if whole else 0.5)
+    return {"x_train": x[:60], "y_train": y[:60], "x_test": x[60:], "y_test": y[60:]}
+
+
+def float_label_splits(*, data_dir=None, seed=0):
+    """A dataset plug-in returning its own Splits, with float labels."""
+    import torch
+
+    from sassha_tune.training.data import Splits
+
+    x = torch.randn(30, 4)
+    y = torch.tensor([0.5, 1.5] * 15)
+    return Splits(x_train=x[:10], y_train=y[:10], x_val=x[10:20], y_val=y[10:20], x_test=x[20:], y_test=y[20:],
+                  num_classes=2, input_shape=(4,), augment=None, name="float-splits")

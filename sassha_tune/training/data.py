@@ -678,6 +678,41 @@ def _as_numpy(a: Any) -> np.ndarray:
     return a.detach().cpu().numpy() if isinstance(a, Tensor) else np.asarray(a)
 
 
+def _not_a_class(dataset: str, key: str, value: Any) -> DataError:
+    return DataError(f"dataset {dataset}: {key} holds {value!r}, not a class index: labels must be integers "
+                     "0..num_classes-1 for classification")
+
+
+def _class_indices(values: Any, dataset: str, key: str) -> np.ndarray:
+    """A label array as int64 class indices. Floats are taken only when whole (``1.0``): casting
+    ``0.5`` or ``1.5`` would silently train on other classes, so that (and NaN, strings) is a
+    :class:`DataError` naming the dataset and the array."""
+    a = _as_numpy(values).reshape(-1)
+    if a.dtype.kind in "iub":
+        return a.astype(np.int64)
+    if a.dtype.kind == "f":
+        bad = ~np.isfinite(a) | (a != np.round(a))
+        if bad.any():
+            raise _not_a_class(dataset, key, float(a[bad][0]))
+        return a.astype(np.int64)
+    raise _not_a_class(dataset, key, a[0] if a.size else a.dtype)
+
+
+def _check_split_labels(splits: Splits, dataset: str) -> None:
+    """A plug-in's own :class:`Splits` of a classification task holds integer labels."""
+    if splits.is_language:
+        return
+    for key in ("y_train", "y_val", "y_test"):
+        y = getattr(splits, key)
+        if isinstance(y, Tensor) and y.is_floating_point():
+            flat = y.detach().reshape(-1)
+            bad = flat[~torch.isfinite(flat) | (flat != flat.round())]
+            if len(bad):
+                raise _not_a_class(dataset, key, bad[0].item())
+            raise DataError(f"dataset {dataset}: {key} is a {y.dtype} tensor: labels must be integer class indices "
+                            "(torch.long) for classification")
+
+
 def check_dataset_files(name: str, data_dir: str | None, options: Mapping[str, Any] | None = None) -> None:
     """Raise the loader's one-line :class:`DataError` now when a file-based dataset is missing.
 
@@ -720,9 +755,11 @@ def load_dataset(
         if label_noise > 0:
             raise UserError("dataset 'text' takes no label_noise (its targets are the next tokens)")
         return _load_text_splits(data_dir, opts, val_fraction, device)
+    shown = f"{name!r}" if name != "custom" else f"'custom' (factory {opts.get('factory')})"
     if name == "custom":
         raw = _load_custom(data_dir, opts, seed)
         if isinstance(raw, Splits):
+            _check_split_labels(raw, shown)
             return raw.to(device)
     elif name in _LOADERS:
         loader = _LOADERS[name][0]
@@ -736,8 +773,8 @@ def load_dataset(
     else:
         raise DataError(f"Unknown dataset {name!r} (expected one of {', '.join(DATASETS)})")
 
-    x_full, y_full = _as_numpy(raw["x_train"]), _as_numpy(raw["y_train"]).astype(np.int64).reshape(-1)
-    x_test, y_test = _as_numpy(raw["x_test"]), _as_numpy(raw["y_test"]).astype(np.int64).reshape(-1)
+    x_full, y_full = _as_numpy(raw["x_train"]), _class_indices(raw["y_train"], shown, "y_train")
+    x_test, y_test = _as_numpy(raw["x_test"]), _class_indices(raw["y_test"], shown, "y_test")
     if len(x_full) != len(y_full) or len(x_test) != len(y_test):
         raise DataError(f"dataset {name!r}: inputs and labels differ in length")
     max_train, max_test = opts.get("max_train"), opts.get("max_test")
@@ -746,16 +783,14 @@ def load_dataset(
         x_full, y_full = x_full[keep], y_full[keep]
     if max_test is not None:
         x_test, y_test = x_test[: int(max_test)], y_test[: int(max_test)]
-    labels = np.concatenate(
-        [y_full, y_test, _as_numpy(raw.get("y_val", np.zeros(0))).astype(np.int64).reshape(-1)]
-    )
+    labels = np.concatenate([y_full, y_test, _class_indices(raw.get("y_val", np.zeros(0, np.int64)), shown, "y_val")])
     num_classes = int(raw.get("num_classes") or (int(labels.max()) + 1 if labels.size else 0))
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise DataError(f"dataset {name!r}: labels must lie in 0..{num_classes - 1}")
 
     if raw.get("x_val") is not None:
         x_tr, y_tr = x_full, y_full
-        x_val, y_val = _as_numpy(raw["x_val"]), _as_numpy(raw["y_val"]).astype(np.int64).reshape(-1)
+        x_val, y_val = _as_numpy(raw["x_val"]), _class_indices(raw["y_val"], shown, "y_val")
     else:
         n_val = int(round(val_fraction * len(y_full)))
         if len(y_full) - n_val < 1:
