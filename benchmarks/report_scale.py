@@ -8,8 +8,9 @@ all read back through Optuna and checked): the quickstart's searched parameters 
 epoch, and every user attribute a finished trial stores (metrics, sharpness, its protocol, the
 per-epoch history, optimizer hyperparameters, timings, ``num_classes``). About 80 % complete (some
 near chance), 10 % pruned, 10 % failed with the reasons the tool stores. Each command then runs
-in a child process (``python -m sassha_tune report ...``), timed on the wall clock, with that
-child's own peak resident memory (``os.wait4``).
+in a child process (``python -m sassha_tune report ...``): its wall time, its CPU time (what the
+wall time would be on an idle core, where the machine is shared) and its own peak resident memory
+(``os.wait4``).
 
     OMP_NUM_THREADS=1 python benchmarks/report_scale.py [--sizes 100,1000,10000] [--compare] [--timeout S] [--keep DIR] [--out FILE.json]
 
@@ -170,7 +171,7 @@ def build_study(db: Path, name: str, n_trials: int, seed: int = 0) -> float:
     return time.perf_counter() - t0
 
 
-# Runs the command given and prints its wall seconds, exit code and own peak RSS (KiB) as JSON.
+# Runs the command given and prints its wall and CPU seconds, exit code and own peak RSS (KiB) as JSON.
 # A small process of its own (the standard library only): a child's ru_maxrss counts what the
 # process that forked it held, so the command is started from here, not from this script (which
 # holds the studies it built).
@@ -185,20 +186,21 @@ _, status, usage = os.wait4(proc.pid, 0)
 timer.cancel()
 sys.stderr.write(err.decode(errors="replace")[-2000:])
 print(json.dumps({"seconds": time.perf_counter() - t0, "code": os.waitstatus_to_exitcode(status),
-                  "maxrss_kib": usage.ru_maxrss}))
+                  "cpu_seconds": usage.ru_utime + usage.ru_stime, "maxrss_kib": usage.ru_maxrss}))
 """
 
 
 def measure(argv: list[str], timeout: float) -> dict:
-    """Run ``python -m sassha_tune ARGV``: its wall seconds and its own peak resident memory
-    (MiB); ``finished: false`` when it still ran after ``timeout`` seconds (it is killed then)."""
+    """Run ``python -m sassha_tune ARGV``: its wall seconds, its CPU seconds (user + system: what
+    the wall time would be on an idle core, the machine being shared) and its own peak resident
+    memory (MiB); ``finished: false`` when it still ran after ``timeout`` seconds (it is killed then)."""
     done = subprocess.run([sys.executable, "-c", _TIMED, str(timeout), sys.executable, "-m", "sassha_tune", *argv],
                           capture_output=True, text=True, check=True)
     got = json.loads(done.stdout)
     if got["code"] not in (0, -signal.SIGKILL):
         raise SystemExit(f"{' '.join(argv[:2])} failed ({got['code']}):\n{done.stderr}")
     return {"finished": got["code"] == 0, "seconds": round(got["seconds"], 2),
-            "peak_mib": round(got["maxrss_kib"] / 1024, 1)}
+            "cpu_seconds": round(got["cpu_seconds"], 2), "peak_mib": round(got["maxrss_kib"] / 1024, 1)}
 
 
 def main() -> None:
@@ -229,7 +231,7 @@ def main() -> None:
             results.append(row)
             print(json.dumps(row), flush=True)
     meta = {"date": dt.date.today().isoformat(), "commit": git_commit(), "python": platform.python_version(),
-            "machine": platform.machine(), "cpus": os.cpu_count(),
+            "machine": platform.machine(), "cpus": os.cpu_count(), "load_average": os.getloadavg(),
             "versions": {k: package_version(k) for k in ("optuna", "numpy", "matplotlib", "plotly", "SQLAlchemy")}}
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")

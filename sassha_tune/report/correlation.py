@@ -150,15 +150,15 @@ class _Discordance:
 class _Sample:
     """The trials that have a value of every variable (``columns`` by name) and the statistics
     over resamples of them, each resample given as how often it drew each trial (a column of
-    ``counts``, trials x resamples; one column of ones: the sample itself). Within one batch of resamples, each
-    variable's ranks and each pair's Pearson correlation are computed once for every statistic
-    that needs them."""
+    ``counts``, trials x resamples; one column of ones: the sample itself). Within one batch of
+    resamples, each variable's ranks and each pair's Pearson correlation are computed once for
+    every statistic that needs them (:class:`_Batch`)."""
 
     def __init__(self, columns: dict[str, np.ndarray]) -> None:
         self.columns = columns
         self.n = len(next(iter(columns.values())))
         self._ties: dict[str, _Ties] = {}
-        self._pairs: dict[tuple[str, str], tuple[_Ties, _Discordance]] = {}
+        self._pairs: dict[tuple[str, str], tuple[_Ties | None, _Discordance]] = {}
 
     def ties(self, key: str) -> _Ties:
         if key not in self._ties:
@@ -339,8 +339,8 @@ def _entries(rows: Sequence[dict[str, Any]], specs: Sequence[tuple[str, str, str
         group = [e for e in group if e["value"] is not None]
         if group:
             boot = _bootstrap(sample, [(e["method"], e["x"], e["y"]) for e in group])
-            for e, values in zip(group, boot, strict=True):
-                e["ci"] = _interval(values)
+            for e, draws in zip(group, boot, strict=True):
+                e["ci"] = _interval(draws)
     return entries
 
 

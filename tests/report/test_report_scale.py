@@ -81,6 +81,32 @@ def test_kendall_tau_of_many_trials_with_ties_is_scipys():
     assert math.isnan(kendall_tau([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
 
 
+def test_entries_over_different_trials_each_use_their_own():
+    """Trials missing test_acc or train_loss leave different trials for different entries: each
+    entry is scipy's over the trials that have its values (its own pass of the resamples)."""
+    from sassha_tune.report.correlation import correlation_entries
+
+    rng = np.random.default_rng(2)
+    n = 60
+    cols = {k: rng.normal(size=n) for k in ("lambda_max", "hessian_trace", "sam_sharpness", "adaptive_sharpness",
+                                             "gen_gap_acc", "val_acc", "test_acc", "train_loss")}
+    cols["test_acc"][:7] = np.nan  # stored as missing
+    cols["train_loss"][-11:] = np.nan
+    rows = _rows(cols)
+    for row in rows:
+        row["user_attrs"] = {k: v for k, v in row["user_attrs"].items() if math.isfinite(v)}
+    for e in correlation_entries(rows):
+        keys = [e["x"], e["y"]] + ([e["given"]] if "given" in e else [])
+        kept = np.logical_and.reduce([np.isfinite(cols[k]) for k in keys])
+        assert e["n"] == kept.sum()
+        x, y = cols[e["x"]][kept], cols[e["y"]][kept]
+        if e["method"] == "kendall":
+            assert e["value"] == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
+        elif e["method"] == "spearman":
+            assert e["value"] == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+        assert e["ci"] is not None and e["ci"][0] <= e["value"] <= e["ci"][1]
+
+
 SPACE = {"lr": FloatDistribution(1e-3, 1.0, log=True), "rho": FloatDistribution(0.01, 1.0, log=True),
          "lazy_hessian": IntDistribution(1, 100, log=True)}
 
