@@ -89,9 +89,10 @@ class _Ties:
         return ordered if self.untied else np.add.reduceat(ordered, self.starts, axis=0)
 
     def midranks(self, counts: np.ndarray) -> np.ndarray:
-        """Each trial's average rank within each resample (ties averaged, as :func:`rank`)."""
-        totals = self.totals(counts).astype(float)
-        below = np.cumsum(totals, axis=0) - totals
+        """Each trial's average rank within each resample (ties averaged, as :func:`rank`), in
+        float32: whole and half numbers up to 2**23 (the draws of a resample) are exact there."""
+        totals = self.totals(counts).astype(np.float32)
+        below = np.cumsum(totals, axis=0, dtype=np.float32) - totals
         return (below + (totals + 1) / 2)[self.group]
 
 
@@ -205,8 +206,8 @@ class _Batch:
         """A variable's ranks about their mean ((draws + 1) / 2 exactly), weighted by the counts, and
         their weighted sum of squares."""
         if key not in self._centred:
-            r = self.sample.ties(key).midranks(self.counts) - (self.draws + 1) / 2
-            weighted = self.counts * r
+            r = self.sample.ties(key).midranks(self.counts) - ((self.draws + 1) / 2).astype(np.float32)  # exact
+            weighted = self.counts * r.astype(float)
             self._centred[key] = (r, weighted, np.einsum("ij,ij->j", weighted, r))
         return self._centred[key]
 

@@ -47,7 +47,7 @@ _VAL_LABEL = "validation accuracy"
 N_CURVES = 5
 #: fANOVA's cost grows faster than the number of trials: over more complete trials than this, the
 #: importances are those of a seeded random sample of this many.
-IMPORTANCE_TRIALS = 300
+IMPORTANCE_TRIALS = 200
 _CHANCE_STYLE = {"marker": "x", "color": "tab:red", "linewidths": 1.0}
 _CHANCE_LABEL = "near chance (left out of statistics)"
 
