@@ -166,7 +166,7 @@ def test_optimizers_without_a_batched_step_pack_with_exact_kernels(optimizer, hp
 def test_cli_run_with_pack_stores_ordinary_trials(tmp_path):
     cfg = tmp_path / "pack.yaml"
     cfg.write_text(
-        "study: {name: packs, objective: val_acc, sampler: {name: random, seed: 0}}\n"
+        "study: {name: packs, objective: val_acc, sampler: {name: random, seed: 0}, pruner: none}\n"
         "budget: {n_trials: 3}\n"
         "task: {dataset: mnist1d, model: cnn1d, epochs: 2, batch_size: 128, max_steps_per_epoch: 4}\n"
         "optimizer: {name: sassha, search_space: sassha, enqueue_published: false}\n"

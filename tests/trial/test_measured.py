@@ -22,7 +22,7 @@ def _config(name: str, track_every: int, **task) -> dict:
         "budget": {"n_trials": 2},
         "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [16]}, "epochs": 4,
                  "batch_size": 64, "max_steps_per_epoch": 3, **task},
-        "optimizer": {"name": "sgd"},
+        "optimizer": {"name": "sgd", "enqueue_published": False},  # the tests enqueue their own trials
         "metrics": {"subset_size": 64, "track_every": track_every,
                     "budget": {"lambda_max_iters": 3, "trace_probes": 2, "sam_steps": 1}},
         "device": "cpu",
