@@ -77,7 +77,7 @@ def compare_figures(studies: Sequence[optuna.Study],
     colors = [f"C{i % 10}" for i in range(len(studies))]
     legend = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0, "fontsize": "small"}
     all_rows = [load_rows(s) for s in studies] if rows is None else rows
-    labels = [f"{s.study_name} ({optimizer_name(s)})" for s in studies]
+    labels = [printable(f"{s.study_name} ({optimizer_name(s)})") for s in studies]
 
     fig_n = Figure(figsize=(9.5, 4.8))
     ax_n = fig_n.add_subplot()
