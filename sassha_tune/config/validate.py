@@ -793,14 +793,15 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
     if cfg.study.sampler.name == "cmaes" and importlib.util.find_spec("cmaes") is None:
         raise ctx.fail("study.sampler.name", "", raw="'cmaes' needs the cmaes package (pip install cmaes)")
     # Build sampler and pruner once: wrong options fail here, before anything is created.
-    from ..study.samplers import make_pruner, make_sampler
+    from ..study.samplers import make_pruner, make_sampler, resolve_pruner
 
     sampler, pruner = cfg.study.sampler, cfg.study.pruner
     _constructor_options(lambda options: make_sampler(sampler.name, options, 0, qmc_seed=cfg.sampler_seed),
               sampler.options, ctx, "study.sampler.options", f"sampler {sampler.name!r}")
-    _constructor_options(lambda options: make_pruner(pruner.name, options, max_resource=cfg.task.epochs,
-                                                     can_prune=cfg.can_prune),
-              pruner.options, ctx, "study.pruner.options", f"pruner {pruner.name!r}")
+    # auto's options are those of the pruner it chooses for this study
+    chosen, _ = resolve_pruner(pruner.name, {}, epochs=cfg.task.epochs, can_prune=cfg.can_prune)
+    _constructor_options(lambda options: make_pruner(chosen, options, max_resource=cfg.task.epochs),
+              pruner.options, ctx, "study.pruner.options", f"pruner {chosen!r}")
     if cfg.task.train is not None:
         _import_plugin(cfg.task.train, ctx, "task.train")
         if cfg.device.processes > 1:

@@ -17,7 +17,8 @@ from typing import Any
 
 import optuna
 
-__all__ = ["AUTO_SAMPLER_OPTIONS", "auto_pruner", "make_sampler", "make_pruner", "resolve_pruner", "trial_seed"]
+__all__ = ["AUTO_SAMPLER_OPTIONS", "EarlyRungsOnly", "auto_pruner", "make_sampler", "make_pruner", "resolve_pruner",
+           "trial_seed"]
 
 #: ``sampler: auto``: TPE with these options. Few random start-up trials (the enqueued starting
 #: configurations count as start-up trials too), a joint model of the parameters (lr, rho and eps
@@ -28,14 +29,30 @@ AUTO_SAMPLER_OPTIONS: dict[str, Any] = {"n_startup_trials": 4, "multivariate": T
 
 def auto_pruner(epochs: int, can_prune: bool) -> tuple[str, dict[str, Any]]:
     """What ``pruner: auto`` is for trials of ``epochs`` epochs: successive halving with rungs at
-    r, 3r, 9r, ... epochs (r = a tenth of the epochs, at least 1; a trial goes on past a rung only
-    if it is in the best third there), or ``none`` when the study cannot prune (several
-    objectives, an objective that is not reported per epoch) or a trial is too short to have a rung
-    before its last epoch."""
+    r, 3r, 9r, ... epochs up to half the epochs (r = a tenth of the epochs, at least 1; a trial
+    goes on past a rung only if it is in the best third there; :class:`EarlyRungsOnly`), or
+    ``none`` when the study cannot prune (several objectives, an objective that is not reported
+    per epoch) or a trial is too short to have a rung in its first half."""
     min_resource = max(1, round(epochs / 10))
-    if not can_prune or min_resource >= epochs:
+    if not can_prune or min_resource > epochs // 2:
         return "none", {}
     return "successive_halving", {"min_resource": min_resource, "reduction_factor": 3}
+
+
+class EarlyRungsOnly(optuna.pruners.BasePruner):
+    """A pruner that judges a trial only up to ``last_step`` (``auto``: half the epochs).
+
+    Optuna's successive halving has no maximum resource: its rungs go on (1, 3, 9, ... epochs),
+    so with 10 epochs it stops trials at epoch 9, which saves a tenth of a run and, under a decaying
+    learning rate, stops trials whose accuracy comes in the last epochs. Past half the epochs a
+    trial trains to the end."""
+
+    def __init__(self, wrapped: optuna.pruners.BasePruner, last_step: int) -> None:
+        self.wrapped, self.last_step = wrapped, last_step
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        return step is not None and step <= self.last_step and self.wrapped.prune(study, trial)
 
 
 def make_sampler(
@@ -84,8 +101,11 @@ def make_pruner(name: str, options: Mapping[str, Any], *, max_resource: int, can
     ``max_resource``: the number of epochs of a trial (hyperband's default ``max_resource``, and
     what ``auto`` chooses for); ``can_prune``: whether the study's objective is reported per
     epoch (``auto`` chooses ``none`` otherwise)."""
+    auto = name == "auto"
     name, opts = resolve_pruner(name, options, epochs=max_resource, can_prune=can_prune)
     p = optuna.pruners
+    if auto and name == "successive_halving":
+        return EarlyRungsOnly(p.SuccessiveHalvingPruner(**opts), last_step=max_resource // 2)
     if name == "none":
         if opts:
             raise ValueError("pruner none takes no options")

@@ -152,8 +152,8 @@ def test_a_diverged_trial_is_still_reported_as_diverged_and_never_selected(tmp_p
 @pytest.mark.parametrize(("epochs", "can_prune", "expected"), [
     (10, True, ("successive_halving", {"min_resource": 1, "reduction_factor": 3})),
     (50, True, ("successive_halving", {"min_resource": 5, "reduction_factor": 3})),
-    (3, True, ("successive_halving", {"min_resource": 1, "reduction_factor": 3})),
-    (1, True, ("none", {})),  # no rung before the last epoch
+    (2, True, ("successive_halving", {"min_resource": 1, "reduction_factor": 3})),
+    (1, True, ("none", {})),  # no rung in the first half
     (10, False, ("none", {})),  # several objectives, or one not reported per epoch
 ])
 def test_the_auto_pruner_fits_the_trial_length(epochs, can_prune, expected):
@@ -161,9 +161,10 @@ def test_the_auto_pruner_fits_the_trial_length(epochs, can_prune, expected):
 
 
 def test_successive_halving_keeps_the_best_third_at_each_rung():
-    """A crafted study under pruner auto (10 epochs: rungs at epochs 1, 3 and 9). At a rung a trial
-    goes on only among the best third of the trials that reached it (with fewer than three there:
-    only as the best so far), is never judged between rungs, and a NaN (a diverged epoch) stops it."""
+    """A crafted study under pruner auto (10 epochs: rungs at epochs 1 and 3, none past half the
+    epochs). At a rung a trial goes on only among the best third of the trials that reached it
+    (with fewer than three there: only as the best so far), is never judged between rungs or in the
+    second half of its epochs, and a NaN (a diverged epoch) stops it."""
     cfg = config_from_dict(_tiny(task={**TINY["task"], "epochs": 10}))
     study = optuna.create_study(direction="maximize", pruner=pruner_for(cfg))
 
@@ -187,6 +188,12 @@ def test_successive_halving_keeps_the_best_third_at_each_rung():
     for epoch, value in ((1, 0.99), (2, 0.90), (3, 0.40)):
         late.report(value, epoch)
     assert late.should_prune()  # at epoch 3, below the one trial already there
+    keep.report(0.9, 9)
+    assert not keep.should_prune()
+    slow = study.ask()
+    for epoch, value in ((1, 0.99), (2, 0.9), (3, 0.6), (6, 0.1), (9, 0.1)):
+        slow.report(value, epoch)
+        assert not slow.should_prune(), epoch  # Optuna's own would judge epoch 9 (rung 1 x 3^2)
     diverging = study.ask()
     diverging.report(float("nan"), 1)
     assert diverging.should_prune()
