@@ -338,9 +338,9 @@ def _fmt(v: Any) -> str:
 
 
 def _health_rows(study: Any) -> dict[str, list[tuple[str, str]]]:
-    """Sub-rows of `status`'s state table, by state: near-chance trials under COMPLETE, failures
-    by reason under FAIL. Only what the trials store: an older study (no ``num_classes``, no
-    ``failure_reason``) gets none."""
+    """Sub-rows of `status`'s state table, by state: near-chance trials under COMPLETE, the chance
+    guard's and diverged trials under PRUNED, failures by reason under FAIL. Only what the trials
+    store: an older study (no ``num_classes``, no ``failure_reason``) gets none."""
     from .report.health import budget_health, near_chance_count
     from .report.rows import load_rows
 
@@ -349,6 +349,9 @@ def _health_rows(study: Any) -> dict[str, list[tuple[str, str]]]:
     chance = near_chance_count(health)
     if chance is not None:
         rows["COMPLETE"] = [("near chance (of COMPLETE)", chance)]
+    pruned = [("near chance (the chance guard)", health["pruned_near_chance"]), ("diverged", health["pruned_diverged"])]
+    if any(n for _, n in pruned):
+        rows["PRUNED"] = [(label, str(n)) for label, n in pruned if n]
     if health["failures_known"]:
         rows["FAIL"] = [(kind, str(n)) for kind, n in health["failures"].items()]
     return rows
@@ -363,7 +366,7 @@ def status(
     """Show the studies in a storage (trial counts by state, budget, best value) or one study in detail."""
     from .metrics.names import SUMMARY_METRICS
     from .study.storage import load_study, mask_url, resolve_storage
-    from .study.views import study_detail, study_rows
+    from .study.views import spent_line, study_detail, study_rows
 
     url = resolve_storage(storage)
     if study is None:
@@ -395,6 +398,7 @@ def status(
             table.add_row(f"  {_shown(label)}", count)
     table.add_row("budget used", _shown(d["budget"]))
     out.print(table)
+    _log(spent_line(d["spent"]))  # where the training went: what the search cost
     # The table splits failures by kind; the full reasons of `error: ...` failures only here.
     details = {k: v for k, v in d["failures"].items() if ":" in k}
     if details:

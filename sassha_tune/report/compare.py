@@ -161,10 +161,11 @@ def caveat(n: int) -> str:
 
 
 def _diverged_count(health: dict[str, Any]) -> str:
-    """Diverged trials; ``-`` when the study failed trials but none stores a ``failure_reason``."""
+    """Diverged trials (FAIL or, by default, PRUNED); ``-`` when the study failed trials but none
+    stores a ``failure_reason``."""
     if health["failed"] and not health["failures_known"]:
         return "-"
-    return str(health["failures"].get("diverged", 0))
+    return str(health["diverged"])
 
 
 def _ranking(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:

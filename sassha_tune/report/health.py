@@ -63,19 +63,24 @@ def budget_health(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     among the ``near_chance_known`` complete trials that store ``num_classes`` and ``val_acc``
     (both 0 for an older study: unknown, not zero); ``failures``: FAIL trials by
     :func:`failure_kind`, most frequent first, and ``failures_known``: how many of them store a
-    ``failure_reason`` at all.
+    ``failure_reason`` at all; ``pruned_diverged``: the pruned trials that diverged (told PRUNED so
+    that the sampler sees them, ``study.diverged_as_pruned``); ``diverged``: every trial that
+    diverged, FAIL or PRUNED.
     """
     rows = list(rows)
     states = Counter(r["state"] for r in rows)
     verdicts = [near_chance(r["state"], r["user_attrs"]) for r in rows if r["state"] == "COMPLETE"]
     failed = [r for r in rows if r["state"] == "FAIL"]
     kinds = Counter(failure_kind(r["user_attrs"].get("failure_reason")) for r in failed)
+    pruned_diverged = sum(r["state"] == "PRUNED" and r["user_attrs"].get("failure_reason") == "diverged" for r in rows)
     return {
         "complete": states["COMPLETE"],
         "pruned": states["PRUNED"],
         # stopped by the study's chance guard (study.chance_guard): still near chance after its epochs
         "pruned_near_chance": sum(r["state"] == "PRUNED" and r["user_attrs"].get("prune_reason") == "near_chance"
                                   for r in rows),
+        "pruned_diverged": pruned_diverged,
+        "diverged": kinds.get("diverged", 0) + pruned_diverged,
         "failed": states["FAIL"],
         "near_chance": sum(v is True for v in verdicts),
         "near_chance_known": sum(v is not None for v in verdicts),

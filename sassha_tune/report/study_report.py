@@ -133,6 +133,8 @@ def _health_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     table.append(["pruned", str(health["pruned"])])
     if health["pruned_near_chance"]:
         table.append(["pruned: near chance (the chance guard)", str(health["pruned_near_chance"])])
+    if health["pruned_diverged"]:
+        table.append(["pruned: diverged (told the sampler as pruned)", str(health["pruned_diverged"])])
     table.append(["failed", str(health["failed"])])
     if health["failures_known"]:
         table += [[f"failed: {kind}", str(n)] for kind, n in health["failures"].items()]

@@ -108,7 +108,8 @@ def test_status_report_compare_count_near_chance(tmp_path):
     url = f"sqlite:///{tmp_path / 'h.db'}"
     _invoke(["run", cfg, "--storage", url, "--pack", "3"])
     trials = optuna.load_study(study_name="health", storage=url).get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.FAIL]
+    # the diverged trial is told PRUNED (the sampler learns from it) and still counted as diverged
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE, TrialState.PRUNED]
     assert [t.user_attrs["num_classes"] for t in trials] == [10, 10, 10]  # packed trials store it too
     untrained, trained, diverged = trials
     assert untrained.user_attrs["val_acc"] <= near_chance_threshold(10) < trained.user_attrs["val_acc"]
@@ -117,14 +118,14 @@ def test_status_report_compare_count_near_chance(tmp_path):
 
     rows = _state_table(_invoke(["status", "health", "--storage", url]))
     assert rows["  near chance (of COMPLETE)"] == "1" and rows["COMPLETE"] == "2"
-    assert rows["FAIL"] == "1" and rows["  diverged"] == "1"
+    assert rows["PRUNED"] == "1" and rows["  diverged"] == "1" and rows["FAIL"] == "0"
 
     _invoke(["report", "health", "--storage", url, "--out", tmp_path / "rep"])
     md = (tmp_path / "rep" / "report.md").read_text()
     health = md.split("## Budget health")[1].split("##")[0]
-    assert "near chance (of complete; val_acc <= chance + min(chance / 2, 0.05)" in health
+    assert "near chance (of complete; val_acc &lt;= chance + min(chance / 2, 0.05)" in health  # HTML-escaped
     assert any(line.startswith("| near chance") and line.rstrip().endswith("1 |") for line in health.splitlines())
-    assert "| complete " in health and "| failed: diverged " in health
+    assert "| complete " in health and "| pruned: diverged (told the sampler as pruned) " in health
     table = md.split("## Best trials")[1].split("##")[0].strip().splitlines()
     assert table[0].split("|")[-2].strip() == "near_chance"
     marked = [line.split("|")[1].strip() for line in table[2:] if line.split("|")[-2].strip() == "yes"]
