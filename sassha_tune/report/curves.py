@@ -1,7 +1,9 @@
-"""Budget curves: the best validation accuracy so far as trials and train-seconds are spent,
-observed and over seeded shuffles of the trial order (the bootstrap bands of ``compare``).
+"""Budget curves: the best validation accuracy so far as trials, train-seconds and training
+(run-equivalents) are spent, observed and over seeded shuffles of the trial order (the bootstrap
+bands of ``compare``).
 
-Failed and pruned trials spend a trial and their seconds but never improve the best so far.
+Failed and pruned trials spend a trial, their seconds and what they trained, but never improve the
+best so far.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ..study.budget import outcome, run_equivalents
 from .rows import as_float, row_attr, row_val_acc, search_rows
 
 __all__ = [
@@ -20,6 +23,8 @@ __all__ = [
     "best_so_far_by_seconds",
     "best_so_far_by_trials",
     "budget_arrays",
+    "study_epochs",
+    "training_curve",
     "trial_cost",
 ]
 
@@ -76,3 +81,33 @@ def best_so_far_by_seconds(accs: np.ndarray, costs: np.ndarray, grid: np.ndarray
         vals[~np.isfinite(vals) | beyond] = np.nan
         curves[i] = vals
     return curves
+
+
+def study_epochs(study: Any) -> int:
+    """The epochs of one full run of a study's trials (``task.epochs`` of its stored config; 0
+    when it stores none)."""
+    config = study.user_attrs.get("config") or {}
+    epochs = (config.get("task") or {}).get("epochs") if isinstance(config, dict) else None
+    return int(epochs) if isinstance(epochs, int) and not isinstance(epochs, bool) else 0
+
+
+def training_curve(rows: Sequence[dict[str, Any]], epochs: int) -> dict[str, list[Any]]:
+    """The study's anytime curve: per finished search trial in trial order, the run-equivalents
+    spent when it ended (``cost``, cumulative), how it ended (``outcome``: completed, near chance,
+    pruned, diverged, failed), its validation accuracy (``value``: its last epoch's when it did not
+    complete; NaN when it has none) and the best validation accuracy of a complete trial so far
+    (``best``: the configuration the study would select then; NaN before the first)."""
+    cost, best = 0.0, -math.inf
+    out: dict[str, list[Any]] = {"number": [], "cost": [], "outcome": [], "value": [], "best": []}
+    for r in sorted((r for r in search_rows(rows) if outcome(r["state"], r["user_attrs"]) is not None),
+                    key=lambda r: r["number"]):
+        cost += run_equivalents(r["user_attrs"], epochs)
+        value = row_val_acc(r) if r["state"] == "COMPLETE" else row_attr(r, "val_acc")
+        if r["state"] == "COMPLETE" and not math.isnan(value):
+            best = max(best, value)
+        out["number"].append(r["number"])
+        out["cost"].append(cost)
+        out["outcome"].append(outcome(r["state"], r["user_attrs"]))
+        out["value"].append(value)
+        out["best"].append(best if math.isfinite(best) else math.nan)
+    return out

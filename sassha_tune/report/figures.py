@@ -20,6 +20,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
+from .curves import study_epochs, training_curve
 from .files import replaced
 from .health import near_chance_rows, pareto_numbers, trained_rows
 from .rows import (
@@ -285,6 +286,34 @@ def _history_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
+#: How each outcome of a trial is drawn in the training figures (colour, marker).
+OUTCOME_STYLE = {"completed": ("tab:blue", "o"), "near_chance": ("tab:red", "x"), "pruned": ("tab:grey", "|"),
+                 "diverged": ("tab:orange", "v"), "failed": ("black", "x")}
+TRAINING_LABEL = "training spent (run-equivalents: epochs trained / epochs of one run)"
+
+
+def _training_figure(rows: Sequence[dict[str, Any]], epochs: int) -> Figure:
+    """Best validation accuracy so far against the training spent, each trial at the
+    run-equivalents spent when it ended, drawn by how it ended (:data:`OUTCOME_STYLE`)."""
+    curve = training_curve(rows, epochs)
+    fig = Figure(figsize=(6.4, 4.8))
+    ax = fig.add_subplot()
+    ax.plot([0.0, *curve["cost"]], [math.nan, *curve["best"]], color="tab:red", drawstyle="steps-post",
+            label="best complete trial so far")
+    for kind, (color, marker) in OUTCOME_STYLE.items():
+        pts = [(c, v) for c, v, o in zip(curve["cost"], curve["value"], curve["outcome"], strict=True)
+               if o == kind and not math.isnan(v)]
+        if pts:
+            ax.scatter(*zip(*pts, strict=True), color=color, marker=marker, label=kind.replace("_", " "), s=18)
+    ax.set_xlabel(TRAINING_LABEL)
+    ax.set_ylabel(_VAL_LABEL)
+    total = curve["cost"][-1] if curve["cost"] else 0.0
+    ax.set_title(f"Best so far vs training spent ({total:.1f} run-equivalents, {len(curve['cost'])} trials)")
+    ax.legend(loc="lower right", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
 class Importances(NamedTuple):
     """fANOVA importances of the parameters for val_acc (``values``, None when they cannot be
     computed: ``reason`` says why), over ``used`` of the study's ``complete`` search trials."""
@@ -370,7 +399,7 @@ def build_figures(study: optuna.Study, rows: Sequence[dict[str, Any]] | None = N
     """All figures of a one-study report, keyed by file stem (``<key>.png``).
 
     Keys: ``gap_vs_lambda_max``, ``gap_vs_adaptive_sharpness``, ``pareto``, ``history``,
-    ``importances``, ``learning_curves`` (the :data:`N_CURVES` best trained trials),
+    ``best_vs_training`` (the anytime curve: best so far against run-equivalents spent), ``importances``, ``learning_curves`` (the :data:`N_CURVES` best trained trials),
     ``params_vs_lambda_max`` and ``parallel_coordinates`` (when parameters were searched) and
     ``slice_<param>`` for each of :data:`SLICE_PARAMS` that was searched, and
     ``sharpness_during_training`` when trials measured it (``metrics.track_every``). Scatter plots hold one
@@ -389,6 +418,7 @@ def build_figures(study: optuna.Study, rows: Sequence[dict[str, Any]] | None = N
                                                   "Generalization gap vs adaptive sharpness"),
         "pareto": _pareto_figure(rows),
         "history": _history_figure(rows),
+        "best_vs_training": _training_figure(rows, study_epochs(study)),
         "importances": _importance_figure(param_importances(study) if importances is None else importances),
     }
     searched = sorted({p for r in rows for p in r["params"]})

@@ -23,9 +23,12 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 from tabulate import tabulate
 
+from .curves import study_epochs, training_curve
 from .figures import (
     GAP_LABEL,
     LAMBDA_LABEL,
+    OUTCOME_STYLE,
+    TRAINING_LABEL,
     Importances,
     curve_rows,
     history_series,
@@ -157,6 +160,25 @@ def _tracked(rows: list[dict[str, Any]]) -> go.Figure:
     return fig
 
 
+def _training(rows: list[dict[str, Any]], epochs: int) -> go.Figure:
+    """The anytime curve: best so far against run-equivalents spent, each trial where it ended."""
+    curve = training_curve(rows, epochs)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0.0, *curve["cost"]], y=[None, *[None if math.isnan(b) else b for b in curve["best"]]],
+                             mode="lines", line={"shape": "hv", "color": "firebrick"}, name="best complete trial so far"))
+    for kind, (color, _) in OUTCOME_STYLE.items():
+        pts = [(c, v, n) for c, v, o, n in zip(curve["cost"], curve["value"], curve["outcome"], curve["number"],
+                                               strict=True) if o == kind and not math.isnan(v)]
+        if pts:
+            xs, ys, numbers = zip(*pts, strict=True)
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", name=kind.replace("_", " "),
+                                     marker={"color": color.removeprefix("tab:")},
+                                     text=[f"trial {n}" for n in numbers]))
+    fig.update_layout(title="Best so far vs training spent", xaxis_title=TRAINING_LABEL,
+                      yaxis_title="validation accuracy")
+    return fig
+
+
 def html_figures(study: optuna.Study, rows: list[dict[str, Any]] | None = None,
                  importances: Importances | None = None) -> dict[str, go.Figure | str]:
     """Every figure of ``report.html`` by title: ours first, then Optuna's (a string says why a
@@ -177,6 +199,7 @@ def _figures(study: optuna.Study, rows: list[dict[str, Any]] | None,
         "Pareto front": _scatter(rows, "lambda_max", "val_acc", LAMBDA_LABEL, "validation accuracy",
                                  "Validation accuracy vs lambda_max", front=pareto_numbers(rows)),
         "Learning curves": _curves(rows),
+        "Best so far vs training spent": _training(rows, study_epochs(study)),
     }
     if tracked_rows(rows):
         ours["Sharpness during training"] = _tracked(rows)

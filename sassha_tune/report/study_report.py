@@ -150,6 +150,25 @@ def _health_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _spent_lines(summary: dict[str, Any]) -> list[str]:
+    """The "Where the training went" section of report.md: run-equivalents by how trials ended."""
+    spent = summary.get("training_spent")
+    if not spent or not spent["total_run_eq"]:
+        return []
+    total = spent["total_run_eq"]
+    table = [[kind.replace("_", " "), str(v["trials"]), f"{v['run_eq']:.2f}", f"{v['run_eq'] / total:.0%}"]
+             for kind, v in spent["by_outcome"].items() if v["trials"]]
+    text = (f"The search trained **{total:.2f} run-equivalents** (the epochs every trial trained, a pruned or "
+            f"failed one what it trained, over the {spent['epochs']} epochs of one run)")
+    found = spent.get("best_found_at_run_eq")
+    text += (f"; the configuration selected now was found after {found:.2f} of them." if found is not None
+             else "; no trial has completed yet.")
+    out = ["## Where the training went\n", text + "\n"]
+    out.append(markdown_table(["ended", "trials", "run-equivalents", "share"], table,
+                              colalign=("left", "right", "right", "right")))
+    return out
+
+
 _FIGURE_CAPTIONS = {
     "gap_vs_lambda_max": "Generalization gap vs lambda_max, one point per trained trial, colour = "
     "validation accuracy. A positive gap is overfitting. A rising trend says sharper "
@@ -166,6 +185,9 @@ _FIGURE_CAPTIONS = {
     "log where searched on a log scale), its lambda_max and its validation accuracy (colour).",
     "history": "Validation accuracy per trial and the best so far; failed (x) and pruned (|) "
     "trials are marked on the bottom edge.",
+    "best_vs_training": "What the search cost: the best complete trial's validation accuracy so far against "
+    "the training spent (run-equivalents: the epochs every trial trained, over the epochs of one run), each "
+    "trial at the point it ended, drawn by how it ended (a pruned or diverged one at its last epoch's accuracy).",
     "importances": "fANOVA importance of each parameter for validation accuracy (needs several "
     "complete trials to mean anything).",
 }
@@ -204,6 +226,7 @@ def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dic
         out.append(f"- seed re-runs (not part of the search, left out of plots): {len(rerun_rows)}")
     out.append("")
     out += _health_lines(search)
+    out += _spent_lines(summary)
     ranked = ranked_rows(search)
     if not ranked:
         out.append("**No finished trials with results yet** - nothing to report. "

@@ -13,6 +13,7 @@ from typing import Any
 
 import optuna
 
+from ..study.budget import spent_by_outcome
 from .correlation import (
     BOOT_SEED,
     CONTROL,
@@ -24,6 +25,7 @@ from .correlation import (
     find,
     verdict,
 )
+from .curves import study_epochs, training_curve
 from .health import NEAR_CHANCE_RULE, budget_health, pareto_numbers, trained_rows
 from .markdown import markdown_table
 from .rows import complete_rows, load_rows, optimizer_name, ranked_rows, row_attr, row_val_acc, search_rows
@@ -77,7 +79,21 @@ def study_summary(study: optuna.Study, rows: Sequence[dict[str, Any]] | None = N
         "correlations_all_complete": complete_entries,
         "pareto": sorted(pareto_numbers(rows)),
         "verdict": verdict(entries, complete_entries, excluded),
+        "training_spent": training_spent(study, rows),
     }
+
+
+def training_spent(study: optuna.Study, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the search cost: run-equivalents in all and by how trials ended
+    (:func:`~sassha_tune.study.budget.spent_by_outcome`), the epochs of one run, and the
+    run-equivalents spent when the best complete trial so far ended (None before one completes)."""
+    epochs = study_epochs(study)
+    by_outcome = spent_by_outcome(((r["state"], r["user_attrs"]) for r in rows), epochs)
+    curve = training_curve(rows, epochs)
+    final = curve["best"][-1] if curve["best"] else math.nan
+    found = next((c for c, b in zip(curve["cost"], curve["best"], strict=True) if b == final), None)
+    return {"epochs": epochs, "total_run_eq": sum(v["run_eq"] for v in by_outcome.values()),
+            "by_outcome": by_outcome, "best_found_at_run_eq": None if math.isnan(final) else found}
 
 
 def _cell(entry: dict[str, Any] | None) -> str:

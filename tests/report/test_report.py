@@ -187,7 +187,7 @@ def test_build_figures_labels_and_one_point_per_complete_trial(shared):
     n_complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     figs = report.build_figures(study)
     assert {"gap_vs_lambda_max", "gap_vs_adaptive_sharpness", "pareto", "history", "importances",
-            "learning_curves", "params_vs_lambda_max", "parallel_coordinates",
+            "learning_curves", "params_vs_lambda_max", "parallel_coordinates", "best_vs_training",
             "slice_lr", "slice_rho", "slice_lazy_hessian", "slice_eps"} == set(figs)
     # no num_classes stored: near chance unknown, every complete trial counts as trained
     per_param = [ax for ax in figs["params_vs_lambda_max"].axes if ax.get_xlabel()]
