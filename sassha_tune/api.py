@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
 
     from .config import Config
+    from .study.create import BudgetChange
     from .study.loop import Launcher
     from .study.progress import StudyObserver
 
@@ -148,7 +149,7 @@ def run_study(
     config: str | Path | Mapping[str, Any] | Config,
     *,
     storage: str | None = None,
-    n_trials: int | None = None,
+    n_trials: int | str | BudgetChange | None = None,
     device: str | None = None,
     pack: str | int = "auto",
     gpus: list[str] | list[int] | None = None,
@@ -164,7 +165,10 @@ def run_study(
     ``config``: a YAML path, the same content as a dict, or a :class:`~sassha_tune.config.Config`.
     ``storage``: a SQLAlchemy URL (default: ``study.storage`` of the config, else
     ``$SASSHA_TUNE_STORAGE``, else ``sqlite:///sassha-tune.db``). ``n_trials`` sets the study's
-    total budget; ``device`` overrides the config's; ``pack`` is ``"auto"``, ``1`` or ``K`` trials
+    total budget (all runs and workers together): an integer, or ``"+N"`` for N more than the
+    budget the study has (the config's for a new study); below the trials the study has already
+    counted it is refused (:class:`~sassha_tune.errors.UserError`, nothing changed). Without it a
+    continued study keeps the larger of its stored budget and the config's (a line says so); ``device`` overrides the config's; ``pack`` is ``"auto"``, ``1`` or ``K`` trials
     per process (docs/packs.md); ``gpus`` starts one worker process per listed GPU;
     ``create_only`` creates (or checks) the study and runs nothing; ``callbacks``: Optuna-style
     callables ``(study, frozen_trial)`` told of every finished trial, after the config's
@@ -178,19 +182,16 @@ def run_study(
     from .config import advice, with_model_normalization
     from .devices import check_available
     from .study.callbacks import check_callbacks
-    from .study.create import create_or_continue, set_budget
+    from .study.create import budget_change, create_or_continue
     from .study.storage import resolve_storage
     from .trial.objective import check_task_inputs
     from .trial.preflight import check_task
 
     log = log or _default_log
-    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
-        raise UserError(f"n_trials: expected an integer >= 1, got {n_trials!r}")
+    change = budget_change(n_trials) if n_trials is not None else None
     gpu_list, pack_size = _check_flags(gpus, device, pack)
     _check_callbacks_arg(callbacks, gpu_list, observer)
     cfg = _as_config(config)  # everything validated before any storage is touched
-    if n_trials is not None:
-        cfg.budget.n_trials = n_trials
     url = resolve_storage(storage, cfg)
     if not gpu_list:
         check_available(device or cfg.device.name)  # a GPU this machine lacks costs no study
@@ -202,9 +203,7 @@ def run_study(
         with_model_normalization(cfg, check_task(cfg))
         for note in advice(cfg):
             log(f"note: {note}")
-        study = create_or_continue(cfg, url, allow_space_change=allow_space_change, log=log)
-        if n_trials is not None:
-            set_budget(study, n_trials)
+        create_or_continue(cfg, url, allow_space_change=allow_space_change, budget=change, log=log)
         if not create_only:
             _run(cfg.study.name, url, gpu_list, device, pack_size, log, callbacks, fresh_process=fresh_process,
                  launcher=launcher, observer=observer)
@@ -216,7 +215,7 @@ def resume_study(
     name: str,
     *,
     storage: str | None = None,
-    n_trials: int | None = None,
+    n_trials: int | str | BudgetChange | None = None,
     device: str | None = None,
     pack: str | int = "auto",
     gpus: list[str] | list[int] | None = None,
@@ -228,13 +227,12 @@ def resume_study(
     """Continue a stored study from its stored config: lost trials are failed and retried, the budget
     is finished. Same as ``sassha-tune resume``; the arguments are those of :func:`run_study`."""
     from .devices import check_available
-    from .study.create import set_budget, stored_config
+    from .study.create import budget_change, check_budget, set_budget, stored_config
     from .study.storage import load_study, resolve_storage
     from .trial.preflight import check_task
 
     log = log or _default_log
-    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
-        raise UserError(f"n_trials: expected an integer >= 1, got {n_trials!r}")
+    change = budget_change(n_trials) if n_trials is not None else None
     gpu_list, pack_size = _check_flags(gpus, device, pack)
     _check_callbacks_arg(callbacks, gpu_list, observer)
     url = resolve_storage(storage)
@@ -242,10 +240,12 @@ def resume_study(
     cfg, _ = stored_config(study)
     if not gpu_list:
         check_available(device or cfg.device.name)  # before the budget changes or a trial is asked
+    if change is not None:
+        check_budget(study, change)  # refused before the data check; set after it (checked again)
     with _early_launcher(cfg, gpu_list, pack_size, device, fresh_process, log) as launcher:
         check_task(cfg)  # a plug-in's data, checked again: it may have changed since the study was created
-        if n_trials is not None:
-            set_budget(study, n_trials)
+        if change is not None:
+            set_budget(study, change, log=log)
         _run(name, url, gpu_list, device, pack_size, log, callbacks, fresh_process=fresh_process, launcher=launcher,
              observer=observer)
     return _reloaded(name, url)

@@ -1,7 +1,7 @@
 """The ``sassha-tune`` command line (Typer). Thin: parse, call, print.
 
 A :class:`~sassha_tune.errors.UserError` becomes one red line on stderr and exit code 2; so does a
-usage error Typer finds (unknown option, ``--n-trials 0``, a missing argument, ...), instead of a
+usage error Typer finds (unknown option, ``--worker-id x``, a missing argument, ...), instead of a
 boxed usage panel (:class:`_OneLineErrors`). ``--help`` is unchanged.
 Ctrl-C exits with 130 after the running trial is marked ``interrupted``. ``run``, ``resume`` and
 ``worker`` show a live view of the study on a terminal (:mod:`sassha_tune.live`).
@@ -134,8 +134,9 @@ DeviceOpt = Annotated[
     typer.Option("--device", metavar="[auto|cpu|cuda|cuda:N]", help="Override the config's device."),
 ]
 NTrialsOpt = Annotated[
-    int | None,
-    typer.Option("--n-trials", min=1, help="Set the study's total budget (all runs, resumes and workers together)."),
+    str | None,
+    typer.Option("--n-trials", metavar="N|+N", help="Set the study's total budget (all runs, resumes and workers "
+                 "together) to N, or raise it by N with +N. Below the trials already counted it is refused."),
 ]
 PackOpt = Annotated[
     str,
@@ -221,6 +222,13 @@ def _parse_gpus(gpus: str | None) -> list[str]:
     return items
 
 
+def _budget_flag(n_trials: str | None) -> Any:
+    """``--n-trials`` as a :class:`~sassha_tune.study.create.BudgetChange` (None when not given)."""
+    from .study.create import budget_change
+
+    return None if n_trials is None else budget_change(n_trials, "--n-trials")
+
+
 def _check_flags(gpus: str | None, device: str | None, pack: str | None) -> tuple[list[str], str | int]:
     """Every flag that can be checked without a config or storage, before anything is created:
     (GPU list, pack size). ``--device`` must also exist on this machine (``--gpus``: CUDA must)."""
@@ -272,9 +280,10 @@ def run(
     from .api import run_study
     from .live import study_view
 
+    budget = _budget_flag(n_trials)
     gpu_list, pack_size = _check_flags(gpus, device, pack)  # the flags named as typed
     with _workers_exit_code(), study_view(out) as view:
-        run_study(config, storage=storage, n_trials=n_trials, device=device, pack=pack_size, gpus=gpu_list,
+        run_study(config, storage=storage, n_trials=budget, device=device, pack=pack_size, gpus=gpu_list,
                   allow_space_change=allow_space_change, create_only=create_only, log=_log, fresh_process=fresh_process,
                   observer=None if gpu_list else view)
 
@@ -294,9 +303,10 @@ def resume(
     from .api import resume_study
     from .live import study_view
 
+    budget = _budget_flag(n_trials)
     gpu_list, pack_size = _check_flags(gpus, device, pack)
     with _workers_exit_code(), study_view(out) as view:
-        resume_study(study, storage=storage, n_trials=n_trials, device=device, pack=pack_size, gpus=gpu_list,
+        resume_study(study, storage=storage, n_trials=budget, device=device, pack=pack_size, gpus=gpu_list,
                      log=_log, fresh_process=fresh_process, observer=None if gpu_list else view)
 
 

@@ -89,7 +89,7 @@ def test_run_study_from_a_dict_then_resume_it(tmp_path, caplog):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"n_trials": 0}, "n_trials: expected an integer >= 1, got 0"),
+        ({"n_trials": 0}, "n_trials: expected a total number of trials >= 1, or "),
         ({"pack": "two"}, "pack: expected auto or an integer >= 1, got 'two'"),
         ({"device": "gpu"}, "device: expected"),
         ({"gpus": ["0", "x"]}, "gpus: expected GPU indices"),

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -21,6 +23,7 @@ from ..config.spaces import SearchSpace, space_for_config, space_from_dict
 from ..errors import StorageError, UserError
 from ..provenance import git_commit
 from ..version import __version__
+from .budget import budget_used
 from .storage import (
     crash_point,
     create_study_atomically,
@@ -41,6 +44,9 @@ __all__ = [
     "stored_payload",
     "config_from_payload",
     "stored_config",
+    "BudgetChange",
+    "budget_change",
+    "check_budget",
     "set_budget",
 ]
 
@@ -186,6 +192,7 @@ def create_or_continue(
     storage_url: str,
     *,
     allow_space_change: bool = False,
+    budget: BudgetChange | None = None,
     log: Callable[[str], None] = print,
 ) -> optuna.Study:
     """Create the study named in ``cfg`` or continue it; the stored config is the one that runs.
@@ -193,9 +200,17 @@ def create_or_continue(
     Creation is atomic (:func:`~.storage.create_study_atomically`: the study, its directions and
     its attributes in one transaction), so a kill leaves no study or a complete one. A study left
     half-created by an older version (no attributes, no trials) is adopted: its attributes are
-    completed from ``cfg``, with a line saying so."""
+    completed from ``cfg``, with a line saying so.
+
+    The budget: ``budget`` (``--n-trials``) sets it, from the config's ``budget.n_trials`` for a new
+    study and from the stored one for a continued study (:class:`BudgetChange`; below the trials
+    already counted it is refused before anything is written). Without it a continued study keeps
+    the larger of its stored budget and the config's, with a line when they differ (a config never
+    lowers a stored budget)."""
     space = space_for_config(cfg, check_fixed=True)
     config_d, space_d = study_payload(cfg, space)
+    if budget is not None:
+        config_d["budget"]["n_trials"] = budget.total(cfg.budget.n_trials)
     storage = open_storage(storage_url)
     name = cfg.study.name
     directions = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
@@ -229,7 +244,7 @@ def create_or_continue(
         with_retry(optuna.delete_study, study_name=name, storage=storage)
         log(f"removed study {name!r} from {mask_url(storage_url)}: its creation was interrupted (no settings, "
             "no trials, other objectives); creating it again")
-        return create_or_continue(cfg, storage_url, allow_space_change=allow_space_change, log=log)
+        return create_or_continue(cfg, storage_url, allow_space_change=allow_space_change, budget=budget, log=log)
 
     stored = study.user_attrs.get("config")
     stored_space = study.user_attrs.get("search_space")
@@ -240,6 +255,8 @@ def create_or_continue(
             f"study {name!r} exists with objectives {study.user_attrs.get('objectives')}; the config asks for "
             f"{[f'{o.metric} {o.direction}' for o in cfg.study.objectives]}: use a new study.name"
         )
+    stored = _in_current_form(stored)
+    config_d["budget"]["n_trials"], budget_note = _continued_budget(study, stored, cfg, budget)  # refused: nothing written
     _set_metric_names(study, list(cfg.study.metrics))
     if "optimizer.search_space" in cfg.implicit:  # a space the config does not name is the study's own
         space_d = stored_space
@@ -257,7 +274,6 @@ def create_or_continue(
         with_retry(storage_.set_study_system_attr, sid, SPACE_HISTORY_KEY, history)
         with_retry(study.set_user_attr, "search_space", space_d)
         log(f"search space of {name!r} changed ({', '.join(space_changes[:4])})")
-    stored = _in_current_form(stored)
     config_d = _stored_where_unwritten(config_d, stored, cfg.implicit)
     other = [
         k for k in _diff({**stored, "optimizer": {**stored.get("optimizer", {}), "search_space": None}},
@@ -270,6 +286,8 @@ def create_or_continue(
             "comparable: use a new study.name (budget, sampler, pruner and device may change)"
         )
     with_retry(study.set_user_attr, "config", config_d)
+    if budget_note:
+        log(budget_note)
     if with_retry(study_storage(study).get_study_system_attrs, study_id(study)).get(ENQUEUED_KEY) is False:
         _enqueue_first(study, _first_trials(storage, cfg, space_for_config(cfg)))
         log(f"enqueued the first configurations of {name!r} (its creation was interrupted before they were)")
@@ -315,8 +333,98 @@ def stored_config(study: optuna.Study) -> tuple[Config, SearchSpace]:
     return config_from_payload(study.study_name, stored_payload(study), validate=True)
 
 
-def set_budget(study: optuna.Study, n_trials: int) -> None:
-    """Change ``budget.n_trials`` in the stored config (``--n-trials``)."""
-    d = dict(study.user_attrs["config"])
-    d["budget"] = {**d.get("budget", {}), "n_trials": int(n_trials)}
-    with_retry(study.set_user_attr, "config", d)
+_BUDGET_VALUE = re.compile(r"(\+?)([0-9]+)")
+
+
+@dataclass(frozen=True)
+class BudgetChange:
+    """A budget asked for (``--n-trials``, ``n_trials=``): ``n`` trials in all, or with ``more``
+    (written ``+N``) N more than the budget the study has. ``given`` is the value as written and
+    ``option`` its name, for the one-line errors."""
+
+    n: int
+    more: bool = False
+    given: str = ""
+    option: str = "n_trials"
+
+    def total(self, current: int) -> int:
+        """The budget this change sets on a study whose budget is ``current``."""
+        return current + self.n if self.more else self.n
+
+
+def budget_change(value: int | str | BudgetChange, option: str = "n_trials") -> BudgetChange:
+    """``value`` as a :class:`BudgetChange`: an integer ``N >= 1`` (the total budget) or a string
+    ``"N"`` / ``"+N"`` (N more trials); anything else is a :class:`UserError` naming ``option``."""
+    if isinstance(value, BudgetChange):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return BudgetChange(value, False, str(value), option)
+    match = _BUDGET_VALUE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if match is None or int(match.group(2)) < 1:
+        raise UserError(f"{option}: expected a total number of trials >= 1, or +N (N >= 1 more than the "
+                        f"study's budget), got {value!r}")
+    return BudgetChange(int(match.group(2)), bool(match.group(1)), value.strip(), option)
+
+
+def _checked_budget(study: optuna.Study, change: BudgetChange, current: int) -> tuple[int, int]:
+    """(the budget ``change`` sets on ``study``, whose budget is ``current``; the trials counted
+    toward it so far); a :class:`UserError` when it would be below those trials."""
+    used = budget_used(with_retry(study.get_trials, deepcopy=False))
+    new = change.total(current)
+    if new < used:
+        more = f"+{change.n} means {new}, " if change.more else ""
+        raise UserError(
+            f"{change.option} {change.given}: {more}below the {used} trials study {study.study_name!r} has "
+            f"already counted toward its budget of {current}; expected a total of at least {used}, "
+            f"or +N for N more than {current}"
+        )
+    return new, used
+
+
+def _continued_budget(study: optuna.Study, stored: dict[str, Any], cfg: Config, change: BudgetChange | None
+                      ) -> tuple[int, str]:
+    """(the budget a continued study gets, the line that says so or ""): ``change`` applied to its
+    stored budget (checked against the trials counted), else the larger of the stored budget and
+    the config's."""
+    current, name = int(stored["budget"]["n_trials"]), study.study_name
+    if change is not None:
+        new, used = _checked_budget(study, change, current)
+        return new, _budget_line(name, current, new, change, used) if new != current else ""
+    written = cfg.budget.n_trials
+    if written < current:
+        return current, (f"study {name!r} keeps its budget of {current} trials (the config says {written}; "
+                         f"--n-trials {written} lowers it)")
+    if written > current:
+        return written, f"budget of study {name!r}: {current} -> {written} trials (from the config)"
+    return written, ""
+
+
+def _stored_budget(study: optuna.Study) -> tuple[dict[str, Any], int]:
+    """(the stored config, its ``budget.n_trials``)."""
+    d = dict(stored_payload(study)[0])
+    return d, int(_in_current_form(d)["budget"]["n_trials"])
+
+
+def _budget_line(name: str, current: int, new: int, change: BudgetChange, used: int) -> str:
+    return f"budget of study {name!r}: {current} -> {new} trials ({change.option} {change.given}; {used} counted so far)"
+
+
+def check_budget(study: optuna.Study, n_trials: int | str | BudgetChange) -> int:
+    """The budget :func:`set_budget` would set (its :class:`UserError` if refused), nothing written:
+    checked before a command's slow preparations, so that a refused budget costs nothing."""
+    return _checked_budget(study, budget_change(n_trials), _stored_budget(study)[1])[0]
+
+
+def set_budget(study: optuna.Study, n_trials: int | str | BudgetChange, *,
+               log: Callable[[str], None] = print) -> int:
+    """Change ``budget.n_trials`` in the stored config (``--n-trials``: ``N`` in all or ``+N`` more,
+    :func:`budget_change`) and return it; a budget below the trials already counted toward it is a
+    :class:`UserError`, nothing written. A line says what changed."""
+    change = budget_change(n_trials)
+    d, current = _stored_budget(study)
+    new, used = _checked_budget(study, change, current)
+    if new != current:
+        d["budget"] = {**d.get("budget", {}), "n_trials": new}
+        with_retry(study.set_user_attr, "config", d)
+        log(_budget_line(study.study_name, current, new, change, used))
+    return new
