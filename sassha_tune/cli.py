@@ -3,7 +3,7 @@
 A :class:`~sassha_tune.errors.UserError` becomes one red line on stderr and exit code 2; so does a
 usage error Typer finds (unknown option, ``--worker-id x``, a missing argument, ...), instead of a
 boxed usage panel (:class:`_OneLineErrors`). ``--help`` is unchanged.
-Ctrl-C exits with 130 after the running trial is marked ``interrupted``. ``run``, ``resume`` and
+Ctrl-C (and SIGTERM or SIGHUP while trials run) exits with 130 after the running trial is marked ``interrupted``. ``run``, ``resume`` and
 ``worker`` show a live view of the study on a terminal (:mod:`sassha_tune.live`).
 """
 
@@ -189,10 +189,11 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except UserError as exc:
             raise _fail(str(exc), getattr(exc, "exit_code", 2)) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP during trials (its name in exc)
             # the running trial is marked already; a further Ctrl-C would only interrupt the exit
             signal.signal(signal.SIGINT, signal.SIG_IGN)
-            err.print("[yellow]interrupted[/yellow]")
+            with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) takes no line
+                err.print("[yellow]interrupted[/yellow]" + (f" ({_shown(exc)})" if str(exc) else ""))
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise

@@ -15,8 +15,8 @@ How a study runs (``run``, ``resume`` and ``worker`` all end in :func:`.loop.run
    this process, which reports them and answers prune / go.
 5. **Tell** with the user attributes of the outcome (:mod:`.tell`).
 
-Ctrl-C (or SIGTERM) marks the running trial FAIL with ``failure_reason: interrupted`` and changes
-nothing else. SQLite gets a 60 s lock timeout and every storage call retries with backoff on
+Ctrl-C (or SIGTERM, or SIGHUP when the terminal closes, unless ``nohup`` ignores it) marks the
+running trial FAIL with ``failure_reason: interrupted`` and changes nothing else. SQLite gets a 60 s lock timeout and every storage call retries with backoff on
 ``database is locked`` (:mod:`.storage`).
 
 Modules: :mod:`.storage` (URLs, masking, retries, opening), :mod:`.samplers` (sampler and pruner

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -329,16 +329,17 @@ def _failed_when_unwinding(
     try:
         yield
     except KeyboardInterrupt:
-        # A second Ctrl-C (or SIGTERM) while the first is being handled would leave the trial
-        # RUNNING (reclaimed later as lost): the run is already stopping, so ignore it until the
-        # trials are marked.
+        # A second Ctrl-C (or SIGTERM, SIGHUP) while the first is being handled would leave the
+        # trial RUNNING (reclaimed later as lost): the run is already stopping, so ignore it until
+        # the trials are marked.
         with _signals_ignored():
             for p in procs:
                 p.stop()
             trials = unfinished()
             for trial in trials:
                 fail(study, trial, "interrupted")
-            log(interrupted(trials))
+            with suppress(OSError):  # the terminal closed (SIGHUP): the line has nowhere to go
+                log(interrupted(trials))
         raise
     except UserError as exc:
         for p in procs:
@@ -356,11 +357,11 @@ def _failed_when_unwinding(
 
 @contextmanager
 def _signals_ignored() -> Iterator[None]:
-    """SIGINT and SIGTERM ignored inside (main thread only; elsewhere signals never arrive)."""
+    """SIGINT, SIGTERM and SIGHUP ignored inside (main thread only; elsewhere signals never arrive)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *INTERRUPTING)}
     try:
         yield
     finally:
@@ -573,13 +574,28 @@ def fmt_params(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+#: The signals that stop a run as Ctrl-C does (the running trial marked ``interrupted``): SIGTERM
+#: (a scheduler, ``kill``) and SIGHUP (the terminal closed), unless SIGHUP is ignored (``nohup``).
+INTERRUPTING = (signal.SIGTERM, signal.SIGHUP)
+
+
 def _sigterm_as_interrupt() -> Callable[[], None]:
-    """Treat SIGTERM like Ctrl-C while trials run (the running trial is marked interrupted)."""
+    """Treat SIGTERM and SIGHUP like Ctrl-C while trials run (the running trial is marked
+    interrupted, a line says so); a SIGHUP this process was started to ignore (``nohup``) stays
+    ignored. Returns the function that puts the previous handlers back."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt(signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    previous = {sig: signal.getsignal(sig) for sig in INTERRUPTING}
+    for sig, before in previous.items():
+        if not (sig == signal.SIGHUP and before == signal.SIG_IGN):
+            signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, before in previous.items():
+            signal.signal(sig, before if before is not None else signal.SIG_DFL)
+
+    return restore

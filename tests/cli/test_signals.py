@@ -1,0 +1,104 @@
+"""Signals that end a run, through the real CLI in a real process: SIGHUP (the terminal closed) is
+handled as SIGTERM and Ctrl-C are (the running trial marked ``interrupted`` at once, a line, exit
+code 130), sent to the whole process group as a terminal's hangup is; under ``nohup`` (SIGHUP
+ignored) the run goes on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow
+
+SLOW_TRIALS = {  # trials of a few seconds, so that a signal finds one running
+    "study": {"name": "signals", "pruner": "none", "heartbeat_interval": 0.5, "stale_after": 60},
+    "budget": {"n_trials": 3},
+    "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [64]}, "epochs": 4,
+             "batch_size": 32, "max_steps_per_epoch": 400},
+    "optimizer": {"name": "sgd", "enqueue_published": False},
+    "metrics": {"sharpness": False},
+    "device": "cpu",
+    "seed": 0,
+}
+
+
+def _config(tmp_path: Path, n_trials: int) -> Path:
+    d = yaml.safe_load(yaml.safe_dump(SLOW_TRIALS))
+    d["budget"]["n_trials"] = n_trials
+    p = tmp_path / "signals.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def _start(cfg: Path, url: str, cwd: Path, *, hup_ignored: bool = False) -> subprocess.Popen:
+    """``run`` in a session of its own (its process group gets the signal, as a terminal's job
+    does), with Ctrl-C and SIGHUP at their defaults, or SIGHUP ignored as ``nohup`` leaves it."""
+
+    def dispositions() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN if hup_ignored else signal.SIG_DFL)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "sassha_tune.cli", "run", str(cfg), "--storage", url],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, preexec_fn=dispositions)
+
+
+def _read_until(proc: subprocess.Popen, text: str, timeout: float = 180) -> list[str]:
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line.rstrip("\n"))
+        if text in line:
+            return seen
+        assert time.monotonic() < deadline, f"no {text!r} in time: {seen}"
+    raise AssertionError(f"process ended before {text!r}: {seen}")
+
+
+def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="signals", storage=url).get_trials(deepcopy=False)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
+def test_a_hangup_or_sigterm_marks_the_running_trial_interrupted_with_a_line(tmp_path, sig):
+    url = f"sqlite:///{tmp_path}/s.db"
+    proc = _start(_config(tmp_path, 3), url, tmp_path)
+    try:
+        _read_until(proc, "trial 0 started")
+        time.sleep(1.0)  # the trial process is training
+        os.killpg(proc.pid, sig)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, rest
+    assert "trial 0 interrupted: marked FAIL" in rest
+    assert rest.rstrip().splitlines()[-1] == f"interrupted ({sig.name})"
+    trials = _trials(url)
+    assert len(trials) == 1  # marked at once, not left RUNNING until study.stale_after (60 s here)
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["failure_reason"] == "interrupted"
+
+
+def test_under_nohup_a_hangup_changes_nothing(tmp_path):
+    url = f"sqlite:///{tmp_path}/s.db"
+    proc = _start(_config(tmp_path, 1), url, tmp_path, hup_ignored=True)
+    try:
+        _read_until(proc, "trial 0 started")
+        time.sleep(1.0)
+        os.killpg(proc.pid, signal.SIGHUP)
+        rest, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, rest
+    assert [t.state for t in _trials(url)] == [TrialState.COMPLETE]
