@@ -29,6 +29,11 @@ sees it, which starts its grace period on the database's clock; an owner that li
 A trial whose process was killed by SIGKILL while its coordinator lives is lost too: the loop
 fails it as ``lost`` at once and retries it the same way (:func:`retry_lost`). Optuna's own
 heartbeat thread works only inside ``study.optimize``, so the loop runs :class:`Heartbeat`.
+
+A coordinator that was paused (SIGSTOP, Ctrl-Z, a machine asleep) or cut off from the storage for
+longer than ``stale_after`` finds, when it goes on, that its trial was *taken over*: another
+process failed it as lost and retried it, and the storage refuses every further write to it. The
+loop drops its own run of that trial with one line (:func:`taken_over`) and goes on.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from .storage import (
     with_retry,
 )
 
-__all__ = ["HEARTBEAT_KEY", "RETRIED_KEY", "MAX_RETRY_DEPTH", "Heartbeat", "reconcile", "retry_lost"]
+__all__ = ["HEARTBEAT_KEY", "RETRIED_KEY", "MAX_RETRY_DEPTH", "Heartbeat", "reconcile", "retry_lost", "taken_over"]
 
 HEARTBEAT_KEY = "sassha_tune:heartbeat"  # the old heartbeat (read, never written)
 RETRIED_KEY = "sassha_tune:retried"
@@ -112,6 +117,26 @@ def retry_lost(study: optuna.Study, t: FrozenTrial, why: str, *, log: Callable[[
     with_retry(study.enqueue_trial, dict(t.params), user_attrs=attrs)
     log(f"trial {t.number} lost ({why}): marked FAIL, params enqueued for a retry")
     return True
+
+
+def taken_over(study: optuna.Study, trial: optuna.Trial | FrozenTrial, stale_after: float
+               ) -> tuple[FrozenTrial, str | None]:
+    """The trial as stored now, and the line saying that another process took it over while this
+    one ran it (None while it is still RUNNING: nobody did). A trial failed as ``lost`` was judged
+    stale (:func:`reconcile`) and retried, or not, by :func:`retry_lost`'s rule."""
+    storage = study_storage(study)
+    frozen = with_retry(storage.get_trial, trial_id(trial))
+    if frozen.state == TrialState.RUNNING:
+        return frozen, None
+    head = f"trial {frozen.number} was taken over by another process"
+    if frozen.state == TrialState.FAIL and frozen.user_attrs.get("failure_reason") == "lost":
+        retried = frozen.number in with_retry(storage.get_study_system_attrs, study_id(study)).get(RETRIED_KEY, [])
+        return frozen, (f"{head}: this process went without a heartbeat for more than study.stale_after "
+                        f"({stale_after:g} s; paused, asleep or cut off from the storage), so it was failed as lost"
+                        f"{' and its parameters retried' if retried else ' (not retried again)'}; "
+                        "this process drops its run of it and goes on")
+    return frozen, (f"{head}: it was told {frozen.state.name} while this process ran it; "
+                    "this process drops its run of it and goes on")
 
 
 class Heartbeat:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import Config, config_to_dict
@@ -35,7 +36,7 @@ from .budget import budget_used, counts_toward_budget
 from .callbacks import Callback, make_callbacks, notify
 from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard, unjudged_accuracy
 from .create import config_from_payload, plain, stored_payload
-from .liveness import Heartbeat, reconcile, retry_lost
+from .liveness import Heartbeat, reconcile, retry_lost, taken_over
 from .progress import GuardedObserver, StudyObserver
 from .samplers import make_pruner, make_sampler, resolve_pruner, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
@@ -137,6 +138,7 @@ def run_trials(
     own_launcher = launcher is None
     launcher = launcher or Launcher(fresh_process, log)
     warned_unjudged = False  # one warning per run, not per trial
+    taken: dict[int, str] = {}  # trials another process took over while this one ran them: their line
     try:
         while True:
             # Re-read: another process may have raised the budget (resume --n-trials) or continued
@@ -177,26 +179,27 @@ def run_trials(
                 size = min(size, cfg.budget.n_trials - used)
                 if size > 1:
                     asked = [with_retry(study.ask) for _ in range(size)]
-                    told = run_pack(study, asked, cfg, space, device=device, worker=worker, log=log, observer=observer)
+                    told = run_pack(study, asked, cfg, space, device=device, worker=worker, log=log, observer=observer,
+                                    taken_over=taken)
                     if not told:
                         summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
                         break
                     for frozen in told:
                         summary.ran += 1
                         summary.states[frozen.state.name] += 1
-                        log(_describe(frozen, cfg))
+                        log(taken.pop(frozen.number, None) or _describe(frozen, cfg))
                         observer.trial_finished(frozen)
                         notify(told_to, study, frozen, log)
                     continue
             trial = with_retry(study.ask)
             frozen = _run_one(study, trial, cfg, space, device=device, worker=worker, log=log, launch=launcher.launch,
-                              observer=observer)
+                              observer=observer, taken_over=taken)
             if frozen is None:  # lost the race for the last slot of the budget
                 summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
                 break
             summary.ran += 1
             summary.states[frozen.state.name] += 1
-            log(_describe(frozen, cfg))
+            log(taken.pop(frozen.number, None) or _describe(frozen, cfg))
             if not warned_unjudged and (warning := unjudged_accuracy(cfg, frozen)):
                 log(warning)
                 warned_unjudged = True
@@ -341,6 +344,12 @@ def _failed_when_unwinding(
             with suppress(OSError):  # the terminal closed (SIGHUP): the line has nowhere to go
                 log(interrupted(trials))
         raise
+    except UpdateFinishedTrialError:
+        # a trial of this job was finished by another process (taken over: the caller says so)
+        for p in procs:
+            _retire(p, "its trial was taken over")
+            p.stop()
+        raise
     except UserError as exc:
         for p in procs:
             p.stop()
@@ -400,6 +409,22 @@ def _told(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, log: 
     return frozen
 
 
+def _retire(proc: TrialProcess | WarmJob, why: str) -> None:
+    """A warm worker whose job is cut short takes no further job (the next one's start says why)."""
+    if isinstance(proc, WarmJob):
+        proc.retire(why)
+
+
+def _taken_over(study: optuna.Study, trial: optuna.Trial, cfg: Config, taken: dict[int, str]) -> FrozenTrial | None:
+    """After the storage refused a write to ``trial`` (finished): the trial as another process
+    stored it, its line in ``taken``; None when it is still RUNNING (the refusal was something else)."""
+    frozen, line = taken_over(study, trial, cfg.study.stale_after)
+    if line is None:
+        return None
+    taken[frozen.number] = line
+    return frozen
+
+
 class Launcher:
     """Where a single trial's job runs: the current :class:`WarmWorker` (the default), started on
     first use and replaced by a new one after a job that spent it (an unexpected error, out of
@@ -455,9 +480,29 @@ class Launcher:
 def _run_one(
     study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace, *, device: str | None,
     worker: int | str, log: Log, launch: Callable[[dict[str, Any]], TrialProcess | WarmJob] = TrialProcess,
-    observer: StudyObserver | None = None,
+    observer: StudyObserver | None = None, taken_over: dict[int, str] | None = None,
 ) -> FrozenTrial | None:
-    """One asked trial in one trial process; the frozen trial told (None: over budget)."""
+    """One asked trial in one trial process; the frozen trial told (None: over budget). A trial
+    another process took over meanwhile (:func:`~.liveness.taken_over`: this process was paused
+    past ``study.stale_after``) is not told again: its process is stopped, the trial comes back as
+    stored and its line goes into ``taken_over``."""
+    taken = {} if taken_over is None else taken_over
+    try:
+        return _run_one_job(study, trial, cfg, space, device=device, worker=worker, log=log, launch=launch,
+                            observer=observer)
+    except UpdateFinishedTrialError:
+        frozen = _taken_over(study, trial, cfg, taken)
+        if frozen is None:
+            fail(study, trial, "error: sassha-tune crashed while running this trial")
+            raise
+        return frozen
+
+
+def _run_one_job(
+    study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace, *, device: str | None,
+    worker: int | str, log: Log, launch: Callable[[dict[str, Any]], TrialProcess | WarmJob],
+    observer: StudyObserver | None,
+) -> FrozenTrial | None:
     procs: list[TrialProcess | WarmJob] = []
     with _failed_when_unwinding(study, lambda: [trial], procs, log,
                                 lambda _: f"trial {trial.number} interrupted: marked FAIL"):
@@ -511,14 +556,40 @@ def split_line(epoch: int, halves: list[list[int]]) -> str:
 
 def run_pack(
     study: optuna.Study, trials: list[optuna.Trial], cfg: Config, space: SearchSpace, *, device: str | None,
-    worker: int | str, log: Log, observer: StudyObserver | None = None,
+    worker: int | str, log: Log, observer: StudyObserver | None = None, taken_over: dict[int, str] | None = None,
 ) -> list[FrozenTrial]:
     """K asked trials -> one trial process training them as a pack (:mod:`sassha_tune.training.packs`) ->
     each trial told as its member finishes.
 
     Returns the frozen trials told (a trial that lost the race for the budget is failed
-    ``over_budget`` and left out)."""
+    ``over_budget`` and left out). When another process took a member over (this one was paused
+    past ``study.stale_after``) the pack's process is stopped: the members taken over come back as
+    stored, their lines in ``taken_over``; the others, cut short with it, are failed as lost and
+    retried."""
     told: list[FrozenTrial] = []
+    members: list[optuna.Trial] = []
+    try:
+        return _run_pack_job(study, trials, cfg, space, device=device, log=log, observer=observer, told=told,
+                             members=members)
+    except UpdateFinishedTrialError:
+        taken = {} if taken_over is None else taken_over
+        done = {t.number for t in told}
+        for trial in members:
+            if trial.number in done:
+                continue
+            frozen = _taken_over(study, trial, cfg, taken)
+            if frozen is None:  # still running: its pack's process was stopped under it
+                frozen = _finish(study, trial, TrialOutcome("fail", failure_reason=LOST), cfg)
+                retry_lost(study, frozen, "its pack was stopped: another member was taken over", log=log)
+            told.append(frozen)
+        return told
+
+
+def _run_pack_job(
+    study: optuna.Study, trials: list[optuna.Trial], cfg: Config, space: SearchSpace, *, device: str | None,
+    log: Log, observer: StudyObserver | None, told: list[FrozenTrial], members: list[optuna.Trial],
+) -> list[FrozenTrial]:
+    """:func:`run_pack`'s job: ``told`` and ``members`` (the trials started) filled as it goes."""
     pending: dict[int | None, optuna.Trial] = {}  # member -> trial
     procs: list[TrialProcess] = []
 
@@ -529,7 +600,7 @@ def run_pack(
     with _failed_when_unwinding(study, lambda: list(pending.values()), procs, log,
                                 lambda ts: f"trials {[t.number for t in ts]} interrupted: marked FAIL"):
         with ExitStack() as stack:
-            params_list, members = [], []
+            params_list: list[dict[str, Any]] = []
             for trial in trials:
                 stack.enter_context(Heartbeat(study, trial, cfg.study.heartbeat_interval))
                 params = start_trial(study, trial, cfg, space)
