@@ -4,6 +4,7 @@ trial processes (tests/conftest.py puts this folder on their PYTHONPATH)."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from pathlib import Path
@@ -39,6 +40,14 @@ def leaves_a_thread(reporter):
     """Returns its metrics and leaves a non-daemon thread that sleeps for an hour: the trial
     process must still end (and its result count)."""
     threading.Thread(target=time.sleep, args=(3600,), name="forgotten", daemon=False).start()
+    return {"val_acc": reporter.hparams["lr"]}
+
+
+def leaves_a_thread_and_says_so(reporter):
+    """:func:`leaves_a_thread` with a line on stderr as it returns: the cue that its result is on its
+    way while the thread keeps its process alive (a few seconds: trial/child.py's EXIT_SECONDS)."""
+    threading.Thread(target=time.sleep, args=(3600,), name="forgotten", daemon=False).start()
+    print("task.train returns its metrics", file=sys.stderr, flush=True)
     return {"val_acc": reporter.hparams["lr"]}
 
 

@@ -253,6 +253,12 @@ def _stored_history(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: m.get(k) for k in EPOCH_KEYS} | {k: m[k] for k in extra if k in m} for m in epochs]
 
 
+def _with_history(outcome: TrialOutcome) -> TrialOutcome:
+    """A ``result``'s outcome with its ``history`` attribute: the epochs reported before it."""
+    outcome.attrs["history"] = _stored_history(outcome.history)
+    return outcome
+
+
 def reported_metric(cfg: Config) -> str | None:
     """The per-epoch value every trial reports to Optuna (``trial.report``): the objective of a
     single-objective study whose metric is measured per epoch; None otherwise (Optuna has no
@@ -322,13 +328,57 @@ def _relay(
     return user_error, epochs
 
 
+class _Received:
+    """The outcomes of a job's trials that this process has (a trial process's ``result``, or what
+    its end means: a timeout, a kill) until each is stored: Ctrl-C, SIGTERM or SIGHUP arriving
+    in between stores them rather than failing their trials as interrupted."""
+
+    def __init__(self, study: optuna.Study, cfg: Config, log: Log) -> None:
+        self.study, self.cfg, self.log = study, cfg, log
+        self.waiting: dict[int, tuple[optuna.Trial, TrialOutcome]] = {}  # trial number -> (trial, outcome)
+        self.stored: set[int] = set()
+
+    def add(self, trial: optuna.Trial, outcome: TrialOutcome) -> None:
+        """``outcome`` is the trial's, to be stored as it is."""
+        self.waiting[trial.number] = (trial, outcome)
+
+    def outcome(self, trial: optuna.Trial) -> TrialOutcome | None:
+        entry = self.waiting.get(trial.number)
+        return entry[1] if entry is not None else None
+
+    def tell(self, trial: optuna.Trial) -> FrozenTrial:
+        """Store the trial's outcome (:meth:`add` first)."""
+        frozen = _told(self.study, trial, self.waiting[trial.number][1], self.log, self.cfg)
+        self.waiting.pop(trial.number)
+        self.stored.add(trial.number)
+        return frozen
+
+    def store_waiting(self) -> list[optuna.Trial]:
+        """Store every outcome not stored yet, each with a line; the trials that could not be."""
+        left = []
+        for trial, _ in list(self.waiting.values()):
+            try:
+                frozen = self.tell(trial)
+            except UpdateFinishedTrialError:  # told already, just before the interrupt
+                self.waiting.pop(trial.number)
+                self.stored.add(trial.number)
+                continue
+            except Exception:
+                left.append(trial)
+                continue
+            with suppress(OSError):
+                self.log(f"{_describe(frozen, self.cfg)} (its outcome came before the interrupt: stored)")
+        return left
+
+
 @contextmanager
 def _failed_when_unwinding(
     study: optuna.Study, unfinished: Callable[[], list[optuna.Trial]], procs: Sequence[TrialProcess | WarmJob], log: Log,
-    interrupted: Callable[[list[optuna.Trial]], str],
+    interrupted: Callable[[list[optuna.Trial]], str], received: _Received | None = None,
 ) -> Iterator[None]:
     """Whatever stops a run early stops its process and fails its unfinished trials, with the
-    reason: Ctrl-C (``interrupted``), a user error (``error: <message>``), a crash of this process."""
+    reason: Ctrl-C (``interrupted``; an outcome already ``received`` is stored instead), a user
+    error (``error: <message>``), a crash of this process."""
     try:
         yield
     except KeyboardInterrupt:
@@ -338,11 +388,15 @@ def _failed_when_unwinding(
         with _signals_ignored():
             for p in procs:
                 p.stop()
-            trials = unfinished()
+            left = received.store_waiting() if received is not None else []
+            stored = received.stored if received is not None else set()
+            trials = [t for t in unfinished() if t.number not in stored]
+            trials += [t for t in left if t.number not in {u.number for u in trials}]
             for trial in trials:
                 fail(study, trial, "interrupted")
-            with suppress(OSError):  # the terminal closed (SIGHUP): the line has nowhere to go
-                log(interrupted(trials))
+            if trials:
+                with suppress(OSError):  # the terminal closed (SIGHUP): the line has nowhere to go
+                    log(interrupted(trials))
         raise
     except UpdateFinishedTrialError:
         # a trial of this job was finished by another process (taken over: the caller says so)
@@ -504,8 +558,9 @@ def _run_one_job(
     observer: StudyObserver | None,
 ) -> FrozenTrial | None:
     procs: list[TrialProcess | WarmJob] = []
+    received = _Received(study, cfg, log)
     with _failed_when_unwinding(study, lambda: [trial], procs, log,
-                                lambda _: f"trial {trial.number} interrupted: marked FAIL"):
+                                lambda _: f"trial {trial.number} interrupted: marked FAIL", received):
         with Heartbeat(study, trial, cfg.study.heartbeat_interval):
             params = start_trial(study, trial, cfg, space)
             if params is None:
@@ -515,11 +570,10 @@ def _run_one_job(
             if observer is not None:
                 observer.trial_started(trial.number, params)
             procs.append(launch(job))
-            results: dict[int | None, TrialOutcome] = {}
             with Watchdog(procs[0], cfg.budget.trial_timeout) as deadline:
                 user_error, epochs = _relay(
                     procs[0], {None: trial}, reported_metric(cfg), job["prune"],
-                    on_result=lambda key, _trial, outcome: results.__setitem__(key, outcome),
+                    on_result=lambda _key, _trial, outcome: received.add(trial, _with_history(outcome)),
                     guard=ChanceGuard(cfg), observer=observer, on_started=deadline.begin,
                 )
                 procs[0].wait()
@@ -528,13 +582,14 @@ def _run_one_job(
             rc = procs[0].close()
             if user_error is not None:
                 raise UserError(user_error)
-            outcome = results.get(None)
+            outcome = received.outcome(trial)
             if outcome is None and deadline.fired:
                 log(f"trial {trial.number} stopped: it {_timeout_words(deadline, cfg)}")
                 outcome = TrialOutcome("fail", failure_reason=TIMEOUT)
             outcome = outcome or TrialOutcome("fail", failure_reason=_exit_reason(rc))
             outcome.attrs["history"] = _stored_history(epochs[None])
-            return _told(study, trial, outcome, log, cfg)
+            received.add(trial, outcome)
+            return received.tell(trial)
 
 
 def _timeout_words(deadline: Watchdog, cfg: Config) -> str:
@@ -592,13 +647,14 @@ def _run_pack_job(
     """:func:`run_pack`'s job: ``told`` and ``members`` (the trials started) filled as it goes."""
     pending: dict[int | None, optuna.Trial] = {}  # member -> trial
     procs: list[TrialProcess] = []
+    received = _Received(study, cfg, log)
 
     def tell(member: int | None, trial: optuna.Trial, outcome: TrialOutcome) -> None:
-        outcome.attrs["history"] = _stored_history(outcome.history)
-        told.append(_finish(study, trial, outcome, cfg))
+        received.add(trial, _with_history(outcome))
+        told.append(received.tell(trial))
 
     with _failed_when_unwinding(study, lambda: list(pending.values()), procs, log,
-                                lambda ts: f"trials {[t.number for t in ts]} interrupted: marked FAIL"):
+                                lambda ts: f"trials {[t.number for t in ts]} interrupted: marked FAIL", received):
         with ExitStack() as stack:
             params_list: list[dict[str, Any]] = []
             for trial in trials:
@@ -636,8 +692,9 @@ def _run_pack_job(
             else:
                 reason = LOST if rc == -signal.SIGKILL else f"error: pack process exited with code {rc}"
             for i, trial in list(pending.items()):
-                told.append(_told(study, trial, TrialOutcome("fail", failure_reason=reason), log, cfg))
+                received.add(trial, TrialOutcome("fail", failure_reason=reason))
                 pending.pop(i)
+                told.append(received.tell(trial))
             return told
 
 

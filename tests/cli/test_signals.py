@@ -1,7 +1,8 @@
 """Signals that end a run, through the real CLI in a real process: SIGHUP (the terminal closed) is
 handled as SIGTERM and Ctrl-C are (the running trial marked ``interrupted`` at once, a line, exit
 code 130), sent to the whole process group as a terminal's hangup is; under ``nohup`` (SIGHUP
-ignored) the run goes on."""
+ignored) the run goes on; a trial whose result had arrived when the signal came is stored with
+that result, not as ``interrupted``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
+
+from sassha_tune.config import config_from_dict
+from sassha_tune.study.create import create_or_continue
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +106,35 @@ def test_under_nohup_a_hangup_changes_nothing(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, rest
     assert [t.state for t in _trials(url)] == [TrialState.COMPLETE]
+
+
+def test_a_sigterm_after_the_result_arrived_stores_the_result(tmp_path):
+    """A fresh trial process sends its result and is kept alive a few seconds more by a thread its
+    ``task.train`` left (then ended): a SIGTERM to the run in between stores the result that had
+    arrived (it was marked ``interrupted``, the result lost)."""
+    raw = {"study": {"name": "signals", "objective": "val_acc", "pruner": "none", "fresh_process": True},
+           "budget": {"n_trials": 2},
+           "task": {"train": "plugins_misbehaving:leaves_a_thread_and_says_so", "epochs": 1},
+           "optimizer": {"name": "sgd", "search_space": {"params": {
+               "lr": {"type": "float", "low": 0.001, "high": 0.5, "log": True}}}},
+           "device": "cpu"}
+    cfg = tmp_path / "after.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    url = f"sqlite:///{tmp_path}/s.db"
+    create_or_continue(config_from_dict(raw), url, log=lambda _: None).enqueue_trial({"lr": 0.01})
+    proc = _start(cfg, url, tmp_path)
+    try:
+        _read_until(proc, "task.train returns its metrics")
+        time.sleep(1.0)  # the result has arrived; the process lives on (up to 5 s) for the thread
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, rest
+    assert "trial 0 COMPLETE val_acc=0.01 (its outcome came before the interrupt: stored)" in rest
+    assert "interrupted: marked FAIL" not in rest
+    assert rest.rstrip().splitlines()[-1] == "interrupted (SIGTERM)"
+    trials = _trials(url)
+    assert [(t.state, t.values) for t in trials] == [(TrialState.COMPLETE, [0.01])]
+    assert trials[0].user_attrs["history"] == [] and "failure_reason" not in trials[0].user_attrs
