@@ -8,7 +8,9 @@ longer than the estimate) and the time so far. The log lines print above it as b
 not a terminal (a pipe, CI), or ``$SASSHA_TUNE_PLAIN`` is set, there is no live area: the log lines
 only. Either way a run that reaches its end prints one summary line
 (:meth:`~sassha_tune.study.progress.StudyTally.summary_line`). The events come from the study loop
-(:mod:`sassha_tune.study.progress`), not from its log lines.
+(:mod:`sassha_tune.study.progress`), not from its log lines. What the study's storage or a trial
+process supplied (the study's name, a phase, a plug-in's metric values) is drawn with its control
+characters shown (:func:`~sassha_tune.printable.printable`), never sent to the terminal.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
+from .printable import printable
 from .study.progress import PLAIN_ENV, RunningTrial, StudyTally, fmt_seconds
 
 __all__ = ["LiveView", "live_wanted", "study_view"]
@@ -41,7 +44,7 @@ def live_wanted(console: Console) -> bool:
 
 
 def _number(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else str(value)
+    return f"{value:.4g}" if isinstance(value, int | float) and not isinstance(value, bool) else printable(value)
 
 
 class LiveView(StudyTally):
@@ -93,14 +96,14 @@ class LiveView(StudyTally):
         if t.epoch:
             line.append(f"  epoch {t.epoch}/{self.epochs}" if self.epochs else f"  epoch {t.epoch}")
             for key in self.shown_metrics(t.metrics):
-                line.append(f"  {key} {_number(t.metrics[key])}")
+                line.append(f"  {printable(key)} {_number(t.metrics[key])}")
         elif t.phase is None and t.step is None:
             line.append("  starting", style="dim")
         if t.step is not None:  # within the next epoch, not yet reported
             epoch, step, steps = t.step
             line.append(f"  step {step}/{steps} of epoch {epoch}", style="cyan")
         if t.phase is not None:
-            line.append(f"  {PHASE_WORDS.get(t.phase, t.phase)}", style="yellow")
+            line.append(f"  {PHASE_WORDS.get(t.phase) or printable(t.phase)}", style="yellow")
         line.append(f"  {fmt_seconds(self.clock() - t.started)}", style="dim")
         return line
 
@@ -108,14 +111,14 @@ class LiveView(StudyTally):
         eta = self.eta()
         elapsed = self.clock() - self.started if self.started is not None else 0.0
         line = Text()
-        line.append(self.name or "study", style="bold cyan")
+        line.append(printable(self.name) or "study", style="bold cyan")
         if eta is None:
             eta_text = "—"  # no trial of this run finished yet
         elif eta == 0 and self.total is not None and self.done < self.total:
             eta_text = "soon"  # the running trials take longer than the mean so far
         else:
             eta_text = fmt_seconds(eta)
-        line.append(f"  {self.done_text()} · {self.best_text()} · ETA {eta_text} · {fmt_seconds(elapsed)} so far")
+        line.append(printable(f"  {self.done_text()} · {self.best_text()} · ETA {eta_text} · {fmt_seconds(elapsed)} so far"))
         return line
 
     def render(self) -> RenderableType:
@@ -150,4 +153,4 @@ def study_view(console: Console) -> Iterator[StudyTally]:
         if isinstance(view, LiveView):
             view.stop()
     if view.seconds is not None:  # the loop of this process ran to its end
-        console.print(escape(view.summary_line()), soft_wrap=True, highlight=False)
+        console.print(escape(printable(view.summary_line())), soft_wrap=True, highlight=False)

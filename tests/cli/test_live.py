@@ -133,3 +133,25 @@ def test_plain_when_not_a_terminal_or_asked(monkeypatch):
     assert not live_wanted(_terminal())
     monkeypatch.setenv(PLAIN_ENV, "0")
     assert live_wanted(_terminal())
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\u202e"  # retitle the terminal, clear it, reverse the line
+
+
+def test_strings_from_the_storage_or_a_trial_process_are_shown_not_sent():
+    """The study's name (a study another Optuna client named, joined with `worker NAME`), a phase and
+    a plug-in's metric value from a trial process: their control characters are drawn as escapes,
+    never sent to the terminal (the rest of the CLI does the same: sassha_tune/printable.py)."""
+    clock = Clock()
+    view = LiveView(_terminal(), clock=clock)
+    view.study_started(f"study{HOSTILE}", ["val_acc"], ["maximize"], 10)  # as the loop tells it
+    view.stop()  # the live area drew on its own console; what one frame shows is checked below
+    view.budget([], 4)
+    view.trial_started(0, {"lr": 0.1})
+    view.epoch(0, 1, {"train_loss": f"nan{HOSTILE}", "val_acc": 0.5})
+    view.phase(0, f"phase{HOSTILE}")
+    text = _text(Console(file=StringIO(), force_terminal=True, width=200, color_system=None), view)
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    shown = r"\x1b]0;pwned\x07\x1b[2J\u202e"
+    assert f"study{shown}  0/4 trials done" in text
+    assert f"train_loss nan{shown}" in text and f"phase{shown}" in text
