@@ -73,17 +73,32 @@ def _default_log(message: str) -> None:
     _logger.info(message)
 
 
-def _as_config(config: str | Path | Mapping[str, Any] | Config) -> Config:
+def _as_config(config: str | Path | Mapping[str, Any] | Config, overrides: Sequence[str] = ()) -> Config:
     from .config import Config, config_from_dict, load_config
+    from .config.overrides import apply_overrides, overridden_source, parse_overrides
 
+    if isinstance(overrides, str):
+        raise UserError(f"overrides: expected a list of key.path=value strings, got {overrides!r}")
     if isinstance(config, Config):
+        if overrides:
+            raise UserError("overrides: apply to a YAML path or a dict, not to a Config (change its fields instead)")
         return config
     if isinstance(config, (str, Path)):
-        return load_config(config)
+        return load_config(config, overrides)
     if isinstance(config, Mapping):
         # relative paths in a dict (data_dir, a search-space file) are read from the working directory
-        return config_from_dict(dict(config), source="<config dict>", base_dir=Path.cwd())
+        changes = parse_overrides(overrides)
+        return config_from_dict(apply_overrides(dict(config), changes), source=overridden_source("<config dict>", changes),
+                                base_dir=Path.cwd())
     raise UserError(f"config: expected a YAML path, a dict or a Config, got {type(config).__name__}")
+
+
+def _check_override_budget(overrides: Sequence[str], n_trials: Any) -> None:
+    """``--n-trials`` and ``--set budget.n_trials`` name one setting twice: refused."""
+    from .config.overrides import parse_overrides
+
+    if n_trials is not None and any(o.key in ("budget", "budget.n_trials") for o in parse_overrides(overrides)):
+        raise UserError("--set budget.n_trials and --n-trials both set the budget; give one")
 
 
 def _check_gpus(gpus: list[str] | list[int] | None, device: str | None) -> list[str]:
@@ -159,6 +174,7 @@ def run_study(
     callbacks: Sequence[Callback] = (),
     fresh_process: bool = False,
     observer: StudyObserver | None = None,
+    overrides: Sequence[str] = (),
 ) -> optuna.Study:
     """Create the study ``config`` describes (or continue it) and run trials until its budget is spent.
 
@@ -178,6 +194,8 @@ def run_study(
     (trial started, epochs, phases, steps within an epoch if it ``watches_steps``, trial finished;
     in this process only, so not with ``gpus``),
     nothing by default; one that raises gets a warning line and is told nothing more. Same as ``sassha-tune run`` (whose live view on a terminal is such an observer).
+    ``overrides``: ``key.path=value`` strings (``--set``, docs/config.md) put into the config before
+    it is validated; the study stores the config with them.
     """
     from .config import advice, with_model_normalization
     from .devices import check_available
@@ -191,7 +209,8 @@ def run_study(
     change = budget_change(n_trials) if n_trials is not None else None
     gpu_list, pack_size = _check_flags(gpus, device, pack)
     _check_callbacks_arg(callbacks, gpu_list, observer)
-    cfg = _as_config(config)  # everything validated before any storage is touched
+    _check_override_budget(overrides, n_trials)
+    cfg = _as_config(config, overrides)  # everything validated before any storage is touched
     url = resolve_storage(storage, cfg)
     if not gpu_list:
         check_available(device or cfg.device.name)  # a GPU this machine lacks costs no study
@@ -223,11 +242,15 @@ def resume_study(
     callbacks: Sequence[Callback] = (),
     fresh_process: bool = False,
     observer: StudyObserver | None = None,
+    overrides: Sequence[str] = (),
 ) -> optuna.Study:
     """Continue a stored study from its stored config: lost trials are failed and retried, the budget
-    is finished. Same as ``sassha-tune resume``; the arguments are those of :func:`run_study`."""
+    is finished. Same as ``sassha-tune resume``; the arguments are those of :func:`run_study`.
+    ``overrides`` (``--set``) may change only what a stored study may change (budget, sampler,
+    pruner, heartbeats, device: ``study.create.OVERRIDABLE``); the others are refused, nothing stored."""
+    from .config.overrides import parse_overrides
     from .devices import check_available
-    from .study.create import budget_change, check_budget, set_budget, stored_config
+    from .study.create import budget_change, check_budget, overridden_config, set_budget, store_overridden
     from .study.storage import load_study, resolve_storage
     from .trial.preflight import check_task
 
@@ -235,15 +258,19 @@ def resume_study(
     change = budget_change(n_trials) if n_trials is not None else None
     gpu_list, pack_size = _check_flags(gpus, device, pack)
     _check_callbacks_arg(callbacks, gpu_list, observer)
+    _check_override_budget(overrides, n_trials)
+    parse_overrides(overrides)  # a malformed one costs no storage
     url = resolve_storage(storage)
     study = load_study(name, url)
-    cfg, _ = stored_config(study)
+    cfg, overridden = overridden_config(study, overrides)  # validated, nothing written yet
     if not gpu_list:
         check_available(device or cfg.device.name)  # before the budget changes or a trial is asked
     if change is not None:
         check_budget(study, change)  # refused before the data check; set after it (checked again)
     with _early_launcher(cfg, gpu_list, pack_size, device, fresh_process, log) as launcher:
         check_task(cfg)  # a plug-in's data, checked again: it may have changed since the study was created
+        if overridden is not None:
+            store_overridden(study, overridden, overrides, log=log)
         if change is not None:
             set_budget(study, change, log=log)
         _run(name, url, gpu_list, device, pack_size, log, callbacks, fresh_process=fresh_process, launcher=launcher,

@@ -152,6 +152,12 @@ FreshOpt = Annotated[
                  "trial worker running single trials one after another (replaced after a failure). "
                  "Same as study.fresh_process: true."),
 ]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY.PATH=VALUE",
+                 help="Override one key of the config, e.g. --set task.epochs=3 (repeatable). The value is YAML "
+                 "and is checked like the file's; the study stores the config with it."),
+]
 GpusOpt = Annotated[
     str | None,
     typer.Option("--gpus", help="Comma-separated GPU indices, e.g. 0,1: one worker process per GPU."),
@@ -276,17 +282,20 @@ def run(
     ] = False,
     pack: PackOpt = "auto",
     fresh_process: FreshOpt = False,
+    set_: SetOpt = None,
 ) -> None:
     """Create the study a config describes (or continue it) and run trials until its budget is spent."""
     from .api import run_study
+    from .config.overrides import parse_overrides
     from .live import study_view
 
     budget = _budget_flag(n_trials)
     gpu_list, pack_size = _check_flags(gpus, device, pack)  # the flags named as typed
+    parse_overrides(set_)
     with _workers_exit_code(), study_view(out) as view:
         run_study(config, storage=storage, n_trials=budget, device=device, pack=pack_size, gpus=gpu_list,
                   allow_space_change=allow_space_change, create_only=create_only, log=_log, fresh_process=fresh_process,
-                  observer=None if gpu_list else view)
+                  observer=None if gpu_list else view, overrides=set_ or ())
 
 
 @app.command()
@@ -299,16 +308,19 @@ def resume(
     device: DeviceOpt = None,
     pack: PackOpt = "auto",
     fresh_process: FreshOpt = False,
+    set_: SetOpt = None,
 ) -> None:
     """Continue a study from its stored config: lost trials are failed and retried, the budget is finished."""
     from .api import resume_study
+    from .config.overrides import parse_overrides
     from .live import study_view
 
     budget = _budget_flag(n_trials)
     gpu_list, pack_size = _check_flags(gpus, device, pack)
+    parse_overrides(set_)
     with _workers_exit_code(), study_view(out) as view:
         resume_study(study, storage=storage, n_trials=budget, device=device, pack=pack_size, gpus=gpu_list,
-                     log=_log, fresh_process=fresh_process, observer=None if gpu_list else view)
+                     log=_log, fresh_process=fresh_process, observer=None if gpu_list else view, overrides=set_ or ())
 
 
 @app.command()
@@ -323,16 +335,24 @@ def worker(
     ] = None,
     pack: PackOpt = "auto",
     fresh_process: FreshOpt = False,
+    set_: SetOpt = None,
 ) -> None:
     """Join an existing study (e.g. on PostgreSQL from another machine) and run trials until its budget is spent."""
     import os
 
+    from .config.overrides import parse_overrides
     from .live import study_view
+    from .study.create import overridden_config, store_overridden
     from .study.loop import run_trials
-    from .study.storage import resolve_storage
+    from .study.storage import load_study, resolve_storage
 
     _, pack_size = _check_flags(None, device, pack)
+    parse_overrides(set_)
     url = resolve_storage(storage)
+    if set_:  # validated and checked against what a stored study may change before anything is stored
+        stored = load_study(study, url)
+        _, overridden = overridden_config(stored, set_)
+        store_overridden(stored, overridden, set_, log=_log)
     wid: int | str = worker_id if worker_id is not None else f"pid{os.getpid()}"
     # run_trials checks the stored config's device before it asks a trial
     with study_view(out) as view:
@@ -482,6 +502,7 @@ def train(
         typer.Option("--seed", min=0, help="Override the config's seed (data split, initialization, data order, "
                      "probes) to re-run a configuration over seeds; the sharpness protocol keeps metrics.seed."),
     ] = None,
+    set_: SetOpt = None,
 ) -> None:
     """Train once with the config's fixed hyperparameters (e.g. an exported config) and print the metrics."""
     from .config import load_config
@@ -497,7 +518,7 @@ def train(
         refuse_link(metrics_out, "--metrics-out")  # before anything is trained
         if not metrics_out.parent.is_dir():
             raise UserError(f"--metrics-out {metrics_out}: directory {metrics_out.parent} does not exist")
-    cfg = load_config(config)
+    cfg = load_config(config, set_ or ())
     if seed is not None:
         cfg.seed = seed
     check_device(device or cfg.device.name)  # before any data is loaded or a step is taken

@@ -614,8 +614,10 @@ def _user_train_task(raw_task: dict[str, Any], ctx: _Ctx) -> dict[str, Any]:
 _TOP_KEYS = ["study", "budget", "task", "optimizer", "schedule", "metrics", "device", "seed", "provenance"]
 
 
-def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = ".") -> Config:
-    """Validate a plain dict (the parsed YAML) into a :class:`Config`."""
+def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = ".", *,
+                     name_from: str | None = None) -> Config:
+    """Validate a plain dict (the parsed YAML) into a :class:`Config`. ``name_from``: the file whose
+    name is the study's default name, when ``source`` (what messages say) is not a file's path."""
     ctx = _Ctx(source)
     if not isinstance(raw, dict):
         raise ctx.fail("(top level)", "a mapping with sections study, task, optimizer, ...", raw)
@@ -623,7 +625,8 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
     for required in ("task", "optimizer"):
         if required not in raw:
             raise ctx.fail(required, "a section", _REQUIRED)
-    default_name = Path(source).stem if source and not source.startswith("<") else "sassha-tune"
+    name_from = source if name_from is None else name_from
+    default_name = Path(name_from).stem if name_from and not name_from.startswith("<") else "sassha-tune"
     if not _STUDY_NAME_RE.fullmatch(default_name) or len(default_name) > MAX_NAME_LENGTH:
         default_name = "sassha-tune"
     study = _parse_study(raw.get("study"), ctx, default_name)
@@ -1103,11 +1106,17 @@ def published_to_enqueue(cfg: Config, space: Any) -> list[dict[str, Any]]:
     return [dict(by_source[s]) for s in wanted]
 
 
-def load_config(path: str | Path) -> Config:
-    """Read, parse and validate a config file (and its search space)."""
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read, parse and validate a config file (and its search space). ``overrides``: ``--set``
+    values (``key.path=value``, :mod:`.overrides`), put into the file's data before it is
+    validated; messages then name the config ``FILE with --set``."""
+    from .overrides import apply_overrides, overridden_source, parse_overrides
+
+    changes = parse_overrides(overrides)  # a malformed one costs no file read
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"{p}: no such config file")
-    raw = read_yaml_file(p, "config file")
+    raw = apply_overrides(read_yaml_file(p, "config file"), changes)
     # config_from_dict resolves and validates the search space too
-    return config_from_dict(raw, source=str(p), base_dir=p.resolve().parent)
+    return config_from_dict(raw, source=overridden_source(str(p), changes), base_dir=p.resolve().parent,
+                            name_from=str(p))

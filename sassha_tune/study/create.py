@@ -12,7 +12,7 @@ import copy
 import json
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +48,9 @@ __all__ = [
     "budget_change",
     "check_budget",
     "set_budget",
+    "OVERRIDABLE",
+    "overridden_config",
+    "store_overridden",
 ]
 
 SPACE_HISTORY_KEY = "sassha_tune:search_space_history"
@@ -57,6 +60,9 @@ ENQUEUED_KEY = "sassha_tune:published_enqueued"
 # Config sections a continued study may change; anything else changes what a trial means.
 MUTABLE = ("budget", "study.sampler", "study.pruner", "study.heartbeat_interval", "study.stale_after", "device", "provenance",
            "study.warm_start")  # warm_start: read when the study is created only
+#: what ``--set`` may change on a stored study (``resume``, ``worker``): :data:`MUTABLE` but the
+#: settings read only when a study is created
+OVERRIDABLE = tuple(k for k in MUTABLE if k not in ("study.warm_start", "provenance"))
 
 
 def plain(value: Any) -> Any:
@@ -428,3 +434,46 @@ def set_budget(study: optuna.Study, n_trials: int | str | BudgetChange, *,
         with_retry(study.set_user_attr, "config", d)
         log(_budget_line(study.study_name, current, new, change, used))
     return new
+
+
+def _overridable(key: str) -> bool:
+    return any(key == m or key.startswith(m + ".") for m in OVERRIDABLE)
+
+
+def overridden_config(study: optuna.Study, overrides: Sequence[str]) -> tuple[Config, dict[str, Any] | None]:
+    """The stored config of ``study`` with ``--set`` overrides (``key.path=value``) applied and
+    validated like a config file, and the plain data to store (None without overrides); nothing
+    written. Only the settings of :data:`OVERRIDABLE` may change on a stored study (the others
+    would make its trials incomparable), and a budget below the trials already counted is refused,
+    each as one :class:`UserError` line naming the ``--set``."""
+    from ..config.overrides import OPTION, apply_overrides, parse_overrides
+
+    changes = parse_overrides(overrides)
+    if not changes:
+        return stored_config(study)[0], None
+    name = study.study_name
+    for o in changes:
+        if not _overridable(o.key):
+            raise UserError(f"{OPTION} {o.given}: {o.key} cannot change on stored study {name!r} (its trials would "
+                            f"not be comparable); {OPTION} on a stored study may change {', '.join(OVERRIDABLE)}")
+    current = _in_current_form(stored_payload(study)[0])
+    cfg = config_from_dict(apply_overrides(current, changes), source=f"study {name} (stored config) with {OPTION}")
+    config_d = study_payload(cfg, space_for_config(cfg))[0]
+    config_d["optimizer"]["search_space"] = current["optimizer"]["search_space"]  # as stored, unchanged
+    other = [k for k in _diff(current, config_d) if not k.startswith(OVERRIDABLE)]
+    if other:  # a short form expanded into a section that may not change
+        raise UserError(f"{OPTION}: {', '.join(other[:4])} cannot change on stored study {name!r}")
+    written = config_d["budget"]["n_trials"]
+    if written != current["budget"]["n_trials"]:
+        given = next((o.given for o in changes if o.key.startswith("budget")), str(written))
+        _checked_budget(study, BudgetChange(written, False, given.partition("=")[2], f"{OPTION} budget.n_trials"),
+                        int(current["budget"]["n_trials"]))
+    return cfg, config_d
+
+
+def store_overridden(study: optuna.Study, config_d: dict[str, Any], overrides: Sequence[str], *,
+                     log: Callable[[str], None] = print) -> None:
+    """Store the config :func:`overridden_config` returned as the study's (every process of the
+    study reads it before its next trial), with a line naming what changed."""
+    with_retry(study.set_user_attr, "config", config_d)
+    log(f"study {study.study_name!r}: stored config changed by --set {' '.join(overrides)}")
