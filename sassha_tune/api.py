@@ -302,3 +302,82 @@ def _reloaded(name: str, url: str) -> optuna.Study:
     from .study.storage import load_study
 
     return load_study(name, url)
+
+
+def init_config(out: str | Path = "study.yaml", *, dataset: str | None = None, model: str | None = None,
+                optimizer: str = "sassha", own_loop: bool = False, data_dir: str | None = None,
+                log: Log | None = None) -> list[Path]:
+    """Write a starter config to ``out`` (``sassha-tune init``): a built-in ``dataset`` and ``model``
+    (defaults: MNIST-1D and a model that fits the dataset) or, with ``own_loop``, your own training
+    function in a module written beside it (``<name>_train.py``); the study is named after the
+    file. The config is validated before anything is written and runs as it is; an existing file
+    is never overwritten (a :class:`UserError`, nothing written). Returns the files written."""
+    from .config import config_from_dict, yaml_load
+    from .config.starter import (
+        DEFAULT_DATASET,
+        FILE_DATASETS,
+        default_model,
+        module_name,
+        starter_config,
+        starter_train_module,
+    )
+    from .report.files import refuse_link, write_user_file
+
+    log = log or _default_log
+    path = Path(out)
+    if path.suffix not in (".yaml", ".yml"):
+        raise UserError(f"--out {path}: expected a .yaml file name (the study is named after it)")
+    name = path.stem
+    if own_loop and (dataset is not None or model is not None or data_dir is not None):
+        raise UserError("--own-loop: your training function brings its own data and model; "
+                        "not with --dataset, --model or --data-dir")
+    dataset = None if own_loop else dataset or DEFAULT_DATASET
+    if dataset in FILE_DATASETS and data_dir is None:
+        raise UserError(f"--dataset {dataset}: reads files (nothing is downloaded): give --data-dir DIR, where they are")
+    module = path.parent / f"{module_name(name)}.py" if own_loop else None
+    targets = [path] + ([module] if module is not None else [])
+    for target in targets:
+        refuse_link(target, "--out")
+        if target.exists():
+            raise UserError(f"--out {path}: {target} exists; init never overwrites a file (choose another --out, "
+                            "or remove it)")
+        if not target.parent.is_dir():
+            raise UserError(f"--out {path}: directory {target.parent} does not exist")
+    if own_loop:
+        assert module is not None
+        text = starter_config(name=name, config=str(path), optimizer=optimizer, train=f"{module.stem}:train")
+    else:
+        text = starter_config(name=name, config=str(path), optimizer=optimizer, dataset=dataset,
+                              model=model or default_model(str(dataset)), data_dir=data_dir)
+    written: list[Path] = []
+    try:
+        if module is not None:  # first: the config names it, and validation imports it
+            write_user_file(module, starter_train_module(optimizer), "--out")
+            written.append(module)
+        with _importable(path.parent):
+            config_from_dict(yaml_load(text, "sassha-tune init"), source="sassha-tune init", name_from=str(path),
+                             base_dir=path.resolve().parent)
+        write_user_file(path, text, "--out")
+        written.append(path)
+    except BaseException:
+        for done in written:
+            done.unlink(missing_ok=True)
+        raise
+    for done in written:
+        log(f"wrote {done}")
+    return written
+
+
+@contextmanager
+def _importable(folder: Path) -> Iterator[None]:
+    """``folder`` on ``sys.path`` for the block (an own-loop module written there, checked by
+    importing it as a run does with ``PYTHONPATH=.``)."""
+    import sys
+
+    entry = str(folder.resolve())
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        if entry in sys.path:
+            sys.path.remove(entry)

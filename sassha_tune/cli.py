@@ -266,6 +266,44 @@ def _workers_exit_code() -> Iterator[None]:
 
 @app.command()
 @handle_errors
+def init(
+    out_file: Annotated[
+        Path, typer.Option("--out", help="The config to write (the study is named after it); never overwritten.",
+                           dir_okay=False),
+    ] = Path("study.yaml"),
+    dataset: Annotated[
+        str | None,
+        typer.Option("--dataset", help="A built-in dataset: mnist1d (the default), digits, synthetic, or with "
+                     "--data-dir fashion_mnist, cifar10, cifar100, text."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="A built-in model (default: one that fits the dataset) or your "
+                     "package.module:factory."),
+    ] = None,
+    optimizer: Annotated[
+        str, typer.Option("--optimizer", help="The optimizer to tune (sassha, msassha, sgd, adamw, sam_sgd, ...).")
+    ] = "sassha",
+    own_loop: Annotated[
+        bool,
+        typer.Option("--own-loop", help="Tune inside your own training function: also writes <name>_train.py "
+                     "(a train(reporter) to edit) beside the config."),
+    ] = False,
+    data_dir: Annotated[
+        str | None, typer.Option("--data-dir", help="Where a file-based dataset's files are (written as task.data_dir).")
+    ] = None,
+) -> None:
+    """Write a commented starter config that runs as is (and with --own-loop a training module)."""
+    from .api import init_config
+
+    written = init_config(out_file, dataset=dataset, model=model, optimizer=optimizer, own_loop=own_loop,
+                          data_dir=data_dir, log=_log)
+    prefix = "PYTHONPATH=. " if own_loop else ""
+    _log(f"next: {prefix}sassha-tune run {written[-1]}")
+
+
+@app.command()
+@handle_errors
 def run(
     config: ConfigArg,
     storage: StorageOpt = None,
