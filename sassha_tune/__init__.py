@@ -4,7 +4,7 @@ The public API, importable from the package itself::
 
     from sassha_tune import Sassha, SasshaLM, SGD, AdamW, SAMSGD, SAMAdamW, AdaHessian, SophiaH, MSassha
     from sassha_tune import build_optimizer, frozen_running_stats, linear_weight_groups
-    from sassha_tune import run_study, resume_study, load_config, config_from_dict
+    from sassha_tune import run_study, resume_study, rerun_study, load_config, config_from_dict
     from sassha_tune import TrialReporter, TrialPruned   # for a task.train function of your own
 
 The names are loaded on first use (PEP 562), so importing one part of the package (the CLI, a
@@ -30,6 +30,7 @@ _PUBLIC = {
     "TrialPruned": "sassha_tune.trial.user_train",
     "run_study": "sassha_tune.api",
     "resume_study": "sassha_tune.api",
+    "rerun_study": "sassha_tune.api",
     "UserError": "sassha_tune.errors",
 }
 

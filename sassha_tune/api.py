@@ -278,6 +278,50 @@ def resume_study(
     return _reloaded(name, url)
 
 
+@_storage_faults_in_one_line
+def rerun_study(
+    name: str,
+    seeds: str | Sequence[int],
+    *,
+    trial: int | None = None,
+    storage: str | None = None,
+    device: str | None = None,
+    log: Log | None = None,
+    callbacks: Sequence[Callback] = (),
+    fresh_process: bool = False,
+    observer: StudyObserver | None = None,
+) -> optuna.Study:
+    """Re-run trial ``trial`` of study ``name`` (default: its best, as ``export`` chooses it) with
+    each training seed of ``seeds`` (``"1,2,3"`` or a list), as trials of the companion study
+    ``<name>-seeds`` run by the study loop (:mod:`sassha_tune.study.reruns`): crash-safe, and
+    resumable by calling it again (only the seeds without a re-run are run). Same as
+    ``sassha-tune rerun``; returns the companion study, whose trials ``report`` and ``compare``
+    show as seed re-runs (mean, spread and a 95 % interval)."""
+    from .devices import check_available
+    from .study.create import stored_config
+    from .study.reruns import parse_seeds, prepare_reruns
+    from .study.storage import load_study, resolve_storage
+    from .trial.objective import check_task_inputs
+    from .trial.preflight import check_task
+
+    log = log or _default_log
+    wanted = parse_seeds(seeds, "seeds" if not isinstance(seeds, str) else "--seeds")
+    if trial is not None and (isinstance(trial, bool) or not isinstance(trial, int) or trial < 0):
+        raise UserError(f"--trial: expected a trial number >= 0, got {trial!r}")
+    _, pack_size = _check_flags(None, device, 1)
+    _check_callbacks_arg(callbacks, [], observer)
+    url = resolve_storage(storage)
+    stored, _ = stored_config(load_study(name, url))  # a missing study: one line, before anything is created
+    check_available(device or stored.device.name)  # the re-runs' device and data are the study's
+    check_task_inputs(stored)
+    companion, cfg = prepare_reruns(name, url, wanted, number=trial, log=log)
+    with _early_launcher(cfg, [], pack_size, device, fresh_process, log) as launcher:
+        check_task(cfg)
+        _run(companion, url, [], device, pack_size, log, callbacks, fresh_process=fresh_process, launcher=launcher,
+             observer=observer)
+    return _reloaded(companion, url)
+
+
 @contextmanager
 def _early_launcher(cfg: Config, gpus: list[str], pack_size: str | int, device: str | None, fresh_process: bool,
                     log: Log, *, run: bool = True) -> Iterator[Launcher | None]:

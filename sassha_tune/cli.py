@@ -398,6 +398,34 @@ def worker(
         _log(f"worker done: {summary.ran} trials in {summary.seconds:.1f} s; {summary.stopped_because}")
 
 
+@app.command()
+@handle_errors
+def rerun(
+    study: StudyArg,
+    seeds: Annotated[
+        str, typer.Option("--seeds", help="Comma-separated training seeds, e.g. 1,2,3 (seed 0 is usually the one "
+                          "the search selected on).", show_default=False),
+    ],
+    trial: Annotated[
+        int | None, typer.Option("--trial", min=0, help="Re-run this trial number instead of the best one.")
+    ] = None,
+    storage: StudyStorageOpt = None,
+    device: DeviceOpt = None,
+    fresh_process: FreshOpt = False,
+) -> None:
+    """Re-run the best configuration (or --trial N) over training seeds, stored in the study <STUDY>-seeds:
+    crash-safe and resumable (run it again: only the seeds without a re-run are run)."""
+    from .api import rerun_study
+    from .live import study_view
+    from .study.reruns import parse_seeds
+
+    parse_seeds(seeds)
+    _check_flags(None, device, None)  # --device named as typed
+    with study_view(out) as view:
+        rerun_study(study, seeds, trial=trial, storage=storage, device=device, log=_log, fresh_process=fresh_process,
+                    observer=view)
+
+
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"

@@ -17,10 +17,10 @@ config, in order:
    lost trials are retried, the budget counts trials already there);
 2. seed re-runs of the study's best configuration (selected on val_acc) with training seeds
    1, 2, 3 (seed 0 is the seed the search selected on, so it is not re-used): ``sassha-tune
-   export`` -> the exported config with ``seed`` replaced -> ``sassha-tune train --metrics-out``
-   in a fresh process -> stored as a COMPLETE trial of the companion study ``<study>-seeds``
-   with user attributes ``seed_rerun_of`` (the best trial's number) and ``seed``, plus every
-   metric the objective stores; ``sassha-tune compare`` reads them as seed re-runs;
+   rerun STUDY --seeds 1,2,3 --trial N``, which runs them as trials of the companion study
+   ``<study>-seeds`` (user attributes ``seed_rerun_of``: the best trial's number, and ``seed``)
+   through the study loop, crash-safe and resumable; ``sassha-tune compare`` reads them as seed
+   re-runs (a companion stored by earlier versions of this script is adopted);
 3. when every study and re-run is done: ``sassha-tune compare`` into ``docs/results/<part>`` and
    the results table ``docs/results/<part>/table.md`` (also printed).
 
@@ -36,12 +36,10 @@ Paths in configs and outputs are relative to the repository root; run from there
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -52,12 +50,6 @@ HERE = Path(__file__).resolve().parent
 ORDER = ["sgd", "adamw", "sam_sgd", "sam_adamw", "adahessian", "sophiah", "sassha", "msassha"]
 SEEDS = (1, 2, 3)
 PARTS = {"noise": ["noise20", "noise40", "noise60"]}
-STORED_KEYS = (
-    "val_acc", "val_loss", "train_acc", "train_loss", "test_acc", "test_loss", "gen_gap_acc", "gen_gap_loss",
-    "lambda_max", "hessian_trace", "hessian_trace_se", "sam_sharpness", "adaptive_sharpness",
-    "epochs_completed", "train_seconds", "ms_per_step", "hvp_count", "device", "sharpness_protocol",
-    "sharpness_seconds", "num_classes",
-)
 
 
 def log(msg: str) -> None:
@@ -112,47 +104,20 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return sorted(done, key=lambda t: (-float(t.user_attrs.get("val_acc", t.values[0])), t.number))[0]
 
 
-def rerun(study: optuna.Study, seed: int, storage: str, number: int | None = None) -> None:
-    """Train the study's best config (or trial ``number``) with training seed ``seed``; store it in ``<study>-seeds``."""
-    best = best_trial(study) if number is None else study.trials[number]
-    name = study.study_name + "-seeds"
-    with tempfile.TemporaryDirectory() as tmp:
-        exported = Path(tmp) / "best.yaml"
-        extra = [] if number is None else ["--trial", str(number)]
-        sassha_tune("export", study.study_name, "--storage", storage, "--out", str(exported), *extra)
-        cfg = yaml.safe_load(exported.read_text(encoding="utf-8"))
-        prov = cfg.get("provenance") or {}
-        if prov.get("trial") != best.number:
-            raise SystemExit(f"export chose trial {prov.get('trial')} but the best by val_acc is {best.number}")
-        cfg["seed"] = seed
-        cfg["study"]["name"] = name
-        seeded = Path(tmp) / f"best-seed{seed}.yaml"
-        seeded.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-        metrics_path = Path(tmp) / "metrics.json"
-        proc = sassha_tune("train", str(seeded), "--metrics-out", str(metrics_path), check=False)
-        if not metrics_path.is_file():
-            raise SystemExit(f"sassha-tune train exited {proc.returncode} without metrics")
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    seeds_study = optuna.create_study(study_name=name, storage=storage, direction="maximize", load_if_exists=True)
-    if "config" not in seeds_study.user_attrs:
-        seeds_study.set_user_attr("rerun_of_study", study.study_name)
-        seeds_study.set_user_attr("optimizer", study.user_attrs.get("optimizer"))
-    attrs = {k: metrics.get(k) for k in STORED_KEYS if k in metrics}
-    attrs.update({"seed": seed, "seed_rerun_of": best.number, "rerun_of_study": study.study_name,
-                  "optimizer_hparams": best.user_attrs.get("optimizer_hparams")})
-    state = metrics.get("state")
-    val = attrs.get("val_acc")
-    ok = state == "complete" and isinstance(val, (int, float)) and math.isfinite(val)
-    if not ok:
-        attrs["failure_reason"] = metrics.get("failure_reason") or f"state {state}"
-    trial = optuna.trial.create_trial(
-        params=dict(best.params), distributions=dict(best.distributions),
-        value=float(val) if ok else None,
-        state=optuna.trial.TrialState.COMPLETE if ok else optuna.trial.TrialState.FAIL,
-        user_attrs=attrs,
-    )
-    seeds_study.add_trial(trial)
-    log(f"{name}: seed {seed} of trial {best.number}: {state}, val_acc {val}, test_acc {attrs.get('test_acc')}")
+def rerun(name: str, storage: str, number: int) -> int:
+    """Re-run trial ``number`` of study ``name`` with the training seeds :data:`SEEDS` (``sassha-tune
+    rerun``: trials of the companion study ``<name>-seeds``, run by the study loop; only the seeds
+    without a re-run run). Returns the command's exit code."""
+    seeds = ",".join(map(str, SEEDS))
+    return sassha_tune("rerun", name, "--seeds", seeds, "--trial", str(number), "--storage", storage,
+                       check=False).returncode
+
+
+def _counted(t: optuna.trial.FrozenTrial) -> bool:
+    """A finished re-run that counts (docs/config.md): not lost, interrupted or over budget."""
+    if t.state == optuna.trial.TrialState.FAIL:
+        return str(t.user_attrs.get("failure_reason") or "") not in ("lost", "interrupted", "over_budget")
+    return t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 def seeds_done(name: str, storage: str, number: int | None = None) -> set[int]:
@@ -164,7 +129,7 @@ def seeds_done(name: str, storage: str, number: int | None = None) -> set[int]:
         best = best_trial(load(name, storage))
         number = best.number if best else -1
     return {int(t.user_attrs["seed"]) for t in s.get_trials(deepcopy=False)
-            if "seed" in t.user_attrs and t.user_attrs.get("seed_rerun_of") == number}
+            if "seed" in t.user_attrs and t.user_attrs.get("seed_rerun_of") == number and _counted(t)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,15 +270,20 @@ def run_part(part: str, storage: str, time_limit: float | None, t0: float, out_r
         if best_trial(s) is None:
             log(f"{name}: no complete trial; no re-runs")
             continue
-        for seed in SEEDS:
-            if seed in seeds_done(name, storage):
-                continue
+        best = best_trial(s)
+        for _attempt in range(100):  # GPU configs stop each `rerun` after budget.timeout; continue
+            if set(SEEDS) <= seeds_done(name, storage, best.number):
+                break
             # a re-run costs about one search trial; stop when that may not fit
             mean_s = sum(trial_seconds(t) for t in search_trials(s)) / max(1, len(search_trials(s)))
             if left() < 2 * mean_s + 60:
-                log(f"time limit: not starting the seed-{seed} re-run of {name}; re-run the same command")
+                log(f"time limit: not starting the seed re-runs of {name}; re-run the same command")
                 return False
-            rerun(s, seed, storage)
+            code = rerun(name, storage, best.number)
+            if code:
+                log(f"{name}: sassha-tune rerun exited {code}")
+                if code in (2, 130):
+                    raise SystemExit(code)
     out = out_root / part
     out.mkdir(parents=True, exist_ok=True)
     names = [raw["study"]["name"] for _, _, raw in cfgs]
@@ -342,12 +312,10 @@ def main() -> int:
     t0 = time.time()
     for spec in args.rerun_trial:
         name, _, number = spec.rpartition(":")
-        study = load(name, args.storage)
-        if study is None:
+        if load(name, args.storage) is None:
             sys.exit(f"--rerun-trial {spec}: no study {name!r}")
-        for seed in SEEDS:
-            if seed not in seeds_done(name, args.storage, int(number)):
-                rerun(study, seed, args.storage, int(number))
+        if set(SEEDS) - seeds_done(name, args.storage, int(number)) and rerun(name, args.storage, int(number)) in (2, 130):
+            sys.exit(f"--rerun-trial {spec}: sassha-tune rerun failed")
     for part in parts:
         if args.table_only:
             print(table(part, args.storage))

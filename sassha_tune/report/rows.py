@@ -21,6 +21,10 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sassha_tune.study.reruns import (  # the re-runs' names (study/reruns.py)
+    SEED_RERUN_ATTR,
+    SEED_STUDY_SUFFIX,
+)
 from sassha_tune.study.storage import load_study, mask_url, open_storage
 
 __all__ = [
@@ -44,10 +48,6 @@ __all__ = [
     "stored_study_names",
 ]
 
-#: A study named ``<base>{SEED_STUDY_SUFFIX}`` holds the seed re-runs of ``<base>``'s best config.
-SEED_STUDY_SUFFIX = "-seeds"
-#: Trial user attribute marking a seed re-run; its value is the number of the trial re-run.
-SEED_RERUN_ATTR = "seed_rerun_of"
 
 
 # --------------------------------------------------------------------------------------------

@@ -112,10 +112,12 @@ def study_payload(cfg: Config, space: SearchSpace) -> tuple[dict[str, Any], dict
     return plain(d), plain(space.to_dict())
 
 
-def _creation_attrs(cfg: Config, config_d: dict[str, Any], space_d: dict[str, Any]) -> dict[str, Any]:
+def _creation_attrs(cfg: Config, config_d: dict[str, Any], space_d: dict[str, Any],
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The user attributes a study of ``cfg`` is created with (``config`` last: its presence says
     the others are there too)."""
     attrs: dict[str, Any] = {
+        **(extra or {}),
         "search_space": space_d,
         "optimizer": cfg.optimizer.name,
         "objectives": [f"{o.metric} {o.direction}" for o in cfg.study.objectives],
@@ -200,8 +202,14 @@ def create_or_continue(
     allow_space_change: bool = False,
     budget: BudgetChange | None = None,
     log: Callable[[str], None] = print,
+    attrs: dict[str, Any] | None = None,
+    adopt: bool = False,
 ) -> optuna.Study:
     """Create the study named in ``cfg`` or continue it; the stored config is the one that runs.
+
+    ``attrs``: more user attributes a new study is created with (in the same transaction).
+    ``adopt``: a study without sassha-tune's settings but with trials (seed re-runs stored by
+    plain Optuna before ``rerun`` existed) gets them from ``cfg`` instead of being refused.
 
     Creation is atomic (:func:`~.storage.create_study_atomically`: the study, its directions and
     its attributes in one transaction), so a kill leaves no study or a complete one. A study left
@@ -229,7 +237,7 @@ def create_or_continue(
         pending = bool(first)
         system = {ENQUEUED_KEY: False} if pending else {}
         if with_retry(create_study_atomically, storage, name, cfg.study.directions,
-                      _creation_attrs(cfg, config_d, space_d), system):
+                      _creation_attrs(cfg, config_d, space_d, attrs), system):
             study = with_retry(optuna.load_study, study_name=name, storage=storage)
             crash_point("create:after-commit")
             if pending:
@@ -239,18 +247,23 @@ def create_or_continue(
             return study
         # another process created it between our look and our write: continue it like any other
     study = with_retry(optuna.load_study, study_name=name, storage=storage)
-    if "config" not in study.user_attrs and not with_retry(study.get_trials, deepcopy=False):
+    if "config" not in study.user_attrs and (adopt or not with_retry(study.get_trials, deepcopy=False)):
         if list(study.directions) == directions:
-            for key, value in _creation_attrs(cfg, config_d, space_d).items():  # config last
+            for key, value in _creation_attrs(cfg, config_d, space_d, attrs).items():  # config last
                 with_retry(study.set_user_attr, key, value)
-            log(f"adopted study {name!r} in {mask_url(storage_url)}: its creation was interrupted before "
-                "its settings were stored; completed them from this config")
+            log(f"adopted study {name!r} in {mask_url(storage_url)}: "
+                + ("its trials were stored without sassha-tune's settings; stored them from this config" if adopt else
+                   "its creation was interrupted before its settings were stored; completed them from this config"))
             _enqueue_first(study, _first_trials(storage, cfg, space))
             return study
+        if adopt:  # its trials are kept
+            raise UserError(f"study {name!r} exists with objectives {[d.name.lower() for d in study.directions]}; "
+                            f"the config asks for {cfg.study.directions}: use a new study.name")
         with_retry(optuna.delete_study, study_name=name, storage=storage)
         log(f"removed study {name!r} from {mask_url(storage_url)}: its creation was interrupted (no settings, "
             "no trials, other objectives); creating it again")
-        return create_or_continue(cfg, storage_url, allow_space_change=allow_space_change, budget=budget, log=log)
+        return create_or_continue(cfg, storage_url, allow_space_change=allow_space_change, budget=budget, log=log,
+                                  attrs=attrs)
 
     stored = study.user_attrs.get("config")
     stored_space = study.user_attrs.get("search_space")

@@ -46,6 +46,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .reruns import RERUN_OF_STUDY, SEED_ATTR, SEED_RERUN_ATTR
 from .storage import (
     fail_running_trial,
     record_heartbeat,
@@ -111,7 +112,7 @@ def retry_lost(study: optuna.Study, t: FrozenTrial, why: str, *, log: Callable[[
     retried.append(t.number)
     with_retry(storage.set_study_system_attr, study_id(study), RETRIED_KEY, sorted(retried))
     attrs = {"retry_of": t.number, "retry_history": [*t.user_attrs.get("retry_history", []), t.number]}
-    for key in ("published", "prior", "warm_start"):
+    for key in ("published", "prior", "warm_start", SEED_ATTR, SEED_RERUN_ATTR, RERUN_OF_STUDY):  # a re-run keeps its seed
         if key in t.user_attrs:
             attrs[key] = t.user_attrs[key]
     with_retry(study.enqueue_trial, dict(t.params), user_attrs=attrs)

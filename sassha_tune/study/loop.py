@@ -11,6 +11,7 @@ retried once (:func:`~.liveness.retry_lost`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -38,6 +39,7 @@ from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard, unjudged_a
 from .create import config_from_payload, plain, stored_payload
 from .liveness import Heartbeat, reconcile, retry_lost, taken_over
 from .progress import GuardedObserver, StudyObserver
+from .reruns import SEED_ATTR, runs_only_enqueued
 from .samplers import make_pruner, make_sampler, resolve_pruner, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
 from .tell import DIVERGED, fail, finish
@@ -138,6 +140,8 @@ def run_trials(
     own_launcher = launcher is None
     launcher = launcher or Launcher(fresh_process, log)
     warned_unjudged = False  # one warning per run, not per trial
+    only_enqueued = runs_only_enqueued(with_retry(lambda: study.user_attrs))  # seed re-runs: one at a time
+    pack = 1 if only_enqueued else pack
     taken: dict[int, str] = {}  # trials another process took over while this one ran them: their line
     try:
         while True:
@@ -168,6 +172,9 @@ def run_trials(
                 summary.stopped_because = f"budget reached ({used}/{cfg.budget.n_trials} trials)"
                 break
             waiting = False
+            if only_enqueued and not any(t.state == TrialState.WAITING for t in trials):
+                summary.stopped_because = f"no re-run left to start ({used}/{cfg.budget.n_trials} trials)"
+                break
             study.sampler = sampler_for(cfg, trial_seed(cfg.sampler_seed, len(trials), worker))
             if pack != 1:
                 from .pack_size import choose_pack_size
@@ -214,10 +221,14 @@ def run_trials(
     return summary
 
 
-def start_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace) -> dict[str, Any] | None:
+def start_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace
+                ) -> tuple[dict[str, Any], int] | None:
     """Claim an asked trial for this process: record the worker, fail it as ``over_budget`` when
     another worker filled the budget first (then None), else sample its params and store the
-    optimizer's constructor arguments and the seed. Shared by single trials and packs."""
+    optimizer's constructor arguments and the seed; returns (params, seed). The seed is the
+    config's, or the ``seed`` user attribute a trial was enqueued with (seed re-runs,
+    :mod:`.reruns`; a lost trial's retry keeps it). Shared by single trials and packs (whose
+    studies enqueue no other seed: a study of re-runs runs one trial at a time)."""
     with_retry(study_storage(study).set_trial_system_attr, trial_id(trial), WORKER_KEY,
                f"{os.uname().nodename}:{os.getpid()}")
     before = [t for t in with_retry(study.get_trials, deepcopy=False)
@@ -227,9 +238,15 @@ def start_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, space: Se
         return None
     params = suggest(trial, space)
     hparams = trial_hparams(cfg, params)
+    seed = with_retry(lambda: trial.user_attrs).get(SEED_ATTR, cfg.seed)
     with_retry(trial.set_user_attr, "optimizer_hparams", plain(dict(hparams)))
-    with_retry(trial.set_user_attr, "seed", cfg.seed)
-    return params
+    with_retry(trial.set_user_attr, SEED_ATTR, seed)
+    return params, seed
+
+
+def _seeded(cfg: Config, seed: int) -> Config:
+    """``cfg`` with the trial's training seed (itself when it is the config's)."""
+    return cfg if seed == cfg.seed else dataclasses.replace(cfg, seed=seed)
 
 
 def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None, *, watched: bool = False) -> dict[str, Any]:
@@ -562,10 +579,11 @@ def _run_one_job(
     with _failed_when_unwinding(study, lambda: [trial], procs, log,
                                 lambda _: f"trial {trial.number} interrupted: marked FAIL", received):
         with Heartbeat(study, trial, cfg.study.heartbeat_interval):
-            params = start_trial(study, trial, cfg, space)
-            if params is None:
+            started = start_trial(study, trial, cfg, space)
+            if started is None:
                 return None
-            job = _job(study, cfg, params, device, watched=observer is not None and observer.watches_steps)
+            params, seed = started
+            job = _job(study, _seeded(cfg, seed), params, device, watched=observer is not None and observer.watches_steps)
             log(f"trial {trial.number} started: {fmt_params(params)}")
             if observer is not None:
                 observer.trial_started(trial.number, params)
@@ -659,9 +677,10 @@ def _run_pack_job(
             params_list: list[dict[str, Any]] = []
             for trial in trials:
                 stack.enter_context(Heartbeat(study, trial, cfg.study.heartbeat_interval))
-                params = start_trial(study, trial, cfg, space)
-                if params is None:
+                started = start_trial(study, trial, cfg, space)
+                if started is None:
                     continue
+                params = started[0]
                 pending[len(params_list)] = trial
                 params_list.append(params)
                 members.append(trial)
