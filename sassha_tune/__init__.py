@@ -6,6 +6,7 @@ The public API, importable from the package itself::
     from sassha_tune import build_optimizer, frozen_running_stats, linear_weight_groups
     from sassha_tune import run_study, resume_study, rerun_study, load_config, config_from_dict
     from sassha_tune import TrialReporter, TrialPruned   # for a task.train function of your own
+    from sassha_tune import build_model, load_dataset    # a kept model's architecture and data (docs/workflow.md)
 
 The names are loaded on first use (PEP 562), so importing one part of the package (the CLI, a
 single optimizer) does not import the others; ``import sassha_tune`` alone imports no torch.
@@ -26,6 +27,8 @@ _PUBLIC = {
         "build_optimizer", "frozen_running_stats", "linear_weight_groups", "OPTIMIZERS",
     )},
     **{name: "sassha_tune.config" for name in ("load_config", "config_from_dict", "Config")},
+    "build_model": "sassha_tune.training.models",
+    "load_dataset": "sassha_tune.training.data",
     "TrialReporter": "sassha_tune.trial.user_train",
     "TrialPruned": "sassha_tune.trial.user_train",
     "run_study": "sassha_tune.api",

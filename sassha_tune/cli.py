@@ -531,15 +531,31 @@ def export(
     trial: Annotated[
         int | None, typer.Option("--trial", help="Export this trial number instead of the best one.")
     ] = None,
+    model: Annotated[
+        bool, typer.Option("--model", help="Write the trial's kept model file to --out instead (study.keep_models; "
+                           "torch.load(path, weights_only=True) reads it: docs/workflow.md).")
+    ] = False,
 ) -> None:
     """Write the study's config with the best trial's params fixed (`sassha-tune train` runs it as is),
-    or with --format kwargs the optimizer's constructor arguments."""
+    or with --format kwargs the optimizer's constructor arguments, or with --model its trained weights."""
     import yaml
 
-    from .report.files import write_user_file
+    from .report.files import refuse_link, write_user_file
     from .study.storage import load_study, resolve_storage
     from .study.views import export_config, export_kwargs
 
+    if model:
+        from .study.models import export_model
+
+        if out_file is None:
+            raise UserError("--model: give --out FILE (a model file is binary)")
+        refuse_link(out_file, "--out")
+        if not out_file.parent.is_dir():
+            raise UserError(f"--out {out_file}: directory {out_file.parent} does not exist")
+        url = resolve_storage(storage)
+        chosen = export_model(load_study(study, url), url, out_file, trial)
+        _log(f"wrote the model of trial {chosen.number} of {study} to {out_file}")
+        return
     s = load_study(study, resolve_storage(storage))
     d = export_kwargs(s, trial) if format == ExportFormat.kwargs else export_config(s, trial)
     text = yaml.safe_dump(d, sort_keys=False) if format == ExportFormat.yaml else json.dumps(d, indent=2) + "\n"
@@ -569,6 +585,11 @@ def train(
                      "probes) to re-run a configuration over seeds; the sharpness protocol keeps metrics.seed."),
     ] = None,
     set_: SetOpt = None,
+    save: Annotated[
+        Path | None,
+        typer.Option("--save", help="Write the trained model (its state dict, the config that made it, its "
+                     "metrics) to this file; torch.load(path, weights_only=True) reads it.", dir_okay=False),
+    ] = None,
 ) -> None:
     """Train once with the config's fixed hyperparameters (e.g. an exported config) and print the metrics."""
     from .config import load_config
@@ -580,11 +601,15 @@ def train(
 
     check_device_name(device)
     check_device(device, "--device")
-    if metrics_out is not None:
-        refuse_link(metrics_out, "--metrics-out")  # before anything is trained
-        if not metrics_out.parent.is_dir():
-            raise UserError(f"--metrics-out {metrics_out}: directory {metrics_out.parent} does not exist")
+    for path, option in ((metrics_out, "--metrics-out"), (save, "--save")):
+        if path is not None:
+            refuse_link(path, option)  # before anything is trained
+            if not path.parent.is_dir():
+                raise UserError(f"{option} {path}: directory {path.parent} does not exist")
     cfg = load_config(config, set_ or ())
+    if save is not None and cfg.task.train is not None:
+        raise UserError("--save: keeps the model of the built-in trainer; your task.train function has its model: "
+                        "save it there")
     if seed is not None:
         cfg.seed = seed
     check_device(device or cfg.device.name)  # before any data is loaded or a step is taken
@@ -602,7 +627,7 @@ def train(
     unset = sorted(set(space_for_config(cfg).params) - set(cfg.optimizer.fixed) - set(extra))
     if unset:
         _log(f"note: {', '.join(unset)} not fixed: the optimizer's defaults are used")
-    outcome = evaluate_params(cfg, extra, device=device)
+    outcome = evaluate_params(cfg, extra, device=device, save_model=None if save is None else str(save))
     task = cfg.task.train or f"{cfg.task.dataset}/{cfg.task.model}"
     table = Table(title=_shown(f"{cfg.optimizer.name} on {task}: {outcome.state}"))
     table.add_column("metric")
@@ -616,6 +641,9 @@ def train(
     if metrics_out is not None:
         payload = {"state": outcome.state, "failure_reason": outcome.failure_reason, **outcome.attrs}
         write_user_file(metrics_out, json.dumps(payload, indent=2) + "\n", "--metrics-out")
+    if save is not None:
+        _log(f"wrote the model to {save}" if outcome.state == "complete" else
+             f"no model written to {save}: the run ended {outcome.state}")
     if outcome.state == "fail":
         raise typer.Exit(1)
 

@@ -27,6 +27,7 @@ __all__ = [
     "PRUNERS",
     "IMPLICIT_KEYS",
     "AMP_MODES",
+    "KEEP_MODELS",
 ]
 
 SAMPLERS = ("auto", "tpe", "random", "gp", "cmaes", "qmc", "nsgaii")
@@ -39,6 +40,8 @@ IMPLICIT_KEYS = ("study.sampler", "study.pruner", "study.diverged_as_pruned", "o
                  "optimizer.search_space")
 # Schedule names: trainer.SCHEDULES (imported where the config is checked; the trainer needs torch).
 AMP_MODES = ("none", "bf16")
+#: ``study.keep_models``: which trials' trained weights a study keeps (study/models.py)
+KEEP_MODELS = ("none", "best", "all")
 
 @dataclass
 class ObjectiveSpec:
@@ -87,6 +90,11 @@ class StudyConfig:
     # {"study": NAME, "top": K}: a new study runs the K best complete configurations of that
     # earlier study (same storage) first, instead of the space's prior; None: none
     warm_start: dict[str, Any] | None = None
+    # the trained weights kept in the study's artifact store: "none", "best" (each trial that was
+    # the best so far when it finished) or "all" (every complete trial); study/models.py
+    keep_models: str = "none"
+    # the artifact store's folder (None: beside an SQLite database)
+    artifact_dir: str | None = None
 
     @property
     def directions(self) -> list[str]:
@@ -235,6 +243,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
         study["objectives"] = objectives
     if study.get("storage") is None:
         study.pop("storage")
+    for key, default in (("keep_models", "none"), ("artifact_dir", None)):  # configs as before they existed
+        if study.get(key) == default:
+            study.pop(key)
     if not d["provenance"]:
         d.pop("provenance")
     return d

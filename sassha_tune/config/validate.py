@@ -25,6 +25,7 @@ from ..metrics.names import LANGUAGE_METRICS, OBJECTIVE_METRICS, PER_EPOCH_METRI
 from ..plugins import PLUGIN_SPEC, is_plugin
 from .schema import (
     AMP_MODES,
+    KEEP_MODELS,
     PRUNERS,
     SAMPLERS,
     BudgetConfig,
@@ -482,6 +483,8 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
             "fresh_process": (_bool, False),
             "diverged_as_pruned": (_bool, True),
             "warm_start": (_warm_start, None),
+            "keep_models": (_choice(KEEP_MODELS), "none"),
+            "artifact_dir": (_optional(_str), None),
         },
         ctx,
         "study",
@@ -535,6 +538,8 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
         fresh_process=d["fresh_process"],
         diverged_as_pruned=d["diverged_as_pruned"],
         warm_start=d["warm_start"],
+        keep_models=d["keep_models"],
+        artifact_dir=d["artifact_dir"],
     )
 
 
@@ -640,8 +645,13 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
         ctx,
         "budget",
     )
+    if study.artifact_dir is not None:  # relative: to the config file; stored as the absolute folder
+        study.artifact_dir = str((Path(base_dir) / study.artifact_dir).resolve())
     if isinstance(raw["task"], dict) and "train" in raw["task"]:
         t = _user_train_task(raw["task"], ctx)
+        if study.keep_models != "none":
+            raise ctx.fail("study.keep_models", "", raw="keeps the models of the built-in trainer; your task.train "
+                           "function has its model: save it there (none with task.train)")
         # what the built-in trainer does with these, your function does itself
         if "schedule" in raw:
             raise ctx.fail("schedule", "", raw="is not used with task.train (your function sets its own learning rates)")

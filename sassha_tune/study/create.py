@@ -59,7 +59,7 @@ ENQUEUED_KEY = "sassha_tune:published_enqueued"
 
 # Config sections a continued study may change; anything else changes what a trial means.
 MUTABLE = ("budget", "study.sampler", "study.pruner", "study.heartbeat_interval", "study.stale_after", "device", "provenance",
-           "study.warm_start")  # warm_start: read when the study is created only
+           "study.warm_start", "study.keep_models")  # warm_start: read when the study is created only
 #: what ``--set`` may change on a stored study (``resume``, ``worker``): :data:`MUTABLE` but the
 #: settings read only when a study is created
 OVERRIDABLE = tuple(k for k in MUTABLE if k not in ("study.warm_start", "provenance"))

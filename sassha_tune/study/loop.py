@@ -38,6 +38,7 @@ from .callbacks import Callback, make_callbacks, notify
 from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard, unjudged_accuracy
 from .create import config_from_payload, plain, stored_payload
 from .liveness import Heartbeat, reconcile, retry_lost, taken_over
+from .models import ModelKeeper, check_model_store
 from .progress import GuardedObserver, StudyObserver
 from .reruns import SEED_ATTR, runs_only_enqueued
 from .samplers import make_pruner, make_sampler, resolve_pruner, trial_seed
@@ -129,6 +130,8 @@ def run_trials(
     cfg, space = config_from_payload(study_name, payload, validate=True)  # this worker starts on it
     check_device(device or cfg.device.name, "--device" if device else "device")  # before any trial is asked
     check_task_inputs(cfg)  # a missing dataset file or train function costs no study
+    check_model_store(storage_url, cfg)  # nor a folder the kept models cannot go to
+    keeper = ModelKeeper(storage_url, log)
     told_to = [*make_callbacks(cfg.study.callbacks, cfg.study.metrics), *((getattr(c, "__name__", type(c).__name__), c) for c in callbacks)]
     summary = LoopSummary()
     observer = GuardedObserver(observer, log) if observer is not None else StudyObserver()
@@ -187,7 +190,7 @@ def run_trials(
                 if size > 1:
                     asked = [with_retry(study.ask) for _ in range(size)]
                     told = run_pack(study, asked, cfg, space, device=device, worker=worker, log=log, observer=observer,
-                                    taken_over=taken)
+                                    taken_over=taken, keeper=keeper)
                     if not told:
                         summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
                         break
@@ -200,7 +203,7 @@ def run_trials(
                     continue
             trial = with_retry(study.ask)
             frozen = _run_one(study, trial, cfg, space, device=device, worker=worker, log=log, launch=launcher.launch,
-                              observer=observer, taken_over=taken)
+                              observer=observer, taken_over=taken, keeper=keeper)
             if frozen is None:  # lost the race for the last slot of the budget
                 summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
                 break
@@ -215,6 +218,7 @@ def run_trials(
     finally:
         if own_launcher:
             launcher.close()
+        keeper.close()
         restore()
         summary.seconds = time.monotonic() - start
     observer.study_finished(summary.seconds, summary.stopped_because)
@@ -249,9 +253,11 @@ def _seeded(cfg: Config, seed: int) -> Config:
     return cfg if seed == cfg.seed else dataclasses.replace(cfg, seed=seed)
 
 
-def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None, *, watched: bool = False) -> dict[str, Any]:
+def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None, *, watched: bool = False,
+         save_model: str | list[str | None] | None = None) -> dict[str, Any]:
     """The trial protocol's job (:mod:`sassha_tune.trial`): one trial's params, or a pack's list;
-    ``watched``: ask for step messages every ``STEP_SECONDS`` (an observer shows progress within an epoch)."""
+    ``watched``: ask for step messages every ``STEP_SECONDS`` (an observer shows progress within an epoch);
+    ``save_model``: where the trial (a pack: each member) writes its model file (``study.keep_models``)."""
     return {
         "study": study.study_name,
         "config": config_to_dict(cfg),  # validated: the trial process rebuilds it as is
@@ -260,6 +266,7 @@ def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None, *, w
         # the child waits for go/stop after each epoch when a pruner or the chance guard may stop it
         "prune": prunes(cfg),
         "steps": STEP_SECONDS if watched else None,
+        "save_model": save_model,
     }
 
 
@@ -350,8 +357,8 @@ class _Received:
     its end means: a timeout, a kill) until each is stored: Ctrl-C, SIGTERM or SIGHUP arriving
     in between stores them rather than failing their trials as interrupted."""
 
-    def __init__(self, study: optuna.Study, cfg: Config, log: Log) -> None:
-        self.study, self.cfg, self.log = study, cfg, log
+    def __init__(self, study: optuna.Study, cfg: Config, log: Log, keeper: ModelKeeper | None = None) -> None:
+        self.study, self.cfg, self.log, self.keeper = study, cfg, log, keeper
         self.waiting: dict[int, tuple[optuna.Trial, TrialOutcome]] = {}  # trial number -> (trial, outcome)
         self.stored: set[int] = set()
 
@@ -364,7 +371,9 @@ class _Received:
         return entry[1] if entry is not None else None
 
     def tell(self, trial: optuna.Trial) -> FrozenTrial:
-        """Store the trial's outcome (:meth:`add` first)."""
+        """Store the trial's outcome (:meth:`add` first); its model first, when the study keeps it."""
+        if self.keeper is not None:
+            self.keeper.keep(self.study, trial, self.waiting[trial.number][1], self.cfg)
         frozen = _told(self.study, trial, self.waiting[trial.number][1], self.log, self.cfg)
         self.waiting.pop(trial.number)
         self.stored.add(trial.number)
@@ -551,7 +560,7 @@ class Launcher:
 def _run_one(
     study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace, *, device: str | None,
     worker: int | str, log: Log, launch: Callable[[dict[str, Any]], TrialProcess | WarmJob] = TrialProcess,
-    observer: StudyObserver | None = None, taken_over: dict[int, str] | None = None,
+    observer: StudyObserver | None = None, taken_over: dict[int, str] | None = None, keeper: ModelKeeper | None = None,
 ) -> FrozenTrial | None:
     """One asked trial in one trial process; the frozen trial told (None: over budget). A trial
     another process took over meanwhile (:func:`~.liveness.taken_over`: this process was paused
@@ -560,7 +569,7 @@ def _run_one(
     taken = {} if taken_over is None else taken_over
     try:
         return _run_one_job(study, trial, cfg, space, device=device, worker=worker, log=log, launch=launch,
-                            observer=observer)
+                            observer=observer, keeper=keeper)
     except UpdateFinishedTrialError:
         frozen = _taken_over(study, trial, cfg, taken)
         if frozen is None:
@@ -572,10 +581,10 @@ def _run_one(
 def _run_one_job(
     study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace, *, device: str | None,
     worker: int | str, log: Log, launch: Callable[[dict[str, Any]], TrialProcess | WarmJob],
-    observer: StudyObserver | None,
+    observer: StudyObserver | None, keeper: ModelKeeper | None = None,
 ) -> FrozenTrial | None:
     procs: list[TrialProcess | WarmJob] = []
-    received = _Received(study, cfg, log)
+    received = _Received(study, cfg, log, keeper)
     with _failed_when_unwinding(study, lambda: [trial], procs, log,
                                 lambda _: f"trial {trial.number} interrupted: marked FAIL", received):
         with Heartbeat(study, trial, cfg.study.heartbeat_interval):
@@ -583,7 +592,8 @@ def _run_one_job(
             if started is None:
                 return None
             params, seed = started
-            job = _job(study, _seeded(cfg, seed), params, device, watched=observer is not None and observer.watches_steps)
+            job = _job(study, _seeded(cfg, seed), params, device, watched=observer is not None and observer.watches_steps,
+                       save_model=keeper.path(cfg, trial.number) if keeper is not None else None)
             log(f"trial {trial.number} started: {fmt_params(params)}")
             if observer is not None:
                 observer.trial_started(trial.number, params)
@@ -630,6 +640,7 @@ def split_line(epoch: int, halves: list[list[int]]) -> str:
 def run_pack(
     study: optuna.Study, trials: list[optuna.Trial], cfg: Config, space: SearchSpace, *, device: str | None,
     worker: int | str, log: Log, observer: StudyObserver | None = None, taken_over: dict[int, str] | None = None,
+    keeper: ModelKeeper | None = None,
 ) -> list[FrozenTrial]:
     """K asked trials -> one trial process training them as a pack (:mod:`sassha_tune.training.packs`) ->
     each trial told as its member finishes.
@@ -643,7 +654,7 @@ def run_pack(
     members: list[optuna.Trial] = []
     try:
         return _run_pack_job(study, trials, cfg, space, device=device, log=log, observer=observer, told=told,
-                             members=members)
+                             members=members, keeper=keeper)
     except UpdateFinishedTrialError:
         taken = {} if taken_over is None else taken_over
         done = {t.number for t in told}
@@ -661,11 +672,12 @@ def run_pack(
 def _run_pack_job(
     study: optuna.Study, trials: list[optuna.Trial], cfg: Config, space: SearchSpace, *, device: str | None,
     log: Log, observer: StudyObserver | None, told: list[FrozenTrial], members: list[optuna.Trial],
+    keeper: ModelKeeper | None = None,
 ) -> list[FrozenTrial]:
     """:func:`run_pack`'s job: ``told`` and ``members`` (the trials started) filled as it goes."""
     pending: dict[int | None, optuna.Trial] = {}  # member -> trial
     procs: list[TrialProcess] = []
-    received = _Received(study, cfg, log)
+    received = _Received(study, cfg, log, keeper)
 
     def tell(member: int | None, trial: optuna.Trial, outcome: TrialOutcome) -> None:
         received.add(trial, _with_history(outcome))
@@ -689,7 +701,9 @@ def _run_pack_job(
                     observer.trial_started(trial.number, params, len(params_list) - 1)
             if not params_list:
                 return told
-            job = _job(study, cfg, params_list, device, watched=observer is not None and observer.watches_steps)
+            saves = [keeper.path(cfg, t.number) for t in members] if keeper is not None else None
+            job = _job(study, cfg, params_list, device, watched=observer is not None and observer.watches_steps,
+                       save_model=saves if saves and any(saves) else None)
             procs.append(TrialProcess(job))
 
             def split(msg: dict[str, Any]) -> None:  # out of memory before any member reported

@@ -6,11 +6,14 @@ one. Parent and child speak one protocol, in JSON lines:
 
 * **Job** (parent -> child, one line on the child's stdin)::
 
-    {"study": NAME, "config": CONFIG, "params": PARAMS, "device": DEVICE, "prune": BOOL, "steps": SECONDS}
+    {"study": NAME, "config": CONFIG, "params": PARAMS, "device": DEVICE, "prune": BOOL, "steps": SECONDS,
+     "save_model": PATH}
 
   ``config`` is a validated config as plain data (:func:`sassha_tune.config.config_to_dict`); the
   child rebuilds it with :func:`sassha_tune.config.config_from_stored`, without validating it
   again. ``params`` is one trial's parameters (a mapping) or a pack's (a list of mappings).
+  ``save_model`` (optional; a pack's: a list, one path or null per member): where a trial that
+  completes writes its model file (:mod:`.saved_model`; ``study.keep_models``).
 * **Messages** (child -> parent, lines on the child's stdout; whatever the trial prints goes to
   stderr): ``{"type": "started"}`` first, when the child takes the job up (its imports done: the
   trial's ``budget.trial_timeout`` counts from here); ``{"type": "epoch", "epoch": N, "metrics": {...}}`` after every epoch (a classifier's

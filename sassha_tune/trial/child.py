@@ -265,13 +265,14 @@ def _job_outcome(job: dict[str, Any], channel: _Channel, params: Any, members: l
                 device=job.get("device"),
                 on_phase=lambda i, name: channel.phase(name, i),
                 on_step=on_step,
+                save_models=job.get("save_model"),
             )
         else:
             # no progress bar of its own (as a pack's): the study's live view shows the epochs, and
             # several trial processes on one terminal would draw over each other
             outcome = evaluate_params(cfg, params, on_epoch=channel.on_epoch(), device=job.get("device"),
                                       progress=False, on_phase=channel.phase,
-                                      on_step=on_step)
+                                      on_step=on_step, save_model=job.get("save_model"))
     except UserError as exc:
         channel.send({"type": "user_error", "message": str(exc)})
         return 2, None

@@ -87,8 +87,10 @@ def evaluate_params(
     progress: bool | None = None,
     on_phase: Callable[[str], None] | None = None,
     on_step: Callable[[int, int, int], None] | None = None,
+    save_model: str | None = None,
 ) -> TrialOutcome:
     """Train with ``params`` and measure everything a trial stores. Raises only UserError / bugs.
+    ``save_model``: a complete run's model file is written there (:mod:`.saved_model`).
     ``on_phase(name)``: told when a phase without epoch reports begins (``"sharpness"``).
     ``on_step(epoch, step, steps)``: after every training step (not for ``task.train``, whose steps
     are its own); if it has an ``every`` attribute (seconds: how often it sends steps on), rank 0
@@ -101,19 +103,23 @@ def evaluate_params(
 
         return evaluate_user_train(cfg, params, on_epoch=on_epoch, device=device, on_phase=on_phase)
     if cfg.device.processes > 1 and launched_world_size() <= 1:
-        return _evaluate_ranks(cfg, params, on_epoch=on_epoch, device=device, on_phase=on_phase, on_step=on_step)
+        return _evaluate_ranks(cfg, params, on_epoch=on_epoch, device=device, on_phase=on_phase, on_step=on_step,
+                               save_model=save_model)
     spec = build_spec(cfg, params, device=device, progress=progress)
     result = train(spec, on_epoch=on_epoch, on_step=on_step, measure=sharpness_during_training(cfg, on_phase))
     if result.rank != 0:  # data parallelism: rank 0 measures and reports
         return TrialOutcome("fail" if result.failure_reason else "complete", failure_reason=result.failure_reason)
-    return outcome_from_result(cfg, spec, result, on_phase=on_phase)
+    return outcome_from_result(cfg, spec, result, on_phase=on_phase, params=params, save_model=save_model)
 
 
 def outcome_from_result(cfg: Config, spec: Any, result: Any, *,
-                        on_phase: Callable[[str], None] | None = None) -> TrialOutcome:
+                        on_phase: Callable[[str], None] | None = None, params: Mapping[str, Any] | None = None,
+                        save_model: str | None = None) -> TrialOutcome:
     """A finished :class:`~sassha_tune.training.trainer.TrainResult` -> the trial's outcome: final metrics,
     sharpness and the stored attributes (shared by single trials and pack members). ``on_phase``:
-    see :func:`~.measured.sharpness_attrs`."""
+    see :func:`~.measured.sharpness_attrs`. ``save_model``: a path the model file of a run that
+    completed is written to, with the final metrics it was measured at (``params``: the trial's
+    hyperparameters, for the config in it)."""
     from ..metrics.evaluation import cross_entropy
     from ..metrics.sharpness import generalization_gap
 
@@ -143,6 +149,10 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any, *,
         return TrialOutcome("pruned", json_safe(attrs), history=history)
 
     final = final_metrics(result.model, result.splits, batch_size=spec.eval_batch_size)
+    if save_model is not None:  # the weights the final metrics were measured on, before sharpness runs
+        from .saved_model import save_trained_model
+
+        save_trained_model(save_model, result.model, cfg, spec, params or {}, result.splits, final)
     attrs.update(final)
     attrs.update(
         generalization_gap(
@@ -159,6 +169,7 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any, *,
 def _evaluate_ranks(
     cfg: Config, params: Mapping[str, Any], *, on_epoch: Callable[[int, dict], bool] | None, device: str | None,
     on_phase: Callable[[str], None] | None = None, on_step: Callable[[int, int, int], None] | None = None,
+    save_model: str | None = None,
 ) -> TrialOutcome:
     """``device.processes: N``: run the trial as N rank processes (:func:`~sassha_tune.trial.ranks.launch_ranks`);
     rank 0's result is the trial's, a rank that dies fails it with ``rank_failed: ...``."""
@@ -167,7 +178,8 @@ def _evaluate_ranks(
     job = {"config": config_to_dict(cfg), "params": dict(params), "device": device, "prune": on_epoch is not None,
            # rank 0 tells this process its steps twice as often as this one sends them on, so that
            # the two throttles in a row still pass about one a second
-           "steps": None if on_step is None else getattr(on_step, "every", 0.0) / 2}
+           "steps": None if on_step is None else getattr(on_step, "every", 0.0) / 2,
+           "save_model": save_model}  # rank 0 writes it
     result, epochs, failure = launch_ranks(job, cfg.device.processes, on_epoch, on_phase=on_phase, on_step=on_step)
     history = [dict(m.get("metrics") or {}) for m in epochs]
     if failure is not None or result is None:
@@ -188,6 +200,7 @@ def evaluate_pack(
     device: str | None = None,
     on_phase: Callable[[int, str], None] | None = None,
     on_step: Callable[[int, int, int, list[int]], None] | None = None,
+    save_models: Sequence[str | None] | None = None,
 ) -> list[TrialOutcome]:
     """:func:`evaluate_params` for K param sets at once; outcome i is member i's.
 
@@ -196,7 +209,8 @@ def evaluate_pack(
     actually ran in: ``pack_size``, ``pack_index`` (its position there) and, after a split,
     ``pack_oom_sizes`` (the sizes of the packs it was in that ran out of memory, largest first).
     ``on_phase(i, name)``: member i begins a phase without epoch reports (``"sharpness"``).
-    ``on_step(epoch, step, steps, members)``: after every step of the members training now."""
+    ``on_step(epoch, step, steps, members)``: after every step of the members training now.
+    ``save_models``: member i's model file is written to ``save_models[i]`` (None: not)."""
     from ..training.packs import train_pack
 
     specs = [build_spec(cfg, p, device=device, progress=False) for p in params_list]
@@ -215,7 +229,8 @@ def evaluate_pack(
 
     def leave(i: int, result: Any) -> None:
         member_phase = None if on_phase is None else functools.partial(on_phase, i)
-        outcome = outcome_from_result(cfg, specs[i], result, on_phase=member_phase)
+        outcome = outcome_from_result(cfg, specs[i], result, on_phase=member_phase, params=params_list[i],
+                                      save_model=save_models[i] if save_models else None)
         outcome.attrs["pack_size"], outcome.attrs["pack_index"] = placed[i]
         if oom_sizes[i]:
             outcome.attrs["pack_oom_sizes"] = list(oom_sizes[i])
