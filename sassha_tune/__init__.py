@@ -7,6 +7,12 @@ The public API, importable from the package itself::
     from sassha_tune import run_study, resume_study, rerun_study, load_config, config_from_dict
     from sassha_tune import TrialReporter, TrialPruned   # for a task.train function of your own
     from sassha_tune import build_model, load_dataset    # a kept model's architecture and data (docs/workflow.md)
+    from sassha_tune import report, compare, export, trials_dataframe   # in a notebook: objects and files
+
+``sassha_tune.report(study, out=...)`` (the package ``sassha_tune.report``, callable) and
+``sassha_tune.compare([...])`` write what the commands write and return it
+(``report.files.Written``: summary, tables, markdown; Jupyter shows the markdown);
+``sassha_tune.export(study)`` returns the exported config as a dict.
 
 The names are loaded on first use (PEP 562), so importing one part of the package (the CLI, a
 single optimizer) does not import the others; ``import sassha_tune`` alone imports no torch.
@@ -34,13 +40,18 @@ _PUBLIC = {
     "run_study": "sassha_tune.api",
     "resume_study": "sassha_tune.api",
     "rerun_study": "sassha_tune.api",
+    "export": "sassha_tune.api",
+    "trials_dataframe": "sassha_tune.api",
+    "compare": "sassha_tune.report.compare",
     "UserError": "sassha_tune.errors",
 }
 
-__all__ = ["__version__", *_PUBLIC]
+__all__ = ["__version__", "report", *_PUBLIC]
 
 
 def __getattr__(name: str) -> Any:
+    if name == "report":  # the package sassha_tune.report, callable as the function report(...)
+        return import_module("sassha_tune.report")
     if name in _PUBLIC:
         value = getattr(import_module(_PUBLIC[name]), name)
         globals()[name] = value  # the next access is a plain attribute

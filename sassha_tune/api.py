@@ -425,3 +425,61 @@ def _importable(folder: Path) -> Iterator[None]:
     finally:
         if entry in sys.path:
             sys.path.remove(entry)
+
+
+@_storage_faults_in_one_line
+def export(study: str, *, storage: str | None = None, trial: int | None = None, format: str = "yaml",
+           out: str | Path | None = None, model: bool = False) -> dict[str, Any] | Path:
+    """``sassha-tune export`` from Python (``sassha_tune.export(...)``): the study's config with
+    trial ``trial``'s (default: the best) parameters fixed, as a dict (``format="kwargs"``: the
+    optimizer's class and constructor arguments), also written to ``out`` as YAML or JSON when
+    given; ``model=True``: the trial's kept model file (``study.keep_models``) written to ``out``,
+    whose path is returned."""
+    from .report.files import refuse_link, write_user_file
+    from .study.storage import load_study, resolve_storage
+    from .study.views import export_config, export_kwargs
+
+    if format not in ("yaml", "json", "kwargs"):
+        raise UserError(f"format: expected yaml, json or kwargs, got {format!r}")
+    url = resolve_storage(storage)
+    if model:
+        from .study.models import export_model
+
+        if out is None:
+            raise UserError("model: give out=FILE (a model file is binary)")
+        path = Path(out)
+        refuse_link(path, "out")
+        if not path.parent.is_dir():
+            raise UserError(f"out {path}: directory {path.parent} does not exist")
+        export_model(load_study(study, url), url, path, trial)
+        return path
+    s = load_study(study, url)
+    d = export_kwargs(s, trial) if format == "kwargs" else export_config(s, trial)
+    if out is not None:
+        write_user_file(Path(out), export_text(d, format), "out")
+    return d
+
+
+def export_text(d: dict[str, Any], format: str) -> str:
+    """An exported dict as the text ``export`` writes: YAML, or JSON for ``json`` and ``kwargs``."""
+    import json
+
+    import yaml
+
+    return yaml.safe_dump(d, sort_keys=False) if format == "yaml" else json.dumps(d, indent=2) + "\n"
+
+
+def trials_dataframe(study: str | optuna.Study, *, storage: str | None = None) -> Any:
+    """``study.trials_dataframe()`` (a pandas DataFrame, one row per trial: parameters, values and
+    every stored metric as ``user_attrs_*`` columns) of a study or a study's name; without pandas
+    a one-line :class:`UserError` saying how to install it (``pip install -e ".[pandas]"``)."""
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        raise UserError('trials_dataframe: needs pandas, which is not installed: pip install pandas '
+                        '(or pip install -e ".[pandas]" in a checkout)') from None
+    if isinstance(study, str):
+        from .study.storage import load_study, resolve_storage
+
+        study = load_study(study, resolve_storage(storage))
+    return study.trials_dataframe()

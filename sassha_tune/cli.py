@@ -24,7 +24,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from .devices import check_device_name
 from .errors import UserError
@@ -63,13 +63,41 @@ class _OneLineErrors(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+class _NoFlagTypes:
+    """Flags (``--create-only``, ``--help``) show no type in ``--help``: Typer's rich help would
+    print ``<bool>`` beside them, as if they took a value."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Command(_NoFlagTypes, TyperCommand):
+    """Every command of the app (:class:`_NoFlagTypes`)."""
+
+
+class _App(_NoFlagTypes, _OneLineErrors):
+    """The app's group: one-line usage errors (:class:`_OneLineErrors`), flags without a type."""
+
+
+def _examples(*lines: str) -> str:
+    """A command's ``--help`` epilog: its examples, one per line, their ``#`` comments aligned."""
+    split = [(cmd.rstrip(), comment.strip()) for cmd, _, comment in (line.partition("  #") for line in lines)]
+    width = max(len(cmd) for cmd, comment in split if comment) if any(c for _, c in split) else 0
+    return "\b\nExamples:\n" + "\n".join(
+        f"  {cmd.ljust(width)}  # {comment}" if comment else f"  {cmd}" for cmd, comment in split)
+
+
 app = typer.Typer(
     name="sassha-tune",
     help="Tune SASSHA (and its peers) with crash-safe, resumable Optuna studies.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
-    cls=_OneLineErrors,
+    cls=_App,
 )
 
 
@@ -264,7 +292,12 @@ def _workers_exit_code() -> Iterator[None]:
         raise typer.Exit(exc.exit_code) from None
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples(
+    'sassha-tune init  # writes study.yaml',
+    'sassha-tune init --out mine.yaml --dataset digits --optimizer adamw',
+    'sassha-tune init --out loop.yaml --own-loop  # also loop_train.py',
+    'sassha-tune init --out c10.yaml --dataset cifar10 --data-dir data',
+))
 @handle_errors
 def init(
     out_file: Annotated[
@@ -302,7 +335,13 @@ def init(
     _log(f"next: {prefix}sassha-tune run {written[-1]}")
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples(
+    'sassha-tune run study.yaml',
+    'sassha-tune run study.yaml --set task.epochs=2 --set budget.n_trials=4',
+    'sassha-tune run study.yaml --n-trials +10',
+    'sassha-tune run study.yaml --storage "$DB_URL" --create-only',
+    'sassha-tune run study.yaml --gpus 0,1',
+))
 @handle_errors
 def run(
     config: ConfigArg,
@@ -336,7 +375,11 @@ def run(
                   observer=None if gpu_list else view, overrides=set_ or ())
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples(
+    'sassha-tune resume quickstart',
+    'sassha-tune resume quickstart --n-trials 20',
+    'sassha-tune resume quickstart --set study.keep_models=best',
+))
 @handle_errors
 def resume(
     study: StudyArg,
@@ -361,7 +404,10 @@ def resume(
                      log=_log, fresh_process=fresh_process, observer=None if gpu_list else view, overrides=set_ or ())
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples(
+    'sassha-tune worker quickstart  # $SASSHA_TUNE_STORAGE: the database',
+    'sassha-tune worker quickstart --device cuda:1 --worker-id 1',
+))
 @handle_errors
 def worker(
     study: StudyArg,
@@ -398,7 +444,11 @@ def worker(
         _log(f"worker done: {summary.ran} trials in {summary.seconds:.1f} s; {summary.stopped_because}")
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples(
+    'sassha-tune rerun quickstart --seeds 1,2,3  # the best trial',
+    'sassha-tune rerun quickstart --seeds 1,2,3 --trial 7',
+    'sassha-tune report quickstart  # mean, spread, 95% interval',
+))
 @handle_errors
 def rerun(
     study: StudyArg,
@@ -413,8 +463,11 @@ def rerun(
     device: DeviceOpt = None,
     fresh_process: FreshOpt = False,
 ) -> None:
-    """Re-run the best configuration (or --trial N) over training seeds, stored in the study <STUDY>-seeds:
-    crash-safe and resumable (run it again: only the seeds without a re-run are run)."""
+    """Re-run the best configuration (or --trial N) over training seeds, in the study <STUDY>-seeds.
+
+    The re-runs are trials of the companion study, run by the study loop: crash-safe and resumable
+    (run it again: only the seeds without a re-run run). report and compare show their mean, spread
+    and 95% interval."""
     from .api import rerun_study
     from .live import study_view
     from .study.reruns import parse_seeds
@@ -454,7 +507,10 @@ def _health_rows(study: Any) -> dict[str, list[tuple[str, str]]]:
     return rows
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples(
+    'sassha-tune status',
+    'sassha-tune status quickstart --storage sqlite:///other.db',
+))
 @handle_errors
 def status(
     study: Annotated[str | None, typer.Argument(help="A study to show in detail (default: list all studies).")] = None,
@@ -515,7 +571,12 @@ def status(
     out.print(bt)
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples(
+    'sassha-tune export quickstart --out best.yaml  # for train',
+    'sassha-tune export quickstart --format kwargs  # optimizer arguments',
+    'sassha-tune export quickstart --trial 3 --format json',
+    'sassha-tune export quickstart --model --out best.pt  # its kept model',
+))
 @handle_errors
 def export(
     study: StudyArg,
@@ -536,37 +597,42 @@ def export(
                            "torch.load(path, weights_only=True) reads it: docs/workflow.md).")
     ] = False,
 ) -> None:
-    """Write the study's config with the best trial's params fixed (`sassha-tune train` runs it as is),
-    or with --format kwargs the optimizer's constructor arguments, or with --model its trained weights."""
-    import yaml
+    """Write the best trial's config (or its optimizer's arguments, or its kept model).
 
-    from .report.files import refuse_link, write_user_file
-    from .study.storage import load_study, resolve_storage
-    from .study.views import export_config, export_kwargs
+    The config is the study's with the trial's params fixed (`sassha-tune train` runs it as is);
+    --format kwargs gives the optimizer's class and constructor arguments; --model the trained
+    weights the study kept (study.keep_models)."""
+    from .api import export as export_study
+    from .api import export_text
+    from .report.files import refuse_link
 
     if model:
-        from .study.models import export_model
-
         if out_file is None:
             raise UserError("--model: give --out FILE (a model file is binary)")
         refuse_link(out_file, "--out")
         if not out_file.parent.is_dir():
             raise UserError(f"--out {out_file}: directory {out_file.parent} does not exist")
-        url = resolve_storage(storage)
-        chosen = export_model(load_study(study, url), url, out_file, trial)
-        _log(f"wrote the model of trial {chosen.number} of {study} to {out_file}")
+        export_study(study, storage=storage, trial=trial, out=out_file, model=True)
+        _log(f"wrote the model of {f'trial {trial}' if trial is not None else 'the best trial'} of {study} to {out_file}")
         return
-    s = load_study(study, resolve_storage(storage))
-    d = export_kwargs(s, trial) if format == ExportFormat.kwargs else export_config(s, trial)
-    text = yaml.safe_dump(d, sort_keys=False) if format == ExportFormat.yaml else json.dumps(d, indent=2) + "\n"
+    if out_file is not None:
+        refuse_link(out_file, "--out")
+    d = export_study(study, storage=storage, trial=trial, format=format.value)
+    assert isinstance(d, dict)
     if out_file is None:
-        sys.stdout.write(text)  # YAML and JSON show control characters as escapes
+        sys.stdout.write(export_text(d, format.value))  # YAML and JSON show control characters as escapes
     else:
-        write_user_file(out_file, text, "--out")
+        from .report.files import write_user_file
+
+        write_user_file(out_file, export_text(d, format.value), "--out")
         _log(f"wrote trial {d['provenance']['trial']} of {study} to {out_file}")
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples(
+    'sassha-tune train best.yaml',
+    'sassha-tune train best.yaml --seed 1 --metrics-out seed1.json',
+    'sassha-tune train best.yaml --set task.epochs=20 --save best.pt',
+))
 @handle_errors
 def train(
     config: ConfigArg,
@@ -648,32 +714,48 @@ def train(
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples(
+    'sassha-tune report quickstart --out reports/quickstart',
+))
 @handle_errors
 def report(
     study: StudyArg,
     storage: StudyStorageOpt = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.md and the plots.", file_okay=False)] = Path(
-        "report"
-    ),
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.md, summary.json, report.html and the "
+                                          "PNG figures.", file_okay=False)] = Path("report"),
 ) -> None:
-    """Write a report of one study: best-trials table, generalization vs sharpness plots, report.md."""
+    """Write a report of one study: does flatness predict generalization here?
+
+    Prints the best trials and the verdict, and writes to --out: report.md (the verdict, the
+    correlation table, where the budget went, the best trials, the seed re-runs with their 95%
+    interval, the figures, provenance), summary.json (the same numbers as data), report.html (one
+    self-contained interactive page: our figures and Optuna's) and PNG figures: gap_vs_lambda_max,
+    gap_vs_adaptive_sharpness, pareto, history, best_vs_training, importances, learning_curves,
+    params_vs_lambda_max, parallel_coordinates, slice_<param> (for each of lr, rho,
+    lazy_hessian, eps that was searched) and sharpness_during_training (when measured). See
+    docs/reports.md."""
     from .report.study_report import run_report
     from .study.storage import resolve_storage
 
-    run_report(study, resolve_storage(storage), out_dir)
+    run_report(study, resolve_storage(storage), out_dir, echo=print)
 
 
-@app.command()
+@app.command(cls=_Command, epilog=_examples(
+    'sassha-tune compare sgd-study sassha-study --out reports/compare',
+))
 @handle_errors
 def compare(
     studies: Annotated[list[str], typer.Argument(help="Two or more study names (e.g. one per optimizer).")],
     storage: StudyStorageOpt = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Directory for compare.md and the plots.", file_okay=False)] = Path(
-        "compare"
-    ),
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for compare.md, summary.json, compare.html and the "
+                                          "PNG figures.", file_okay=False)] = Path("compare"),
 ) -> None:
-    """Compare studies under equal budgets: best-so-far curves by trials and by seconds, ranking, sharpness."""
+    """Compare studies under equal budgets: best-so-far curves by trials and by seconds, ranking, sharpness.
+
+    Prints the ranking and writes to --out: compare.md (ranking, sharpness over trained trials,
+    per optimizer, seed re-runs with their 95% interval, figures, provenance), summary.json,
+    compare.html (the same tables and figures in one self-contained page) and PNG figures:
+    best_vs_trials, best_vs_seconds, final_sharpness, gap_vs_lambda_max. See docs/reports.md."""
     from .report.compare import run_compare
     from .study.storage import resolve_storage
 

@@ -1,6 +1,8 @@
 """Reports: tables, plots and markdown built from a study's storage (read only).
 
-Two entry points back the CLI verbs:
+Two entry points back the CLI verbs (and, returning what they wrote, the Python functions
+:func:`report` and :func:`compare`; the package itself is callable as ``report``, so that
+``sassha_tune.report("study")`` works though ``sassha_tune.report`` names this package):
 
 * :func:`run_report` -- one study: terminal table of the best trials, PNG plots
   (generalization gap vs sharpness, Pareto front, history, importances, slices) and ``report.md``.
@@ -43,9 +45,14 @@ named ``<study>-seeds``, which holds the re-runs of the best config of ``<study>
 
 from __future__ import annotations
 
-from .compare import compare_figures, run_compare
+import sys
+import types
+from typing import Any
+
+from .compare import compare, compare_figures, run_compare
 from .curves import BOOTSTRAP_SEED, N_BOOTSTRAP
 from .figures import SLICE_PARAMS, build_figures
+from .files import Written
 from .health import (
     NEAR_CHANCE_RULE,
     budget_health,
@@ -55,9 +62,12 @@ from .health import (
     near_chance_threshold,
 )
 from .rows import SEED_RERUN_ATTR, SEED_STUDY_SUFFIX, load_rows
-from .study_report import best_trials_table, run_report
+from .study_report import best_trials_table, report, run_report
 
 __all__ = [
+    "Written",
+    "compare",
+    "report",
     "BOOTSTRAP_SEED",
     "NEAR_CHANCE_RULE",
     "N_BOOTSTRAP",
@@ -76,3 +86,14 @@ __all__ = [
     "run_compare",
     "run_report",
 ]
+
+
+class _CallablePackage(types.ModuleType):
+    """``sassha_tune.report`` is this package and, called, :func:`.study_report.report`: the
+    package's name is also the top-level function's (``sassha_tune.report("quickstart")``)."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Written:
+        return report(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

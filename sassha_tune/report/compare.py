@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,9 @@ from .curves import (
     trial_cost,
 )
 from .figures import GAP_LABEL, LAMBDA_LABEL, maybe_log, save_figures
-from .files import write_text
+from .files import Written, write_text
 from .health import NEAR_CHANCE_RULE, budget_health, near_chance_count, trained_rows
+from .html import write_tables_page
 from .markdown import figure_entry, markdown_table, md_code, md_text, provenance_section, terminal_table
 from .reruns import rerun_table
 from .rows import (
@@ -48,7 +49,7 @@ from .rows import (
     stored_study_names,
 )
 
-__all__ = ["compare_figures", "run_compare"]
+__all__ = ["compare", "compare_figures", "run_compare"]
 
 
 def _band(ax: Any, x: np.ndarray, curves: np.ndarray, label: str, color: Any) -> None:
@@ -333,8 +334,11 @@ def _compare_markdown(studies: Sequence[optuna.Study], all_rows: Sequence[list[d
     return "\n".join(out)
 
 
-def run_compare(study_names: list[str], storage: str, out_dir: Path) -> None:
-    """Compare studies under the same budget: print the ranking, write plots and ``compare.md``.
+def run_compare(study_names: list[str], storage: str | optuna.storages.BaseStorage, out_dir: Path, *,
+                echo: Callable[[str], None] = print) -> Written:
+    """Compare studies under the same budget: print the ranking (through ``echo``), write plots,
+    ``compare.md``, ``summary.json`` and ``compare.html`` (the same tables and figures in one
+    self-contained page); return what was written (:class:`~.files.Written`).
 
     Studies named ``<base>-seeds`` whose base is also listed are treated as seed re-runs of that
     base, not as competitors. Reads the storage only.
@@ -366,12 +370,38 @@ def run_compare(study_names: list[str], storage: str, out_dir: Path) -> None:
         "caveats": [f"`{name}` ({optimizer}) {caveat(n)}" for name, optimizer, n in caveats],
     }
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(terminal_table(*ranking, drop_order=_RANKING_DROP))
+    tables = {"Ranking by best validation accuracy": ranking, "Sharpness over trained trials": _sharpness_table(sharp),
+              "Per optimizer over independent studies": by_opt if by_opt is not None else ([], []),
+              "Best configs re-run over seeds": reruns}
+    page = write_tables_page(
+        out_dir / "compare.html", "Optimizer comparison",
+        "Studies: " + ", ".join(f"{s.study_name} ({optimizer_name(s)})" for s in studies)
+        + ". compare.md (beside this page) says how each number is computed.",
+        tables, {key: path for key, path in paths.items() if Path(path).suffix == ".png"},
+        [f"Caveat: {name} ({optimizer}) {caveat(n)}" for name, optimizer, n in caveats])
+    written = Written(out_dir, [out_dir / "compare.md", out_dir / "summary.json", page, *paths.values()], text,
+                      summary, tables)
+    echo(terminal_table(*ranking, drop_order=_RANKING_DROP))
     for name, optimizer, n in caveats:
-        print(f"caveat: {printable(name)} ({printable(optimizer)}) {caveat(n)}")
-    print()
-    print(terminal_table(*_sharpness_table(sharp), drop_order=("adaptive median [IQR]",)))
+        echo(f"caveat: {printable(name)} ({printable(optimizer)}) {caveat(n)}")
+    echo("")
+    echo(terminal_table(*_sharpness_table(sharp), drop_order=("adaptive median [IQR]",)))
     if reruns[1]:
-        print()
-        print(terminal_table(*reruns))
-    print(f"wrote {out_dir / 'compare.md'}, summary.json and {len(paths)} plots to {out_dir}")
+        echo("")
+        echo(terminal_table(*reruns))
+    echo(f"wrote {out_dir / 'compare.md'}, summary.json, compare.html and {len(paths)} plots to {out_dir}")
+    return written
+
+
+def compare(studies: Sequence[str], *, storage: str | None = None, out: str | Path = "compare",
+            log: Callable[[str], None] | None = None) -> Written:
+    """``sassha-tune compare`` from Python (also ``sassha_tune.compare(...)``): write the comparison
+    of ``studies`` to ``out`` and return what was written (:class:`~.files.Written`; in Jupyter it
+    shows as compare.md). ``storage`` and ``log`` as for ``sassha_tune.report``."""
+    import logging
+
+    from sassha_tune.study.storage import resolve_storage
+
+    if isinstance(studies, str):
+        studies = [studies]
+    return run_compare(list(studies), resolve_storage(storage), Path(out), echo=log or logging.getLogger("sassha_tune").info)

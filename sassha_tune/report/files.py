@@ -11,11 +11,29 @@ import contextlib
 import os
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sassha_tune.errors import UserError
 
-__all__ = ["refuse_link", "replaced", "write_text", "write_user_file"]
+__all__ = ["Written", "refuse_link", "replaced", "write_text", "write_user_file"]
+
+
+@dataclass
+class Written:
+    """What ``report`` or ``compare`` wrote, for Python callers (``sassha_tune.report(...)``,
+    ``sassha_tune.compare(...)``): the folder, the files, the markdown text, ``summary.json``'s
+    data and the tables (headers, rows of text cells) by title. In Jupyter it shows as its markdown."""
+
+    out_dir: Path
+    files: list[Path]
+    markdown: str
+    summary: dict[str, Any]
+    tables: dict[str, tuple[list[str], list[list[str]]]] = field(default_factory=dict)
+
+    def _repr_markdown_(self) -> str:
+        return self.markdown
 
 
 @contextlib.contextmanager

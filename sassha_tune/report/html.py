@@ -40,7 +40,7 @@ from .health import near_chance_rows, pareto_numbers, trained_rows
 from .rows import as_float, load_rows, row_attr, row_val_acc, sampled_study, search_rows
 from .summary import correlation_table
 
-__all__ = ["CONTOUR_TRIALS", "OPTUNA_PLOT_TRIALS", "html_figures", "write_html"]
+__all__ = ["CONTOUR_TRIALS", "OPTUNA_PLOT_TRIALS", "html_figures", "write_html", "write_tables_page"]
 
 
 def _target(t: FrozenTrial) -> float:
@@ -251,6 +251,30 @@ def write_html(study: optuna.Study, path: Path, summary: dict[str, Any],
     page = ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
             f"<title>{html.escape(study.study_name)}: sassha-tune report</title><style>{_STYLE}</style>"
             f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+    write_text(path, page)
+    return path
+
+
+def write_tables_page(path: Path, title: str, intro: str, tables: dict[str, tuple[list[str], list[list[str]]]],
+                      images: dict[str, Path], notes: list[str] | None = None) -> Path:
+    """A self-contained page of tables (headers, rows of text cells, by title) and PNG figures
+    (inlined as data URIs, so the file opens alone): ``compare.html``."""
+    import base64
+
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    parts += [f"<p class='verdict'>{html.escape(note)}</p>" for note in notes or []]
+    for heading, (headers, table) in tables.items():
+        if table:
+            parts += [f"<h2>{html.escape(heading)}</h2>",
+                      tabulate(table, headers=headers, tablefmt="html", disable_numparse=True)]
+    if images:
+        parts.append("<h2>Figures</h2>")
+    for key, image in images.items():
+        data = base64.b64encode(Path(image).read_bytes()).decode("ascii")
+        parts.append(f"<h3>{html.escape(key)}</h3><img alt='{html.escape(key)}' src='data:image/png;base64,{data}'>")
+    page = ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(title)}</title><style>{_STYLE} img {{max-width: 100%;}}</style></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
     write_text(path, page)
     return path

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from tabulate import tabulate
 from sassha_tune.printable import printable
 
 from .figures import build_figures, param_importances, save_figures
-from .files import write_text
+from .files import Written, write_text
 from .health import NEAR_CHANCE_RULE, budget_health, near_chance, near_chance_count, pareto_numbers
 from .html import write_html
 from .markdown import (
@@ -45,7 +46,9 @@ from .rows import (
 )
 from .summary import correlation_lines, study_summary, terminal_lines
 
-__all__ = ["best_trials_table", "run_report"]
+__all__ = ["best_trials_table", "report", "run_report"]
+
+_LOGGER = logging.getLogger("sassha_tune")
 
 # (row key, column header) of the metric columns of the best-trials table.
 _METRIC_COLUMNS = (
@@ -264,10 +267,11 @@ def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dic
     return "\n".join(out)
 
 
-def run_report(study_name: str, storage: str, out_dir: Path) -> None:
-    """Print the best-trials table and the verdict; write PNG plots, ``report.md``,
+def run_report(study_name: str, storage: str | optuna.storages.BaseStorage, out_dir: Path, *,
+               echo: Callable[[str], None] = print) -> Written:
+    """Print the best-trials table and the verdict (through ``echo``); write PNG plots, ``report.md``,
     ``summary.json`` (:func:`~sassha_tune.report.summary.study_summary`) and the interactive
-    ``report.html`` to ``out_dir``.
+    ``report.html`` to ``out_dir``; return what was written (:class:`~.files.Written`).
 
     Reads the storage only. A missing study raises :class:`~sassha_tune.errors.StorageError`
     listing the available names; a study without finished trials prints a message and writes a
@@ -287,18 +291,32 @@ def run_report(study_name: str, storage: str, out_dir: Path) -> None:
                             rows, running)
     write_text(out_dir / "report.md", text)
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    html = write_html(study, out_dir / "report.html", summary,
-                      {"Best trials": _best_trials_rows(study, 10, rows), "Best config re-run over seeds": reruns},
-                      rows=rows, importances=importances)
+    tables = {"Best trials": _best_trials_rows(study, 10, rows), "Best config re-run over seeds": reruns}
+    html = write_html(study, out_dir / "report.html", summary, tables, rows=rows, importances=importances)
+    written = Written(out_dir, [out_dir / "report.md", out_dir / "summary.json", html, *paths.values()], text, summary,
+                      tables)
     chance = near_chance_count(budget_health(search_rows(rows)))
-    print(f"study {printable(study.study_name)} ({printable(study.user_attrs.get('optimizer', 'unknown'))}): "
-          f"{_state_counts(rows)}"
-          + (f"; near chance (of complete search trials): {chance}" if chance is not None else ""))
+    echo(f"study {printable(study.study_name)} ({printable(study.user_attrs.get('optimizer', 'unknown'))}): "
+         f"{_state_counts(rows)}"
+         + (f"; near chance (of complete search trials): {chance}" if chance is not None else ""))
     if not figures:
-        print(f"study '{printable(study.study_name)}' has no finished trials with results yet; "
-              f"wrote {out_dir / 'report.md'}")
-        return
-    print(best_trials_table(study, rows=rows))
+        echo(f"study '{printable(study.study_name)}' has no finished trials with results yet; "
+             f"wrote {out_dir / 'report.md'}")
+        return written
+    echo(best_trials_table(study, rows=rows))
     for line in terminal_lines(summary):
-        print(line)
-    print(f"wrote {out_dir / 'report.md'}, summary.json, {html.name} and {len(paths)} plots to {out_dir}")
+        echo(line)
+    echo(f"wrote {out_dir / 'report.md'}, summary.json, {html.name} and {len(paths)} plots to {out_dir}")
+    return written
+
+
+def report(study: str, *, storage: str | None = None, out: str | Path = "report",
+           log: Callable[[str], None] | None = None) -> Written:
+    """``sassha-tune report`` from Python (also ``sassha_tune.report(...)``): write the report of
+    ``study`` to ``out`` and return what was written (:class:`~.files.Written`: the summary, the
+    tables, the markdown, the files; in Jupyter it shows as the report). ``storage``: as for
+    ``run_study`` (default ``$SASSHA_TUNE_STORAGE``, else ``sqlite:///sassha-tune.db``);
+    ``log``: where the terminal lines go (default: the ``sassha_tune`` logger at INFO level)."""
+    from sassha_tune.study.storage import resolve_storage
+
+    return run_report(study, resolve_storage(storage), Path(out), echo=log or _LOGGER.info)

@@ -87,6 +87,8 @@ def test_a_hostile_study_is_reported_compared_and_listed_as_text(tmp_path):
     assert result.exit_code == 0, result.output
     _no_raw_controls(result.output)
     _no_markup((tmp_path / "cmp" / "compare.md").read_text())
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert SCRIPT not in page and "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
 
     for args in (["status"], ["status", NAME], ["status", "no-such-study"]):
         result = _invoke([*args, "--storage", url])
