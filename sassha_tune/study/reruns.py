@@ -113,9 +113,10 @@ def prepare_reruns(study_name: str, storage_url: str, seeds: Sequence[int], *, n
         raise UserError(f"study {study_name!r} holds re-runs itself (of {attrs[RERUN_OF_STUDY]!r}); re-run that study")
     trial = _chosen(study, number)
     cfg, space = stored_config(study)
-    if set(trial.params) != set(space.params):
+    searched = sorted(n for n, p in space.params.items() if not p.is_fixed)  # one-choice values are not suggested
+    if sorted(trial.params) != searched:
         raise UserError(f"trial {trial.number} of {study_name!r} ran with parameters {sorted(trial.params)}, the "
-                        f"study's search space now has {sorted(space.params)}: it cannot be re-run as it ran")
+                        f"study's search space now searches {searched}: it cannot be re-run as it ran")
     name = companion_name(study_name)
     names = with_retry(optuna.get_all_study_names, study_storage(study))
     trials: list[FrozenTrial] = []
