@@ -1,11 +1,13 @@
-"""Run a study from Python: what ``sassha-tune run`` and ``sassha-tune resume`` do, as functions.
+"""The commands as Python functions: ``run_study`` and ``resume_study`` (``run``, ``resume``),
+``rerun_study`` (``rerun``), ``init_config`` (``init``), ``export`` (``export``) and
+``trials_dataframe``; ``report`` and ``compare`` live in :mod:`sassha_tune.report`.
 
     import sassha_tune
 
     study = sassha_tune.run_study("examples/quickstart.yaml", storage="sqlite:///mine.db")
     print(study.best_trials[0].params)
 
-Both functions return the :class:`optuna.study.Study`, so everything Optuna offers
+The study functions return the :class:`optuna.study.Study`, so everything Optuna offers
 (``trials_dataframe``, ``optuna.visualization``, optuna-dashboard on the same storage) works on the
 result. They leave the process's logging as it is: progress lines go to ``log`` (default: the
 ``sassha_tune`` logger at INFO level, silent unless the caller configured logging) and Optuna's
