@@ -74,6 +74,22 @@ TASKS: dict[str, dict[str, Any]] = {
     },
 }
 
+# Fresh tasks, run after the defaults were chosen on the three above (a check, not a tuning set):
+# scikit-learn's digits (8x8 images, 1437 training and validation images, 360 test).
+FRESH_TASKS: dict[str, dict[str, Any]] = {
+    "digits_bn": {
+        "about": "scikit-learn digits, the built-in ResNet-8 (BatchNorm), width 8",
+        "normalized": True,
+        "task": {"dataset": "digits", "model": "resnet8", "model_options": {"width": 8}, **_COMMON},
+    },
+    "digits_mlp": {
+        "about": "scikit-learn digits, the built-in MLP (two hidden layers of 256, no normalization)",
+        "normalized": False,
+        "task": {"dataset": "digits", "model": "mlp", **_COMMON},
+    },
+}
+TASKS.update(FRESH_TASKS)
+
 
 def shipped_space(task: str) -> str:
     """The shipped space a user who read the docs picks for this model: ``sassha`` for a
@@ -158,6 +174,23 @@ STRATEGIES.update({
     "prior_sh": ("prior + successive halving", _with(_with_prior(_plain), pruner=SH)),
     "prior_sh_tpe4": ("prior + successive halving + TPE (4 start-up, multivariate) + guard",
                       _with(_with_prior(_plain), pruner=SH, sampler=SMALL_TPE, chance_guard="auto")),
+})
+
+
+# The defaults less one lever at a time: what each lever buys within them.
+STRATEGIES.update({
+    "defaults-prior": ("the defaults without the prior (enqueue_published: false)",
+                       lambda task: {"optimizer": {"enqueue_published": False}}),
+    "defaults-pruner": ("the defaults without successive halving (pruner: none)",
+                        lambda task: {"study": {"pruner": "none"}}),
+    "defaults-sampler": ("the defaults with Optuna's TPE defaults (10 random start-up trials) instead of auto",
+                         lambda task: {"study": {"sampler": {"name": "tpe"}}}),
+    "defaults-space": ("the defaults in the optimizer's own space whatever the model (search_space: sassha), "
+                       "diverged trials told FAIL", lambda task: {"optimizer": {"search_space": "sassha"},
+                                                                   "study": {"diverged_as_pruned": False}}),
+    "defaults-diverged": ("the defaults in the optimizer's own space whatever the model, diverged trials told "
+                          "PRUNED (what failures as evidence buy where trials diverge)",
+                          lambda task: {"optimizer": {"search_space": "sassha"}}),
 })
 
 
@@ -314,6 +347,8 @@ def reference(tasks: Sequence[str], workdir: Path, trials: int, parallel: int) -
 
 def study_curve(study: Any) -> dict[str, Any]:
     """The study's trials in order: cumulative cost and the selected configuration after each."""
+    from sassha_tune.study.budget import outcome  # the tool's own split (status, report)
+
     points = []
     cost = 0.0
     best = None
@@ -324,8 +359,7 @@ def study_curve(study: Any) -> dict[str, Any]:
             best = t
         points.append({"cost": cost, "best_val": None if best is None else best.value,
                        "best_test": None if best is None else best.user_attrs.get("test_acc"),
-                       "state": t.state.name, "reason": t.user_attrs.get("failure_reason")
-                       or t.user_attrs.get("prune_reason")})
+                       "outcome": outcome(t.state, t.user_attrs)})
     return {"points": points}
 
 
@@ -364,11 +398,17 @@ def _fmt(x: float) -> str:
     return "never" if math.isinf(x) else ("-" if math.isnan(x) else f"{x:.1f}")
 
 
-def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, budget: float) -> dict[str, Any]:
+def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, budget: float,
+            fraction: float | None = None) -> dict[str, Any]:
+    """Tables (and with ``out``, the anytime plots) of every study in ``workdir``; ``fraction``:
+    the target as this fraction of the reference's best instead of the recorded 98 % (a
+    sensitivity check, never the headline)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     targets = json.loads(TARGETS_FILE.read_text())
+    if fraction is not None:
+        targets = {t: {**v, "target": fraction * v["best_val_acc"]} for t, v in targets.items()}
     results: dict[str, Any] = {}
     for db in sorted(workdir.glob("te-*.db")):
         name = db.stem
@@ -377,7 +417,11 @@ def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, b
         strategy, seed = rest.rsplit("-s", 1)
         if task not in targets or (strategies and strategy not in strategies) or int(seed) >= 1000:
             continue
-        study = optuna.load_study(study_name=name, storage=storage_url(workdir, name))
+        url = storage_url(workdir, name)
+        names = optuna.get_all_study_names(url)  # one study per file (the file may have been renamed)
+        if len(names) != 1:
+            continue
+        study = optuna.load_study(study_name=names[0], storage=url)
         curve = study_curve(study)
         results.setdefault(task, {}).setdefault(strategy, {})[int(seed)] = curve
     summary: dict[str, Any] = {}
@@ -385,10 +429,11 @@ def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, b
     for task, by_strategy in results.items():
         target = targets[task]["target"]
         lines.append(f"\n### {task}: {targets[task]['about']}\n")
-        lines.append(f"Target: val_acc >= {target:.4f} (98 % of {targets[task]['best_val_acc']:.4f}).\n")
+        share = target / targets[task]["best_val_acc"]
+        lines.append(f"Target: val_acc >= {target:.4f} ({share:.0%} of {targets[task]['best_val_acc']:.4f}).\n")
         lines.append("| strategy | studies | run-eq to target: median [IQR] | reached within "
                      f"{REACH_BUDGET:g} | within {budget:g} | best val_acc at {budget:g}: median | selected config's "
-                     "test_acc: median | trials: median | diverged / near chance / pruned per study |")
+                     "test_acc: median | trials: median | per study (median): diverged / near chance / pruned |")
         lines.append("|---|---:|---|---:|---:|---:|---:|---:|---|")
         summary[task] = {}
         for strategy in sorted(by_strategy, key=lambda s: list(STRATEGIES).index(s) if s in STRATEGIES else 99):
@@ -399,10 +444,9 @@ def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, b
             tests = [f["best_test"] for f in finals if f["best_test"] is not None]
             inside = [[p for p in c["points"] if p["cost"] <= budget + 1e-9] for c in curves.values()]
             n_trials = [len(p) for p in inside]
-            div = [sum(p["reason"] == "diverged" for p in ps) for ps in inside]
-            chance = [sum(p["reason"] == "near_chance" or (p["state"] == "COMPLETE" and False) for p in ps)
-                      for ps in inside]
-            pruned = [sum(p["state"] == "PRUNED" for p in ps) for ps in inside]
+            div = [sum(p["outcome"] == "diverged" for p in ps) for ps in inside]
+            chance = [sum(p["outcome"] == "near_chance" for p in ps) for ps in inside]
+            pruned = [sum(p["outcome"] == "pruned" for p in ps) for ps in inside]
             lo, hi = _quartiles(costs)
             med = _median(costs)
             summary[task][strategy] = {
@@ -416,6 +460,7 @@ def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, b
                 f"{sum(c <= REACH_BUDGET for c in costs)}/{len(costs)} | {sum(c <= budget for c in costs)}/{len(costs)} | "
                 f"{_median(vals):.4f} | {_median(tests):.4f} | {_median(n_trials):.0f} | "
                 f"{_median(div):.0f} / {_median(chance):.0f} / {_median(pruned):.0f} |")
+    lines += goal_lines(summary)
     text = "\n".join(lines)
     print(text)
     if out is not None:
@@ -424,6 +469,36 @@ def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, b
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
         _anytime_plots(results, targets, out, budget)
     return summary
+
+
+def goal_lines(summary: dict[str, Any], ours: str = "defaults", baseline: str = "plain") -> list[str]:
+    """The issue's goal, task by task: ``ours`` reaches the target in at most a third of
+    ``baseline``'s median run-equivalents (a fifth at the median over tasks), in at least 9 of 10
+    studies within :data:`REACH_BUDGET`, and its final best is no worse than ``baseline``'s."""
+    rows, ratios = [], []
+    for task, by in summary.items():
+        if ours not in by or baseline not in by:
+            continue
+        a, b = by[ours], by[baseline]
+        ratio = b["median_cost"] / a["median_cost"] if a["median_cost"] > 0 else math.nan
+        ratios.append(ratio)
+        shown = ("inf (plain never reaches it)" if math.isinf(b["median_cost"]) and math.isfinite(a["median_cost"])
+                 else "- (neither reaches it)" if math.isinf(a["median_cost"]) and math.isinf(b["median_cost"])
+                 else f"{ratio:.1f}x")
+        rows.append(f"| {task} | {_fmt(b['median_cost'])} | {_fmt(a['median_cost'])} | {shown} | "
+                    f"{a['reached_within_reach_budget']}/{a['studies']} | {a['median_best_val']:.4f} vs "
+                    f"{b['median_best_val']:.4f} | {a['median_test_of_selected']:.4f} vs "
+                    f"{b['median_test_of_selected']:.4f} |")
+    if not rows:
+        return []
+    finite = [r for r in ratios if not math.isnan(r)]
+    head = [f"\n### The goal: {ours} against {baseline}\n",
+            f"| task | {baseline}: median run-eq to target | {ours} | ratio (goal >= 3x) | {ours} within "
+            f"{REACH_BUDGET:g} run-eq (goal >= 9 of 10) | best val_acc at the budget, {ours} vs {baseline} | "
+            f"selected config's test_acc, {ours} vs {baseline} |",
+            "|---|---:|---:|---:|---:|---|---|"]
+    tail = [f"\nMedian ratio over tasks: {_fmt(statistics.median(finite)) if finite else '-'}x (goal >= 5x)."]
+    return head + rows + tail
 
 
 def _anytime_plots(results: dict[str, Any], targets: dict[str, Any], out: Path, budget: float) -> None:
@@ -483,6 +558,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_an.add_argument("--strategies", default="")
     p_an.add_argument("--budget", type=float, default=BUDGET)
     p_an.add_argument("--out", type=Path, default=None)
+    p_an.add_argument("--fraction", type=float, default=None,
+                      help="the target as this fraction of the best (a sensitivity check; default: 0.98, recorded)")
     for p in (p_ref, p_run, p_an):
         p.add_argument("--workdir", type=Path, default=Path("tuning-efficiency"))
         p.add_argument("--parallel", type=int, default=2, help="studies at once (one core each)")
@@ -498,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"unknown strategies {sorted(unknown)}; known: {', '.join(STRATEGIES)}")
         run_many(jobs, args.workdir, args.budget, args.parallel)
     else:
-        analyze(args.workdir, args.out, [s for s in args.strategies.split(",") if s], args.budget)
+        analyze(args.workdir, args.out, [s for s in args.strategies.split(",") if s], args.budget, args.fraction)
 
 
 if __name__ == "__main__":

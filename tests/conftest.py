@@ -96,3 +96,32 @@ def untimed(value):
     if isinstance(value, list):
         return [untimed(v) for v in value]
     return value
+
+
+def tiny_config(name: str, **sections: dict) -> dict:
+    """A study config small enough for a test: MNIST-1D, an MLP with one hidden layer of 8, one
+    epoch of two steps of 64, SGD, the CPU, seed 0, and every mechanism a test does not look at
+    switched off (no pruner, nothing enqueued first, no sharpness). Each of ``sections`` is merged
+    into its section key by key (``task={"epochs": 4}`` changes the epochs only)."""
+    cfg: dict = {
+        "study": {"name": name, "pruner": "none"},
+        "budget": {"n_trials": 1},
+        "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [8]}, "epochs": 1,
+                 "batch_size": 64, "max_steps_per_epoch": 2},
+        "optimizer": {"name": "sgd", "enqueue_published": False},
+        "metrics": {"sharpness": False},
+        "device": "cpu",
+        "seed": 0,
+    }
+    for key, value in sections.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) and isinstance(cfg.get(key), dict) else value
+    return cfg
+
+
+def write_config(folder: Path, cfg: dict, name: str | None = None) -> Path:
+    """``cfg`` as a YAML file in ``folder`` (named after its study unless ``name`` is given)."""
+    import yaml
+
+    path = Path(folder) / f"{name or cfg['study']['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

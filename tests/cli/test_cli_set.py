@@ -7,6 +7,7 @@ from __future__ import annotations
 import optuna
 import pytest
 import yaml
+from conftest import tiny_config
 from typer.testing import CliRunner
 
 import sassha_tune
@@ -15,16 +16,7 @@ from sassha_tune.config import load_config
 from sassha_tune.config.overrides import apply_overrides, parse_overrides
 from sassha_tune.errors import ConfigError, UserError
 
-CFG = {
-    "study": {"name": "setter", "pruner": "none"},
-    "budget": {"n_trials": 1},
-    "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [8]}, "epochs": 1,
-             "batch_size": 64, "max_steps_per_epoch": 2},
-    "optimizer": {"name": "sgd", "enqueue_published": False},
-    "metrics": {"sharpness": False},
-    "device": "cpu",
-    "seed": 0,
-}
+CFG = tiny_config("setter")
 
 
 def _file(tmp_path, **changes) -> str:

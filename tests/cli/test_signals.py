@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import tiny_config
 from optuna.trial import TrialState
 
 from sassha_tune.config import config_from_dict
@@ -23,16 +24,9 @@ from sassha_tune.study.create import create_or_continue
 
 pytestmark = pytest.mark.slow
 
-SLOW_TRIALS = {  # trials of a few seconds, so that a signal finds one running
-    "study": {"name": "signals", "pruner": "none", "heartbeat_interval": 0.5, "stale_after": 60},
-    "budget": {"n_trials": 3},
-    "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [64]}, "epochs": 4,
-             "batch_size": 32, "max_steps_per_epoch": 400},
-    "optimizer": {"name": "sgd", "enqueue_published": False},
-    "metrics": {"sharpness": False},
-    "device": "cpu",
-    "seed": 0,
-}
+SLOW_TRIALS = tiny_config(  # trials of a few seconds, so that a signal finds one running
+    "signals", study={"heartbeat_interval": 0.5, "stale_after": 60}, budget={"n_trials": 3},
+    task={"model_options": {"hidden": [64]}, "epochs": 4, "batch_size": 32, "max_steps_per_epoch": 400})
 
 
 def _config(tmp_path: Path, n_trials: int) -> Path:

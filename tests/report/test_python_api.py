@@ -11,22 +11,14 @@ import sys
 
 import pytest
 import yaml
+from conftest import tiny_config
 from typer.testing import CliRunner
 
 import sassha_tune
 from sassha_tune.cli import app
 from sassha_tune.errors import UserError
 
-CFG = {
-    "study": {"name": "nb", "pruner": "none"},
-    "budget": {"n_trials": 2},
-    "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [8]}, "epochs": 1, "batch_size": 64,
-             "max_steps_per_epoch": 2},
-    "optimizer": {"name": "sgd", "enqueue_published": False},
-    "metrics": {"sharpness": False},
-    "device": "cpu",
-    "seed": 0,
-}
+CFG = tiny_config("nb", budget={"n_trials": 2})
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import sys
 import optuna
 import pytest
 import yaml
+from conftest import tiny_config
 from typer.testing import CliRunner
 
 import sassha_tune
@@ -22,16 +23,7 @@ from sassha_tune.study.budget import budget_used
 from sassha_tune.study.create import budget_change, create_or_continue, set_budget
 from sassha_tune.study.storage import open_storage
 
-CFG = {
-    "study": {"name": "budget", "pruner": "none"},
-    "budget": {"n_trials": 3},
-    "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [8]}, "epochs": 1,
-             "batch_size": 64, "max_steps_per_epoch": 2},
-    "optimizer": {"name": "sgd", "enqueue_published": False},
-    "metrics": {"sharpness": False},
-    "device": "cpu",
-    "seed": 0,
-}
+CFG = tiny_config("budget", budget={"n_trials": 3})
 
 
 def _config_file(tmp_path, n_trials: int = 3):

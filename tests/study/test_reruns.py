@@ -12,6 +12,7 @@ import math
 import optuna
 import pytest
 import yaml
+from conftest import tiny_config
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
@@ -20,16 +21,10 @@ from sassha_tune.report.reruns import mean_interval, t_quantile
 
 pytestmark = pytest.mark.slow
 
-CFG = {
-    "study": {"name": "rr", "pruner": "none", "heartbeat_interval": 0.5, "stale_after": 2.5},
-    "budget": {"n_trials": 2},
-    "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [16]}, "epochs": 2, "batch_size": 64,
-             "max_steps_per_epoch": 4},
-    "optimizer": {"name": "sgd", "enqueue_published": False},
-    "metrics": {"subset_size": 64, "budget": {"lambda_max_iters": 3, "trace_probes": 2, "sam_steps": 1}},
-    "device": "cpu",
-    "seed": 0,
-}
+CFG = tiny_config("rr", study={"heartbeat_interval": 0.5, "stale_after": 2.5}, budget={"n_trials": 2},
+                  task={"model_options": {"hidden": [16]}, "epochs": 2, "max_steps_per_epoch": 4},
+                  metrics={"sharpness": True, "subset_size": 64,
+                           "budget": {"lambda_max_iters": 3, "trace_probes": 2, "sam_steps": 1}})
 URL = "sqlite:///sassha-tune.db"
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from conftest import tiny_config
 from optuna.trial import TrialState
 
 from sassha_tune.study.budget import budget_used
@@ -26,16 +27,9 @@ from sassha_tune.study.storage import open_storage
 pytestmark = pytest.mark.slow
 
 STALE_AFTER = 1.5
-CONFIG = {  # trials of a few seconds, so that the pause finds one running
-    "study": {"name": "paused", "pruner": "none", "heartbeat_interval": 0.2, "stale_after": STALE_AFTER},
-    "budget": {"n_trials": 1},
-    "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [64]}, "epochs": 4,
-             "batch_size": 32, "max_steps_per_epoch": 400},
-    "optimizer": {"name": "sgd", "enqueue_published": False},
-    "metrics": {"sharpness": False},
-    "device": "cpu",
-    "seed": 0,
-}
+CONFIG = tiny_config(  # trials of a few seconds, so that the pause finds one running
+    "paused", study={"heartbeat_interval": 0.2, "stale_after": STALE_AFTER},
+    task={"model_options": {"hidden": [64]}, "epochs": 4, "batch_size": 32, "max_steps_per_epoch": 400})
 TWO_OBJECTIVES = ["val_acc", {"metric": "train_loss", "direction": "minimize"}]  # nothing reported per epoch
 
 

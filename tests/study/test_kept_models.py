@@ -8,6 +8,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import tiny_config
 from typer.testing import CliRunner
 
 import sassha_tune
@@ -18,16 +19,8 @@ from sassha_tune.study.models import MODEL_ATTR, artifact_dir
 
 pytestmark = pytest.mark.slow
 
-CFG = {
-    "study": {"name": "kept", "pruner": "none", "keep_models": "best"},
-    "budget": {"n_trials": 4},
-    "task": {"dataset": "mnist1d", "model": "mlp", "model_options": {"hidden": [16]}, "epochs": 2, "batch_size": 64,
-             "max_steps_per_epoch": 4},
-    "optimizer": {"name": "sgd", "enqueue_published": False},
-    "metrics": {"sharpness": False},
-    "device": "cpu",
-    "seed": 0,
-}
+CFG = tiny_config("kept", study={"keep_models": "best"}, budget={"n_trials": 4},
+                  task={"model_options": {"hidden": [16]}, "epochs": 2, "max_steps_per_epoch": 4})
 URL = "sqlite:///sassha-tune.db"
 
 
