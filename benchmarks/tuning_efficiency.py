@@ -399,10 +399,11 @@ def _fmt(x: float) -> str:
 
 
 def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, budget: float,
-            fraction: float | None = None) -> dict[str, Any]:
-    """Tables (and with ``out``, the anytime plots) of every study in ``workdir``; ``fraction``:
-    the target as this fraction of the reference's best instead of the recorded 98 % (a
-    sensitivity check, never the headline)."""
+            fraction: float | None = None, curves_file: Path | None = None) -> dict[str, Any]:
+    """Tables (and with ``out``, the anytime plots and ``curves.json``, every study's curve) of
+    every study in ``workdir``, or of the curves in ``curves_file`` (an earlier ``curves.json``);
+    ``fraction``: the target as this fraction of the reference's best instead of the recorded
+    98 % (a sensitivity check, never the headline)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -410,7 +411,12 @@ def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, b
     if fraction is not None:
         targets = {t: {**v, "target": fraction * v["best_val_acc"]} for t, v in targets.items()}
     results: dict[str, Any] = {}
-    for db in sorted(workdir.glob("te-*.db")):
+    if curves_file is not None:  # the curves an earlier analyze kept (docs/results/...): no studies needed
+        for task, by_strategy in json.loads(curves_file.read_text()).items():
+            for strategy, by_seed in by_strategy.items():
+                if task in targets and (not strategies or strategy in strategies):
+                    results.setdefault(task, {})[strategy] = {int(s): c for s, c in by_seed.items()}
+    for db in sorted(workdir.glob("te-*.db")) if curves_file is None else []:
         name = db.stem
         _, rest = name.split("-", 1)
         task, rest = rest.split("-", 1)
@@ -467,6 +473,8 @@ def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, b
         out.mkdir(parents=True, exist_ok=True)
         (out / "tables.md").write_text(text + "\n")
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        # every study's curve, so that the tables and plots can be redrawn without the studies
+        (out / "curves.json").write_text(json.dumps(results, separators=(",", ":")) + "\n")
         _anytime_plots(results, targets, out, budget)
     return summary
 
@@ -560,6 +568,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_an.add_argument("--out", type=Path, default=None)
     p_an.add_argument("--fraction", type=float, default=None,
                       help="the target as this fraction of the best (a sensitivity check; default: 0.98, recorded)")
+    p_an.add_argument("--curves", type=Path, default=None,
+                      help="read the curves an earlier analyze wrote (curves.json) instead of the studies")
     for p in (p_ref, p_run, p_an):
         p.add_argument("--workdir", type=Path, default=Path("tuning-efficiency"))
         p.add_argument("--parallel", type=int, default=2, help="studies at once (one core each)")
@@ -575,7 +585,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error(f"unknown strategies {sorted(unknown)}; known: {', '.join(STRATEGIES)}")
         run_many(jobs, args.workdir, args.budget, args.parallel)
     else:
-        analyze(args.workdir, args.out, [s for s in args.strategies.split(",") if s], args.budget, args.fraction)
+        analyze(args.workdir, args.out, [s for s in args.strategies.split(",") if s], args.budget, args.fraction,
+                args.curves)
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ def _params_vs_lambda_figure(study: optuna.Study, rows: Sequence[dict[str, Any]]
         ax.set_ylabel("lambda_max")
     for ax in axes[len(names):]:
         ax.set_axis_off()
-    if len(axes):
+    if len(axes) and axes[0].get_legend_handles_labels()[0]:  # no legend over an empty first panel
         axes[0].legend(loc="best", fontsize="small")
     fig.suptitle("Each searched parameter vs lambda_max (red x: near chance)")
     fig.tight_layout()
