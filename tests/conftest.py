@@ -125,3 +125,26 @@ def write_config(folder: Path, cfg: dict, name: str | None = None) -> Path:
     path = Path(folder) / f"{name or cfg['study']['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def invoke_cli(*args, env: dict[str, str] | None = None):
+    """The CLI in this process (Typer's runner), one thread per trial process as on CI."""
+    from typer.testing import CliRunner
+
+    from sassha_tune.cli import app
+
+    return CliRunner(env={"OMP_NUM_THREADS": "1", **(env or {})}).invoke(app, [str(a) for a in args])
+
+
+def cli_ok(*args, env: dict[str, str] | None = None):
+    """``invoke_cli`` that must succeed (its output shown when it does not)."""
+    result = invoke_cli(*args, env=env)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def one_line_exit_2(result) -> str:
+    """The promise for bad input: exit code 2 and one line, no traceback; that line."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]

@@ -8,21 +8,9 @@ import os
 
 import optuna
 import pytest
-from typer.testing import CliRunner
+from conftest import invoke_cli, one_line_exit_2
 
-from sassha_tune.cli import app
 from sassha_tune.config import load_config
-
-
-def _cli(*args: str, env: dict[str, str] | None = None):
-    return CliRunner(env={"OMP_NUM_THREADS": "1", **(env or {})}).invoke(app, list(args))
-
-
-def _one_line_exit_2(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    return lines[0]
-
 
 SHORT = ["--set", "budget.n_trials=1", "--set", "task.epochs=1", "--set", "task.max_steps_per_epoch=3",
          "--set", "metrics.subset_size=64", "--set", "metrics.budget={lambda_max_iters: 3, trace_probes: 2, sam_steps: 1}"]
@@ -30,7 +18,7 @@ SHORT = ["--set", "budget.n_trials=1", "--set", "task.epochs=1", "--set", "task.
 
 def test_init_writes_a_commented_config_on_the_default_search_that_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = _cli("init", "--out", "mine.yaml", "--dataset", "digits", "--optimizer", "adamw")
+    result = invoke_cli("init", "--out", "mine.yaml", "--dataset", "digits", "--optimizer", "adamw")
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == ["wrote mine.yaml", "next: sassha-tune run mine.yaml"]
     text = (tmp_path / "mine.yaml").read_text()
@@ -41,28 +29,28 @@ def test_init_writes_a_commented_config_on_the_default_search_that_runs(tmp_path
     assert {"study.sampler", "study.pruner", "optimizer.search_space", "optimizer.enqueue_published"} <= cfg.implicit
     assert (cfg.study.sampler.name, cfg.study.pruner.name, cfg.optimizer.enqueue_published) == ("auto", "auto", "auto")
 
-    ran = _cli("run", "mine.yaml", "--set", "device=cpu", *SHORT)
+    ran = invoke_cli("run", "mine.yaml", "--set", "device=cpu", *SHORT)
     assert ran.exit_code == 0, ran.output
     trials = optuna.load_study(study_name="mine", storage="sqlite:///sassha-tune.db").trials
     assert [t.state.name for t in trials if t.state.is_finished()] == ["COMPLETE"]  # the prior waits for more
     assert "lambda_max" in trials[0].user_attrs
 
     # never written over: one line, exit 2, the file as it was
-    assert "mine.yaml exists; init never overwrites" in _one_line_exit_2(_cli("init", "--out", "mine.yaml"))
+    assert "mine.yaml exists; init never overwrites" in one_line_exit_2(invoke_cli("init", "--out", "mine.yaml"))
     assert (tmp_path / "mine.yaml").read_text() == text
 
 
 def test_init_own_loop_writes_a_train_module_that_a_study_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))  # PYTHONPATH=. for this process (the plug-in's import)
-    result = _cli("init", "--out", "loop-study.yaml", "--own-loop")
+    result = invoke_cli("init", "--out", "loop-study.yaml", "--own-loop")
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[-1] == "next: PYTHONPATH=. sassha-tune run loop-study.yaml"
     assert (tmp_path / "loop_study_train.py").is_file()
     cfg = load_config(tmp_path / "loop-study.yaml")
     assert cfg.task.train == "loop_study_train:train" and "optimizer.search_space" in cfg.implicit
     env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    ran = _cli("run", "loop-study.yaml", "--set", "device=cpu", "--set", "budget.n_trials=1", "--set", "task.epochs=2",
+    ran = invoke_cli("run", "loop-study.yaml", "--set", "device=cpu", "--set", "budget.n_trials=1", "--set", "task.epochs=2",
                "--set", "metrics.subset_size=64", env=env)
     assert ran.exit_code == 0, ran.output
     trials = optuna.load_study(study_name="loop-study", storage="sqlite:///sassha-tune.db").trials
@@ -72,7 +60,7 @@ def test_init_own_loop_writes_a_train_module_that_a_study_runs(tmp_path, monkeyp
     # the module is not written over either, and nothing is written when one of the two exists
     (tmp_path / "other.yaml").unlink(missing_ok=True)
     (tmp_path / "other_train.py").write_text("# mine\n")
-    assert "other_train.py exists" in _one_line_exit_2(_cli("init", "--out", "other.yaml", "--own-loop"))
+    assert "other_train.py exists" in one_line_exit_2(invoke_cli("init", "--out", "other.yaml", "--own-loop"))
     assert not (tmp_path / "other.yaml").exists() and (tmp_path / "other_train.py").read_text() == "# mine\n"
 
 
@@ -90,5 +78,5 @@ def test_init_own_loop_writes_a_train_module_that_a_study_runs(tmp_path, monkeyp
 ])
 def test_bad_init_inputs_give_one_line_exit_2_and_write_nothing(tmp_path, monkeypatch, args, says):
     monkeypatch.chdir(tmp_path)
-    assert says in _one_line_exit_2(_cli("init", *args))
+    assert says in one_line_exit_2(invoke_cli("init", *args))
     assert list(tmp_path.iterdir()) == []

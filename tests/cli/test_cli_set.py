@@ -7,11 +7,9 @@ from __future__ import annotations
 import optuna
 import pytest
 import yaml
-from conftest import tiny_config
-from typer.testing import CliRunner
+from conftest import invoke_cli, one_line_exit_2, tiny_config
 
 import sassha_tune
-from sassha_tune.cli import app
 from sassha_tune.config import load_config
 from sassha_tune.config.overrides import apply_overrides, parse_overrides
 from sassha_tune.errors import ConfigError, UserError
@@ -27,15 +25,10 @@ def _file(tmp_path, **changes) -> str:
     return str(p)
 
 
-def _cli(*args: str):
-    return CliRunner(env={"OMP_NUM_THREADS": "1"}).invoke(app, list(args))
-
-
 def _one_line_exit_2(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    return lines[0]
+    line = one_line_exit_2(result)
+    assert line.startswith("error: "), line
+    return line
 
 
 def test_values_are_the_config_files_yaml_and_short_forms_expand():
@@ -83,20 +76,20 @@ def test_load_config_validates_an_override_like_the_file_and_keeps_the_files_stu
 def test_run_stores_the_effective_config_export_and_resume_reproduce_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = _file(tmp_path)
-    result = _cli("run", path, "--set", "task.epochs=2", "--set", "task.model_options.hidden=[12]")
+    result = invoke_cli("run", path, "--set", "task.epochs=2", "--set", "task.model_options.hidden=[12]")
     assert result.exit_code == 0, result.output
     study = optuna.load_study(study_name="setter", storage="sqlite:///sassha-tune.db")
     stored = study.user_attrs["config"]
     assert stored["task"]["epochs"] == 2 and stored["task"]["model_options"] == {"hidden": [12]}
     assert study.trials[0].user_attrs["epochs_completed"] == 2
-    exported = yaml.safe_load(_cli("export", "setter").output)
+    exported = yaml.safe_load(invoke_cli("export", "setter").output)
     assert exported["task"]["epochs"] == 2 and exported["task"]["model_options"] == {"hidden": [12]}
     # the same file again without --set is another study's settings: refused, as for an edited file
-    again = _one_line_exit_2(_cli("run", path))
+    again = _one_line_exit_2(invoke_cli("run", path))
     assert "different settings (task.epochs, task.model_options.hidden)" in again
 
     # resume: the budget, sampler, pruner, heartbeats and device may change; the rest is refused
-    resumed = _cli("resume", "setter", "--set", "budget.n_trials=2", "--set", "study.pruner=median")
+    resumed = invoke_cli("resume", "setter", "--set", "budget.n_trials=2", "--set", "study.pruner=median")
     assert resumed.exit_code == 0, resumed.output
     assert "stored config changed by --set budget.n_trials=2 study.pruner=median" in resumed.output
     study = optuna.load_study(study_name="setter", storage="sqlite:///sassha-tune.db")
@@ -116,10 +109,10 @@ def test_bad_set_values_give_one_line_exit_2_and_store_nothing(tmp_path, monkeyp
         (["train", path, "--set", "optimizer.fixed.lr=-1"], "optimizer.fixed.lr"),
         (["train", path, "--set", "device.amp=bf17"], "device.amp: expected one of none, bf16"),
     ]:
-        assert says in _one_line_exit_2(_cli(*args)), args
+        assert says in _one_line_exit_2(invoke_cli(*args)), args
     assert not (tmp_path / "sassha-tune.db").exists()  # nothing created
 
-    assert _cli("run", path).exit_code == 0
+    assert invoke_cli("run", path).exit_code == 0
     url = "sqlite:///sassha-tune.db"
     before = optuna.load_study(study_name="setter", storage=url).user_attrs["config"]
     for args, says in [
@@ -132,7 +125,7 @@ def test_bad_set_values_give_one_line_exit_2_and_store_nothing(tmp_path, monkeyp
         (["resume", "setter", "--set", "budget.n_trials=3", "--n-trials", "3"], "give one"),
         (["resume", "setter", "--set", "task"], "expected key.path=value"),
     ]:
-        result = _cli(*args)
+        result = invoke_cli(*args)
         if says is None:  # the budget is what it was: nothing to run, the pruner stored
             assert result.exit_code == 0, result.output
             continue

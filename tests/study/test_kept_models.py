@@ -8,11 +8,9 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import tiny_config
-from typer.testing import CliRunner
+from conftest import cli_ok, invoke_cli, one_line_exit_2, tiny_config
 
 import sassha_tune
-from sassha_tune.cli import app
 from sassha_tune.config import config_from_dict
 from sassha_tune.errors import ConfigError
 from sassha_tune.study.models import MODEL_ATTR, artifact_dir
@@ -22,22 +20,6 @@ pytestmark = pytest.mark.slow
 CFG = tiny_config("kept", study={"keep_models": "best"}, budget={"n_trials": 4},
                   task={"model_options": {"hidden": [16]}, "epochs": 2, "max_steps_per_epoch": 4})
 URL = "sqlite:///sassha-tune.db"
-
-
-def _cli(*args: str):
-    return CliRunner(env={"OMP_NUM_THREADS": "1"}).invoke(app, list(args))
-
-
-def _ok(*args: str):
-    result = _cli(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _one_line_exit_2(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    return lines[0]
 
 
 def plain_test_accuracy(path) -> tuple[float, dict]:
@@ -57,7 +39,7 @@ def plain_test_accuracy(path) -> tuple[float, dict]:
 def test_kept_models_come_back_and_give_the_stored_test_accuracy(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "kept.yaml").write_text(yaml.safe_dump(CFG))
-    _ok("run", "kept.yaml")
+    cli_ok("run", "kept.yaml")
     study = optuna.load_study(study_name="kept", storage=URL)
     trials = study.trials
     # best: each trial that no earlier complete trial beat when it finished
@@ -66,31 +48,31 @@ def test_kept_models_come_back_and_give_the_stored_test_accuracy(tmp_path, monke
     assert len(list((tmp_path / "sassha-tune-artifacts").iterdir())) == len(best_so_far)
     best = study.best_trial
 
-    _ok("export", "kept", "--model", "--out", "best.pt")
+    cli_ok("export", "kept", "--model", "--out", "best.pt")
     accuracy, saved = plain_test_accuracy(tmp_path / "best.pt")
     assert accuracy == best.user_attrs["test_acc"]
     assert saved["metrics"]["val_acc"] == best.user_attrs["val_acc"] and saved["params"] == best.params
     assert saved["config"]["optimizer"]["fixed"]["lr"] == best.params["lr"]
 
     # train --save on the exported config: the same weights, bit for bit (same machine, same run)
-    _ok("export", "kept", "--out", "best.yaml")
-    _ok("train", "best.yaml", "--save", "again.pt")
+    cli_ok("export", "kept", "--out", "best.yaml")
+    cli_ok("train", "best.yaml", "--save", "again.pt")
     again = torch.load(tmp_path / "again.pt", weights_only=True)
     assert again["state_dict"].keys() == saved["state_dict"].keys()
     assert all(torch.equal(again["state_dict"][k], v) for k, v in saved["state_dict"].items())
 
     # all: every complete trial from now on (the setting may change on a stored study)
-    _ok("resume", "kept", "--set", "study.keep_models=all", "--set", "budget.n_trials=5")
+    cli_ok("resume", "kept", "--set", "study.keep_models=all", "--set", "budget.n_trials=5")
     last = optuna.load_study(study_name="kept", storage=URL).trials[-1]
     assert MODEL_ATTR in last.user_attrs
-    _ok("export", "kept", "--model", "--trial", str(last.number), "--out", "last.pt")
+    cli_ok("export", "kept", "--model", "--trial", str(last.number), "--out", "last.pt")
     assert plain_test_accuracy(tmp_path / "last.pt")[0] == last.user_attrs["test_acc"]
 
     # a trial without a kept model, and --model without --out: one line each
     without = next(t for t in optuna.load_study(study_name="kept", storage=URL).trials if MODEL_ATTR not in t.user_attrs)
-    assert "has no kept model" in _one_line_exit_2(_cli("export", "kept", "--model", "--trial", str(without.number),
+    assert "has no kept model" in one_line_exit_2(invoke_cli("export", "kept", "--model", "--trial", str(without.number),
                                                         "--out", "x.pt"))
-    assert "--model: give --out FILE" in _one_line_exit_2(_cli("export", "kept", "--model"))
+    assert "--model: give --out FILE" in one_line_exit_2(invoke_cli("export", "kept", "--model"))
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -100,25 +82,25 @@ def test_pack_members_keep_their_models(tmp_path, monkeypatch):
     cfg["study"].update(name="packed", keep_models="all")
     cfg["budget"]["n_trials"] = 2
     (tmp_path / "packed.yaml").write_text(yaml.safe_dump(cfg))
-    assert "pack" in _ok("run", "packed.yaml", "--pack", "2").output
+    assert "pack" in cli_ok("run", "packed.yaml", "--pack", "2").output
     for t in optuna.load_study(study_name="packed", storage=URL).trials:
         assert t.user_attrs["pack_size"] == 2
-        _ok("export", "packed", "--model", "--trial", str(t.number), "--out", f"m{t.number}.pt")
+        cli_ok("export", "packed", "--model", "--trial", str(t.number), "--out", f"m{t.number}.pt")
         assert plain_test_accuracy(tmp_path / f"m{t.number}.pt")[0] == t.user_attrs["test_acc"]
 
 
 def test_bad_model_inputs_are_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "kept.yaml").write_text(yaml.safe_dump(CFG))
-    assert "study.keep_models: expected one of none, best, all" in _one_line_exit_2(
-        _cli("run", "kept.yaml", "--set", "study.keep_models=some"))
+    assert "study.keep_models: expected one of none, best, all" in one_line_exit_2(
+        invoke_cli("run", "kept.yaml", "--set", "study.keep_models=some"))
     assert not (tmp_path / "sassha-tune.db").exists()
     for args, says in [
         (["--save", "missing/m.pt"], "--save missing/m.pt: directory missing does not exist"),
         (["--save", "link.pt"], "--save link.pt: is a symbolic link"),
     ]:
         (tmp_path / "link.pt").symlink_to(tmp_path / "elsewhere.pt") if "link" in args[1] else None
-        assert says in _one_line_exit_2(_cli("train", "kept.yaml", *args))
+        assert says in one_line_exit_2(invoke_cli("train", "kept.yaml", *args))
     assert not (tmp_path / "elsewhere.pt").exists()
     own = {"study": {"name": "own", "keep_models": "all"}, "task": {"train": "plugins_example:user_train"},
            "optimizer": {"name": "sgd"}}

@@ -12,11 +12,9 @@ import math
 import optuna
 import pytest
 import yaml
-from conftest import tiny_config
+from conftest import cli_ok, invoke_cli, one_line_exit_2, tiny_config
 from optuna.trial import TrialState
-from typer.testing import CliRunner
 
-from sassha_tune.cli import app
 from sassha_tune.report.reruns import mean_interval, t_quantile
 
 pytestmark = pytest.mark.slow
@@ -28,26 +26,10 @@ CFG = tiny_config("rr", study={"heartbeat_interval": 0.5, "stale_after": 2.5}, b
 URL = "sqlite:///sassha-tune.db"
 
 
-def _cli(*args: str):
-    return CliRunner(env={"OMP_NUM_THREADS": "1"}).invoke(app, list(args))
-
-
-def _ok(*args: str):
-    result = _cli(*args)
-    assert result.exit_code == 0, result.output
-    return result
-
-
-def _one_line_exit_2(result) -> str:
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2 and len(lines) == 1, result.output
-    return lines[0]
-
-
 def _study(tmp_path, monkeypatch) -> optuna.Study:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rr.yaml").write_text(yaml.safe_dump(CFG))
-    _ok("run", "rr.yaml")
+    cli_ok("run", "rr.yaml")
     return optuna.load_study(study_name="rr", storage=URL)
 
 
@@ -58,7 +40,7 @@ def _seeds(name: str = "rr-seeds") -> list[optuna.trial.FrozenTrial]:
 def test_rerun_trains_each_seed_as_train_does_and_a_second_call_runs_only_the_missing(tmp_path, monkeypatch):
     study = _study(tmp_path, monkeypatch)
     best = study.best_trial
-    ran = _ok("rerun", "rr", "--seeds", "1,2")
+    ran = cli_ok("rerun", "rr", "--seeds", "1,2")
     assert f"re-runs of trial {best.number} of 'rr' (val_acc={best.value:.4g}) in 'rr-seeds': seeds 1, 2 enqueued" \
         in ran.output
     trials = _seeds()
@@ -71,27 +53,27 @@ def test_rerun_trains_each_seed_as_train_does_and_a_second_call_runs_only_the_mi
     assert companion.user_attrs["config"]["task"] == study.user_attrs["config"]["task"]
 
     # each re-run is what `train --seed` gives for the exported configuration (same machine, same run)
-    _ok("export", "rr", "--out", "best.yaml")
+    cli_ok("export", "rr", "--out", "best.yaml")
     for t in trials:
-        _ok("train", "best.yaml", "--seed", str(t.user_attrs["seed"]), "--metrics-out", "m.json")
+        cli_ok("train", "best.yaml", "--seed", str(t.user_attrs["seed"]), "--metrics-out", "m.json")
         trained = json.loads((tmp_path / "m.json").read_text())
         for key in ("val_acc", "test_acc", "train_loss", "lambda_max"):
             assert t.user_attrs[key] == trained[key], key
     assert trials[0].user_attrs["train_loss"] != trials[1].user_attrs["train_loss"]
 
-    again = _ok("rerun", "rr", "--seeds", "1,2,3")
+    again = cli_ok("rerun", "rr", "--seeds", "1,2,3")
     assert "seeds 3 enqueued; 1, 2 there already" in again.output
     assert [t.user_attrs["seed"] for t in _seeds()] == [1, 2, 3]
-    assert "all enqueued before" in _ok("rerun", "rr", "--seeds", "2,3").output
+    assert "all enqueued before" in cli_ok("rerun", "rr", "--seeds", "2,3").output
     assert len(_seeds()) == 3
 
     # another trial's re-runs join the same companion, grouped by seed_rerun_of
     other = next(t for t in study.trials if t.number != best.number)
-    _ok("rerun", "rr", "--seeds", "1", "--trial", str(other.number))
+    cli_ok("rerun", "rr", "--seeds", "1", "--trial", str(other.number))
     assert [t.user_attrs["seed_rerun_of"] for t in _seeds()] == [best.number] * 3 + [other.number]
 
     # report and compare: mean ± std and the 95 % interval of test_acc and lambda_max over the seeds
-    _ok("report", "rr", "--out", "rep")
+    cli_ok("report", "rr", "--out", "rep")
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "| test_acc 95% CI " in text and "| lambda_max 95% CI " in text
     row = next(line for line in text.splitlines() if line.startswith("| rr ") and f"| {best.number} " in line)
@@ -99,15 +81,15 @@ def test_rerun_trains_each_seed_as_train_does_and_a_second_call_runs_only_the_mi
     lo, hi = mean_interval(tests)
     assert f"[{lo:.4g}, {hi:.4g}]" in row and "| 3 " in row
     (tmp_path / "rr2.yaml").write_text(yaml.safe_dump({**CFG, "study": {**CFG["study"], "name": "rr2"}}))
-    _ok("run", "rr2.yaml")
-    _ok("compare", "rr", "rr2", "--out", "cmp")
+    cli_ok("run", "rr2.yaml")
+    cli_ok("compare", "rr", "rr2", "--out", "cmp")
     assert f"[{lo:.4g}, {hi:.4g}]" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
 def test_a_lost_rerun_is_retried_with_its_seed(tmp_path, monkeypatch):
     _study(tmp_path, monkeypatch)
     companion_name = "rr-seeds"
-    _ok("rerun", "rr", "--seeds", "5")
+    cli_ok("rerun", "rr", "--seeds", "5")
     # a second seed whose process died: asked by plain Optuna, never beating, never told
     companion = optuna.load_study(study_name=companion_name, storage=URL)
     best = _seeds()[0].user_attrs["seed_rerun_of"]
@@ -117,7 +99,7 @@ def test_a_lost_rerun_is_retried_with_its_seed(tmp_path, monkeypatch):
     companion.set_user_attr("config", config)
     dead = companion.ask()
     assert dead.user_attrs["seed"] == 6
-    ran = _ok("rerun", "rr", "--seeds", "5,6")  # seed 6 is running: nothing enqueued; it goes stale, is retried
+    ran = cli_ok("rerun", "rr", "--seeds", "5,6")  # seed 6 is running: nothing enqueued; it goes stale, is retried
     assert "all enqueued before" in ran.output and f"trial {dead.number} lost" in ran.output
     trials = _seeds()
     assert trials[dead.number].state == TrialState.FAIL and trials[dead.number].user_attrs["failure_reason"] == "lost"
@@ -134,7 +116,7 @@ def test_a_companion_stored_by_plain_optuna_is_adopted(tmp_path, monkeypatch):
     old.set_user_attr("rerun_of_study", "rr")
     old.add_trial(optuna.trial.create_trial(params=best.params, distributions=best.distributions, value=0.5,
                                             user_attrs={"seed": 1, "seed_rerun_of": best.number, "test_acc": 0.5}))
-    ran = _ok("rerun", "rr", "--seeds", "1,2")
+    ran = cli_ok("rerun", "rr", "--seeds", "1,2")
     assert "adopted study 'rr-seeds'" in ran.output and "seeds 2 enqueued; 1 there already" in ran.output
     assert [t.user_attrs["seed"] for t in _seeds()] == [1, 2] and _seeds()[1].state == TrialState.COMPLETE
 
@@ -150,15 +132,15 @@ def test_bad_rerun_inputs_are_one_line_and_store_nothing(tmp_path, monkeypatch):
         (["--seeds", "1", "--trial", "-1"], "--trial"),
         (["--seeds", "1", "--device", "cuda:x"], "--device"),
     ]:
-        assert says in _one_line_exit_2(_cli("rerun", "rr", *args)), args
-    assert "study 'nope' not found" in _one_line_exit_2(_cli("rerun", "nope", "--seeds", "1"))
+        assert says in one_line_exit_2(invoke_cli("rerun", "rr", *args)), args
+    assert "study 'nope' not found" in one_line_exit_2(invoke_cli("rerun", "nope", "--seeds", "1"))
     assert optuna.get_all_study_names(URL) == ["rr"]
     # a study of re-runs is not re-run itself; a trial that is not COMPLETE is refused
-    _ok("rerun", "rr", "--seeds", "1")
-    assert "holds re-runs itself" in _one_line_exit_2(_cli("rerun", "rr-seeds", "--seeds", "2"))
+    cli_ok("rerun", "rr", "--seeds", "1")
+    assert "holds re-runs itself" in one_line_exit_2(invoke_cli("rerun", "rr-seeds", "--seeds", "2"))
     pruned = study.ask()
     study.tell(pruned, state=TrialState.PRUNED)
-    assert "is PRUNED, not COMPLETE" in _one_line_exit_2(_cli("rerun", "rr", "--seeds", "2", "--trial", str(pruned.number)))
+    assert "is PRUNED, not COMPLETE" in one_line_exit_2(invoke_cli("rerun", "rr", "--seeds", "2", "--trial", str(pruned.number)))
     assert len(_seeds()) == 1
 
 
