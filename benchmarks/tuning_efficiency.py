@@ -399,11 +399,13 @@ def _fmt(x: float) -> str:
 
 
 def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, budget: float,
-            fraction: float | None = None, curves_file: Path | None = None) -> dict[str, Any]:
+            fraction: float | None = None, curves_file: Path | None = None,
+            seeds: Sequence[int] | None = None) -> dict[str, Any]:
     """Tables (and with ``out``, the anytime plots and ``curves.json``, every study's curve) of
     every study in ``workdir``, or of the curves in ``curves_file`` (an earlier ``curves.json``);
     ``fraction``: the target as this fraction of the reference's best instead of the recorded
-    98 % (a sensitivity check, never the headline)."""
+    98 % (a sensitivity check, never the headline); ``seeds``: only these study seeds (an ablation
+    compared with the defaults on the same seeds)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -415,13 +417,15 @@ def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, b
         for task, by_strategy in json.loads(curves_file.read_text()).items():
             for strategy, by_seed in by_strategy.items():
                 if task in targets and (not strategies or strategy in strategies):
-                    results.setdefault(task, {})[strategy] = {int(s): c for s, c in by_seed.items()}
+                    results.setdefault(task, {})[strategy] = {
+                        int(s): c for s, c in by_seed.items() if not seeds or int(s) in seeds}
     for db in sorted(workdir.glob("te-*.db")) if curves_file is None else []:
         name = db.stem
         _, rest = name.split("-", 1)
         task, rest = rest.split("-", 1)
         strategy, seed = rest.rsplit("-s", 1)
-        if task not in targets or (strategies and strategy not in strategies) or int(seed) >= 1000:
+        if (task not in targets or (strategies and strategy not in strategies) or int(seed) >= 1000
+                or (seeds and int(seed) not in seeds)):
             continue
         url = storage_url(workdir, name)
         names = optuna.get_all_study_names(url)  # one study per file (the file may have been renamed)
@@ -572,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="the target as this fraction of the best (a sensitivity check; default: 0.98, recorded)")
     p_an.add_argument("--curves", type=Path, default=None,
                       help="read the curves an earlier analyze wrote (curves.json) instead of the studies")
+    p_an.add_argument("--seeds", default="", help="only these study seeds, e.g. 0-1 (default: all)")
     for p in (p_ref, p_run, p_an):
         p.add_argument("--workdir", type=Path, default=Path("tuning-efficiency"))
         p.add_argument("--parallel", type=int, default=2, help="studies at once (one core each)")
@@ -588,7 +593,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_many(jobs, args.workdir, args.budget, args.parallel)
     else:
         analyze(args.workdir, args.out, [s for s in args.strategies.split(",") if s], args.budget, args.fraction,
-                args.curves)
+                args.curves, _seeds(args.seeds) if args.seeds else None)
 
 
 if __name__ == "__main__":
