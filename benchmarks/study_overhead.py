@@ -11,6 +11,21 @@ near chance by the report's rule, or pruned by the guard with ``prune_reason: ne
 
     OMP_NUM_THREADS=1 python benchmarks/study_overhead.py [--runs off:fresh,auto:fresh,off:warm,auto:warm] [--out DIR]
 
+``--cli`` measures what a user sees instead (issue 27): ``sassha-tune run quickstart.yaml`` as a
+subprocess from a temporary folder holding a copy of the quickstart (its storage, the relative
+``sqlite:///sassha-tune.db``, lands there), its output piped (plain lines, no live view). It
+reports the command's wall time and CPU time (user + sys of the command and the processes it
+waited for: its trial worker), the trials' training and sharpness seconds read from the stored
+study, the share that is neither, and where that goes: to the first output line, to the first
+``trial 0 started`` line, inside trials, between them, and after the last trial is told until
+the command has exited; also the CPU time the command and its trial worker had used when the
+``trial 0 started`` line came (from /proc). ``--command`` runs another ``sassha-tune`` (e.g.
+``python -m sassha_tune`` of another checkout, through PYTHONPATH) to compare before and after;
+``--create-only`` runs ``run --create-only`` (the coordinator's own start, validation, data check,
+study creation and exit, without a trial worker):
+
+    OMP_NUM_THREADS=1 python benchmarks/study_overhead.py --cli [--repeat N] [--command "sassha-tune"] [--create-only]
+
 The sampler is seeded, but a pruned trial tells TPE less than a complete one, so after the first
 guard-pruned trial the two runs sample different trials: compare totals, not trial by trial.
 """
@@ -19,6 +34,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -79,13 +98,124 @@ def measure(guard: str, workdir: Path, pack: int, warm: bool = False) -> dict:
     }
 
 
+def _is_told(line: str) -> bool:
+    return line.startswith("trial ") and any(f" {state}" in line for state in ("COMPLETE", "PRUNED", "FAIL"))
+
+
+def _tree_cpu(pid: int) -> float:
+    """CPU seconds (user + sys) a running process and its live children (the trial worker) have
+    used so far, from /proc (Linux; 0.0 where it cannot be read)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for p in [pid, *map(int, children)]:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / tick  # utime stime cutime cstime
+    return total
+
+
+def measure_cli(workdir: Path, command: list[str], env: dict[str, str] | None = None, create_only: bool = False) -> dict:
+    """``command run quickstart.yaml`` from ``workdir`` (a fresh copy of the quickstart there), as a
+    user runs it from a shell: wall and CPU time of the command, the stored trials' training and
+    sharpness seconds, and where the rest goes (by the time each output line arrived)."""
+    import optuna
+
+    workdir.mkdir(parents=True)
+    shutil.copy(QUICKSTART, workdir / "quickstart.yaml")
+    stamped: list[tuple[float, str]] = []
+    t0 = time.perf_counter()
+    extra = ["--create-only"] if create_only else []
+    proc = subprocess.Popen([*command, "run", "quickstart.yaml", *extra], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    assert proc.stdout is not None
+    cpu_to_first_trial = None
+    for line in proc.stdout:
+        stamped.append((time.perf_counter(), line.rstrip("\n")))
+        if cpu_to_first_trial is None and line.startswith("trial ") and " started" in line:
+            cpu_to_first_trial = _tree_cpu(proc.pid)
+    _, status, usage = os.wait4(proc.pid, 0)  # the command's rusage, with the children it waited for
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit("\n".join(line for _, line in stamped) + f"\nexit code {proc.returncode}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="quickstart", storage=f"sqlite:///{workdir / 'sassha-tune.db'}")
+    trials = [t for t in study.trials if t.state.name != "WAITING"]
+    train = sum(_num(t.user_attrs.get("train_seconds")) for t in trials)
+    sharp = sum(_num(t.user_attrs.get("sharpness_seconds")) for t in trials)
+    starts = [t for t, line in stamped if line.startswith("trial ") and " started" in line]
+    ends = [t for t, line in stamped if _is_told(line)]
+    in_trials = sum(e - s for s, e in zip(starts, ends, strict=False))
+    first_trial = (starts[0] - t0) if starts else wall
+    after_last = (t0 + wall - ends[-1]) if ends else 0.0
+    return {
+        "command": shlex.join(command),
+        "trials": len(trials),
+        "states": {s: sum(t.state.name == s for t in trials) for s in ("COMPLETE", "PRUNED", "FAIL")},
+        "wall_seconds": wall,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "cpu_user_seconds": usage.ru_utime,
+        "cpu_sys_seconds": usage.ru_stime,
+        "train_seconds": train,
+        "sharpness_seconds": sharp,
+        "other_seconds": wall - train - sharp,
+        "other_share": (wall - train - sharp) / wall,
+        "cpu_to_first_trial_seconds": cpu_to_first_trial,
+        "first_line_seconds": (stamped[0][0] - t0) if stamped else wall,
+        "first_trial_seconds": first_trial,
+        "in_trials_other_seconds": in_trials - train - sharp,
+        "between_trials_seconds": wall - first_trial - in_trials - after_last,
+        "after_last_trial_seconds": after_last,
+        "best_val_acc": max((_num(t.user_attrs.get("val_acc")) for t in trials if t.state.name == "COMPLETE"),
+                            default=None),
+        "values": [t.values for t in trials],
+    }
+
+
+def main_cli(args: argparse.Namespace) -> None:
+    command = shlex.split(args.command)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.repeat):
+            rows.append(measure_cli(Path(tmp) / f"run{i}", command, create_only=args.create_only))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "values"}))
+    print()
+    print("| command | trials (complete/pruned/fail) | wall (s) | CPU user+sys (s) | train (s) | sharpness (s) "
+          "| neither (s, share) | first line / first trial (s) | CPU to the first trial (s) | in trials / between / after the last (s) | best val_acc |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        st = r["states"]
+        print(f"| `{r['command']} run` | {r['trials']} ({st['COMPLETE']}/{st['PRUNED']}/{st['FAIL']}) "
+              f"| {r['wall_seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['train_seconds']:.1f} | {r['sharpness_seconds']:.1f} "
+              f"| {r['other_seconds']:.1f} ({100 * r['other_share']:.1f} %) "
+              f"| {r['first_line_seconds']:.1f} / {r['first_trial_seconds']:.1f} | {r['cpu_to_first_trial_seconds'] or 0:.1f} "
+              f"| {r['in_trials_other_seconds']:.1f} / {r['between_trials_seconds']:.1f} / {r['after_last_trial_seconds']:.1f} "
+              f"| {r['best_val_acc'] or 0:.4f} |")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "overhead_cli.json").write_text(json.dumps(rows, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", default="off:fresh,auto:fresh,off:warm,auto:warm",
                     help="comma-separated GUARD:PROCESSES, GUARD off, auto or an epoch count, PROCESSES fresh or warm")
     ap.add_argument("--pack", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=None, help="also write overhead.json there")
+    ap.add_argument("--out", type=Path, default=None, help="also write overhead.json (overhead_cli.json) there")
+    ap.add_argument("--cli", action="store_true", help="run the quickstart through the CLI, as a user does (issue 27)")
+    ap.add_argument("--command", default="sassha-tune", help="with --cli: the command to run (default sassha-tune)")
+    ap.add_argument("--repeat", type=int, default=1, help="with --cli: runs, one after another")
+    ap.add_argument("--create-only", action="store_true", help="with --cli: run --create-only (no trials, no worker)")
     args = ap.parse_args()
+    if args.cli:
+        main_cli(args)
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for run in args.runs.split(","):
