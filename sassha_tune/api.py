@@ -212,13 +212,14 @@ def run_study(
     gpu_list, pack_size = _check_flags(gpus, device, pack)
     _check_callbacks_arg(callbacks, gpu_list, observer)
     _check_override_budget(overrides, n_trials)
-    cfg = _as_config(config, overrides)  # everything validated before any storage is touched
-    url = resolve_storage(storage, cfg)
-    if not gpu_list:
-        check_available(device or cfg.device.name)  # a GPU this machine lacks costs no study
-    check_task_inputs(cfg)  # a missing dataset file or train function costs no study
-    check_callbacks(cfg.study.callbacks)  # nor a tracker whose package is missing
-    with _early_launcher(cfg, gpu_list, pack_size, device, fresh_process, log, run=not create_only) as launcher:
+    with _early_launcher(gpu_list, fresh_process, log, run=not create_only) as launcher:
+        cfg = _as_config(config, overrides)  # everything validated before any storage is touched
+        url = resolve_storage(storage, cfg)
+        if not gpu_list:
+            check_available(device or cfg.device.name)  # a GPU this machine lacks costs no study
+        check_task_inputs(cfg)  # a missing dataset file or train function costs no study
+        check_callbacks(cfg.study.callbacks)  # nor a tracker whose package is missing
+        _keep_worker(launcher, cfg, pack_size, device)
         # nor data or a model that every trial would fail on; a plug-in model's normalization
         # layers are known once it is built, and may choose the search space
         with_model_normalization(cfg, check_task(cfg))
@@ -263,13 +264,14 @@ def resume_study(
     _check_override_budget(overrides, n_trials)
     parse_overrides(overrides)  # a malformed one costs no storage
     url = resolve_storage(storage)
-    study = load_study(name, url)
-    cfg, overridden = overridden_config(study, overrides)  # validated, nothing written yet
-    if not gpu_list:
-        check_available(device or cfg.device.name)  # before the budget changes or a trial is asked
-    if change is not None:
-        check_budget(study, change)  # refused before the data check; set after it (checked again)
-    with _early_launcher(cfg, gpu_list, pack_size, device, fresh_process, log) as launcher:
+    with _early_launcher(gpu_list, fresh_process, log) as launcher:
+        study = load_study(name, url)
+        cfg, overridden = overridden_config(study, overrides)  # validated, nothing written yet
+        if not gpu_list:
+            check_available(device or cfg.device.name)  # before the budget changes or a trial is asked
+        if change is not None:
+            check_budget(study, change)  # refused before the data check; set after it (checked again)
+        _keep_worker(launcher, cfg, pack_size, device)
         check_task(cfg)  # a plug-in's data, checked again: it may have changed since the study was created
         if overridden is not None:
             store_overridden(study, overridden, overrides, log=log)
@@ -313,11 +315,12 @@ def rerun_study(
     _, pack_size = _check_flags(None, device, 1)
     _check_callbacks_arg(callbacks, [], observer)
     url = resolve_storage(storage)
-    stored, _ = stored_config(load_study(name, url))  # a missing study: one line, before anything is created
-    check_available(device or stored.device.name)  # the re-runs' device and data are the study's
-    check_task_inputs(stored)
-    companion, cfg = prepare_reruns(name, url, wanted, number=trial, log=log)
-    with _early_launcher(cfg, [], pack_size, device, fresh_process, log) as launcher:
+    with _early_launcher([], fresh_process, log) as launcher:
+        stored, _ = stored_config(load_study(name, url))  # a missing study: one line, before anything is created
+        check_available(device or stored.device.name)  # the re-runs' device and data are the study's
+        check_task_inputs(stored)
+        companion, cfg = prepare_reruns(name, url, wanted, number=trial, log=log)
+        _keep_worker(launcher, cfg, pack_size, device)
         check_task(cfg)
         _run(companion, url, [], device, pack_size, log, callbacks, fresh_process=fresh_process, launcher=launcher,
              observer=observer)
@@ -325,11 +328,13 @@ def rerun_study(
 
 
 @contextmanager
-def _early_launcher(cfg: Config, gpus: list[str], pack_size: str | int, device: str | None, fresh_process: bool,
-                    log: Log, *, run: bool = True) -> Iterator[Launcher | None]:
+def _early_launcher(gpus: list[str], fresh_process: bool, log: Log, *, run: bool = True) -> Iterator[Launcher | None]:
     """The study loop's :class:`~sassha_tune.study.loop.Launcher`, its warm trial worker started
-    before the data check and the study's creation so that its imports overlap them; closed on
-    the way out, whatever happens. None with ``gpus`` (each GPU worker has its own) or ``run`` False."""
+    first, before the config is validated or read from the storage (which imports torch here),
+    the data check and the study's creation, so that its own start and imports overlap all of them;
+    :func:`_keep_worker` decides once the config is known; closed on the way out, whatever happens
+    (a worker that never had a job at once). None with ``gpus`` (each GPU worker has its own) or
+    ``run`` False."""
     if gpus or not run:
         yield None
         return
@@ -337,10 +342,17 @@ def _early_launcher(cfg: Config, gpus: list[str], pack_size: str | int, device: 
 
     launcher = Launcher(fresh_process, log)
     try:
-        launcher.prestart(cfg, pack_size, device)
+        launcher.spawn()
         yield launcher
     finally:
         launcher.close()
+
+
+def _keep_worker(launcher: Launcher | None, cfg: Config, pack_size: str | int, device: str | None) -> None:
+    """The early worker kept when the study's trials run in one, else closed (packs, fresh
+    processes, multi-rank trials): :meth:`~sassha_tune.study.loop.Launcher.prestart`."""
+    if launcher is not None:
+        launcher.prestart(cfg, pack_size, device)
 
 
 def _reloaded(name: str, url: str) -> optuna.Study:

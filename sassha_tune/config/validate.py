@@ -1017,6 +1017,7 @@ def _optimizer_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
 
     import torch
 
+    from ..optim.base import without_compiler_import
     from ..optim.registry import OPTIMIZERS
     from .spaces import config_hparams
 
@@ -1044,7 +1045,8 @@ def _optimizer_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
     def refused(params: dict[str, Any]) -> str | None:
         """Why the optimizer refuses exactly ``params`` (None: it takes them)."""
         try:
-            info.build(model, config_hparams(cfg, params))
+            with without_compiler_import():  # the coordinator never compiles: 1.5 s of CPU saved
+                info.build(model, config_hparams(cfg, params))
         except (TypeError, ValueError, ZeroDivisionError, OverflowError, RuntimeError, ConfigError) as exc:
             return " ".join(str(exc).split())[:200] or type(exc).__name__
         return None

@@ -364,6 +364,32 @@ class CheckedGroups:
 # --------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def without_compiler_import() -> Iterator[None]:
+    """Optimizers built in the block do not import torch's compiler (``torch._dynamo``).
+
+    ``torch.optim.Optimizer.add_param_group`` is wrapped by ``torch._disable_dynamo``, whose first
+    call imports the compiler only to keep the method out of compiled code: about 1.5 s of CPU
+    time, and about 0.7 s more when the interpreter exits. A process that has not imported the
+    compiler compiles nothing, so in such a process the method can be called as it is: for the
+    block, the wrapper's cache of the "disabled" method (its ``__dynamo_disable`` attribute) holds
+    the method itself, and is removed afterwards. Config validation builds its dummy optimizers
+    this way, in the study's coordinator, which never trains. Where torch's wrapper is not the
+    expected one, or the compiler is imported already, the block runs unchanged."""
+    import sys
+
+    method = getattr(torch.optim.Optimizer.add_param_group, "__wrapped__", None)
+    if method is None or "torch._dynamo" in sys.modules or hasattr(method, "__dynamo_disable"):
+        yield
+        return
+    setattr(method, "__dynamo_disable", method)  # noqa: B010  (a name Python would mangle as an attribute)
+    try:
+        yield
+    finally:
+        if getattr(method, "__dynamo_disable", None) is method:
+            delattr(method, "__dynamo_disable")
+
+
 def global_grad_norm(tensors: list[Tensor]) -> Tensor:
     """L2 norm over a list of tensors, computed as the norm of the per-tensor norms (on the first one's device)."""
     if not tensors:

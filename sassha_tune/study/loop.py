@@ -517,18 +517,32 @@ class Launcher:
         self.worker: WarmWorker | None = None
         self.last: WarmJob | None = None
 
+    def spawn(self) -> None:
+        """Start the warm worker before the study's config is known (validated, or read from the
+        storage), unless ``fresh_process`` rules it out already: its process start and imports
+        (torch, a few seconds) then overlap all of the study's own setup, the coordinator's
+        imports included, instead of delaying the first trial. :meth:`prestart` keeps it or
+        closes it once the config is known."""
+        if self.worker is None and not self.fresh_process:
+            self.worker = WarmWorker()  # announced by its first job (launch), after the study's own lines
+
     def prestart(self, cfg: Config, pack: str | int, device: str | None) -> None:
-        """Start the warm worker now, when this study's trials will run in one (single trials, as
-        :func:`~.pack_size.choose_pack_size` decides), so that its process start and imports
-        overlap the study's own setup (the data check, creating the study) instead of delaying the
-        first trial."""
+        """Have the warm worker running (started now, or kept from :meth:`spawn`) when this
+        study's trials will run in one (single trials, as :func:`~.pack_size.choose_pack_size`
+        decides), so that its process start and imports overlap the study's own setup (the data
+        check, creating the study) instead of delaying the first trial; otherwise close one that
+        :meth:`spawn` started (it never had a job)."""
         from .pack_size import choose_pack_size
 
-        if self.worker is not None or not self._warm(cfg.study.fresh_process, cfg.device.processes):
+        wanted = (self._warm(cfg.study.fresh_process, cfg.device.processes)
+                  and choose_pack_size(cfg, pack, device=device, budget_left=cfg.budget.n_trials)[0] == 1)
+        if not wanted:  # fresh processes, multi-rank trials, or packs (fresh processes): it would sit idle
+            if self.worker is not None and self.worker.jobs == 0:
+                self.worker.close()
+                self.worker = None
             return
-        if choose_pack_size(cfg, pack, device=device, budget_left=cfg.budget.n_trials)[0] > 1:
-            return  # packs get fresh processes: a worker would sit idle
-        self.worker = WarmWorker()  # announced by its first job (launch), after the study's own lines
+        if self.worker is None:
+            self.worker = WarmWorker()  # announced by its first job (launch), after the study's own lines
 
     def _warm(self, fresh_process: bool, processes: int) -> bool:
         """Whether a job runs in the warm worker: not with fresh processes, nor for multi-rank trials."""

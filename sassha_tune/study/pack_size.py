@@ -14,8 +14,6 @@ from typing import Any
 
 from ..config.spaces import trial_hparams
 from ..errors import UserError
-from ..training.models import build_model
-from ..training.packs import pack_blocker
 
 __all__ = ["AUTO_MAX", "parse_pack", "choose_pack_size"]
 
@@ -53,7 +51,7 @@ def _member_bytes(cfg: Any) -> int:
     """A deliberately generous estimate of one member's GPU memory: parameter-sized tensors
     (params, two gradients, optimizer state, probes, double-backward graph: ~12 copies) plus
     saved activations (~600 floats per input element per example, 2 bytes with bf16)."""
-    from .data import load_dataset as _ld  # noqa: F401  (shape comes from the config below)
+    from ..training.models import build_model  # torch: not for parse_pack, which the CLI calls first
 
     shape = tuple(int(s) for s in (cfg.task.dataset_options.get("shape") or ()))
     known = {"cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "fashion_mnist": (1, 28, 28), "mnist1d": (1, 40),
@@ -70,6 +68,7 @@ def _member_bytes(cfg: Any) -> int:
 
 def choose_pack_size(cfg: Any, requested: str | int, *, device: str | None, budget_left: int) -> tuple[int, str]:
     """(pack size, one line saying why) for a study's config and ``--pack``."""
+    from ..training.packs import pack_blocker  # torch: not for parse_pack, which the CLI calls first
 
     try:
         hp = trial_hparams(cfg, {})

@@ -206,7 +206,8 @@ def test_sigkill_then_resume(tmp_path):
 
 def test_ctrl_c_marks_the_running_trial_interrupted(tmp_path):
     url = f"sqlite:///{tmp_path}/i.db"
-    cfg = _config(tmp_path, "interrupted", budget={"n_trials": 5})
+    # trials of seconds: the warm worker is ready when trial 0 starts, so a tiny one could end within the sleep
+    cfg = _config(tmp_path, "interrupted", budget={"n_trials": 5}, task={"epochs": 10, "max_steps_per_epoch": 40})
     proc = _start_run(cfg, url, tmp_path)
     _wait_for(proc, "trial 0 started")
     time.sleep(0.5)

@@ -24,9 +24,10 @@ from sassha_tune.study.create import create_or_continue
 
 pytestmark = pytest.mark.slow
 
-SLOW_TRIALS = tiny_config(  # trials of a few seconds, so that a signal finds one running
+SLOW_TRIALS = tiny_config(  # trials of a few seconds, so that a signal finds one running (their training
+    # alone: the warm worker is ready when the first trial starts, its imports no longer pad it)
     "signals", study={"heartbeat_interval": 0.5, "stale_after": 60}, budget={"n_trials": 3},
-    task={"model_options": {"hidden": [64]}, "epochs": 4, "batch_size": 32, "max_steps_per_epoch": 400})
+    task={"model_options": {"hidden": [64]}, "epochs": 16, "batch_size": 32, "max_steps_per_epoch": 400})
 
 
 def _config(tmp_path: Path, n_trials: int) -> Path:

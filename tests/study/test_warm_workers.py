@@ -72,3 +72,37 @@ def test_a_worker_is_replaced_after_out_of_memory(tmp_path):
     assert [t.user_attrs["failure_reason"] for t in trials[:2]] == ["out_of_memory", "out_of_memory"]
     started = [line for line in lines if line.startswith("warm trial worker")]
     assert len(started) == 2 and started[1].endswith("after out of memory)"), started
+
+
+def test_the_early_worker_is_closed_unused_when_the_config_wants_fresh_processes(tmp_path):
+    """``run`` starts the warm worker before the config is known (its imports overlap the
+    validation's); a config whose trials run in fresh processes closes it without a job, and a
+    config refused by validation leaves no worker behind either."""
+    from sassha_tune.config import load_config
+    from sassha_tune.errors import ConfigError
+    from sassha_tune.study.loop import Launcher
+
+    launcher = Launcher(False, lambda _line: None)
+    launcher.spawn()
+    assert launcher.worker is not None
+    proc = launcher.worker.proc
+    cfg = load_config(_config(tmp_path, "fresh"))
+    cfg.study.fresh_process = True
+    launcher.prestart(cfg, "auto", None)
+    assert launcher.worker is None and proc.poll() is not None  # ended and waited for
+    launcher.close()
+
+    path = _config(tmp_path, "bad")
+    path.write_text(path.read_text().replace("epochs: 2", "epochs: -2"))
+    spawned = []
+    real_spawn = Launcher.spawn
+
+    def spawn(self):
+        real_spawn(self)
+        spawned.append(self.worker.proc)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Launcher, "spawn", spawn)
+        with pytest.raises(ConfigError, match="task.epochs"):
+            run_study(path, pack=1, log=lambda _line: None)
+    assert len(spawned) == 1 and spawned[0].poll() is not None

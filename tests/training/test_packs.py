@@ -140,6 +140,10 @@ def test_pack_size_choice():
     cfg = config_from_dict(raw)
     assert choose_pack_size(cfg, "auto", device="cpu", budget_left=4)[0] == 1
     assert choose_pack_size(cfg, 3, device="cpu", budget_left=4)[0] == 3
+    # --pack auto on a GPU sizes members by this estimate (it imported a module that does not exist)
+    from sassha_tune.study.pack_size import _member_bytes
+
+    assert _member_bytes(cfg) > 64 * 40 * 600 * 4
     raw["optimizer"] = {"name": "adahessian", "search_space": "adahessian"}  # exact kernels: packs too
     assert choose_pack_size(config_from_dict(raw), 3, device="cpu", budget_left=4)[0] == 3
     raw["task"] = {**raw["task"], "model": "vit", "model_options": {"dropout": 0.1}}
