@@ -18,9 +18,6 @@ def test_validating_a_config_does_not_import_the_compiler():
         f"load_config({str(QUICKSTART)!r})\n"
         "assert 'torch._dynamo' not in sys.modules, 'validation imported torch._dynamo'\n"
         "assert not hasattr(torch.optim.Optimizer.add_param_group.__wrapped__, '__dynamo_disable')\n"
-        "from sassha_tune.optim import Sassha\n"
-        "Sassha(torch.nn.Linear(2, 1).parameters(), lr=0.1)  # outside validation: torch's own path\n"
-        "assert 'torch._dynamo' in sys.modules\n"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
