@@ -12,10 +12,12 @@ retried once (:func:`~.liveness.retry_lost`).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 import signal
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, suppress
@@ -397,6 +399,16 @@ class _Received:
         return left
 
 
+def _release_interrupted_frames(exc: BaseException) -> None:
+    """Ctrl-C can land inside a storage write. The interrupted frames, kept alive by the
+    exception's traceback, then hold an SQLite connection in the middle of its transaction, and
+    its lock makes every write below wait out the busy timeout (a run hung for a minute or more
+    about once in twenty Ctrl-Cs). Clearing those frames' variables and collecting lets the
+    connection roll back and go; the exception itself is re-raised unchanged."""
+    traceback.clear_frames(exc.__traceback__)
+    gc.collect()
+
+
 @contextmanager
 def _failed_when_unwinding(
     study: optuna.Study, unfinished: Callable[[], list[optuna.Trial]], procs: Sequence[TrialProcess | WarmJob], log: Log,
@@ -407,11 +419,12 @@ def _failed_when_unwinding(
     error (``error: <message>``), a crash of this process."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # A second Ctrl-C (or SIGTERM, SIGHUP) while the first is being handled would leave the
         # trial RUNNING (reclaimed later as lost): the run is already stopping, so ignore it until
         # the trials are marked.
         with _signals_ignored():
+            _release_interrupted_frames(exc)
             for p in procs:
                 p.stop()
             left = received.store_waiting() if received is not None else []
