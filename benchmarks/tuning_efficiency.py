@@ -471,6 +471,7 @@ def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, b
                 f"{_median(vals):.4f} | {_median(tests):.4f} | {_median(n_trials):.0f} | "
                 f"{_median(div):.0f} / {_median(chance):.0f} / {_median(pruned):.0f} |")
     lines += goal_lines(summary)
+    lines += lever_lines(summary)
     text = "\n".join(lines)
     print(text)
     if out is not None:
@@ -504,13 +505,39 @@ def goal_lines(summary: dict[str, Any], ours: str = "defaults", baseline: str = 
     if not rows:
         return []
     finite = [r for r in ratios if not math.isnan(r)]
+    left_out = [task for task, r in zip([t for t in summary if ours in summary[t] and baseline in summary[t]],
+                                        ratios, strict=True) if math.isnan(r)]
     head = [f"\n### The goal: {ours} against {baseline}\n",
             f"| task | {baseline}: median run-eq to target | {ours} | ratio (goal >= 3x) | {ours} within "
             f"{REACH_BUDGET:g} run-eq (goal >= 9 of 10) | best val_acc at the budget, {ours} vs {baseline} | "
             f"selected config's test_acc, {ours} vs {baseline} |",
             "|---|---:|---:|---:|---:|---|---|"]
-    tail = [f"\nMedian ratio over tasks: {_fmt(statistics.median(finite)) if finite else '-'}x (goal >= 5x)."]
+    tail = [f"\nMedian ratio over tasks: {_fmt(statistics.median(finite)) if finite else '-'}x (goal >= 5x)"
+            + (f"; left out, where neither reaches the target: {', '.join(left_out)}." if left_out else ".")]
     return head + rows + tail
+
+
+def lever_lines(summary: dict[str, Any], ours: str = "defaults") -> list[str]:
+    """The ablation: ``ours`` and each ``ours-<lever>`` strategy (the defaults less that lever),
+    per task the median run-equivalents to the target (studies reaching it) and the median best
+    validation accuracy within the budget."""
+    levers = sorted({s for by in summary.values() for s in by if s.startswith(ours + "-")},
+                    key=lambda s: list(STRATEGIES).index(s) if s in STRATEGIES else 99)
+    if not levers:
+        return []
+    tasks = [t for t in summary if ours in summary[t]]
+    head = ["\n### What each lever buys: the defaults less one lever\n",
+            "| strategy | " + " | ".join(f"{t}: run-eq to target (reached) / best val_acc" for t in tasks) + " |",
+            "|---|" + "---|" * len(tasks)]
+    rows = []
+    for strategy in [ours, *levers]:
+        cells = []
+        for t in tasks:
+            r = summary[t].get(strategy)
+            cells.append("-" if r is None else f"{_fmt(r['median_cost'])} ({r['reached_within_budget']}/{r['studies']})"
+                                               f" / {r['median_best_val']:.4f}")
+        rows.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    return head + rows
 
 
 def _anytime_plots(results: dict[str, Any], targets: dict[str, Any], out: Path, budget: float) -> None:
