@@ -400,7 +400,7 @@ def _fmt(x: float) -> str:
 
 def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, budget: float,
             fraction: float | None = None, curves_file: Path | None = None,
-            seeds: Sequence[int] | None = None) -> dict[str, Any]:
+            seeds: Sequence[int] | None = None, tasks: Sequence[str] | None = None) -> dict[str, Any]:
     """Tables (and with ``out``, the anytime plots and ``curves.json``, every study's curve) of
     every study in ``workdir``, or of the curves in ``curves_file`` (an earlier ``curves.json``);
     ``fraction``: the target as this fraction of the reference's best instead of the recorded
@@ -412,6 +412,8 @@ def analyze(workdir: Path, out: Path | None, strategies: Sequence[str] | None, b
     targets = json.loads(TARGETS_FILE.read_text())
     if fraction is not None:
         targets = {t: {**v, "target": fraction * v["best_val_acc"]} for t, v in targets.items()}
+    if tasks:
+        targets = {t: v for t, v in targets.items() if t in tasks}
     results: dict[str, Any] = {}
     if curves_file is not None:  # the curves an earlier analyze kept (docs/results/...): no studies needed
         for task, by_strategy in json.loads(curves_file.read_text()).items():
@@ -604,6 +606,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_an.add_argument("--curves", type=Path, default=None,
                       help="read the curves an earlier analyze wrote (curves.json) instead of the studies")
     p_an.add_argument("--seeds", default="", help="only these study seeds, e.g. 0-1 (default: all)")
+    p_an.add_argument("--tasks", default="", help="only these tasks, e.g. bn,nonorm,noise (default: all)")
     for p in (p_ref, p_run, p_an):
         p.add_argument("--workdir", type=Path, default=Path("tuning-efficiency"))
         p.add_argument("--parallel", type=int, default=2, help="studies at once (one core each)")
@@ -620,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_many(jobs, args.workdir, args.budget, args.parallel)
     else:
         analyze(args.workdir, args.out, [s for s in args.strategies.split(",") if s], args.budget, args.fraction,
-                args.curves, _seeds(args.seeds) if args.seeds else None)
+                args.curves, _seeds(args.seeds) if args.seeds else None, [t for t in args.tasks.split(",") if t])
 
 
 if __name__ == "__main__":
