@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -55,6 +56,28 @@ def _read_until(proc: subprocess.Popen, text: str, timeout: float = 180) -> list
     raise AssertionError(f"process ended before {text!r}: {seen}")
 
 
+def _stop_outside_a_write(stop, db: Path) -> None:
+    """SIGSTOP the run where it holds no lock on the SQLite file. A process paused inside a read
+    or a write keeps its lock, and every other process's write waits on it, this test's takeover
+    included (it hung until the job was killed): on SQLite that is what a paused worker does to a
+    study, and why shared studies belong on PostgreSQL. The test is about what the paused worker
+    does when it wakes, so it pauses it between storage calls: pause, check that an exclusive
+    transaction can start, else let it run a moment and try again."""
+    for _ in range(100):
+        stop(signal.SIGSTOP)
+        check = sqlite3.connect(db, timeout=0)
+        try:
+            check.execute("BEGIN EXCLUSIVE")
+            check.rollback()
+            return
+        except sqlite3.OperationalError:  # locked by the paused run
+            stop(signal.SIGCONT)
+            time.sleep(0.02)
+        finally:
+            check.close()
+    raise AssertionError("the run held a lock on its SQLite file at each of 100 pauses")
+
+
 def _paused_and_taken_over(tmp_path: Path, cfg: Path, *, group: bool, started: str, lost: list[int],
                            extra: tuple[str, ...] = ()) -> tuple[str, list[optuna.trial.FrozenTrial]]:
     """Run ``cfg``; once ``started`` is printed, stop the worker (its process group, or the worker
@@ -69,11 +92,12 @@ def _paused_and_taken_over(tmp_path: Path, cfg: Path, *, group: bool, started: s
     try:
         before = _read_until(proc, started)
         time.sleep(0.5)
-        stop(signal.SIGSTOP)
+        _stop_outside_a_write(stop, tmp_path / "p.db")
         study = optuna.load_study(study_name="paused", storage=open_storage(url))
         deadline, failed = time.monotonic() + 60, []
         while sorted(failed) != lost:  # this process takes them over
-            assert time.monotonic() < deadline, f"trials {lost} never went stale ({failed})"
+            assert time.monotonic() < deadline, (
+                f"trials {lost} never went stale ({failed}): {[(t.number, t.state.name) for t in study.get_trials()]}")
             failed += reconcile(study, STALE_AFTER, log=lambda _: None)
             time.sleep(0.2)
         stop(signal.SIGCONT)
