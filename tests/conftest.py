@@ -148,3 +148,19 @@ def one_line_exit_2(result) -> str:
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and "Traceback" not in result.output, result.output
     return lines[0]
+
+
+def read_until(proc, text: str, timeout: float = 180) -> list[str]:
+    """A running process's output lines up to and including the first holding ``text`` (its
+    stdout a text pipe); fails when it takes longer than ``timeout`` s or the process ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line.rstrip("\n"))
+        if text in line:
+            return seen
+        assert time.monotonic() < deadline, f"no {text!r} in time: {seen}"
+    raise AssertionError(f"process ended before {text!r}: {seen}")

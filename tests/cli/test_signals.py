@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import tiny_config
+from conftest import read_until, tiny_config
 from optuna.trial import TrialState
 
 from sassha_tune.config import config_from_dict
@@ -52,18 +52,6 @@ def _start(cfg: Path, url: str, cwd: Path, *, hup_ignored: bool = False) -> subp
                             start_new_session=True, preexec_fn=dispositions)
 
 
-def _read_until(proc: subprocess.Popen, text: str, timeout: float = 180) -> list[str]:
-    deadline = time.monotonic() + timeout
-    seen: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        seen.append(line.rstrip("\n"))
-        if text in line:
-            return seen
-        assert time.monotonic() < deadline, f"no {text!r} in time: {seen}"
-    raise AssertionError(f"process ended before {text!r}: {seen}")
-
-
 def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name="signals", storage=url).get_trials(deepcopy=False)
 
@@ -73,7 +61,7 @@ def test_a_hangup_or_sigterm_marks_the_running_trial_interrupted_with_a_line(tmp
     url = f"sqlite:///{tmp_path}/s.db"
     proc = _start(_config(tmp_path, 3), url, tmp_path)
     try:
-        _read_until(proc, "trial 0 started")
+        read_until(proc, "trial 0 started")
         time.sleep(1.0)  # the trial process is training
         os.killpg(proc.pid, sig)
         rest, _ = proc.communicate(timeout=60)
@@ -92,7 +80,7 @@ def test_under_nohup_a_hangup_changes_nothing(tmp_path):
     url = f"sqlite:///{tmp_path}/s.db"
     proc = _start(_config(tmp_path, 1), url, tmp_path, hup_ignored=True)
     try:
-        _read_until(proc, "trial 0 started")
+        read_until(proc, "trial 0 started")
         time.sleep(1.0)
         os.killpg(proc.pid, signal.SIGHUP)
         rest, _ = proc.communicate(timeout=180)
@@ -119,7 +107,7 @@ def test_a_sigterm_after_the_result_arrived_stores_the_result(tmp_path):
     create_or_continue(config_from_dict(raw), url, log=lambda _: None).enqueue_trial({"lr": 0.01})
     proc = _start(cfg, url, tmp_path)
     try:
-        _read_until(proc, "task.train returns its metrics")
+        read_until(proc, "task.train returns its metrics")
         time.sleep(1.0)  # the result has arrived; the process lives on (up to 5 s) for the thread
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)

@@ -18,7 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from conftest import tiny_config
+from conftest import read_until, tiny_config
 from optuna.trial import TrialState
 
 from sassha_tune.study.budget import budget_used
@@ -42,18 +42,6 @@ def _config(tmp_path: Path, objectives: list | None = None, n_trials: int = 1) -
     p = tmp_path / "paused.yaml"
     p.write_text(yaml.safe_dump(d))
     return p
-
-
-def _read_until(proc: subprocess.Popen, text: str, timeout: float = 180) -> list[str]:
-    deadline = time.monotonic() + timeout
-    seen: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        seen.append(line.rstrip("\n"))
-        if text in line:
-            return seen
-        assert time.monotonic() < deadline, f"no {text!r} in time: {seen}"
-    raise AssertionError(f"process ended before {text!r}: {seen}")
 
 
 def _stop_outside_a_write(stop, db: Path) -> None:
@@ -90,7 +78,7 @@ def _paused_and_taken_over(tmp_path: Path, cfg: Path, *, group: bool, started: s
                             start_new_session=True)
     stop = (lambda sig: os.killpg(proc.pid, sig)) if group else proc.send_signal
     try:
-        before = _read_until(proc, started)
+        before = read_until(proc, started)
         time.sleep(0.5)
         _stop_outside_a_write(stop, tmp_path / "p.db")
         study = optuna.load_study(study_name="paused", storage=open_storage(url))
