@@ -249,7 +249,7 @@ def run_one(task: str, strategy: str, seed: int, workdir: str, budget: float) ->
 
     import optuna
 
-    from sassha_tune.api import run_study
+    from sassha_tune import run_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("sassha_tune").setLevel(logging.WARNING)
@@ -340,6 +340,64 @@ def reference(tasks: Sequence[str], workdir: Path, trials: int, parallel: int) -
         }
         print(f"{task}: best val_acc {best:.4f} ({where}); target {TARGET_FRACTION * best:.4f}")
     TARGETS_FILE.write_text(json.dumps(targets, indent=1, sort_keys=True) + "\n")
+
+
+def target_params(task: str) -> dict[str, Any]:
+    """The configuration that set a task's target (``found_by`` in targets.json), with the space's
+    fixed values (``dense_refresh_steps``), as ``sassha-tune train --params`` takes it."""
+    import ast
+
+    from sassha_tune.config.spaces import fixed_values, load_space
+
+    found_by = json.loads(TARGETS_FILE.read_text())[task]["found_by"]
+    params = ast.literal_eval(found_by.split(": ", 1)[1])
+    return {**fixed_values(load_space(shipped_space(task), "sassha")), **params}
+
+
+def target_seeds(tasks: Sequence[str], seeds: Sequence[int], workdir: Path, out: Path | None) -> None:
+    """Train the configuration that set each task's target over other seeds (data split, label
+    noise, initialization, data order): is the target a property of the configuration, or of the
+    one seed the reference search trained it with (seed 0)?"""
+    import subprocess
+
+    import yaml
+
+    targets = json.loads(TARGETS_FILE.read_text())
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    for task in tasks:
+        cfg = {k: v for k, v in study_config(task, "plain", 0).items() if k not in ("budget",)}
+        cfg["study"] = {"name": f"te-{task}-target-seeds", "objective": "val_acc"}
+        (workdir / f"{task}-target.yaml").write_text(yaml.safe_dump(cfg))
+        (workdir / f"{task}-target-params.yaml").write_text(yaml.safe_dump(target_params(task)))
+        runs = []
+        for seed in seeds:
+            metrics = workdir / f"{task}-target-s{seed}.json"
+            if not metrics.exists():
+                subprocess.run([sys.executable, "-m", "sassha_tune", "train", str(workdir / f"{task}-target.yaml"),
+                                "--params", str(workdir / f"{task}-target-params.yaml"), "--seed", str(seed),
+                                "--metrics-out", str(metrics)], check=True, stdout=subprocess.DEVNULL)
+            m = json.loads(metrics.read_text())
+            runs.append({"seed": seed, "val_acc": m.get("val_acc"), "test_acc": m.get("test_acc")})
+            print(f"{task} seed {seed}: val_acc {m.get('val_acc')}", flush=True)
+        others = [r["val_acc"] or 0.0 for r in runs if r["seed"] != 0]
+        results[task] = {"target": targets[task]["target"], "best_val_acc": targets[task]["best_val_acc"],
+                         "runs": runs, "median_other_seeds": _median(others),
+                         "reaching_target": sum((r["val_acc"] or 0.0) >= targets[task]["target"] for r in runs)}
+    lines = ["| task | target (98 % of the reference's best) | val_acc, seed 0 (the reference's run) | "
+             "val_acc over the other seeds: median [min, max] | seeds reaching the target |",
+             "|---|---:|---:|---|---:|"]
+    for task, r in results.items():
+        vals = {x["seed"]: x["val_acc"] or 0.0 for x in r["runs"]}
+        other = [v for s, v in vals.items() if s != 0]
+        lines.append(f"| {task} | {r['target']:.4f} | {vals.get(0, math.nan):.4f} | {_median(other):.4f} "
+                     f"[{min(other, default=math.nan):.4f}, {max(other, default=math.nan):.4f}] | "
+                     f"{r['reaching_target']}/{len(vals)} |")
+    print("\n".join(lines))
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "target_seeds.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        (out / "target_seeds.md").write_text("\n".join(lines) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,6 +655,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_run.add_argument("--strategies", default="plain,random,tpe_hyperband,defaults")
     p_run.add_argument("--seeds", default="0-4")
     p_run.add_argument("--budget", type=float, default=BUDGET, help="run-equivalents per study")
+    p_ts = sub.add_parser("target-seeds", help="train each target's configuration over other seeds")
+    p_ts.add_argument("--tasks", default="bn,nonorm,noise")
+    p_ts.add_argument("--seeds", default="0-7")
+    p_ts.add_argument("--out", type=Path, default=None)
     p_an = sub.add_parser("analyze", help="tables and anytime plots from the stored studies")
     p_an.add_argument("--strategies", default="")
     p_an.add_argument("--budget", type=float, default=BUDGET)
@@ -607,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       help="read the curves an earlier analyze wrote (curves.json) instead of the studies")
     p_an.add_argument("--seeds", default="", help="only these study seeds, e.g. 0-1 (default: all)")
     p_an.add_argument("--tasks", default="", help="only these tasks, e.g. bn,nonorm,noise (default: all)")
-    for p in (p_ref, p_run, p_an):
+    for p in (p_ref, p_run, p_ts, p_an):
         p.add_argument("--workdir", type=Path, default=Path("tuning-efficiency"))
         p.add_argument("--parallel", type=int, default=2, help="studies at once (one core each)")
     args = parser.parse_args(argv)
@@ -621,6 +683,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if unknown:
             parser.error(f"unknown strategies {sorted(unknown)}; known: {', '.join(STRATEGIES)}")
         run_many(jobs, args.workdir, args.budget, args.parallel)
+    elif args.command == "target-seeds":
+        target_seeds(args.tasks.split(","), _seeds(args.seeds), args.workdir, args.out)
     else:
         analyze(args.workdir, args.out, [s for s in args.strategies.split(",") if s], args.budget, args.fraction,
                 args.curves, _seeds(args.seeds) if args.seeds else None, [t for t in args.tasks.split(",") if t])
