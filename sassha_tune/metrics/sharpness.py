@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -489,6 +490,86 @@ def select_subset(
     return inputs[index.to(inputs.device)], targets[index.to(targets.device)]
 
 
+def _check_estimators(lambda_method: str | None, ascent_step: float) -> None:
+    if lambda_method not in ("lanczos", "power", None):
+        raise ValueError(f"lambda_method must be 'lanczos', 'power' or None, got {lambda_method!r}")
+    if not 0.0 < ascent_step <= 1.0:
+        raise ValueError(f"ascent_step must be in (0, 1], got {ascent_step}")
+
+
+def _single_float_dtype(params: list[Tensor]) -> torch.dtype | None:
+    """The floating dtype of all of ``params``; None when they mix several."""
+    float_dtypes = {p.dtype for p in params if p.is_floating_point()}
+    return float_dtypes.pop() if len(float_dtypes) == 1 else None
+
+
+def _top_eigenvalue(
+    objective: _SubsetObjective, method: str | None, seed: int, device: torch.device, *, tol: float, max_iters: int
+) -> tuple[float, int, bool, float]:
+    """``lambda_max`` by ``method`` (``_lanczos_top`` or ``_power_top``); NaN when it is off."""
+    if method is None or max_iters <= 0:
+        return float("nan"), 0, False, float("nan")
+    top = _lanczos_top if method == "lanczos" else _power_top
+    return top(objective, make_generator(seed + _LANCZOS_STREAM, device), tol=tol, max_iters=max_iters)
+
+
+def _trace(
+    objective: _SubsetObjective, seed: int, device: torch.device, *, probes: int, batch: int
+) -> tuple[float, float]:
+    """Hutchinson's trace estimate and its standard error; NaNs without probes."""
+    if probes <= 0:
+        return float("nan"), float("nan")
+    return _hutchinson_trace(
+        objective, make_generator(seed + _TRACE_STREAM, device), probes=probes, batch=max(1, int(batch))
+    )
+
+
+def _ascent_in_ball(
+    objective: _SubsetObjective,
+    w0: Tensor,
+    base_loss: float,
+    base_grad: Tensor,
+    *,
+    rho: float | None,
+    adaptive: bool,
+    steps: int,
+    step_fraction: float,
+) -> tuple[float, float]:
+    """:func:`_ascent` in the ball of radius ``rho``, measured relative to ``|w|`` if ``adaptive``;
+    NaNs when ``rho`` or ``steps`` turn it off."""
+    if rho is None or rho <= 0 or steps <= 0:
+        return float("nan"), float("nan")
+    scale = w0.abs() if adaptive else None
+    return _ascent(objective, w0, base_loss, base_grad, rho=rho, steps=steps, scale=scale, step_fraction=step_fraction)
+
+
+def _average(
+    objective: _SubsetObjective,
+    w0: Tensor,
+    base_loss: float,
+    seed: int,
+    device: torch.device,
+    *,
+    sigma: float | None,
+    samples: int,
+    adaptive: bool,
+) -> dict[str, float]:
+    """``average_sharpness`` and its standard error (noise times ``|w|`` if ``adaptive``); nothing
+    when ``sigma`` or ``samples`` turn it off."""
+    if sigma is None or sigma <= 0 or samples <= 0:
+        return {}
+    avg, avg_se = _average_sharpness(
+        objective,
+        w0,
+        base_loss,
+        make_generator(seed + _AVERAGE_STREAM, device),
+        sigma=sigma,
+        samples=samples,
+        scale=w0.abs() if adaptive else None,
+    )
+    return {"average_sharpness": avg, "average_sharpness_se": avg_se}
+
+
 def hessian_metrics(
     model: nn.Module,
     loss_fn: LossFn | None,
@@ -541,19 +622,13 @@ def hessian_metrics(
     ``forward_count``, ``seconds``, ``lambda_iterations``, ``lambda_converged``,
     ``lambda_residual``) plus ``protocol``, a dict describing how they were measured.
     """
-    if lambda_method not in ("lanczos", "power", None):
-        raise ValueError(f"lambda_method must be 'lanczos', 'power' or None, got {lambda_method!r}")
-    if not 0.0 < ascent_step <= 1.0:
-        raise ValueError(f"ascent_step must be in (0, 1], got {ascent_step}")
+    _check_estimators(lambda_method, ascent_step)
     loss_fn = F.cross_entropy if loss_fn is None else loss_fn
     start = time.perf_counter()
     x, y = select_subset(inputs, targets, seed=seed, subset_size=subset_size)
-    nan = float("nan")
-    out: dict[str, Any] = {}
     with measurement_protocol(model):
         params = [p for p in model.parameters() if p.requires_grad]
-        float_dtypes = {p.dtype for p in params if p.is_floating_point()}
-        dtype = float_dtypes.pop() if len(float_dtypes) == 1 else None
+        dtype = _single_float_dtype(params)
         if dtype is not None and x.is_floating_point() and x.dtype != dtype:
             x = x.to(dtype)
         objective = _SubsetObjective(model, loss_fn, x, y, chunk_size)
@@ -561,53 +636,19 @@ def hessian_metrics(
         if trace_batch_size is None:
             trace_batch_size = 1 if device.type == "cpu" else 10
 
-        lam, iters, converged, residual = nan, 0, False, nan
-        if lambda_method is not None and lambda_max_iters > 0:
-            top = _lanczos_top if lambda_method == "lanczos" else _power_top
-            lam, iters, converged, residual = top(
-                objective,
-                make_generator(seed + _LANCZOS_STREAM, device),
-                tol=lambda_tol,
-                max_iters=lambda_max_iters,
-            )
+        lam, iters, converged, residual = _top_eigenvalue(
+            objective, lambda_method, seed, device, tol=lambda_tol, max_iters=lambda_max_iters
+        )
         lambda_hvps = objective.hvp_count
-        trace, trace_se = nan, nan
-        if trace_probes > 0:
-            trace, trace_se = _hutchinson_trace(
-                objective,
-                make_generator(seed + _TRACE_STREAM, device),
-                probes=trace_probes,
-                batch=max(1, int(trace_batch_size)),
-            )
+        trace, trace_se = _trace(objective, seed, device, probes=trace_probes, batch=trace_batch_size)
         objective.release()  # the graph must go before the weights are perturbed in place
 
         base_loss, base_grad = objective.loss_and_grad()
         w0 = _flat([p.detach() for p in params]).clone()
-        sam, sam_one = nan, nan
-        if sam_rho is not None and sam_rho > 0 and sam_steps > 0:
-            sam, sam_one = _ascent(
-                objective,
-                w0,
-                base_loss,
-                base_grad,
-                rho=sam_rho,
-                steps=sam_steps,
-                scale=None,
-                step_fraction=ascent_step,
-            )
-        adaptive, adaptive_one = nan, nan
-        if adaptive_rho is not None and adaptive_rho > 0 and sam_steps > 0:
-            adaptive, adaptive_one = _ascent(
-                objective,
-                w0,
-                base_loss,
-                base_grad,
-                rho=adaptive_rho,
-                steps=sam_steps,
-                scale=w0.abs(),
-                step_fraction=ascent_step,
-            )
-        out.update(
+        ascent = partial(_ascent_in_ball, objective, w0, base_loss, base_grad, steps=sam_steps, step_fraction=ascent_step)
+        sam, sam_one = ascent(rho=sam_rho, adaptive=False)
+        adaptive, adaptive_one = ascent(rho=adaptive_rho, adaptive=True)
+        out: dict[str, Any] = dict(
             loss=base_loss,
             grad_norm=float(base_grad.norm()),
             lambda_max=lam,
@@ -621,17 +662,8 @@ def hessian_metrics(
             adaptive_sharpness=adaptive,
             adaptive_sharpness_one_step=adaptive_one,
         )
-        if average_sigma is not None and average_sigma > 0 and average_samples > 0:
-            avg, avg_se = _average_sharpness(
-                objective,
-                w0,
-                base_loss,
-                make_generator(seed + _AVERAGE_STREAM, device),
-                sigma=average_sigma,
-                samples=average_samples,
-                scale=w0.abs() if average_adaptive else None,
-            )
-            out.update(average_sharpness=avg, average_sharpness_se=avg_se)
+        out.update(_average(objective, w0, base_loss, seed, device, sigma=average_sigma, samples=average_samples,
+                            adaptive=average_adaptive))
         measured_dtype = str(dtype).replace("torch.", "") if dtype is not None else "mixed"
         out.update(
             hvp_count=objective.hvp_count,

@@ -756,80 +756,26 @@ def load_dataset(
             raise UserError("dataset 'text' takes no label_noise (its targets are the next tokens)")
         return _load_text_splits(data_dir, opts, val_fraction, device)
     shown = f"{name!r}" if name != "custom" else f"'custom' (factory {opts.get('factory')})"
-    if name == "custom":
-        raw = _load_custom(data_dir, opts, seed)
-        if isinstance(raw, Splits):
-            _check_split_labels(raw, shown)
-            return raw.to(device)
-    elif name in _LOADERS:
-        loader = _LOADERS[name][0]
-        known = dataset_option_names(name) or ()
-        unknown = sorted(set(opts) - set(known))
-        if unknown:
-            raise UserError(
-                f"Unknown option(s) {', '.join(unknown)} for dataset {name!r} (known: {', '.join(known)})"
-            )
-        raw = _through_file_cache(name, data_dir, opts, lambda: loader(data_dir, opts))
-    else:
-        raise DataError(f"Unknown dataset {name!r} (expected one of {', '.join(DATASETS)})")
+    raw = _raw_dataset(name, data_dir, opts, seed, shown)
+    if isinstance(raw, Splits):
+        return raw.to(device)
 
-    x_full, y_full = _as_numpy(raw["x_train"]), _class_indices(raw["y_train"], shown, "y_train")
-    x_test, y_test = _as_numpy(raw["x_test"]), _class_indices(raw["y_test"], shown, "y_test")
-    if len(x_full) != len(y_full) or len(x_test) != len(y_test):
-        raise DataError(f"dataset {name!r}: inputs and labels differ in length")
-    max_train, max_test = opts.get("max_train"), opts.get("max_test")
-    if max_train is not None and int(max_train) < len(y_full):
-        keep = np.sort(np.random.default_rng([seed, 2]).permutation(len(y_full))[: int(max_train)])
-        x_full, y_full = x_full[keep], y_full[keep]
-    if max_test is not None:
-        x_test, y_test = x_test[: int(max_test)], y_test[: int(max_test)]
-    labels = np.concatenate([y_full, y_test, _class_indices(raw.get("y_val", np.zeros(0, np.int64)), shown, "y_val")])
-    num_classes = int(raw.get("num_classes") or (int(labels.max()) + 1 if labels.size else 0))
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"dataset {name!r}: labels must lie in 0..{num_classes - 1}")
-
-    if raw.get("x_val") is not None:
-        x_tr, y_tr = x_full, y_full
-        x_val, y_val = _as_numpy(raw["x_val"]), _class_indices(raw["y_val"], shown, "y_val")
-    else:
-        n_val = int(round(val_fraction * len(y_full)))
-        if len(y_full) - n_val < 1:
-            raise UserError(f"dataset {name!r}: val_fraction {val_fraction} leaves no training data")
-        perm = np.random.default_rng([seed, 0]).permutation(len(y_full))
-        val_idx, tr_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
-        x_tr, y_tr, x_val, y_val = x_full[tr_idx], y_full[tr_idx], x_full[val_idx], y_full[val_idx]
+    x_full, y_full, x_test, y_test = _train_and_test(raw, name, shown, opts, seed)
+    num_classes = _num_classes(raw, np.concatenate([y_full, y_test]), name, shown)
+    x_tr, y_tr, x_val, y_val = _validation_split(raw, x_full, y_full, name, shown, val_fraction, seed)
 
     def tensor(a: np.ndarray, dtype: torch.dtype) -> Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)
 
     xs = [tensor(a, torch.get_default_dtype()) for a in (x_tr, x_val, x_test)]
-    normalization = None
-    if raw.get("normalize", True) and opts.get("normalize", True):
-        x0 = xs[0]
-        dims = (0,) + tuple(range(2, x0.dim())) if x0.dim() >= 3 else (0,)
-        mean = x0.mean(dim=dims, keepdim=True)
-        std = x0.std(dim=dims, keepdim=True).clamp_min(1e-8) if len(x0) > 1 else torch.ones_like(mean)
-        for x in xs:
-            x.sub_(mean).div_(std)
-        normalization = (mean.flatten().tolist(), std.flatten().tolist())
-
+    normalization = _standardize(xs) if raw.get("normalize", True) and opts.get("normalize", True) else None
     y_train = tensor(y_tr, torch.long)
     noisy_indices = y_clean = None
     if label_noise > 0:
-        n_noisy = int(round(label_noise * len(y_tr)))
-        rng = np.random.default_rng([seed, 1])
-        idx = np.sort(rng.choice(len(y_tr), size=n_noisy, replace=False))
-        shift = rng.integers(1, num_classes, size=n_noisy)  # never the true class
-        noisy = y_tr.copy()
-        noisy[idx] = (noisy[idx] + shift) % num_classes
+        noisy, idx = _noisy_labels(y_tr, label_noise, num_classes, seed)
         y_clean, y_train = y_train, tensor(noisy, torch.long)
         noisy_indices = tensor(idx, torch.long)
-
-    augment = raw.get("augment")
-    if augment not in (None, *AUGMENTATIONS):
-        raise UserError(
-            f"dataset {name!r}: augment must be one of {', '.join(AUGMENTATIONS)} or None, got {augment!r}"
-        )
+    augment = _augmentation(raw, name)
     return Splits(
         x_train=xs[0],
         y_train=y_train,
@@ -845,3 +791,97 @@ def load_dataset(
         y_train_clean=y_clean,
         normalization=normalization,
     )
+
+
+def _raw_dataset(name: str, data_dir: str | None, opts: dict, seed: int, shown: str) -> dict | Splits:
+    """What the dataset's loader returns: its arrays in a dict, or a custom factory's own
+    :class:`Splits` (whose labels are checked here)."""
+    if name == "custom":
+        raw = _load_custom(data_dir, opts, seed)
+        if isinstance(raw, Splits):
+            _check_split_labels(raw, shown)
+        return raw
+    if name not in _LOADERS:
+        raise DataError(f"Unknown dataset {name!r} (expected one of {', '.join(DATASETS)})")
+    loader = _LOADERS[name][0]
+    known = dataset_option_names(name) or ()
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise UserError(f"Unknown option(s) {', '.join(unknown)} for dataset {name!r} (known: {', '.join(known)})")
+    return _through_file_cache(name, data_dir, opts, lambda: loader(data_dir, opts))
+
+
+def _train_and_test(
+    raw: dict, name: str, shown: str, opts: dict, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The training (validation still inside) and test arrays, labels as class indices, cut to the
+    options' ``max_train`` (a seeded sample, in the original order) and ``max_test`` (the first)."""
+    x_full, y_full = _as_numpy(raw["x_train"]), _class_indices(raw["y_train"], shown, "y_train")
+    x_test, y_test = _as_numpy(raw["x_test"]), _class_indices(raw["y_test"], shown, "y_test")
+    if len(x_full) != len(y_full) or len(x_test) != len(y_test):
+        raise DataError(f"dataset {name!r}: inputs and labels differ in length")
+    max_train, max_test = opts.get("max_train"), opts.get("max_test")
+    if max_train is not None and int(max_train) < len(y_full):
+        keep = np.sort(np.random.default_rng([seed, 2]).permutation(len(y_full))[: int(max_train)])
+        x_full, y_full = x_full[keep], y_full[keep]
+    if max_test is not None:
+        x_test, y_test = x_test[: int(max_test)], y_test[: int(max_test)]
+    return x_full, y_full, x_test, y_test
+
+
+def _num_classes(raw: dict, train_and_test: np.ndarray, name: str, shown: str) -> int:
+    """The loader's ``num_classes``, else the largest label + 1; every label (a given validation
+    set's too) must lie below it."""
+    labels = np.concatenate([train_and_test, _class_indices(raw.get("y_val", np.zeros(0, np.int64)), shown, "y_val")])
+    num_classes = int(raw.get("num_classes") or (int(labels.max()) + 1 if labels.size else 0))
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"dataset {name!r}: labels must lie in 0..{num_classes - 1}")
+    return num_classes
+
+
+def _validation_split(
+    raw: dict, x_full: np.ndarray, y_full: np.ndarray, name: str, shown: str, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Training and validation arrays: the loader's own validation set, else a seeded
+    ``val_fraction`` of the training set (both parts in their original order)."""
+    if raw.get("x_val") is not None:
+        return x_full, y_full, _as_numpy(raw["x_val"]), _class_indices(raw["y_val"], shown, "y_val")
+    n_val = int(round(val_fraction * len(y_full)))
+    if len(y_full) - n_val < 1:
+        raise UserError(f"dataset {name!r}: val_fraction {val_fraction} leaves no training data")
+    perm = np.random.default_rng([seed, 0]).permutation(len(y_full))
+    val_idx, tr_idx = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+    return x_full[tr_idx], y_full[tr_idx], x_full[val_idx], y_full[val_idx]
+
+
+def _standardize(xs: list[Tensor]) -> tuple[list[float], list[float]]:
+    """Standardize the inputs ``xs`` (training first) in place with the training inputs' mean and
+    std (per channel for images and signals); returns them."""
+    x0 = xs[0]
+    dims = (0,) + tuple(range(2, x0.dim())) if x0.dim() >= 3 else (0,)
+    mean = x0.mean(dim=dims, keepdim=True)
+    std = x0.std(dim=dims, keepdim=True).clamp_min(1e-8) if len(x0) > 1 else torch.ones_like(mean)
+    for x in xs:
+        x.sub_(mean).div_(std)
+    return mean.flatten().tolist(), std.flatten().tolist()
+
+
+def _noisy_labels(y: np.ndarray, label_noise: float, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``y`` with a seeded ``label_noise`` fraction moved to another class, and those indices (sorted)."""
+    n_noisy = int(round(label_noise * len(y)))
+    rng = np.random.default_rng([seed, 1])
+    idx = np.sort(rng.choice(len(y), size=n_noisy, replace=False))
+    shift = rng.integers(1, num_classes, size=n_noisy)  # never the true class
+    noisy = y.copy()
+    noisy[idx] = (noisy[idx] + shift) % num_classes
+    return noisy, idx
+
+
+def _augmentation(raw: dict, name: str) -> str | None:
+    """The loader's default augmentation (one of ``AUGMENTATIONS``, or None)."""
+    augment = raw.get("augment")
+    if augment not in (None, *AUGMENTATIONS):
+        raise UserError(
+            f"dataset {name!r}: augment must be one of {', '.join(AUGMENTATIONS)} or None, got {augment!r}"
+        )
+    return augment

@@ -230,6 +230,25 @@ class Member:
             group.setdefault("initial_lr", group["lr"])
             self.base_lrs.append(group["initial_lr"])
 
+    def set_lr(self, factor: float) -> None:
+        """Every parameter group's lr: its initial lr times the schedule's ``factor``."""
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = base * factor
+
+    def begin_epoch(self, n_train: int, language: bool, device: torch.device) -> None:
+        """The epoch's batch order (none for a language model) and zeroed running metrics."""
+        self.perm = None if language else torch.randperm(n_train, generator=self.perm_gen, device=device)
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.correct = torch.zeros((), dtype=torch.long, device=device)
+        self.seen = 0
+
+    def count(self, yb: Tensor, loss: Tensor, logits: Tensor) -> None:
+        """Add one step's batch (its targets, pass-1 loss and outputs) to the running metrics."""
+        self.steps += 1
+        self.seen += yb.numel()
+        self.loss_sum += loss.double() * yb.numel()
+        self.correct += (logits.argmax(-1) == yb).sum()
+
 
 def build_optimizer_for(spec: TrainSpec, model: Any) -> torch.optim.Optimizer:
     """``spec.optimizer`` over ``model.parameters()`` with ``spec.hparams`` (and ``grad_clip`` as
@@ -430,215 +449,290 @@ def train_members(
     step, steps)``: after every step; ``measure``: extra metrics after each epoch (module docstring).
     """
     ranks = ranks if ranks is not None else Ranks()
-    spec0 = members[0].spec
-    stepper.attach(members)
-    n_train = len(members[0].splits.y_train)
-    per_epoch = steps_per_epoch(spec0, n_train, ranks.world_size)
-    total_steps = max(spec0.epochs * per_epoch, 1)
-    aug = augment_kind(spec0, members[0].splits)
-    language = members[0].splits.is_language
-    block = members[0].splits.input_shape[0] if language else 0
-    channels_last = spec0.channels_last and len(members[0].splits.input_shape) == 3
-    cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    if device.type == "cuda":
-        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    loop = _Lockstep(members, stepper, device, ranks, on_leave=on_leave, progress=progress, on_step=on_step,
+                     measure=measure)
+    return loop.run(may_split)
 
-    results: dict[int, TrainResult] = {}
-    live = list(members)
-    step = 0
-    step_seconds = 0.0  # training steps only (no validation), synchronised on CUDA
-    stepping_since: float | None = None  # the start of the running epoch's steps
-    epoch = 0
-    reported = False  # a member called its on_epoch or left: from then on the members cannot be restarted
-    split = False
-    task = progress.add_task("training", total=total_steps) if progress else None
-    t_start = time.perf_counter()
 
-    def result(m: Member, status: str, failure: str | None, model: nn.Module | None) -> TrainResult:
-        seconds = step_seconds
-        if stepping_since is not None:  # a member that leaves in the middle of an epoch's steps
-            _sync(device)
-            seconds += time.perf_counter() - stepping_since
+class _Lockstep:
+    """One run of :func:`train_members`: the members still training, the global step, the clocks
+    and whether anybody was told anything yet. Its methods are the loop's steps, in the order they
+    run: :meth:`run` (setup, the epochs, the end and out-of-memory handling), :meth:`_train_epoch`,
+    :meth:`_take_step` (one optimizer step for all live members), :meth:`_after_step` (progress,
+    divergence), :meth:`_end_epoch` (validation, ``on_epoch``), :meth:`_leave`."""
+
+    def __init__(
+        self,
+        members: list[Member],
+        stepper: Stepper,
+        device: torch.device,
+        ranks: Ranks,
+        *,
+        on_leave: Callable[[int, TrainResult], None] | None,
+        progress: Any,
+        on_step: Callable[[int, int, int], None] | None,
+        measure: Callable[[int, nn.Module, Splits], dict[str, Any]] | None,
+    ) -> None:
+        self.members, self.stepper, self.device, self.ranks = members, stepper, device, ranks
+        self.on_leave, self.progress, self.on_step, self.measure = on_leave, progress, on_step, measure
+        self.spec = members[0].spec  # what the members share: the task, epochs, batch size, ...
+        stepper.attach(members)
+        splits = members[0].splits
+        self.n_train = len(splits.y_train)
+        self.per_epoch = steps_per_epoch(self.spec, self.n_train, ranks.world_size)
+        self.total_steps = max(self.spec.epochs * self.per_epoch, 1)
+        self.aug = augment_kind(self.spec, splits)
+        self.language = splits.is_language
+        self.block = splits.input_shape[0] if self.language else 0
+        self.channels_last = self.spec.channels_last and len(splits.input_shape) == 3
+
+        self.results: dict[int, TrainResult] = {}
+        self.live = list(members)
+        self.step = 0
+        self.step_seconds = 0.0  # training steps only (no validation), synchronised on CUDA
+        self.stepping_since: float | None = None  # the start of the running epoch's steps
+        self.epoch = 0
+        self.reported = False  # a member called its on_epoch or left: from then on the members cannot be restarted
+        self.task: Any = None
+        self.t_start = 0.0
+
+    def run(self, may_split: bool) -> list[TrainResult] | OutOfMemory:
+        cudnn_flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+        progress = self.progress
+        self.task = progress.add_task("training", total=self.total_steps) if progress else None
+        self.t_start = time.perf_counter()
+        split = False
+        quirks = ExitStack()
+        try:
+            if progress:
+                progress.start()
+            for m in self.live:
+                m.model.train()
+                quirks.enter_context(onednn_workaround(m.model))
+            for epoch in range(1, self.spec.epochs + 1):
+                self.epoch = epoch
+                if not self.live:
+                    break
+                self._train_epoch()
+            self._complete()
+        except OOM_ERRORS:
+            split = self._out_of_memory(may_split)
+        finally:
+            quirks.close()
+            if progress:
+                progress.stop()
+            if self.device.type == "cuda":
+                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
+        if split:
+            return OutOfMemory(self.epoch)
+        return [self.results[m.index] for m in self.members]
+
+    # -- an epoch ------------------------------------------------------------------------------
+
+    def _train_epoch(self) -> None:
+        """The epoch's steps, then its validation; members that diverge or are stopped leave."""
+        t_epoch = time.perf_counter()
+        _sync(self.device)
+        self.stepping_since = time.perf_counter()
+        for m in self.live:
+            m.begin_epoch(self.n_train, self.language, self.device)
+        for i in range(self.per_epoch):
+            diverged = self._take_step(i)
+            self._after_step(i, diverged)
+            if not self.live:
+                break
+        _sync(self.device)
+        self.step_seconds += time.perf_counter() - self.stepping_since
+        self.stepping_since = None
+        gone = [m for m in list(self.live) if self._end_epoch(m, t_epoch)]
+        self._drop(gone)
+
+    def _take_step(self, i: int) -> list[Member]:
+        """Step ``i`` of the epoch for every live member; returns those whose loss diverged (checked
+        every 10 steps and at the epoch's end). Its batches are freed when it returns, before any
+        callback runs."""
+        xs, ys = self._batches(i)
+        weight = 1.0
+        if self.ranks.world_size > 1:  # this rank's slice; weighted so the ranks' mean is the batch mean
+            n_global = len(ys[0])
+            xs = [xs[0].tensor_split(self.ranks.world_size)[self.ranks.rank]]
+            ys = [ys[0].tensor_split(self.ranks.world_size)[self.ranks.rank]]
+            weight = len(ys[0]) * self.ranks.world_size / n_global
+        outcome = self.stepper.step(self.live, xs, ys, weight)
+        self.step += 1
+        check = i % 10 == 9 or i == self.per_epoch - 1
+        diverged = []
+        for m, yb, (loss, logits) in zip(self.live, ys, outcome, strict=True):
+            m.count(yb, loss, logits)
+            if check and any_true(not bool(torch.isfinite(m.loss_sum)), self.ranks.group):
+                diverged.append(m)
+        return diverged
+
+    def _batches(self, i: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Batch ``i`` of every live member (augmented), with the lr of this step set."""
+        xs, ys = [], []
+        for m in self.live:
+            xb, yb = self._batch(m, i)
+            xs.append(xb)
+            ys.append(yb)
+            m.set_lr(lr_factor(m.spec, self.step, self.total_steps))
+        if self.channels_last:
+            xs = [xb.contiguous(memory_format=torch.channels_last) for xb in xs]
+        return xs, ys
+
+    def _batch(self, m: Member, i: int) -> tuple[Tensor, Tensor]:
+        batch_size = self.spec.batch_size
+        if self.language:  # windows at random offsets of the token stream
+            assert m.splits.tokens_train is not None
+            xb, yb = token_windows(m.splits.tokens_train, self.block, batch_size, m.perm_gen)
+        else:
+            assert m.perm is not None
+            idx = m.perm[i * batch_size : (i + 1) * batch_size]
+            xb, yb = m.splits.x_train[idx], m.splits.y_train[idx]
+        if self.aug:
+            xb = augment_batch(xb, self.aug, m.aug_gen)
+        return xb, yb
+
+    def _after_step(self, i: int, diverged: list[Member]) -> None:
+        """Progress and ``on_step``, then the diverged members leave."""
+        if self.progress:
+            self.progress.update(self.task, advance=1, description=f"epoch {self.epoch}/{self.spec.epochs}")
+        if self.on_step is not None:
+            self.on_step(self.epoch, i + 1, self.per_epoch)
+        for m in diverged:
+            self._leave(m, "diverged", "diverged")
+        self._drop(diverged)
+
+    def _end_epoch(self, m: Member, t_epoch: float) -> bool:
+        """The epoch's metrics and validation of ``m``, and its ``on_epoch``; True if it left."""
+        if self.ranks.world_size > 1:
+            self._sum_over_ranks(m)
+        metrics, bad_val, stop = None, False, False
+        if self.ranks.is_main:  # validation and the pruning decision once, on rank 0; shared below
+            metrics, bad_val, stop = self._validate(m, t_epoch)
+        metrics, bad_val, stop = broadcast_object((metrics, bad_val, stop), self.ranks.group)
+        if not self.ranks.is_main and not bad_val:
+            m.history.append(metrics)
+        if bad_val:
+            self._leave(m, "diverged", "diverged")
+        elif stop:
+            self._leave(m, "stopped", None)
+        return bad_val or stop
+
+    def _sum_over_ranks(self, m: Member) -> None:
+        """The epoch's training metrics over the global batches."""
+        ranks = self.ranks
+        totals = torch.stack([m.loss_sum, m.correct.double(), torch.full_like(m.loss_sum, m.seen)])
+        all_reduce_mean([totals], ranks.group)
+        totals *= ranks.world_size
+        m.loss_sum, m.correct, m.seen = totals[0], totals[1].round().long(), int(totals[2].round())
+
+    def _validate(self, m: Member, t_epoch: float) -> tuple[dict, bool, bool]:
+        """On rank 0: the epoch's metrics, whether validation diverged, whether ``on_epoch`` stops ``m``."""
+        model = self.stepper.eval_model(m)
+        val_loss, val_acc = evaluate(model, m.splits.x_val, m.splits.y_val, batch_size=self.spec.eval_batch_size)
+        metrics = {
+            "epoch": self.epoch,
+            "train_loss": float(m.loss_sum) / max(m.seen, 1),
+            "train_acc": int(m.correct) / max(m.seen, 1),
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": m.optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - t_epoch,
+        }
+        if self.language:
+            metrics["val_ppl"] = perplexity(val_loss)
+        bad_val = bool(len(m.splits.y_val)) and not math.isfinite(val_loss)
+        if bad_val:
+            return metrics, True, False
+        if self.measure is not None:
+            metrics.update(self.measure(self.epoch, model, m.splits))
+        m.history.append(metrics)  # before the callback: the epoch counts even if it raises
+        if self.progress:
+            self.progress.update(self.task, description=f"epoch {self.epoch}/{self.spec.epochs} val_acc {val_acc:.3f}")
+        stop = False
+        if m.on_epoch is not None:
+            self.reported = True
+            # the epoch as reported (not as kept in the history): a classifier's number of
+            # classes, so that a listener can tell chance accuracy
+            told = dict(metrics) if self.language else {**metrics, "num_classes": int(m.splits.num_classes)}
+            stop = bool(m.on_epoch(self.epoch, told))
+        return metrics, False, stop
+
+    # -- leaving -------------------------------------------------------------------------------
+
+    def _result(self, m: Member, status: str, failure: str | None, model: nn.Module | None) -> TrainResult:
+        seconds = self.step_seconds
+        if self.stepping_since is not None:  # a member that leaves in the middle of an epoch's steps
+            _sync(self.device)
+            seconds += time.perf_counter() - self.stepping_since
         return TrainResult(
             status=status, failure_reason=failure, epochs_completed=len(m.history), steps=m.steps,
-            train_seconds=time.perf_counter() - t_start,
-            ms_per_step=1000.0 * seconds / step if step else float("nan"),
-            device=str(device), history=m.history, model=model, splits=m.splits,  # type: ignore[arg-type]
-            optimizer=m.optimizer, rank=ranks.rank, world_size=ranks.world_size,
-            epochs_trained=m.steps / per_epoch,
+            train_seconds=time.perf_counter() - self.t_start,
+            ms_per_step=1000.0 * seconds / self.step if self.step else float("nan"),
+            device=str(self.device), history=m.history, model=model, splits=m.splits,  # type: ignore[arg-type]
+            optimizer=m.optimizer, rank=self.ranks.rank, world_size=self.ranks.world_size,
+            epochs_trained=m.steps / self.per_epoch,
         )
 
-    def leave(m: Member, status: str, failure: str | None) -> None:
-        nonlocal reported
-        reported = True
-        res = result(m, status, failure, stepper.result_model(m))
-        if on_leave is not None:
-            on_leave(m.index, res)
+    def _leave(self, m: Member, status: str, failure: str | None) -> None:
+        self.reported = True
+        res = self._result(m, status, failure, self.stepper.result_model(m))
+        if self.on_leave is not None:
+            self.on_leave(m.index, res)
         # only once told: a member whose on_leave ran out of memory (e.g. its final sharpness
         # metrics) is failed out_of_memory below, as it would be alone, not left untold
-        results[m.index] = res
+        self.results[m.index] = res
 
-    def fail_out_of_memory(m: Member) -> None:
-        """Free what can be freed, then fail ``m`` as a lone run that ran out of memory fails."""
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        res = result(m, "out_of_memory", "out_of_memory", m.model)
-        results[m.index] = res
-        if on_leave is not None:
-            on_leave(m.index, res)
-
-    def drop(gone: list[Member]) -> None:
-        nonlocal live
+    def _drop(self, gone: list[Member]) -> None:
         if not gone:
             return
         ids = {id(m) for m in gone}
-        live = [m for m in live if id(m) not in ids]
-        for slot, m in enumerate(live):
+        self.live = [m for m in self.live if id(m) not in ids]
+        for slot, m in enumerate(self.live):
             m.slot = slot
-        if live:
-            stepper.release(live)
+        if self.live:
+            self.stepper.release(self.live)
 
-    quirks = ExitStack()
-    try:
-        if progress:
-            progress.start()
-        for m in live:
-            m.model.train()
-            quirks.enter_context(onednn_workaround(m.model))
-        for epoch in range(1, spec0.epochs + 1):
-            if not live:
-                break
-            t_epoch = time.perf_counter()
-            _sync(device)
-            stepping_since = time.perf_counter()
-            for m in live:
-                m.perm = None if language else torch.randperm(n_train, generator=m.perm_gen, device=device)
-                m.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                m.correct = torch.zeros((), dtype=torch.long, device=device)
-                m.seen = 0
-            for i in range(per_epoch):
-                xs, ys = [], []
-                for m in live:
-                    if language:  # windows at random offsets of the token stream
-                        assert m.splits.tokens_train is not None
-                        xb, yb = token_windows(m.splits.tokens_train, block, spec0.batch_size, m.perm_gen)
-                    else:
-                        assert m.perm is not None
-                        idx = m.perm[i * spec0.batch_size : (i + 1) * spec0.batch_size]
-                        xb, yb = m.splits.x_train[idx], m.splits.y_train[idx]
-                    if aug:
-                        xb = augment_batch(xb, aug, m.aug_gen)
-                    xs.append(xb)
-                    ys.append(yb)
-                    factor = lr_factor(m.spec, step, total_steps)
-                    for group, base in zip(m.optimizer.param_groups, m.base_lrs, strict=True):
-                        group["lr"] = base * factor
-                if channels_last:
-                    xs = [xb.contiguous(memory_format=torch.channels_last) for xb in xs]
-                weight = 1.0
-                if ranks.world_size > 1:  # this rank's slice; weighted so the ranks' mean is the batch mean
-                    n_global = len(ys[0])
-                    xs = [xs[0].tensor_split(ranks.world_size)[ranks.rank]]
-                    ys = [ys[0].tensor_split(ranks.world_size)[ranks.rank]]
-                    weight = len(ys[0]) * ranks.world_size / n_global
-                outcome = stepper.step(live, xs, ys, weight)
-                step += 1
-                check = i % 10 == 9 or i == per_epoch - 1
-                diverged = []
-                for m, yb, (loss, logits) in zip(live, ys, outcome, strict=True):
-                    m.steps += 1
-                    m.seen += yb.numel()
-                    m.loss_sum += loss.double() * yb.numel()
-                    m.correct += (logits.argmax(-1) == yb).sum()
-                    if check and any_true(not bool(torch.isfinite(m.loss_sum)), ranks.group):
-                        diverged.append(m)
-                del xs, ys, outcome
-                if progress:
-                    progress.update(task, advance=1, description=f"epoch {epoch}/{spec0.epochs}")
-                if on_step is not None:
-                    on_step(epoch, i + 1, per_epoch)
-                for m in diverged:
-                    leave(m, "diverged", "diverged")
-                drop(diverged)
-                if not live:
-                    break
-            _sync(device)
-            step_seconds += time.perf_counter() - stepping_since
-            stepping_since = None
-            gone = []
-            for m in list(live):
-                if ranks.world_size > 1:  # the epoch's training metrics over the global batches
-                    totals = torch.stack([m.loss_sum, m.correct.double(), torch.full_like(m.loss_sum, m.seen)])
-                    all_reduce_mean([totals], ranks.group)
-                    totals *= ranks.world_size
-                    m.loss_sum, m.correct, m.seen = totals[0], totals[1].round().long(), int(totals[2].round())
-                metrics, bad_val, stop = None, False, False
-                if ranks.is_main:  # validation and the pruning decision once, on rank 0; shared below
-                    model = stepper.eval_model(m)
-                    val_loss, val_acc = evaluate(model, m.splits.x_val, m.splits.y_val, batch_size=spec0.eval_batch_size)
-                    metrics = {
-                        "epoch": epoch,
-                        "train_loss": float(m.loss_sum) / max(m.seen, 1),
-                        "train_acc": int(m.correct) / max(m.seen, 1),
-                        "val_loss": val_loss,
-                        "val_acc": val_acc,
-                        "lr": m.optimizer.param_groups[0]["lr"],
-                        "seconds": time.perf_counter() - t_epoch,
-                    }
-                    if language:
-                        metrics["val_ppl"] = perplexity(val_loss)
-                    bad_val = bool(len(m.splits.y_val)) and not math.isfinite(val_loss)
-                    if measure is not None and not bad_val:
-                        metrics.update(measure(epoch, model, m.splits))
-                    if not bad_val:
-                        m.history.append(metrics)  # before the callback: the epoch counts even if it raises
-                        if progress:
-                            progress.update(task, description=f"epoch {epoch}/{spec0.epochs} val_acc {val_acc:.3f}")
-                        if m.on_epoch is not None:
-                            reported = True
-                            # the epoch as reported (not as kept in the history): a classifier's
-                            # number of classes, so that a listener can tell chance accuracy
-                            told = dict(metrics) if language else {**metrics, "num_classes": int(m.splits.num_classes)}
-                            stop = bool(m.on_epoch(epoch, told))
-                metrics, bad_val, stop = broadcast_object((metrics, bad_val, stop), ranks.group)
-                if not ranks.is_main and not bad_val:
-                    m.history.append(metrics)
-                if bad_val:
-                    leave(m, "diverged", "diverged")
-                    gone.append(m)
-                elif stop:
-                    leave(m, "stopped", None)
-                    gone.append(m)
-            drop(gone)
-        for m in live:
+    def _complete(self) -> None:
+        """The members that trained every epoch leave ``completed``."""
+        for m in self.live:
             try:
-                leave(m, "completed", None)
+                self._leave(m, "completed", None)
             except OOM_ERRORS:
                 # this member's final metrics (sharpness: Hessian-vector products) ran out of
                 # memory: it fails as it would alone, and every other finished member still gets
                 # its own attempt at its metrics, as it would alone
-                fail_out_of_memory(m)
-    except OOM_ERRORS:
+                self._fail_out_of_memory(m)
+
+    # -- out of memory -------------------------------------------------------------------------
+
+    def _out_of_memory(self, may_split: bool) -> bool:
+        """Free what the members hold; True if the caller may restart them in smaller packs, else
+        every member not yet done fails ``out_of_memory``."""
         # drop the references that hold activations, graphs and optimizer state, then give memory back
-        for m in members:  # every member has its optimizer: the stepper attached them before the loop
+        for m in self.members:  # every member has its optimizer: the stepper attached them before the loop
             m.optimizer.zero_grad(set_to_none=True)
             m.optimizer.state.clear()
-        stepper.release([])
+        self.stepper.release([])
         # Nobody was told anything yet: the caller may restart the members in smaller packs (and
         # frees the rest of this attempt once its frames are gone). After a report it may not
         # (docs/packs.md, "Out of memory"): the live members fail as out_of_memory.
-        split = may_split and not reported
+        split = may_split and not self.reported
         if not split:
-            for m in members:
-                if m.index not in results:
-                    fail_out_of_memory(m)
-    finally:
-        quirks.close()
-        if progress:
-            progress.stop()
-        if device.type == "cuda":
-            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_flags
-    if split:
-        return OutOfMemory(epoch)
-    return [results[m.index] for m in members]
+            for m in self.members:
+                if m.index not in self.results:
+                    self._fail_out_of_memory(m)
+        return split
+
+    def _fail_out_of_memory(self, m: Member) -> None:
+        """Free what can be freed, then fail ``m`` as a lone run that ran out of memory fails."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        res = self._result(m, "out_of_memory", "out_of_memory", m.model)
+        self.results[m.index] = res
+        if self.on_leave is not None:
+            self.on_leave(m.index, res)

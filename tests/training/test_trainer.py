@@ -12,7 +12,7 @@ from sassha_tune.errors import UserError
 from sassha_tune.metrics.evaluation import evaluate
 from sassha_tune.optim import SGD, OptimizerInfo
 from sassha_tune.training.data import load_dataset
-from sassha_tune.training.trainer import TrainSpec, lr_factor, train
+from sassha_tune.training.trainer import TrainSpec, build_members, build_optimizer_for, lr_factor, train
 from sassha_tune.trial.objective import final_metrics
 
 
@@ -31,6 +31,35 @@ def one_thread():
 
 def _strip(history):
     return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+
+def test_member_batch_order_schedule_and_running_metrics(mnist1d):
+    """What the loop's steps ask of a member: each epoch the next permutation of its seeded stream,
+    every group's lr as its initial lr times the schedule factor, and running sums of a step's
+    loss (times its batch size), correct predictions and examples."""
+    spec = TrainSpec(hparams={"lr": 0.2}, device="cpu", seed=3)
+    (member,) = build_members([spec], [None], torch.device("cpu"), splits=mnist1d)
+    member.attach(build_optimizer_for(spec, member.model))
+    member.set_lr(0.25)
+    assert [g["lr"] for g in member.optimizer.param_groups] == [0.2 * 0.25] * len(member.optimizer.param_groups)
+    assert [g["initial_lr"] for g in member.optimizer.param_groups] == [0.2] * len(member.optimizer.param_groups)
+
+    n = len(mnist1d.y_train)
+    stream = torch.Generator().manual_seed(3)
+    first, second = torch.randperm(n, generator=stream), torch.randperm(n, generator=stream)
+    member.begin_epoch(n, False, torch.device("cpu"))
+    assert torch.equal(member.perm, first)
+    y = torch.tensor([0, 1, 2])
+    logits = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [5.0, 0.0, 0.0]])  # predicts 0, 1, 0
+    member.count(y, torch.tensor(0.5), logits)
+    member.count(y[1:], torch.tensor(2.0), logits[1:])
+    assert (member.steps, member.seen, int(member.correct)) == (2, 5, 3)
+    assert member.loss_sum.dtype == torch.float64 and float(member.loss_sum) == 0.5 * 3 + 2.0 * 2
+    member.begin_epoch(n, False, torch.device("cpu"))
+    assert torch.equal(member.perm, second) and member.seen == 0 and float(member.loss_sum) == 0.0
+    assert int(member.correct) == 0 and member.steps == 2  # steps count the whole run
+    member.begin_epoch(n, True, torch.device("cpu"))
+    assert member.perm is None  # a language model draws windows at random offsets instead
 
 
 @pytest.mark.slow
