@@ -41,6 +41,7 @@ from .schema import (
     TaskConfig,
     fill_derived_defaults,
 )
+from .search import make_sampler, parse_callbacks, pruner_by_name, resolve_pruner
 from .yamlfile import excerpt, read_yaml_file
 
 __all__ = ["config_from_dict", "load_config", "published_to_enqueue", "with_model_normalization",
@@ -562,8 +563,6 @@ def _chance_guard(v: Any, ctx: _Ctx, path: str) -> int | str:
 
 
 def _callbacks(raw: Any, ctx: _Ctx) -> list[dict[str, Any]]:
-    from ..study.callbacks import parse_callbacks  # the callbacks module knows its built-ins
-
     entries = parse_callbacks(raw, lambda path, expected, got: ctx.fail(path, expected, got))
     for i, entry in enumerate(entries):
         if PLUGIN_SPEC.match(entry["name"]):
@@ -806,14 +805,12 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
     if cfg.study.sampler.name == "cmaes" and importlib.util.find_spec("cmaes") is None:
         raise ctx.fail("study.sampler.name", "", raw="'cmaes' needs the cmaes package (pip install cmaes)")
     # Build sampler and pruner once: wrong options fail here, before anything is created.
-    from ..study.samplers import make_pruner, make_sampler, resolve_pruner
-
     sampler, pruner = cfg.study.sampler, cfg.study.pruner
     _constructor_options(lambda options: make_sampler(sampler.name, options, 0, qmc_seed=cfg.sampler_seed),
               sampler.options, ctx, "study.sampler.options", f"sampler {sampler.name!r}")
     # auto's options are those of the pruner it chooses for this study
     chosen, _ = resolve_pruner(pruner.name, {}, epochs=cfg.task.epochs, can_prune=cfg.can_prune)
-    _constructor_options(lambda options: make_pruner(chosen, options, max_resource=cfg.task.epochs),
+    _constructor_options(lambda options: pruner_by_name(chosen, options, max_resource=cfg.task.epochs),
               pruner.options, ctx, "study.pruner.options", f"pruner {chosen!r}")
     if cfg.task.train is not None:
         _import_plugin(cfg.task.train, ctx, "task.train")
