@@ -672,19 +672,23 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
         task = _user_train_task(raw, study, ctx)
     else:
         task = _builtin_task(raw["task"], ctx, base_dir)
+    optimizer = _optimizer_section(raw["optimizer"], ctx)
+    schedule = _schedule_section(raw.get("schedule"), ctx)
+    metrics = _section(raw.get("metrics"), _fields(MetricsConfig, {
+        "sharpness": _bool, "subset_size": _int(1), "seed": _int(0, MAX_SEED), "budget": _sharpness_budget,
+        "track_every": _int(0),
+    }), ctx, "metrics")
+    device = _named_section(raw.get("device"), _fields(DeviceConfig, {
+        "name": _device_name, "amp": _choice(AMP_MODES), "channels_last": _bool, "processes": _int(1, 1024),
+    }), ctx, "device")
     cfg = Config(
         study=study,
         task=TaskConfig(**task),
-        optimizer=OptimizerConfig(**_optimizer_section(raw["optimizer"], ctx)),
+        optimizer=OptimizerConfig(**optimizer),
         budget=BudgetConfig(**budget),
-        schedule=ScheduleConfig(**_schedule_section(raw.get("schedule"), ctx)),
-        metrics=MetricsConfig(**_section(raw.get("metrics"), _fields(MetricsConfig, {
-            "sharpness": _bool, "subset_size": _int(1), "seed": _int(0, MAX_SEED), "budget": _sharpness_budget,
-            "track_every": _int(0),
-        }), ctx, "metrics")),
-        device=DeviceConfig(**_named_section(raw.get("device"), _fields(DeviceConfig, {
-            "name": _device_name, "amp": _choice(AMP_MODES), "channels_last": _bool, "processes": _int(1, 1024),
-        }), ctx, "device")),
+        schedule=ScheduleConfig(**schedule),
+        metrics=MetricsConfig(**metrics),
+        device=DeviceConfig(**device),
         seed=_int(0, MAX_SEED)(raw.get("seed", field_defaults(Config)["seed"]), ctx, "seed"),
         provenance=_mapping(raw.get("provenance"), ctx, "provenance"),
         source=source,
