@@ -110,13 +110,12 @@ def test_the_detector_finds_a_cycle_through_a_lazy_import(tmp_path):
 
 def test_no_import_cycles_among_sassha_tune_modules():
     graph = import_graph(PACKAGE)
-    assert "sassha_tune.study.samplers" in graph["sassha_tune.config.validate"]  # the graph sees function-level imports
+    assert "sassha_tune.config.overrides" in graph["sassha_tune.config.validate"]  # the graph sees function-level imports
     assert cycles(graph) == []
 
 
 # Who may import whom (docs/architecture.md): a package imports only from its own layer and the
-# layers below. The one exception: config validation builds the study's sampler and pruner to
-# check their options, through study/samplers.py (which depends on Optuna only).
+# layers below, with no exception.
 LAYERS = [
     # foundation; the package's __init__ imports nothing but the version: its public names are
     # loaded on first use (PEP 562) from the modules that define them
@@ -131,9 +130,6 @@ LAYERS = [
     {"api"},  # run_study / resume_study: what the CLI's run and resume do
     {"cli", "__main__", "live"},  # live: the CLI's live study view
 ]
-UPWARD_ALLOWED = {("sassha_tune.config.validate", "sassha_tune.study"),
-                  ("sassha_tune.config.validate", "sassha_tune.study.samplers"),
-                  ("sassha_tune.config.validate", "sassha_tune.study.callbacks")}
 
 
 def _layer(module: str) -> int:
@@ -144,7 +140,7 @@ def _layer(module: str) -> int:
 def test_packages_import_only_their_own_layer_and_below():
     graph = import_graph(PACKAGE)
     upward = sorted((a, b) for a, targets in graph.items() for b in targets
-                    if _layer(b) > _layer(a) and (a, b) not in UPWARD_ALLOWED)
+                    if _layer(b) > _layer(a))
     assert upward == []
     assert {_layer(m) for m in graph} == set(range(len(LAYERS)))  # every layer is a real package
 
@@ -185,9 +181,8 @@ def test_validating_a_config_does_not_import_the_study_loop_or_the_trial():
         "from sassha_tune.config import config_from_dict\n"
         "config_from_dict({'study': {'name': 'x', 'pruner': 'median'}, 'task': {'dataset': 'mnist1d', 'model': 'mlp'},"
         " 'optimizer': {'name': 'sassha'}})\n"
-        "assert 'sassha_tune.study.samplers' in sys.modules\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith(('sassha_tune.study.', 'sassha_tune.trial')))\n"
-        "assert loaded == ['sassha_tune.study.callbacks', 'sassha_tune.study.samplers'], loaded\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('sassha_tune.study', 'sassha_tune.trial')))\n"
+        "assert loaded == [], loaded\n"
     )
 
 

@@ -7,6 +7,9 @@
   a process is created;
 * :mod:`.spaces` — search-space files, their validation, ``trial.suggest_*`` and the one
   conversion of config values to optimizer arguments (:func:`~.spaces.to_hparams`);
+* :mod:`.search` — ``study.sampler``, ``study.pruner`` and ``study.callbacks`` by name: Optuna's
+  samplers and pruners (``auto`` among them) as validation checks and the study builds them, and
+  the callbacks' entries;
 * :mod:`.advice` — notes on valid configs that are likely to waste trials.
 
 The config never runs code. The only code it can name is a ``package.module:function`` plug-in

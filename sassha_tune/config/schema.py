@@ -22,9 +22,11 @@ __all__ = [
     "OptimizerConfig",
     "config_to_dict",
     "config_from_stored",
+    "field_defaults",
     "fill_derived_defaults",
     "SAMPLERS",
     "PRUNERS",
+    "IMPLICIT_DEFAULTS",
     "IMPLICIT_KEYS",
     "AMP_MODES",
     "KEEP_MODELS",
@@ -33,26 +35,25 @@ __all__ = [
 SAMPLERS = ("auto", "tpe", "random", "gp", "cmaes", "qmc", "nsgaii")
 PRUNERS = ("auto", "none", "median", "hyperband", "successive_halving")
 #: Settings whose default changed (issue 24: sampler and pruner ``auto``, the prior enqueued,
-#: diverged trials told as pruned, the search space chosen for the model). When a config does not
-#: write one (:attr:`Config.implicit`) and continues a study that stores it, the study keeps its
-#: own: a study created before keeps its settings.
-IMPLICIT_KEYS = ("study.sampler", "study.pruner", "study.diverged_as_pruned", "optimizer.enqueue_published",
-                 "optimizer.search_space")
+#: diverged trials told as pruned, the search space chosen for the model), each with the default a
+#: config read now gets (``study.sampler`` / ``study.pruner``: the name's). Their dataclass
+#: defaults below are what a config stored by an older version meant when it lacked them
+#: (:func:`config_from_stored`). When a config does not write one (:attr:`Config.implicit`) and
+#: continues a study that stores it, the study keeps its own: a study created before keeps its
+#: settings.
+IMPLICIT_DEFAULTS: dict[str, Any] = {"study.sampler": "auto", "study.pruner": "auto", "study.diverged_as_pruned": True,
+                                     "optimizer.enqueue_published": "auto", "optimizer.search_space": None}
+IMPLICIT_KEYS = tuple(IMPLICIT_DEFAULTS)
 # Schedule names: trainer.SCHEDULES (imported where the config is checked; the trainer needs torch).
 AMP_MODES = ("none", "bf16")
 #: ``study.keep_models``: which trials' trained weights a study keeps (study/models.py)
 KEEP_MODELS = ("none", "best", "all")
 
+
 @dataclass
 class ObjectiveSpec:
     metric: str
     direction: str  # "maximize" | "minimize"
-
-
-# The dataclass defaults of the settings in IMPLICIT_KEYS are what a config stored by an older
-# version meant when it lacked them (config_from_stored); a config read from a file gets the
-# current defaults from validate.py (sampler and pruner "auto", diverged_as_pruned true,
-# enqueue_published "auto").
 
 
 @dataclass
@@ -213,6 +214,18 @@ class Config:
         return int(guard)
 
 
+def field_defaults(cls: type) -> dict[str, Any]:
+    """The default of each field of dataclass ``cls`` that has one (a fresh value from each
+    factory): the one declaration of the config's defaults, which validation gives unwritten keys."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def fill_derived_defaults(cfg: Config) -> None:
     """Defaults that depend on other settings (a stored config from an older version may lack them)."""
     if cfg.task.eval_batch_size is None:
@@ -243,8 +256,9 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
         study["objectives"] = objectives
     if study.get("storage") is None:
         study.pop("storage")
-    for key, default in (("keep_models", "none"), ("artifact_dir", None)):  # configs as before they existed
-        if study.get(key) == default:
+    defaults = field_defaults(StudyConfig)
+    for key in ("keep_models", "artifact_dir"):  # at their defaults: configs as before they existed
+        if study.get(key) == defaults[key]:
             study.pop(key)
     if not d["provenance"]:
         d.pop("provenance")
@@ -280,8 +294,7 @@ def config_from_stored(data: Mapping[str, Any], source: str = "<stored config>")
         schedule=ScheduleConfig(**d.get("schedule", {})),
         metrics=MetricsConfig(**d.get("metrics", {})),
         device=DeviceConfig(**d.get("device", {})),
-        seed=d.get("seed", 0),
-        provenance=d.get("provenance", {}),
+        **{key: d[key] for key in ("seed", "provenance") if key in d},
         source=source,
     )
     fill_derived_defaults(cfg)

@@ -131,40 +131,49 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _unknown_keys(raw: Mapping[Any, Any], allowed: tuple[str, ...], src: str, prefix: str) -> None:
+    """Refuse a key of ``raw`` that is not ``allowed``, with the closest valid key (or all of them)."""
+    for key in raw:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(allowed)}"
+            raise ConfigError(f"{src}: {prefix}{key}: unknown key ({hint})")
+
+
 def _param(name: str, raw: Any, src: str, path: str) -> ParamSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"{src}: {path}: expected a mapping with type, low, high (or choices), got {excerpt(raw)}")
-    for key in raw:
-        if key not in _PARAM_KEYS:
-            close = difflib.get_close_matches(str(key), _PARAM_KEYS, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(_PARAM_KEYS)}"
-            raise ConfigError(f"{src}: {path}.{key}: unknown key ({hint})")
+    _unknown_keys(raw, _PARAM_KEYS, src, f"{path}.")
     kind = raw.get("type")
     if kind not in _TYPES:
         raise ConfigError(f"{src}: {path}.type: expected one of {', '.join(_TYPES)}, got {excerpt(kind)}")
     if kind == "categorical":
-        for key in ("low", "high", "log", "step"):
-            if key in raw:
-                raise ConfigError(f"{src}: {path}.{key}: not used by a categorical parameter (give choices)")
-        choices = raw.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{src}: {path}.choices: expected a non-empty list, got {excerpt(choices)}")
-        for c in choices:
-            if not (c is None or isinstance(c, (bool, int, float, str))):
-                raise ConfigError(f"{src}: {path}.choices: expected scalars (number, string, bool), got {excerpt(c)}")
-        if len(set(map(repr, choices))) != len(choices):
-            raise ConfigError(f"{src}: {path}.choices: expected distinct values, got {excerpt(choices)}")
-        if name == "dense_refresh_steps" and any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in choices):
-            raise ConfigError(f"{src}: {path}.choices: expected integers >= 0 (steps), got {excerpt(choices)}")
-        return ParamSpec(name, kind, choices=tuple(choices))
+        return _categorical(name, raw, src, path)
+    return _numeric(name, kind, raw, src, path)
+
+
+def _categorical(name: str, raw: dict[str, Any], src: str, path: str) -> ParamSpec:
+    for key in ("low", "high", "log", "step"):
+        if key in raw:
+            raise ConfigError(f"{src}: {path}.{key}: not used by a categorical parameter (give choices)")
+    choices = raw.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise ConfigError(f"{src}: {path}.choices: expected a non-empty list, got {excerpt(choices)}")
+    for c in choices:
+        if not (c is None or isinstance(c, (bool, int, float, str))):
+            raise ConfigError(f"{src}: {path}.choices: expected scalars (number, string, bool), got {excerpt(c)}")
+    if len(set(map(repr, choices))) != len(choices):
+        raise ConfigError(f"{src}: {path}.choices: expected distinct values, got {excerpt(choices)}")
+    if name == "dense_refresh_steps" and any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in choices):
+        raise ConfigError(f"{src}: {path}.choices: expected integers >= 0 (steps), got {excerpt(choices)}")
+    return ParamSpec(name, "categorical", choices=tuple(choices))
+
+
+def _numeric(name: str, kind: str, raw: dict[str, Any], src: str, path: str) -> ParamSpec:
+    """A ``float`` or ``int`` parameter: a range, on a log scale or in steps."""
     if "choices" in raw:
         raise ConfigError(f"{src}: {path}.choices: only for type: categorical")
-    low, high = raw.get("low"), raw.get("high")
-    for key, v in (("low", low), ("high", high)):
-        if not _num(v) or (kind == "int" and not isinstance(v, int)):
-            raise ConfigError(f"{src}: {path}.{key}: expected {'an integer' if kind == 'int' else 'a number'}, got {excerpt(v)}")
-    if not low < high:
-        raise ConfigError(f"{src}: {path}: expected low < high, got low={excerpt(low)}, high={excerpt(high)}")
+    low, high = _bounds(kind, raw, src, path)
     log = raw.get("log", False)
     if not isinstance(log, bool):
         raise ConfigError(f"{src}: {path}.log: expected true or false, got {excerpt(log)}")
@@ -172,10 +181,7 @@ def _param(name: str, raw: Any, src: str, path: str) -> ParamSpec:
         raise ConfigError(f"{src}: {path}.low: expected a number > 0 with log: true, got {excerpt(low)}")
     step = raw.get("step")
     if step is not None:
-        if log:
-            raise ConfigError(f"{src}: {path}.step: cannot be combined with log: true")
-        if not _num(step) or step <= 0 or (kind == "int" and not isinstance(step, int)):
-            raise ConfigError(f"{src}: {path}.step: expected a positive {'integer' if kind == 'int' else 'number'}, got {excerpt(step)}")
+        _check_step(step, kind, log, src, path)
     if name == "lazy_hessian" and low < 1:
         raise ConfigError(f"{src}: {path}.low: expected the Hessian interval k >= 1, got {excerpt(low)}")
     if name == "dense_refresh_steps" and (kind != "int" or low < 0):
@@ -183,6 +189,24 @@ def _param(name: str, raw: Any, src: str, path: str) -> ParamSpec:
     if kind == "float":
         low, high = float(low), float(high)
     return ParamSpec(name, kind, low=low, high=high, log=log, step=step)
+
+
+def _bounds(kind: str, raw: dict[str, Any], src: str, path: str) -> tuple[Any, Any]:
+    """``low`` and ``high`` of a ``kind`` parameter: numbers (integers for ``int``), low < high."""
+    low, high = raw.get("low"), raw.get("high")
+    for key, v in (("low", low), ("high", high)):
+        if not _num(v) or (kind == "int" and not isinstance(v, int)):
+            raise ConfigError(f"{src}: {path}.{key}: expected {'an integer' if kind == 'int' else 'a number'}, got {excerpt(v)}")
+    if not low < high:
+        raise ConfigError(f"{src}: {path}: expected low < high, got low={excerpt(low)}, high={excerpt(high)}")
+    return low, high
+
+
+def _check_step(step: Any, kind: str, log: bool, src: str, path: str) -> None:
+    if log:
+        raise ConfigError(f"{src}: {path}.step: cannot be combined with log: true")
+    if not _num(step) or step <= 0 or (kind == "int" and not isinstance(step, int)):
+        raise ConfigError(f"{src}: {path}.step: expected a positive {'integer' if kind == 'int' else 'number'}, got {excerpt(step)}")
 
 
 def check_param_names(optimizer: str, names: list[str], src: str, path: str) -> None:
@@ -210,6 +234,9 @@ def _kind(value: Any) -> str:
     return kinds.get(type(value), "a number" if isinstance(value, (int, float)) else type(value).__name__)
 
 
+_SPACE_KEYS = ("optimizer", "params", "published", "prior", "without_normalization", "description")
+
+
 def space_from_dict(
     raw: Any, src: str, optimizer: str | None = None, path: str = "", *, echo: bool = True
 ) -> SearchSpace:
@@ -224,38 +251,43 @@ def space_from_dict(
     shown = excerpt if echo else _kind
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with params, got {shown(raw)}")
-    allowed = ("optimizer", "params", "published", "prior", "without_normalization", "description")
-    for key in raw:
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(allowed)}"
-            raise ConfigError(f"{src}: {prefix}{key}: unknown key ({hint})")
+    _unknown_keys(raw, _SPACE_KEYS, src, prefix)
     params_raw = raw.get("params")
     if not isinstance(params_raw, dict) or not params_raw:
         raise ConfigError(f"{src}: {prefix}params: expected a non-empty mapping of parameters, got {shown(params_raw)}")
-    declared = raw.get("optimizer")
-    if declared is not None and optimizer is not None and declared != optimizer:
-        raise ConfigError(f"{src}: {prefix}optimizer: this space is for {excerpt(declared)}, but the config's optimizer is {excerpt(optimizer)}")
-    opt = optimizer or declared
+    opt = _space_optimizer(raw.get("optimizer"), optimizer, src, prefix)
     if opt is not None:  # names before values: a value is shown only under a hyperparameter's name
         check_param_names(opt, [str(n) for n in params_raw], src, f"{prefix}params")
     params = {str(n): _param(str(n), p, src, f"{prefix}params.{n}") for n, p in params_raw.items()}
-    published_raw = raw.get("published") or []
-    if not isinstance(published_raw, list):
-        raise ConfigError(f"{src}: {prefix}published: expected a list of mappings, got {excerpt(published_raw)}")
-    published = []
-    for i, entry in enumerate(published_raw):
-        where = f"{prefix}published[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{src}: {where}: expected a mapping of parameter values, got {excerpt(entry)}")
-        _values_in_space(entry, params, opt, src, where)
-        published.append(dict(entry))
+    published = _published(raw.get("published") or [], params, opt, src, prefix)
     prior = _prior(raw.get("prior"), params, published, opt, src, prefix)
     instead = raw.get("without_normalization")
     if instead is not None and (not isinstance(instead, str) or not instead.strip()):
         raise ConfigError(f"{src}: {prefix}without_normalization: expected the name of a search space, got {excerpt(instead)}")
     return SearchSpace(optimizer=opt, params=params, published=published, source=src, prior=prior,
                        without_normalization=instead)
+
+
+def _space_optimizer(declared: Any, optimizer: str | None, src: str, prefix: str) -> str | None:
+    """The optimizer a space is for: the config's (``optimizer``), which the space's own
+    ``optimizer:`` (``declared``) must not contradict, else the space's."""
+    if declared is not None and optimizer is not None and declared != optimizer:
+        raise ConfigError(f"{src}: {prefix}optimizer: this space is for {excerpt(declared)}, but the config's optimizer is {excerpt(optimizer)}")
+    return optimizer or declared
+
+
+def _published(raw: Any, params: dict[str, ParamSpec], opt: str | None, src: str, prefix: str) -> list[dict[str, Any]]:
+    """A space's ``published:`` list: mappings of values inside the space."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"{src}: {prefix}published: expected a list of mappings, got {excerpt(raw)}")
+    published = []
+    for i, entry in enumerate(raw):
+        where = f"{prefix}published[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{src}: {where}: expected a mapping of parameter values, got {excerpt(entry)}")
+        _values_in_space(entry, params, opt, src, where)
+        published.append(dict(entry))
+    return published
 
 
 def _values_in_space(entry: dict[str, Any], params: dict[str, ParamSpec], opt: str | None, src: str, where: str) -> None:

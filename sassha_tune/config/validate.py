@@ -25,6 +25,7 @@ from ..metrics.names import LANGUAGE_METRICS, OBJECTIVE_METRICS, PER_EPOCH_METRI
 from ..plugins import PLUGIN_SPEC, is_plugin
 from .schema import (
     AMP_MODES,
+    IMPLICIT_DEFAULTS,
     KEEP_MODELS,
     PRUNERS,
     SAMPLERS,
@@ -39,8 +40,10 @@ from .schema import (
     ScheduleConfig,
     StudyConfig,
     TaskConfig,
+    field_defaults,
     fill_derived_defaults,
 )
+from .search import make_sampler, parse_callbacks, pruner_by_name, resolve_pruner
 from .yamlfile import excerpt, read_yaml_file
 
 __all__ = ["config_from_dict", "load_config", "published_to_enqueue", "with_model_normalization",
@@ -437,6 +440,18 @@ def _section(
     return out
 
 
+def _named_section(raw: Any, fields: dict[str, tuple[Checker, Any]], ctx: _Ctx, path: str) -> dict[str, Any]:
+    """:func:`_section` of a section that may be written as its name alone (``sampler: tpe``)."""
+    return _section({"name": raw} if isinstance(raw, str) else raw, fields, ctx, path)
+
+
+def _fields(cls: type, checkers: Mapping[str, Checker], **defaults: Any) -> dict[str, tuple[Checker, Any]]:
+    """:func:`_section`'s fields for the keys of dataclass ``cls``: each default is the schema's
+    (:func:`~.schema.field_defaults`) unless ``defaults`` gives it; a key with neither is required."""
+    defaults = {**field_defaults(cls), **defaults}
+    return {key: (checker, defaults.get(key, _REQUIRED)) for key, checker in checkers.items()}
+
+
 def _default_direction(metric: str) -> str:
     return "maximize" if metric.endswith("_acc") else "minimize"
 
@@ -461,66 +476,44 @@ def _objective(v: Any, ctx: _Ctx, path: str) -> ObjectiveSpec:
     raise ctx.fail(path, "a metric name or a mapping {metric, direction}", v)
 
 
+def _as_written(v: Any, ctx: _Ctx, path: str) -> Any:
+    """A value parsed after its section (with the keys it goes with, or as a section of its own)."""
+    return v
+
+
 def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ctx.fail("study", "a mapping", raw)
-    d = _section(
-        raw,
-        {
-            "name": (_study_name, default_name),
-            "storage": (_optional(_storage), None),
-            "objective": (_optional(lambda v, c, p: v), None),
-            "direction": (_optional(_choice(("maximize", "minimize"))), None),
-            "objectives": (_optional(lambda v, c, p: v), None),
-            "sampler": (lambda v, c, p: v, None),
-            "pruner": (lambda v, c, p: v, None),
-            "heartbeat_interval": (_float(0.01, MAX_LIVENESS_SECONDS), 10.0),
-            "stale_after": (_float(0, MAX_LIVENESS_SECONDS, lo_open=True), 60.0),
-            "callbacks": (lambda v, c, p: v, None),
-            "chance_guard": (_chance_guard, "auto"),
-            "fresh_process": (_bool, False),
-            "diverged_as_pruned": (_bool, True),
-            "warm_start": (_warm_start, None),
-            "keep_models": (_choice(KEEP_MODELS), "none"),
-            "artifact_dir": (_optional(_str), None),
-        },
-        ctx,
-        "study",
-    )
-    if d["objective"] is not None and d["objectives"] is not None:
-        raise ctx.fail("study.objectives", "", raw="give either study.objective or study.objectives, not both")
-    if d["objectives"] is not None:
-        if d["direction"] is not None:
-            raise ctx.fail("study.direction", "", raw="goes with study.objective; put each direction in study.objectives")
-        items = d["objectives"]
-        if not isinstance(items, list) or not 1 <= len(items) <= 3:
-            raise ctx.fail("study.objectives", "a list of 1 to 3 objectives", items)
-        objectives = [_objective(v, ctx, f"study.objectives[{i}]") for i, v in enumerate(items)]
-        if len({o.metric for o in objectives}) != len(objectives):
-            raise ctx.fail("study.objectives", "distinct metrics", [o.metric for o in objectives])
-    else:
-        metric = d["objective"] if d["objective"] is not None else "val_acc"
-        if not isinstance(metric, str):
-            raise ctx.fail("study.objective", "a metric name", metric)
-        objectives = [_objective(metric, ctx, "study.objective")]
-        if d["direction"] is not None:
-            objectives[0].direction = d["direction"]
-
-    sampler_raw = d["sampler"]
-    if isinstance(sampler_raw, str):
-        sampler_raw = {"name": sampler_raw}
-    s = _section(
-        sampler_raw,
-        {"name": (_choice(SAMPLERS), "auto"), "seed": (_optional(_int(0, MAX_SEED)), None), "options": (_mapping, {})},
-        ctx,
-        "study.sampler",
-    )
-    pruner_raw = d["pruner"]
-    if isinstance(pruner_raw, str):
-        pruner_raw = {"name": pruner_raw}
-    p = _section(pruner_raw, {"name": (_choice(PRUNERS), "auto"), "options": (_mapping, {})}, ctx, "study.pruner")
+    checkers: dict[str, Checker] = {
+        "name": _study_name,
+        "storage": _optional(_storage),
+        "objective": _as_written,
+        "direction": _optional(_choice(("maximize", "minimize"))),
+        "objectives": _as_written,
+        "sampler": _as_written,
+        "pruner": _as_written,
+        "heartbeat_interval": _float(0.01, MAX_LIVENESS_SECONDS),
+        "stale_after": _float(0, MAX_LIVENESS_SECONDS, lo_open=True),
+        "callbacks": _as_written,
+        "chance_guard": _chance_guard,
+        "fresh_process": _bool,
+        "diverged_as_pruned": _bool,
+        "warm_start": _warm_start,
+        "keep_models": _choice(KEEP_MODELS),
+        "artifact_dir": _optional(_str),
+    }
+    # the keys parsed after the section are None when not written
+    unwritten = dict.fromkeys(("objective", "direction", "objectives", "sampler", "pruner", "callbacks"))
+    d = _section(raw, _fields(StudyConfig, checkers, name=default_name, **unwritten,
+                              diverged_as_pruned=IMPLICIT_DEFAULTS["study.diverged_as_pruned"]), ctx, "study")
+    objectives = _objectives(d, ctx)
+    s = _named_section(d["sampler"], _fields(SamplerConfig, {
+        "name": _choice(SAMPLERS), "seed": _optional(_int(0, MAX_SEED)), "options": _mapping,
+    }, name=IMPLICIT_DEFAULTS["study.sampler"]), ctx, "study.sampler")
+    p = _named_section(d["pruner"], _fields(PrunerConfig, {"name": _choice(PRUNERS), "options": _mapping},
+                                            name=IMPLICIT_DEFAULTS["study.pruner"]), ctx, "study.pruner")
     if d["warm_start"] is not None and d["warm_start"]["study"] == d["name"]:
         raise ctx.fail("study.warm_start", "", raw=f"names this study ({d['name']!r}); name an earlier one")
     if d["stale_after"] <= d["heartbeat_interval"]:
@@ -529,8 +522,8 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
         name=d["name"],
         storage=d["storage"],
         objectives=objectives,
-        sampler=SamplerConfig(s["name"], s["seed"], s["options"]),
-        pruner=PrunerConfig(p["name"], p["options"]),
+        sampler=SamplerConfig(**s),
+        pruner=PrunerConfig(**p),
         heartbeat_interval=d["heartbeat_interval"],
         stale_after=d["stale_after"],
         chance_guard=d["chance_guard"],
@@ -541,6 +534,29 @@ def _parse_study(raw: Any, ctx: _Ctx, default_name: str) -> StudyConfig:
         keep_models=d["keep_models"],
         artifact_dir=d["artifact_dir"],
     )
+
+
+def _objectives(d: dict[str, Any], ctx: _Ctx) -> list[ObjectiveSpec]:
+    """``study.objective`` (with ``study.direction``) or ``study.objectives``, from the study section ``d``."""
+    if d["objective"] is not None and d["objectives"] is not None:
+        raise ctx.fail("study.objectives", "", raw="give either study.objective or study.objectives, not both")
+    if d["objectives"] is None:
+        metric = d["objective"] if d["objective"] is not None else field_defaults(StudyConfig)["objectives"][0].metric
+        if not isinstance(metric, str):
+            raise ctx.fail("study.objective", "a metric name", metric)
+        objective = _objective(metric, ctx, "study.objective")
+        if d["direction"] is not None:
+            objective.direction = d["direction"]
+        return [objective]
+    if d["direction"] is not None:
+        raise ctx.fail("study.direction", "", raw="goes with study.objective; put each direction in study.objectives")
+    items = d["objectives"]
+    if not isinstance(items, list) or not 1 <= len(items) <= 3:
+        raise ctx.fail("study.objectives", "a list of 1 to 3 objectives", items)
+    objectives = [_objective(v, ctx, f"study.objectives[{i}]") for i, v in enumerate(items)]
+    if len({o.metric for o in objectives}) != len(objectives):
+        raise ctx.fail("study.objectives", "distinct metrics", [o.metric for o in objectives])
+    return objectives
 
 
 def _warm_start(v: Any, ctx: _Ctx, path: str) -> dict[str, Any] | None:
@@ -562,8 +578,6 @@ def _chance_guard(v: Any, ctx: _Ctx, path: str) -> int | str:
 
 
 def _callbacks(raw: Any, ctx: _Ctx) -> list[dict[str, Any]]:
-    from ..study.callbacks import parse_callbacks  # the callbacks module knows its built-ins
-
     entries = parse_callbacks(raw, lambda path, expected, got: ctx.fail(path, expected, got))
     for i, entry in enumerate(entries):
         if PLUGIN_SPEC.match(entry["name"]):
@@ -575,21 +589,21 @@ def _builtin_task(raw_task: Any, ctx: _Ctx, base_dir: str | Path) -> dict[str, A
     """``task`` for the built-in trainer: a dataset, a model and how to train them."""
     t = _section(
         raw_task,
-        {
-            "dataset": (_plugin_or_name, _REQUIRED),
-            "model": (_plugin_or_name, _REQUIRED),
-            "data_dir": (_optional(_str), None),
-            "dataset_options": (_mapping, {}),
-            "model_options": (_mapping, {}),
-            "epochs": (_int(1), 10),
-            "batch_size": (_int(1), 128),
-            "eval_batch_size": (_optional(_int(1)), None),
-            "augment": (_optional(_bool), None),
-            "label_noise": (_float(0, 1, hi_open=True), 0.0),
-            "val_fraction": (_float(0, 1, lo_open=True, hi_open=True), 0.1),
-            "max_steps_per_epoch": (_optional(_int(1)), None),
-            "grad_accumulation": (_int(1), 1),
-        },
+        _fields(TaskConfig, {
+            "dataset": _plugin_or_name,
+            "model": _plugin_or_name,
+            "data_dir": _optional(_str),
+            "dataset_options": _mapping,
+            "model_options": _mapping,
+            "epochs": _int(1),
+            "batch_size": _int(1),
+            "eval_batch_size": _optional(_int(1)),
+            "augment": _optional(_bool),
+            "label_noise": _float(0, 1, hi_open=True),
+            "val_fraction": _float(0, 1, lo_open=True, hi_open=True),
+            "max_steps_per_epoch": _optional(_int(1)),
+            "grad_accumulation": _int(1),
+        }),
         ctx,
         "task",
     )
@@ -605,18 +619,34 @@ def _builtin_task(raw_task: Any, ctx: _Ctx, base_dir: str | Path) -> dict[str, A
 _USER_TRAIN_KEYS = ["train", "train_options", "epochs"]
 
 
-def _user_train_task(raw_task: dict[str, Any], ctx: _Ctx) -> dict[str, Any]:
-    """``task`` with ``train: package.module:function``: the function brings its own data and model."""
-    for key in raw_task:
+def _user_train_task(raw: dict[str, Any], study: StudyConfig, ctx: _Ctx) -> dict[str, Any]:
+    """``task`` with ``train: package.module:function``: the function brings its own data and model,
+    and does itself what the built-in trainer's settings elsewhere in ``raw`` would do."""
+    for key in raw["task"]:
         if isinstance(key, str) and key not in _USER_TRAIN_KEYS:
             raise ctx.fail(f"task.{key}", "", raw=f"is not used with task.train (your function trains its own "
                            f"data and model); a task.train task takes {', '.join(_USER_TRAIN_KEYS)}")
-    t = _section(raw_task, {"train": (_plugin, _REQUIRED), "train_options": (_mapping, {}), "epochs": (_int(1), 10)},
-                 ctx, "task")
+    t = _section(raw["task"], _fields(TaskConfig, {"train": _plugin, "train_options": _mapping, "epochs": _int(1)},
+                                      train=_REQUIRED), ctx, "task")
+    if study.keep_models != "none":
+        raise ctx.fail("study.keep_models", "", raw="keeps the models of the built-in trainer; your task.train "
+                       "function has its model: save it there (none with task.train)")
+    if "schedule" in raw:
+        raise ctx.fail("schedule", "", raw="is not used with task.train (your function sets its own learning rates)")
+    if isinstance(raw["optimizer"], dict) and "grad_clip" in raw["optimizer"]:
+        raise ctx.fail("optimizer.grad_clip", "", raw="is not used with task.train (clip in your function)")
     return {**t, "dataset": "", "model": ""}
 
 
 _TOP_KEYS = ["study", "budget", "task", "optimizer", "schedule", "metrics", "device", "seed", "provenance"]
+#: the study's name when the config's file name cannot be one
+_FALLBACK_NAME = "sassha-tune"
+
+
+def _default_name(name_from: str) -> str:
+    """The study's name when the config gives none: its file's name (``name_from``), if that is a study name."""
+    name = Path(name_from).stem if name_from and not name_from.startswith("<") else _FALLBACK_NAME
+    return name if _STUDY_NAME_RE.fullmatch(name) and len(name) <= MAX_NAME_LENGTH else _FALLBACK_NAME
 
 
 def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = ".", *,
@@ -630,114 +660,68 @@ def config_from_dict(raw: Any, source: str = "<config>", base_dir: str | Path = 
     for required in ("task", "optimizer"):
         if required not in raw:
             raise ctx.fail(required, "a section", _REQUIRED)
-    name_from = source if name_from is None else name_from
-    default_name = Path(name_from).stem if name_from and not name_from.startswith("<") else "sassha-tune"
-    if not _STUDY_NAME_RE.fullmatch(default_name) or len(default_name) > MAX_NAME_LENGTH:
-        default_name = "sassha-tune"
-    study = _parse_study(raw.get("study"), ctx, default_name)
-    name_given = isinstance(raw.get("study"), dict) and "name" in raw["study"]
-    implicit = _implicit(raw)
-
-    b = _section(
-        raw.get("budget"),
-        {"n_trials": (_int(1), 20), "timeout": (_optional(_float(0, lo_open=True)), None),
-         "trial_timeout": (_optional(_float(0, MAX_LIVENESS_SECONDS * 30, lo_open=True)), None)},
-        ctx,
-        "budget",
-    )
+    study = _parse_study(raw.get("study"), ctx, _default_name(source if name_from is None else name_from))
+    budget = _section(raw.get("budget"), _fields(BudgetConfig, {
+        "n_trials": _int(1),
+        "timeout": _optional(_float(0, lo_open=True)),
+        "trial_timeout": _optional(_float(0, MAX_LIVENESS_SECONDS * 30, lo_open=True)),
+    }), ctx, "budget")
     if study.artifact_dir is not None:  # relative: to the config file; stored as the absolute folder
         study.artifact_dir = str((Path(base_dir) / study.artifact_dir).resolve())
     if isinstance(raw["task"], dict) and "train" in raw["task"]:
-        t = _user_train_task(raw["task"], ctx)
-        if study.keep_models != "none":
-            raise ctx.fail("study.keep_models", "", raw="keeps the models of the built-in trainer; your task.train "
-                           "function has its model: save it there (none with task.train)")
-        # what the built-in trainer does with these, your function does itself
-        if "schedule" in raw:
-            raise ctx.fail("schedule", "", raw="is not used with task.train (your function sets its own learning rates)")
-        if isinstance(raw["optimizer"], dict) and "grad_clip" in raw["optimizer"]:
-            raise ctx.fail("optimizer.grad_clip", "", raw="is not used with task.train (clip in your function)")
+        task = _user_train_task(raw, study, ctx)
     else:
-        t = _builtin_task(raw["task"], ctx, base_dir)
-    from ..optim.registry import OPTIMIZER_NAMES  # the registry is the one list of optimizers
-
-    o = _section(
-        raw["optimizer"],
-        {
-            "name": (_choice(OPTIMIZER_NAMES), _REQUIRED),
-            "search_space": (_search_space_ref, None),
-            "fixed": (_mapping, {}),
-            "enqueue_published": (_enqueue_published, "auto"),
-            "grad_clip": (_float(0), 0.0),
-        },
-        ctx,
-        "optimizer",
-    )
-    from ..training.trainer import SCHEDULES  # the trainer's list is the one list of schedules
-
-    sc_raw = raw.get("schedule")
-    if isinstance(sc_raw, str):
-        sc_raw = {"name": sc_raw}
-    sc = _section(
-        sc_raw,
-        {
-            "name": (_choice(SCHEDULES), "multistep"),
-            "milestones": (_fractions, [0.5, 0.75]),
-            "gamma": (_float(0, 1, lo_open=True), 0.1),
-            "warmup_fraction": (_float(0, 1, hi_open=True), 0.0),
-            "min_lr_fraction": (_float(0, 1), 0.0),
-        },
-        ctx,
-        "schedule",
-    )
-    if sc["min_lr_fraction"] and sc["name"] != "cosine":
-        raise ctx.fail("schedule.min_lr_fraction", "", raw=f"only the cosine schedule decays to a floor, not {sc['name']!r}")
-    m = _section(
-        raw.get("metrics"),
-        {
-            "sharpness": (_bool, True),
-            "subset_size": (_int(1), 1024),
-            "seed": (_int(0, MAX_SEED), 0),
-            "budget": (_sharpness_budget, {}),
-            "track_every": (_int(0), 0),
-        },
-        ctx,
-        "metrics",
-    )
-    dv_raw = raw.get("device")
-    if isinstance(dv_raw, str):
-        dv_raw = {"name": dv_raw}
-    dv = _section(
-        dv_raw,
-        {
-            "name": (_device_name, "auto"),
-            "amp": (_choice(AMP_MODES), "none"),
-            "channels_last": (_bool, False),
-            "processes": (_int(1, 1024), 1),
-        },
-        ctx,
-        "device",
-    )
-    seed = _int(0, MAX_SEED)(raw.get("seed", 0), ctx, "seed")
-    provenance = _mapping(raw.get("provenance"), ctx, "provenance")
-
+        task = _builtin_task(raw["task"], ctx, base_dir)
+    optimizer = _optimizer_section(raw["optimizer"], ctx)
+    schedule = _schedule_section(raw.get("schedule"), ctx)
+    metrics = _section(raw.get("metrics"), _fields(MetricsConfig, {
+        "sharpness": _bool, "subset_size": _int(1), "seed": _int(0, MAX_SEED), "budget": _sharpness_budget,
+        "track_every": _int(0),
+    }), ctx, "metrics")
+    device = _named_section(raw.get("device"), _fields(DeviceConfig, {
+        "name": _device_name, "amp": _choice(AMP_MODES), "channels_last": _bool, "processes": _int(1, 1024),
+    }), ctx, "device")
     cfg = Config(
         study=study,
-        task=TaskConfig(**t),
-        optimizer=OptimizerConfig(**o),
-        budget=BudgetConfig(**b),
-        schedule=ScheduleConfig(**sc),
-        metrics=MetricsConfig(**m),
-        device=DeviceConfig(**dv),
-        seed=seed,
-        provenance=provenance,
+        task=TaskConfig(**task),
+        optimizer=OptimizerConfig(**optimizer),
+        budget=BudgetConfig(**budget),
+        schedule=ScheduleConfig(**schedule),
+        metrics=MetricsConfig(**metrics),
+        device=DeviceConfig(**device),
+        seed=_int(0, MAX_SEED)(raw.get("seed", field_defaults(Config)["seed"]), ctx, "seed"),
+        provenance=_mapping(raw.get("provenance"), ctx, "provenance"),
         source=source,
         base_dir=str(base_dir),
-        name_given=name_given,
-        implicit=implicit,
+        name_given=isinstance(raw.get("study"), dict) and "name" in raw["study"],
+        implicit=_implicit(raw),
     )
     _cross_checks(cfg, ctx)
     return cfg
+
+
+def _optimizer_section(raw: Any, ctx: _Ctx) -> dict[str, Any]:
+    from ..optim.registry import OPTIMIZER_NAMES  # the registry is the one list of optimizers
+
+    checkers = {"name": _choice(OPTIMIZER_NAMES), "search_space": _search_space_ref, "fixed": _mapping,
+                "enqueue_published": _enqueue_published, "grad_clip": _float(0)}
+    implicit = {key: IMPLICIT_DEFAULTS[f"optimizer.{key}"] for key in ("search_space", "enqueue_published")}
+    return _section(raw, _fields(OptimizerConfig, checkers, **implicit), ctx, "optimizer")
+
+
+def _schedule_section(raw: Any, ctx: _Ctx) -> dict[str, Any]:
+    from ..training.trainer import SCHEDULES  # the trainer's list is the one list of schedules
+
+    sc = _named_section(raw, _fields(ScheduleConfig, {
+        "name": _choice(SCHEDULES),
+        "milestones": _fractions,
+        "gamma": _float(0, 1, lo_open=True),
+        "warmup_fraction": _float(0, 1, hi_open=True),
+        "min_lr_fraction": _float(0, 1),
+    }), ctx, "schedule")
+    if sc["min_lr_fraction"] and sc["name"] != "cosine":
+        raise ctx.fail("schedule.min_lr_fraction", "", raw=f"only the cosine schedule decays to a floor, not {sc['name']!r}")
+    return sc
 
 
 def _implicit(raw: dict[str, Any]) -> frozenset[str]:
@@ -763,6 +747,27 @@ def _implicit(raw: dict[str, Any]) -> frozenset[str]:
 
 
 def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
+    _objective_checks(cfg, ctx)
+    _epoch_checks(cfg, ctx)
+    _search_checks(cfg, ctx)
+    if cfg.task.train is not None:
+        _import_plugin(cfg.task.train, ctx, "task.train")
+        if cfg.device.processes > 1:
+            raise ctx.fail("device.processes", "", raw="must be 1 with task.train (your function runs in one process)")
+    else:
+        _builtin_task_checks(cfg, ctx)
+        from ..training.models import has_normalization
+
+        cfg.model_normalized = has_normalization(cfg.task.model)  # a plug-in's: once built (preflight)
+    fill_derived_defaults(cfg)
+    # The search space is part of the config: resolve and validate it now, then the checks that need it.
+    from .spaces import space_for_config
+
+    _space_checks(cfg, space_for_config(cfg), ctx)
+
+
+def _objective_checks(cfg: Config, ctx: _Ctx) -> None:
+    """The study's objectives against the metrics, the task and the pruner."""
     metrics = cfg.study.metrics
     if not cfg.metrics.sharpness:
         for name in metrics:
@@ -785,6 +790,11 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
                 "",
                 raw=f"pruning needs a per-epoch objective ({', '.join(PER_EPOCH_METRICS)}), not {metrics[0]!r}",
             )
+
+
+def _epoch_checks(cfg: Config, ctx: _Ctx) -> None:
+    """The settings that name an epoch (``metrics.track_every``, ``study.chance_guard``) against
+    ``task.epochs`` and the trainer."""
     every = cfg.metrics.track_every
     if every > 0:
         if cfg.task.train is not None:
@@ -801,34 +811,22 @@ def _cross_checks(cfg: Config, ctx: _Ctx) -> None:
         if guard >= cfg.task.epochs:
             raise ctx.fail("study.chance_guard", f"'auto', 0 (off) or an epoch before the last "
                            f"(1..{cfg.task.epochs - 1}; task.epochs is {cfg.task.epochs})", guard)
+
+
+def _search_checks(cfg: Config, ctx: _Ctx) -> None:
+    """The sampler's packages, and the sampler's and pruner's options asked of their constructors."""
     if cfg.study.sampler.name == "gp" and importlib.util.find_spec("scipy") is None:
         raise ctx.fail("study.sampler.name", "", raw="'gp' needs scipy (pip install scipy); use tpe or random")
     if cfg.study.sampler.name == "cmaes" and importlib.util.find_spec("cmaes") is None:
         raise ctx.fail("study.sampler.name", "", raw="'cmaes' needs the cmaes package (pip install cmaes)")
     # Build sampler and pruner once: wrong options fail here, before anything is created.
-    from ..study.samplers import make_pruner, make_sampler, resolve_pruner
-
     sampler, pruner = cfg.study.sampler, cfg.study.pruner
     _constructor_options(lambda options: make_sampler(sampler.name, options, 0, qmc_seed=cfg.sampler_seed),
-              sampler.options, ctx, "study.sampler.options", f"sampler {sampler.name!r}")
+                         sampler.options, ctx, "study.sampler.options", f"sampler {sampler.name!r}")
     # auto's options are those of the pruner it chooses for this study
     chosen, _ = resolve_pruner(pruner.name, {}, epochs=cfg.task.epochs, can_prune=cfg.can_prune)
-    _constructor_options(lambda options: make_pruner(chosen, options, max_resource=cfg.task.epochs),
-              pruner.options, ctx, "study.pruner.options", f"pruner {chosen!r}")
-    if cfg.task.train is not None:
-        _import_plugin(cfg.task.train, ctx, "task.train")
-        if cfg.device.processes > 1:
-            raise ctx.fail("device.processes", "", raw="must be 1 with task.train (your function runs in one process)")
-    else:
-        _builtin_task_checks(cfg, ctx)
-        from ..training.models import has_normalization
-
-        cfg.model_normalized = has_normalization(cfg.task.model)  # a plug-in's: once built (preflight)
-    fill_derived_defaults(cfg)
-    # The search space is part of the config: resolve and validate it now, then the checks that need it.
-    from .spaces import space_for_config
-
-    _space_checks(cfg, space_for_config(cfg), ctx)
+    _constructor_options(lambda options: pruner_by_name(chosen, options, max_resource=cfg.task.epochs),
+                         pruner.options, ctx, "study.pruner.options", f"pruner {chosen!r}")
 
 
 #: annotation heads a config value may match (YAML's kinds, and the unions that may hold them)
@@ -898,43 +896,8 @@ def _constructor_options(
 
 def _builtin_task_checks(cfg: Config, ctx: _Ctx) -> None:
     """The dataset, model and trainer keys of a built-in task, against each other and the device."""
-    from ..training.data import DATASETS, dataset_option_names
-    from ..training.models import (
-        MODELS,
-        is_builtin_model,
-        is_language_model,
-        model_name_error,
-        model_option_names,
-    )
-
-    if not is_plugin(cfg.task.dataset) and cfg.task.dataset not in DATASETS:
-        _choice(tuple(DATASETS))(cfg.task.dataset, ctx, "task.dataset")
-    if not is_plugin(cfg.task.model) and not is_builtin_model(cfg.task.model):
-        raise ctx.fail("task.model", "", raw=_choice_text(cfg.task.model, tuple(MODELS), "or a package.module:factory plug-in"))
-    if error := model_name_error(cfg.task.model):
-        raise ctx.fail("task.model", "", raw=f"{cfg.task.model!r}: {error}")
-    if not is_plugin(cfg.task.model) and is_language_model(cfg.task.model) != (cfg.task.dataset == "text"):
-        if cfg.task.dataset == "text":
-            raise ctx.fail("task.model", "", raw=f"dataset 'text' needs a language model (gpt or a plug-in), not {cfg.task.model!r}")
-        raise ctx.fail("task.model", "", raw=f"{cfg.task.model!r} is a language model: it needs task.dataset: text")
-    if cfg.task.dataset == "text":
-        if cfg.task.label_noise:
-            raise ctx.fail("task.label_noise", "", raw="dataset 'text' takes no label noise (its targets are the next tokens)")
-        if cfg.task.augment:
-            raise ctx.fail("task.augment", "", raw="dataset 'text' has no augmentation (its batches are windows at random offsets)")
-    # Options of built-in datasets and models are known (data.py / models.py list them); a plug-in's
-    # options go to user code, which the config never imports.
-    _options(cfg.task.dataset_options, dataset_option_names(cfg.task.dataset), ctx, "task.dataset_options",
-             f"dataset {cfg.task.dataset!r}")
-    _options(cfg.task.model_options, model_option_names(cfg.task.model), ctx, "task.model_options",
-             f"model {cfg.task.model!r}")
-    _option_values(cfg.task.dataset_options, _dataset_option_checkers(cfg.task.dataset), ctx, "task.dataset_options")
-    _option_values(cfg.task.model_options, _model_option_checkers(cfg.task.model), ctx, "task.model_options")
-    test_fraction = cfg.task.dataset_options.get("test_fraction")
-    if cfg.task.dataset == "text" and test_fraction is not None and cfg.task.val_fraction + test_fraction >= 1:
-        raise ctx.fail("task.dataset_options.test_fraction", f"a fraction < {1 - cfg.task.val_fraction:g} "
-                       f"(with task.val_fraction {cfg.task.val_fraction:g}, some text must be left to train on)",
-                       test_fraction)
+    _dataset_and_model(cfg, ctx)
+    _task_options(cfg, ctx)
     if cfg.task.dataset == "custom":
         factory = cfg.task.dataset_options.get("factory")
         if not isinstance(factory, str) or not PLUGIN_SPEC.match(factory):
@@ -948,6 +911,49 @@ def _builtin_task_checks(cfg: Config, ctx: _Ctx) -> None:
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} needs device cuda or auto (rank r uses cuda:r), not {cfg.device.name!r}")
         if cfg.task.batch_size < cfg.device.processes:
             raise ctx.fail("device.processes", "", raw=f"{cfg.device.processes} is more than task.batch_size {cfg.task.batch_size} (each rank takes a slice of every batch)")
+
+
+def _dataset_and_model(cfg: Config, ctx: _Ctx) -> None:
+    """``task.dataset`` and ``task.model`` known (or plug-ins), and made for each other."""
+    from ..training.data import DATASETS
+    from ..training.models import MODELS, is_builtin_model, is_language_model, model_name_error
+
+    task = cfg.task
+    if not is_plugin(task.dataset) and task.dataset not in DATASETS:
+        _choice(tuple(DATASETS))(task.dataset, ctx, "task.dataset")
+    if not is_plugin(task.model) and not is_builtin_model(task.model):
+        raise ctx.fail("task.model", "", raw=_choice_text(task.model, tuple(MODELS), "or a package.module:factory plug-in"))
+    if error := model_name_error(task.model):
+        raise ctx.fail("task.model", "", raw=f"{task.model!r}: {error}")
+    text = task.dataset == "text"
+    if not is_plugin(task.model) and is_language_model(task.model) != text:
+        if text:
+            raise ctx.fail("task.model", "", raw=f"dataset 'text' needs a language model (gpt or a plug-in), not {task.model!r}")
+        raise ctx.fail("task.model", "", raw=f"{task.model!r} is a language model: it needs task.dataset: text")
+    if text and task.label_noise:
+        raise ctx.fail("task.label_noise", "", raw="dataset 'text' takes no label noise (its targets are the next tokens)")
+    if text and task.augment:
+        raise ctx.fail("task.augment", "", raw="dataset 'text' has no augmentation (its batches are windows at random offsets)")
+
+
+def _task_options(cfg: Config, ctx: _Ctx) -> None:
+    """``task.dataset_options`` and ``task.model_options``: names and values. Options of built-in
+    datasets and models are known (data.py / models.py list them); a plug-in's options go to user
+    code, which the config never imports."""
+    from ..training.data import dataset_option_names
+    from ..training.models import model_option_names
+
+    task = cfg.task
+    _options(task.dataset_options, dataset_option_names(task.dataset), ctx, "task.dataset_options",
+             f"dataset {task.dataset!r}")
+    _options(task.model_options, model_option_names(task.model), ctx, "task.model_options", f"model {task.model!r}")
+    _option_values(task.dataset_options, _dataset_option_checkers(task.dataset), ctx, "task.dataset_options")
+    _option_values(task.model_options, _model_option_checkers(task.model), ctx, "task.model_options")
+    test_fraction = task.dataset_options.get("test_fraction")
+    if task.dataset == "text" and test_fraction is not None and task.val_fraction + test_fraction >= 1:
+        raise ctx.fail("task.dataset_options.test_fraction", f"a fraction < {1 - task.val_fraction:g} "
+                       f"(with task.val_fraction {task.val_fraction:g}, some text must be left to train on)",
+                       test_fraction)
 
 
 def _import_plugin(spec: str, ctx: _Ctx, path: str) -> None:
@@ -965,6 +971,13 @@ def _import_plugin(spec: str, ctx: _Ctx, path: str) -> None:
 
 
 def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
+    _weight_decay_needs_lr(cfg, space, ctx)
+    _optimizer_checks(cfg, space, ctx)
+    _published_sources(cfg, space, ctx)
+
+
+def _weight_decay_needs_lr(cfg: Config, space: Any, ctx: _Ctx) -> None:
+    """A weight decay in the scripts' convention (wd / lr) needs an lr, fixed or searched."""
     from ..optim.registry import OPTIMIZERS
 
     fixed, searched = cfg.optimizer.fixed, space.params
@@ -978,7 +991,10 @@ def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
                 raw=f"{cfg.optimizer.name} takes weight_decay in the scripts' convention (wd / lr), so it needs lr: "
                 "fix lr in optimizer.fixed or search it",
             )
-    _optimizer_checks(cfg, space, ctx)
+
+
+def _published_sources(cfg: Config, space: Any, ctx: _Ctx) -> None:
+    """Each source ``optimizer.enqueue_published`` lists is one the space publishes."""
     wanted = cfg.optimizer.enqueue_published
     if isinstance(wanted, list):
         sources = [str(p["source"]) for p in space.published if "source" in p]
@@ -994,18 +1010,25 @@ def _space_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
 
 def _value_kind_error(name: str, value: Any, default: Any) -> str | None:
     """Why ``value`` cannot be constructor argument ``name`` whose default is ``default`` (None: it can)."""
+    if (error := _not_finite_error(value)) is not None:
+        return error
+    if isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif _is_number(default):
+        ok, expected = _is_number(value), "a number"
+    elif isinstance(default, tuple) and all(_is_number(x) for x in default):
+        ok = isinstance(value, list) and len(value) == len(default) and all(_is_number(x) for x in value)
+        expected = f"a list of {len(default)} numbers"
+    else:
+        return None
+    return None if ok else f"expected {expected}, got {_show(value)}"
+
+
+def _not_finite_error(value: Any) -> str | None:
     if isinstance(value, float) and not math.isfinite(value):
         return f"expected a finite number, got {_show(value)}"
     if isinstance(value, list) and any(isinstance(x, float) and not math.isfinite(x) for x in value):
         return f"expected finite numbers, got {_show(value)}"
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            return f"expected true or false, got {_show(value)}"
-    elif _is_number(default) and not _is_number(value):
-        return f"expected a number, got {_show(value)}"
-    elif isinstance(default, tuple) and all(_is_number(x) for x in default):
-        if not isinstance(value, list) or len(value) != len(default) or not all(_is_number(x) for x in value):
-            return f"expected a list of {len(default)} numbers, got {_show(value)}"
     return None
 
 

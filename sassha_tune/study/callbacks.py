@@ -7,6 +7,9 @@ Each entry is a built-in tracker or a ``package.module:factory`` plug-in, with `
         - {name: mlflow, options: {tracking_uri: "sqlite:///mlflow.db"}}
         - "mytracking.hooks:make_callback"          # factory(**options) -> callback
 
+The config parses the entries (:func:`sassha_tune.config.search.parse_callbacks`); this module
+builds and calls them.
+
 A callback is Optuna's: ``callback(study, frozen_trial)``, called after each trial is told (every
 state: complete, pruned, failed), in the process that ran the trial (each ``--gpus`` worker
 builds its own). The built-ins are optuna-integration's ``MLflowCallback``,
@@ -27,27 +30,17 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..config.search import BUILTIN_CALLBACKS, callback_label
 from ..errors import UserError
-from ..plugins import PLUGIN_SPEC, load_plugin
+from ..plugins import load_plugin
 
-if TYPE_CHECKING:  # config validation imports this module (parse_callbacks): keep it light
+if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-__all__ = ["BUILTIN_CALLBACKS", "Callback", "check_callbacks", "make_callbacks", "notify"]
+__all__ = ["Callback", "check_callbacks", "make_callbacks", "notify"]
 
 Callback = Callable[["optuna.Study", "FrozenTrial"], None]
-
-#: built-in name -> (the modules it needs, the extra that installs them)
-BUILTIN_CALLBACKS: dict[str, tuple[tuple[str, ...], str]] = {
-    "mlflow": (("optuna_integration", "mlflow"), "mlflow"),
-    "wandb": (("optuna_integration", "wandb"), "wandb"),
-    "tensorboard": (("optuna_integration", "tensorboard", "tensorflow"), "tensorboard"),
-}
-
-
-def _label(i: int) -> str:
-    return f"study.callbacks[{i}]"
 
 
 def check_callbacks(entries: Sequence[Mapping[str, Any]]) -> None:
@@ -59,7 +52,7 @@ def check_callbacks(entries: Sequence[Mapping[str, Any]]) -> None:
             modules, extra = BUILTIN_CALLBACKS[name]
             missing = [m for m in modules if not _installed(m)]
             if missing:
-                raise UserError(f"{_label(i)}: {name!r} needs {', '.join(missing)} "
+                raise UserError(f"{callback_label(i)}: {name!r} needs {', '.join(missing)} "
                                 f"(pip install \"sassha-tune[{extra}]\")")
 
 
@@ -80,13 +73,13 @@ def make_callbacks(entries: Sequence[Mapping[str, Any]], metrics: Sequence[str])
         name, options = entry["name"], dict(entry["options"])
         try:
             callback = (_builtin(name, metrics, options) if name in BUILTIN_CALLBACKS
-                        else load_plugin(name, _label(i))(**options))
+                        else load_plugin(name, callback_label(i))(**options))
         except UserError:
             raise
         except Exception as exc:  # options the tracker or factory rejects
-            raise UserError(f"{_label(i)}: {name!r} could not be set up: {one_line(exc)}") from None
+            raise UserError(f"{callback_label(i)}: {name!r} could not be set up: {one_line(exc)}") from None
         if not callable(callback):
-            raise UserError(f"{_label(i)}: {name!r} returned {type(callback).__name__}, not a callback(study, trial)")
+            raise UserError(f"{callback_label(i)}: {name!r} returned {type(callback).__name__}, not a callback(study, trial)")
         built.append((name, callback))
     return built
 
@@ -121,23 +114,3 @@ def notify(callbacks: Sequence[tuple[str, Callback]], study: optuna.Study, froze
         except Exception as exc:
             log(f"warning: callback {name} failed after trial {frozen.number}: {one_line(exc)}")
 
-
-def parse_callbacks(raw: Any, fail: Callable[[str, str, Any], Exception]) -> list[dict[str, Any]]:
-    """``study.callbacks`` as written -> ``[{"name": ..., "options": {...}}, ...]``; ``fail(path,
-    expected, got)`` builds the config's one-line error."""
-    if raw is None:
-        return []
-    if not isinstance(raw, list):
-        raise fail("study.callbacks", "a list of callbacks (built-in names or package.module:factory plug-ins)", raw)
-    out = []
-    for i, item in enumerate(raw):
-        entry = {"name": item} if isinstance(item, str) else item
-        if not isinstance(entry, Mapping) or set(entry) - {"name", "options"} or "name" not in entry:
-            raise fail(_label(i), "a name, or a mapping with name and options", item)
-        name, options = entry["name"], entry.get("options") or {}
-        if not isinstance(name, str) or (name not in BUILTIN_CALLBACKS and not PLUGIN_SPEC.match(name)):
-            raise fail(f"{_label(i)}.name", f"one of {', '.join(BUILTIN_CALLBACKS)} or a package.module:factory plug-in", name)
-        if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
-            raise fail(f"{_label(i)}.options", "a mapping of keyword arguments", options)
-        out.append({"name": name, "options": dict(options)})
-    return out

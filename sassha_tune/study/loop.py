@@ -29,6 +29,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import Config, config_to_dict
+from ..config.search import make_sampler, resolve_pruner
 from ..config.spaces import SearchSpace, suggest, trial_hparams
 from ..devices import check_available as check_device
 from ..errors import UserError
@@ -43,7 +44,7 @@ from .liveness import Heartbeat, reconcile, retry_lost, taken_over
 from .models import ModelKeeper, check_model_store
 from .progress import GuardedObserver, StudyObserver
 from .reruns import SEED_ATTR, runs_only_enqueued
-from .samplers import make_pruner, make_sampler, resolve_pruner, trial_seed
+from .samplers import make_pruner, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
 from .tell import DIVERGED, fail, finish
 

@@ -58,6 +58,34 @@ def test_minimal_config_defaults(tmp_path):
                             "optimizer.enqueue_published", "optimizer.search_space"}
 
 
+def test_unwritten_settings_get_the_schemas_defaults():
+    """Validation takes every default from the schema's dataclasses (and the settings whose default
+    changed from IMPLICIT_DEFAULTS): a config that writes nothing optional is the dataclasses'."""
+    from sassha_tune.config.schema import (
+        IMPLICIT_DEFAULTS,
+        BudgetConfig,
+        DeviceConfig,
+        MetricsConfig,
+        OptimizerConfig,
+        ScheduleConfig,
+        StudyConfig,
+        TaskConfig,
+        field_defaults,
+    )
+
+    cfg = config_from_dict({"task": {"dataset": "mnist1d", "model": "mlp"}, "optimizer": {"name": "sassha"}})
+    assert (cfg.budget, cfg.schedule, cfg.metrics, cfg.device) == (BudgetConfig(), ScheduleConfig(), MetricsConfig(),
+                                                                   DeviceConfig())
+    assert cfg.task == TaskConfig("mnist1d", "mlp", eval_batch_size=cfg.task.eval_batch_size)  # derived from batch_size
+    assert cfg.optimizer == OptimizerConfig("sassha", enqueue_published=IMPLICIT_DEFAULTS["optimizer.enqueue_published"])
+    study = StudyConfig("sassha-tune", diverged_as_pruned=IMPLICIT_DEFAULTS["study.diverged_as_pruned"])
+    study.sampler.name, study.pruner.name = IMPLICIT_DEFAULTS["study.sampler"], IMPLICIT_DEFAULTS["study.pruner"]
+    assert cfg.study == study and cfg.seed == field_defaults(type(cfg))["seed"]
+    first, second = field_defaults(TaskConfig), field_defaults(TaskConfig)
+    assert first["dataset_options"] == {} and first["dataset_options"] is not second["dataset_options"]
+    assert "dataset" not in first  # no default: required
+
+
 def test_a_parameter_fixed_with_the_default_space_is_not_searched(tmp_path):
     """A named space must not search what the config fixes (an error, above); the default space,
     which the config did not choose, simply leaves it out."""

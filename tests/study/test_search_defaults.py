@@ -19,11 +19,11 @@ from optuna.trial import TrialState
 
 import sassha_tune
 from sassha_tune.config import config_from_dict
+from sassha_tune.config.search import AUTO_SAMPLER_OPTIONS, auto_pruner, make_sampler
 from sassha_tune.config.spaces import load_space
 from sassha_tune.study.budget import budget_used
 from sassha_tune.study.create import create_or_continue
 from sassha_tune.study.loop import pruner_for, sampler_for
-from sassha_tune.study.samplers import AUTO_SAMPLER_OPTIONS, auto_pruner, make_sampler
 from sassha_tune.study.storage import open_storage
 from sassha_tune.study.tell import finish
 from sassha_tune.trial.outcome import TrialOutcome
