@@ -1,11 +1,11 @@
 """Optuna's private internals: the one module of the package that reads them.
 
-Optuna offers no public call for each thing below; each function says why. A private name may
-change in any Optuna release, so pyproject.toml bounds optuna to the versions whose internals
-tests/study/test_optuna_internals.py has passed on (one test per function here, against a real
-SQLite storage): raise the bound only after those tests pass on the new version. Optuna's table
-models are imported where they are used: they load SQLAlchemy, which a process that opens no
-storage does without.
+Optuna offers no public call for any of the things below; each function says why it needs the
+private one. A private name may change in any Optuna release, so pyproject.toml bounds optuna to
+the versions whose internals tests/study/test_optuna_internals.py has passed on (one test per
+function here, against a real SQLite storage): raise the bound only after those tests pass on the
+new version. Optuna's table models are imported where they are used: they load SQLAlchemy, which
+a process that opens no storage does without.
 """
 
 from __future__ import annotations

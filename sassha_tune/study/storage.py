@@ -109,20 +109,6 @@ def with_retry(fn: Callable[..., T], *args: Any, tries: int = 10, **kwargs: Any)
     raise AssertionError("unreachable")
 
 
-def _missing_sqlite_file(url: str) -> str | None:
-    """The database file of an SQLite URL when it does not exist (``None`` otherwise)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:
-        return None
-    db = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
-        return None
-    return None if Path(db).is_file() else db
-
-
 def open_storage(url: str, *, create: bool = True, study_name: str | None = None) -> optuna.storages.RDBStorage:
     """An RDBStorage for any SQLAlchemy URL; SQLite gets a long lock timeout.
 
@@ -132,7 +118,7 @@ def open_storage(url: str, *, create: bool = True, study_name: str | None = None
     _opened.append(shown)
     parsed = _parsed_url(url, shown)
     if parsed.get_backend_name() == "sqlite":
-        _check_sqlite_url(url, parsed.database, shown, create=create, study_name=study_name)
+        _check_sqlite_url(parsed.database, shown, create=create, study_name=study_name)
         engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
@@ -162,19 +148,22 @@ def _parsed_url(url: str, shown: str) -> Any:
         ) from None
 
 
-def _check_sqlite_url(url: str, db: str | None, shown: str, *, create: bool, study_name: str | None) -> None:
-    """Refuse an SQLite URL (database file ``db``) whose file is missing (``create=False``), whose
-    folder is missing, or whose file is corrupt, before anything opens it."""
-    missing = _missing_sqlite_file(url)
-    if not create and missing is not None:
+def _check_sqlite_url(db: str | None, shown: str, *, create: bool, study_name: str | None) -> None:
+    """Refuse an SQLite database file ``db`` that is missing (``create=False``), whose folder is
+    missing, or that is corrupt, before anything opens it."""
+    if not db or db == ":memory:":
+        return
+    is_path = not db.startswith("file:")  # a file: URI is SQLite's to read
+    missing = is_path and not Path(db).is_file()
+    if not create and missing:
         so = f", so there is no study {study_name!r}" if study_name else ""
         raise StorageError(
-            f"storage {shown}: no such database file ({missing} does not exist{so}; "
+            f"storage {shown}: no such database file ({db} does not exist{so}; "
             "only `sassha-tune run CONFIG` creates one)"
         )
-    if db and db != ":memory:" and not Path(db).expanduser().resolve().parent.is_dir():
+    if not Path(db).expanduser().resolve().parent.is_dir():
         raise StorageError(f"storage {shown}: directory {Path(db).parent} does not exist")
-    if missing is None and db and db != ":memory:" and not db.startswith("file:"):
+    if is_path and not missing:
         _check_sqlite_file(Path(db).expanduser(), shown)
 
 
