@@ -46,6 +46,17 @@ def url_secrets(url: Any) -> list[str]:
     for q in _QUERY_PAIR.finditer(text):
         if _is_secret_key(q["key"]) and q["value"]:
             found.append(q["value"])
+    found += _parsed_secrets(text)
+    # longest first, so a secret containing another is replaced whole; the URL-decoded forms too
+    from urllib.parse import unquote
+
+    found += [unquote(s) for s in found]
+    return sorted({s for s in found if s}, key=len, reverse=True)
+
+
+def _parsed_secrets(text: str) -> list[str]:
+    """The secrets SQLAlchemy's URL parser finds in ``text`` (none when it is no URL it parses)."""
+    found: list[str] = []
     try:
         from sqlalchemy.engine import make_url
 
@@ -57,11 +68,7 @@ def url_secrets(url: Any) -> list[str]:
                 found += [v for v in ((value,) if isinstance(value, str) else value) if v]
     except Exception:
         pass
-    # longest first, so a secret containing another is replaced whole; the URL-decoded forms too
-    from urllib.parse import unquote
-
-    found += [unquote(s) for s in found]
-    return sorted({s for s in found if s}, key=len, reverse=True)
+    return found
 
 
 def mask_url(url: Any) -> str:

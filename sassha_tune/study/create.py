@@ -225,75 +225,151 @@ def create_or_continue(
     config_d, space_d = study_payload(cfg, space)
     if budget is not None:
         config_d["budget"]["n_trials"] = budget.total(cfg.budget.n_trials)
-    storage = open_storage(storage_url)
-    name = cfg.study.name
-    directions = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
-                  for d in cfg.study.directions]
-    names = with_retry(optuna.get_all_study_names, storage)
+    asked = _Asked(cfg, storage_url, open_storage(storage_url), space, config_d, space_d, attrs, log)
+    names = with_retry(optuna.get_all_study_names, asked.storage)
     _check_unnamed(cfg, names, storage_url)
     crash_point("create:before-create")
-    if name not in names:
-        first = _first_trials(storage, cfg, space)
-        pending = bool(first)
-        system = {ENQUEUED_KEY: False} if pending else {}
-        if with_retry(create_study_atomically, storage, name, cfg.study.directions,
-                      _creation_attrs(cfg, config_d, space_d, attrs), system):
-            study = with_retry(optuna.load_study, study_name=name, storage=storage)
-            crash_point("create:after-commit")
-            if pending:
-                _enqueue_first(study, first)
-            _set_metric_names(study, list(cfg.study.metrics))
-            log(f"created study {name!r} in {mask_url(storage_url)}")
-            return study
-        # another process created it between our look and our write: continue it like any other
-    study = with_retry(optuna.load_study, study_name=name, storage=storage)
+    if cfg.study.name not in names and (created := _create(asked)) is not None:
+        return created
+    # the study exists, or another process created it between our look and our write
+    study = with_retry(optuna.load_study, study_name=cfg.study.name, storage=asked.storage)
     if "config" not in study.user_attrs and (adopt or not with_retry(study.get_trials, deepcopy=False)):
-        if list(study.directions) == directions:
-            for key, value in _creation_attrs(cfg, config_d, space_d, attrs).items():  # config last
-                with_retry(study.set_user_attr, key, value)
-            log(f"adopted study {name!r} in {mask_url(storage_url)}: "
-                + ("its trials were stored without sassha-tune's settings; stored them from this config" if adopt else
-                   "its creation was interrupted before its settings were stored; completed them from this config"))
-            _enqueue_first(study, _first_trials(storage, cfg, space))
-            return study
-        if adopt:  # its trials are kept
-            raise UserError(f"study {name!r} exists with objectives {[d.name.lower() for d in study.directions]}; "
-                            f"the config asks for {cfg.study.directions}: use a new study.name")
-        with_retry(optuna.delete_study, study_name=name, storage=storage)
-        log(f"removed study {name!r} from {mask_url(storage_url)}: its creation was interrupted (no settings, "
-            "no trials, other objectives); creating it again")
+        if list(study.directions) == _directions(cfg):
+            return _adopt(study, asked, adopt)
+        _remove_unfinished(study, asked, adopt)
         return create_or_continue(cfg, storage_url, allow_space_change=allow_space_change, budget=budget, log=log,
                                   attrs=attrs)
+    return _continue(study, asked, allow_space_change, budget)
 
+
+@dataclass(frozen=True)
+class _Asked:
+    """What :func:`create_or_continue` was asked for: the config, its payload and where it goes."""
+
+    cfg: Config
+    storage_url: str
+    storage: optuna.storages.BaseStorage
+    space: SearchSpace
+    config_d: dict[str, Any]
+    space_d: dict[str, Any]
+    attrs: dict[str, Any] | None
+    log: Callable[[str], None]
+
+    def creation_attrs(self) -> dict[str, Any]:
+        return _creation_attrs(self.cfg, self.config_d, self.space_d, self.attrs)
+
+
+def _directions(cfg: Config) -> list[optuna.study.StudyDirection]:
+    return [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
+            for d in cfg.study.directions]
+
+
+def _create(asked: _Asked) -> optuna.Study | None:
+    """Create the study with its first trials; None when another process created it first."""
+    cfg, name = asked.cfg, asked.cfg.study.name
+    first = _first_trials(asked.storage, cfg, asked.space)
+    system = {ENQUEUED_KEY: False} if first else {}
+    if not with_retry(create_study_atomically, asked.storage, name, cfg.study.directions, asked.creation_attrs(),
+                      system):
+        return None
+    study = with_retry(optuna.load_study, study_name=name, storage=asked.storage)
+    crash_point("create:after-commit")
+    if first:
+        _enqueue_first(study, first)
+    _set_metric_names(study, list(cfg.study.metrics))
+    asked.log(f"created study {name!r} in {mask_url(asked.storage_url)}")
+    return study
+
+
+def _adopt(study: optuna.Study, asked: _Asked, adopt: bool) -> optuna.Study:
+    """Store sassha-tune's settings on a study that lacks them (its creation was interrupted, or
+    its trials were stored by plain Optuna: ``adopt``), then enqueue its first trials."""
+    for key, value in asked.creation_attrs().items():  # config last
+        with_retry(study.set_user_attr, key, value)
+    asked.log(f"adopted study {asked.cfg.study.name!r} in {mask_url(asked.storage_url)}: "
+              + ("its trials were stored without sassha-tune's settings; stored them from this config" if adopt else
+                 "its creation was interrupted before its settings were stored; completed them from this config"))
+    _enqueue_first(study, _first_trials(asked.storage, asked.cfg, asked.space))
+    return study
+
+
+def _remove_unfinished(study: optuna.Study, asked: _Asked, adopt: bool) -> None:
+    """Remove a study without settings whose objectives differ from the config's (its creation was
+    interrupted), to create it again; refused when its trials are to be adopted (they are kept)."""
+    cfg, name = asked.cfg, asked.cfg.study.name
+    if adopt:
+        raise UserError(f"study {name!r} exists with objectives {[d.name.lower() for d in study.directions]}; "
+                        f"the config asks for {cfg.study.directions}: use a new study.name")
+    with_retry(optuna.delete_study, study_name=name, storage=asked.storage)
+    asked.log(f"removed study {name!r} from {mask_url(asked.storage_url)}: its creation was interrupted (no settings, "
+              "no trials, other objectives); creating it again")
+
+
+def _stored_settings(study: optuna.Study, asked: _Asked) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the stored config in its current form, the stored search space) of a study to continue;
+    refused when sassha-tune did not create it or its objectives differ from the config's."""
+    cfg, name = asked.cfg, asked.cfg.study.name
     stored = study.user_attrs.get("config")
     stored_space = study.user_attrs.get("search_space")
     if not isinstance(stored, dict) or not isinstance(stored_space, dict):
-        raise StorageError(f"study {name!r} in {mask_url(storage_url)} was not created by sassha-tune; pick another study.name")
-    if list(study.directions) != directions:
+        raise StorageError(f"study {name!r} in {mask_url(asked.storage_url)} was not created by sassha-tune; "
+                           "pick another study.name")
+    if list(study.directions) != _directions(cfg):
         raise UserError(
             f"study {name!r} exists with objectives {study.user_attrs.get('objectives')}; the config asks for "
             f"{[f'{o.metric} {o.direction}' for o in cfg.study.objectives]}: use a new study.name"
         )
-    stored = _in_current_form(stored)
+    return _in_current_form(stored), stored_space
+
+
+def _continue(study: optuna.Study, asked: _Asked, allow_space_change: bool,
+              budget: BudgetChange | None) -> optuna.Study:
+    """Continue a study sassha-tune created: the config may change only :data:`MUTABLE` settings
+    (and the search space with ``allow_space_change``); the stored config becomes the one that runs."""
+    cfg, name = asked.cfg, asked.cfg.study.name
+    stored, stored_space = _stored_settings(study, asked)
+    config_d, space_d = asked.config_d, asked.space_d
     config_d["budget"]["n_trials"], budget_note = _continued_budget(study, stored, cfg, budget)  # refused: nothing written
     _set_metric_names(study, list(cfg.study.metrics))
     if "optimizer.search_space" in cfg.implicit:  # a space the config does not name is the study's own
         space_d = stored_space
         config_d = {**config_d, "optimizer": {**config_d["optimizer"], "search_space": stored_space}}
-    space_changes = _diff(stored_space, space_d)
-    if space_changes:
-        if not allow_space_change:
-            raise UserError(
-                f"study {name!r} exists with a different search space (changed: {', '.join(space_changes[:4])}); "
-                "pass --allow-space-change to continue with the new space, or use a new study.name"
-            )
-        storage_, sid = study_storage(study), study_id(study)
-        history = list(with_retry(storage_.get_study_system_attrs, sid).get(SPACE_HISTORY_KEY, []))
-        history.append({"replaced_at_trial": len(study.trials), "space": stored_space})
-        with_retry(storage_.set_study_system_attr, sid, SPACE_HISTORY_KEY, history)
-        with_retry(study.set_user_attr, "search_space", space_d)
-        log(f"search space of {name!r} changed ({', '.join(space_changes[:4])})")
+    _change_space(study, stored_space, space_d, allow_space_change, asked.log)
     config_d = _stored_where_unwritten(config_d, stored, cfg.implicit)
+    _check_comparable(name, stored, config_d)
+    with_retry(study.set_user_attr, "config", config_d)
+    if budget_note:
+        asked.log(budget_note)
+    if with_retry(study_storage(study).get_study_system_attrs, study_id(study)).get(ENQUEUED_KEY) is False:
+        _enqueue_first(study, _first_trials(asked.storage, cfg, space_for_config(cfg)))
+        asked.log(f"enqueued the first configurations of {name!r} (its creation was interrupted before they were)")
+    asked.log(f"continuing study {name!r} in {mask_url(asked.storage_url)} ({len(study.trials)} trials so far)")
+    return study
+
+
+def _change_space(study: optuna.Study, stored_space: dict[str, Any], space_d: dict[str, Any],
+                  allow_space_change: bool, log: Callable[[str], None]) -> None:
+    """Store ``space_d`` as the study's search space when it differs from ``stored_space`` (the old
+    one kept in :data:`SPACE_HISTORY_KEY`); refused without ``allow_space_change``."""
+    space_changes = _diff(stored_space, space_d)
+    if not space_changes:
+        return
+    name = study.study_name
+    if not allow_space_change:
+        raise UserError(
+            f"study {name!r} exists with a different search space (changed: {', '.join(space_changes[:4])}); "
+            "pass --allow-space-change to continue with the new space, or use a new study.name"
+        )
+    storage, sid = study_storage(study), study_id(study)
+    history = list(with_retry(storage.get_study_system_attrs, sid).get(SPACE_HISTORY_KEY, []))
+    history.append({"replaced_at_trial": len(study.trials), "space": stored_space})
+    with_retry(storage.set_study_system_attr, sid, SPACE_HISTORY_KEY, history)
+    with_retry(study.set_user_attr, "search_space", space_d)
+    log(f"search space of {name!r} changed ({', '.join(space_changes[:4])})")
+
+
+def _check_comparable(name: str, stored: dict[str, Any], config_d: dict[str, Any]) -> None:
+    """Refuse a config that changes a setting outside :data:`MUTABLE` (the search space aside)."""
     other = [
         k for k in _diff({**stored, "optimizer": {**stored.get("optimizer", {}), "search_space": None}},
                          {**config_d, "optimizer": {**config_d["optimizer"], "search_space": None}})
@@ -304,14 +380,6 @@ def create_or_continue(
             f"study {name!r} exists with different settings ({', '.join(other[:4])}); trials would not be "
             "comparable: use a new study.name (budget, sampler, pruner and device may change)"
         )
-    with_retry(study.set_user_attr, "config", config_d)
-    if budget_note:
-        log(budget_note)
-    if with_retry(study_storage(study).get_study_system_attrs, study_id(study)).get(ENQUEUED_KEY) is False:
-        _enqueue_first(study, _first_trials(storage, cfg, space_for_config(cfg)))
-        log(f"enqueued the first configurations of {name!r} (its creation was interrupted before they were)")
-    log(f"continuing study {name!r} in {mask_url(storage_url)} ({len(study.trials)} trials so far)")
-    return study
 
 
 def stored_payload(study: optuna.Study) -> tuple[dict[str, Any], dict[str, Any]]:

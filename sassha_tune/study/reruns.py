@@ -108,15 +108,7 @@ def prepare_reruns(study_name: str, storage_url: str, seeds: Sequence[int], *, n
     that is itself a companion, a trial that is not COMPLETE, a trial whose parameters are not the
     study's search space (it ran before ``--allow-space-change``)."""
     study = load_study(study_name, storage_url)
-    attrs = with_retry(lambda: study.user_attrs)
-    if runs_only_enqueued(attrs):
-        raise UserError(f"study {study_name!r} holds re-runs itself (of {attrs[RERUN_OF_STUDY]!r}); re-run that study")
-    trial = _chosen(study, number)
-    cfg, space = stored_config(study)
-    searched = sorted(n for n, p in space.params.items() if not p.is_fixed)  # one-choice values are not suggested
-    if sorted(trial.params) != searched:
-        raise UserError(f"trial {trial.number} of {study_name!r} ran with parameters {sorted(trial.params)}, the "
-                        f"study's search space now searches {searched}: it cannot be re-run as it ran")
+    trial, cfg = _rerunnable(study, number)
     name = companion_name(study_name)
     names = with_retry(optuna.get_all_study_names, study_storage(study))
     trials: list[FrozenTrial] = []
@@ -134,9 +126,31 @@ def prepare_reruns(study_name: str, storage_url: str, seeds: Sequence[int], *, n
     for seed in missing:
         with_retry(companion.enqueue_trial, dict(trial.params),
                    user_attrs={SEED_ATTR: seed, SEED_RERUN_ATTR: trial.number, RERUN_OF_STUDY: study_name})
+    log(_enqueued_line(study_name, name, trial, cfg, seeds, missing))
+    return name, companion_cfg
+
+
+def _rerunnable(study: optuna.Study, number: int | None) -> tuple[FrozenTrial, Config]:
+    """(trial ``number`` of ``study``, or its best; the study's stored config), refused when the
+    study holds re-runs itself or the trial cannot be re-run as it ran."""
+    attrs = with_retry(lambda: study.user_attrs)
+    if runs_only_enqueued(attrs):
+        raise UserError(f"study {study.study_name!r} holds re-runs itself (of {attrs[RERUN_OF_STUDY]!r}); "
+                        "re-run that study")
+    trial = _chosen(study, number)
+    cfg, space = stored_config(study)
+    searched = sorted(n for n, p in space.params.items() if not p.is_fixed)  # one-choice values are not suggested
+    if sorted(trial.params) != searched:
+        raise UserError(f"trial {trial.number} of {study.study_name!r} ran with parameters {sorted(trial.params)}, "
+                        f"the study's search space now searches {searched}: it cannot be re-run as it ran")
+    return trial, cfg
+
+
+def _enqueued_line(study_name: str, name: str, trial: FrozenTrial, cfg: Config, seeds: Sequence[int],
+                   missing: list[int]) -> str:
+    """The line saying which seeds of trial ``trial`` were enqueued in companion ``name``."""
     done = [s for s in seeds if s not in missing]
     value = ", ".join(f"{m}={v:.4g}" for m, v in zip(cfg.study.metrics, trial.values or [], strict=False))
-    log(f"re-runs of trial {trial.number} of {study_name!r} ({value}) in {name!r}: seeds "
-        + (f"{', '.join(map(str, missing))} enqueued" if missing else "all enqueued before")
-        + (f"; {', '.join(map(str, done))} there already" if done and missing else ""))
-    return name, companion_cfg
+    return (f"re-runs of trial {trial.number} of {study_name!r} ({value}) in {name!r}: seeds "
+            + (f"{', '.join(map(str, missing))} enqueued" if missing else "all enqueued before")
+            + (f"; {', '.join(map(str, done))} there already" if done and missing else ""))

@@ -3,9 +3,10 @@
 Every storage call of the package goes through :func:`with_retry` (SQLite says ``database is
 locked`` under concurrent workers; the call is retried with backoff). SQLite gets a 60 s lock
 timeout. No message ever shows a password: :func:`mask_url` for URLs, the same scrubbing for the
-driver's error texts. Optuna has no public accessor for a study's storage and ids, which the
-heartbeats, retries and worker records need: :func:`study_storage`, :func:`study_id` and
-:func:`trial_id` are the one place that reads Optuna's private attributes.
+driver's error texts. What Optuna offers no public call for (a study's storage and ids, writes in
+one transaction, its heartbeat queries) comes from :mod:`.optuna_internals`, the one module that
+reads Optuna's private internals; :func:`study_storage`, :func:`study_id` and :func:`trial_id` are
+its accessors, named here for the rest of the package.
 
 Trial heartbeats are the storage's own (RDBStorage's ``trial_heartbeats`` table, the one
 optuna-dashboard and :func:`optuna.storages.fail_stale_trials` read): :func:`record_heartbeat`
@@ -19,8 +20,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -28,6 +28,18 @@ import optuna
 
 from ..errors import StorageError
 from ..redact import mask_url, scrub
+from .optuna_internals import (
+    add_study,
+    fail_if_running,
+    rdb_session,
+    rdb_storage,
+    running_trials_with_heartbeat,
+    stale_trial_ids,
+    study_id,
+    study_storage,
+    trial_id,
+    write_trial_user_attrs,
+)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -97,56 +109,17 @@ def with_retry(fn: Callable[..., T], *args: Any, tries: int = 10, **kwargs: Any)
     raise AssertionError("unreachable")
 
 
-def _scrub(text: str, url: str) -> str:
-    return scrub(text, url)
-
-
-def _missing_sqlite_file(url: str) -> str | None:
-    """The database file of an SQLite URL when it does not exist (``None`` otherwise)."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-    except Exception:
-        return None
-    db = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
-        return None
-    return None if Path(db).is_file() else db
-
-
 def open_storage(url: str, *, create: bool = True, study_name: str | None = None) -> optuna.storages.RDBStorage:
     """An RDBStorage for any SQLAlchemy URL; SQLite gets a long lock timeout.
 
     ``create=False`` (every command but ``run``): a missing SQLite file is a :class:`StorageError`,
     never an empty new file, and no table is created. ``study_name`` only words that error."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
     shown = mask_url(url)
     _opened.append(shown)
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        raise StorageError(
-            f"storage {shown}: not a database URL (e.g. sqlite:///sassha-tune.db or "
-            "postgresql+psycopg://user@host:5432/db)"
-        ) from None
-    engine_kwargs: dict[str, Any]
+    parsed = _parsed_url(url, shown)
     if parsed.get_backend_name() == "sqlite":
-        db = parsed.database
-        missing = _missing_sqlite_file(url)
-        if not create and missing is not None:
-            so = f", so there is no study {study_name!r}" if study_name else ""
-            raise StorageError(
-                f"storage {shown}: no such database file ({missing} does not exist{so}; "
-                "only `sassha-tune run CONFIG` creates one)"
-            )
-        if db and db != ":memory:" and not Path(db).expanduser().resolve().parent.is_dir():
-            raise StorageError(f"storage {shown}: directory {Path(db).parent} does not exist")
-        if missing is None and db and db != ":memory:" and not db.startswith("file:"):
-            _check_sqlite_file(Path(db).expanduser(), shown)
-        engine_kwargs = {"connect_args": {"timeout": 60}}
+        _check_sqlite_url(parsed.database, shown, create=create, study_name=study_name)
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
     try:
@@ -158,10 +131,48 @@ def open_storage(url: str, *, create: bool = True, study_name: str | None = None
             "pip install 'psycopg[binary]' and use postgresql+psycopg://"
         ) from None
     except Exception as exc:
-        cause = exc.__cause__ or exc
-        if (fault := storage_fault(exc)) is not None and "refused an operation" not in fault:
-            raise StorageError(fault) from None
-        raise StorageError(f"storage {shown}: cannot open it: {_scrub(str(cause).splitlines()[0] if str(cause) else type(cause).__name__, url)}") from None
+        raise StorageError(_open_failure(exc, url, shown)) from None
+
+
+def _parsed_url(url: str, shown: str) -> Any:
+    """``url`` parsed by SQLAlchemy; a :class:`StorageError` when it is not a database URL."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        raise StorageError(
+            f"storage {shown}: not a database URL (e.g. sqlite:///sassha-tune.db or "
+            "postgresql+psycopg://user@host:5432/db)"
+        ) from None
+
+
+def _check_sqlite_url(db: str | None, shown: str, *, create: bool, study_name: str | None) -> None:
+    """Refuse an SQLite database file ``db`` that is missing (``create=False``), whose folder is
+    missing, or that is corrupt, before anything opens it."""
+    if not db or db == ":memory:":
+        return
+    is_path = not db.startswith("file:")  # a file: URI is SQLite's to read
+    missing = is_path and not Path(db).is_file()
+    if not create and missing:
+        so = f", so there is no study {study_name!r}" if study_name else ""
+        raise StorageError(
+            f"storage {shown}: no such database file ({db} does not exist{so}; "
+            "only `sassha-tune run CONFIG` creates one)"
+        )
+    if not Path(db).expanduser().resolve().parent.is_dir():
+        raise StorageError(f"storage {shown}: directory {Path(db).parent} does not exist")
+    if is_path and not missing:
+        _check_sqlite_file(Path(db).expanduser(), shown)
+
+
+def _open_failure(exc: Exception, url: str, shown: str) -> str:
+    """The one line for a storage that failed to open: the fault it names, else the driver's first line."""
+    if (fault := storage_fault(exc)) is not None and "refused an operation" not in fault:
+        return fault
+    cause = exc.__cause__ or exc
+    return f"storage {shown}: cannot open it: {scrub(str(cause).splitlines()[0] if str(cause) else type(cause).__name__, url)}"
 
 
 # The storages this process opened (masked), for naming the storage in a fault's one line.
@@ -285,47 +296,17 @@ def create_study_atomically(
     any moment leaves no study or a complete one (SQLite and PostgreSQL commit a transaction
     atomically; Optuna's own ``create_study`` commits the bare study first and every attribute in
     a transaction of its own, so a kill in between left a study without its config). Returns
-    False when a study of that name exists (another process created it first): nothing written.
-
-    Optuna has no public call for this; its table models are used here, the one module that
-    reads Optuna's storage internals."""
-    import json
-
-    from optuna.storages._rdb import models
+    False when a study of that name exists (another process created it first): nothing written."""
     from sqlalchemy.exc import IntegrityError
 
     if not isinstance(storage, optuna.storages.RDBStorage):
         raise TypeError("create_study_atomically needs an RDBStorage")
-    session = storage.scoped_session()
     try:
-        study = models.StudyModel(
-            study_name=name,
-            directions=[
-                models.StudyDirectionModel(
-                    objective=i,
-                    direction=optuna.study.StudyDirection.MAXIMIZE if d == "maximize"
-                    else optuna.study.StudyDirection.MINIMIZE,
-                )
-                for i, d in enumerate(directions)
-            ],
-        )
-        session.add(study)
-        session.flush()  # the study's id, still inside the transaction
-        for key, value in user_attrs.items():
-            session.add(models.StudyUserAttributeModel(study_id=study.study_id, key=key, value_json=json.dumps(value)))
-        for key, value in system_attrs.items():
-            session.add(models.StudySystemAttributeModel(study_id=study.study_id, key=key, value_json=json.dumps(value)))
-        session.flush()
-        crash_point("create:before-commit")
-        session.commit()
+        with rdb_session(storage) as session:
+            add_study(session, name, directions, user_attrs, system_attrs)
+            crash_point("create:before-commit")
     except IntegrityError:
-        session.rollback()
         return False
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
     return True
 
 
@@ -347,7 +328,7 @@ def load_study(
     except Exception as exc:  # e.g. a database without Optuna's tables
         cause = exc.__cause__ or exc
         text = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
-        raise StorageError(f"storage {where}: cannot read it: {_scrub(text, storage_url or '')}") from None
+        raise StorageError(f"storage {where}: cannot read it: {scrub(text, storage_url or '')}") from None
     import difflib
 
     names = sorted(with_retry(optuna.get_all_study_names, storage))
@@ -357,45 +338,20 @@ def load_study(
     raise StorageError(f"study {name!r} not found in {where}; available studies: {available}{hint}")
 
 
-# Optuna keeps these private and offers no public equivalent for what the package does with them
-# (system attributes of studies and trials, state changes of trials this process did not ask).
-
-
-def study_storage(study: optuna.Study) -> optuna.storages.BaseStorage:
-    """The storage a study lives in."""
-    return study._storage
-
-
-def study_id(study: optuna.Study) -> int:
-    """The storage's id of a study (for its system attributes)."""
-    return study._study_id
-
-
-def trial_id(trial: optuna.Trial | optuna.trial.FrozenTrial) -> int:
-    """The storage's id of a trial (an asked :class:`optuna.Trial` or a :class:`FrozenTrial`)."""
-    return trial._trial_id
-
-
 def set_user_attrs(study: optuna.Study, trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     """Every key of ``attrs`` as a user attribute of a running trial, in one transaction.
 
     A finished trial stores 30-40 attributes; Optuna's public ``set_user_attr`` commits each one
-    (an fsync on SQLite, several milliseconds), which cost a study about 0.2 s per trial. Optuna
-    has no public call for several keys, so this drives RDBStorage's own per-key writer inside one
-    session (same checks, same upserts, one commit); any other storage gets the keys one by one."""
+    (an fsync on SQLite, several milliseconds), which cost a study about 0.2 s per trial. An
+    RDBStorage writes them with one commit (:func:`~.optuna_internals.write_trial_user_attrs`);
+    any other storage gets the keys one by one."""
     storage = study_storage(study)
-    backend = _unwrapped(storage)
-    write = getattr(backend, "_set_trial_attr_without_commit", None)
-    if not isinstance(backend, optuna.storages.RDBStorage) or write is None:
+    backend = rdb_storage(storage)
+    if backend is None:
         for key, value in attrs.items():
             storage.set_trial_user_attr(trial_id(trial), key, value)
         return
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    with _create_scoped_session(backend.scoped_session, True) as session:
-        for key, value in attrs.items():
-            write(session, models.TrialUserAttributeModel, trial_id(trial), key, value)
+    write_trial_user_attrs(backend, trial_id(trial), attrs)
 
 
 def record_heartbeat(storage: optuna.storages.BaseStorage, trial_id: int) -> None:
@@ -413,64 +369,28 @@ class StorageHeartbeats:
         self.stale = stale  # of those, the ones whose last heartbeat is older than the grace period
 
 
-def _unwrapped(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
-    # optuna.load_study wraps an RDBStorage in a private cache (_CachedStorage, backend in _backend)
-    return getattr(storage, "_backend", storage)
-
-
 def _rdb_backend(storage: optuna.storages.BaseStorage) -> optuna.storages.RDBStorage:
-    backend = _unwrapped(storage)
-    if not isinstance(backend, optuna.storages.RDBStorage):
-        raise TypeError(f"storage heartbeats need an RDBStorage, not {type(backend).__name__}")
+    backend = rdb_storage(storage)
+    if backend is None:
+        raise TypeError(f"storage heartbeats need an RDBStorage, not {type(storage).__name__}")  # a study's cache wraps only an RDBStorage
     return backend
-
-
-@contextmanager
-def _session(backend: optuna.storages.RDBStorage) -> Iterator[Any]:
-    """One session of the storage's engine: committed at the end, rolled back on any error, closed.
-    (Optuna's own helper would turn driver errors into StorageInternalError; these are raised as
-    they are, for with_retry and storage_fault to read.)"""
-    session = backend.scoped_session()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def storage_heartbeats(study: optuna.Study, grace_period: float) -> StorageHeartbeats:
     """Which RUNNING trials of ``study`` have a storage heartbeat, and which of those have had none
     for more than ``grace_period`` seconds, judged by the database's clock.
 
-    Optuna has no public query for either. The staleness verdict is Optuna's own
-    ``RDBStorage._get_stale_trial_ids`` (the query behind ``fail_stale_trials``, so our verdict is
-    the one Optuna's tools reach with the same grace period): it reads ``heartbeat_interval`` and
-    ``grace_period`` from the storage, and setting them on the study's storage would switch on
-    Optuna's heartbeat for ``ask`` (a warning per trial), so a shallow twin of the storage (same
-    engine and sessions) carries them. Which trials have a heartbeat at all comes from Optuna's
-    table models (``fail_stale_trials`` skips trials without one; our rules need to know)."""
-    from optuna.storages._rdb import models
-    from optuna.trial import TrialState
-
+    Optuna has no public query for either: the staleness verdict is Optuna's own (the query behind
+    ``fail_stale_trials``, so our verdict is the one Optuna's tools reach with the same grace
+    period), and which trials have a heartbeat at all is read from its tables
+    (:mod:`.optuna_internals`)."""
     backend = _rdb_backend(study_storage(study))
-    twin = object.__new__(type(backend))
-    twin.__dict__.update(backend.__dict__)
-    twin.heartbeat_interval = grace_period  # only asserted to be set by the query
-    twin.grace_period = grace_period
-    stale = set(with_retry(twin._get_stale_trial_ids, study_id(study)))
+    sid = study_id(study)
+    stale = with_retry(stale_trial_ids, backend, sid, grace_period)
 
     def running_with_heartbeat() -> set[int]:
-        with _session(backend) as session:
-            rows = (
-                session.query(models.TrialHeartbeatModel.trial_id)
-                .join(models.TrialModel, models.TrialModel.trial_id == models.TrialHeartbeatModel.trial_id)
-                .filter(models.TrialModel.study_id == study_id(study), models.TrialModel.state == TrialState.RUNNING)
-                .all()
-            )
-        return {r[0] for r in rows}
+        with rdb_session(backend) as session:
+            return running_trials_with_heartbeat(session, sid)
 
     beating = with_retry(running_with_heartbeat)
     return StorageHeartbeats(beating, stale & beating)
@@ -484,33 +404,12 @@ def fail_running_trial(study: optuna.Study, trial_id: int, user_attrs: dict[str,
     takes no lock, so two workers that judge the same trial stale at the same moment (they agree
     on the moment now that the database's clock decides) could both fail it and both retry it, and
     a finished trial's user attributes cannot be set afterwards. One conditional ``UPDATE ... WHERE
-    state = RUNNING`` claims the trial atomically on SQLite and PostgreSQL alike; it goes through
-    Optuna's table models (no public call does this)."""
-    import datetime
-    import json
-
-    from optuna.storages._rdb import models
-    from optuna.trial import TrialState
-
+    state = RUNNING`` claims the trial atomically on SQLite and PostgreSQL alike
+    (:func:`~.optuna_internals.fail_if_running`)."""
     backend = _rdb_backend(study_storage(study))
 
     def claim() -> bool:
-        with _session(backend) as session:
-            claimed = (
-                session.query(models.TrialModel)
-                .filter(models.TrialModel.trial_id == trial_id, models.TrialModel.state == TrialState.RUNNING)
-                .update({models.TrialModel.state: TrialState.FAIL}, synchronize_session=False)
-            )
-            if claimed != 1:
-                return False  # nothing was written: the commit on the way out is empty
-            trial = session.get(models.TrialModel, trial_id)
-            trial.datetime_complete = datetime.datetime.now()  # as Optuna stamps a finished trial
-            for key, value in user_attrs.items():
-                attr = models.TrialUserAttributeModel.find_by_trial_and_key(trial, key, session)
-                if attr is None:
-                    session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=json.dumps(value)))
-                else:
-                    attr.value_json = json.dumps(value)
-        return True
+        with rdb_session(backend) as session:
+            return fail_if_running(session, trial_id, user_attrs)
 
     return with_retry(claim)

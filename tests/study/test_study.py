@@ -19,7 +19,7 @@ from sassha_tune.study.create import create_or_continue, set_budget
 from sassha_tune.study.liveness import HEARTBEAT_KEY, reconcile
 from sassha_tune.study.loop import run_trials, sampler_for
 from sassha_tune.study.samplers import trial_seed
-from sassha_tune.study.storage import mask_url, open_storage, with_retry
+from sassha_tune.study.storage import mask_url, open_storage, study_storage, trial_id, with_retry
 
 CFG = {
     "study": {"name": "unit", "heartbeat_interval": 1, "stale_after": 2},
@@ -83,9 +83,9 @@ def test_reconcile_fails_stale_trial_and_enqueues_it_once(tmp_path):
     space = load_space("sassha", "sassha")
     trial = study.ask()
     params = suggest(trial, space)
-    study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_KEY, time.time() - 100)
+    study_storage(study).set_trial_system_attr(trial_id(trial), HEARTBEAT_KEY, time.time() - 100)
     fresh = study.ask()  # a live trial of another worker: heartbeat recent
-    study._storage.set_trial_system_attr(fresh._trial_id, HEARTBEAT_KEY, time.time())
+    study_storage(study).set_trial_system_attr(trial_id(fresh), HEARTBEAT_KEY, time.time())
 
     assert reconcile(study, stale_after=2, log=_silent) == [trial.number]
     assert reconcile(study, stale_after=2, log=_silent) == []  # no double retry
