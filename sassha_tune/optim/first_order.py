@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..distributed import active_group, all_reduce_mean
 from .base import (
@@ -25,6 +26,7 @@ from .base import (
     micro_batches,
     trainable,
 )
+from .stack import Stack, StackMember, set_member_grads, stacked_grads
 
 __all__ = ["OnePassStep", "SGD", "AdamW"]
 
@@ -74,6 +76,19 @@ class OnePassStep(CheckedGroups):
         self._all_reduce_grads()
         self.apply_update()
         return loss.detach()
+
+    @classmethod
+    @torch.no_grad()
+    def stacked_step(cls, stack: Stack, members: list[StackMember]) -> tuple[Tensor, Tensor]:
+        """:meth:`step` for every member of a trial pack (:mod:`.stack`): one stacked pass, then
+        each member's update from its slice of the gradient (``step()`` without a closure)."""
+        with torch.enable_grad(), stack.autocast():
+            loss, out = stack.forward()
+        grads = stacked_grads(loss, stack.params)
+        for m in members:
+            set_member_grads(m, grads)
+            m.optimizer.step()
+        return loss.detach(), out.detach()
 
 
 class SGD(OnePassStep, torch.optim.SGD):

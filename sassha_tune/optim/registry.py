@@ -61,8 +61,8 @@ class OptimizerInfo:
     decoupled_weight_decay: bool
     #: takes ``seed`` for its Rademacher probes (a trial passes its seed unless fixed)
     seeded: bool
-    #: a trial pack can run it with batched kernels (its step has public phases a pack drives on
-    #: views of stacked parameters); every optimizer packs with exact kernels (each member steps alone)
+    #: a trial pack can run it with batched kernels (the class has a ``stacked_step``, see
+    #: :mod:`.stack`); every optimizer packs with exact kernels (each member steps alone)
     batched_packs: bool
     #: forward/backward passes per step (cost about ``passes`` x SGD's)
     passes: int

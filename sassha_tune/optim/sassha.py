@@ -13,6 +13,7 @@ the arithmetic is in :mod:`.functional`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,13 +24,16 @@ from .base import (
     Closures,
     accumulated_grads,
     clear_grads,
+    frozen_running_stats,
     micro_batches,
     regroup,
     second_pass_context,
     split_active,
 )
 from .functional import sam_perturbation
+from .hessian import hutchinson_diagonals
 from .preconditioned import HessianPower, HessianPreconditioned
+from .stack import Stack, StackMember, stacked_grads
 
 __all__ = ["Sassha"]
 
@@ -165,24 +169,13 @@ class Sassha(HessianPreconditioned):
         loss, first = accumulated_grads(closures, flat)
         params, grads1 = split_active(candidates, first)
         del first
-        active = [p for ps in params for p in ps]
-        if not active:
+        if not any(params):
             return loss.detach()
         plan = self.plan_step(params)
-        settings = self.param_groups[0]  # the optimizer-wide keys (the same in every group)
-        group = active_group(self.process_group)
-        if group is not None and settings["perturbation_grad"] == "global":
-            all_reduce_mean([g for gs in grads1 for g in gs], group)
-
         # perturb: e is written over the pass-1 gradients, which are not needed any more
-        flat_e = [e for group_e in self.perturbation(params, grads1) for e in group_e]
+        displacement = self._perturb(params, grads1)
         del grads1
-        data = [p.data for p in active]
-        # Under data parallelism with local perturbations e differs between ranks, and so would the
-        # rounding of (theta + e) - e: ranks would drift apart. Restore by copy there (exact).
-        local = group is not None and settings["perturbation_grad"] == "local"
-        saved = torch._foreach_mul(data, 1.0) if local else None
-        torch._foreach_add_(data, flat_e)
+        active = [p for ps in params for p in ps]
 
         # pass 2 at theta + e on the same batch
         _, second = accumulated_grads(
@@ -190,16 +183,111 @@ class Sassha(HessianPreconditioned):
         )
         grads2 = regroup([torch.zeros_like(p) if g is None else g for p, g in zip(active, second, strict=True)], params)
         del second
-        estimates = None
-        if settings["hessian_point"] == "perturbed":
-            estimates = self.estimate_due(params, grads2, plan)
+        point = self.param_groups[0]["hessian_point"]
+        estimates = self.estimate_due(params, grads2, plan) if point == "perturbed" else None
         # restore on .data: no version bump, so the graph's saved parameters now read theta
-        if saved is None:
-            torch._foreach_sub_(data, flat_e)
-        else:
-            torch._foreach_copy_(data, saved)
-        del flat_e, data, saved
-        if settings["hessian_point"] == "reference":
+        displacement.restore()
+        del displacement
+        if point == "reference":
             estimates = self.estimate_due(params, grads2, plan)
         self.update(params, grads2, estimates, plan)
         return loss.detach()
+
+    def _perturb(self, params: list[list[Tensor]], grads1: list[list[Tensor]]) -> _Displacement:
+        """``theta <- theta + e`` on ``.data`` from the pass-1 gradients (averaged across ranks first
+        with ``perturbation_grad="global"``)."""
+        settings = self.param_groups[0]  # the optimizer-wide keys (the same in every group)
+        group = active_group(self.process_group)
+        if group is not None and settings["perturbation_grad"] == "global":
+            all_reduce_mean([g for gs in grads1 for g in gs], group)
+        flat_e = [e for group_e in self.perturbation(params, grads1) for e in group_e]
+        data = [p.data for ps in params for p in ps]
+        # Under data parallelism with local perturbations e differs between ranks, and so would the
+        # rounding of (theta + e) - e: ranks would drift apart. Restore by copy there (exact).
+        local = group is not None and settings["perturbation_grad"] == "local"
+        saved = torch._foreach_mul(data, 1.0) if local else None
+        torch._foreach_add_(data, flat_e)
+        return _Displacement(data, flat_e, saved)
+
+    # -- a trial pack's step (see .stack) ------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def stacked_step(cls, stack: Stack, members: list[StackMember]) -> tuple[Tensor, Tensor]:
+        """:meth:`step` for every member of a trial pack at once, in its order: each member's
+        :meth:`plan_step` and :meth:`perturbation` on its views, one stacked pass 2, the members'
+        Hessian estimates (those at the perturbed point before the restore, those at the
+        reference point after it), then each member's :meth:`update`."""
+        with torch.enable_grad(), stack.autocast():
+            loss, out = stack.forward()
+        grads1 = stacked_grads(loss, stack.params)
+        plans, flat_es = {}, {}
+        for m in members:
+            clear_grads(m.views)
+            plans[m.slot] = m.optimizer.plan_step([m.views])
+            flat_es[m.slot] = m.optimizer.perturbation([m.views], [[g[m.slot] for g in grads1]])[0]
+            torch._foreach_add_(m.views, flat_es[m.slot])
+        del grads1
+        need_graph = any(plan.need_graph for plan in plans.values())
+        with torch.enable_grad(), frozen_running_stats(stack.module), stack.autocast():
+            loss2, _ = stack.forward()
+            grads2 = stacked_grads(loss2, stack.params, create_graph=need_graph)
+        del loss2
+        due = {s: plan.due[0] for s, plan in plans.items() if plan.due[0]}
+        point = {m.slot: m.optimizer.param_groups[0]["hessian_point"] for m in members}
+        due_perturbed = {s: i for s, i in due.items() if point[s] == "perturbed"}
+        due_reference = {s: i for s, i in due.items() if point[s] == "reference"}
+        estimates = _stacked_estimates(stack, grads2, due_perturbed, members, keep_graph=bool(due_reference))
+        for m in members:  # restore on .data: the graph's saved parameters now read theta
+            torch._foreach_sub_(m.views, flat_es[m.slot])
+        del flat_es
+        estimates.update(_stacked_estimates(stack, grads2, due_reference, members, keep_graph=False))
+        for m in members:
+            est = estimates.get(m.slot)
+            m.optimizer.update([m.views], [[g[m.slot] for g in grads2]], [est] if est else None, plans[m.slot])
+        del grads2
+        return loss.detach(), out.detach()
+
+
+@dataclass
+class _Displacement:
+    """Where :meth:`Sassha._perturb` moved the parameters: their ``.data``, the ascent step ``e``,
+    and a copy of theta where the restore must be by copy."""
+
+    data: list[Tensor]
+    e: list[Tensor]
+    saved: list[Tensor] | None
+
+    def restore(self) -> None:
+        if self.saved is None:
+            torch._foreach_sub_(self.data, self.e)
+        else:
+            torch._foreach_copy_(self.data, self.saved)
+
+
+def _stacked_estimates(
+    stack: Stack, grads2: list[Tensor], due: dict[int, list[int]], members: list[StackMember], *, keep_graph: bool
+) -> dict[int, list[Tensor]]:
+    """Per member (slot -> estimate over its due parameters): :func:`.hessian.hutchinson_diagonals`
+    with one request per member (its own generator and ``n_samples``) and one stacked
+    Hessian-vector product per sample; members not asking get zero probes."""
+    if not due:
+        return {}
+    views = {m.slot: m for m in members}
+    slots = list(due)
+    requests = [views[s].optimizer.probe_requests([[views[s].views[i] for i in due[s]]])[0] for s in slots]
+
+    def stacked_hvp(probes: list[list[Tensor] | None], keep: bool) -> list[list[Tensor] | None]:
+        stacked = [torch.zeros_like(p) for p in stack.params]
+        for slot, z in zip(slots, probes, strict=True):
+            if z is not None:
+                for i, zi in zip(due[slot], z, strict=True):
+                    stacked[i][slot].copy_(zi)
+        with torch.enable_grad():
+            products = torch.autograd.grad(
+                grads2, stack.params, grad_outputs=stacked, retain_graph=keep_graph or keep, allow_unused=True
+            )
+        products = [torch.zeros_like(p) if h is None else h for p, h in zip(stack.params, products, strict=True)]
+        return [None if z is None else [products[i][slot] for i in due[slot]] for slot, z in zip(slots, probes, strict=True)]
+
+    return dict(zip(slots, hutchinson_diagonals(requests, stacked_hvp), strict=True))

@@ -14,7 +14,8 @@ Everything else is per member and reuses the single-trial code: each member owns
 optimizer instance (built by :func:`sassha_tune.optim.build_optimizer`) whose parameters are
 views into the member's slice of the stack, so its state, probe generator, moments, schedule and
 update arithmetic are exactly those of the lone run (the same ``_foreach`` calls with the same
-scalars on tensors of the same shape). With ``kernels="batched"`` only the forward/backward
+scalars on tensors of the same shape). The pass order of a batched step is the optimizer's own:
+its ``stacked_step`` (:mod:`sassha_tune.optim.stack`), given this pack's batched forward. With ``kernels="batched"`` only the forward/backward
 kernels differ (batched vs unbatched), which is where the (float rounding) differences come from;
 ``kernels="exact"`` (the default for SASSHA) runs each member's passes without vmap, as the lone
 model's forward on views of its slice, and is bitwise equal on the CPU. See ``docs/packs.md``.
@@ -35,7 +36,7 @@ import dataclasses
 import gc
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +46,7 @@ from torch.func import functional_call, vmap
 from ..devices import resolve_device
 from ..errors import UserError
 from ..optim import OPTIMIZERS
-from ..optim.base import clear_grads, frozen_running_stats
-from ..optim.hessian import hutchinson_diagonals
-from ..optim.sam import SAMStep
-from ..optim.sassha import Sassha
+from ..optim.stack import Stack, StackMember
 from ..plugins import is_plugin, load_plugin
 from .data import Splits
 from .models import build_model
@@ -315,15 +313,12 @@ class StackedSteps:
             m.attach(build_optimizer_for(m.spec, _Views(self.views[m.index])))
 
     def step(self, live: list[Member], xs: list[Tensor], ys: list[Tensor], weight: float) -> list[tuple[Tensor, Tensor]]:
+        """One step of every live member: their optimizers' ``stacked_step`` (the method's own pass
+        order, :mod:`sassha_tune.optim.stack`) around this pack's batched forward."""
         x, y = torch.stack(xs), torch.stack(ys)
-        views = [self.views[m.index] for m in live]
-        optimizer = live[0].optimizer
-        if isinstance(optimizer, Sassha):
-            loss, out = _sassha_step(self.pack, live, views, x, y, self.autocast)
-        elif isinstance(optimizer, SAMStep):
-            loss, out = _sam_step(self.pack, live, views, x, y, self.autocast)
-        else:
-            loss, out = _one_pass_step(self.pack, live, views, x, y, self.autocast)
+        stack = Stack(self.pack.params, lambda: self.pack.forward(x, y), self.pack.module, self.autocast)
+        members = [StackMember(m.optimizer, self.views[m.index], m.slot) for m in live]
+        loss, out = live[0].optimizer.stacked_step(stack, members)
         return [(loss[k], out[k]) for k in range(len(live))]
 
     def eval_model(self, member: Member) -> nn.Module:
@@ -454,127 +449,3 @@ def train_pack(
             continue
         results.update(zip(group, attempt, strict=True))
     return [results[i] for i in range(len(specs))]
-
-
-# --------------------------------------------------------------------------------------------
-# One step of each method on the stack; per-member arithmetic through the member's optimizer
-# --------------------------------------------------------------------------------------------
-
-
-def _grads(loss: Tensor, pack: _Pack, *, create_graph: bool = False) -> list[Tensor]:
-    with torch.enable_grad():
-        total = loss.sum()
-    raw = torch.autograd.grad(total, pack.params, create_graph=create_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(pack.params, raw, strict=True)]
-
-
-@torch.no_grad()
-def _one_pass_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: Tensor, y: Tensor,
-                   autocast) -> tuple[Tensor, Tensor]:
-    """SGD / AdamW: one pass; each member's update from its slice of the gradient (``step()``
-    without a closure: clip, the torch optimizer's update)."""
-    with torch.enable_grad(), autocast():
-        loss, out = pack.forward(x, y)
-    grads = _grads(loss, pack)
-    for m, vs in zip(live, views, strict=True):
-        for v, g in zip(vs, grads, strict=True):
-            v.grad = g[m.slot]
-        m.optimizer.step()
-    return loss.detach(), out.detach()
-
-
-@torch.no_grad()
-def _sam_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: Tensor, y: Tensor,
-              autocast) -> tuple[Tensor, Tensor]:
-    """SAM-SGD / SAM-AdamW: each member's ``SAMStep.step`` phases around the two stacked passes."""
-    with torch.enable_grad(), autocast():
-        loss, out = pack.forward(x, y)
-    grads1 = _grads(loss, pack)
-    perturbations = []
-    for m, vs in zip(live, views, strict=True):
-        for v, g in zip(vs, grads1, strict=True):
-            v.grad = g[m.slot]
-        perturbations.append(cast(SAMStep, m.optimizer).perturb())
-    del grads1
-    with torch.enable_grad(), frozen_running_stats(pack.module), autocast():
-        loss2, _ = pack.forward(x, y)
-    grads2 = _grads(loss2, pack)
-    del loss2
-    for m, vs, perturbation in zip(live, views, perturbations, strict=True):
-        for v, g in zip(vs, grads2, strict=True):
-            v.grad = g[m.slot]
-        cast(SAMStep, m.optimizer).restore_and_update(perturbation)  # type: ignore[arg-type]  # never None: every view has a gradient
-    return loss.detach(), out.detach()
-
-
-def _hutchinson(
-    pack: _Pack, grads2: list[Tensor], due: dict[int, list[int]], live: list[Member], views: list[list[Tensor]],
-    *, keep_graph: bool,
-) -> dict[int, list[Tensor]]:
-    """Per member (slot -> estimate over its due parameters): :func:`~sassha_tune.optim.hessian.hutchinson_diagonals`
-    with one request per member (its own generator and ``n_samples``) and one stacked
-    Hessian-vector product per sample; members not asking get zero probes."""
-    by_slot = {m.slot: (m, vs) for m, vs in zip(live, views, strict=True)}
-    slots = list(due)
-    if not slots:
-        return {}
-    requests = []
-    for slot in slots:
-        m, vs = by_slot[slot]
-        requests.append(cast(Sassha, m.optimizer).probe_requests([[vs[i] for i in due[slot]]])[0])
-
-    def stacked_hvp(probes: list[list[Tensor] | None], keep: bool) -> list[list[Tensor] | None]:
-        stacked = [torch.zeros_like(p) for p in pack.params]
-        for slot, z in zip(slots, probes, strict=True):
-            if z is not None:
-                for i, zi in zip(due[slot], z, strict=True):
-                    stacked[i][slot].copy_(zi)
-        with torch.enable_grad():
-            products = torch.autograd.grad(
-                grads2, pack.params, grad_outputs=stacked, retain_graph=keep_graph or keep, allow_unused=True
-            )
-        products = [torch.zeros_like(p) if h is None else h for p, h in zip(pack.params, products, strict=True)]
-        return [None if z is None else [products[i][slot] for i in due[slot]] for slot, z in zip(slots, probes, strict=True)]
-
-    return dict(zip(slots, hutchinson_diagonals(requests, stacked_hvp), strict=True))
-
-
-@torch.no_grad()
-def _sassha_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: Tensor, y: Tensor,
-                 autocast) -> tuple[Tensor, Tensor]:
-    """``Sassha.step`` for every member at once: each member's public step phases
-    (``plan_step``, ``perturbation``, ``update``) on its views, around the stacked passes."""
-    with torch.enable_grad(), autocast():
-        loss, out = pack.forward(x, y)
-    grads1 = _grads(loss, pack)
-    plans, flat_es = {}, {}
-    for m, vs in zip(live, views, strict=True):
-        opt = cast(Sassha, m.optimizer)
-        clear_grads(vs)
-        plans[m.slot] = opt.plan_step([vs])
-        es = opt.perturbation([vs], [[g[m.slot] for g in grads1]])
-        flat_es[m.slot] = es[0]
-        torch._foreach_add_(vs, es[0])
-    del grads1
-    need_graph = any(plan.need_graph for plan in plans.values())
-    with torch.enable_grad(), frozen_running_stats(pack.module), autocast():
-        loss2, _ = pack.forward(x, y)
-        grads2 = _grads(loss2, pack, create_graph=need_graph)
-    del loss2
-    due = {s: plan.due[0] for s, plan in plans.items() if plan.due[0]}
-    point = {m.slot: m.optimizer.param_groups[0]["hessian_point"] for m in live}
-    due_perturbed = {s: i for s, i in due.items() if point[s] == "perturbed"}
-    due_reference = {s: i for s, i in due.items() if point[s] == "reference"}
-    estimates: dict[int, list[Tensor]] = {}
-    if due_perturbed:
-        estimates.update(_hutchinson(pack, grads2, due_perturbed, live, views, keep_graph=bool(due_reference)))
-    for m, vs in zip(live, views, strict=True):  # restore on .data: the graph's saved parameters now read theta
-        torch._foreach_sub_(vs, flat_es[m.slot])
-    del flat_es
-    if due_reference:
-        estimates.update(_hutchinson(pack, grads2, due_reference, live, views, keep_graph=False))
-    for m, vs in zip(live, views, strict=True):
-        est = estimates.get(m.slot)
-        cast(Sassha, m.optimizer).update([vs], [[g[m.slot] for g in grads2]], [est] if est else None, plans[m.slot])
-    del grads2
-    return loss.detach(), out.detach()
