@@ -9,7 +9,13 @@ from torch import Tensor
 
 from .base import Closures
 from .functional import adahessian_update_, conv_kernel_average
-from .preconditioned import OnePassPreconditioned
+from .preconditioned import (
+    GRADIENT_CHECKS,
+    MOMENT_CHECKS,
+    REFRESH_CHECKS,
+    OnePassPreconditioned,
+    check_hessian_power,
+)
 
 __all__ = ["AdaHessian"]
 
@@ -26,6 +32,8 @@ class AdaHessian(OnePassPreconditioned):
     (the original AdaHessian refreshes every step: ``lazy_hessian=1``); ``dense_refresh_steps``
     as for :class:`~sassha_tune.optim.sassha.Sassha`.
     """
+
+    GROUP_CHECKS = {**MOMENT_CHECKS, **REFRESH_CHECKS, "hessian_power": check_hessian_power, **GRADIENT_CHECKS}
 
     def __init__(
         self,

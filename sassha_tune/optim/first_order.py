@@ -20,6 +20,7 @@ from .base import (
     CheckedGroups,
     Closures,
     accumulated_backward,
+    check_max_grad_norm,
     clear_grads,
     clip_grads_,
     grads_of,
@@ -42,7 +43,7 @@ class OnePassStep(CheckedGroups):
     your own has averaged them already).
     """
 
-    CHECKED = ("max_grad_norm",)
+    GROUP_CHECKS = {"max_grad_norm": check_max_grad_norm}
     SAME_IN_EVERY_GROUP = ("max_grad_norm",)
 
     def __init__(

@@ -17,9 +17,25 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Closures, accumulated_grads, clear_grads, micro_batches, split_active
+from .base import (
+    PERTURBATION_CHECKS,
+    Closures,
+    accumulated_grads,
+    clear_grads,
+    micro_batches,
+    one_of,
+    split_active,
+)
 from .functional import sam_perturbation
-from .preconditioned import HessianPower, HessianPreconditioned
+from .preconditioned import (
+    BIAS_CORRECTIONS,
+    GRADIENT_CHECKS,
+    MOMENT_CHECKS,
+    REFRESH_CHECKS,
+    HessianPower,
+    HessianPreconditioned,
+    check_hessian_power,
+)
 
 __all__ = ["MSassha"]
 
@@ -46,6 +62,15 @@ class MSassha(HessianPreconditioned):
     defaults follow the reference M-SASSHA constructor (``rho=0.3``, ``weight_decay=1e-2``, ``hessian_power=1``,
     i.e. no square root).
     """
+
+    GROUP_CHECKS = {
+        **MOMENT_CHECKS,
+        **PERTURBATION_CHECKS,
+        **REFRESH_CHECKS,
+        "hessian_power": check_hessian_power,
+        "bias_correction": one_of("bias_correction", BIAS_CORRECTIONS),
+        **GRADIENT_CHECKS,
+    }
 
     def __init__(
         self,

@@ -27,12 +27,19 @@ from torch import Tensor
 
 from ..distributed import active_group, all_reduce_mean
 from .base import (
-    GROUP_CHECKS,
+    Check,
     CheckedGroups,
     Closures,
     accumulated_grads,
+    check_betas,
+    check_max_grad_norm,
+    check_positive,
     clip_grads_,
+    flag,
+    integer,
     micro_batches,
+    nonnegative,
+    one_of,
     regroup,
     split_active,
     state_dtype,
@@ -41,6 +48,31 @@ from .functional import decoupled_weight_decay_, due_for_refresh, ema_, sassha_u
 from .hessian import ProbeRequest, graph_hvp, hutchinson_diagonals, make_generator
 
 HessianPower = float | Callable[[int], float]
+BIAS_CORRECTIONS = ("steps", "refreshes")  # what SASSHA's second-moment bias correction counts
+
+
+def check_hessian_power(value: Any) -> None:
+    """A number >= 0, or a schedule ``step -> power``."""
+    if not callable(value):
+        check_positive("hessian_power", value)
+
+
+# The checks every Hessian-preconditioned optimizer shares; each class lists its own, these among them.
+#: the moments' and the update's
+MOMENT_CHECKS: dict[str, Check] = {
+    "lr": nonnegative("lr"), "betas": check_betas, "weight_decay": nonnegative("weight_decay"), "eps": nonnegative("eps"),
+}
+#: the lazy Hutchinson refresh's
+REFRESH_CHECKS: dict[str, Check] = {
+    "lazy_hessian": integer("lazy_hessian"),
+    "dense_refresh_steps": integer("dense_refresh_steps", minimum=0),
+    "n_samples": integer("n_samples"),
+}
+#: the gradient's clip and the graph kept for debugging
+GRADIENT_CHECKS: dict[str, Check] = {
+    "max_grad_norm": check_max_grad_norm, "always_create_graph": flag("always_create_graph"),
+}
+
 
 @dataclass
 class StepPlan:
@@ -66,7 +98,13 @@ class HessianPreconditioned(CheckedGroups, torch.optim.Optimizer):
     ``seed`` and generator, the ``process_group``. Every other hyperparameter is a param-group key.
     """
 
-    CHECKED = tuple(GROUP_CHECKS)
+    GROUP_CHECKS = {
+        **MOMENT_CHECKS,
+        **REFRESH_CHECKS,
+        "hessian_power": check_hessian_power,
+        "bias_correction": one_of("bias_correction", BIAS_CORRECTIONS),
+        **GRADIENT_CHECKS,
+    }
     SAME_IN_EVERY_GROUP: tuple[str, ...] = ("max_grad_norm", "always_create_graph")
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, seed: int, process_group: Any) -> None:

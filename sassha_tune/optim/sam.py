@@ -18,11 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from .base import (
+    PERTURBATION_CHECKS,
+    PERTURBATION_GRADS,
     Closures,
     accumulated_backward,
     clear_grads,
+    flag,
     frozen_running_stats,
     micro_batches,
+    one_of,
     second_pass_context,
     trainable,
 )
@@ -56,7 +60,12 @@ class SAMStep(OnePassStep):
     the SASSHA reference does) or ``"global"`` (averaged first: one more all-reduce per step).
     """
 
-    CHECKED = ("max_grad_norm", "rho", "perturb_eps", "adaptive", "perturbation_grad")
+    GROUP_CHECKS = {
+        **OnePassStep.GROUP_CHECKS,
+        **PERTURBATION_CHECKS,
+        "adaptive": flag("adaptive"),
+        "perturbation_grad": one_of("perturbation_grad", PERTURBATION_GRADS),
+    }
     SAME_IN_EVERY_GROUP = ("max_grad_norm", "adaptive", "perturbation_grad")
 
     def __init__(

@@ -21,21 +21,35 @@ from torch import Tensor, nn
 
 from ..distributed import active_group, all_reduce_mean
 from .base import (
+    PERTURBATION_CHECKS,
+    PERTURBATION_GRADS,
     Closures,
     accumulated_grads,
+    check_max_grad_norm,
     clear_grads,
+    flag,
     frozen_running_stats,
     micro_batches,
+    one_of,
     regroup,
     second_pass_context,
     split_active,
 )
 from .functional import sam_perturbation
 from .hessian import hutchinson_diagonals
-from .preconditioned import HessianPower, HessianPreconditioned
+from .preconditioned import (
+    BIAS_CORRECTIONS,
+    MOMENT_CHECKS,
+    REFRESH_CHECKS,
+    HessianPower,
+    HessianPreconditioned,
+    check_hessian_power,
+)
 from .stack import Stack, StackMember, stacked_grads
 
-__all__ = ["Sassha"]
+__all__ = ["Sassha", "HESSIAN_POINTS"]
+
+HESSIAN_POINTS = ("reference", "perturbed")  # where SASSHA takes its Hessian-vector product
 
 
 class Sassha(HessianPreconditioned):
@@ -111,6 +125,18 @@ class Sassha(HessianPreconditioned):
     and the probe generator, so a resumed run continues the exact trajectory.
     """
 
+    GROUP_CHECKS = {
+        **MOMENT_CHECKS,
+        **PERTURBATION_CHECKS,
+        **REFRESH_CHECKS,
+        "hessian_power": check_hessian_power,
+        "bias_correction": one_of("bias_correction", BIAS_CORRECTIONS),
+        "hessian_point": one_of("hessian_point", HESSIAN_POINTS),
+        "perturbation_grad": one_of("perturbation_grad", PERTURBATION_GRADS),
+        "max_grad_norm": check_max_grad_norm,
+        "adaptive": flag("adaptive"),
+        "always_create_graph": flag("always_create_graph"),
+    }
     SAME_IN_EVERY_GROUP = (*HessianPreconditioned.SAME_IN_EVERY_GROUP, "adaptive", "hessian_point", "perturbation_grad")
 
     def __init__(

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..distributed import active_group, all_reduce_mean, all_reduce_sum
 from .base import (
+    PERTURBATION_CHECKS,
     Closure,
     Closures,
     clear_grads,
@@ -28,14 +29,26 @@ from .base import (
     double_backward_context,
     loss_of_closure,
     micro_batches,
+    nonnegative,
+    one_of,
+    optional_count,
     regroup,
     second_pass_context,
     state_dtype,
 )
 from .functional import sam_perturbation, sassha_lm_update_
-from .preconditioned import HessianPreconditioned, StepPlan
+from .preconditioned import (
+    GRADIENT_CHECKS,
+    MOMENT_CHECKS,
+    REFRESH_CHECKS,
+    HessianPreconditioned,
+    StepPlan,
+    check_hessian_power,
+)
 
-__all__ = ["SasshaLM", "linear_weight_groups"]
+__all__ = ["SasshaLM", "linear_weight_groups", "GRAD_REDUCTIONS"]
+
+GRAD_REDUCTIONS = ("sum", "mean")  # how the ranks' gradients are combined
 
 
 def linear_weight_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -93,6 +106,17 @@ class SasshaLM(HessianPreconditioned):
     ``state_dict``, so a resumed run continues the exact trajectory.
     """
 
+    GROUP_CHECKS = {
+        **MOMENT_CHECKS,
+        **PERTURBATION_CHECKS,
+        **REFRESH_CHECKS,
+        "hessian_power": check_hessian_power,
+        **GRADIENT_CHECKS,
+        "warmup_hessian_power": nonnegative("warmup_hessian_power"),
+        "rho_warmup_iters": optional_count("rho_warmup_iters"),
+        "hessian_warmup_iters": optional_count("hessian_warmup_iters"),
+        "grad_reduce": one_of("grad_reduce", GRAD_REDUCTIONS),
+    }
     SAME_IN_EVERY_GROUP = (*HessianPreconditioned.SAME_IN_EVERY_GROUP, "rho_warmup_iters", "grad_reduce")
 
     def __init__(

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Closures
+from .base import Closures, positive
 from .functional import sophia_update_
-from .preconditioned import OnePassPreconditioned
+from .preconditioned import GRADIENT_CHECKS, MOMENT_CHECKS, REFRESH_CHECKS, OnePassPreconditioned
 
 __all__ = ["SophiaH"]
 
@@ -24,6 +24,10 @@ class SophiaH(OnePassPreconditioned):
     reference scripts pass betas (0.9, 0.999), γ 0.05 and eps 1e-4. ``dense_refresh_steps`` as for
     :class:`~sassha_tune.optim.sassha.Sassha` (also refresh at each of the first N steps).
     """
+
+    GROUP_CHECKS = {
+        **MOMENT_CHECKS, **REFRESH_CHECKS, **GRADIENT_CHECKS, "clip_threshold": positive("clip_threshold"),
+    }
 
     def __init__(
         self,
