@@ -389,38 +389,63 @@ def train_pack(
     the default (see docs/packs.md, "Out of memory").
     """
     specs = list(specs)
-    batchable = bool(specs) and specs[0].accumulation == 1 and OPTIMIZERS[specs[0].optimizer].batched_packs
-    if kernels is None:
-        # exact for SASSHA (see above), for optimizers without a batched step and for gradient
-        # accumulation (only a member's own optimizer.step takes its micro-batches)
-        kernels = "batched" if batchable and specs[0].optimizer != "sassha" else "exact"
-    if kernels == "batched" and not batchable:
-        raise ValueError(f"cannot pack with kernels='batched': {specs[0].optimizer} with accumulation "
-                         f"{specs[0].accumulation} has no batched step (kernels='exact' runs it)")
-    if kernels not in ("batched", "exact"):
-        raise ValueError(f"kernels must be 'batched' or 'exact', got {kernels!r}")
+    kernels = _pack_kernels(specs, kernels)
     _check_packable(specs)
     callbacks = list(on_epoch) if on_epoch is not None else [None] * len(specs)
     if len(callbacks) != len(specs):
         raise ValueError(f"on_epoch has {len(callbacks)} callbacks for {len(specs)} specs")
     device = resolve_device(specs[0].device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if specs[0].amp == "bf16" else nullcontext
+    run = _PackRun(specs, callbacks, device, autocast, kernels, splits, split_on_oom, on_leave, on_step, measure)
     results: dict[int, TrainResult] = {}
-    data: dict[int, Splits] = {}  # per seed, loaded once for all attempts
     todo = [list(range(len(specs)))]  # packs still to run, as indices into specs; depth first
     while todo:
         group = todo.pop(0)
-        sub_leave = None if on_leave is None else (lambda j, res, group=group: on_leave(group[j], res))
-        may_split = split_on_oom and len(group) > 1
-        sub_step = None if on_step is None else (lambda e, i, n, group=group: on_step(e, i, n, group))
+        attempt = run.attempt(group)
+        if isinstance(attempt, OutOfMemory):
+            # out of the attempt's frames: its models, graphs and optimizer state are unreferenced
+            # now and can be given back before the halves start
+            halves = _halves(group, device)
+            if on_split is not None:
+                on_split(attempt.epoch, halves)
+            todo[:0] = halves
+            continue
+        results.update(zip(group, attempt, strict=True))
+    return [results[i] for i in range(len(specs))]
+
+
+@dataclasses.dataclass
+class _PackRun:
+    """What every attempt of :func:`train_pack` shares: a pack of some of the members is trained
+    by :meth:`attempt`, and the halves of one that ran out of memory by further attempts."""
+
+    specs: list[TrainSpec]
+    callbacks: list[Callable[[int, dict], bool] | None]
+    device: torch.device
+    autocast: Callable[[], Any]
+    kernels: str
+    splits: Splits | None
+    split_on_oom: bool
+    on_leave: Callable[[int, TrainResult], None] | None
+    on_step: Callable[[int, int, int, list[int]], None] | None
+    measure: Callable[[int, Any, Splits], dict[str, Any]] | None
+    data: dict[int, Splits] = dataclasses.field(default_factory=dict)  # per seed, loaded once for all attempts
+
+    def attempt(self, group: list[int]) -> list[TrainResult] | OutOfMemory:
+        """Train the members ``group`` (indices into ``specs``) as one pack: their results, or
+        :class:`OutOfMemory` where the pack may be split."""
+        on_leave, on_step = self.on_leave, self.on_step
+        sub_leave = None if on_leave is None else (lambda j, res: on_leave(group[j], res))
+        may_split = self.split_on_oom and len(group) > 1
+        sub_step = None if on_step is None else (lambda e, i, n: on_step(e, i, n, group))
         try:
-            members = build_members([specs[i] for i in group], [callbacks[i] for i in group], device,
-                                    splits=splits, data=data)
-            stepper = LoneSteps(autocast) if kernels == "exact" else StackedSteps(device, autocast)
-            attempt = train_members(members, stepper, device, on_leave=sub_leave, may_split=may_split,
-                                    on_step=sub_step, measure=measure)
+            members = build_members([self.specs[i] for i in group], [self.callbacks[i] for i in group], self.device,
+                                    splits=self.splits, data=self.data)
+            stepper = LoneSteps(self.autocast) if self.kernels == "exact" else StackedSteps(self.device, self.autocast)
+            attempt = train_members(members, stepper, self.device, on_leave=sub_leave, may_split=may_split,
+                                    on_step=sub_step, measure=self.measure)
         except OOM_ERRORS:
-            if not split_on_oom:
+            if not self.split_on_oom:
                 raise  # as before: the caller fails every member
             # setting up the members ran out: nothing ran and nobody was told
             attempt = OutOfMemory(epoch=0)
@@ -430,22 +455,37 @@ def train_pack(
             # a lone member whose model and optimizer state alone do not fit: it fails as a lone
             # trial does, and the members of the other halves still run
             (i,) = group
-            attempt = [TrainResult("out_of_memory", "out_of_memory", 0, 0, 0.0, float("nan"), str(device), [],
-                                   None, data.get(specs[i].seed))]  # type: ignore[arg-type]  # no model was built
+            attempt = [_out_of_memory(self.device, self.data.get(self.specs[i].seed))]
             if on_leave is not None:
                 on_leave(i, attempt[0])
-        if isinstance(attempt, OutOfMemory):
-            # out of the except clause and of the attempt's frames: its models, graphs and
-            # optimizer state are unreferenced now and can be given back before the halves start
-            epoch = attempt.epoch
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            half = (len(group) + 1) // 2
-            halves = [group[:half], group[half:]]
-            if on_split is not None:
-                on_split(epoch, halves)
-            todo[:0] = halves
-            continue
-        results.update(zip(group, attempt, strict=True))
-    return [results[i] for i in range(len(specs))]
+        return attempt
+
+
+def _pack_kernels(specs: list[TrainSpec], kernels: str | None) -> str:
+    """The kernels a pack of ``specs`` runs with (``kernels``, or the default for ``None``)."""
+    batchable = bool(specs) and specs[0].accumulation == 1 and OPTIMIZERS[specs[0].optimizer].batched_packs
+    if kernels is None:
+        # exact for SASSHA (see train_pack), for optimizers without a batched step and for gradient
+        # accumulation (only a member's own optimizer.step takes its micro-batches)
+        kernels = "batched" if batchable and specs[0].optimizer != "sassha" else "exact"
+    if kernels == "batched" and not batchable:
+        raise ValueError(f"cannot pack with kernels='batched': {specs[0].optimizer} with accumulation "
+                         f"{specs[0].accumulation} has no batched step (kernels='exact' runs it)")
+    if kernels not in ("batched", "exact"):
+        raise ValueError(f"kernels must be 'batched' or 'exact', got {kernels!r}")
+    return kernels
+
+
+def _out_of_memory(device: torch.device, splits: Splits | None) -> TrainResult:
+    """The result of a member that ran out of memory alone (no model was built)."""
+    return TrainResult("out_of_memory", "out_of_memory", 0, 0, 0.0, float("nan"), str(device), [],
+                       None, splits)  # type: ignore[arg-type]  # no model was built
+
+
+def _halves(group: list[int], device: torch.device) -> list[list[int]]:
+    """The two halves a pack that ran out of memory restarts as, once its memory is given back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    half = (len(group) + 1) // 2
+    return [group[:half], group[half:]]
