@@ -18,24 +18,14 @@ import torch
 from torch import Tensor
 
 from .base import (
-    PERTURBATION_CHECKS,
     Closures,
     accumulated_grads,
     clear_grads,
     micro_batches,
-    one_of,
     split_active,
 )
 from .functional import sam_perturbation
-from .preconditioned import (
-    BIAS_CORRECTIONS,
-    GRADIENT_CHECKS,
-    MOMENT_CHECKS,
-    REFRESH_CHECKS,
-    HessianPower,
-    HessianPreconditioned,
-    check_hessian_power,
-)
+from .preconditioned import HessianPower, HessianPreconditioned, group_defaults
 
 __all__ = ["MSassha"]
 
@@ -63,15 +53,6 @@ class MSassha(HessianPreconditioned):
     i.e. no square root).
     """
 
-    GROUP_CHECKS = {
-        **MOMENT_CHECKS,
-        **PERTURBATION_CHECKS,
-        **REFRESH_CHECKS,
-        "hessian_power": check_hessian_power,
-        "bias_correction": one_of("bias_correction", BIAS_CORRECTIONS),
-        **GRADIENT_CHECKS,
-    }
-
     def __init__(
         self,
         params,
@@ -91,13 +72,7 @@ class MSassha(HessianPreconditioned):
         always_create_graph: bool = False,
         process_group=None,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(betas), weight_decay=weight_decay, rho=rho, lazy_hessian=lazy_hessian,
-            dense_refresh_steps=dense_refresh_steps, n_samples=n_samples, perturb_eps=perturb_eps, eps=eps,
-            hessian_power=hessian_power, bias_correction=bias_correction, max_grad_norm=max_grad_norm,
-            always_create_graph=bool(always_create_graph),
-        )
-        super().__init__(params, defaults, seed=seed, process_group=process_group)
+        super().__init__(params, group_defaults(locals()), seed=seed, process_group=process_group)
 
     def _momentum_ascent(self) -> tuple[list[Tensor], list[Tensor]]:
         """The parameters that have a momentum, and ``d = rho m / (||m|| + perturb_eps)`` for each."""

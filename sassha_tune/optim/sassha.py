@@ -44,6 +44,7 @@ from .preconditioned import (
     HessianPower,
     HessianPreconditioned,
     check_hessian_power,
+    group_defaults,
 )
 from .stack import Stack, StackMember, stacked_grads
 
@@ -162,14 +163,7 @@ class Sassha(HessianPreconditioned):
         perturbation_grad: str = "local",
         process_group: Any = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(betas), weight_decay=weight_decay, rho=rho, lazy_hessian=lazy_hessian,
-            dense_refresh_steps=dense_refresh_steps, n_samples=n_samples, perturb_eps=perturb_eps, eps=eps,
-            hessian_power=hessian_power, adaptive=bool(adaptive), hessian_point=hessian_point,
-            bias_correction=bias_correction, max_grad_norm=max_grad_norm,
-            always_create_graph=bool(always_create_graph), perturbation_grad=perturbation_grad,
-        )
-        super().__init__(params, defaults, seed=seed, process_group=process_group)
+        super().__init__(params, group_defaults(locals()), seed=seed, process_group=process_group)
         self.model = model
 
     def perturbation(self, params: list[list[Tensor]], grads: list[list[Tensor]]) -> list[list[Tensor]]:

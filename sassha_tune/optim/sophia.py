@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .base import Closures, positive
 from .functional import sophia_update_
-from .preconditioned import GRADIENT_CHECKS, MOMENT_CHECKS, REFRESH_CHECKS, OnePassPreconditioned
+from .preconditioned import OnePassPreconditioned, group_defaults
 
 __all__ = ["SophiaH"]
 
@@ -25,9 +25,7 @@ class SophiaH(OnePassPreconditioned):
     :class:`~sassha_tune.optim.sassha.Sassha` (also refresh at each of the first N steps).
     """
 
-    GROUP_CHECKS = {
-        **MOMENT_CHECKS, **REFRESH_CHECKS, **GRADIENT_CHECKS, "clip_threshold": positive("clip_threshold"),
-    }
+    GROUP_CHECKS = {**OnePassPreconditioned.GROUP_CHECKS, "clip_threshold": positive("clip_threshold")}
 
     def __init__(
         self,
@@ -45,12 +43,7 @@ class SophiaH(OnePassPreconditioned):
         always_create_graph: bool = False,
         process_group: Any = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, clip_threshold=clip_threshold,
-            lazy_hessian=lazy_hessian, dense_refresh_steps=dense_refresh_steps, n_samples=n_samples,
-            max_grad_norm=max_grad_norm, always_create_graph=bool(always_create_graph),
-        )
-        super().__init__(params, defaults, seed=seed, process_group=process_group)
+        super().__init__(params, group_defaults(locals()), seed=seed, process_group=process_group)
 
     @torch.no_grad()
     def step(self, closure: Closures | None = None) -> Tensor:  # type: ignore[override]
