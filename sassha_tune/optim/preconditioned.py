@@ -3,8 +3,8 @@
 :class:`HessianPreconditioned` holds the lazy Hutchinson refresh schedule, the private probe
 generator, the moment updates, SASSHA's preconditioned update and a complete ``state_dict``
 (including the generator's state, which the official SASSHA code does not save). A step is three
-public phases, which :meth:`Sassha.step <sassha_tune.optim.sassha.Sassha.step>` runs in order and a
-trial pack runs for each of its members on views of the stacked model:
+public phases, which SASSHA's pass order (written once in :mod:`.sassha`) runs for one optimizer
+(``Sassha.step``) or for each member of a trial pack on views of the stacked model (``Sassha.stacked_step``):
 
 1. :meth:`HessianPreconditioned.plan_step` — count the step, decide which parameters get a new
    Hessian estimate (:class:`StepPlan`);

@@ -13,6 +13,7 @@ the arithmetic is in :mod:`.functional`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ from .preconditioned import (
     REFRESH_CHECKS,
     HessianPower,
     HessianPreconditioned,
+    StepPlan,
     check_hessian_power,
     group_defaults,
 )
@@ -184,38 +186,31 @@ class Sassha(HessianPreconditioned):
         candidates = self._candidates()
         flat = [p for ps in candidates for p in ps]
         clear_grads(flat)
-
-        # pass 1 at theta
-        loss, first = accumulated_grads(closures, flat)
+        loss, first = accumulated_grads(closures, flat)  # pass 1 at theta
         params, grads1 = split_active(candidates, first)
         del first
         if not any(params):
             return loss.detach()
-        plan = self.plan_step(params)
-        # perturb: e is written over the pass-1 gradients, which are not needed any more
-        displacement = self._perturb(params, grads1)
+        share = _Share(self, params, grads1)
         del grads1
-        active = [p for ps in params for p in ps]
 
-        # pass 2 at theta + e on the same batch
-        _, second = accumulated_grads(
-            closures, active, create_graph=plan.need_graph, context=lambda: second_pass_context(self.model)
-        )
-        grads2 = regroup([torch.zeros_like(p) if g is None else g for p, g in zip(active, second, strict=True)], params)
-        del second
-        point = self.param_groups[0]["hessian_point"]
-        estimates = self.estimate_due(params, grads2, plan) if point == "perturbed" else None
-        # restore on .data: no version bump, so the graph's saved parameters now read theta
-        displacement.restore()
-        del displacement
-        if point == "reference":
-            estimates = self.estimate_due(params, grads2, plan)
-        self.update(params, grads2, estimates, plan)
+        def second_pass(need_graph: bool) -> None:  # at theta + e, on the same batch
+            active = [p for ps in params for p in ps]
+            _, second = accumulated_grads(
+                closures, active, create_graph=need_graph, context=lambda: second_pass_context(self.model)
+            )
+            share.grads = regroup([torch.zeros_like(p) if g is None else g for p, g in zip(active, second, strict=True)],
+                                  params)
+
+        def estimate(shares: list[_Share], keep_graph: bool) -> None:
+            share.estimates = self.estimate_due(params, share.grads, share.plan)  # type: ignore[arg-type]
+
+        _pass_order([share], second_pass, estimate)
         return loss.detach()
 
     def _perturb(self, params: list[list[Tensor]], grads1: list[list[Tensor]]) -> _Displacement:
         """``theta <- theta + e`` on ``.data`` from the pass-1 gradients (averaged across ranks first
-        with ``perturbation_grad="global"``)."""
+        with ``perturbation_grad="global"``); ``e`` is written over ``grads1``."""
         settings = self.param_groups[0]  # the optimizer-wide keys (the same in every group)
         group = active_group(self.process_group)
         if group is not None and settings["perturbation_grad"] == "global":
@@ -234,39 +229,77 @@ class Sassha(HessianPreconditioned):
     @classmethod
     @torch.no_grad()
     def stacked_step(cls, stack: Stack, members: list[StackMember]) -> tuple[Tensor, Tensor]:
-        """:meth:`step` for every member of a trial pack at once, in its order: each member's
-        :meth:`plan_step` and :meth:`perturbation` on its views, one stacked pass 2, the members'
-        Hessian estimates (those at the perturbed point before the restore, those at the
-        reference point after it), then each member's :meth:`update`."""
+        """:meth:`step` for every member of a trial pack at once: one stacked pass 1, then
+        :func:`_pass_order` with each member's share of it, one stacked pass 2 and one stacked
+        Hessian-vector product per probe for the members that refresh."""
         with torch.enable_grad(), stack.autocast():
             loss, out = stack.forward()
         grads1 = stacked_grads(loss, stack.params)
-        plans, flat_es = {}, {}
+        shares = {m.slot: _Share(m.optimizer, [m.views], [[g[m.slot] for g in grads1]]) for m in members}
         for m in members:
             clear_grads(m.views)
-            plans[m.slot] = m.optimizer.plan_step([m.views])
-            flat_es[m.slot] = m.optimizer.perturbation([m.views], [[g[m.slot] for g in grads1]])[0]
-            torch._foreach_add_(m.views, flat_es[m.slot])
         del grads1
-        need_graph = any(plan.need_graph for plan in plans.values())
-        with torch.enable_grad(), frozen_running_stats(stack.module), stack.autocast():
-            loss2, _ = stack.forward()
-            grads2 = stacked_grads(loss2, stack.params, create_graph=need_graph)
-        del loss2
-        due = {s: plan.due[0] for s, plan in plans.items() if plan.due[0]}
-        point = {m.slot: m.optimizer.param_groups[0]["hessian_point"] for m in members}
-        due_perturbed = {s: i for s, i in due.items() if point[s] == "perturbed"}
-        due_reference = {s: i for s, i in due.items() if point[s] == "reference"}
-        estimates = _stacked_estimates(stack, grads2, due_perturbed, members, keep_graph=bool(due_reference))
-        for m in members:  # restore on .data: the graph's saved parameters now read theta
-            torch._foreach_sub_(m.views, flat_es[m.slot])
-        del flat_es
-        estimates.update(_stacked_estimates(stack, grads2, due_reference, members, keep_graph=False))
-        for m in members:
-            est = estimates.get(m.slot)
-            m.optimizer.update([m.views], [[g[m.slot] for g in grads2]], [est] if est else None, plans[m.slot])
-        del grads2
+        grads2: list[Tensor] = []
+
+        def second_pass(need_graph: bool) -> None:
+            with torch.enable_grad(), frozen_running_stats(stack.module), stack.autocast():
+                loss2, _ = stack.forward()
+                grads2.extend(stacked_grads(loss2, stack.params, create_graph=need_graph))
+            for slot, share in shares.items():
+                share.grads = [[g[slot] for g in grads2]]
+
+        def estimate(due: list[_Share], keep_graph: bool) -> None:
+            wanted = {slot: share.plan.due[0] for slot, share in shares.items() if share in due}  # type: ignore[union-attr]
+            for slot, found in _stacked_estimates(stack, grads2, wanted, members, keep_graph=keep_graph).items():
+                shares[slot].estimates = [found]
+
+        _pass_order(list(shares.values()), second_pass, estimate)
         return loss.detach(), out.detach()
+
+
+@dataclass(eq=False)
+class _Share:
+    """One optimizer's part of a step: its parameters per group (those with a gradient), their
+    gradients (pass 1's, then pass 2's) and what the step decides on the way."""
+
+    optimizer: Sassha
+    params: list[list[Tensor]]
+    grads: list[list[Tensor]] | None
+    plan: StepPlan | None = None
+    displacement: _Displacement | None = None
+    estimates: list[list[Tensor]] | None = None
+
+
+def _pass_order(
+    shares: list[_Share], second_pass: Callable[[bool], None], estimate: Callable[[list[_Share], bool], None]
+) -> None:
+    """SASSHA's step after pass 1, for one optimizer (:meth:`Sassha.step`) or for the members of a
+    trial pack (:meth:`Sassha.stacked_step`), who bring the passes and the Hessian-vector products.
+
+    Each share: the step is planned and theta moved to theta + e (e from the pass-1 gradient);
+    ``second_pass(need_graph)`` gives each share its pass-2 gradients; the Hessian estimates of the
+    shares that refresh at the perturbed point (``estimate(shares, keep_graph)``, keeping the graph
+    when estimates at the reference point follow); theta restored in place on ``.data``, so the
+    graph's saved parameters now read theta while its activations are those of theta + e (the
+    reference point, "hybrid" in docs/optimizer.md); the estimates at the reference point; each
+    share's update."""
+    for share in shares:
+        share.plan = share.optimizer.plan_step(share.params)
+        share.displacement = share.optimizer._perturb(share.params, share.grads)
+        share.grads = None  # e was written over them
+    second_pass(any(share.plan.need_graph for share in shares))
+    due = [share for share in shares if share.plan.any_due]
+    at = {point: [share for share in due if share.optimizer.param_groups[0]["hessian_point"] == point]
+          for point in HESSIAN_POINTS}
+    if at["perturbed"]:
+        estimate(at["perturbed"], bool(at["reference"]))
+    for share in shares:
+        share.displacement.restore()
+        share.displacement = None
+    if at["reference"]:
+        estimate(at["reference"], False)
+    for share in shares:
+        share.optimizer.update(share.params, share.grads, share.estimates, share.plan)
 
 
 @dataclass
