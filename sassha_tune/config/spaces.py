@@ -15,7 +15,7 @@ A space file::
     without_normalization: sassha_nonorm   # the space searched instead on a model without normalization
                                            # layers when the config names no space
 
-Weight-decay convention (the one place it is converted is :func:`to_hparams`): ``weight_decay``
+Weight-decay convention (converted by :func:`to_hparams`, by the optimizer's registry entry): ``weight_decay``
 in configs, search spaces, published lists and exports is the published scripts' ``--wd``. The
 scripts give decoupled optimizers (SASSHA, M-SASSHA, AdamW, SAM-AdamW, AdaHessian, Sophia-H)
 ``wd / lr`` (the initial lr), so the per-step shrink ``1 - lr_t * wd / lr_0`` equals ``wd`` at the

@@ -2,8 +2,9 @@
 
 Everything that used to be a list of names somewhere else (which optimizers take a probe seed,
 which have decoupled weight decay, which a trial pack can run, how many passes a step costs, the
-hyperparameters a config may set) is a field of :class:`OptimizerInfo` here, and
-:func:`build_optimizer` is the one way the trainer makes an optimizer.
+hyperparameters a config may set, their defaults and conventions) is a field or method of
+:class:`OptimizerInfo` here, and :func:`build_optimizer` is the one way the trainer makes an
+optimizer. A config's values become constructor arguments by :meth:`OptimizerInfo.hparams`.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ class OptimizerInfo:
     passes: int
     #: takes ``model=`` so its second pass can freeze BatchNorm running statistics
     needs_model: bool = False
+    #: a trial pack runs it with exact kernels unless told otherwise, though it has a batched step
+    #: (SASSHA: its Hessian preconditioner amplifies the batched kernels' last-bit differences)
+    exact_packs_by_default: bool = False
     #: the registry's defaults over the constructor's (the reference scripts' SGD momentum 0.9)
     defaults: Mapping[str, Any] = field(default_factory=dict)
     #: the parameter groups to build it over, from the model and the arguments it takes out of them
@@ -160,7 +164,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
         OptimizerInfo("adahessian", AdaHessian, decoupled_weight_decay=True, seeded=True, batched_packs=False, passes=1),
         OptimizerInfo("sophiah", SophiaH, decoupled_weight_decay=True, seeded=True, batched_packs=False, passes=1),
         OptimizerInfo("sassha", Sassha, decoupled_weight_decay=True, seeded=True, batched_packs=True, passes=2,
-                      needs_model=True),
+                      needs_model=True, exact_packs_by_default=True),
         OptimizerInfo("msassha", MSassha, decoupled_weight_decay=True, seeded=True, batched_packs=False, passes=1),
         OptimizerInfo("sassha_lm", SasshaLM, decoupled_weight_decay=True, seeded=True, batched_packs=False, passes=2,
                       needs_model=True, param_groups=_linear_weight_groups),

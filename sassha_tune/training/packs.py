@@ -467,7 +467,8 @@ def _pack_kernels(specs: list[TrainSpec], kernels: str | None) -> str:
     if kernels is None:
         # exact for SASSHA (see train_pack), for optimizers without a batched step and for gradient
         # accumulation (only a member's own optimizer.step takes its micro-batches)
-        kernels = "batched" if batchable and specs[0].optimizer != "sassha" else "exact"
+        exact = not batchable or OPTIMIZERS[specs[0].optimizer].exact_packs_by_default
+        kernels = "exact" if exact else "batched"
     if kernels == "batched" and not batchable:
         raise ValueError(f"cannot pack with kernels='batched': {specs[0].optimizer} with accumulation "
                          f"{specs[0].accumulation} has no batched step (kernels='exact' runs it)")
