@@ -15,7 +15,7 @@ A space file::
     without_normalization: sassha_nonorm   # the space searched instead on a model without normalization
                                            # layers when the config names no space
 
-Weight-decay convention (the one place it is converted is :func:`to_hparams`): ``weight_decay``
+Weight-decay convention (converted by :func:`to_hparams`, by the optimizer's registry entry): ``weight_decay``
 in configs, search spaces, published lists and exports is the published scripts' ``--wd``. The
 scripts give decoupled optimizers (SASSHA, M-SASSHA, AdamW, SAM-AdamW, AdaHessian, Sophia-H)
 ``wd / lr`` (the initial lr), so the per-step shrink ``1 - lr_t * wd / lr_0`` equals ``wd`` at the
@@ -419,33 +419,13 @@ def suggest(trial: Any, space: SearchSpace) -> dict[str, Any]:
 def to_hparams(
     optimizer: str, params: Mapping[str, Any], *, seed: int | None = None, language: bool = False
 ) -> dict[str, Any]:
-    """Config-convention values -> optimizer constructor arguments. The one conversion point.
+    """Config-convention values -> optimizer constructor arguments. The one conversion point; the
+    conventions are the optimizer's registry entry's (:meth:`~sassha_tune.optim.OptimizerInfo.hparams`:
+    ``weight_decay`` as ``wd / lr`` for decoupled optimizers unless ``language``, ``beta1`` /
+    ``beta2`` as ``betas``, the trial ``seed`` for optimizers with Hessian probes)."""
+    from ..optim.registry import hparams_from_config
 
-    * ``weight_decay`` (the scripts' ``--wd``) becomes ``wd / lr`` for decoupled optimizers, as the
-      image-classification scripts pass it; ``language``: as given, as the language-model scripts
-      pass it (nanoGPT style: ``AdamW(weight_decay=wd)``, SASSHA-LM's ``2e-4``);
-    * ``beta1`` / ``beta2`` become ``betas``;
-    * optimizers with Hessian probes get ``seed`` (the trial seed) unless it is given.
-    """
-    from ..optim.registry import OPTIMIZERS
-
-    info = OPTIMIZERS.get(optimizer)
-    hp = dict(params)
-    if "beta1" in hp or "beta2" in hp:
-        b1 = hp.pop("beta1", 0.9)
-        b2 = hp.pop("beta2", 0.999)
-        hp["betas"] = (float(b1), float(b2))
-    elif isinstance(hp.get("betas"), list):
-        hp["betas"] = tuple(hp["betas"])
-    if info is not None and info.decoupled_weight_decay and "weight_decay" in hp and not language:
-        if "lr" not in hp:
-            raise ConfigError(
-                f"weight_decay for {optimizer} is given in the scripts' convention (wd / lr); it needs lr too"
-            )
-        hp["weight_decay"] = float(hp["weight_decay"]) / float(hp["lr"])
-    if info is not None and info.seeded and seed is not None:
-        hp.setdefault("seed", seed)
-    return hp
+    return hparams_from_config(optimizer, params, seed=seed, language=language)
 
 
 def config_hparams(cfg: Any, values: Mapping[str, Any]) -> dict[str, Any]:

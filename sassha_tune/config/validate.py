@@ -1036,69 +1036,76 @@ def _optimizer_checks(cfg: Config, space: Any, ctx: _Ctx) -> None:
     """Ask the optimizer itself: build it on a dummy parameter with ``optimizer.fixed`` and with each
     bound of each searched parameter (its other searched parameters at their lowest values), so a
     value it refuses (a negative lr, ``lazy_hessian: 0``, a string) fails now, not in every trial."""
-    import inspect
-
     import torch
 
-    from ..optim.base import without_compiler_import
     from ..optim.registry import OPTIMIZERS
-    from .spaces import config_hparams
 
-    info = OPTIMIZERS[cfg.optimizer.name]
-    defaults: dict[str, Any] = {}
-    for klass in info.cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None or klass is object:
-            continue
-        for p in inspect.signature(init).parameters.values():
-            if p.default is not p.empty:
-                defaults.setdefault(p.name, p.default)
-    defaults.update(info.defaults)
-    if "betas" in defaults and isinstance(defaults["betas"], tuple):
-        defaults.setdefault("beta1", defaults["betas"][0])
-        defaults.setdefault("beta2", defaults["betas"][1])
+    defaults = OPTIMIZERS[cfg.optimizer.name].config_defaults()
+    fixed = cfg.optimizer.fixed
+    model = torch.nn.Linear(1, 1)
+    # the lr a decoupled weight decay needs (wd / lr): the fixed one, else the constructor's default
+    # while the fixed values and a searched lr are checked, the searched lr's low for the others
+    lr = {"lr": fixed["lr"]} if "lr" in fixed else {"lr": defaults["lr"]} if _is_number(defaults.get("lr")) else {}
+    _fixed_checks(cfg, defaults, lr, model, ctx)
+    lowest = {n: (p.choices[0] if p.type == "categorical" else p.low) for n, p in space.params.items()}
+    searched = sorted((n for n in space.params if n not in fixed), key=lambda n: n != "lr")  # lr first
+    for name in searched:
+        lr_of_name = {"lr": lowest["lr"]} if name != "lr" and "lr" in lowest and "lr" not in fixed else lr
+        others = {**lr_of_name, **fixed}
+        _searched_bound_checks(cfg, name, space.params[name], others, defaults.get(name), model, ctx)
+    if (why := _refusal(cfg, model, {**fixed, **{n: lowest[n] for n in searched}})) is not None:
+        raise ctx.fail("optimizer.search_space", "", raw=f"its lowest values with optimizer.fixed are refused by "
+                       f"{cfg.optimizer.name}: {why}")
+
+
+def _fixed_checks(cfg: Config, defaults: dict[str, Any], lr: dict[str, Any], model: Any, ctx: _Ctx) -> None:
+    """``optimizer.fixed``: each value of the kind its default is, then taken by the optimizer one
+    key at a time (an error names the culprit; with the ``lr`` a decoupled weight decay needs),
+    then all of them together."""
     fixed = cfg.optimizer.fixed
     for key, value in fixed.items():
         error = _value_kind_error(key, value, defaults.get(key))
         if error:
             raise ctx.fail(f"optimizer.fixed.{key}", "", raw=error)
-    lowest = {n: (p.choices[0] if p.type == "categorical" else p.low) for n, p in space.params.items()}
-    model = torch.nn.Linear(1, 1)
-
-    def refused(params: dict[str, Any]) -> str | None:
-        """Why the optimizer refuses exactly ``params`` (None: it takes them)."""
-        try:
-            with without_compiler_import():  # the coordinator never compiles: 1.5 s of CPU saved
-                info.build(model, config_hparams(cfg, params))
-        except (TypeError, ValueError, ZeroDivisionError, OverflowError, RuntimeError, ConfigError) as exc:
-            return " ".join(str(exc).split())[:200] or type(exc).__name__
-        return None
-
-    searched = sorted((n for n in space.params if n not in fixed), key=lambda n: n != "lr")  # lr first
-    # the lr a decoupled weight decay needs (wd / lr): the fixed one, else the constructor's default
-    # while the fixed values are checked and the searched one's low once it is checked itself
-    lr = {"lr": fixed["lr"]} if "lr" in fixed else {"lr": defaults["lr"]} if _is_number(defaults.get("lr")) else {}
-    for key in fixed:  # one key at a time names the culprit (with the lr a decoupled weight decay needs)
-        if (why := refused({**lr, key: fixed[key]})) is not None:
+    for key in fixed:
+        if (why := _refusal(cfg, model, {**lr, key: fixed[key]})) is not None:
             raise ctx.fail(f"optimizer.fixed.{key}", "", raw=f"{fixed[key]!r} is refused by {cfg.optimizer.name}: {why}")
-    if (why := refused({**lr, **fixed})) is not None:
+    if (why := _refusal(cfg, model, {**lr, **fixed})) is not None:
         raise ctx.fail("optimizer.fixed", "", raw=f"refused by {cfg.optimizer.name}: {why}")
-    for name in searched:
-        if name != "lr" and "lr" in lowest and "lr" not in fixed:
-            lr = {"lr": lowest["lr"]}
-        p = space.params[name]
-        where = f"optimizer.search_space.params.{name}"
-        candidates = [("choices", c) for c in p.choices or ()] if p.type == "categorical" else [("low", p.low), ("high", p.high)]
-        for key, value in candidates:
-            error = _value_kind_error(name, value, defaults.get(name))
-            if error is None:
-                why = refused({**lr, **fixed, name: value})
-                error = None if why is None else f"{value!r} is refused by {cfg.optimizer.name}: {why}"
-            if error is not None:
-                raise ctx.fail(f"{where}.{key}", "", raw=error)
-    if (why := refused({**fixed, **{n: lowest[n] for n in searched}})) is not None:
-        raise ctx.fail("optimizer.search_space", "", raw=f"its lowest values with optimizer.fixed are refused by "
-                       f"{cfg.optimizer.name}: {why}")
+
+
+def _searched_bound_checks(
+    cfg: Config, name: str, param: Any, others: dict[str, Any], default: Any, model: Any, ctx: _Ctx
+) -> None:
+    """Each bound (or choice) of searched parameter ``name``: of the kind its default is, and taken
+    by the optimizer together with ``others``."""
+    where = f"optimizer.search_space.params.{name}"
+    if param.type == "categorical":
+        candidates = [("choices", c) for c in param.choices or ()]
+    else:
+        candidates = [("low", param.low), ("high", param.high)]
+    for key, value in candidates:
+        error = _value_kind_error(name, value, default)
+        if error is None:
+            why = _refusal(cfg, model, {**others, name: value})
+            error = None if why is None else f"{value!r} is refused by {cfg.optimizer.name}: {why}"
+        if error is not None:
+            raise ctx.fail(f"{where}.{key}", "", raw=error)
+
+
+def _refusal(cfg: Config, model: Any, values: dict[str, Any]) -> str | None:
+    """Why ``cfg``'s optimizer refuses exactly ``values`` (config conventions), built over the dummy
+    ``model``; None: it takes them."""
+    from ..optim.base import without_compiler_import
+    from ..optim.registry import OPTIMIZERS
+    from .spaces import config_hparams
+
+    try:
+        with without_compiler_import():  # the coordinator never compiles: 1.5 s of CPU saved
+            OPTIMIZERS[cfg.optimizer.name].build(model, config_hparams(cfg, values))
+    except (TypeError, ValueError, ZeroDivisionError, OverflowError, RuntimeError, ConfigError) as exc:
+        return " ".join(str(exc).split())[:200] or type(exc).__name__
+    return None
 
 
 def with_model_normalization(cfg: Config, normalized: bool | None) -> Config:

@@ -3,8 +3,10 @@
 One file per optimizer family (:mod:`.sassha`, :mod:`.sassha_lm`, :mod:`.msassha`, :mod:`.sam`, :mod:`.first_order`,
 :mod:`.adahessian`, :mod:`.sophia`), what the Hessian-preconditioned ones share in
 :mod:`.preconditioned`, the arithmetic as functions on lists of tensors in :mod:`.functional`,
-Hessian-vector products and Hutchinson estimates in :mod:`.hessian`, and the table of optimizer
-facts with ``build_optimizer(name, model, hparams)`` in :mod:`.registry`.
+Hessian-vector products and Hutchinson estimates in :mod:`.hessian`, what an optimizer's step over
+the stacked members of a trial pack is given (``stacked_step``) in :mod:`.stack`, and the table of
+optimizer facts (with each one's config conventions and defaults) and
+``build_optimizer(name, model, hparams)`` in :mod:`.registry`.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .base import Closures
 from .functional import adahessian_update_, conv_kernel_average
-from .preconditioned import OnePassPreconditioned
+from .preconditioned import OnePassPreconditioned, group_defaults
 
 __all__ = ["AdaHessian"]
 
@@ -43,14 +43,9 @@ class AdaHessian(OnePassPreconditioned):
         always_create_graph: bool = False,
         process_group: Any = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, hessian_power=hessian_power,
-            lazy_hessian=lazy_hessian, dense_refresh_steps=dense_refresh_steps, n_samples=n_samples,
-            max_grad_norm=max_grad_norm, always_create_graph=bool(always_create_graph),
-        )
         if callable(hessian_power):
             raise ValueError(f"Invalid hessian_power: {hessian_power!r} (expected a number >= 0)")
-        super().__init__(params, defaults, seed=seed, process_group=process_group)
+        super().__init__(params, group_defaults(locals()), seed=seed, process_group=process_group)
 
     def _param_state(self, p: Tensor) -> dict[str, Any]:
         state = super()._param_state(p)

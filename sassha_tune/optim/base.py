@@ -267,13 +267,24 @@ def check_same_in_groups(groups: list[dict[str, Any]], group: Mapping[str, Any],
                 )
 
 
-PERTURBATION_GRADS = ("local", "global")  # SAM and SASSHA under data parallelism
-HESSIAN_POINTS = ("reference", "perturbed")  # where SASSHA takes its Hessian-vector product
-BIAS_CORRECTIONS = ("steps", "refreshes")  # what SASSHA's second-moment bias correction counts
-GRAD_REDUCTIONS = ("sum", "mean")  # how SASSHA's language-model variant combines ranks' gradients
+#: a param-group key's check: raises ``ValueError`` naming the key when the value is refused
+Check = Callable[[Any], None]
 
 
-def _check_optional_count(name: str) -> Callable[[Any], None]:
+def nonnegative(name: str) -> Check:
+    return lambda value: check_positive(name, value)
+
+
+def positive(name: str) -> Check:
+    return lambda value: check_positive(name, value, allow_zero=False)
+
+
+def integer(name: str, minimum: int = 1) -> Check:
+    return lambda value: check_int(name, value, minimum=minimum)
+
+
+def optional_count(name: str) -> Check:
+    """An integer >= 0, or None (a warm-up that is off)."""
     def check(value: Any) -> None:
         if value is not None:
             check_int(name, value, minimum=0)
@@ -281,12 +292,11 @@ def _check_optional_count(name: str) -> Callable[[Any], None]:
     return check
 
 
-def _check_hessian_power(value: Any) -> None:
-    if not callable(value):
-        check_positive("hessian_power", value)
+def one_of(name: str, choices: tuple[str, ...]) -> Check:
+    return lambda value: check_choice(name, value, choices)
 
 
-def _check_bool(name: str) -> Callable[[Any], None]:
+def flag(name: str) -> Check:
     def check(value: Any) -> None:
         if not isinstance(value, bool):
             raise ValueError(f"Invalid {name}: {value!r} (expected True or False)")
@@ -294,39 +304,19 @@ def _check_bool(name: str) -> Callable[[Any], None]:
     return check
 
 
-#: param-group key -> its check (``ValueError`` naming the key); each class lists the keys it checks
-GROUP_CHECKS: dict[str, Callable[[Any], None]] = {
-    "lr": lambda v: check_positive("lr", v),
-    "betas": check_betas,
-    "weight_decay": lambda v: check_positive("weight_decay", v),
-    "eps": lambda v: check_positive("eps", v),
-    "rho": lambda v: check_positive("rho", v),
-    "perturb_eps": lambda v: check_positive("perturb_eps", v),
-    "lazy_hessian": lambda v: check_int("lazy_hessian", v),
-    "dense_refresh_steps": lambda v: check_int("dense_refresh_steps", v, minimum=0),
-    "n_samples": lambda v: check_int("n_samples", v),
-    "hessian_power": _check_hessian_power,
-    "bias_correction": lambda v: check_choice("bias_correction", v, BIAS_CORRECTIONS),
-    "hessian_point": lambda v: check_choice("hessian_point", v, HESSIAN_POINTS),
-    "perturbation_grad": lambda v: check_choice("perturbation_grad", v, PERTURBATION_GRADS),
-    "max_grad_norm": check_max_grad_norm,
-    "adaptive": _check_bool("adaptive"),
-    "always_create_graph": _check_bool("always_create_graph"),
-    "clip_threshold": lambda v: check_positive("clip_threshold", v, allow_zero=False),
-    "warmup_hessian_power": lambda v: check_positive("warmup_hessian_power", v),
-    "rho_warmup_iters": _check_optional_count("rho_warmup_iters"),
-    "hessian_warmup_iters": _check_optional_count("hessian_warmup_iters"),
-    "grad_reduce": lambda v: check_choice("grad_reduce", v, GRAD_REDUCTIONS),
-}
+PERTURBATION_GRADS = ("local", "global")  # SAM and SASSHA under data parallelism
+
+#: the checks of a SAM-style perturbation's size (SAM, SASSHA and its variants)
+PERTURBATION_CHECKS: dict[str, Check] = {"rho": nonnegative("rho"), "perturb_eps": nonnegative("perturb_eps")}
 
 
 class CheckedGroups:
     """Mixin for ``torch.optim.Optimizer`` subclasses: every parameter group that is added (by the
-    constructor or by ``add_param_group``) has its ``CHECKED`` keys validated, and the keys in
-    ``SAME_IN_EVERY_GROUP`` must agree with the other groups. A bad group raises ``ValueError``
-    naming the key and is not added."""
+    constructor or by ``add_param_group``) has its keys checked by the class's ``GROUP_CHECKS``
+    (key -> check, run in that order), and the keys in ``SAME_IN_EVERY_GROUP`` must agree with the
+    other groups. A bad group raises ``ValueError`` naming the key and is not added."""
 
-    CHECKED: tuple[str, ...] = ()
+    GROUP_CHECKS: Mapping[str, Check] = {}
     SAME_IN_EVERY_GROUP: tuple[str, ...] = ()
     # what the torch.optim.Optimizer it is mixed into provides
     param_groups: list[dict[str, Any]]
@@ -342,9 +332,9 @@ class CheckedGroups:
             raise
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        for key in self.CHECKED:
+        for key, check in self.GROUP_CHECKS.items():
             if key in group:
-                GROUP_CHECKS[key](group[key])
+                check(group[key])
         same = [k for k in self.SAME_IN_EVERY_GROUP if k in group]
         check_same_in_groups(self.param_groups, group, same)
 

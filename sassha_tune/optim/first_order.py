@@ -13,18 +13,21 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..distributed import active_group, all_reduce_mean
 from .base import (
     CheckedGroups,
     Closures,
     accumulated_backward,
+    check_max_grad_norm,
     clear_grads,
     clip_grads_,
     grads_of,
     micro_batches,
     trainable,
 )
+from .stack import Stack, StackMember, set_member_grads, stacked_grads
 
 __all__ = ["OnePassStep", "SGD", "AdamW"]
 
@@ -40,7 +43,7 @@ class OnePassStep(CheckedGroups):
     your own has averaged them already).
     """
 
-    CHECKED = ("max_grad_norm",)
+    GROUP_CHECKS = {"max_grad_norm": check_max_grad_norm}
     SAME_IN_EVERY_GROUP = ("max_grad_norm",)
 
     def __init__(
@@ -74,6 +77,19 @@ class OnePassStep(CheckedGroups):
         self._all_reduce_grads()
         self.apply_update()
         return loss.detach()
+
+    @classmethod
+    @torch.no_grad()
+    def stacked_step(cls, stack: Stack, members: list[StackMember]) -> tuple[Tensor, Tensor]:
+        """:meth:`step` for every member of a trial pack (:mod:`.stack`): one stacked pass, then
+        each member's update from its slice of the gradient (``step()`` without a closure)."""
+        with torch.enable_grad(), stack.autocast():
+            loss, out = stack.forward()
+        grads = stacked_grads(loss, stack.params)
+        for m in members:
+            set_member_grads(m, grads)
+            m.optimizer.step()
+        return loss.detach(), out.detach()
 
 
 class SGD(OnePassStep, torch.optim.SGD):

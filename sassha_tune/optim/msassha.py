@@ -17,9 +17,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Closures, accumulated_grads, clear_grads, micro_batches, split_active
+from .base import (
+    Closures,
+    accumulated_grads,
+    clear_grads,
+    micro_batches,
+    split_active,
+)
 from .functional import sam_perturbation
-from .preconditioned import HessianPower, HessianPreconditioned
+from .preconditioned import HessianPower, HessianPreconditioned, group_defaults
 
 __all__ = ["MSassha"]
 
@@ -66,13 +72,7 @@ class MSassha(HessianPreconditioned):
         always_create_graph: bool = False,
         process_group=None,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(betas), weight_decay=weight_decay, rho=rho, lazy_hessian=lazy_hessian,
-            dense_refresh_steps=dense_refresh_steps, n_samples=n_samples, perturb_eps=perturb_eps, eps=eps,
-            hessian_power=hessian_power, bias_correction=bias_correction, max_grad_norm=max_grad_norm,
-            always_create_graph=bool(always_create_graph),
-        )
-        super().__init__(params, defaults, seed=seed, process_group=process_group)
+        super().__init__(params, group_defaults(locals()), seed=seed, process_group=process_group)
 
     def _momentum_ascent(self) -> tuple[list[Tensor], list[Tensor]]:
         """The parameters that have a momentum, and ``d = rho m / (||m|| + perturb_eps)`` for each."""

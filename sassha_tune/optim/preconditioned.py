@@ -3,8 +3,8 @@
 :class:`HessianPreconditioned` holds the lazy Hutchinson refresh schedule, the private probe
 generator, the moment updates, SASSHA's preconditioned update and a complete ``state_dict``
 (including the generator's state, which the official SASSHA code does not save). A step is three
-public phases, which :meth:`Sassha.step <sassha_tune.optim.sassha.Sassha.step>` runs in order and a
-trial pack runs for each of its members on views of the stacked model:
+public phases, which SASSHA's pass order (written once in :mod:`.sassha`) runs for one optimizer
+(``Sassha.step``) or for each member of a trial pack on views of the stacked model (``Sassha.stacked_step``):
 
 1. :meth:`HessianPreconditioned.plan_step` — count the step, decide which parameters get a new
    Hessian estimate (:class:`StepPlan`);
@@ -27,12 +27,20 @@ from torch import Tensor
 
 from ..distributed import active_group, all_reduce_mean
 from .base import (
-    GROUP_CHECKS,
+    PERTURBATION_CHECKS,
+    Check,
     CheckedGroups,
     Closures,
     accumulated_grads,
+    check_betas,
+    check_max_grad_norm,
+    check_positive,
     clip_grads_,
+    flag,
+    integer,
     micro_batches,
+    nonnegative,
+    one_of,
     regroup,
     split_active,
     state_dtype,
@@ -41,6 +49,55 @@ from .functional import decoupled_weight_decay_, due_for_refresh, ema_, sassha_u
 from .hessian import ProbeRequest, graph_hvp, hutchinson_diagonals, make_generator
 
 HessianPower = float | Callable[[int], float]
+BIAS_CORRECTIONS = ("steps", "refreshes")  # what SASSHA's second-moment bias correction counts
+
+
+def check_hessian_power(value: Any) -> None:
+    """A number >= 0, or a schedule ``step -> power``."""
+    if not callable(value):
+        check_positive("hessian_power", value)
+
+
+#: the checks of the moments' and the update's keys
+MOMENT_CHECKS: dict[str, Check] = {
+    "lr": nonnegative("lr"), "betas": check_betas, "weight_decay": nonnegative("weight_decay"), "eps": nonnegative("eps"),
+}
+#: the lazy Hutchinson refresh's
+REFRESH_CHECKS: dict[str, Check] = {
+    "lazy_hessian": integer("lazy_hessian"),
+    "dense_refresh_steps": integer("dense_refresh_steps", minimum=0),
+    "n_samples": integer("n_samples"),
+}
+#: the gradient's clip and the graph kept for debugging
+GRADIENT_CHECKS: dict[str, Check] = {
+    "max_grad_norm": check_max_grad_norm, "always_create_graph": flag("always_create_graph"),
+}
+
+
+#: a constructor's arguments that are not param-group keys: the run's objects and the probe seed
+_NOT_GROUP_KEYS = frozenset({"self", "__class__", "params", "seed", "model", "process_group"})
+_FLAGS = ("adaptive", "always_create_graph")
+
+
+def group_defaults(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """A constructor's arguments (its ``locals()`` on entry) as the param-group defaults, in the
+    signature's order: every hyperparameter, ``betas`` as a tuple and the flags as booleans."""
+    defaults = {k: v for k, v in arguments.items() if k not in _NOT_GROUP_KEYS}
+    defaults["betas"] = tuple(defaults["betas"])
+    for key in _FLAGS:
+        if key in defaults:
+            defaults[key] = bool(defaults[key])
+    return defaults
+
+
+def placed_estimates(params: list[Tensor], due: list[int], estimates: list[Tensor] | None) -> list[Tensor | None]:
+    """One group's Hessian estimates (of the parameters ``due`` names, or None: none this step) per
+    parameter, in the state dtype; None for a parameter not refreshed."""
+    placed: list[Tensor | None] = [None] * len(params)
+    for i, h in zip(due, estimates or [], strict=estimates is not None):
+        placed[i] = h.to(state_dtype(params[i]))
+    return placed
+
 
 @dataclass
 class StepPlan:
@@ -66,7 +123,16 @@ class HessianPreconditioned(CheckedGroups, torch.optim.Optimizer):
     ``seed`` and generator, the ``process_group``. Every other hyperparameter is a param-group key.
     """
 
-    CHECKED = tuple(GROUP_CHECKS)
+    #: the checks of the family's keys (a class checks those its groups have): M-SASSHA's keys,
+    #: and the others' but for their own
+    GROUP_CHECKS: Mapping[str, Check] = {
+        **MOMENT_CHECKS,
+        **PERTURBATION_CHECKS,
+        **REFRESH_CHECKS,
+        "hessian_power": check_hessian_power,
+        "bias_correction": one_of("bias_correction", BIAS_CORRECTIONS),
+        **GRADIENT_CHECKS,
+    }
     SAME_IN_EVERY_GROUP: tuple[str, ...] = ("max_grad_norm", "always_create_graph")
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], *, seed: int, process_group: Any) -> None:
@@ -254,10 +320,7 @@ class HessianPreconditioned(CheckedGroups, torch.optim.Optimizer):
         if flat_est:
             torch._foreach_abs_(flat_est)
         for gi, (group, ps, gs) in enumerate(zip(self.param_groups, params, grads_c, strict=True)):
-            hess: list[Tensor | None] = [None] * len(ps)
-            if estimates:
-                for i, h in zip(plan.due[gi], estimates[gi], strict=True):
-                    hess[i] = h.to(state_dtype(ps[i]))
+            hess = placed_estimates(ps, plan.due[gi], estimates[gi] if estimates else None)
             self._precondition_update(group, ps, gs, hess, plan.alphas[gi])
 
     def _precondition_update(
@@ -353,8 +416,5 @@ class OnePassPreconditioned(HessianPreconditioned):
         flat_est = [h for hs in (estimates or []) for h in hs]
         flat_p = [p for ps in params for p in ps]
         grads_c = regroup(self._finish_grads(flat_p, [g for gs in grads for g in gs], flat_est), params)
-        hess: list[list[Tensor | None]] = [[None] * len(ps) for ps in params]
-        for gi, ps in enumerate(params):
-            for i, h in zip(plan.due[gi], (estimates or [[]] * len(params))[gi], strict=True):
-                hess[gi][i] = h.to(state_dtype(ps[i]))
+        hess = [placed_estimates(ps, plan.due[gi], estimates[gi] if estimates else None) for gi, ps in enumerate(params)]
         return loss.detach(), params, grads_c, hess

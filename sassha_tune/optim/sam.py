@@ -17,9 +17,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import Closures, accumulated_backward, clear_grads, micro_batches, second_pass_context, trainable
+from .base import (
+    PERTURBATION_CHECKS,
+    PERTURBATION_GRADS,
+    Closures,
+    accumulated_backward,
+    clear_grads,
+    flag,
+    frozen_running_stats,
+    micro_batches,
+    one_of,
+    second_pass_context,
+    trainable,
+)
 from .first_order import OnePassStep
 from .functional import sam_perturbation
+from .stack import Stack, StackMember, set_member_grads, stacked_grads
 
 __all__ = ["SAMStep", "Perturbation", "SAMSGD", "SAMAdamW"]
 
@@ -47,7 +60,12 @@ class SAMStep(OnePassStep):
     the SASSHA reference does) or ``"global"`` (averaged first: one more all-reduce per step).
     """
 
-    CHECKED = ("max_grad_norm", "rho", "perturb_eps", "adaptive", "perturbation_grad")
+    GROUP_CHECKS = {
+        **OnePassStep.GROUP_CHECKS,
+        **PERTURBATION_CHECKS,
+        "adaptive": flag("adaptive"),
+        "perturbation_grad": one_of("perturbation_grad", PERTURBATION_GRADS),
+    }
     SAME_IN_EVERY_GROUP = ("max_grad_norm", "adaptive", "perturbation_grad")
 
     def __init__(
@@ -112,6 +130,28 @@ class SAMStep(OnePassStep):
         accumulated_backward(closures, context=lambda: second_pass_context(self.model))
         self.restore_and_update(perturbation)
         return loss.detach()
+
+    @classmethod
+    @torch.no_grad()
+    def stacked_step(cls, stack: Stack, members: list[StackMember]) -> tuple[Tensor, Tensor]:
+        """:meth:`step` for every member of a trial pack (:mod:`.stack`): each member's
+        :meth:`perturb` and :meth:`restore_and_update` around the two stacked passes."""
+        with torch.enable_grad(), stack.autocast():
+            loss, out = stack.forward()
+        grads1 = stacked_grads(loss, stack.params)
+        perturbations = []
+        for m in members:
+            set_member_grads(m, grads1)
+            perturbations.append(m.optimizer.perturb())
+        del grads1
+        with torch.enable_grad(), frozen_running_stats(stack.module), stack.autocast():
+            loss2, _ = stack.forward()
+        grads2 = stacked_grads(loss2, stack.params)
+        del loss2
+        for m, perturbation in zip(members, perturbations, strict=True):
+            set_member_grads(m, grads2)
+            m.optimizer.restore_and_update(perturbation)  # never None: every view has a gradient
+        return loss.detach(), out.detach()
 
 
 class SAMSGD(SAMStep, torch.optim.SGD):

@@ -13,6 +13,8 @@ the arithmetic is in :mod:`.functional`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,18 +22,37 @@ from torch import Tensor, nn
 
 from ..distributed import active_group, all_reduce_mean
 from .base import (
+    PERTURBATION_CHECKS,
+    PERTURBATION_GRADS,
     Closures,
     accumulated_grads,
+    check_max_grad_norm,
     clear_grads,
+    flag,
+    frozen_running_stats,
     micro_batches,
+    one_of,
     regroup,
     second_pass_context,
     split_active,
 )
 from .functional import sam_perturbation
-from .preconditioned import HessianPower, HessianPreconditioned
+from .hessian import hutchinson_diagonals
+from .preconditioned import (
+    BIAS_CORRECTIONS,
+    MOMENT_CHECKS,
+    REFRESH_CHECKS,
+    HessianPower,
+    HessianPreconditioned,
+    StepPlan,
+    check_hessian_power,
+    group_defaults,
+)
+from .stack import Stack, StackMember, stacked_grads
 
-__all__ = ["Sassha"]
+__all__ = ["Sassha", "HESSIAN_POINTS"]
+
+HESSIAN_POINTS = ("reference", "perturbed")  # where SASSHA takes its Hessian-vector product
 
 
 class Sassha(HessianPreconditioned):
@@ -107,6 +128,18 @@ class Sassha(HessianPreconditioned):
     and the probe generator, so a resumed run continues the exact trajectory.
     """
 
+    GROUP_CHECKS = {
+        **MOMENT_CHECKS,
+        **PERTURBATION_CHECKS,
+        **REFRESH_CHECKS,
+        "hessian_power": check_hessian_power,
+        "bias_correction": one_of("bias_correction", BIAS_CORRECTIONS),
+        "hessian_point": one_of("hessian_point", HESSIAN_POINTS),
+        "perturbation_grad": one_of("perturbation_grad", PERTURBATION_GRADS),
+        "max_grad_norm": check_max_grad_norm,
+        "adaptive": flag("adaptive"),
+        "always_create_graph": flag("always_create_graph"),
+    }
     SAME_IN_EVERY_GROUP = (*HessianPreconditioned.SAME_IN_EVERY_GROUP, "adaptive", "hessian_point", "perturbation_grad")
 
     def __init__(
@@ -132,14 +165,7 @@ class Sassha(HessianPreconditioned):
         perturbation_grad: str = "local",
         process_group: Any = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(betas), weight_decay=weight_decay, rho=rho, lazy_hessian=lazy_hessian,
-            dense_refresh_steps=dense_refresh_steps, n_samples=n_samples, perturb_eps=perturb_eps, eps=eps,
-            hessian_power=hessian_power, adaptive=bool(adaptive), hessian_point=hessian_point,
-            bias_correction=bias_correction, max_grad_norm=max_grad_norm,
-            always_create_graph=bool(always_create_graph), perturbation_grad=perturbation_grad,
-        )
-        super().__init__(params, defaults, seed=seed, process_group=process_group)
+        super().__init__(params, group_defaults(locals()), seed=seed, process_group=process_group)
         self.model = model
 
     def perturbation(self, params: list[list[Tensor]], grads: list[list[Tensor]]) -> list[list[Tensor]]:
@@ -160,46 +186,161 @@ class Sassha(HessianPreconditioned):
         candidates = self._candidates()
         flat = [p for ps in candidates for p in ps]
         clear_grads(flat)
-
-        # pass 1 at theta
-        loss, first = accumulated_grads(closures, flat)
+        loss, first = accumulated_grads(closures, flat)  # pass 1 at theta
         params, grads1 = split_active(candidates, first)
         del first
-        active = [p for ps in params for p in ps]
-        if not active:
+        if not any(params):
             return loss.detach()
-        plan = self.plan_step(params)
+        share = _Share(self, params, grads1)
+        del grads1
+
+        def second_pass(need_graph: bool) -> None:  # at theta + e, on the same batch
+            active = [p for ps in params for p in ps]
+            _, second = accumulated_grads(
+                closures, active, create_graph=need_graph, context=lambda: second_pass_context(self.model)
+            )
+            share.grads = regroup([torch.zeros_like(p) if g is None else g for p, g in zip(active, second, strict=True)],
+                                  params)
+
+        def estimate(shares: list[_Share], keep_graph: bool) -> None:
+            share.estimates = self.estimate_due(params, share.grads, share.plan)  # type: ignore[arg-type]
+
+        _pass_order([share], second_pass, estimate)
+        return loss.detach()
+
+    def _perturb(self, params: list[list[Tensor]], grads1: list[list[Tensor]]) -> _Displacement:
+        """``theta <- theta + e`` on ``.data`` from the pass-1 gradients (averaged across ranks first
+        with ``perturbation_grad="global"``); ``e`` is written over ``grads1``."""
         settings = self.param_groups[0]  # the optimizer-wide keys (the same in every group)
         group = active_group(self.process_group)
         if group is not None and settings["perturbation_grad"] == "global":
             all_reduce_mean([g for gs in grads1 for g in gs], group)
-
-        # perturb: e is written over the pass-1 gradients, which are not needed any more
         flat_e = [e for group_e in self.perturbation(params, grads1) for e in group_e]
-        del grads1
-        data = [p.data for p in active]
+        data = [p.data for ps in params for p in ps]
         # Under data parallelism with local perturbations e differs between ranks, and so would the
         # rounding of (theta + e) - e: ranks would drift apart. Restore by copy there (exact).
         local = group is not None and settings["perturbation_grad"] == "local"
         saved = torch._foreach_mul(data, 1.0) if local else None
         torch._foreach_add_(data, flat_e)
+        return _Displacement(data, flat_e, saved)
 
-        # pass 2 at theta + e on the same batch
-        _, second = accumulated_grads(
-            closures, active, create_graph=plan.need_graph, context=lambda: second_pass_context(self.model)
-        )
-        grads2 = regroup([torch.zeros_like(p) if g is None else g for p, g in zip(active, second, strict=True)], params)
-        del second
-        estimates = None
-        if settings["hessian_point"] == "perturbed":
-            estimates = self.estimate_due(params, grads2, plan)
-        # restore on .data: no version bump, so the graph's saved parameters now read theta
-        if saved is None:
-            torch._foreach_sub_(data, flat_e)
+    # -- a trial pack's step (see .stack) ------------------------------------------------------------
+
+    @classmethod
+    @torch.no_grad()
+    def stacked_step(cls, stack: Stack, members: list[StackMember]) -> tuple[Tensor, Tensor]:
+        """:meth:`step` for every member of a trial pack at once: one stacked pass 1, then
+        :func:`_pass_order` with each member's share of it, one stacked pass 2 and one stacked
+        Hessian-vector product per probe for the members that refresh."""
+        with torch.enable_grad(), stack.autocast():
+            loss, out = stack.forward()
+        grads1 = stacked_grads(loss, stack.params)
+        shares = {m.slot: _Share(m.optimizer, [m.views], [[g[m.slot] for g in grads1]]) for m in members}
+        for m in members:
+            clear_grads(m.views)
+        del grads1
+        grads2: list[Tensor] = []
+
+        def second_pass(need_graph: bool) -> None:
+            with torch.enable_grad(), frozen_running_stats(stack.module), stack.autocast():
+                loss2, _ = stack.forward()
+                grads2.extend(stacked_grads(loss2, stack.params, create_graph=need_graph))
+            for slot, share in shares.items():
+                share.grads = [[g[slot] for g in grads2]]
+
+        def estimate(due: list[_Share], keep_graph: bool) -> None:
+            wanted = {slot: share.plan.due[0] for slot, share in shares.items() if share in due}  # type: ignore[union-attr]
+            for slot, found in _stacked_estimates(stack, grads2, wanted, members, keep_graph=keep_graph).items():
+                shares[slot].estimates = [found]
+
+        _pass_order(list(shares.values()), second_pass, estimate)
+        return loss.detach(), out.detach()
+
+
+@dataclass(eq=False)
+class _Share:
+    """One optimizer's part of a step: its parameters per group (those with a gradient), their
+    gradients (pass 1's, then pass 2's) and what the step decides on the way."""
+
+    optimizer: Sassha
+    params: list[list[Tensor]]
+    grads: list[list[Tensor]] | None
+    plan: StepPlan | None = None
+    displacement: _Displacement | None = None
+    estimates: list[list[Tensor]] | None = None
+
+
+def _pass_order(
+    shares: list[_Share], second_pass: Callable[[bool], None], estimate: Callable[[list[_Share], bool], None]
+) -> None:
+    """SASSHA's step after pass 1, for one optimizer (:meth:`Sassha.step`) or for the members of a
+    trial pack (:meth:`Sassha.stacked_step`), who bring the passes and the Hessian-vector products.
+
+    Each share: the step is planned and theta moved to theta + e (e from the pass-1 gradient);
+    ``second_pass(need_graph)`` gives each share its pass-2 gradients; the Hessian estimates of the
+    shares that refresh at the perturbed point (``estimate(shares, keep_graph)``, keeping the graph
+    when estimates at the reference point follow); theta restored in place on ``.data``, so the
+    graph's saved parameters now read theta while its activations are those of theta + e (the
+    reference point, "hybrid" in docs/optimizer.md); the estimates at the reference point; each
+    share's update."""
+    for share in shares:
+        share.plan = share.optimizer.plan_step(share.params)
+        share.displacement = share.optimizer._perturb(share.params, share.grads)
+        share.grads = None  # e was written over them
+    second_pass(any(share.plan.need_graph for share in shares))
+    due = [share for share in shares if share.plan.any_due]
+    at = {point: [share for share in due if share.optimizer.param_groups[0]["hessian_point"] == point]
+          for point in HESSIAN_POINTS}
+    if at["perturbed"]:
+        estimate(at["perturbed"], bool(at["reference"]))
+    for share in shares:
+        share.displacement.restore()
+        share.displacement = None
+    if at["reference"]:
+        estimate(at["reference"], False)
+    for share in shares:
+        share.optimizer.update(share.params, share.grads, share.estimates, share.plan)
+
+
+@dataclass
+class _Displacement:
+    """Where :meth:`Sassha._perturb` moved the parameters: their ``.data``, the ascent step ``e``,
+    and a copy of theta where the restore must be by copy."""
+
+    data: list[Tensor]
+    e: list[Tensor]
+    saved: list[Tensor] | None
+
+    def restore(self) -> None:
+        if self.saved is None:
+            torch._foreach_sub_(self.data, self.e)
         else:
-            torch._foreach_copy_(data, saved)
-        del flat_e, data, saved
-        if settings["hessian_point"] == "reference":
-            estimates = self.estimate_due(params, grads2, plan)
-        self.update(params, grads2, estimates, plan)
-        return loss.detach()
+            torch._foreach_copy_(self.data, self.saved)
+
+
+def _stacked_estimates(
+    stack: Stack, grads2: list[Tensor], due: dict[int, list[int]], members: list[StackMember], *, keep_graph: bool
+) -> dict[int, list[Tensor]]:
+    """Per member (slot -> estimate over its due parameters): :func:`.hessian.hutchinson_diagonals`
+    with one request per member (its own generator and ``n_samples``) and one stacked
+    Hessian-vector product per sample; members not asking get zero probes."""
+    if not due:
+        return {}
+    views = {m.slot: m for m in members}
+    slots = list(due)
+    requests = [views[s].optimizer.probe_requests([[views[s].views[i] for i in due[s]]])[0] for s in slots]
+
+    def stacked_hvp(probes: list[list[Tensor] | None], keep: bool) -> list[list[Tensor] | None]:
+        stacked = [torch.zeros_like(p) for p in stack.params]
+        for slot, z in zip(slots, probes, strict=True):
+            if z is not None:
+                for i, zi in zip(due[slot], z, strict=True):
+                    stacked[i][slot].copy_(zi)
+        with torch.enable_grad():
+            products = torch.autograd.grad(
+                grads2, stack.params, grad_outputs=stacked, retain_graph=keep_graph or keep, allow_unused=True
+            )
+        products = [torch.zeros_like(p) if h is None else h for p, h in zip(stack.params, products, strict=True)]
+        return [None if z is None else [products[i][slot] for i in due[slot]] for slot, z in zip(slots, probes, strict=True)]
+
+    return dict(zip(slots, hutchinson_diagonals(requests, stacked_hvp), strict=True))

@@ -28,14 +28,24 @@ from .base import (
     double_backward_context,
     loss_of_closure,
     micro_batches,
+    nonnegative,
+    one_of,
+    optional_count,
     regroup,
     second_pass_context,
     state_dtype,
 )
 from .functional import sam_perturbation, sassha_lm_update_
-from .preconditioned import HessianPreconditioned, StepPlan
+from .preconditioned import (
+    HessianPreconditioned,
+    StepPlan,
+    group_defaults,
+    placed_estimates,
+)
 
-__all__ = ["SasshaLM", "linear_weight_groups"]
+__all__ = ["SasshaLM", "linear_weight_groups", "GRAD_REDUCTIONS"]
+
+GRAD_REDUCTIONS = ("sum", "mean")  # how the ranks' gradients are combined
 
 
 def linear_weight_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -93,6 +103,13 @@ class SasshaLM(HessianPreconditioned):
     ``state_dict``, so a resumed run continues the exact trajectory.
     """
 
+    GROUP_CHECKS = {
+        **HessianPreconditioned.GROUP_CHECKS,
+        "warmup_hessian_power": nonnegative("warmup_hessian_power"),
+        "rho_warmup_iters": optional_count("rho_warmup_iters"),
+        "hessian_warmup_iters": optional_count("hessian_warmup_iters"),
+        "grad_reduce": one_of("grad_reduce", GRAD_REDUCTIONS),
+    }
     SAME_IN_EVERY_GROUP = (*HessianPreconditioned.SAME_IN_EVERY_GROUP, "rho_warmup_iters", "grad_reduce")
 
     def __init__(
@@ -116,13 +133,8 @@ class SasshaLM(HessianPreconditioned):
         model: nn.Module | None = None,
         process_group: Any = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(betas), weight_decay=weight_decay, rho=rho, lazy_hessian=lazy_hessian,
-            n_samples=n_samples, perturb_eps=perturb_eps, eps=eps, hessian_power=hessian_power,
-            warmup_hessian_power=warmup_hessian_power, rho_warmup_iters=rho_warmup_iters,
-            hessian_warmup_iters=hessian_warmup_iters, max_grad_norm=max_grad_norm, grad_reduce=grad_reduce,
-            always_create_graph=False,
-        )
+        # always_create_graph: not an option here (the graph is kept on refresh iterations only)
+        defaults = {**group_defaults(locals()), "always_create_graph": False}
         super().__init__(params, defaults, seed=seed, process_group=process_group)
         self.model = model
 
@@ -176,22 +188,23 @@ class SasshaLM(HessianPreconditioned):
                 grads = torch.autograd.grad(loss if n == 1 else loss / n, flat, create_graph=estimate, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat, grads, strict=True)]
             if estimate:
-                by_group = regroup(grads, params)
-                found = self.hessian_estimates(
-                    [gs if r else [] for gs, r in zip(by_group, refresh, strict=True)],
-                    [ps if r else [] for ps, r in zip(params, refresh, strict=True)],
-                )
-                if estimates is None:
-                    estimates = found
-                else:  # summed over the micro-batches
-                    for acc, new in zip(estimates, found, strict=True):
-                        if acc:
-                            torch._foreach_add_(acc, new)
+                estimates = _summed(estimates, self._refreshing_estimates(grads, params, refresh))
             torch._foreach_add_(total, [g.detach() for g in grads])
             del grads
             losses.append(loss.detach())
         mean_loss = losses[0] if n == 1 else torch.stack(losses).mean()
         return mean_loss, total, estimates
+
+    def _refreshing_estimates(
+        self, grads: list[Tensor], params: list[list[Tensor]], refresh: list[bool]
+    ) -> list[list[Tensor]]:
+        """Per group, the Hutchinson estimates from one micro-batch's (flat) ``grads`` of the groups
+        that refresh (none for the others)."""
+        by_group = regroup(grads, params)
+        return self.hessian_estimates(
+            [gs if r else [] for gs, r in zip(by_group, refresh, strict=True)],
+            [ps if r else [] for ps, r in zip(params, refresh, strict=True)],
+        )
 
     # -- the step -----------------------------------------------------------------------------------------
 
@@ -250,10 +263,7 @@ class SasshaLM(HessianPreconditioned):
         for gi, (group_, ps, gs) in enumerate(zip(self.param_groups, params, work_grads, strict=True)):
             if not ps:
                 continue
-            hess: list[Tensor | None] = [None] * len(ps)
-            if estimates and estimates[gi]:
-                for j, h in zip(plan.due[gi], estimates[gi], strict=True):
-                    hess[j] = h.to(state_dtype(ps[j]))
+            hess = placed_estimates(ps, plan.due[gi], estimates[gi] if estimates and estimates[gi] else None)
             states, work, low, _ = self._decay_and_moments(group_, ps, gs, hess)
             sassha_lm_update_(
                 work,
@@ -262,3 +272,13 @@ class SasshaLM(HessianPreconditioned):
                 lr=group_["lr"], eps=group_["eps"], alpha=plan.alphas[gi],
             )
             self._write_back(ps, work, low)
+
+
+def _summed(total: list[list[Tensor]] | None, found: list[list[Tensor]]) -> list[list[Tensor]]:
+    """The micro-batches' estimates summed (``total`` None: ``found`` is the first)."""
+    if total is None:
+        return found
+    for acc, new in zip(total, found, strict=True):
+        if acc:
+            torch._foreach_add_(acc, new)
+    return total

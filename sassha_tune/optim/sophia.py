@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Closures
+from .base import Closures, positive
 from .functional import sophia_update_
-from .preconditioned import OnePassPreconditioned
+from .preconditioned import OnePassPreconditioned, group_defaults
 
 __all__ = ["SophiaH"]
 
@@ -24,6 +24,8 @@ class SophiaH(OnePassPreconditioned):
     reference scripts pass betas (0.9, 0.999), γ 0.05 and eps 1e-4. ``dense_refresh_steps`` as for
     :class:`~sassha_tune.optim.sassha.Sassha` (also refresh at each of the first N steps).
     """
+
+    GROUP_CHECKS = {**OnePassPreconditioned.GROUP_CHECKS, "clip_threshold": positive("clip_threshold")}
 
     def __init__(
         self,
@@ -41,12 +43,7 @@ class SophiaH(OnePassPreconditioned):
         always_create_graph: bool = False,
         process_group: Any = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, clip_threshold=clip_threshold,
-            lazy_hessian=lazy_hessian, dense_refresh_steps=dense_refresh_steps, n_samples=n_samples,
-            max_grad_norm=max_grad_norm, always_create_graph=bool(always_create_graph),
-        )
-        super().__init__(params, defaults, seed=seed, process_group=process_group)
+        super().__init__(params, group_defaults(locals()), seed=seed, process_group=process_group)
 
     @torch.no_grad()
     def step(self, closure: Closures | None = None) -> Tensor:  # type: ignore[override]

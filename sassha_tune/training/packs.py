@@ -14,7 +14,8 @@ Everything else is per member and reuses the single-trial code: each member owns
 optimizer instance (built by :func:`sassha_tune.optim.build_optimizer`) whose parameters are
 views into the member's slice of the stack, so its state, probe generator, moments, schedule and
 update arithmetic are exactly those of the lone run (the same ``_foreach`` calls with the same
-scalars on tensors of the same shape). With ``kernels="batched"`` only the forward/backward
+scalars on tensors of the same shape). The pass order of a batched step is the optimizer's own:
+its ``stacked_step`` (:mod:`sassha_tune.optim.stack`), given this pack's batched forward. With ``kernels="batched"`` only the forward/backward
 kernels differ (batched vs unbatched), which is where the (float rounding) differences come from;
 ``kernels="exact"`` (the default for SASSHA) runs each member's passes without vmap, as the lone
 model's forward on views of its slice, and is bitwise equal on the CPU. See ``docs/packs.md``.
@@ -35,7 +36,7 @@ import dataclasses
 import gc
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Any, cast
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +46,7 @@ from torch.func import functional_call, vmap
 from ..devices import resolve_device
 from ..errors import UserError
 from ..optim import OPTIMIZERS
-from ..optim.base import clear_grads, frozen_running_stats
-from ..optim.hessian import hutchinson_diagonals
-from ..optim.sam import SAMStep
-from ..optim.sassha import Sassha
+from ..optim.stack import Stack, StackMember
 from ..plugins import is_plugin, load_plugin
 from .data import Splits
 from .models import build_model
@@ -315,15 +313,12 @@ class StackedSteps:
             m.attach(build_optimizer_for(m.spec, _Views(self.views[m.index])))
 
     def step(self, live: list[Member], xs: list[Tensor], ys: list[Tensor], weight: float) -> list[tuple[Tensor, Tensor]]:
+        """One step of every live member: their optimizers' ``stacked_step`` (the method's own pass
+        order, :mod:`sassha_tune.optim.stack`) around this pack's batched forward."""
         x, y = torch.stack(xs), torch.stack(ys)
-        views = [self.views[m.index] for m in live]
-        optimizer = live[0].optimizer
-        if isinstance(optimizer, Sassha):
-            loss, out = _sassha_step(self.pack, live, views, x, y, self.autocast)
-        elif isinstance(optimizer, SAMStep):
-            loss, out = _sam_step(self.pack, live, views, x, y, self.autocast)
-        else:
-            loss, out = _one_pass_step(self.pack, live, views, x, y, self.autocast)
+        stack = Stack(self.pack.params, lambda: self.pack.forward(x, y), self.pack.module, self.autocast)
+        members = [StackMember(m.optimizer, self.views[m.index], m.slot) for m in live]
+        loss, out = live[0].optimizer.stacked_step(stack, members)
         return [(loss[k], out[k]) for k in range(len(live))]
 
     def eval_model(self, member: Member) -> nn.Module:
@@ -394,38 +389,63 @@ def train_pack(
     the default (see docs/packs.md, "Out of memory").
     """
     specs = list(specs)
-    batchable = bool(specs) and specs[0].accumulation == 1 and OPTIMIZERS[specs[0].optimizer].batched_packs
-    if kernels is None:
-        # exact for SASSHA (see above), for optimizers without a batched step and for gradient
-        # accumulation (only a member's own optimizer.step takes its micro-batches)
-        kernels = "batched" if batchable and specs[0].optimizer != "sassha" else "exact"
-    if kernels == "batched" and not batchable:
-        raise ValueError(f"cannot pack with kernels='batched': {specs[0].optimizer} with accumulation "
-                         f"{specs[0].accumulation} has no batched step (kernels='exact' runs it)")
-    if kernels not in ("batched", "exact"):
-        raise ValueError(f"kernels must be 'batched' or 'exact', got {kernels!r}")
+    kernels = _pack_kernels(specs, kernels)
     _check_packable(specs)
     callbacks = list(on_epoch) if on_epoch is not None else [None] * len(specs)
     if len(callbacks) != len(specs):
         raise ValueError(f"on_epoch has {len(callbacks)} callbacks for {len(specs)} specs")
     device = resolve_device(specs[0].device)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if specs[0].amp == "bf16" else nullcontext
+    run = _PackRun(specs, callbacks, device, autocast, kernels, splits, split_on_oom, on_leave, on_step, measure)
     results: dict[int, TrainResult] = {}
-    data: dict[int, Splits] = {}  # per seed, loaded once for all attempts
     todo = [list(range(len(specs)))]  # packs still to run, as indices into specs; depth first
     while todo:
         group = todo.pop(0)
-        sub_leave = None if on_leave is None else (lambda j, res, group=group: on_leave(group[j], res))
-        may_split = split_on_oom and len(group) > 1
-        sub_step = None if on_step is None else (lambda e, i, n, group=group: on_step(e, i, n, group))
+        attempt = run.attempt(group)
+        if isinstance(attempt, OutOfMemory):
+            # out of the attempt's frames: its models, graphs and optimizer state are unreferenced
+            # now and can be given back before the halves start
+            halves = _halves(group, device)
+            if on_split is not None:
+                on_split(attempt.epoch, halves)
+            todo[:0] = halves
+            continue
+        results.update(zip(group, attempt, strict=True))
+    return [results[i] for i in range(len(specs))]
+
+
+@dataclasses.dataclass
+class _PackRun:
+    """What every attempt of :func:`train_pack` shares: a pack of some of the members is trained
+    by :meth:`attempt`, and the halves of one that ran out of memory by further attempts."""
+
+    specs: list[TrainSpec]
+    callbacks: list[Callable[[int, dict], bool] | None]
+    device: torch.device
+    autocast: Callable[[], Any]
+    kernels: str
+    splits: Splits | None
+    split_on_oom: bool
+    on_leave: Callable[[int, TrainResult], None] | None
+    on_step: Callable[[int, int, int, list[int]], None] | None
+    measure: Callable[[int, Any, Splits], dict[str, Any]] | None
+    data: dict[int, Splits] = dataclasses.field(default_factory=dict)  # per seed, loaded once for all attempts
+
+    def attempt(self, group: list[int]) -> list[TrainResult] | OutOfMemory:
+        """Train the members ``group`` (indices into ``specs``) as one pack: their results, or
+        :class:`OutOfMemory` where the pack may be split."""
+        on_leave, on_step = self.on_leave, self.on_step
+        sub_leave = None if on_leave is None else (lambda j, res: on_leave(group[j], res))
+        may_split = self.split_on_oom and len(group) > 1
+        sub_step = None if on_step is None else (lambda e, i, n: on_step(e, i, n, group))
         try:
-            members = build_members([specs[i] for i in group], [callbacks[i] for i in group], device,
-                                    splits=splits, data=data)
-            stepper = LoneSteps(autocast) if kernels == "exact" else StackedSteps(device, autocast)
-            attempt = train_members(members, stepper, device, on_leave=sub_leave, may_split=may_split,
-                                    on_step=sub_step, measure=measure)
+            members = build_members([self.specs[i] for i in group], [self.callbacks[i] for i in group], self.device,
+                                    splits=self.splits, data=self.data)
+            stepper = LoneSteps(self.autocast) if self.kernels == "exact" else StackedSteps(self.device, self.autocast)
+            attempt = train_members(members, stepper, self.device, on_leave=sub_leave, may_split=may_split,
+                                    on_step=sub_step, measure=self.measure)
         except OOM_ERRORS:
-            if not split_on_oom:
+            if not self.split_on_oom:
                 raise  # as before: the caller fails every member
             # setting up the members ran out: nothing ran and nobody was told
             attempt = OutOfMemory(epoch=0)
@@ -435,146 +455,38 @@ def train_pack(
             # a lone member whose model and optimizer state alone do not fit: it fails as a lone
             # trial does, and the members of the other halves still run
             (i,) = group
-            attempt = [TrainResult("out_of_memory", "out_of_memory", 0, 0, 0.0, float("nan"), str(device), [],
-                                   None, data.get(specs[i].seed))]  # type: ignore[arg-type]  # no model was built
+            attempt = [_out_of_memory(self.device, self.data.get(self.specs[i].seed))]
             if on_leave is not None:
                 on_leave(i, attempt[0])
-        if isinstance(attempt, OutOfMemory):
-            # out of the except clause and of the attempt's frames: its models, graphs and
-            # optimizer state are unreferenced now and can be given back before the halves start
-            epoch = attempt.epoch
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            half = (len(group) + 1) // 2
-            halves = [group[:half], group[half:]]
-            if on_split is not None:
-                on_split(epoch, halves)
-            todo[:0] = halves
-            continue
-        results.update(zip(group, attempt, strict=True))
-    return [results[i] for i in range(len(specs))]
+        return attempt
 
 
-# --------------------------------------------------------------------------------------------
-# One step of each method on the stack; per-member arithmetic through the member's optimizer
-# --------------------------------------------------------------------------------------------
+def _pack_kernels(specs: list[TrainSpec], kernels: str | None) -> str:
+    """The kernels a pack of ``specs`` runs with (``kernels``, or the default for ``None``)."""
+    batchable = bool(specs) and specs[0].accumulation == 1 and OPTIMIZERS[specs[0].optimizer].batched_packs
+    if kernels is None:
+        # exact for SASSHA (see train_pack), for optimizers without a batched step and for gradient
+        # accumulation (only a member's own optimizer.step takes its micro-batches)
+        exact = not batchable or OPTIMIZERS[specs[0].optimizer].exact_packs_by_default
+        kernels = "exact" if exact else "batched"
+    if kernels == "batched" and not batchable:
+        raise ValueError(f"cannot pack with kernels='batched': {specs[0].optimizer} with accumulation "
+                         f"{specs[0].accumulation} has no batched step (kernels='exact' runs it)")
+    if kernels not in ("batched", "exact"):
+        raise ValueError(f"kernels must be 'batched' or 'exact', got {kernels!r}")
+    return kernels
 
 
-def _grads(loss: Tensor, pack: _Pack, *, create_graph: bool = False) -> list[Tensor]:
-    with torch.enable_grad():
-        total = loss.sum()
-    raw = torch.autograd.grad(total, pack.params, create_graph=create_graph, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for p, g in zip(pack.params, raw, strict=True)]
+def _out_of_memory(device: torch.device, splits: Splits | None) -> TrainResult:
+    """The result of a member that ran out of memory alone (no model was built)."""
+    return TrainResult("out_of_memory", "out_of_memory", 0, 0, 0.0, float("nan"), str(device), [],
+                       None, splits)  # type: ignore[arg-type]  # no model was built
 
 
-@torch.no_grad()
-def _one_pass_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: Tensor, y: Tensor,
-                   autocast) -> tuple[Tensor, Tensor]:
-    """SGD / AdamW: one pass; each member's update from its slice of the gradient (``step()``
-    without a closure: clip, the torch optimizer's update)."""
-    with torch.enable_grad(), autocast():
-        loss, out = pack.forward(x, y)
-    grads = _grads(loss, pack)
-    for m, vs in zip(live, views, strict=True):
-        for v, g in zip(vs, grads, strict=True):
-            v.grad = g[m.slot]
-        m.optimizer.step()
-    return loss.detach(), out.detach()
-
-
-@torch.no_grad()
-def _sam_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: Tensor, y: Tensor,
-              autocast) -> tuple[Tensor, Tensor]:
-    """SAM-SGD / SAM-AdamW: each member's ``SAMStep.step`` phases around the two stacked passes."""
-    with torch.enable_grad(), autocast():
-        loss, out = pack.forward(x, y)
-    grads1 = _grads(loss, pack)
-    perturbations = []
-    for m, vs in zip(live, views, strict=True):
-        for v, g in zip(vs, grads1, strict=True):
-            v.grad = g[m.slot]
-        perturbations.append(cast(SAMStep, m.optimizer).perturb())
-    del grads1
-    with torch.enable_grad(), frozen_running_stats(pack.module), autocast():
-        loss2, _ = pack.forward(x, y)
-    grads2 = _grads(loss2, pack)
-    del loss2
-    for m, vs, perturbation in zip(live, views, perturbations, strict=True):
-        for v, g in zip(vs, grads2, strict=True):
-            v.grad = g[m.slot]
-        cast(SAMStep, m.optimizer).restore_and_update(perturbation)  # type: ignore[arg-type]  # never None: every view has a gradient
-    return loss.detach(), out.detach()
-
-
-def _hutchinson(
-    pack: _Pack, grads2: list[Tensor], due: dict[int, list[int]], live: list[Member], views: list[list[Tensor]],
-    *, keep_graph: bool,
-) -> dict[int, list[Tensor]]:
-    """Per member (slot -> estimate over its due parameters): :func:`~sassha_tune.optim.hessian.hutchinson_diagonals`
-    with one request per member (its own generator and ``n_samples``) and one stacked
-    Hessian-vector product per sample; members not asking get zero probes."""
-    by_slot = {m.slot: (m, vs) for m, vs in zip(live, views, strict=True)}
-    slots = list(due)
-    if not slots:
-        return {}
-    requests = []
-    for slot in slots:
-        m, vs = by_slot[slot]
-        requests.append(cast(Sassha, m.optimizer).probe_requests([[vs[i] for i in due[slot]]])[0])
-
-    def stacked_hvp(probes: list[list[Tensor] | None], keep: bool) -> list[list[Tensor] | None]:
-        stacked = [torch.zeros_like(p) for p in pack.params]
-        for slot, z in zip(slots, probes, strict=True):
-            if z is not None:
-                for i, zi in zip(due[slot], z, strict=True):
-                    stacked[i][slot].copy_(zi)
-        with torch.enable_grad():
-            products = torch.autograd.grad(
-                grads2, pack.params, grad_outputs=stacked, retain_graph=keep_graph or keep, allow_unused=True
-            )
-        products = [torch.zeros_like(p) if h is None else h for p, h in zip(pack.params, products, strict=True)]
-        return [None if z is None else [products[i][slot] for i in due[slot]] for slot, z in zip(slots, probes, strict=True)]
-
-    return dict(zip(slots, hutchinson_diagonals(requests, stacked_hvp), strict=True))
-
-
-@torch.no_grad()
-def _sassha_step(pack: _Pack, live: list[Member], views: list[list[Tensor]], x: Tensor, y: Tensor,
-                 autocast) -> tuple[Tensor, Tensor]:
-    """``Sassha.step`` for every member at once: each member's public step phases
-    (``plan_step``, ``perturbation``, ``update``) on its views, around the stacked passes."""
-    with torch.enable_grad(), autocast():
-        loss, out = pack.forward(x, y)
-    grads1 = _grads(loss, pack)
-    plans, flat_es = {}, {}
-    for m, vs in zip(live, views, strict=True):
-        opt = cast(Sassha, m.optimizer)
-        clear_grads(vs)
-        plans[m.slot] = opt.plan_step([vs])
-        es = opt.perturbation([vs], [[g[m.slot] for g in grads1]])
-        flat_es[m.slot] = es[0]
-        torch._foreach_add_(vs, es[0])
-    del grads1
-    need_graph = any(plan.need_graph for plan in plans.values())
-    with torch.enable_grad(), frozen_running_stats(pack.module), autocast():
-        loss2, _ = pack.forward(x, y)
-        grads2 = _grads(loss2, pack, create_graph=need_graph)
-    del loss2
-    due = {s: plan.due[0] for s, plan in plans.items() if plan.due[0]}
-    point = {m.slot: m.optimizer.param_groups[0]["hessian_point"] for m in live}
-    due_perturbed = {s: i for s, i in due.items() if point[s] == "perturbed"}
-    due_reference = {s: i for s, i in due.items() if point[s] == "reference"}
-    estimates: dict[int, list[Tensor]] = {}
-    if due_perturbed:
-        estimates.update(_hutchinson(pack, grads2, due_perturbed, live, views, keep_graph=bool(due_reference)))
-    for m, vs in zip(live, views, strict=True):  # restore on .data: the graph's saved parameters now read theta
-        torch._foreach_sub_(vs, flat_es[m.slot])
-    del flat_es
-    if due_reference:
-        estimates.update(_hutchinson(pack, grads2, due_reference, live, views, keep_graph=False))
-    for m, vs in zip(live, views, strict=True):
-        est = estimates.get(m.slot)
-        cast(Sassha, m.optimizer).update([vs], [[g[m.slot] for g in grads2]], [est] if est else None, plans[m.slot])
-    del grads2
-    return loss.detach(), out.detach()
+def _halves(group: list[int], device: torch.device) -> list[list[int]]:
+    """The two halves a pack that ran out of memory restarts as, once its memory is given back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    half = (len(group) + 1) // 2
+    return [group[:half], group[half:]]
