@@ -287,8 +287,8 @@ def _seeded(cfg: Config, seed: int) -> Config:
     return cfg if seed == cfg.seed else dataclasses.replace(cfg, seed=seed)
 
 
-def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None, *, watched: bool = False,
-         save_model: str | list[str | None] | None = None) -> dict[str, Any]:
+def _job_message(study: optuna.Study, cfg: Config, params: Any, device: str | None, *, watched: bool = False,
+                 save_model: str | list[str | None] | None = None) -> dict[str, Any]:
     """The trial protocol's job (:mod:`sassha_tune.trial`): one trial's params, or a pack's list;
     ``watched``: ask for step messages every ``STEP_SECONDS`` (an observer shows progress within an epoch);
     ``save_model``: where the trial (a pack: each member) writes its model file (``study.keep_models``)."""
@@ -725,7 +725,7 @@ class _Job:
                 claimed = self._claim(trials, space, heartbeats, observer)
                 if not claimed:
                     return
-                job = self._job(claimed, device, watched=observer is not None and observer.watches_steps)
+                job = self._message(claimed, device, watched=observer is not None and observer.watches_steps)
                 self.procs.append(proc := launch(job))
                 # a pack's members train together, so the pack as a whole gets one trial's timeout
                 with Watchdog(proc, cfg.budget.trial_timeout) as deadline:
@@ -763,16 +763,16 @@ class _Job:
                 observer.trial_started(trial.number, params, member)
         return claimed
 
-    def _job(self, claimed: list[tuple[dict[str, Any], int]], device: str | None, *, watched: bool) -> dict[str, Any]:
+    def _message(self, claimed: list[tuple[dict[str, Any], int]], device: str | None, *, watched: bool) -> dict[str, Any]:
         """The job's message: a single trial's params and seed, or a pack's list of params (a pack
         trains with the study's seed: a study of seed re-runs runs one trial at a time)."""
         saves = [self.keeper.path(self.cfg, t.number) for t in self.started] if self.keeper is not None else None
         if not self.pack:
             params, seed = claimed[0]
-            return _job(self.study, _seeded(self.cfg, seed), params, device, watched=watched,
-                        save_model=saves[0] if saves is not None else None)
-        return _job(self.study, self.cfg, [params for params, _ in claimed], device, watched=watched,
-                    save_model=saves if saves and any(saves) else None)
+            return _job_message(self.study, _seeded(self.cfg, seed), params, device, watched=watched,
+                                save_model=saves[0] if saves is not None else None)
+        return _job_message(self.study, self.cfg, [params for params, _ in claimed], device, watched=watched,
+                            save_model=saves if saves and any(saves) else None)
 
     def _result(self, member: int | None, trial: optuna.Trial, outcome: TrialOutcome) -> None:
         """A trial's result: a pack's member is told at once (the others train on), a single
