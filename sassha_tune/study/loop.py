@@ -35,7 +35,7 @@ from ..devices import check_available as check_device
 from ..errors import UserError
 from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS, PER_EPOCH_METRICS, TRACKED_EPOCH_KEYS
 from ..trial.outcome import TrialOutcome
-from ..trial.process import STEP_SECONDS, TrialProcess, WarmJob, WarmWorker, Watchdog
+from ..trial.process import STEP_SECONDS, TrialProcess, WarmWorker, Watchdog
 from .budget import budget_used, counts_toward_budget
 from .callbacks import Callback, make_callbacks, notify
 from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard, unjudged_accuracy
@@ -141,83 +141,15 @@ def run_trials(
     observer.study_started(study_name, cfg.study.metrics, [d.name.lower() for d in study.directions], cfg.task.epochs)
     start = time.monotonic()
     restore = _sigterm_as_interrupt()
-    waiting = False
-    pack_logged = ""
     own_launcher = launcher is None
     launcher = launcher or Launcher(fresh_process, log)
-    warned_unjudged = False  # one warning per run, not per trial
     only_enqueued = runs_only_enqueued(with_retry(lambda: study.user_attrs))  # seed re-runs: one at a time
-    pack = 1 if only_enqueued else pack
-    taken: dict[int, str] = {}  # trials another process took over while this one ran them: their line
+    run = _Run(study, payload, cfg, space, worker=worker, device=device, log=log, pack=1 if only_enqueued else pack,
+               launcher=launcher, observer=observer, keeper=keeper, told_to=told_to, summary=summary, start=start,
+               only_enqueued=only_enqueued)
     try:
-        while True:
-            # Re-read: another process may have raised the budget (resume --n-trials) or continued
-            # the study with other sampler, pruner or device settings. Rebuilt only when it changed,
-            # and not validated again: what is stored was validated when it was written.
-            current = stored_payload(study)
-            if current != payload:
-                payload = current
-                cfg, space = config_from_payload(study_name, payload, validate=False)
-            study.pruner = pruner_for(cfg)
-            reconcile(study, cfg.study.stale_after, log=log)
-            trials = with_retry(study.get_trials, deepcopy=False)
-            used = budget_used(trials)
-            observer.budget(trials, cfg.budget.n_trials)
-            if cfg.budget.timeout is not None and time.monotonic() - start >= cfg.budget.timeout:
-                summary.stopped_because = f"timeout ({cfg.budget.timeout:g} s)"
-                break
-            if used >= cfg.budget.n_trials:
-                running = [t.number for t in trials if t.state == TrialState.RUNNING]
-                if running:
-                    # Another process holds them; if it died, they go stale and come back as retries.
-                    if not waiting:
-                        log(f"waiting for running trial(s) {running} of other processes")
-                        waiting = True
-                    time.sleep(min(cfg.study.heartbeat_interval, 5.0))
-                    continue
-                summary.stopped_because = f"budget reached ({used}/{cfg.budget.n_trials} trials)"
-                break
-            waiting = False
-            if only_enqueued and not any(t.state == TrialState.WAITING for t in trials):
-                summary.stopped_because = f"no re-run left to start ({used}/{cfg.budget.n_trials} trials)"
-                break
-            study.sampler = sampler_for(cfg, trial_seed(cfg.sampler_seed, len(trials), worker))
-            if pack != 1:
-                from .pack_size import choose_pack_size
-
-                size, why = choose_pack_size(cfg, pack, device=device, budget_left=cfg.budget.n_trials - used)
-                if why != pack_logged:
-                    log(why)
-                    pack_logged = why
-                size = min(size, cfg.budget.n_trials - used)
-                if size > 1:
-                    asked = [with_retry(study.ask) for _ in range(size)]
-                    told = run_pack(study, asked, cfg, space, device=device, worker=worker, log=log, observer=observer,
-                                    taken_over=taken, keeper=keeper)
-                    if not told:
-                        summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
-                        break
-                    for frozen in told:
-                        summary.ran += 1
-                        summary.states[frozen.state.name] += 1
-                        log(taken.pop(frozen.number, None) or _describe(frozen, cfg))
-                        observer.trial_finished(frozen)
-                        notify(told_to, study, frozen, log)
-                    continue
-            trial = with_retry(study.ask)
-            frozen = _run_one(study, trial, cfg, space, device=device, worker=worker, log=log, launch=launcher.launch,
-                              observer=observer, taken_over=taken, keeper=keeper)
-            if frozen is None:  # lost the race for the last slot of the budget
-                summary.stopped_because = f"budget reached ({cfg.budget.n_trials} trials)"
-                break
-            summary.ran += 1
-            summary.states[frozen.state.name] += 1
-            log(taken.pop(frozen.number, None) or _describe(frozen, cfg))
-            if not warned_unjudged and (warning := unjudged_accuracy(cfg, frozen)):
-                log(warning)
-                warned_unjudged = True
-            observer.trial_finished(frozen)
-            notify(told_to, study, frozen, log)
+        while not summary.stopped_because:
+            summary.stopped_because = run.turn() or ""
     finally:
         if own_launcher:
             launcher.close()
@@ -226,6 +158,106 @@ def run_trials(
         summary.seconds = time.monotonic() - start
     observer.study_finished(summary.seconds, summary.stopped_because)
     return summary
+
+
+@dataclass
+class _Run:
+    """One :func:`run_trials` call: the study as this process last read it and the loop's state."""
+
+    study: optuna.Study
+    payload: dict[str, Any]  # the stored config as last read
+    cfg: Config
+    space: SearchSpace
+    worker: int | str
+    device: str | None
+    log: Log
+    pack: str | int
+    launcher: Launcher
+    observer: StudyObserver
+    keeper: ModelKeeper
+    told_to: list[tuple[str, Callback]]
+    summary: LoopSummary
+    start: float
+    only_enqueued: bool
+    waiting: bool = False  # for trials of other processes (said once)
+    pack_logged: str = ""  # the last pack-size line said
+    warned_unjudged: bool = False  # one warning per run, not per trial
+    taken: dict[int, str] = field(default_factory=dict)  # trials another process took over while this one ran them: their line
+
+    def turn(self) -> str | None:
+        """One turn of the loop: re-read the study, check its budget, ask and run the next trial
+        (or pack) and record what was told; the reason the run stops, or None to go on."""
+        self._reread()
+        cfg, study = self.cfg, self.study
+        trials = with_retry(study.get_trials, deepcopy=False)
+        used = budget_used(trials)
+        self.observer.budget(trials, cfg.budget.n_trials)
+        if cfg.budget.timeout is not None and time.monotonic() - self.start >= cfg.budget.timeout:
+            return f"timeout ({cfg.budget.timeout:g} s)"
+        if used >= cfg.budget.n_trials:
+            return self._wait_or_stop(trials, used)
+        self.waiting = False
+        if self.only_enqueued and not any(t.state == TrialState.WAITING for t in trials):
+            return f"no re-run left to start ({used}/{cfg.budget.n_trials} trials)"
+        study.sampler = sampler_for(cfg, trial_seed(cfg.sampler_seed, len(trials), self.worker))
+        told = self._run_next(used)
+        if not told:  # lost the race for the last slots of the budget
+            return f"budget reached ({cfg.budget.n_trials} trials)"
+        for frozen in told:
+            self._record(frozen)
+        return None
+
+    def _reread(self) -> None:
+        """Re-read: another process may have raised the budget (resume --n-trials) or continued
+        the study with other sampler, pruner or device settings. Rebuilt only when it changed,
+        and not validated again: what is stored was validated when it was written."""
+        current = stored_payload(self.study)
+        if current != self.payload:
+            self.payload = current
+            self.cfg, self.space = config_from_payload(self.study.study_name, current, validate=False)
+        self.study.pruner = pruner_for(self.cfg)
+        reconcile(self.study, self.cfg.study.stale_after, log=self.log)
+
+    def _wait_or_stop(self, trials: list[FrozenTrial], used: int) -> str | None:
+        """The budget is used: wait a moment while other processes run trials (if one died, they
+        go stale and come back as retries; None: ask again), else stop."""
+        running = [t.number for t in trials if t.state == TrialState.RUNNING]
+        if not running:
+            return f"budget reached ({used}/{self.cfg.budget.n_trials} trials)"
+        if not self.waiting:
+            self.log(f"waiting for running trial(s) {running} of other processes")
+            self.waiting = True
+        time.sleep(min(self.cfg.study.heartbeat_interval, 5.0))
+        return None
+
+    def _run_next(self, used: int) -> list[FrozenTrial]:
+        """Ask the next trial, or a pack of them where the study packs, and run it; those told."""
+        cfg, study = self.cfg, self.study
+        size = 1
+        if self.pack != 1:
+            from .pack_size import choose_pack_size
+
+            size, why = choose_pack_size(cfg, self.pack, device=self.device, budget_left=cfg.budget.n_trials - used)
+            if why != self.pack_logged:
+                self.log(why)
+                self.pack_logged = why
+            size = min(size, cfg.budget.n_trials - used)
+        asked = [with_retry(study.ask) for _ in range(max(size, 1))]
+        # a pack always gets a fresh process; a single trial runs where the launcher says
+        launch = self.launcher.launch if len(asked) == 1 else TrialProcess
+        return run_pack(study, asked, cfg, self.space, device=self.device, worker=self.worker, log=self.log,
+                        observer=self.observer, taken_over=self.taken, keeper=self.keeper, launch=launch)
+
+    def _record(self, frozen: FrozenTrial) -> None:
+        """A told trial: counted, its line, the callbacks."""
+        self.summary.ran += 1
+        self.summary.states[frozen.state.name] += 1
+        self.log(self.taken.pop(frozen.number, None) or _describe(frozen, self.cfg))
+        if not self.warned_unjudged and (warning := unjudged_accuracy(self.cfg, frozen)):
+            self.log(warning)
+            self.warned_unjudged = True
+        self.observer.trial_finished(frozen)
+        notify(self.told_to, self.study, frozen, self.log)
 
 
 def start_trial(study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace
@@ -256,8 +288,8 @@ def _seeded(cfg: Config, seed: int) -> Config:
     return cfg if seed == cfg.seed else dataclasses.replace(cfg, seed=seed)
 
 
-def _job(study: optuna.Study, cfg: Config, params: Any, device: str | None, *, watched: bool = False,
-         save_model: str | list[str | None] | None = None) -> dict[str, Any]:
+def _job_message(study: optuna.Study, cfg: Config, params: Any, device: str | None, *, watched: bool = False,
+                 save_model: str | list[str | None] | None = None) -> dict[str, Any]:
     """The trial protocol's job (:mod:`sassha_tune.trial`): one trial's params, or a pack's list;
     ``watched``: ask for step messages every ``STEP_SECONDS`` (an observer shows progress within an epoch);
     ``save_model``: where the trial (a pack: each member) writes its model file (``study.keep_models``)."""
@@ -294,65 +326,93 @@ def reported_metric(cfg: Config) -> str | None:
     return metrics[0] if len(metrics) == 1 and metrics[0] in PER_EPOCH_METRICS else None
 
 
-def _relay(
-    proc: TrialProcess | WarmJob,
-    pending: dict[int | None, optuna.Trial],
-    report_metric: str | None,
-    prune: bool,
-    on_result: Callable[[int | None, optuna.Trial, TrialOutcome], None],
-    on_split: Callable[[dict[str, Any]], None] | None = None,
-    guard: ChanceGuard | None = None,
-    observer: StudyObserver | None = None,
-    on_started: Callable[[], None] | None = None,
-) -> tuple[str | None, dict[int | None, list[dict[str, Any]]]]:
-    """Read a trial process's messages to the end. ``pending`` maps the job's members (``None`` for
-    a single trial) to their asked trials: an epoch of a pending trial is reported to it
-    (``report_metric``, whether the study prunes or not: the learning curves of the dashboard and
+class _Relay:
+    """Reads a job's messages to the end (:meth:`run`). ``pending`` maps the job's members
+    (``None`` for a single trial) to their asked trials: an epoch of a pending trial is reported to
+    it (``report_metric``, whether the study prunes or not: the learning curves of the dashboard and
     ``plot_intermediate_values``), and when ``prune`` is true, answered prune / go; its result is
     popped from ``pending`` and handed to ``on_result`` (with the epochs before it as
     ``outcome.history``). ``guard``: the chance guard (:mod:`.chance_guard`), asked first; a trial
     it stops is told PRUNED with ``prune_reason: near_chance``. ``observer`` is told a pending
     trial's epochs and phases; ``on_started`` is called when the process says it took the job up
-    (the trial timeout's clock); other message types are ignored. Returns (the user error the process
-    reported, or None; the epochs by member)."""
-    epochs: dict[int | None, list[dict[str, Any]]] = {key: [] for key in pending}
-    user_error: str | None = None
-    guarded: set[int | None] = set()  # members the chance guard stopped
-    for msg in proc.messages():
-        kind, key = msg.get("type"), msg.get("member")
-        if kind == "epoch":
-            metrics = msg.get("metrics", {})
-            epochs[key].append(metrics)
-            if observer is not None and key in pending:
-                observer.epoch(pending[key].number, int(msg["epoch"]), metrics)
-            value = metrics.get(report_metric) if report_metric is not None else None
-            reported = isinstance(value, int | float) and not isinstance(value, bool) and key in pending
-            if reported:
-                with_retry(pending[key].report, float(value), int(msg["epoch"]))
-            if prune:
-                if key in pending and guard is not None and guard.stops(int(msg["epoch"]), metrics):
-                    guarded.add(key)
-                    proc.answer(True)
-                else:
-                    proc.answer(bool(reported and pending[key].should_prune()))
-        elif kind == "result" and key in pending:
-            outcome = TrialOutcome.from_message(msg, epochs[key])
-            if key in guarded and outcome.state == "pruned":
-                outcome.attrs[PRUNE_REASON_KEY] = NEAR_CHANCE
-            on_result(key, pending.pop(key), outcome)
-        elif kind == "split" and on_split is not None:
-            on_split(msg)
-        elif kind == "phase" and observer is not None and key in pending:
-            observer.phase(pending[key].number, str(msg.get("phase")))
-        elif kind == "step" and observer is not None:
-            for member in msg.get("members", [None]):  # a pack's: the members of the pack training now
-                if member in pending:
-                    observer.step(pending[member].number, int(msg["epoch"]), int(msg["step"]), int(msg["steps"]))
-        elif kind == "user_error":
-            user_error = str(msg.get("message"))
-        elif kind == "started" and on_started is not None:
-            on_started()
-    return user_error, epochs
+    (the trial timeout's clock); other message types are ignored."""
+
+    def __init__(
+        self,
+        proc: TrialProcess,
+        pending: dict[int | None, optuna.Trial],
+        report_metric: str | None,
+        prune: bool,
+        on_result: Callable[[int | None, optuna.Trial, TrialOutcome], None],
+        on_split: Callable[[dict[str, Any]], None] | None = None,
+        guard: ChanceGuard | None = None,
+        observer: StudyObserver | None = None,
+        on_started: Callable[[], None] | None = None,
+    ) -> None:
+        self.proc, self.pending, self.report_metric, self.prune = proc, pending, report_metric, prune
+        self.on_result, self.on_split, self.guard, self.observer = on_result, on_split, guard, observer
+        self.on_started = on_started
+        self.epochs: dict[int | None, list[dict[str, Any]]] = {key: [] for key in pending}
+        self.user_error: str | None = None  # the user error the process reported
+        self.guarded: set[int | None] = set()  # members the chance guard stopped
+
+    def run(self) -> tuple[str | None, dict[int | None, list[dict[str, Any]]]]:
+        """(The user error the process reported, or None; the epochs by member)."""
+        handlers = {"epoch": self._epoch, "result": self._result, "split": self._split, "phase": self._phase,
+                    "step": self._step, "user_error": self._user_error, "started": self._started}
+        for msg in self.proc.messages():
+            handler = handlers.get(msg.get("type"))
+            if handler is not None:
+                handler(msg, msg.get("member"))
+        return self.user_error, self.epochs
+
+    def _epoch(self, msg: dict[str, Any], key: int | None) -> None:
+        metrics, epoch = msg.get("metrics", {}), int(msg["epoch"])
+        self.epochs[key].append(metrics)
+        trial = self.pending.get(key)
+        if self.observer is not None and trial is not None:
+            self.observer.epoch(trial.number, epoch, metrics)
+        value = metrics.get(self.report_metric) if self.report_metric is not None else None
+        reported = isinstance(value, int | float) and not isinstance(value, bool) and trial is not None
+        if reported:
+            with_retry(trial.report, float(value), epoch)
+        if not self.prune:
+            return
+        if trial is not None and self.guard is not None and self.guard.stops(epoch, metrics):
+            self.guarded.add(key)
+            self.proc.answer(True)
+        else:
+            self.proc.answer(bool(reported and trial.should_prune()))
+
+    def _result(self, msg: dict[str, Any], key: int | None) -> None:
+        if key not in self.pending:
+            return
+        outcome = TrialOutcome.from_message(msg, self.epochs[key])
+        if key in self.guarded and outcome.state == "pruned":
+            outcome.attrs[PRUNE_REASON_KEY] = NEAR_CHANCE
+        self.on_result(key, self.pending.pop(key), outcome)
+
+    def _split(self, msg: dict[str, Any], key: int | None) -> None:
+        if self.on_split is not None:
+            self.on_split(msg)
+
+    def _phase(self, msg: dict[str, Any], key: int | None) -> None:
+        if self.observer is not None and key in self.pending:
+            self.observer.phase(self.pending[key].number, str(msg.get("phase")))
+
+    def _step(self, msg: dict[str, Any], key: int | None) -> None:
+        if self.observer is None:
+            return
+        for member in msg.get("members", [None]):  # a pack's: the members of the pack training now
+            if member in self.pending:
+                self.observer.step(self.pending[member].number, int(msg["epoch"]), int(msg["step"]), int(msg["steps"]))
+
+    def _user_error(self, msg: dict[str, Any], key: int | None) -> None:
+        self.user_error = str(msg.get("message"))
+
+    def _started(self, msg: dict[str, Any], key: int | None) -> None:
+        if self.on_started is not None:
+            self.on_started()
 
 
 class _Received:
@@ -412,7 +472,7 @@ def _release_interrupted_frames(exc: BaseException) -> None:
 
 @contextmanager
 def _failed_when_unwinding(
-    study: optuna.Study, unfinished: Callable[[], list[optuna.Trial]], procs: Sequence[TrialProcess | WarmJob], log: Log,
+    study: optuna.Study, unfinished: Callable[[], list[optuna.Trial]], procs: Sequence[TrialProcess], log: Log,
     interrupted: Callable[[list[optuna.Trial]], str], received: _Received | None = None,
 ) -> Iterator[None]:
     """Whatever stops a run early stops its process and fails its unfinished trials, with the
@@ -426,36 +486,48 @@ def _failed_when_unwinding(
         # the trials are marked.
         with _signals_ignored():
             _release_interrupted_frames(exc)
-            for p in procs:
-                p.stop()
-            left = received.store_waiting() if received is not None else []
-            stored = received.stored if received is not None else set()
-            trials = [t for t in unfinished() if t.number not in stored]
-            trials += [t for t in left if t.number not in {u.number for u in trials}]
-            for trial in trials:
-                fail(study, trial, "interrupted")
-            if trials:
-                with suppress(OSError):  # the terminal closed (SIGHUP): the line has nowhere to go
-                    log(interrupted(trials))
+            _stop(procs)
+            _fail_interrupted(study, unfinished, log, interrupted, received)
         raise
     except UpdateFinishedTrialError:
         # a trial of this job was finished by another process (taken over: the caller says so)
-        for p in procs:
-            _retire(p, "its trial was taken over")
-            p.stop()
+        _stop(procs, retire="its trial was taken over")
         raise
     except UserError as exc:
-        for p in procs:
-            p.stop()
-        for trial in unfinished():
-            fail(study, trial, f"error: {exc}"[:300])
+        _stop(procs)
+        _fail_all(study, unfinished(), f"error: {exc}"[:300])
         raise
     except BaseException:
-        for p in procs:
-            p.stop()
-        for trial in unfinished():
-            fail(study, trial, "error: sassha-tune crashed while running this trial")
+        _stop(procs)
+        _fail_all(study, unfinished(), CRASHED)
         raise
+
+
+def _stop(procs: Sequence[TrialProcess], retire: str = "") -> None:
+    """Stop a job's processes; ``retire``: why a warm worker among them takes no further job."""
+    for p in procs:
+        if retire:
+            p.retire(retire)
+        p.stop()
+
+
+def _fail_all(study: optuna.Study, trials: list[optuna.Trial], reason: str) -> None:
+    for trial in trials:
+        fail(study, trial, reason)
+
+
+def _fail_interrupted(study: optuna.Study, unfinished: Callable[[], list[optuna.Trial]], log: Log,
+                      interrupted: Callable[[list[optuna.Trial]], str], received: _Received | None) -> None:
+    """Ctrl-C: store the outcomes already ``received``, fail the other unfinished trials as
+    ``interrupted`` and say so (``interrupted``: the line)."""
+    left = received.store_waiting() if received is not None else []
+    stored = received.stored if received is not None else set()
+    trials = [t for t in unfinished() if t.number not in stored]
+    trials += [t for t in left if t.number not in {u.number for u in trials}]
+    _fail_all(study, trials, "interrupted")
+    if trials:
+        with suppress(OSError):  # the terminal closed (SIGHUP): the line has nowhere to go
+            log(interrupted(trials))
 
 
 @contextmanager
@@ -478,13 +550,18 @@ LOST = "lost"
 KILLED_WHY = "trial process killed by SIGKILL"
 # What a trial stopped by budget.trial_timeout fails with (counted toward the budget, not retried).
 TIMEOUT = "timeout"
+# What a trial fails with when this process crashed while running it.
+CRASHED = "error: sassha-tune crashed while running this trial"
 
 
-def _exit_reason(rc: int | None) -> str:
-    """Why a trial process that sent no result failed: ``lost`` when SIGKILL ended it."""
+def _exit_reason(rc: int | None, *, pack: bool) -> str:
+    """Why a job's process that sent no result for a trial failed it: ``lost`` when SIGKILL ended
+    it (retried once), else its exit code (a single trial's process: the signal that ended it)."""
+    if rc == -signal.SIGKILL:
+        return LOST
+    if pack:
+        return f"error: pack process exited with code {rc}"
     if rc is not None and rc < 0:
-        if -rc == signal.SIGKILL:
-            return LOST
         return f"error: trial process killed by signal {-rc}"
     return f"error: trial process exited with code {rc}"
 
@@ -501,12 +578,6 @@ def _told(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, log: 
     if outcome.state == "fail" and outcome.failure_reason == LOST:
         retry_lost(study, frozen, KILLED_WHY, log=log)
     return frozen
-
-
-def _retire(proc: TrialProcess | WarmJob, why: str) -> None:
-    """A warm worker whose job is cut short takes no further job (the next one's start says why)."""
-    if isinstance(proc, WarmJob):
-        proc.retire(why)
 
 
 def _taken_over(study: optuna.Study, trial: optuna.Trial, cfg: Config, taken: dict[int, str]) -> FrozenTrial | None:
@@ -529,7 +600,7 @@ class Launcher:
     def __init__(self, fresh_process: bool, log: Log) -> None:
         self.fresh_process, self.log = fresh_process, log
         self.worker: WarmWorker | None = None
-        self.last: WarmJob | None = None
+        self.last: TrialProcess | None = None
 
     def spawn(self) -> None:
         """Start the warm worker before the study's config is known (validated, or read from the
@@ -562,7 +633,7 @@ class Launcher:
         """Whether a job runs in the warm worker: not with fresh processes, nor for multi-rank trials."""
         return not (self.fresh_process or fresh_process or processes > 1)
 
-    def launch(self, job: dict[str, Any]) -> TrialProcess | WarmJob:
+    def launch(self, job: dict[str, Any]) -> TrialProcess:
         config = job["config"]
         if not self._warm(bool(config.get("study", {}).get("fresh_process")),
                           config.get("device", {}).get("processes", 1)):
@@ -585,69 +656,6 @@ class Launcher:
             self.worker.close()
 
 
-def _run_one(
-    study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace, *, device: str | None,
-    worker: int | str, log: Log, launch: Callable[[dict[str, Any]], TrialProcess | WarmJob] = TrialProcess,
-    observer: StudyObserver | None = None, taken_over: dict[int, str] | None = None, keeper: ModelKeeper | None = None,
-) -> FrozenTrial | None:
-    """One asked trial in one trial process; the frozen trial told (None: over budget). A trial
-    another process took over meanwhile (:func:`~.liveness.taken_over`: this process was paused
-    past ``study.stale_after``) is not told again: its process is stopped, the trial comes back as
-    stored and its line goes into ``taken_over``."""
-    taken = {} if taken_over is None else taken_over
-    try:
-        return _run_one_job(study, trial, cfg, space, device=device, worker=worker, log=log, launch=launch,
-                            observer=observer, keeper=keeper)
-    except UpdateFinishedTrialError:
-        frozen = _taken_over(study, trial, cfg, taken)
-        if frozen is None:
-            fail(study, trial, "error: sassha-tune crashed while running this trial")
-            raise
-        return frozen
-
-
-def _run_one_job(
-    study: optuna.Study, trial: optuna.Trial, cfg: Config, space: SearchSpace, *, device: str | None,
-    worker: int | str, log: Log, launch: Callable[[dict[str, Any]], TrialProcess | WarmJob],
-    observer: StudyObserver | None, keeper: ModelKeeper | None = None,
-) -> FrozenTrial | None:
-    procs: list[TrialProcess | WarmJob] = []
-    received = _Received(study, cfg, log, keeper)
-    with _failed_when_unwinding(study, lambda: [trial], procs, log,
-                                lambda _: f"trial {trial.number} interrupted: marked FAIL", received):
-        with Heartbeat(study, trial, cfg.study.heartbeat_interval):
-            started = start_trial(study, trial, cfg, space)
-            if started is None:
-                return None
-            params, seed = started
-            job = _job(study, _seeded(cfg, seed), params, device, watched=observer is not None and observer.watches_steps,
-                       save_model=keeper.path(cfg, trial.number) if keeper is not None else None)
-            log(f"trial {trial.number} started: {fmt_params(params)}")
-            if observer is not None:
-                observer.trial_started(trial.number, params)
-            procs.append(launch(job))
-            with Watchdog(procs[0], cfg.budget.trial_timeout) as deadline:
-                user_error, epochs = _relay(
-                    procs[0], {None: trial}, reported_metric(cfg), job["prune"],
-                    on_result=lambda _key, _trial, outcome: received.add(trial, _with_history(outcome)),
-                    guard=ChanceGuard(cfg), observer=observer, on_started=deadline.begin,
-                )
-                procs[0].wait()
-            if deadline.fired and isinstance(procs[0], WarmJob):
-                procs[0].retire("the trial timeout")  # signalled: even a worker that said done is replaced
-            rc = procs[0].close()
-            if user_error is not None:
-                raise UserError(user_error)
-            outcome = received.outcome(trial)
-            if outcome is None and deadline.fired:
-                log(f"trial {trial.number} stopped: it {_timeout_words(deadline, cfg)}")
-                outcome = TrialOutcome("fail", failure_reason=TIMEOUT)
-            outcome = outcome or TrialOutcome("fail", failure_reason=_exit_reason(rc))
-            outcome.attrs["history"] = _stored_history(epochs[None])
-            received.add(trial, outcome)
-            return received.tell(trial)
-
-
 def _timeout_words(deadline: Watchdog, cfg: Config) -> str:
     """What a job did when its watchdog fired: ``ran past budget.trial_timeout (4 s)``, or for a
     process that never took the job up, ``did not start within 64 s (its process never took the job up)``."""
@@ -668,95 +676,157 @@ def split_line(epoch: int, halves: list[list[int]]) -> str:
 def run_pack(
     study: optuna.Study, trials: list[optuna.Trial], cfg: Config, space: SearchSpace, *, device: str | None,
     worker: int | str, log: Log, observer: StudyObserver | None = None, taken_over: dict[int, str] | None = None,
-    keeper: ModelKeeper | None = None,
+    keeper: ModelKeeper | None = None, launch: Callable[[dict[str, Any]], TrialProcess] = TrialProcess,
 ) -> list[FrozenTrial]:
-    """K asked trials -> one trial process training them as a pack (:mod:`sassha_tune.training.packs`) ->
-    each trial told as its member finishes.
+    """Asked trials -> one job in one trial process (``launch``: a fresh one by default) -> each
+    trial told. A single trial is a pack of one: its job carries one trial's params and it is told
+    when its process is done; K > 1 trials are trained together as a pack
+    (:mod:`sassha_tune.training.packs`), each told as its member finishes.
 
     Returns the frozen trials told (a trial that lost the race for the budget is failed
-    ``over_budget`` and left out). When another process took a member over (this one was paused
-    past ``study.stale_after``) the pack's process is stopped: the members taken over come back as
-    stored, their lines in ``taken_over``; the others, cut short with it, are failed as lost and
-    retried."""
-    told: list[FrozenTrial] = []
-    members: list[optuna.Trial] = []
+    ``over_budget`` and left out). When another process took a trial over (this one was paused
+    past ``study.stale_after``) the job's process is stopped: the trials taken over come back as
+    stored, their lines in ``taken_over``; a pack's others, cut short with it, are failed as lost
+    and retried."""
+    job = _Job(study, cfg, log, keeper, pack=len(trials) > 1)
     try:
-        return _run_pack_job(study, trials, cfg, space, device=device, log=log, observer=observer, told=told,
-                             members=members, keeper=keeper)
+        job.run(trials, space, device=device, launch=launch, observer=observer)
     except UpdateFinishedTrialError:
-        taken = {} if taken_over is None else taken_over
-        done = {t.number for t in told}
-        for trial in members:
+        if not job.taken_over({} if taken_over is None else taken_over):
+            raise
+    return job.told
+
+
+class _Job:
+    """The trial bookkeeping of one job, a single trial or a pack: its trials claimed, the process
+    started, its messages relayed, each trial's outcome told once, and whatever stops it early
+    (:func:`_failed_when_unwinding`) failing the trials it leaves unfinished."""
+
+    def __init__(self, study: optuna.Study, cfg: Config, log: Log, keeper: ModelKeeper | None, *, pack: bool) -> None:
+        self.study, self.cfg, self.log, self.keeper, self.pack = study, cfg, log, keeper, pack
+        self.received = _Received(study, cfg, log, keeper)
+        self.started: list[optuna.Trial] = []  # trials claimed for this job
+        self.pending: dict[int | None, optuna.Trial] = {}  # member (None: a single trial) -> trial without its result
+        self.told: list[FrozenTrial] = []
+        self.procs: list[TrialProcess] = []
+
+    def unfinished(self) -> list[optuna.Trial]:
+        return [t for t in self.started if t.number not in self.received.stored]
+
+    def _interrupted(self, trials: list[optuna.Trial]) -> str:
+        if self.pack:
+            return f"trials {[t.number for t in trials]} interrupted: marked FAIL"
+        return f"trial {self.started[0].number} interrupted: marked FAIL"
+
+    def run(self, trials: list[optuna.Trial], space: SearchSpace, *, device: str | None,
+            launch: Callable[[dict[str, Any]], TrialProcess], observer: StudyObserver | None) -> None:
+        cfg = self.cfg
+        with _failed_when_unwinding(self.study, self.unfinished, self.procs, self.log, self._interrupted, self.received):
+            with ExitStack() as heartbeats:
+                claimed = self._claim(trials, space, heartbeats, observer)
+                if not claimed:
+                    return
+                job = self._message(claimed, device, watched=observer is not None and observer.watches_steps)
+                self.procs.append(proc := launch(job))
+                # a pack's members train together, so the pack as a whole gets one trial's timeout
+                with Watchdog(proc, cfg.budget.trial_timeout) as deadline:
+                    relay = _Relay(proc, self.pending, reported_metric(cfg), job["prune"], on_result=self._result,
+                                   on_split=self._split, guard=ChanceGuard(cfg), observer=observer,
+                                   on_started=deadline.begin)
+                    user_error, epochs = relay.run()
+                    proc.wait()
+                if deadline.fired:
+                    proc.retire("the trial timeout")  # signalled: even a worker that said done is replaced
+                rc = proc.close()
+                if user_error is not None:
+                    raise UserError(user_error)
+                self._end(rc, deadline, epochs)
+
+    def _claim(self, trials: list[optuna.Trial], space: SearchSpace, heartbeats: ExitStack,
+               observer: StudyObserver | None) -> list[tuple[dict[str, Any], int]]:
+        """Claim each trial for this job (:func:`start_trial`) and say so; (params, seed) of each
+        member, in order."""
+        claimed: list[tuple[dict[str, Any], int]] = []
+        for trial in trials:
+            heartbeats.enter_context(Heartbeat(self.study, trial, self.cfg.study.heartbeat_interval))
+            self.started.append(trial)
+            started = start_trial(self.study, trial, self.cfg, space)
+            if started is None:
+                self.started.remove(trial)
+                continue
+            member = len(claimed) if self.pack else None
+            self.pending[member] = trial
+            claimed.append(started)
+            params = started[0]
+            as_member = f" (pack member {member})" if self.pack else ""
+            self.log(f"trial {trial.number} started{as_member}: {fmt_params(params)}")
+            if observer is not None:
+                observer.trial_started(trial.number, params, member)
+        return claimed
+
+    def _message(self, claimed: list[tuple[dict[str, Any], int]], device: str | None, *, watched: bool) -> dict[str, Any]:
+        """The job's message: a single trial's params and seed, or a pack's list of params (a pack
+        trains with the study's seed: a study of seed re-runs runs one trial at a time)."""
+        saves = [self.keeper.path(self.cfg, t.number) for t in self.started] if self.keeper is not None else None
+        if not self.pack:
+            params, seed = claimed[0]
+            return _job_message(self.study, _seeded(self.cfg, seed), params, device, watched=watched,
+                                save_model=saves[0] if saves is not None else None)
+        return _job_message(self.study, self.cfg, [params for params, _ in claimed], device, watched=watched,
+                            save_model=saves if saves and any(saves) else None)
+
+    def _result(self, member: int | None, trial: optuna.Trial, outcome: TrialOutcome) -> None:
+        """A trial's result: a pack's member is told at once (the others train on), a single
+        trial when its process is done (:meth:`_end`)."""
+        self.received.add(trial, _with_history(outcome))
+        if self.pack:
+            self.told.append(self.received.tell(trial))
+
+    def _split(self, msg: dict[str, Any]) -> None:
+        """A pack ran out of memory before any member reported: its line."""
+        halves = [[self.started[j].number for j in half] for half in msg.get("halves", [])]
+        self.log(split_line(int(msg.get("epoch", 0)), halves))
+
+    def _end(self, rc: int, deadline: Watchdog, epochs: dict[int | None, list[dict[str, Any]]]) -> None:
+        """The process is done: the trials it left without a result fail (the trial timeout, a
+        kill: :func:`_exit_reason`); every outcome not told yet is told."""
+        if self.pending:
+            reason = TIMEOUT if deadline.fired else _exit_reason(rc, pack=self.pack)
+            if deadline.fired:
+                self.log(self._stopped_line(deadline))
+            for member, trial in list(self.pending.items()):
+                outcome = TrialOutcome("fail", failure_reason=reason)
+                if not self.pack:
+                    outcome.attrs["history"] = _stored_history(epochs[member])
+                self.received.add(trial, outcome)
+                self.pending.pop(member)
+        for trial, _ in list(self.received.waiting.values()):
+            self.told.append(self.received.tell(trial))
+
+    def _stopped_line(self, deadline: Watchdog) -> str:
+        words = _timeout_words(deadline, self.cfg)
+        if self.pack:
+            return f"trials {[t.number for t in self.pending.values()]} stopped: their pack {words}"
+        return f"trial {self.started[0].number} stopped: it {words}"
+
+    def taken_over(self, taken: dict[int, str]) -> bool:
+        """After the storage refused a write to a trial (another process finished it: taken over):
+        each trial not told yet comes back as stored, its line in ``taken``, and a pack's others,
+        still running and cut short with it, fail as lost and are retried. False when a single
+        trial was not taken over (the refusal was something else): it failed as a crash."""
+        done = {t.number for t in self.told}
+        for trial in self.started:
             if trial.number in done:
                 continue
-            frozen = _taken_over(study, trial, cfg, taken)
+            frozen = _taken_over(self.study, trial, self.cfg, taken)
+            if frozen is None and not self.pack:
+                fail(self.study, trial, CRASHED)
+                return False
             if frozen is None:  # still running: its pack's process was stopped under it
-                frozen = _finish(study, trial, TrialOutcome("fail", failure_reason=LOST), cfg)
-                retry_lost(study, frozen, "its pack was stopped: another member was taken over", log=log)
-            told.append(frozen)
-        return told
-
-
-def _run_pack_job(
-    study: optuna.Study, trials: list[optuna.Trial], cfg: Config, space: SearchSpace, *, device: str | None,
-    log: Log, observer: StudyObserver | None, told: list[FrozenTrial], members: list[optuna.Trial],
-    keeper: ModelKeeper | None = None,
-) -> list[FrozenTrial]:
-    """:func:`run_pack`'s job: ``told`` and ``members`` (the trials started) filled as it goes."""
-    pending: dict[int | None, optuna.Trial] = {}  # member -> trial
-    procs: list[TrialProcess] = []
-    received = _Received(study, cfg, log, keeper)
-
-    def tell(member: int | None, trial: optuna.Trial, outcome: TrialOutcome) -> None:
-        received.add(trial, _with_history(outcome))
-        told.append(received.tell(trial))
-
-    with _failed_when_unwinding(study, lambda: list(pending.values()), procs, log,
-                                lambda ts: f"trials {[t.number for t in ts]} interrupted: marked FAIL", received):
-        with ExitStack() as stack:
-            params_list: list[dict[str, Any]] = []
-            for trial in trials:
-                stack.enter_context(Heartbeat(study, trial, cfg.study.heartbeat_interval))
-                started = start_trial(study, trial, cfg, space)
-                if started is None:
-                    continue
-                params = started[0]
-                pending[len(params_list)] = trial
-                params_list.append(params)
-                members.append(trial)
-                log(f"trial {trial.number} started (pack member {len(params_list) - 1}): {fmt_params(params)}")
-                if observer is not None:
-                    observer.trial_started(trial.number, params, len(params_list) - 1)
-            if not params_list:
-                return told
-            saves = [keeper.path(cfg, t.number) for t in members] if keeper is not None else None
-            job = _job(study, cfg, params_list, device, watched=observer is not None and observer.watches_steps,
-                       save_model=saves if saves and any(saves) else None)
-            procs.append(TrialProcess(job))
-
-            def split(msg: dict[str, Any]) -> None:  # out of memory before any member reported
-                halves = [[members[j].number for j in half] for half in msg.get("halves", [])]
-                log(split_line(int(msg.get("epoch", 0)), halves))
-
-            # the members train together, so the pack as a whole gets one trial's timeout
-            with Watchdog(procs[0], cfg.budget.trial_timeout) as deadline:
-                user_error, _ = _relay(procs[0], pending, reported_metric(cfg), job["prune"],
-                                       on_result=tell, on_split=split, guard=ChanceGuard(cfg), observer=observer,
-                                       on_started=deadline.begin)
-                procs[0].wait()
-            rc = procs[0].close()
-            if user_error is not None:
-                raise UserError(user_error)
-            if deadline.fired and pending:
-                log(f"trials {[t.number for t in pending.values()]} stopped: their pack {_timeout_words(deadline, cfg)}")
-                reason = TIMEOUT
-            else:
-                reason = LOST if rc == -signal.SIGKILL else f"error: pack process exited with code {rc}"
-            for i, trial in list(pending.items()):
-                received.add(trial, TrialOutcome("fail", failure_reason=reason))
-                pending.pop(i)
-                told.append(received.tell(trial))
-            return told
+                frozen = _finish(self.study, trial, TrialOutcome("fail", failure_reason=LOST), self.cfg)
+                retry_lost(self.study, frozen, "its pack was stopped: another member was taken over", log=self.log)
+            self.told.append(frozen)
+        return True
 
 
 def fmt_params(params: Mapping[str, Any]) -> str:

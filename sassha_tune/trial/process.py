@@ -1,14 +1,16 @@
-"""The parent side of the trial protocol: one child process running a job.
+"""The parent side of the trial protocol: a job and the child process running it.
 
-:class:`TrialProcess` starts ``python -m sassha_tune.trial``, sends the job, iterates the child's
-messages, answers its epoch messages when the job prunes, and stops and reaps it. A study's single
-trials and packs use it, and so does :func:`sassha_tune.trial.ranks.launch_ranks` for each rank of
-a multi-rank trial. :class:`WarmWorker` is the long-lived variant (a study's default for single trials): one process running
-job after job, each ended by a ``done`` message. See :mod:`sassha_tune.trial` for the protocol.
+:class:`TrialProcess` is a job of ``python -m sassha_tune.trial``: it sends the job, iterates the
+child's messages, answers its epoch messages when the job prunes, and stops and reaps the process.
+Where the job runs is its one policy: a fresh process of its own (packs, each rank of a multi-rank
+trial: :func:`sassha_tune.trial.ranks.launch_ranks`, ``study.fresh_process``), or a
+:class:`WarmWorker` (a study's default for single trials), one long-lived process running job
+after job, each ended by a ``done`` message. See :mod:`sassha_tune.trial` for the protocol.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -16,10 +18,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import suppress
+from typing import IO, Any, Protocol
 
-__all__ = ["PARENT_PID_ENV", "STARTUP_SECONDS", "STEP_SECONDS", "TrialProcess", "WarmJob", "WarmWorker", "Watchdog"]
+__all__ = ["PARENT_PID_ENV", "STARTUP_SECONDS", "STEP_SECONDS", "TrialProcess", "WarmWorker", "Watchdog"]
 
 #: how much longer than its trial timeout a job's process may take to take the job up (start, imports)
 STARTUP_SECONDS = 60.0
@@ -31,36 +34,42 @@ STEP_SECONDS = 1.0
 PARENT_PID_ENV = "SASSHA_TUNE_PARENT_PID"
 
 
-def _signal_if_running(proc: subprocess.Popen, sig: int) -> None:
-    """``sig`` to ``proc`` unless it has exited (it may exit in between: then nothing happens)."""
-    if proc.poll() is None:
+def _reap(proc: subprocess.Popen, timeout: float, escalation: Sequence[Callable[[], None]]) -> int:
+    """Wait for ``proc`` to exit, ``timeout`` seconds at a time, taking the next step of
+    ``escalation`` (SIGTERM, SIGKILL) after each wait it outlasts; its exit code."""
+    for step in escalation:
         try:
-            proc.send_signal(sig)
-        except ProcessLookupError:
-            pass
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            step()
+    return proc.wait()
 
 
-class TrialProcess:
-    """``python -m sassha_tune.trial`` running ``job``: JSON job in, JSON lines out, go/stop replies.
+class _Child:
+    """One ``python -m sassha_tune.trial`` process (``--serve``: a warm worker) and its pipes:
+    lines in, JSON messages out, signals, and its end."""
 
-    ``env``: the child's environment (default: this process's); ``listen=False`` discards the
-    child's messages (the ranks of a multi-rank trial other than rank 0)."""
-
-    def __init__(self, job: Mapping[str, Any], *, env: Mapping[str, str] | None = None, listen: bool = True) -> None:
-        self.job = dict(job)
+    def __init__(self, *args: str, env: Mapping[str, str] | None, listen: bool = True) -> None:
         full_env = dict(os.environ if env is None else env)
         full_env[PARENT_PID_ENV] = str(os.getpid())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sassha_tune.trial"],
+            [sys.executable, "-m", "sassha_tune.trial", *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE if listen else subprocess.DEVNULL,
             text=True,
             env=full_env,
             bufsize=1,
         )
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(self.job) + "\n")
-        self.proc.stdin.flush()
+
+    def write(self, line: str) -> bool:
+        """Send one line; False when the child is gone (its exit code tells why)."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return False
+        return True
 
     def messages(self) -> Iterator[dict[str, Any]]:
         """The child's messages until it closes its stdout. Only the protocol writes there (the
@@ -75,139 +84,110 @@ class TrialProcess:
             except ValueError:
                 continue
 
-    def answer(self, stop: bool) -> None:
-        """Answer an epoch message: ``stop`` or ``go`` (only a pruning job waits for one)."""
-        if self.job.get("prune"):
-            self._write("stop" if stop else "go")
-
-    def _write(self, text: str) -> None:
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(text + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            pass  # the child is gone; its exit code tells why
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def wait(self, timeout: float | None = None) -> int:
-        """The exit code, waiting up to ``timeout`` seconds (``subprocess.TimeoutExpired`` after)."""
-        return self.proc.wait(timeout=timeout)
-
-    def terminate(self) -> None:
-        """SIGTERM, if it still runs."""
-        self.send_signal(signal.SIGTERM)
-
     def send_signal(self, sig: int) -> None:
-        """``sig`` to the child, if it still runs (safe from another thread: :class:`Watchdog`)."""
-        _signal_if_running(self.proc, sig)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds; returns when it has exited."""
-        self.terminate()
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def close(self, timeout: float = 10.0) -> int:
-        """Stop it (:meth:`stop`), close the pipes; the exit code (negative: killed by that signal)."""
-        self.stop(timeout)
-        for f in (self.proc.stdin, self.proc.stdout):
+        """``sig`` unless it has exited (it may exit in between: then nothing happens); safe from
+        another thread (:class:`Watchdog`)."""
+        if self.proc.poll() is None:
             try:
-                if f is not None:
-                    f.close()
-            except OSError:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
                 pass
+
+    def end(self, timeout: float, *, asked: bool) -> int:
+        """Reap it and close its pipes; the exit code (negative: killed by that signal). ``asked``:
+        end of input asks it to exit (a warm worker between jobs), SIGTERM only after ``timeout``
+        seconds; otherwise SIGTERM at once (before its input closes: a child waiting for a reply
+        would take the end of input for its parent's death). SIGKILL after a further ``timeout``."""
+        terminate = functools.partial(self.send_signal, signal.SIGTERM)
+        if asked:
+            self._close(self.proc.stdin)
+            _reap(self.proc, timeout, [terminate, self.proc.kill])
+        else:
+            terminate()
+            _reap(self.proc, timeout, [self.proc.kill])
+            self._close(self.proc.stdin)
+        self._close(self.proc.stdout)
         return self.proc.returncode
+
+    @staticmethod
+    def _close(pipe: IO[str] | None) -> None:
+        with suppress(OSError):
+            if pipe is not None:
+                pipe.close()
 
 
 class WarmWorker:
     """A long-lived ``python -m sassha_tune.trial --serve``: one job after another through the same
     protocol, each ended by a ``done`` message (imports and process start paid once).
 
-    :meth:`start` hands a job to it and returns a :class:`WarmJob`, which the study loop drives like
-    a :class:`TrialProcess`. The worker is spent (:attr:`spent`) after a job that may have
-    poisoned it (it says so and exits) or when it died (SIGKILL): start a new one then."""
+    :meth:`start` hands a job to it: a :class:`TrialProcess` that runs in this worker. The worker is
+    spent (:attr:`spent`) after a job that may have poisoned it (it says so and exits), when it died
+    (SIGKILL) or when its job was cut short (:meth:`TrialProcess.retire`): start a new one then."""
 
     def __init__(self, *, env: Mapping[str, str] | None = None) -> None:
-        full_env = dict(os.environ if env is None else env)
-        full_env[PARENT_PID_ENV] = str(os.getpid())
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sassha_tune.trial", "--serve"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=full_env, bufsize=1,
-        )
+        self.child = _Child("--serve", env=env)
         self.spent = False
         self.jobs = 0
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.child.proc.pid
 
-    def start(self, job: Mapping[str, Any]) -> WarmJob:
-        assert not self.spent, "a spent worker takes no job"
-        self.jobs += 1
-        warm = WarmJob(self, job)
-        try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps(dict(job)) + "\n")
-            self.proc.stdin.flush()
-        except (BrokenPipeError, OSError):
-            self.spent = True  # it died between jobs: the job ends at once, its exit code tells why
-        return warm
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.child.proc
+
+    def start(self, job: Mapping[str, Any]) -> TrialProcess:
+        return TrialProcess(job, worker=self)
 
     def close(self, timeout: float = 10.0) -> int:
         """End it: end of input (it exits 0 between jobs), then SIGTERM / SIGKILL after ``timeout``.
         A worker that never got a job (a study refused before its first trial) gets SIGTERM at
         once: it holds nothing, and waiting for its imports to finish would only delay the error."""
         self.spent = True
-        try:
-            if self.proc.stdin is not None:
-                self.proc.stdin.close()
-        except OSError:
-            pass
-        if self.jobs == 0 and self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            try:
-                self.proc.stdout.close()
-            except OSError:
-                pass
-        return self.proc.returncode
+        if self.jobs == 0:
+            self.child.send_signal(signal.SIGTERM)
+        return self.child.end(timeout, asked=True)
 
 
-class WarmJob:
-    """One job of a :class:`WarmWorker`, with :class:`TrialProcess`'s interface: messages until
-    ``done``, go/stop answers, the job's exit code (that of the worker, negative, if it died)."""
+class TrialProcess:
+    """A job of the trial protocol (``python -m sassha_tune.trial``) and the process running it:
+    JSON job in, JSON lines out, go/stop replies, its exit code.
 
-    def __init__(self, worker: WarmWorker, job: Mapping[str, Any]) -> None:
-        self.worker, self.job = worker, dict(job)
-        self.code: int | None = None
-        self.why_spent = ""  # why the worker cannot take another job ("" while it can)
+    Fresh or warm is the one policy: by default the job gets a fresh process of its own, which ends
+    with it; with ``worker`` (:meth:`WarmWorker.start`) it runs in that warm worker, its messages end
+    with the worker's ``done`` and its exit code is the one ``done`` reports (that of the worker,
+    negative, if it died in the job). ``env``: a fresh process's environment (default: this
+    process's); ``listen=False`` discards its messages (the ranks of a multi-rank trial other
+    than rank 0)."""
+
+    def __init__(self, job: Mapping[str, Any], *, env: Mapping[str, str] | None = None, listen: bool = True,
+                 worker: WarmWorker | None = None) -> None:
+        self.job, self.worker = dict(job), worker
+        self.code: int | None = None  # a warm job's exit code, once known
+        self.why_spent = ""  # why its warm worker cannot take another job ("" while it can)
+        if worker is None:
+            self.child = _Child(env=env, listen=listen)
+            self.child.write(json.dumps(self.job))
+            return
+        assert not worker.spent, "a spent worker takes no job"
+        self.child = worker.child
+        worker.jobs += 1
+        if not self.child.write(json.dumps(self.job)):
+            worker.spent = True  # it died between jobs: the job ends at once, its exit code tells why
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.child.proc
 
     def messages(self) -> Iterator[dict[str, Any]]:
-        stdout = self.worker.proc.stdout
-        assert stdout is not None
+        """The job's messages: a fresh process's until it closes its stdout, a warm job's until
+        ``done`` (or the worker's death)."""
+        if self.worker is None:
+            yield from self.child.messages()
+            return
         if not self.worker.spent:
-            for line in stdout:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    continue
+            for msg in self.child.messages():
                 if msg.get("type") == "done":
                     self.code = int(msg.get("code", 1))
                     if msg.get("replace"):
@@ -217,28 +197,29 @@ class WarmJob:
                 yield msg
         # no done: the worker died in this job
         self.worker.spent = True
-        self.code = self.worker.proc.wait()
+        self.code = self.proc.wait()
         self.why_spent = f"killed by signal {-self.code}" if self.code < 0 else f"exit code {self.code}"
 
-    def retire(self, why: str) -> None:
-        """The worker takes no further job (e.g. the trial timeout signalled it, even after ``done``)."""
-        self.worker.spent = True
-        self.why_spent = why
-
-    def send_signal(self, sig: int) -> None:
-        """``sig`` to the worker running this job, if it still runs (:class:`Watchdog`)."""
-        _signal_if_running(self.worker.proc, sig)
-
     def answer(self, stop: bool) -> None:
-        if self.job.get("prune") and not self.worker.spent:
-            try:
-                assert self.worker.proc.stdin is not None
-                self.worker.proc.stdin.write(("stop" if stop else "go") + "\n")
-                self.worker.proc.stdin.flush()
-            except (BrokenPipeError, OSError):
-                pass
+        """Answer an epoch message: ``stop`` or ``go`` (only a pruning job waits for one)."""
+        if self.job.get("prune") and not (self.worker is not None and self.worker.spent):
+            self.child.write("stop" if stop else "go")
+
+    def retire(self, why: str) -> None:
+        """Its warm worker takes no further job (e.g. the trial timeout signalled it, even after
+        ``done``; its trial was taken over); a fresh process ends with its job anyway."""
+        if self.worker is not None:
+            self.worker.spent = True
+            self.why_spent = why
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
 
     def wait(self, timeout: float | None = None) -> int:
+        """The exit code, waiting up to ``timeout`` seconds (a fresh process: ``subprocess.TimeoutExpired``
+        after). A warm job reads its messages to ``done``, and closes a worker it spent."""
+        if self.worker is None:
+            return self.proc.wait(timeout=timeout)
         if self.code is None:
             for _ in self.messages():
                 pass
@@ -247,14 +228,30 @@ class WarmJob:
             self.worker.close(timeout if timeout is not None else 10.0)
         return self.code
 
+    def terminate(self) -> None:
+        """SIGTERM, if it still runs."""
+        self.send_signal(signal.SIGTERM)
+
+    def send_signal(self, sig: int) -> None:
+        """``sig`` to its process, if it still runs (safe from another thread: :class:`Watchdog`)."""
+        self.child.send_signal(sig)
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker (a run that stops early): SIGTERM, then SIGKILL after ``timeout``."""
+        """Stop its process (a run that stops early): SIGTERM, then SIGKILL after ``timeout``
+        seconds; returns when it has exited. A warm worker stopped so is spent."""
+        if self.worker is None:
+            self.terminate()
+            _reap(self.proc, timeout, [self.proc.kill])
+            return
         self.worker.spent = True
-        if self.worker.proc.poll() is None:
-            self.worker.proc.terminate()
+        self.terminate()
         self.worker.close(timeout)
 
     def close(self, timeout: float = 10.0) -> int:
+        """The job's exit code (negative: killed by that signal): a fresh process is stopped
+        (:meth:`stop`) and its pipes closed; a warm job is waited for (:meth:`wait`)."""
+        if self.worker is None:
+            return self.child.end(timeout, asked=False)
         return self.wait(timeout)
 
 

@@ -16,6 +16,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass, field
 from typing import Any
 
 from .process import TrialProcess
@@ -64,76 +66,107 @@ def launch_ranks(
     Returns ``(result message of rank 0 or None, epoch messages, failure reason or None)``; a
     ``user_error`` message is returned as the result for the caller to raise.
     """
-    port = free_port()
+    env = _rank_env(processes)
     procs: list[TrialProcess] = []
-    base = dict(os.environ)
-    base.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(processes),
-        LOCAL_WORLD_SIZE=str(processes),
-    )
-    if "OMP_NUM_THREADS" not in base:
-        base["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
-    messages: queue.Queue = queue.Queue()
     try:
         for r in range(processes):
-            procs.append(TrialProcess(job, env=dict(base, RANK=str(r), LOCAL_RANK=str(r)), listen=r == 0))
-
-        def read(proc: TrialProcess) -> None:
-            for msg in proc.messages():
-                messages.put(msg)
-            messages.put(None)
-
-        threading.Thread(target=read, args=(procs[0],), daemon=True).start()
-        result: dict[str, Any] | None = None
-        epochs: list[dict[str, Any]] = []
-        failure: str | None = None
-        eof = False
-        while not eof and failure is None:
-            try:
-                msg = messages.get(timeout=poll)
-            except queue.Empty:
-                msg = False
-            if msg is None:
-                eof = True
-            elif msg:
-                kind = msg.get("type")
-                if kind == "epoch":
-                    epochs.append(msg)
-                    stop = bool(on_epoch(int(msg["epoch"]), dict(msg.get("metrics") or {}))) if on_epoch else False
-                    procs[0].answer(stop)
-                elif kind in ("result", "user_error"):
-                    result = msg
-                elif kind == "phase" and on_phase is not None:
-                    on_phase(str(msg.get("phase")))
-                elif kind == "step" and on_step is not None:
-                    on_step(int(msg["epoch"]), int(msg["step"]), int(msg["steps"]))
-            for r, p in enumerate(procs[1:], start=1):
-                rc = p.poll()
-                if rc is not None and rc != 0:
-                    failure = describe_exit(r, rc)
-                    break
+            procs.append(TrialProcess(job, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), listen=r == 0))
+        rank0 = _Rank0(procs[0], on_epoch, on_phase, on_step)
+        failure = rank0.relay(procs[1:], poll)
         if failure is None:
-            rc0 = procs[0].wait()
-            dead = [(r, p.poll()) for r, p in enumerate(procs[1:], start=1)]
-            dead = [(r, rc) for r, rc in dead if rc not in (None, 0)]
-            rank0_error = result is None or str(result.get("failure_reason") or "").startswith("error")
-            if dead and rank0_error:
-                failure = describe_exit(*dead[0])
-            elif result is None:
-                failure = describe_exit(0, rc0)
-            else:
-                # rank 0 is done; the others finish on their own (they have left the last collective)
-                for p in procs[1:]:
-                    try:
-                        p.wait(timeout=60)
-                    except subprocess.TimeoutExpired:
-                        continue
-        return result, epochs, failure
+            failure = _after_rank0(procs, rank0.result)
+        return rank0.result, rank0.epochs, failure
     finally:
         for p in procs:
             p.terminate()
         deadline = time.monotonic() + 5
         for p in procs:
             p.close(timeout=max(0.1, deadline - time.monotonic()))
+
+
+def _rank_env(processes: int) -> dict[str, str]:
+    """The environment every rank shares: ``torch.distributed``'s rendezvous on a free port, and
+    this machine's cores shared among the ranks unless ``OMP_NUM_THREADS`` says otherwise."""
+    env = dict(os.environ)
+    env.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE=str(processes),
+        LOCAL_WORLD_SIZE=str(processes),
+    )
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    return env
+
+
+@dataclass
+class _Rank0:
+    """Rank 0's messages as they come: its epochs (each answered), phases, steps and result."""
+
+    proc: TrialProcess
+    on_epoch: Callable[[int, dict], bool] | None
+    on_phase: Callable[[str], None] | None
+    on_step: Callable[[int, int, int], None] | None
+    result: dict[str, Any] | None = None
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+
+    def relay(self, others: list[TrialProcess], poll: float) -> str | None:
+        """Read rank 0's messages (on a thread: the others' exits are checked every ``poll``
+        seconds meanwhile) until it closes its stdout; a failure reason as soon as another rank dies."""
+        messages: queue.Queue = queue.Queue()
+
+        def read() -> None:
+            for msg in self.proc.messages():
+                messages.put(msg)
+            messages.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        while True:
+            try:
+                msg = messages.get(timeout=poll)
+            except queue.Empty:
+                msg = False
+            if msg:
+                self.take(msg)
+            failure = _failed_rank(others)  # checked once more at the end of rank 0's messages
+            if failure is not None or msg is None:
+                return failure
+
+    def take(self, msg: dict[str, Any]) -> None:
+        kind = msg.get("type")
+        if kind == "epoch":
+            self.epochs.append(msg)
+            stop = bool(self.on_epoch(int(msg["epoch"]), dict(msg.get("metrics") or {}))) if self.on_epoch else False
+            self.proc.answer(stop)
+        elif kind in ("result", "user_error"):
+            self.result = msg
+        elif kind == "phase" and self.on_phase is not None:
+            self.on_phase(str(msg.get("phase")))
+        elif kind == "step" and self.on_step is not None:
+            self.on_step(int(msg["epoch"]), int(msg["step"]), int(msg["steps"]))
+
+
+def _failed_rank(others: list[TrialProcess]) -> str | None:
+    """The failure reason of the first rank after rank 0 that exited with a non-zero code."""
+    for r, p in enumerate(others, start=1):
+        rc = p.poll()
+        if rc is not None and rc != 0:
+            return describe_exit(r, rc)
+    return None
+
+
+def _after_rank0(procs: list[TrialProcess], result: dict[str, Any] | None) -> str | None:
+    """Rank 0 closed its stdout: the trial's failure reason, or None once the others finished. A
+    rank 0 that failed with an error because another rank died fails the trial with that rank."""
+    rc0 = procs[0].wait()
+    dead = [(r, rc) for r, p in enumerate(procs[1:], start=1) if (rc := p.poll()) not in (None, 0)]
+    rank0_error = result is None or str(result.get("failure_reason") or "").startswith("error")
+    if dead and rank0_error:
+        return describe_exit(*dead[0])
+    if result is None:
+        return describe_exit(0, rc0)
+    # rank 0 is done; the others finish on their own (they have left the last collective)
+    for p in procs[1:]:
+        with suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=60)
+    return None

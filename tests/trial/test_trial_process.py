@@ -131,3 +131,27 @@ def test_a_warm_worker_that_never_got_a_job_is_stopped_at_once():
     still importing (a worker that had reached its job loop would exit 0 at end of input)."""
     worker = WarmWorker()
     assert worker.close() == -signal.SIGTERM
+
+
+def test_a_warm_worker_runs_jobs_one_after_another_and_retiring_one_ends_it():
+    """Warm or fresh is one class's policy: a job handed to a warm worker is a :class:`TrialProcess`
+    whose messages end with the worker's ``done``; the worker takes the next job in the same
+    process, until a job retires it (its end of input then ends it, exit 0)."""
+    job = {"study": "tiny", "config": STORED, "params": {"lr": 0.1}, "device": "cpu", "prune": False}
+    worker = WarmWorker()
+    try:
+        first = worker.start(job)
+        assert [m["type"] for m in first.messages()] == ["started", "epoch", "epoch", "result"]
+        assert first.close() == 0 and not worker.spent and worker.proc.poll() is None
+        second = worker.start(job)
+        assert second.proc.pid == first.proc.pid == worker.pid and worker.jobs == 2
+        assert [m["type"] for m in second.messages()][-1] == "result"
+        second.retire("a test")
+        assert worker.spent and second.why_spent == "a test"
+        assert second.close() == 0 and worker.proc.poll() == 0  # the worker was closed with the job
+    finally:
+        worker.close()
+    fresh = TrialProcess(job)
+    fresh.retire("a test")  # a fresh process ends with its job: nothing to retire
+    assert fresh.why_spent == "" and [m["type"] for m in fresh.messages()][-1] == "result"
+    assert fresh.wait(timeout=60) == 0 and fresh.close() == 0
