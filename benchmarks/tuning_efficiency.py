@@ -249,7 +249,7 @@ def run_one(task: str, strategy: str, seed: int, workdir: str, budget: float) ->
 
     import optuna
 
-    from sassha_tune.api import run_study
+    from sassha_tune.app.api import run_study
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("sassha_tune").setLevel(logging.WARNING)

@@ -7,7 +7,7 @@ import json
 import yaml
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 
 
 def _train(tmp_path, *extra: str) -> dict:

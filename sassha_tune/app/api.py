@@ -1,6 +1,10 @@
 """The commands as Python functions: ``run_study`` and ``resume_study`` (``run``, ``resume``),
-``rerun_study`` (``rerun``), ``init_config`` (``init``), ``export`` (``export``) and
-``trials_dataframe``; ``report`` and ``compare`` live in :mod:`sassha_tune.report`.
+``rerun_study`` (``rerun``), ``run_worker`` (``worker``), ``init_config`` (``init``), ``export``
+(``export``), ``write_report`` and ``write_comparison`` (``report``, ``compare``) and
+``trials_dataframe``; in a notebook ``sassha_tune.report`` and ``sassha_tune.compare`` (the
+package :mod:`sassha_tune.report`) return what they wrote. The command line calls only this layer
+(:mod:`sassha_tune.app.cli`; what ``status`` and ``train`` show: :mod:`~sassha_tune.app.status`,
+:mod:`~sassha_tune.app.train`).
 
     import sassha_tune
 
@@ -28,16 +32,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import StorageError, UserError
+from ..errors import StorageError, UserError
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from .config import Config
-    from .study.create import BudgetChange
-    from .study.loop import Launcher
-    from .study.progress import StudyObserver
+    from ..config import Config
+    from ..report.files import Written
+    from ..study.create import BudgetChange
+    from ..study.loop import Launcher, LoopSummary
+    from ..study.progress import StudyObserver
 
 Log = Callable[[str], None]
 Callback = Callable[["optuna.Study", "FrozenTrial"], None]
@@ -53,6 +58,14 @@ class WorkersFailed(UserError):
         self.exit_code = code
 
 
+def storage_fault_line(exc: BaseException) -> str | None:
+    """The one line that says what went wrong when ``exc`` is a storage fault (a corrupt, read-only,
+    full or locked database; the storage named, passwords masked), else None."""
+    from ..study.storage import storage_fault
+
+    return storage_fault(exc)
+
+
 def _storage_faults_in_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -61,9 +74,7 @@ def _storage_faults_in_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
         except UserError:
             raise
         except Exception as exc:
-            from .study.storage import storage_fault
-
-            message = storage_fault(exc)
+            message = storage_fault_line(exc)
             if message is None:
                 raise
             raise StorageError(message) from None
@@ -76,8 +87,8 @@ def _default_log(message: str) -> None:
 
 
 def _as_config(config: str | Path | Mapping[str, Any] | Config, overrides: Sequence[str] = ()) -> Config:
-    from .config import Config, config_from_dict, load_config
-    from .config.overrides import apply_overrides, overridden_source, parse_overrides
+    from ..config import Config, config_from_dict, load_config
+    from ..config.overrides import apply_overrides, overridden_source, parse_overrides
 
     if isinstance(overrides, str):
         raise UserError(f"overrides: expected a list of key.path=value strings, got {overrides!r}")
@@ -97,7 +108,7 @@ def _as_config(config: str | Path | Mapping[str, Any] | Config, overrides: Seque
 
 def _check_override_budget(overrides: Sequence[str], n_trials: Any) -> None:
     """``--n-trials`` and ``--set budget.n_trials`` name one setting twice: refused."""
-    from .config.overrides import parse_overrides
+    from ..config.overrides import parse_overrides
 
     if n_trials is not None and any(o.key in ("budget", "budget.n_trials") for o in parse_overrides(overrides)):
         raise UserError("--set budget.n_trials and --n-trials both set the budget; give one")
@@ -118,8 +129,8 @@ def _check_gpus(gpus: list[str] | list[int] | None, device: str | None) -> list[
 
 def _check_flags(gpus: list[str] | list[int] | None, device: str | None, pack: str | int) -> tuple[list[str], str | int]:
     """The arguments that need neither a config nor a storage, checked first: (GPUs, pack size)."""
-    from .devices import check_available, check_device_name
-    from .study.pack_size import parse_pack
+    from ..devices import check_available, check_device_name
+    from ..study.pack_size import parse_pack
 
     check_device_name(device, "device")
     gpu_list = _check_gpus(gpus, device)
@@ -144,11 +155,25 @@ def _check_callbacks_arg(callbacks: Sequence[Callback], gpus: list[str], observe
         raise UserError("observer: sees the trials of this process only, so not with gpus")
 
 
+def _checked_arguments(n_trials: int | str | BudgetChange | None, gpus: list[str] | list[int] | None,
+                       device: str | None, pack: str | int, callbacks: Sequence[Callback],
+                       observer: StudyObserver | None, overrides: Sequence[str]) -> tuple[BudgetChange | None, list[str], str | int]:
+    """``run_study``'s and ``resume_study``'s arguments that need neither a config nor a storage,
+    checked before either is touched: (the budget change, the GPUs, the pack size)."""
+    from ..study.create import budget_change
+
+    change = budget_change(n_trials) if n_trials is not None else None
+    gpu_list, pack_size = _check_flags(gpus, device, pack)
+    _check_callbacks_arg(callbacks, gpu_list, observer)
+    _check_override_budget(overrides, n_trials)
+    return change, gpu_list, pack_size
+
+
 def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: str | int, log: Log,
          callbacks: Sequence[Callback], fresh_process: bool = False, launcher: Launcher | None = None,
          observer: StudyObserver | None = None) -> None:
-    from .study.loop import run_trials
-    from .study.workers import run_gpu_workers
+    from ..study.loop import run_trials
+    from ..study.workers import run_gpu_workers
 
     if gpus:
         code = run_gpu_workers(name, url, gpus, log=log, pack=pack_size, fresh_process=fresh_process)
@@ -199,19 +224,16 @@ def run_study(
     ``overrides``: ``key.path=value`` strings (``--set``, docs/config.md) put into the config before
     it is validated; the study stores the config with them.
     """
-    from .config import advice, with_model_normalization
-    from .devices import check_available
-    from .study.callbacks import check_callbacks
-    from .study.create import budget_change, create_or_continue
-    from .study.storage import resolve_storage
-    from .trial.objective import check_task_inputs
-    from .trial.preflight import check_task
+    from ..config import advice, with_model_normalization
+    from ..devices import check_available
+    from ..study.callbacks import check_callbacks
+    from ..study.create import create_or_continue
+    from ..study.storage import resolve_storage
+    from ..trial.objective import check_task_inputs
+    from ..trial.preflight import check_task
 
     log = log or _default_log
-    change = budget_change(n_trials) if n_trials is not None else None
-    gpu_list, pack_size = _check_flags(gpus, device, pack)
-    _check_callbacks_arg(callbacks, gpu_list, observer)
-    _check_override_budget(overrides, n_trials)
+    change, gpu_list, pack_size = _checked_arguments(n_trials, gpus, device, pack, callbacks, observer, overrides)
     with _early_launcher(gpu_list, fresh_process, log, run=not create_only) as launcher:
         cfg = _as_config(config, overrides)  # everything validated before any storage is touched
         url = resolve_storage(storage, cfg)
@@ -251,17 +273,14 @@ def resume_study(
     is finished. Same as ``sassha-tune resume``; the arguments are those of :func:`run_study`.
     ``overrides`` (``--set``) may change only what a stored study may change (budget, sampler,
     pruner, heartbeats, device: ``study.create.OVERRIDABLE``); the others are refused, nothing stored."""
-    from .config.overrides import parse_overrides
-    from .devices import check_available
-    from .study.create import budget_change, check_budget, overridden_config, set_budget, store_overridden
-    from .study.storage import load_study, resolve_storage
-    from .trial.preflight import check_task
+    from ..config.overrides import parse_overrides
+    from ..devices import check_available
+    from ..study.create import check_budget, overridden_config, set_budget, store_overridden
+    from ..study.storage import load_study, resolve_storage
+    from ..trial.preflight import check_task
 
     log = log or _default_log
-    change = budget_change(n_trials) if n_trials is not None else None
-    gpu_list, pack_size = _check_flags(gpus, device, pack)
-    _check_callbacks_arg(callbacks, gpu_list, observer)
-    _check_override_budget(overrides, n_trials)
+    change, gpu_list, pack_size = _checked_arguments(n_trials, gpus, device, pack, callbacks, observer, overrides)
     parse_overrides(overrides)  # a malformed one costs no storage
     url = resolve_storage(storage)
     with _early_launcher(gpu_list, fresh_process, log) as launcher:
@@ -301,12 +320,12 @@ def rerun_study(
     resumable by calling it again (only the seeds without a re-run are run). Same as
     ``sassha-tune rerun``; returns the companion study, whose trials ``report`` and ``compare``
     show as seed re-runs (mean, spread and a 95 % interval)."""
-    from .devices import check_available
-    from .study.create import stored_config
-    from .study.reruns import parse_seeds, prepare_reruns
-    from .study.storage import load_study, resolve_storage
-    from .trial.objective import check_task_inputs
-    from .trial.preflight import check_task
+    from ..devices import check_available
+    from ..study.create import stored_config
+    from ..study.reruns import parse_seeds, prepare_reruns
+    from ..study.storage import load_study, resolve_storage
+    from ..trial.objective import check_task_inputs
+    from ..trial.preflight import check_task
 
     log = log or _default_log
     wanted = parse_seeds(seeds, "seeds" if not isinstance(seeds, str) else "--seeds")
@@ -327,6 +346,46 @@ def rerun_study(
     return _reloaded(companion, url)
 
 
+@_storage_faults_in_one_line
+def run_worker(
+    name: str,
+    *,
+    storage: str | None = None,
+    worker_id: int | None = None,
+    device: str | None = None,
+    pack: str | int = "auto",
+    log: Log | None = None,
+    fresh_process: bool = False,
+    observer: StudyObserver | None = None,
+    overrides: Sequence[str] = (),
+) -> LoopSummary:
+    """Join the stored study ``name`` (e.g. on PostgreSQL from another machine) and run its trials
+    until its budget is spent, beside other workers. Same as ``sassha-tune worker``.
+    ``worker_id`` is mixed into the sampler seed (default: the process id); ``overrides`` (``--set``)
+    are checked against what a stored study may change and stored before a trial is asked. The
+    others as in :func:`run_study`. Returns what this worker ran
+    (:class:`~sassha_tune.study.loop.LoopSummary`)."""
+    import os
+
+    from ..study.create import overridden_config, store_overridden
+    from ..study.loop import run_trials
+    from ..study.storage import load_study, resolve_storage
+
+    log = log or _default_log
+    _, pack_size = _check_flags(None, device, pack)
+    url = resolve_storage(storage)
+    if overrides:  # validated and checked against what a stored study may change before anything is stored
+        stored = load_study(name, url)
+        _, overridden = overridden_config(stored, overrides)
+        store_overridden(stored, overridden, overrides, log=log)
+    worker: int | str = worker_id if worker_id is not None else f"pid{os.getpid()}"
+    # run_trials checks the stored config's device before it asks a trial
+    summary = run_trials(name, url, worker=worker, device=device, log=log, pack=pack_size, fresh_process=fresh_process,
+                         observer=observer)
+    log(f"worker done: {summary.ran} trials in {summary.seconds:.1f} s; {summary.stopped_because}")
+    return summary
+
+
 @contextmanager
 def _early_launcher(gpus: list[str], fresh_process: bool, log: Log, *, run: bool = True) -> Iterator[Launcher | None]:
     """The study loop's :class:`~sassha_tune.study.loop.Launcher`, its warm trial worker started
@@ -338,7 +397,7 @@ def _early_launcher(gpus: list[str], fresh_process: bool, log: Log, *, run: bool
     if gpus or not run:
         yield None
         return
-    from .study.loop import Launcher
+    from ..study.loop import Launcher
 
     launcher = Launcher(fresh_process, log)
     try:
@@ -357,7 +416,7 @@ def _keep_worker(launcher: Launcher | None, cfg: Config, pack_size: str | int, d
 
 def _reloaded(name: str, url: str) -> optuna.Study:
     """The study as stored now (trials told by worker processes included)."""
-    from .study.storage import load_study
+    from ..study.storage import load_study
 
     return load_study(name, url)
 
@@ -370,59 +429,75 @@ def init_config(out: str | Path = "study.yaml", *, dataset: str | None = None, m
     function in a module written beside it (``<name>_train.py``); the study is named after the
     file. The config is validated before anything is written and runs as it is; an existing file
     is never overwritten (a :class:`UserError`, nothing written). Returns the files written."""
-    from .config import config_from_dict, yaml_load
-    from .config.starter import (
-        DEFAULT_DATASET,
-        FILE_DATASETS,
-        default_model,
-        module_name,
-        starter_config,
-        starter_train_module,
-    )
-    from .report.files import refuse_link, write_user_file
+    from ..config.starter import default_model, module_name, starter_config
 
     log = log or _default_log
     path = Path(out)
+    dataset = _starter_dataset(path, dataset, model, own_loop, data_dir)
+    module = path.parent / f"{module_name(path.stem)}.py" if own_loop else None
+    _check_targets(path, [path] + ([module] if module is not None else []))
+    if module is not None:
+        text = starter_config(name=path.stem, config=str(path), optimizer=optimizer, train=f"{module.stem}:train")
+    else:
+        text = starter_config(name=path.stem, config=str(path), optimizer=optimizer, dataset=dataset,
+                              model=model or default_model(str(dataset)), data_dir=data_dir)
+    written = _write_starter(path, text, module, optimizer)
+    for done in written:
+        log(f"wrote {done}")
+    return written
+
+
+def _starter_dataset(path: Path, dataset: str | None, model: str | None, own_loop: bool,
+                     data_dir: str | None) -> str | None:
+    """``init_config``'s arguments checked (before any file is looked at): the built-in dataset the
+    starter config uses (None with ``own_loop``)."""
+    from ..config.starter import DEFAULT_DATASET, FILE_DATASETS
+
     if path.suffix not in (".yaml", ".yml"):
         raise UserError(f"--out {path}: expected a .yaml file name (the study is named after it)")
-    name = path.stem
     if own_loop and (dataset is not None or model is not None or data_dir is not None):
         raise UserError("--own-loop: your training function brings its own data and model; "
                         "not with --dataset, --model or --data-dir")
     dataset = None if own_loop else dataset or DEFAULT_DATASET
     if dataset in FILE_DATASETS and data_dir is None:
         raise UserError(f"--dataset {dataset}: reads files (nothing is downloaded): give --data-dir DIR, where they are")
-    module = path.parent / f"{module_name(name)}.py" if own_loop else None
-    targets = [path] + ([module] if module is not None else [])
+    return dataset
+
+
+def _check_targets(path: Path, targets: list[Path]) -> None:
+    """The files ``init`` would write: none a link, none there already, each in a directory."""
+    from .outputs import check_output
+
     for target in targets:
-        refuse_link(target, "--out")
+        check_output(target, "--out", directory=False)
         if target.exists():
             raise UserError(f"--out {path}: {target} exists; init never overwrites a file (choose another --out, "
                             "or remove it)")
         if not target.parent.is_dir():
             raise UserError(f"--out {path}: directory {target.parent} does not exist")
-    if own_loop:
-        assert module is not None
-        text = starter_config(name=name, config=str(path), optimizer=optimizer, train=f"{module.stem}:train")
-    else:
-        text = starter_config(name=name, config=str(path), optimizer=optimizer, dataset=dataset,
-                              model=model or default_model(str(dataset)), data_dir=data_dir)
+
+
+def _write_starter(path: Path, text: str, module: Path | None, optimizer: str) -> list[Path]:
+    """The starter config ``text`` written to ``path`` once it validates (and first the own-loop
+    ``module`` it names); on any failure nothing is left behind. Returns the files written."""
+    from ..config import config_from_dict, yaml_load
+    from ..config.starter import starter_train_module
+    from .outputs import write_output
+
     written: list[Path] = []
     try:
         if module is not None:  # first: the config names it, and validation imports it
-            write_user_file(module, starter_train_module(optimizer), "--out")
+            write_output(module, starter_train_module(optimizer), "--out")
             written.append(module)
         with _importable(path.parent):
             config_from_dict(yaml_load(text, "sassha-tune init"), source="sassha-tune init", name_from=str(path),
                              base_dir=path.resolve().parent)
-        write_user_file(path, text, "--out")
+        write_output(path, text, "--out")
         written.append(path)
     except BaseException:
         for done in written:
             done.unlink(missing_ok=True)
         raise
-    for done in written:
-        log(f"wrote {done}")
     return written
 
 
@@ -449,28 +524,26 @@ def export(study: str, *, storage: str | None = None, trial: int | None = None, 
     optimizer's class and constructor arguments), also written to ``out`` as YAML or JSON when
     given; ``model=True``: the trial's kept model file (``study.keep_models``) written to ``out``,
     whose path is returned."""
-    from .report.files import refuse_link, write_user_file
-    from .study.storage import load_study, resolve_storage
-    from .study.views import export_config, export_kwargs
+    from ..study.storage import load_study, resolve_storage
+    from ..study.views import export_config, export_kwargs
+    from .outputs import check_output, write_output
 
     if format not in ("yaml", "json", "kwargs"):
         raise UserError(f"format: expected yaml, json or kwargs, got {format!r}")
     url = resolve_storage(storage)
     if model:
-        from .study.models import export_model
+        from ..study.models import export_model
 
         if out is None:
             raise UserError("model: give out=FILE (a model file is binary)")
         path = Path(out)
-        refuse_link(path, "out")
-        if not path.parent.is_dir():
-            raise UserError(f"out {path}: directory {path.parent} does not exist")
+        check_output(path, "out")
         export_model(load_study(study, url), url, path, trial)
         return path
     s = load_study(study, url)
     d = export_kwargs(s, trial) if format == "kwargs" else export_config(s, trial)
     if out is not None:
-        write_user_file(Path(out), export_text(d, format), "out")
+        write_output(Path(out), export_text(d, format), "out")
     return d
 
 
@@ -483,6 +556,25 @@ def export_text(d: dict[str, Any], format: str) -> str:
     return yaml.safe_dump(d, sort_keys=False) if format == "yaml" else json.dumps(d, indent=2) + "\n"
 
 
+def write_report(study: str, *, storage: str | None = None, out: str | Path = "report",
+                 echo: Log = print) -> Written:
+    """``sassha-tune report``: the report of one study written to ``out``, its best trials and
+    verdict through ``echo`` (:func:`~sassha_tune.report.study_report.run_report`)."""
+    from ..report.study_report import run_report
+    from ..study.storage import resolve_storage
+
+    return run_report(study, resolve_storage(storage), Path(out), echo=echo)
+
+
+def write_comparison(studies: Sequence[str], *, storage: str | None = None, out: str | Path = "compare") -> Written:
+    """``sassha-tune compare``: studies compared under equal budgets, written to ``out``, the
+    ranking printed (:func:`~sassha_tune.report.compare.run_compare`)."""
+    from ..report.compare import run_compare
+    from ..study.storage import resolve_storage
+
+    return run_compare(list(studies), resolve_storage(storage), Path(out))
+
+
 def trials_dataframe(study: str | optuna.Study, *, storage: str | None = None) -> Any:
     """``study.trials_dataframe()`` (a pandas DataFrame, one row per trial: parameters, values and
     every stored metric as ``user_attrs_*`` columns) of a study or a study's name; without pandas
@@ -493,7 +585,7 @@ def trials_dataframe(study: str | optuna.Study, *, storage: str | None = None) -
         raise UserError('trials_dataframe: needs pandas, which is not installed: pip install pandas '
                         '(or pip install -e ".[pandas]" in a checkout)') from None
     if isinstance(study, str):
-        from .study.storage import load_study, resolve_storage
+        from ..study.storage import load_study, resolve_storage
 
         study = load_study(study, resolve_storage(storage))
     return study.trials_dataframe()
