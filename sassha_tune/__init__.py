@@ -40,8 +40,8 @@ _PUBLIC = {
     "run_study": "sassha_tune.app.api",
     "resume_study": "sassha_tune.app.api",
     "rerun_study": "sassha_tune.app.api",
-    "export": "sassha_tune.app.api",
-    "trials_dataframe": "sassha_tune.app.api",
+    "export": "sassha_tune.app.results",
+    "trials_dataframe": "sassha_tune.app.results",
     "compare": "sassha_tune.report.compare",
     "UserError": "sassha_tune.errors",
 }

@@ -149,9 +149,9 @@ def test_packages_import_only_their_own_layer_and_below():
 
 
 def test_the_cli_calls_only_the_app_layer():
-    """The command line parses, calls the API (and the app's small modules: flags, outputs, status,
-    train, the live view) and prints: it imports nothing of the layers below the app but the
-    foundation (errors, printable, version, ...)."""
+    """The command line parses, calls the app layer (api, starter, results, flags, outputs,
+    status, train, the live view) and prints: it imports nothing of the layers below the app but
+    the foundation (errors, printable, version, ...)."""
     graph = import_graph(PACKAGE)
     below = ("config", "study", "trial", "training", "report", "optim", "metrics")
     reached = sorted(m for m in graph["sassha_tune.app.cli"] if m.split(".")[1] in below)

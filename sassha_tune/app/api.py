@@ -1,10 +1,9 @@
-"""The commands as Python functions: ``run_study`` and ``resume_study`` (``run``, ``resume``),
-``rerun_study`` (``rerun``), ``run_worker`` (``worker``), ``init_config`` (``init``), ``export``
-(``export``), ``write_report`` and ``write_comparison`` (``report``, ``compare``) and
-``trials_dataframe``; in a notebook ``sassha_tune.report`` and ``sassha_tune.compare`` (the
-package :mod:`sassha_tune.report`) return what they wrote. The command line calls only this layer
-(:mod:`sassha_tune.app.cli`; what ``status`` and ``train`` show: :mod:`~sassha_tune.app.status`,
-:mod:`~sassha_tune.app.train`).
+"""The study commands as Python functions: ``run_study`` and ``resume_study`` (``run``,
+``resume``), ``rerun_study`` (``rerun``) and ``run_worker`` (``worker``). The others:
+``init_config`` (``init``) in :mod:`~sassha_tune.app.starter`; ``export``, ``write_report``,
+``write_comparison`` (``export``, ``report``, ``compare``) and ``trials_dataframe`` in
+:mod:`~sassha_tune.app.results`; in a notebook ``sassha_tune.report`` and ``sassha_tune.compare``
+(the package :mod:`sassha_tune.report`) return what they wrote.
 
     import sassha_tune
 
@@ -25,29 +24,24 @@ CLI prints (the storage named, the cause, passwords masked).
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import StorageError, UserError
+from ..errors import UserError
+from .base import Log, default_log, one_line_storage_faults
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
     from ..config import Config
-    from ..report.files import Written
     from ..study.create import BudgetChange
     from ..study.loop import Launcher, LoopSummary
     from ..study.progress import StudyObserver
 
-Log = Callable[[str], None]
 Callback = Callable[["optuna.Study", "FrozenTrial"], None]
-
-_logger = logging.getLogger("sassha_tune")
 
 
 class WorkersFailed(UserError):
@@ -56,34 +50,6 @@ class WorkersFailed(UserError):
     def __init__(self, code: int) -> None:
         super().__init__(f"a GPU worker exited with code {code} (its output above says why)")
         self.exit_code = code
-
-
-def storage_fault_line(exc: BaseException) -> str | None:
-    """The one line that says what went wrong when ``exc`` is a storage fault (a corrupt, read-only,
-    full or locked database; the storage named, passwords masked), else None."""
-    from ..study.storage import storage_fault
-
-    return storage_fault(exc)
-
-
-def _storage_faults_in_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError:
-            raise
-        except Exception as exc:
-            message = storage_fault_line(exc)
-            if message is None:
-                raise
-            raise StorageError(message) from None
-
-    return wrapper
-
-
-def _default_log(message: str) -> None:
-    _logger.info(message)
 
 
 def _as_config(config: str | Path | Mapping[str, Any] | Config, overrides: Sequence[str] = ()) -> Config:
@@ -186,7 +152,7 @@ def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: st
     log(f"done: {summary.ran} trials this run ({states}) in {summary.seconds:.1f} s; {summary.stopped_because}")
 
 
-@_storage_faults_in_one_line
+@one_line_storage_faults
 def run_study(
     config: str | Path | Mapping[str, Any] | Config,
     *,
@@ -232,7 +198,7 @@ def run_study(
     from ..trial.objective import check_task_inputs
     from ..trial.preflight import check_task
 
-    log = log or _default_log
+    log = log or default_log
     change, gpu_list, pack_size = _checked_arguments(n_trials, gpus, device, pack, callbacks, observer, overrides)
     with _early_launcher(gpu_list, fresh_process, log, run=not create_only) as launcher:
         cfg = _as_config(config, overrides)  # everything validated before any storage is touched
@@ -254,7 +220,7 @@ def run_study(
     return _reloaded(cfg.study.name, url)
 
 
-@_storage_faults_in_one_line
+@one_line_storage_faults
 def resume_study(
     name: str,
     *,
@@ -279,7 +245,7 @@ def resume_study(
     from ..study.storage import load_study, resolve_storage
     from ..trial.preflight import check_task
 
-    log = log or _default_log
+    log = log or default_log
     change, gpu_list, pack_size = _checked_arguments(n_trials, gpus, device, pack, callbacks, observer, overrides)
     parse_overrides(overrides)  # a malformed one costs no storage
     url = resolve_storage(storage)
@@ -301,7 +267,7 @@ def resume_study(
     return _reloaded(name, url)
 
 
-@_storage_faults_in_one_line
+@one_line_storage_faults
 def rerun_study(
     name: str,
     seeds: str | Sequence[int],
@@ -327,7 +293,7 @@ def rerun_study(
     from ..trial.objective import check_task_inputs
     from ..trial.preflight import check_task
 
-    log = log or _default_log
+    log = log or default_log
     wanted = parse_seeds(seeds, "seeds" if not isinstance(seeds, str) else "--seeds")
     if trial is not None and (isinstance(trial, bool) or not isinstance(trial, int) or trial < 0):
         raise UserError(f"--trial: expected a trial number >= 0, got {trial!r}")
@@ -346,7 +312,7 @@ def rerun_study(
     return _reloaded(companion, url)
 
 
-@_storage_faults_in_one_line
+@one_line_storage_faults
 def run_worker(
     name: str,
     *,
@@ -371,7 +337,7 @@ def run_worker(
     from ..study.loop import run_trials
     from ..study.storage import load_study, resolve_storage
 
-    log = log or _default_log
+    log = log or default_log
     _, pack_size = _check_flags(None, device, pack)
     url = resolve_storage(storage)
     if overrides:  # validated and checked against what a stored study may change before anything is stored
@@ -419,173 +385,3 @@ def _reloaded(name: str, url: str) -> optuna.Study:
     from ..study.storage import load_study
 
     return load_study(name, url)
-
-
-def init_config(out: str | Path = "study.yaml", *, dataset: str | None = None, model: str | None = None,
-                optimizer: str = "sassha", own_loop: bool = False, data_dir: str | None = None,
-                log: Log | None = None) -> list[Path]:
-    """Write a starter config to ``out`` (``sassha-tune init``): a built-in ``dataset`` and ``model``
-    (defaults: MNIST-1D and a model that fits the dataset) or, with ``own_loop``, your own training
-    function in a module written beside it (``<name>_train.py``); the study is named after the
-    file. The config is validated before anything is written and runs as it is; an existing file
-    is never overwritten (a :class:`UserError`, nothing written). Returns the files written."""
-    from ..config.starter import default_model, module_name, starter_config
-
-    log = log or _default_log
-    path = Path(out)
-    dataset = _starter_dataset(path, dataset, model, own_loop, data_dir)
-    module = path.parent / f"{module_name(path.stem)}.py" if own_loop else None
-    _check_targets(path, [path] + ([module] if module is not None else []))
-    if module is not None:
-        text = starter_config(name=path.stem, config=str(path), optimizer=optimizer, train=f"{module.stem}:train")
-    else:
-        text = starter_config(name=path.stem, config=str(path), optimizer=optimizer, dataset=dataset,
-                              model=model or default_model(str(dataset)), data_dir=data_dir)
-    written = _write_starter(path, text, module, optimizer)
-    for done in written:
-        log(f"wrote {done}")
-    return written
-
-
-def _starter_dataset(path: Path, dataset: str | None, model: str | None, own_loop: bool,
-                     data_dir: str | None) -> str | None:
-    """``init_config``'s arguments checked (before any file is looked at): the built-in dataset the
-    starter config uses (None with ``own_loop``)."""
-    from ..config.starter import DEFAULT_DATASET, FILE_DATASETS
-
-    if path.suffix not in (".yaml", ".yml"):
-        raise UserError(f"--out {path}: expected a .yaml file name (the study is named after it)")
-    if own_loop and (dataset is not None or model is not None or data_dir is not None):
-        raise UserError("--own-loop: your training function brings its own data and model; "
-                        "not with --dataset, --model or --data-dir")
-    dataset = None if own_loop else dataset or DEFAULT_DATASET
-    if dataset in FILE_DATASETS and data_dir is None:
-        raise UserError(f"--dataset {dataset}: reads files (nothing is downloaded): give --data-dir DIR, where they are")
-    return dataset
-
-
-def _check_targets(path: Path, targets: list[Path]) -> None:
-    """The files ``init`` would write: none a link, none there already, each in a directory."""
-    from .outputs import check_output
-
-    for target in targets:
-        check_output(target, "--out", directory=False)
-        if target.exists():
-            raise UserError(f"--out {path}: {target} exists; init never overwrites a file (choose another --out, "
-                            "or remove it)")
-        if not target.parent.is_dir():
-            raise UserError(f"--out {path}: directory {target.parent} does not exist")
-
-
-def _write_starter(path: Path, text: str, module: Path | None, optimizer: str) -> list[Path]:
-    """The starter config ``text`` written to ``path`` once it validates (and first the own-loop
-    ``module`` it names); on any failure nothing is left behind. Returns the files written."""
-    from ..config import config_from_dict, yaml_load
-    from ..config.starter import starter_train_module
-    from .outputs import write_output
-
-    written: list[Path] = []
-    try:
-        if module is not None:  # first: the config names it, and validation imports it
-            write_output(module, starter_train_module(optimizer), "--out")
-            written.append(module)
-        with _importable(path.parent):
-            config_from_dict(yaml_load(text, "sassha-tune init"), source="sassha-tune init", name_from=str(path),
-                             base_dir=path.resolve().parent)
-        write_output(path, text, "--out")
-        written.append(path)
-    except BaseException:
-        for done in written:
-            done.unlink(missing_ok=True)
-        raise
-    return written
-
-
-@contextmanager
-def _importable(folder: Path) -> Iterator[None]:
-    """``folder`` on ``sys.path`` for the block (an own-loop module written there, checked by
-    importing it as a run does with ``PYTHONPATH=.``)."""
-    import sys
-
-    entry = str(folder.resolve())
-    sys.path.insert(0, entry)
-    try:
-        yield
-    finally:
-        if entry in sys.path:
-            sys.path.remove(entry)
-
-
-@_storage_faults_in_one_line
-def export(study: str, *, storage: str | None = None, trial: int | None = None, format: str = "yaml",
-           out: str | Path | None = None, model: bool = False) -> dict[str, Any] | Path:
-    """``sassha-tune export`` from Python (``sassha_tune.export(...)``): the study's config with
-    trial ``trial``'s (default: the best) parameters fixed, as a dict (``format="kwargs"``: the
-    optimizer's class and constructor arguments), also written to ``out`` as YAML or JSON when
-    given; ``model=True``: the trial's kept model file (``study.keep_models``) written to ``out``,
-    whose path is returned."""
-    from ..study.storage import load_study, resolve_storage
-    from ..study.views import export_config, export_kwargs
-    from .outputs import check_output, write_output
-
-    if format not in ("yaml", "json", "kwargs"):
-        raise UserError(f"format: expected yaml, json or kwargs, got {format!r}")
-    url = resolve_storage(storage)
-    if model:
-        from ..study.models import export_model
-
-        if out is None:
-            raise UserError("model: give out=FILE (a model file is binary)")
-        path = Path(out)
-        check_output(path, "out")
-        export_model(load_study(study, url), url, path, trial)
-        return path
-    s = load_study(study, url)
-    d = export_kwargs(s, trial) if format == "kwargs" else export_config(s, trial)
-    if out is not None:
-        write_output(Path(out), export_text(d, format), "out")
-    return d
-
-
-def export_text(d: dict[str, Any], format: str) -> str:
-    """An exported dict as the text ``export`` writes: YAML, or JSON for ``json`` and ``kwargs``."""
-    import json
-
-    import yaml
-
-    return yaml.safe_dump(d, sort_keys=False) if format == "yaml" else json.dumps(d, indent=2) + "\n"
-
-
-def write_report(study: str, *, storage: str | None = None, out: str | Path = "report",
-                 echo: Log = print) -> Written:
-    """``sassha-tune report``: the report of one study written to ``out``, its best trials and
-    verdict through ``echo`` (:func:`~sassha_tune.report.study_report.run_report`)."""
-    from ..report.study_report import run_report
-    from ..study.storage import resolve_storage
-
-    return run_report(study, resolve_storage(storage), Path(out), echo=echo)
-
-
-def write_comparison(studies: Sequence[str], *, storage: str | None = None, out: str | Path = "compare") -> Written:
-    """``sassha-tune compare``: studies compared under equal budgets, written to ``out``, the
-    ranking printed (:func:`~sassha_tune.report.compare.run_compare`)."""
-    from ..report.compare import run_compare
-    from ..study.storage import resolve_storage
-
-    return run_compare(list(studies), resolve_storage(storage), Path(out))
-
-
-def trials_dataframe(study: str | optuna.Study, *, storage: str | None = None) -> Any:
-    """``study.trials_dataframe()`` (a pandas DataFrame, one row per trial: parameters, values and
-    every stored metric as ``user_attrs_*`` columns) of a study or a study's name; without pandas
-    a one-line :class:`UserError` saying how to install it (``pip install -e ".[pandas]"``)."""
-    try:
-        import pandas  # noqa: F401
-    except ImportError:
-        raise UserError('trials_dataframe: needs pandas, which is not installed: pip install pandas '
-                        '(or pip install -e ".[pandas]" in a checkout)') from None
-    if isinstance(study, str):
-        from ..study.storage import load_study, resolve_storage
-
-        study = load_study(study, resolve_storage(storage))
-    return study.trials_dataframe()

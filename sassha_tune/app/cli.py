@@ -1,7 +1,8 @@
-"""The ``sassha-tune`` command line (Typer). Thin: parse, call, print. It calls only the app layer:
-:mod:`~sassha_tune.app.api` (the commands as Python functions), :mod:`~sassha_tune.app.flags`
-(the flags checked as typed), :mod:`~sassha_tune.app.status` and :mod:`~sassha_tune.app.train`
-(what ``status`` and ``train`` show), never the packages below it.
+"""The ``sassha-tune`` command line (Typer). Thin: parse, call, print. It calls only the app layer
+(the commands as Python functions: :mod:`~sassha_tune.app.api`, :mod:`~sassha_tune.app.starter`,
+:mod:`~sassha_tune.app.results`; the flags checked as typed: :mod:`~sassha_tune.app.flags`; what
+``status`` and ``train`` show: :mod:`~sassha_tune.app.status`, :mod:`~sassha_tune.app.train`),
+never the packages below it.
 
 A :class:`~sassha_tune.errors.UserError` becomes one red line on stderr and exit code 2; so does a
 usage error Typer finds (unknown option, ``--worker-id x``, a missing argument, ...), instead of a
@@ -254,7 +255,7 @@ def handle_errors(fn: F) -> F:
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # a storage fault (corrupt, read-only, full, locked): one line
-            from .api import storage_fault_line
+            from .base import storage_fault_line
 
             message = storage_fault_line(exc)
             if message is None:
@@ -318,7 +319,7 @@ def init(
     ] = None,
 ) -> None:
     """Write a commented starter config that runs as is (and with --own-loop a training module)."""
-    from .api import init_config
+    from .starter import init_config
 
     written = init_config(out_file, dataset=dataset, model=model, optimizer=optimizer, own_loop=own_loop,
                           data_dir=data_dir, log=_log)
@@ -553,8 +554,8 @@ def export(
     The config is the study's with the trial's params fixed (`sassha-tune train` runs it as is);
     --format kwargs gives the optimizer's class and constructor arguments; --model the trained
     weights the study kept (study.keep_models)."""
-    from .api import export as export_study
-    from .api import export_text
+    from .results import export as export_study
+    from .results import export_text
 
     if model:
         if out_file is None:
@@ -648,7 +649,7 @@ def report(
     params_vs_lambda_max, parallel_coordinates, slice_<param> (for each of lr, rho,
     lazy_hessian, eps that was searched) and sharpness_during_training (when measured). See
     docs/reports.md."""
-    from .api import write_report
+    from .results import write_report
 
     write_report(study, storage=storage, out=out_dir, echo=print)
 
@@ -669,7 +670,7 @@ def compare(
     per optimizer, seed re-runs with their 95% interval, figures, provenance), summary.json,
     compare.html (the same tables and figures in one self-contained page) and PNG figures:
     best_vs_trials, best_vs_seconds, final_sharpness, gap_vs_lambda_max. See docs/reports.md."""
-    from .api import write_comparison
+    from .results import write_comparison
 
     write_comparison(studies, storage=storage, out=out_dir)
 
