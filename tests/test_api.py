@@ -69,6 +69,19 @@ def test_python_m_sassha_tune_is_the_cli():
     assert run.returncode == 0 and "Usage: sassha-tune" in run.stdout
 
 
+def test_the_console_script_is_the_cli_app():
+    import re
+    from importlib import import_module
+    from pathlib import Path
+
+    from sassha_tune.app.cli import app
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    scripts = pyproject.split("[project.scripts]")[1].split("\n[")[0]  # no tomllib on Python 3.10
+    module, _, name = re.search(r'^sassha-tune = "(.+)"$', scripts, re.M).group(1).partition(":")
+    assert getattr(import_module(module), name) is app
+
+
 def test_run_study_from_a_dict_then_resume_it(tmp_path, caplog):
     url = f"sqlite:///{tmp_path / 'api.db'}"
     optuna_level = optuna.logging.get_verbosity()
