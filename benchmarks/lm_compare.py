@@ -32,7 +32,7 @@ SEEDS = (1, 2, 3)
 
 
 def cli(*args: str) -> None:
-    cmd = [sys.executable, "-m", "sassha_tune.cli", *args]
+    cmd = [sys.executable, "-m", "sassha_tune.app.cli", *args]
     print("$ sassha-tune " + " ".join(args), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
 
@@ -68,7 +68,7 @@ def main() -> None:
         for seed in SEEDS:
             metrics = out / f"{name}-seed{seed}.json"
             if not metrics.is_file():
-                subprocess.run([sys.executable, "-m", "sassha_tune.cli", "train", str(exported), "--seed", str(seed),
+                subprocess.run([sys.executable, "-m", "sassha_tune.app.cli", "train", str(exported), "--seed", str(seed),
                                 "--metrics-out", str(metrics)], cwd=ROOT)
             if metrics.is_file():
                 reruns.append(json.loads(metrics.read_text(encoding="utf-8")))

@@ -42,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from sassha_tune.api import run_study
+from sassha_tune.app.api import run_study
 from sassha_tune.config import load_config
 from sassha_tune.report.health import near_chance
 

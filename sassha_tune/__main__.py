@@ -1,5 +1,5 @@
 """``python -m sassha_tune``: the command line, as the ``sassha-tune`` entry point."""
 
-from .cli import app
+from .app.cli import app
 
 app(prog_name="sassha-tune")

@@ -131,7 +131,7 @@ def invoke_cli(*args, env: dict[str, str] | None = None):
     """The CLI in this process (Typer's runner), one thread per trial process as on CI."""
     from typer.testing import CliRunner
 
-    from sassha_tune.cli import app
+    from sassha_tune.app.cli import app
 
     return CliRunner(env={"OMP_NUM_THREADS": "1", **(env or {})}).invoke(app, [str(a) for a in args])
 

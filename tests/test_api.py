@@ -69,6 +69,19 @@ def test_python_m_sassha_tune_is_the_cli():
     assert run.returncode == 0 and "Usage: sassha-tune" in run.stdout
 
 
+def test_the_console_script_is_the_cli_app():
+    import re
+    from importlib import import_module
+    from pathlib import Path
+
+    from sassha_tune.app.cli import app
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    scripts = pyproject.split("[project.scripts]")[1].split("\n[")[0]  # no tomllib on Python 3.10
+    module, _, name = re.search(r'^sassha-tune = "(.+)"$', scripts, re.M).group(1).partition(":")
+    assert getattr(import_module(module), name) is app
+
+
 def test_run_study_from_a_dict_then_resume_it(tmp_path, caplog):
     url = f"sqlite:///{tmp_path / 'api.db'}"
     optuna_level = optuna.logging.get_verbosity()
@@ -110,3 +123,25 @@ def test_a_bad_config_dict_names_the_key(tmp_path):
     with pytest.raises(UserError, match="config: expected a YAML path, a dict or a Config, got int"):
         run_study(3, storage=f"sqlite:///{db}")  # type: ignore[arg-type]
     assert not db.exists()
+
+
+def test_run_worker_joins_a_created_study_and_status_shows_it(tmp_path):
+    from sassha_tune.app.api import run_worker
+    from sassha_tune.app.status import list_studies, study_status
+
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    run_study(TINY, storage=url, create_only=True, log=lambda _: None)
+    assert list_studies(url).rows[0]["counts"] == {}
+    lines: list[str] = []
+    summary = run_worker("api", storage=url, worker_id=3, log=lines.append)
+    assert summary.ran == 2 and lines[-1].startswith("worker done: 2 trials in ")
+    listing = list_studies(url)
+    assert listing.storage == url and [r["name"] for r in listing.rows] == ["api"]
+    status = study_status("api", url)
+    assert status.detail["counts"] == {"COMPLETE": 2} and status.detail["budget"] == "2/2"
+    best = status.detail["best"]
+    assert status.best_rows[0] == ("param lr", best.params["lr"])
+    assert ("val_acc", best.user_attrs["val_acc"]) in status.best_rows
+    assert status.spent.startswith("training spent: 2.0 run-equivalents (")  # two trials of the whole 1 epoch
+    with pytest.raises(UserError, match="pack: expected auto or an integer >= 1, got 'two'"):
+        run_worker("api", storage=url, pack="two")

@@ -127,8 +127,7 @@ LAYERS = [
     {"trial"},
     {"study"},
     {"report"},
-    {"api"},  # run_study / resume_study: what the CLI's run and resume do
-    {"cli", "__main__", "live"},  # live: the CLI's live study view
+    {"app", "__main__"},  # the API (run_study, ...), the CLI on top of it and its live study view
 ]
 
 
@@ -143,6 +142,18 @@ def test_packages_import_only_their_own_layer_and_below():
                     if _layer(b) > _layer(a))
     assert upward == []
     assert {_layer(m) for m in graph} == set(range(len(LAYERS)))  # every layer is a real package
+
+
+def test_the_cli_calls_only_the_app_layer():
+    """The command line parses, calls the app layer (api, starter, results, flags, outputs,
+    status, train, the live view) and prints: it imports nothing of the layers below the app but
+    the foundation (errors, printable, version, ...)."""
+    graph = import_graph(PACKAGE)
+    below = ("config", "study", "trial", "training", "report", "optim", "metrics")
+    reached = sorted(m for m in graph["sassha_tune.app.cli"] if m.split(".")[1] in below)
+    assert reached == []
+    assert "sassha_tune.app.api" in graph["sassha_tune.app.cli"]  # the graph sees its function-level imports
+    assert "sassha_tune.study.storage" in graph["sassha_tune.app.api"]  # and would see a reach below
 
 
 def test_no_module_uses_another_modules_private_names():
@@ -191,11 +202,11 @@ def test_importing_the_package_leaves_optuna_logging_alone(tmp_path):
     _python(
         "import optuna\n"
         "optuna.logging.set_verbosity(optuna.logging.DEBUG)\n"
-        "import sassha_tune.cli, sassha_tune.report, sassha_tune.study.loop, sassha_tune.study.views\n"
+        "import sassha_tune.app.cli, sassha_tune.report, sassha_tune.study.loop, sassha_tune.study.views\n"
         "import sassha_tune.trial.child, sassha_tune.trial.objective\n"
         "assert optuna.logging.get_verbosity() == optuna.logging.DEBUG\n"
         "from typer.testing import CliRunner\n"
-        f"result = CliRunner().invoke(sassha_tune.cli.app, ['status', '--storage', 'sqlite:///{db}'])\n"
+        f"result = CliRunner().invoke(sassha_tune.app.cli.app, ['status', '--storage', 'sqlite:///{db}'])\n"
         "assert result.exit_code == 2, result.output  # no such database file\n"
         "assert optuna.logging.get_verbosity() == optuna.logging.WARNING  # a command quiets Optuna\n"
     )

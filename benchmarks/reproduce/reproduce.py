@@ -70,7 +70,7 @@ def configs(part: str) -> list[tuple[str, Path, dict]]:
 
 def sassha_tune(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     # SASSHA_TUNE_CMD: how to call the CLI where the entry point is not installed,
-    # e.g. "python -m sassha_tune.cli" with PYTHONPATH=. on a machine without pip
+    # e.g. "python -m sassha_tune.app.cli" with PYTHONPATH=. on a machine without pip
     cmd = [*os.environ.get("SASSHA_TUNE_CMD", "sassha-tune").split(), *args]
     log("$ " + " ".join(cmd))
     return subprocess.run(cmd, check=check)

@@ -30,7 +30,7 @@ def run_gpu_workers(
         env["CUDA_VISIBLE_DEVICES"] = gpu
         env[STORAGE_ENV] = storage_url
         env[PLAIN_ENV] = "1"  # the workers share this terminal: log lines only, no live view each
-        cmd = [sys.executable, "-m", "sassha_tune.cli", "worker", study_name, "--device", "cuda",
+        cmd = [sys.executable, "-m", "sassha_tune.app.cli", "worker", study_name, "--device", "cuda",
                "--worker-id", str(i), "--pack", str(pack), *(["--fresh-process"] if fresh_process else [])]
         procs.append(subprocess.Popen(cmd, env=env))
         log(f"worker {i} started on GPU {gpu} (pid {procs[-1].pid})")

@@ -18,7 +18,7 @@ import yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.metrics.names import STORED_ATTRS
 from sassha_tune.study.budget import budget_used
 
@@ -161,7 +161,7 @@ def _interruptible() -> None:
 
 def _start_run(cfg: Path, url: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "sassha_tune.cli", "run", str(cfg), "--storage", url],
+        [sys.executable, "-m", "sassha_tune.app.cli", "run", str(cfg), "--storage", url],
         cwd=cwd, env=_env(), stdout=subprocess.PIPE, text=True, preexec_fn=_interruptible,
     )
 

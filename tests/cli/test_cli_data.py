@@ -8,7 +8,7 @@ import yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.errors import DataError
 from sassha_tune.training.data import check_dataset_files
 

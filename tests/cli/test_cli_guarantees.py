@@ -12,7 +12,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sassha_tune import report
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.config import config_from_dict
 from sassha_tune.errors import StorageError, UserError
 from sassha_tune.study import loop, storage, workers

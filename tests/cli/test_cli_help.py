@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 import sassha_tune
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 
 COMMANDS = ["init", "run", "resume", "worker", "rerun", "status", "export", "train", "report", "compare"]
 

@@ -14,7 +14,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -9,7 +9,7 @@ import random
 import optuna
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 
 
 def _text(tmp_path):

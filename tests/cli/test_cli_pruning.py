@@ -10,7 +10,7 @@ import yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""The CLI's live study view (sassha_tune/live.py): what it draws on a terminal (forced, into a
+"""The CLI's live study view (sassha_tune/app/live.py): what it draws on a terminal (forced, into a
 string), that it leaves a plain console alone, stops cleanly on Ctrl-C and prints one summary line."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 from rich.console import Console
 
-from sassha_tune.live import LiveView, live_wanted, study_view
+from sassha_tune.app.live import LiveView, live_wanted, study_view
 from sassha_tune.study.progress import PLAIN_ENV, StudyTally
 
 

@@ -47,7 +47,7 @@ def _start(cfg: Path, url: str, cwd: Path, *, hup_ignored: bool = False) -> subp
         signal.signal(signal.SIGHUP, signal.SIG_IGN if hup_ignored else signal.SIG_DFL)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "sassha_tune.cli", "run", str(cfg), "--storage", url],
+    return subprocess.Popen([sys.executable, "-m", "sassha_tune.app.cli", "run", str(cfg), "--storage", url],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, preexec_fn=dispositions)
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.config import config_from_dict, config_to_dict, load_config
 from sassha_tune.errors import ConfigError
 

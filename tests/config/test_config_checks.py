@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from sassha_tune import config as config_mod
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.config import config_from_dict, config_to_dict, load_config, published_to_enqueue
 from sassha_tune.config.spaces import space_for_config
 from sassha_tune.errors import ConfigError

@@ -7,7 +7,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.config.yamlfile import MAX_BYTES, MAX_DEPTH
 
 GOOD = """study: {name: y}

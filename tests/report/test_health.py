@@ -16,7 +16,7 @@ import yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.report.health import budget_health, failure_kind, near_chance, near_chance_threshold
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -15,7 +15,7 @@ from conftest import tiny_config
 from typer.testing import CliRunner
 
 import sassha_tune
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.errors import UserError
 
 CFG = tiny_config("nb", budget={"n_trials": 2})

@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.report import run_report
 from sassha_tune.report.curves import training_curve
 from sassha_tune.report.rows import load_rows

@@ -16,7 +16,7 @@ from conftest import tiny_config
 from typer.testing import CliRunner
 
 import sassha_tune
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.config import load_config
 from sassha_tune.errors import UserError
 from sassha_tune.study.budget import budget_used
@@ -147,7 +147,7 @@ def test_cli_run_again_after_a_raised_budget_keeps_it(tmp_path):
     url, study = _study_with_counted(tmp_path, counted=3)
     set_budget(study, 5, log=lambda _: None)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ran = subprocess.run([sys.executable, "-m", "sassha_tune.cli", "run", str(_config_file(tmp_path, 3)),
+    ran = subprocess.run([sys.executable, "-m", "sassha_tune.app.cli", "run", str(_config_file(tmp_path, 3)),
                           "--storage", url, "--create-only"], capture_output=True, text=True, env=env, timeout=300)
     assert ran.returncode == 0, ran.stderr
     assert "study 'budget' keeps its budget of 5 trials (the config says 3; --n-trials 3 lowers it)" in ran.stdout

@@ -13,7 +13,7 @@ import yaml
 from conftest import untimed
 from optuna.trial import TrialState
 
-from sassha_tune.api import run_study
+from sassha_tune.app.api import run_study
 from sassha_tune.config import load_config
 from sassha_tune.errors import ConfigError
 from sassha_tune.metrics.chance import near_chance_threshold

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.study.storage import CRASH_ENV
 
 CONFIG = {

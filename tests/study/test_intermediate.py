@@ -13,7 +13,7 @@ import yaml
 from optuna.trial import TrialState
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.study.views import export_config
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

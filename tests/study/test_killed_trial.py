@@ -61,7 +61,7 @@ def _trial_child(parent: int, timeout: float = 60) -> int:
 def test_a_trial_process_killed_by_sigkill_is_lost_and_retried_once(tmp_path, mode):
     url = f"sqlite:///{tmp_path}/k.db"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.cli", "run", str(_config(tmp_path)), "--storage", url,
+    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.app.cli", "run", str(_config(tmp_path)), "--storage", url,
                              "--pack", "1", *([mode] if mode else [])],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
@@ -104,7 +104,7 @@ def test_a_lost_retry_of_a_retry_is_not_retried_again(tmp_path):
 def test_ctrl_c_with_a_warm_worker_marks_the_trial_interrupted_and_leaves_no_process(tmp_path):
     url = f"sqlite:///{tmp_path}/i.db"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.cli", "run", str(_config(tmp_path, n_trials=5)),
+    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.app.cli", "run", str(_config(tmp_path, n_trials=5)),
                              "--storage", url, "--pack", "1"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             # Ctrl-C as on a terminal, even when this session runs in the background

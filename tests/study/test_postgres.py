@@ -34,7 +34,7 @@ def test_two_workers_share_one_study(tmp_path: Path):
     path = tmp_path / "pg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cli = [sys.executable, "-m", "sassha_tune.cli"]
+    cli = [sys.executable, "-m", "sassha_tune.app.cli"]
     try:
         subprocess.run([*cli, "run", str(path), "--storage", url, "--create-only"], env=env, check=True,
                        capture_output=True, timeout=120)

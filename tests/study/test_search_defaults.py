@@ -67,7 +67,7 @@ def test_the_prior_runs_first_exactly_once_across_resumes_and_workers(tmp_path):
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [t.user_attrs.get("prior") for t in waiting] == ["dense-start-lr0.1", "dense-start-lr0.3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    workers = [subprocess.Popen([sys.executable, "-m", "sassha_tune.cli", "worker", "defaults", "--storage", url,
+    workers = [subprocess.Popen([sys.executable, "-m", "sassha_tune.app.cli", "worker", "defaults", "--storage", url,
                                  "--worker-id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for i in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]

@@ -13,7 +13,7 @@ import yaml
 from conftest import fill_disk
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 
 CONFIG = {
     "study": {"name": "faults"},

@@ -73,7 +73,7 @@ def _paused_and_taken_over(tmp_path: Path, cfg: Path, *, group: bool, started: s
     it go on; (its whole output, the study's trials at the end). It must exit 0."""
     url = f"sqlite:///{tmp_path}/p.db"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.cli", "run", str(cfg), "--storage", url, *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "sassha_tune.app.cli", "run", str(cfg), "--storage", url, *extra],
                             env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     stop = (lambda sig: os.killpg(proc.pid, sig)) if group else proc.send_signal

@@ -11,7 +11,7 @@ import yaml
 from conftest import untimed
 from optuna.trial import TrialState
 
-from sassha_tune.api import run_study
+from sassha_tune.app.api import run_study
 
 pytestmark = pytest.mark.slow
 

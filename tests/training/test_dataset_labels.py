@@ -10,7 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.errors import DataError
 from sassha_tune.training.data import load_dataset
 

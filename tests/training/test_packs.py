@@ -6,7 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.study.pack_size import choose_pack_size
 from sassha_tune.training.packs import pack_blocker, train_pack
 from sassha_tune.training.trainer import TrainSpec, train

@@ -20,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from sassha_tune.cli import app
+from sassha_tune.app.cli import app
 from sassha_tune.study.loop import split_line
 from sassha_tune.training.packs import train_pack
 from sassha_tune.training.trainer import TrainSpec, train

@@ -1,6 +1,9 @@
-"""The commands as Python functions: ``run_study`` and ``resume_study`` (``run``, ``resume``),
-``rerun_study`` (``rerun``), ``init_config`` (``init``), ``export`` (``export``) and
-``trials_dataframe``; ``report`` and ``compare`` live in :mod:`sassha_tune.report`.
+"""The study commands as Python functions: ``run_study`` and ``resume_study`` (``run``,
+``resume``), ``rerun_study`` (``rerun``) and ``run_worker`` (``worker``). The others:
+``init_config`` (``init``) in :mod:`~sassha_tune.app.starter`; ``export``, ``write_report``,
+``write_comparison`` (``export``, ``report``, ``compare``) and ``trials_dataframe`` in
+:mod:`~sassha_tune.app.results`; in a notebook ``sassha_tune.report`` and ``sassha_tune.compare``
+(the package :mod:`sassha_tune.report`) return what they wrote.
 
     import sassha_tune
 
@@ -21,28 +24,24 @@ CLI prints (the storage named, the cause, passwords masked).
 
 from __future__ import annotations
 
-import functools
-import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import StorageError, UserError
+from ..errors import UserError
+from .base import Log, default_log, one_line_storage_faults
 
 if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from .config import Config
-    from .study.create import BudgetChange
-    from .study.loop import Launcher
-    from .study.progress import StudyObserver
+    from ..config import Config
+    from ..study.create import BudgetChange
+    from ..study.loop import Launcher, LoopSummary
+    from ..study.progress import StudyObserver
 
-Log = Callable[[str], None]
 Callback = Callable[["optuna.Study", "FrozenTrial"], None]
-
-_logger = logging.getLogger("sassha_tune")
 
 
 class WorkersFailed(UserError):
@@ -53,31 +52,9 @@ class WorkersFailed(UserError):
         self.exit_code = code
 
 
-def _storage_faults_in_one_line(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except UserError:
-            raise
-        except Exception as exc:
-            from .study.storage import storage_fault
-
-            message = storage_fault(exc)
-            if message is None:
-                raise
-            raise StorageError(message) from None
-
-    return wrapper
-
-
-def _default_log(message: str) -> None:
-    _logger.info(message)
-
-
 def _as_config(config: str | Path | Mapping[str, Any] | Config, overrides: Sequence[str] = ()) -> Config:
-    from .config import Config, config_from_dict, load_config
-    from .config.overrides import apply_overrides, overridden_source, parse_overrides
+    from ..config import Config, config_from_dict, load_config
+    from ..config.overrides import apply_overrides, overridden_source, parse_overrides
 
     if isinstance(overrides, str):
         raise UserError(f"overrides: expected a list of key.path=value strings, got {overrides!r}")
@@ -97,7 +74,7 @@ def _as_config(config: str | Path | Mapping[str, Any] | Config, overrides: Seque
 
 def _check_override_budget(overrides: Sequence[str], n_trials: Any) -> None:
     """``--n-trials`` and ``--set budget.n_trials`` name one setting twice: refused."""
-    from .config.overrides import parse_overrides
+    from ..config.overrides import parse_overrides
 
     if n_trials is not None and any(o.key in ("budget", "budget.n_trials") for o in parse_overrides(overrides)):
         raise UserError("--set budget.n_trials and --n-trials both set the budget; give one")
@@ -118,8 +95,8 @@ def _check_gpus(gpus: list[str] | list[int] | None, device: str | None) -> list[
 
 def _check_flags(gpus: list[str] | list[int] | None, device: str | None, pack: str | int) -> tuple[list[str], str | int]:
     """The arguments that need neither a config nor a storage, checked first: (GPUs, pack size)."""
-    from .devices import check_available, check_device_name
-    from .study.pack_size import parse_pack
+    from ..devices import check_available, check_device_name
+    from ..study.pack_size import parse_pack
 
     check_device_name(device, "device")
     gpu_list = _check_gpus(gpus, device)
@@ -144,11 +121,25 @@ def _check_callbacks_arg(callbacks: Sequence[Callback], gpus: list[str], observe
         raise UserError("observer: sees the trials of this process only, so not with gpus")
 
 
+def _checked_arguments(n_trials: int | str | BudgetChange | None, gpus: list[str] | list[int] | None,
+                       device: str | None, pack: str | int, callbacks: Sequence[Callback],
+                       observer: StudyObserver | None, overrides: Sequence[str]) -> tuple[BudgetChange | None, list[str], str | int]:
+    """``run_study``'s and ``resume_study``'s arguments that need neither a config nor a storage,
+    checked before either is touched: (the budget change, the GPUs, the pack size)."""
+    from ..study.create import budget_change
+
+    change = budget_change(n_trials) if n_trials is not None else None
+    gpu_list, pack_size = _check_flags(gpus, device, pack)
+    _check_callbacks_arg(callbacks, gpu_list, observer)
+    _check_override_budget(overrides, n_trials)
+    return change, gpu_list, pack_size
+
+
 def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: str | int, log: Log,
          callbacks: Sequence[Callback], fresh_process: bool = False, launcher: Launcher | None = None,
          observer: StudyObserver | None = None) -> None:
-    from .study.loop import run_trials
-    from .study.workers import run_gpu_workers
+    from ..study.loop import run_trials
+    from ..study.workers import run_gpu_workers
 
     if gpus:
         code = run_gpu_workers(name, url, gpus, log=log, pack=pack_size, fresh_process=fresh_process)
@@ -161,7 +152,7 @@ def _run(name: str, url: str, gpus: list[str], device: str | None, pack_size: st
     log(f"done: {summary.ran} trials this run ({states}) in {summary.seconds:.1f} s; {summary.stopped_because}")
 
 
-@_storage_faults_in_one_line
+@one_line_storage_faults
 def run_study(
     config: str | Path | Mapping[str, Any] | Config,
     *,
@@ -199,19 +190,16 @@ def run_study(
     ``overrides``: ``key.path=value`` strings (``--set``, docs/config.md) put into the config before
     it is validated; the study stores the config with them.
     """
-    from .config import advice, with_model_normalization
-    from .devices import check_available
-    from .study.callbacks import check_callbacks
-    from .study.create import budget_change, create_or_continue
-    from .study.storage import resolve_storage
-    from .trial.objective import check_task_inputs
-    from .trial.preflight import check_task
+    from ..config import advice, with_model_normalization
+    from ..devices import check_available
+    from ..study.callbacks import check_callbacks
+    from ..study.create import create_or_continue
+    from ..study.storage import resolve_storage
+    from ..trial.objective import check_task_inputs
+    from ..trial.preflight import check_task
 
-    log = log or _default_log
-    change = budget_change(n_trials) if n_trials is not None else None
-    gpu_list, pack_size = _check_flags(gpus, device, pack)
-    _check_callbacks_arg(callbacks, gpu_list, observer)
-    _check_override_budget(overrides, n_trials)
+    log = log or default_log
+    change, gpu_list, pack_size = _checked_arguments(n_trials, gpus, device, pack, callbacks, observer, overrides)
     with _early_launcher(gpu_list, fresh_process, log, run=not create_only) as launcher:
         cfg = _as_config(config, overrides)  # everything validated before any storage is touched
         url = resolve_storage(storage, cfg)
@@ -232,7 +220,7 @@ def run_study(
     return _reloaded(cfg.study.name, url)
 
 
-@_storage_faults_in_one_line
+@one_line_storage_faults
 def resume_study(
     name: str,
     *,
@@ -251,17 +239,14 @@ def resume_study(
     is finished. Same as ``sassha-tune resume``; the arguments are those of :func:`run_study`.
     ``overrides`` (``--set``) may change only what a stored study may change (budget, sampler,
     pruner, heartbeats, device: ``study.create.OVERRIDABLE``); the others are refused, nothing stored."""
-    from .config.overrides import parse_overrides
-    from .devices import check_available
-    from .study.create import budget_change, check_budget, overridden_config, set_budget, store_overridden
-    from .study.storage import load_study, resolve_storage
-    from .trial.preflight import check_task
+    from ..config.overrides import parse_overrides
+    from ..devices import check_available
+    from ..study.create import check_budget, overridden_config, set_budget, store_overridden
+    from ..study.storage import load_study, resolve_storage
+    from ..trial.preflight import check_task
 
-    log = log or _default_log
-    change = budget_change(n_trials) if n_trials is not None else None
-    gpu_list, pack_size = _check_flags(gpus, device, pack)
-    _check_callbacks_arg(callbacks, gpu_list, observer)
-    _check_override_budget(overrides, n_trials)
+    log = log or default_log
+    change, gpu_list, pack_size = _checked_arguments(n_trials, gpus, device, pack, callbacks, observer, overrides)
     parse_overrides(overrides)  # a malformed one costs no storage
     url = resolve_storage(storage)
     with _early_launcher(gpu_list, fresh_process, log) as launcher:
@@ -282,7 +267,7 @@ def resume_study(
     return _reloaded(name, url)
 
 
-@_storage_faults_in_one_line
+@one_line_storage_faults
 def rerun_study(
     name: str,
     seeds: str | Sequence[int],
@@ -301,14 +286,14 @@ def rerun_study(
     resumable by calling it again (only the seeds without a re-run are run). Same as
     ``sassha-tune rerun``; returns the companion study, whose trials ``report`` and ``compare``
     show as seed re-runs (mean, spread and a 95 % interval)."""
-    from .devices import check_available
-    from .study.create import stored_config
-    from .study.reruns import parse_seeds, prepare_reruns
-    from .study.storage import load_study, resolve_storage
-    from .trial.objective import check_task_inputs
-    from .trial.preflight import check_task
+    from ..devices import check_available
+    from ..study.create import stored_config
+    from ..study.reruns import parse_seeds, prepare_reruns
+    from ..study.storage import load_study, resolve_storage
+    from ..trial.objective import check_task_inputs
+    from ..trial.preflight import check_task
 
-    log = log or _default_log
+    log = log or default_log
     wanted = parse_seeds(seeds, "seeds" if not isinstance(seeds, str) else "--seeds")
     if trial is not None and (isinstance(trial, bool) or not isinstance(trial, int) or trial < 0):
         raise UserError(f"--trial: expected a trial number >= 0, got {trial!r}")
@@ -327,6 +312,46 @@ def rerun_study(
     return _reloaded(companion, url)
 
 
+@one_line_storage_faults
+def run_worker(
+    name: str,
+    *,
+    storage: str | None = None,
+    worker_id: int | None = None,
+    device: str | None = None,
+    pack: str | int = "auto",
+    log: Log | None = None,
+    fresh_process: bool = False,
+    observer: StudyObserver | None = None,
+    overrides: Sequence[str] = (),
+) -> LoopSummary:
+    """Join the stored study ``name`` (e.g. on PostgreSQL from another machine) and run its trials
+    until its budget is spent, beside other workers. Same as ``sassha-tune worker``.
+    ``worker_id`` is mixed into the sampler seed (default: the process id); ``overrides`` (``--set``)
+    are checked against what a stored study may change and stored before a trial is asked. The
+    others as in :func:`run_study`. Returns what this worker ran
+    (:class:`~sassha_tune.study.loop.LoopSummary`)."""
+    import os
+
+    from ..study.create import overridden_config, store_overridden
+    from ..study.loop import run_trials
+    from ..study.storage import load_study, resolve_storage
+
+    log = log or default_log
+    _, pack_size = _check_flags(None, device, pack)
+    url = resolve_storage(storage)
+    if overrides:  # validated and checked against what a stored study may change before anything is stored
+        stored = load_study(name, url)
+        _, overridden = overridden_config(stored, overrides)
+        store_overridden(stored, overridden, overrides, log=log)
+    worker: int | str = worker_id if worker_id is not None else f"pid{os.getpid()}"
+    # run_trials checks the stored config's device before it asks a trial
+    summary = run_trials(name, url, worker=worker, device=device, log=log, pack=pack_size, fresh_process=fresh_process,
+                         observer=observer)
+    log(f"worker done: {summary.ran} trials in {summary.seconds:.1f} s; {summary.stopped_because}")
+    return summary
+
+
 @contextmanager
 def _early_launcher(gpus: list[str], fresh_process: bool, log: Log, *, run: bool = True) -> Iterator[Launcher | None]:
     """The study loop's :class:`~sassha_tune.study.loop.Launcher`, its warm trial worker started
@@ -338,7 +363,7 @@ def _early_launcher(gpus: list[str], fresh_process: bool, log: Log, *, run: bool
     if gpus or not run:
         yield None
         return
-    from .study.loop import Launcher
+    from ..study.loop import Launcher
 
     launcher = Launcher(fresh_process, log)
     try:
@@ -357,143 +382,6 @@ def _keep_worker(launcher: Launcher | None, cfg: Config, pack_size: str | int, d
 
 def _reloaded(name: str, url: str) -> optuna.Study:
     """The study as stored now (trials told by worker processes included)."""
-    from .study.storage import load_study
+    from ..study.storage import load_study
 
     return load_study(name, url)
-
-
-def init_config(out: str | Path = "study.yaml", *, dataset: str | None = None, model: str | None = None,
-                optimizer: str = "sassha", own_loop: bool = False, data_dir: str | None = None,
-                log: Log | None = None) -> list[Path]:
-    """Write a starter config to ``out`` (``sassha-tune init``): a built-in ``dataset`` and ``model``
-    (defaults: MNIST-1D and a model that fits the dataset) or, with ``own_loop``, your own training
-    function in a module written beside it (``<name>_train.py``); the study is named after the
-    file. The config is validated before anything is written and runs as it is; an existing file
-    is never overwritten (a :class:`UserError`, nothing written). Returns the files written."""
-    from .config import config_from_dict, yaml_load
-    from .config.starter import (
-        DEFAULT_DATASET,
-        FILE_DATASETS,
-        default_model,
-        module_name,
-        starter_config,
-        starter_train_module,
-    )
-    from .report.files import refuse_link, write_user_file
-
-    log = log or _default_log
-    path = Path(out)
-    if path.suffix not in (".yaml", ".yml"):
-        raise UserError(f"--out {path}: expected a .yaml file name (the study is named after it)")
-    name = path.stem
-    if own_loop and (dataset is not None or model is not None or data_dir is not None):
-        raise UserError("--own-loop: your training function brings its own data and model; "
-                        "not with --dataset, --model or --data-dir")
-    dataset = None if own_loop else dataset or DEFAULT_DATASET
-    if dataset in FILE_DATASETS and data_dir is None:
-        raise UserError(f"--dataset {dataset}: reads files (nothing is downloaded): give --data-dir DIR, where they are")
-    module = path.parent / f"{module_name(name)}.py" if own_loop else None
-    targets = [path] + ([module] if module is not None else [])
-    for target in targets:
-        refuse_link(target, "--out")
-        if target.exists():
-            raise UserError(f"--out {path}: {target} exists; init never overwrites a file (choose another --out, "
-                            "or remove it)")
-        if not target.parent.is_dir():
-            raise UserError(f"--out {path}: directory {target.parent} does not exist")
-    if own_loop:
-        assert module is not None
-        text = starter_config(name=name, config=str(path), optimizer=optimizer, train=f"{module.stem}:train")
-    else:
-        text = starter_config(name=name, config=str(path), optimizer=optimizer, dataset=dataset,
-                              model=model or default_model(str(dataset)), data_dir=data_dir)
-    written: list[Path] = []
-    try:
-        if module is not None:  # first: the config names it, and validation imports it
-            write_user_file(module, starter_train_module(optimizer), "--out")
-            written.append(module)
-        with _importable(path.parent):
-            config_from_dict(yaml_load(text, "sassha-tune init"), source="sassha-tune init", name_from=str(path),
-                             base_dir=path.resolve().parent)
-        write_user_file(path, text, "--out")
-        written.append(path)
-    except BaseException:
-        for done in written:
-            done.unlink(missing_ok=True)
-        raise
-    for done in written:
-        log(f"wrote {done}")
-    return written
-
-
-@contextmanager
-def _importable(folder: Path) -> Iterator[None]:
-    """``folder`` on ``sys.path`` for the block (an own-loop module written there, checked by
-    importing it as a run does with ``PYTHONPATH=.``)."""
-    import sys
-
-    entry = str(folder.resolve())
-    sys.path.insert(0, entry)
-    try:
-        yield
-    finally:
-        if entry in sys.path:
-            sys.path.remove(entry)
-
-
-@_storage_faults_in_one_line
-def export(study: str, *, storage: str | None = None, trial: int | None = None, format: str = "yaml",
-           out: str | Path | None = None, model: bool = False) -> dict[str, Any] | Path:
-    """``sassha-tune export`` from Python (``sassha_tune.export(...)``): the study's config with
-    trial ``trial``'s (default: the best) parameters fixed, as a dict (``format="kwargs"``: the
-    optimizer's class and constructor arguments), also written to ``out`` as YAML or JSON when
-    given; ``model=True``: the trial's kept model file (``study.keep_models``) written to ``out``,
-    whose path is returned."""
-    from .report.files import refuse_link, write_user_file
-    from .study.storage import load_study, resolve_storage
-    from .study.views import export_config, export_kwargs
-
-    if format not in ("yaml", "json", "kwargs"):
-        raise UserError(f"format: expected yaml, json or kwargs, got {format!r}")
-    url = resolve_storage(storage)
-    if model:
-        from .study.models import export_model
-
-        if out is None:
-            raise UserError("model: give out=FILE (a model file is binary)")
-        path = Path(out)
-        refuse_link(path, "out")
-        if not path.parent.is_dir():
-            raise UserError(f"out {path}: directory {path.parent} does not exist")
-        export_model(load_study(study, url), url, path, trial)
-        return path
-    s = load_study(study, url)
-    d = export_kwargs(s, trial) if format == "kwargs" else export_config(s, trial)
-    if out is not None:
-        write_user_file(Path(out), export_text(d, format), "out")
-    return d
-
-
-def export_text(d: dict[str, Any], format: str) -> str:
-    """An exported dict as the text ``export`` writes: YAML, or JSON for ``json`` and ``kwargs``."""
-    import json
-
-    import yaml
-
-    return yaml.safe_dump(d, sort_keys=False) if format == "yaml" else json.dumps(d, indent=2) + "\n"
-
-
-def trials_dataframe(study: str | optuna.Study, *, storage: str | None = None) -> Any:
-    """``study.trials_dataframe()`` (a pandas DataFrame, one row per trial: parameters, values and
-    every stored metric as ``user_attrs_*`` columns) of a study or a study's name; without pandas
-    a one-line :class:`UserError` saying how to install it (``pip install -e ".[pandas]"``)."""
-    try:
-        import pandas  # noqa: F401
-    except ImportError:
-        raise UserError('trials_dataframe: needs pandas, which is not installed: pip install pandas '
-                        '(or pip install -e ".[pandas]" in a checkout)') from None
-    if isinstance(study, str):
-        from .study.storage import load_study, resolve_storage
-
-        study = load_study(study, resolve_storage(storage))
-    return study.trials_dataframe()

@@ -27,8 +27,8 @@ from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
 
-from .printable import printable
-from .study.progress import PLAIN_ENV, RunningTrial, StudyTally, fmt_seconds
+from ..printable import printable
+from ..study.progress import PLAIN_ENV, RunningTrial, StudyTally, fmt_seconds
 
 __all__ = ["LiveView", "live_wanted", "study_view"]
 

@@ -1,10 +1,14 @@
-"""The ``sassha-tune`` command line (Typer). Thin: parse, call, print.
+"""The ``sassha-tune`` command line (Typer). Thin: parse, call, print. It calls only the app layer
+(the commands as Python functions: :mod:`~sassha_tune.app.api`, :mod:`~sassha_tune.app.starter`,
+:mod:`~sassha_tune.app.results`; the flags checked as typed: :mod:`~sassha_tune.app.flags`; what
+``status`` and ``train`` show: :mod:`~sassha_tune.app.status`, :mod:`~sassha_tune.app.train`),
+never the packages below it.
 
 A :class:`~sassha_tune.errors.UserError` becomes one red line on stderr and exit code 2; so does a
 usage error Typer finds (unknown option, ``--worker-id x``, a missing argument, ...), instead of a
 boxed usage panel (:class:`_OneLineErrors`). ``--help`` is unchanged.
 Ctrl-C (and SIGTERM or SIGHUP while trials run) exits with 130 after the running trial is marked ``interrupted``. ``run``, ``resume`` and
-``worker`` show a live view of the study on a terminal (:mod:`sassha_tune.live`).
+``worker`` show a live view of the study on a terminal (:mod:`sassha_tune.app.live`).
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import atexit
 import contextlib
 import functools
 import gc
-import json
 import math
 import signal
 import sys
@@ -28,9 +31,10 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
-from .devices import check_device_name
-from .errors import UserError
-from .printable import printable
+from ..errors import UserError
+from ..printable import printable
+from .flags import Flags, check_flags
+from .outputs import check_output, write_output
 
 # Piped output (logs, CI) is not squeezed into 80 columns; a terminal keeps its own width.
 out = Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
@@ -41,7 +45,7 @@ class _OneLineErrors(TyperGroup):
     """The app's command group: a usage error is ``error: <message>`` on one line, exit code 2.
 
     Runs Typer with ``standalone_mode=False`` and prints the usage errors itself, so both the
-    console script (``sassha_tune.cli:app``) and ``CliRunner().invoke(app, ...)`` get one line."""
+    console script (``sassha_tune.app.cli:app``) and ``CliRunner().invoke(app, ...)`` get one line."""
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
@@ -127,7 +131,7 @@ def main() -> None:
 
 def _print_version(value: bool) -> None:
     if value:
-        from .version import __version__
+        from ..version import __version__
 
         out.print(f"sassha-tune {__version__}")
         raise typer.Exit()
@@ -251,9 +255,9 @@ def handle_errors(fn: F) -> F:
         except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # a storage fault (corrupt, read-only, full, locked): one line
-            from .study.storage import storage_fault
+            from .base import storage_fault_line
 
-            message = storage_fault(exc)
+            message = storage_fault_line(exc)
             if message is None:
                 raise
             raise _fail(message) from None
@@ -265,48 +269,17 @@ def _log(message: str) -> None:
     out.print(_shown(message), soft_wrap=True)
 
 
-def _parse_gpus(gpus: str | None) -> list[str]:
-    if gpus is None:
-        return []
-    items = [g.strip() for g in gpus.split(",") if g.strip()]
-    if not items or not all(g.isdigit() for g in items):
-        raise UserError(f"--gpus: expected comma-separated GPU indices like 0,1, got {gpus!r}")
-    if len(set(items)) != len(items):
-        raise UserError(f"--gpus: GPU listed twice in {gpus!r}")
-    return items
-
-
-def _budget_flag(n_trials: str | None) -> Any:
-    """``--n-trials`` as a :class:`~sassha_tune.study.create.BudgetChange` (None when not given)."""
-    from .study.create import budget_change
-
-    return None if n_trials is None else budget_change(n_trials, "--n-trials")
-
-
-def _check_flags(gpus: str | None, device: str | None, pack: str | None) -> tuple[list[str], str | int]:
-    """Every flag that can be checked without a config or storage, before anything is created:
-    (GPU list, pack size). ``--device`` must also exist on this machine (``--gpus``: CUDA must)."""
-    from .devices import check_available as check_device
-    from .study.pack_size import parse_pack
-
-    gpu_list = _parse_gpus(gpus)
-    check_device_name(device)
-    pack_size = parse_pack(pack)
-    if gpu_list and device is not None:
-        raise UserError("--device cannot be combined with --gpus (each GPU worker trains on its own cuda device)")
-    check_device(device, "--device")
-    if gpu_list:
-        check_device("cuda", "--gpus")
-    return gpu_list, pack_size
-
-
 @contextlib.contextmanager
-def _workers_exit_code() -> Iterator[None]:
-    """A failed GPU worker printed why itself: exit with its code, without another line."""
+def _study_view(flags: Flags) -> Iterator[Any]:
+    """The observer of the trials this process runs: the live view (:mod:`sassha_tune.app.live`;
+    None with ``--gpus``, whose workers each show their own). A failed GPU worker printed why
+    itself: exit with its code, without another line."""
     from .api import WorkersFailed
+    from .live import study_view
 
     try:
-        yield
+        with study_view(out) as view:
+            yield None if flags.gpus else view
     except WorkersFailed as exc:
         raise typer.Exit(exc.exit_code) from None
 
@@ -346,7 +319,7 @@ def init(
     ] = None,
 ) -> None:
     """Write a commented starter config that runs as is (and with --own-loop a training module)."""
-    from .api import init_config
+    from .starter import init_config
 
     written = init_config(out_file, dataset=dataset, model=model, optimizer=optimizer, own_loop=own_loop,
                           data_dir=data_dir, log=_log)
@@ -382,16 +355,12 @@ def run(
 ) -> None:
     """Create the study a config describes (or continue it) and run trials until its budget is spent."""
     from .api import run_study
-    from .config.overrides import parse_overrides
-    from .live import study_view
 
-    budget = _budget_flag(n_trials)
-    gpu_list, pack_size = _check_flags(gpus, device, pack)  # the flags named as typed
-    parse_overrides(set_)
-    with _workers_exit_code(), study_view(out) as view:
-        run_study(config, storage=storage, n_trials=budget, device=device, pack=pack_size, gpus=gpu_list,
+    flags = check_flags(n_trials=n_trials, gpus=gpus, device=device, pack=pack, overrides=set_)  # named as typed
+    with _study_view(flags) as observer:
+        run_study(config, storage=storage, n_trials=flags.budget, device=device, pack=flags.pack, gpus=flags.gpus,
                   allow_space_change=allow_space_change, create_only=create_only, log=_log, fresh_process=fresh_process,
-                  observer=None if gpu_list else view, overrides=set_ or ())
+                  observer=observer, overrides=set_ or ())
 
 
 @app.command(cls=_Command, epilog=_examples(
@@ -412,15 +381,11 @@ def resume(
 ) -> None:
     """Continue a study from its stored config: lost trials are failed and retried, the budget is finished."""
     from .api import resume_study
-    from .config.overrides import parse_overrides
-    from .live import study_view
 
-    budget = _budget_flag(n_trials)
-    gpu_list, pack_size = _check_flags(gpus, device, pack)
-    parse_overrides(set_)
-    with _workers_exit_code(), study_view(out) as view:
-        resume_study(study, storage=storage, n_trials=budget, device=device, pack=pack_size, gpus=gpu_list,
-                     log=_log, fresh_process=fresh_process, observer=None if gpu_list else view, overrides=set_ or ())
+    flags = check_flags(n_trials=n_trials, gpus=gpus, device=device, pack=pack, overrides=set_)
+    with _study_view(flags) as observer:
+        resume_study(study, storage=storage, n_trials=flags.budget, device=device, pack=flags.pack, gpus=flags.gpus,
+                     log=_log, fresh_process=fresh_process, observer=observer, overrides=set_ or ())
 
 
 @app.command(cls=_Command, epilog=_examples(
@@ -441,26 +406,12 @@ def worker(
     set_: SetOpt = None,
 ) -> None:
     """Join an existing study (e.g. on PostgreSQL from another machine) and run trials until its budget is spent."""
-    import os
+    from .api import run_worker
 
-    from .config.overrides import parse_overrides
-    from .live import study_view
-    from .study.create import overridden_config, store_overridden
-    from .study.loop import run_trials
-    from .study.storage import load_study, resolve_storage
-
-    _, pack_size = _check_flags(None, device, pack)
-    parse_overrides(set_)
-    url = resolve_storage(storage)
-    if set_:  # validated and checked against what a stored study may change before anything is stored
-        stored = load_study(study, url)
-        _, overridden = overridden_config(stored, set_)
-        store_overridden(stored, overridden, set_, log=_log)
-    wid: int | str = worker_id if worker_id is not None else f"pid{os.getpid()}"
-    # run_trials checks the stored config's device before it asks a trial
-    with study_view(out) as view:
-        summary = run_trials(study, url, worker=wid, device=device, log=_log, pack=pack_size, fresh_process=fresh_process, observer=view)
-        _log(f"worker done: {summary.ran} trials in {summary.seconds:.1f} s; {summary.stopped_because}")
+    flags = check_flags(device=device, pack=pack, overrides=set_)
+    with _study_view(flags) as observer:
+        run_worker(study, storage=storage, worker_id=worker_id, device=device, pack=flags.pack, log=_log,
+                   fresh_process=fresh_process, observer=observer, overrides=set_ or ())
 
 
 @app.command(cls=_Command, epilog=_examples(
@@ -488,14 +439,11 @@ def rerun(
     (run it again: only the seeds without a re-run run). report and compare show their mean, spread
     and 95% interval."""
     from .api import rerun_study
-    from .live import study_view
-    from .study.reruns import parse_seeds
 
-    parse_seeds(seeds)
-    _check_flags(None, device, None)  # --device named as typed
-    with study_view(out) as view:
+    flags = check_flags(seeds=seeds, device=device)  # named as typed
+    with _study_view(flags) as observer:
         rerun_study(study, seeds, trial=trial, storage=storage, device=device, log=_log, fresh_process=fresh_process,
-                    observer=view)
+                    observer=observer)
 
 
 def _fmt(v: Any) -> str:
@@ -504,26 +452,6 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.4g}"
     return str(v)
-
-
-def _health_rows(study: Any) -> dict[str, list[tuple[str, str]]]:
-    """Sub-rows of `status`'s state table, by state: near-chance trials under COMPLETE, the chance
-    guard's and diverged trials under PRUNED, failures by reason under FAIL. Only what the trials
-    store: an older study (no ``num_classes``, no ``failure_reason``) gets none."""
-    from .report.health import budget_health, near_chance_count
-    from .report.rows import load_rows
-
-    health = budget_health(load_rows(study))  # every trial, as the state counts above it
-    rows: dict[str, list[tuple[str, str]]] = {}
-    chance = near_chance_count(health)
-    if chance is not None:
-        rows["COMPLETE"] = [("near chance (of COMPLETE)", chance)]
-    pruned = [("near chance (the chance guard)", health["pruned_near_chance"]), ("diverged", health["pruned_diverged"])]
-    if any(n for _, n in pruned):
-        rows["PRUNED"] = [(label, str(n)) for label, n in pruned if n]
-    if health["failures_known"]:
-        rows["FAIL"] = [(kind, str(n)) for kind, n in health["failures"].items()]
-    return rows
 
 
 @app.command(cls=_Command, epilog=_examples(
@@ -536,57 +464,62 @@ def status(
     storage: StudyStorageOpt = None,
 ) -> None:
     """Show the studies in a storage (trial counts by state, budget, best value) or one study in detail."""
-    from .metrics.names import SUMMARY_METRICS
-    from .study.storage import load_study, mask_url, resolve_storage
-    from .study.views import spent_line, study_detail, study_rows
-
-    url = resolve_storage(storage)
     if study is None:
-        rows = study_rows(url)
-        table = Table(title=f"studies in {_shown(mask_url(url))}")
-        for col in ("study", "optimizer", "objectives", "COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING", "budget", "best"):
-            table.add_column(col)
-        for r in rows:
-            best = r["best"]
-            table.add_row(
-                _shown(r["name"]), _shown(r["optimizer"]), _shown(", ".join(map(str, r["objectives"]))),
-                *(str(r["counts"].get(s, 0)) for s in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")),
-                _shown(r["budget"]), ", ".join(_fmt(v) for v in best.values) if best is not None else "-",
-            )
-        if not rows:
-            _log(f"no studies in {mask_url(url)}")
-            return
-        out.print(table)
+        _show_studies(storage)
+    else:
+        _show_study(study, storage)
+
+
+_STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+
+
+def _show_studies(storage: str | None) -> None:
+    from .status import list_studies
+
+    listing = list_studies(storage)
+    if not listing.rows:
+        _log(f"no studies in {listing.storage}")
         return
-    s = load_study(study, url)
-    d = study_detail(s)
+    table = Table(title=f"studies in {_shown(listing.storage)}")
+    for col in ("study", "optimizer", "objectives", *_STATES, "budget", "best"):
+        table.add_column(col)
+    for r in listing.rows:
+        best = r["best"]
+        table.add_row(
+            _shown(r["name"]), _shown(r["optimizer"]), _shown(", ".join(map(str, r["objectives"]))),
+            *(str(r["counts"].get(s, 0)) for s in _STATES),
+            _shown(r["budget"]), ", ".join(_fmt(v) for v in best.values) if best is not None else "-",
+        )
+    out.print(table)
+
+
+def _show_study(study: str, storage: str | None) -> None:
+    from .status import study_status
+
+    status = study_status(study, storage)
+    d = status.detail
     table = Table(title=_shown(f"study {study} ({d['optimizer']}; {', '.join(map(str, d['objectives']))})"))
     table.add_column("state")
     table.add_column("trials", justify="right")
-    health = _health_rows(s)
-    for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING"):
+    for state in _STATES:
         table.add_row(state, str(d["counts"].get(state, 0)))
-        for label, count in health.get(state, []):
+        for label, count in status.health.get(state, []):
             table.add_row(f"  {_shown(label)}", count)
     table.add_row("budget used", _shown(d["budget"]))
     out.print(table)
-    _log(spent_line(d["spent"]))  # where the training went: what the search cost
+    _log(status.spent)  # where the training went: what the search cost
     # The table splits failures by kind; the full reasons of `error: ...` failures only here.
     details = {k: v for k, v in d["failures"].items() if ":" in k}
     if details:
         _log("failures: " + ", ".join(f"{k} x{v}" for k, v in sorted(details.items())))
-    best = d["best"]
-    if best is None:
+    if d["best"] is None:
         _log("no complete trial yet")
         return
-    bt = Table(title=f"best trial {best.number}")
+    bt = Table(title=f"best trial {d['best'].number}")
     bt.add_column("key")
     bt.add_column("value")
-    for k, v in best.params.items():
-        bt.add_row(_shown(f"param {k}"), _shown(_fmt(v)))
-    for k in SUMMARY_METRICS:
-        if k in best.user_attrs:
-            bt.add_row(k, _shown(_fmt(best.user_attrs[k])))
+    for label, value in status.best_rows:
+        bt.add_row(_shown(label), _shown(_fmt(value)))
     out.print(bt)
 
 
@@ -621,29 +554,24 @@ def export(
     The config is the study's with the trial's params fixed (`sassha-tune train` runs it as is);
     --format kwargs gives the optimizer's class and constructor arguments; --model the trained
     weights the study kept (study.keep_models)."""
-    from .api import export as export_study
-    from .api import export_text
-    from .report.files import refuse_link
+    from .results import export as export_study
+    from .results import export_text
 
     if model:
         if out_file is None:
             raise UserError("--model: give --out FILE (a model file is binary)")
-        refuse_link(out_file, "--out")
-        if not out_file.parent.is_dir():
-            raise UserError(f"--out {out_file}: directory {out_file.parent} does not exist")
+        check_output(out_file, "--out")
         export_study(study, storage=storage, trial=trial, out=out_file, model=True)
         _log(f"wrote the model of {f'trial {trial}' if trial is not None else 'the best trial'} of {study} to {out_file}")
         return
     if out_file is not None:
-        refuse_link(out_file, "--out")
+        check_output(out_file, "--out", directory=False)
     d = export_study(study, storage=storage, trial=trial, format=format.value)
     assert isinstance(d, dict)
     if out_file is None:
         sys.stdout.write(export_text(d, format.value))  # YAML and JSON show control characters as escapes
     else:
-        from .report.files import write_user_file
-
-        write_user_file(out_file, export_text(d, format.value), "--out")
+        write_output(out_file, export_text(d, format.value), "--out")
         _log(f"wrote trial {d['provenance']['trial']} of {study} to {out_file}")
 
 
@@ -677,44 +605,13 @@ def train(
     ] = None,
 ) -> None:
     """Train once with the config's fixed hyperparameters (e.g. an exported config) and print the metrics."""
-    from .config import load_config
-    from .config.spaces import check_param_names
-    from .config.yamlfile import read_yaml_file
-    from .devices import check_available as check_device
-    from .report.files import refuse_link, write_user_file
-    from .trial.objective import evaluate_params
+    from .train import train_once, write_metrics
 
-    check_device_name(device)
-    check_device(device, "--device")
-    for path, option in ((metrics_out, "--metrics-out"), (save, "--save")):
-        if path is not None:
-            refuse_link(path, option)  # before anything is trained
-            if not path.parent.is_dir():
-                raise UserError(f"{option} {path}: directory {path.parent} does not exist")
-    cfg = load_config(config, set_ or ())
-    if save is not None and cfg.task.train is not None:
-        raise UserError("--save: keeps the model of the built-in trainer; your task.train function has its model: "
-                        "save it there")
-    if seed is not None:
-        cfg.seed = seed
-    check_device(device or cfg.device.name)  # before any data is loaded or a step is taken
-    extra: dict[str, Any] = {}
-    if params is not None:
-        if not params.is_file():
-            raise UserError(f"--params {params}: no such file")
-        raw = read_yaml_file(params, "params file")
-        if not isinstance(raw, dict):
-            raise UserError(f"{params}: expected a mapping of hyperparameter names to values")
-        check_param_names(cfg.optimizer.name, list(raw), str(params), "params")
-        extra = raw
-    from .config.spaces import space_for_config
-
-    unset = sorted(set(space_for_config(cfg).params) - set(cfg.optimizer.fixed) - set(extra))
-    if unset:
-        _log(f"note: {', '.join(unset)} not fixed: the optimizer's defaults are used")
-    outcome = evaluate_params(cfg, extra, device=device, save_model=None if save is None else str(save))
-    task = cfg.task.train or f"{cfg.task.dataset}/{cfg.task.model}"
-    table = Table(title=_shown(f"{cfg.optimizer.name} on {task}: {outcome.state}"))
+    check_flags(device=device)
+    ran = train_once(config, params=params, device=device, seed=seed, overrides=set_ or (), save=save,
+                     metrics_out=metrics_out, log=_log)
+    outcome = ran.outcome
+    table = Table(title=_shown(f"{ran.optimizer} on {ran.task}: {outcome.state}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in outcome.attrs.items():
@@ -724,8 +621,7 @@ def train(
         table.add_row("failure_reason", _shown(outcome.failure_reason))
     out.print(table)
     if metrics_out is not None:
-        payload = {"state": outcome.state, "failure_reason": outcome.failure_reason, **outcome.attrs}
-        write_user_file(metrics_out, json.dumps(payload, indent=2) + "\n", "--metrics-out")
+        write_metrics(metrics_out, outcome)
     if save is not None:
         _log(f"wrote the model to {save}" if outcome.state == "complete" else
              f"no model written to {save}: the run ended {outcome.state}")
@@ -753,10 +649,9 @@ def report(
     params_vs_lambda_max, parallel_coordinates, slice_<param> (for each of lr, rho,
     lazy_hessian, eps that was searched) and sharpness_during_training (when measured). See
     docs/reports.md."""
-    from .report.study_report import run_report
-    from .study.storage import resolve_storage
+    from .results import write_report
 
-    run_report(study, resolve_storage(storage), out_dir, echo=print)
+    write_report(study, storage=storage, out=out_dir, echo=print)
 
 
 @app.command(cls=_Command, epilog=_examples(
@@ -775,10 +670,9 @@ def compare(
     per optimizer, seed re-runs with their 95% interval, figures, provenance), summary.json,
     compare.html (the same tables and figures in one self-contained page) and PNG figures:
     best_vs_trials, best_vs_seconds, final_sharpness, gap_vs_lambda_max. See docs/reports.md."""
-    from .report.compare import run_compare
-    from .study.storage import resolve_storage
+    from .results import write_comparison
 
-    run_compare(list(studies), resolve_storage(storage), out_dir)
+    write_comparison(studies, storage=storage, out=out_dir)
 
 
 if __name__ == "__main__":
