@@ -19,7 +19,7 @@
 methods run in the loop's thread, between storage calls, so they should be quick; one that raises
 gets a warning line and is told nothing more (:class:`GuardedObserver`), the trials go on. :class:`StudyTally` folds the events into what a live view shows: trials done of the
 budget, the best value so far, the running trials and their last epoch, the ETA, and the final
-:meth:`StudyTally.summary_line`. The rich view of the CLI (:mod:`sassha_tune.live`) renders it.
+:meth:`StudyTally.summary_line`. The rich view of the CLI (:mod:`sassha_tune.app.live`) renders it.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ one. Parent and child speak one protocol, in JSON lines:
   the pack now training, those that already left included: the parent shows the pending ones), unanswered; ``null`` or absent: none. A parent ignores message types it does not know (and phases it does not
   show), so a child may send new kinds of ``phase`` without breaking an older parent.
 * A trial process draws no progress bar of its own, whatever its stderr is: the study shows its
-  epochs (the CLI's live view, :mod:`sassha_tune.live`).
+  epochs (the CLI's live view, :mod:`sassha_tune.app.live`).
 * **Exit code**: 0 done, 1 an unexpected error (a ``fail`` result with the reason was sent, the
   traceback is on stderr), 2 a user error, 3 no job or the parent is gone, 130 interrupted.
 * **Warm worker** (``python -m sassha_tune.trial --serve``, a study's default for single trials):
