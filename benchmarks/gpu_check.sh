@@ -274,10 +274,14 @@ world = int(os.environ.get("WORLD_SIZE", "1"))
 fashion = os.environ.get("GPU_CHECK_FASHION", "")
 use_files = os.path.isfile(os.path.join(fashion, "train-images-idx3-ubyte.gz"))
 data = dict(dataset="fashion_mnist", data_dir=fashion, dataset_options={"max_train": a.batch * a.steps + 512}) if use_files \
-    else dict(dataset="synthetic", dataset_options={"shape": [1, 28, 28], "n": a.batch * a.steps + 512, "n_test": 64})
+    else dict(dataset="synthetic", data_dir=None,
+              dataset_options={"shape": [1, 28, 28], "n": a.batch * a.steps + 512, "n_test": 64})
 for opt, hp in (("sgd", {"lr": 0.1, "momentum": 0.9}), ("sassha", {"lr": 0.15, "rho": 0.2, "lazy_hessian": 10})):
-    r = train(TrainSpec(model="resnet20", batch_size=a.batch, epochs=1, max_steps_per_epoch=a.steps, val_fraction=0.02,
-                        optimizer=opt, hparams=hp, device=a.device, processes=world, progress=False, **data))
+    r = train(TrainSpec(model="resnet20", model_options={}, batch_size=a.batch, eval_batch_size=1024, accumulation=1,
+                        epochs=1, max_steps_per_epoch=a.steps, augment=None, label_noise=0.0, val_fraction=0.02,
+                        optimizer=opt, hparams=hp, grad_clip=None, schedule="constant", milestones=[0.5, 0.75],
+                        gamma=0.1, warmup_fraction=0.0, min_lr_fraction=0.0, amp="none", channels_last=False,
+                        device=a.device, processes=world, seed=0, progress=False, **data))
     if r.rank == 0:
         loss = r.history[-1].get("train_loss") if r.history else None
         print(f"| {opt} | {world} | {r.device} | {a.batch} | {r.steps} | {r.ms_per_step:.1f} | {r.status} | {loss} |")

@@ -24,10 +24,12 @@ SHAPES = {"cifar": [3, 32, 32], "fashion": [1, 28, 28]}
 
 def spec(shape, steps, device, amp, seed, batch):
     return TrainSpec(
-        dataset="synthetic", dataset_options=dict(n=batch * (steps + 2) + 16, n_test=64, shape=shape),
-        model="resnet20", batch_size=batch, epochs=1, max_steps_per_epoch=steps, val_fraction=0.01,
-        optimizer="sassha", hparams=dict(lr=0.1, rho=0.1, lazy_hessian=10, seed=seed),
-        amp=amp, device=device, seed=seed, progress=False,
+        dataset="synthetic", data_dir=None, dataset_options=dict(n=batch * (steps + 2) + 16, n_test=64, shape=shape),
+        model="resnet20", model_options={}, batch_size=batch, epochs=1, max_steps_per_epoch=steps, augment=None,
+        label_noise=0.0, val_fraction=0.01, eval_batch_size=1024, accumulation=1,
+        optimizer="sassha", hparams=dict(lr=0.1, rho=0.1, lazy_hessian=10, seed=seed), grad_clip=None,
+        schedule="constant", milestones=[0.5, 0.75], gamma=0.1, warmup_fraction=0.0, min_lr_fraction=0.0,
+        amp=amp, channels_last=False, device=device, processes=1, seed=seed, progress=False,
     )
 
 

@@ -70,9 +70,13 @@ def main() -> int:
             hp = to_hparams("sassha", {"lr": lr, "rho": 0.1, "lazy_hessian": k, "eps": eps, "weight_decay": 1e-4},
                             seed=0)
             hp["dense_refresh_steps"] = n
-            spec = TrainSpec(dataset=args.dataset, model=args.model, model_options=json.loads(args.model_options),
-                             epochs=args.epochs, batch_size=args.batch_size, optimizer="sassha", hparams=hp,
-                             schedule="cosine", device="cpu", seed=0, progress=False)
+            spec = TrainSpec(dataset=args.dataset, data_dir=None, dataset_options={}, augment=None, label_noise=0.0,
+                             val_fraction=0.1, model=args.model, model_options=json.loads(args.model_options),
+                             epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=1024, accumulation=1,
+                             max_steps_per_epoch=None, optimizer="sassha", hparams=hp, grad_clip=None,
+                             schedule="cosine", milestones=[0.5, 0.75], gamma=0.1, warmup_fraction=0.0,
+                             min_lr_fraction=0.0, amp="none", channels_last=False, device="cpu", processes=1, seed=0,
+                             progress=False)
             row.append(cell(spec))
         print("| " + " | ".join(row) + " |", flush=True)
     return 0

@@ -65,15 +65,32 @@ def _splits(kind: str, args: argparse.Namespace, device: str):
 def measure(kind: str, optimizer: str, device: str, args: argparse.Namespace) -> dict:
     splits, source = _splits(kind, args, device)
     base = dict(
+        # train is given the splits, so these data settings go unused
+        dataset="mnist1d",
+        data_dir=None,
+        dataset_options={},
+        augment=None,
+        label_noise=0.0,
+        val_fraction=0.1,
         model=args.model,
+        model_options={},
         batch_size=args.batch_size,
+        eval_batch_size=256,
+        accumulation=1,
         optimizer=optimizer,
         hparams=HPARAMS.get(optimizer, {}),
+        grad_clip=None,
+        schedule="constant",
+        milestones=[0.5, 0.75],
+        gamma=0.1,
+        warmup_fraction=0.0,
+        min_lr_fraction=0.0,
         device=device,
         amp=args.amp,
         channels_last=args.channels_last,
+        processes=1,
+        seed=0,
         progress=False,
-        eval_batch_size=256,
     )
     if args.warmup:
         train(TrainSpec(epochs=1, max_steps_per_epoch=args.warmup, **base), splits=splits)

@@ -53,35 +53,41 @@ OOM_ERRORS: tuple[type[BaseException], ...] = tuple(
 )
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainSpec:
-    dataset: str = "mnist1d"
-    data_dir: str | None = None
-    dataset_options: dict = field(default_factory=dict)
-    model: str = "cnn1d"
-    model_options: dict = field(default_factory=dict)
-    epochs: int = 5
-    batch_size: int = 128
-    augment: bool | None = None  # None: the dataset's default; True: that default (or "crop" for images)
-    label_noise: float = 0.0
-    val_fraction: float = 0.1
-    optimizer: str = "sgd"
-    hparams: dict = field(default_factory=dict)  # constructor arguments for build_optimizer
-    schedule: str = "constant"  # constant | multistep | cosine
-    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of all steps
-    gamma: float = 0.1
-    warmup_fraction: float = 0.0  # linear warm-up from lr 0 over this fraction of all steps (any schedule)
-    grad_clip: float | None = None  # passed to the optimizer as hparams["max_grad_norm"]
-    amp: str = "none"  # "none" | "bf16"
-    channels_last: bool = False
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0
+    """What one member trains. Every setting the study config owns is required: a trial's spec
+    comes from :func:`sassha_tune.trial.objective.build_spec`, which fills each from the validated
+    config, so the config's dataclasses (``config/schema.py``) are the one place their defaults are
+    declared; a spec built anywhere else says what it trains. Only ``progress`` has a default: it
+    is not a config setting but how the caller shows progress."""
+
+    dataset: str
+    data_dir: str | None
+    dataset_options: dict
+    model: str
+    model_options: dict
+    epochs: int
+    batch_size: int
+    augment: bool | None  # None: the dataset's default; True: that default (or "crop" for images)
+    label_noise: float
+    val_fraction: float
+    optimizer: str
+    hparams: dict  # constructor arguments for build_optimizer
+    schedule: str  # constant | multistep | cosine
+    milestones: list[float]  # fractions of all steps
+    gamma: float
+    warmup_fraction: float  # linear warm-up from lr 0 over this fraction of all steps (any schedule)
+    grad_clip: float | None  # passed to the optimizer as hparams["max_grad_norm"]; None: no clipping
+    amp: str  # "none" | "bf16"
+    channels_last: bool
+    device: str  # auto | cpu | cuda | cuda:N
+    seed: int
     progress: bool | None = None  # None: a progress bar only when stderr is a terminal
-    max_steps_per_epoch: int | None = None
-    eval_batch_size: int = 1024
-    processes: int = 1  # data-parallel ranks (docs/distributed.md); batch_size stays the global batch
-    accumulation: int = 1  # micro-batches per step (gradient accumulation); batch_size is the whole step's
-    min_lr_fraction: float = 0.0  # cosine: the lr decays to this fraction of the initial lr
+    max_steps_per_epoch: int | None
+    eval_batch_size: int
+    processes: int  # data-parallel ranks (docs/distributed.md); batch_size stays the global batch
+    accumulation: int  # micro-batches per step (gradient accumulation); batch_size is the whole step's
+    min_lr_fraction: float  # cosine: the lr decays to this fraction of the initial lr
 
 
 @dataclass

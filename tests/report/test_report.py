@@ -40,9 +40,12 @@ def _one_thread():
 
 def _trained_attrs(optimizer: str, hparams: dict, seed: int) -> dict:
     """Train for 6 steps and measure; the user attributes a trial stores (failure_reason if it failed)."""
-    spec = TrainSpec(dataset="synthetic", dataset_options=DATA, model="mlp", model_options={"hidden": [32]},
-                     epochs=1, batch_size=64, val_fraction=0.25, optimizer=optimizer, hparams=hparams,
-                     device="cpu", seed=seed, max_steps_per_epoch=6, progress=False)
+    spec = TrainSpec(dataset="synthetic", data_dir=None, dataset_options=DATA, model="mlp",
+                     model_options={"hidden": [32]}, epochs=1, batch_size=64, augment=None, label_noise=0.0,
+                     val_fraction=0.25, optimizer=optimizer, hparams=hparams, schedule="constant",
+                     milestones=[0.5, 0.75], gamma=0.1, warmup_fraction=0.0, grad_clip=None, amp="none",
+                     channels_last=False, device="cpu", seed=seed, progress=False, max_steps_per_epoch=6,
+                     eval_batch_size=1024, processes=1, accumulation=1, min_lr_fraction=0.0)
     result = train(spec)
     if result.status != "completed":
         return {"failure_reason": result.failure_reason or result.status}

@@ -4,12 +4,13 @@ import sqlite3
 
 import pytest
 import torch
+from training_specs import make_spec
 from typer.testing import CliRunner
 
 from sassha_tune.app.cli import app
 from sassha_tune.study.pack_size import choose_pack_size
 from sassha_tune.training.packs import pack_blocker, train_pack
-from sassha_tune.training.trainer import TrainSpec, train
+from sassha_tune.training.trainer import train
 
 MLP = dict(dataset="synthetic", dataset_options=dict(n=640, n_test=64, dim=20), model="mlp",
            model_options=dict(hidden=[32, 32]), batch_size=64, epochs=5, device="cpu", progress=False,
@@ -39,7 +40,7 @@ def max_rel_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 
 def _compare(base: dict, optimizer: str, kernels: str | None, tol: float, steps: int = 45) -> list[float]:
-    specs = [TrainSpec(optimizer=optimizer, hparams=h, seed=s, **base) for s, h in zip((0, 1, 2), HPARAMS[optimizer],
+    specs = [make_spec(optimizer=optimizer, hparams=h, seed=s, **base) for s, h in zip((0, 1, 2), HPARAMS[optimizer],
                                                                                       strict=True)]
     packed = train_pack(specs, kernels=kernels)
     diffs = []
@@ -77,7 +78,7 @@ def test_sassha_bn_cnn_first_steps_exact_kernels():
     # order than the lone run (HVPs differ by ~1e-7, amplified to 1e-4 after one step); exact
     # kernels run the lone graph per member and are bitwise equal.
     base = {**BN_CNN, "epochs": 1, "max_steps_per_epoch": 3}
-    specs = [TrainSpec(optimizer="sassha", hparams=h, seed=s, **base) for s, h in zip((0, 1, 2), HPARAMS["sassha"],
+    specs = [make_spec(optimizer="sassha", hparams=h, seed=s, **base) for s, h in zip((0, 1, 2), HPARAMS["sassha"],
                                                                                      strict=True)]
     for spec, member in zip(specs, train_pack(specs, kernels="exact"), strict=True):
         assert max_rel_diff(member.model, train(spec).model) <= 1e-5
@@ -91,7 +92,7 @@ def test_sassha_member_follows_lone_run_bn_cnn_50_steps_default_kernels():
 
 
 def test_diverged_member_leaves_and_others_continue_identically():
-    specs = [TrainSpec(optimizer="sgd", hparams=dict(lr=lr), seed=s, **MLP) for s, lr in ((0, 0.05), (1, 1e6), (2, 0.02))]
+    specs = [make_spec(optimizer="sgd", hparams=dict(lr=lr), seed=s, **MLP) for s, lr in ((0, 0.05), (1, 1e6), (2, 0.02))]
     left = []
     packed = train_pack(specs, on_leave=lambda i, r: left.append((i, r.status)))
     assert packed[1].status == "diverged" and packed[1].failure_reason == "diverged"
@@ -104,7 +105,7 @@ def test_diverged_member_leaves_and_others_continue_identically():
 
 
 def test_pruned_member_leaves():
-    specs = [TrainSpec(optimizer="sassha", hparams=dict(lr=0.05, rho=0.05, lazy_hessian=2), seed=s, **MLP) for s in (0, 1)]
+    specs = [make_spec(optimizer="sassha", hparams=dict(lr=0.05, rho=0.05, lazy_hessian=2), seed=s, **MLP) for s in (0, 1)]
     packed = train_pack(specs, on_epoch=[lambda e, m: e >= 2, None])
     assert packed[0].status == "stopped" and packed[0].epochs_completed == 2
     assert packed[1].status == "completed" and packed[1].epochs_completed == 5
@@ -117,7 +118,7 @@ def test_cannot_pack():
     assert pack_blocker("vit", {"dropout": 0.1}) is not None
     assert pack_blocker("resnet20") is None
     with pytest.raises(ValueError, match="differ in 'batch_size'"):
-        train_pack([TrainSpec(**{**MLP, "batch_size": 32}), TrainSpec(**MLP)])
+        train_pack([make_spec(**{**MLP, "batch_size": 32}), make_spec(**MLP)])
 
 
 def test_plugin_is_packed_only_when_its_factory_declares_it():
@@ -160,7 +161,7 @@ def test_pack_size_choice():
     ("sophiah", [dict(lr=0.01, lazy_hessian=2), dict(lr=0.02, lazy_hessian=1)]),
 ])
 def test_optimizers_without_a_batched_step_pack_with_exact_kernels(optimizer, hparams):
-    specs = [TrainSpec(optimizer=optimizer, hparams=h, seed=s, **{**MLP, "epochs": 2}) for s, h in enumerate(hparams)]
+    specs = [make_spec(optimizer=optimizer, hparams=h, seed=s, **{**MLP, "epochs": 2}) for s, h in enumerate(hparams)]
     with pytest.raises(ValueError, match="has no batched step"):
         train_pack(specs, kernels="batched")
     for spec, member in zip(specs, train_pack(specs), strict=True):
@@ -206,7 +207,7 @@ def test_language_model_pack_members_equal_their_lone_runs(tmp_path):
                 accumulation=2, device="cpu", progress=False, schedule="cosine", optimizer="sassha_lm")
     hps = [dict(lr=0.05, rho=0.05, lazy_hessian=2, rho_warmup_iters=2, seed=1),
            dict(lr=0.1, rho=0.02, lazy_hessian=3, rho_warmup_iters=1, weight_decay=1e-3, seed=2)]
-    specs = [TrainSpec(hparams=h, seed=s, **base) for s, h in enumerate(hps)]
+    specs = [make_spec(hparams=h, seed=s, **base) for s, h in enumerate(hps)]
     for spec, member in zip(specs, train_pack(specs), strict=True):
         alone = train(spec)
         assert max_rel_diff(member.model, alone.model) == 0.0

@@ -18,12 +18,13 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from training_specs import make_spec
 from typer.testing import CliRunner
 
 from sassha_tune.app.cli import app
 from sassha_tune.study.loop import split_line
 from sassha_tune.training.packs import train_pack
-from sassha_tune.training.trainer import TrainSpec, train
+from sassha_tune.training.trainer import train
 
 PLUGIN = "plugins_example:memory_limited"
 TESTS = Path(__file__).resolve().parents[1]  # where plugins_example.py is
@@ -40,7 +41,7 @@ def plugins_importable(monkeypatch):
 
 
 def _specs(n, max_members):
-    return [TrainSpec(optimizer="sassha", hparams=h, seed=0, **{**BASE, "model_options": {"max_members": max_members}})
+    return [make_spec(optimizer="sassha", hparams=h, seed=0, **{**BASE, "model_options": {"max_members": max_members}})
             for h in SASSHA[:n]]
 
 
@@ -140,7 +141,7 @@ def test_out_of_memory_while_setting_up_is_split():
     # more than max_models models before any of them ran): split with epoch 0, and a lone member
     # whose model does not fit fails without stopping the other half.
     def specs(max_models):
-        return [TrainSpec(optimizer="sassha", hparams=h, seed=0,
+        return [make_spec(optimizer="sassha", hparams=h, seed=0,
                           **{**BASE, "model_options": {"max_members": 9, "max_models": max_models}})
                 for h in SASSHA[:2]]
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from training_specs import TEST_SPEC, make_spec
 
 from sassha_tune import optim
 from sassha_tune.errors import UserError
@@ -33,11 +35,22 @@ def _strip(history):
     return [{k: v for k, v in h.items() if k != "seconds"} for h in history]
 
 
+def test_trainspec_leaves_every_config_setting_to_its_caller():
+    """The study config declares the defaults of what a member trains (config/schema.py, filled
+    in by trial.objective.build_spec); a default here would be a second declaration, free to differ.
+    Only ``progress``, how the caller shows progress, is no config setting."""
+    defaulted = {f.name for f in dataclasses.fields(TrainSpec)
+                 if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    assert defaulted == {"progress"}
+    with pytest.raises(TypeError, match="epochs"):
+        TrainSpec(**{k: v for k, v in TEST_SPEC.items() if k != "epochs"})
+
+
 def test_member_batch_order_schedule_and_running_metrics(mnist1d):
     """What the loop's steps ask of a member: each epoch the next permutation of its seeded stream,
     every group's lr as its initial lr times the schedule factor, and running sums of a step's
     loss (times its batch size), correct predictions and examples."""
-    spec = TrainSpec(hparams={"lr": 0.2}, device="cpu", seed=3)
+    spec = make_spec(hparams={"lr": 0.2}, device="cpu", seed=3)
     (member,) = build_members([spec], [None], torch.device("cpu"), splits=mnist1d)
     member.attach(build_optimizer_for(spec, member.model))
     member.set_lr(0.25)
@@ -64,7 +77,7 @@ def test_member_batch_order_schedule_and_running_metrics(mnist1d):
 
 @pytest.mark.slow
 def test_cnn1d_sgd_reaches_85_percent_on_mnist1d(mnist1d, one_thread):
-    spec = TrainSpec(epochs=12, batch_size=64, hparams={"lr": 0.05}, schedule="cosine", device="cpu", seed=0)
+    spec = make_spec(epochs=12, batch_size=64, hparams={"lr": 0.05}, schedule="cosine", device="cpu", seed=0)
     result = train(spec, splits=mnist1d)
     assert result.status == "completed" and result.failure_reason is None
     assert result.epochs_completed == 12 and len(result.history) == 12
@@ -78,7 +91,7 @@ def test_cnn1d_sgd_reaches_85_percent_on_mnist1d(mnist1d, one_thread):
 
 
 def test_same_seed_same_history(mnist1d, one_thread):
-    spec = TrainSpec(
+    spec = make_spec(
         epochs=2, batch_size=64, max_steps_per_epoch=15, hparams={"lr": 0.05}, device="cpu", seed=4
     )
     a = train(spec, splits=mnist1d)
@@ -92,7 +105,7 @@ def test_same_seed_same_history(mnist1d, one_thread):
 
 
 def test_same_seed_same_history_with_dataset_loading_and_augmentation():
-    spec = TrainSpec(
+    spec = make_spec(
         dataset="synthetic",
         dataset_options={"shape": [1, 8, 8], "n": 128, "n_test": 16},
         model="cnn",
@@ -113,7 +126,7 @@ def test_same_seed_same_history_with_dataset_loading_and_augmentation():
 
 
 def test_divergence_is_reported(mnist1d):
-    spec = TrainSpec(model="mlp", epochs=3, hparams={"lr": 1e6}, device="cpu", max_steps_per_epoch=30)
+    spec = make_spec(model="mlp", epochs=3, hparams={"lr": 1e6}, device="cpu", max_steps_per_epoch=30)
     r = train(spec, splits=mnist1d)
     assert r.status == "diverged" and r.failure_reason == "diverged"
     assert r.epochs_completed == 0 and r.history == [] and 0 < r.steps <= 30
@@ -126,7 +139,7 @@ def test_on_epoch_stops(mnist1d):
         calls.append((epoch, set(metrics)))
         return epoch == 2
 
-    spec = TrainSpec(epochs=5, max_steps_per_epoch=3, hparams={"lr": 0.01}, device="cpu")
+    spec = make_spec(epochs=5, max_steps_per_epoch=3, hparams={"lr": 0.01}, device="cpu")
     r = train(spec, cb, splits=mnist1d)
     assert r.status == "stopped" and r.failure_reason is None and r.epochs_completed == 2
     assert [c[0] for c in calls] == [1, 2]
@@ -139,7 +152,7 @@ def test_on_epoch_stops(mnist1d):
 
 def test_on_step_is_told_every_step_of_every_epoch_in_order(mnist1d):
     steps, order = [], []
-    spec = TrainSpec(epochs=3, max_steps_per_epoch=4, hparams={"lr": 0.01}, device="cpu")
+    spec = make_spec(epochs=3, max_steps_per_epoch=4, hparams={"lr": 0.01}, device="cpu")
     r = train(spec, lambda epoch, _m: order.append(("epoch", epoch)) or epoch == 2, splits=mnist1d,
               on_step=lambda *at: (steps.append(at), order.append(("step", at[0]))))
     # stopped after epoch 2: epoch 3 never starts
@@ -148,7 +161,7 @@ def test_on_step_is_told_every_step_of_every_epoch_in_order(mnist1d):
 
 
 def test_resnet20_bn_trains_on_tiny_images():
-    spec = TrainSpec(
+    spec = make_spec(
         dataset="synthetic",
         dataset_options={"shape": [3, 16, 16], "n": 40, "n_test": 8},
         model="resnet20",
@@ -169,23 +182,23 @@ def test_resnet20_bn_trains_on_tiny_images():
 
 def test_bf16_autocast_on_cpu(mnist1d):
     r = train(
-        TrainSpec(epochs=1, max_steps_per_epoch=3, amp="bf16", device="cpu", hparams={"lr": 0.01}),
+        make_spec(epochs=1, max_steps_per_epoch=3, amp="bf16", device="cpu", hparams={"lr": 0.01}),
         splits=mnist1d,
     )
     assert r.status == "completed" and math.isfinite(r.history[0]["train_loss"])
 
 
 def test_schedules():
-    spec = TrainSpec(schedule="multistep", milestones=[0.5, 0.75], gamma=0.1)
+    spec = make_spec(schedule="multistep", milestones=[0.5, 0.75], gamma=0.1)
     assert [lr_factor(spec, s, 100) for s in (0, 49, 50, 74, 75, 99)] == pytest.approx(
         [1, 1, 0.1, 0.1, 0.01, 0.01]
     )
-    spec = TrainSpec(schedule="cosine", warmup_fraction=0.1)
+    spec = make_spec(schedule="cosine", warmup_fraction=0.1)
     assert lr_factor(spec, 0, 100) == 0.0 and lr_factor(spec, 9, 100) == pytest.approx(0.9)
     assert lr_factor(spec, 10, 100) == pytest.approx(1.0) and lr_factor(spec, 99, 100) < 0.001
-    assert lr_factor(TrainSpec(), 77, 100) == 1.0
+    assert lr_factor(make_spec(), 77, 100) == 1.0
     with pytest.raises(UserError, match="schedule"):
-        train(TrainSpec(schedule="linear", device="cpu"))
+        train(make_spec(schedule="linear", device="cpu"))
 
 
 class _Recorder(SGD):
@@ -209,7 +222,7 @@ class _Recorder(SGD):
 def test_trainer_is_optimizer_agnostic(monkeypatch, mnist1d):
     info = OptimizerInfo("recorder", _Recorder, decoupled_weight_decay=False, seeded=False, batched_packs=False, passes=2)
     monkeypatch.setitem(optim.OPTIMIZERS, "recorder", info)
-    spec = TrainSpec(
+    spec = make_spec(
         optimizer="recorder",
         hparams={"lr": 0.2},
         grad_clip=1.5,
@@ -235,15 +248,15 @@ def test_out_of_memory_is_caught(monkeypatch, mnist1d):
 
     info = OptimizerInfo("boom", Boom, decoupled_weight_decay=False, seeded=False, batched_packs=False, passes=1)
     monkeypatch.setitem(optim.OPTIMIZERS, "boom", info)
-    r = train(TrainSpec(optimizer="boom", hparams={"lr": 0.1}, epochs=2, device="cpu"), splits=mnist1d)
+    r = train(make_spec(optimizer="boom", hparams={"lr": 0.1}, epochs=2, device="cpu"), splits=mnist1d)
     assert r.status == "out_of_memory" and r.failure_reason == "out_of_memory" and r.epochs_completed == 0
 
 
 def test_bad_optimizer_args_are_user_errors(mnist1d):
     with pytest.raises(UserError, match="optimizer 'nope'"):
-        train(TrainSpec(optimizer="nope", device="cpu"), splits=mnist1d)
+        train(make_spec(optimizer="nope", device="cpu"), splits=mnist1d)
     with pytest.raises(UserError, match="optimizer 'sgd'"):
-        train(TrainSpec(hparams={"lr": 0.1, "bogus": 1}, device="cpu"), splits=mnist1d)
+        train(make_spec(hparams={"lr": 0.1, "bogus": 1}, device="cpu"), splits=mnist1d)
 
 
 def test_evaluate_restores_mode_and_handles_empty(mnist1d):
@@ -261,7 +274,7 @@ def test_evaluate_restores_mode_and_handles_empty(mnist1d):
 
 
 def test_plugins_through_train():
-    spec = TrainSpec(
+    spec = make_spec(
         dataset="custom",
         dataset_options={"factory": "plugins_example:blobs", "n": 120},
         model="plugins_example:tiny_linear",
@@ -279,13 +292,13 @@ def test_plugins_through_train():
 def test_steps_per_epoch_one_rule_for_lone_runs_packs_and_ranks():
     from sassha_tune.training.trainer import steps_per_epoch
 
-    spec = TrainSpec(batch_size=32)
+    spec = make_spec(batch_size=32)
     assert steps_per_epoch(spec, 320) == 10  # full batches only
     assert steps_per_epoch(spec, 321) == 10  # a last batch of 1 example is dropped
     assert steps_per_epoch(spec, 322) == 11  # of 2 it counts
     assert steps_per_epoch(spec, 322, world_size=3) == 10  # under 3 ranks it needs >= 3 (one per rank)
     assert steps_per_epoch(spec, 323, world_size=3) == 11
-    assert steps_per_epoch(TrainSpec(batch_size=32, max_steps_per_epoch=4), 322) == 4
+    assert steps_per_epoch(make_spec(batch_size=32, max_steps_per_epoch=4), 322) == 4
 
 
 def _tiny_text(tmp_path):
@@ -301,7 +314,7 @@ def _lm_spec(data_dir, **kw):
     base = dict(dataset="text", data_dir=data_dir, dataset_options={"block_size": 16}, model="gpt",
                 model_options=dict(n_layer=1, n_head=2, n_embd=32), epochs=2, batch_size=16, max_steps_per_epoch=15,
                 optimizer="adamw", hparams=dict(lr=3e-3, weight_decay=0.0), schedule="cosine", device="cpu")
-    return TrainSpec(**{**base, **kw})
+    return make_spec(**{**base, **kw})
 
 
 def test_language_model_trains_and_reports_per_token_metrics(tmp_path):
@@ -337,11 +350,11 @@ def test_warm_up_is_the_official_language_model_schedule():
         coeff = 0.5 * (1.0 + math.cos(math.pi * (it - warm) / (total - warm)))
         return min_lr + coeff * (lr - min_lr)
 
-    spec = TrainSpec(schedule="cosine", warmup_fraction=warm / total, min_lr_fraction=min_lr / lr)
+    spec = make_spec(schedule="cosine", warmup_fraction=warm / total, min_lr_fraction=min_lr / lr)
     ours = [lr * lr_factor(spec, it, total) for it in range(total)]
     assert ours == pytest.approx([official(it) for it in range(total)], rel=1e-12, abs=1e-15)
     assert ours[0] == 0.0 and ours[warm] == pytest.approx(lr)
-    for other in (TrainSpec(schedule="constant", warmup_fraction=0.08), TrainSpec(schedule="multistep", warmup_fraction=0.08)):
+    for other in (make_spec(schedule="constant", warmup_fraction=0.08), make_spec(schedule="multistep", warmup_fraction=0.08)):
         assert [lr_factor(other, it, total) for it in range(warm + 1)] == pytest.approx([it / warm for it in range(warm + 1)])
 
 
@@ -349,15 +362,15 @@ def test_first_warm_up_step_leaves_the_model_unchanged(mnist1d, one_thread):
     """Through the trainer: with a warm-up the first step runs at lr 0, so one step of plain SGD
     leaves the freshly initialized model as it was; without a warm-up the same step moves it."""
     kw = dict(batch_size=64, hparams={"lr": 0.1, "momentum": 0.0}, device="cpu", seed=2)
-    initial = train(TrainSpec(epochs=0, **kw), splits=mnist1d).model
-    warm = train(TrainSpec(epochs=1, max_steps_per_epoch=1, warmup_fraction=0.9, **kw), splits=mnist1d)  # 1 warm-up step
-    cold = train(TrainSpec(epochs=1, max_steps_per_epoch=1, **kw), splits=mnist1d)
+    initial = train(make_spec(epochs=0, **kw), splits=mnist1d).model
+    warm = train(make_spec(epochs=1, max_steps_per_epoch=1, warmup_fraction=0.9, **kw), splits=mnist1d)  # 1 warm-up step
+    cold = train(make_spec(epochs=1, max_steps_per_epoch=1, **kw), splits=mnist1d)
     assert warm.steps == cold.steps == 1 and warm.history[0]["lr"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(warm.model.parameters(), initial.parameters(), strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(cold.model.parameters(), initial.parameters(), strict=True))
 
 
 def test_cosine_schedule_floor():
-    spec = TrainSpec(schedule="cosine", min_lr_fraction=0.05)
+    spec = make_spec(schedule="cosine", min_lr_fraction=0.05)
     assert lr_factor(spec, 0, 100) == pytest.approx(1.0) and lr_factor(spec, 100, 100) == pytest.approx(0.05)
-    assert lr_factor(TrainSpec(schedule="cosine"), 100, 100) == pytest.approx(0.0)
+    assert lr_factor(make_spec(schedule="cosine"), 100, 100) == pytest.approx(0.0)
