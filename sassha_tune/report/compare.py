@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from sassha_tune.errors import StorageError
 from sassha_tune.printable import printable
+from sassha_tune.study.records import TrialRecord
 
 from .correlation import correlate
 from .curves import (
@@ -43,8 +44,6 @@ from .rows import (
     read_rows,
     read_storage,
     read_study,
-    row_attr,
-    row_val_acc,
     search_rows,
     stored_study_names,
 )
@@ -65,7 +64,7 @@ def _band(ax: Any, x: np.ndarray, curves: np.ndarray, label: str, color: Any) ->
 
 
 def compare_figures(studies: Sequence[optuna.Study],
-                    rows: Sequence[list[dict[str, Any]]] | None = None) -> dict[str, Figure]:
+                    rows: Sequence[list[TrialRecord]] | None = None) -> dict[str, Figure]:
     """Figures comparing studies, keyed by file stem.
 
     ``best_vs_trials`` and ``best_vs_seconds``: one line (the median over trial orders) and one shaded
@@ -106,7 +105,7 @@ def compare_figures(studies: Sequence[optuna.Study],
     lambdas = []
     for rows in all_rows:
         ranked = ranked_rows(trained_rows(rows))
-        lambdas.append(row_attr(ranked[0], "lambda_max") if ranked else math.nan)
+        lambdas.append(ranked[0].metric("lambda_max") if ranked else math.nan)
     ax_s.bar(range(len(studies)), [0.0 if math.isnan(v) else v for v in lambdas], color=colors)
     ax_s.set_xticks(range(len(studies)), labels, rotation=20, ha="right")
     maybe_log(ax_s, "y", lambdas)
@@ -119,7 +118,7 @@ def compare_figures(studies: Sequence[optuna.Study],
     ax_g = fig_g.add_subplot()
     xs_all = []
     for rows, label, color in zip(all_rows, labels, colors, strict=True):
-        pts = [(row_attr(r, "lambda_max"), row_attr(r, "gen_gap_acc")) for r in trained_rows(rows)]
+        pts = [(r.metric("lambda_max"), r.metric("gen_gap_acc")) for r in trained_rows(rows)]
         pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
         xs_all += [p[0] for p in pts]
         ax_g.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=label, alpha=0.7)
@@ -143,7 +142,7 @@ def compare_figures(studies: Sequence[optuna.Study],
 FEW_TRAINED = 5
 
 
-def thin_evidence(studies: Sequence[optuna.Study], rows: Sequence[list[dict[str, Any]]]) -> list[tuple[str, str, int]]:
+def thin_evidence(studies: Sequence[optuna.Study], rows: Sequence[list[TrialRecord]]) -> list[tuple[str, str, int]]:
     """(study name, optimizer, trained trials) of each study (``rows``: each one's rows) whose
     ranking rests on fewer than :data:`FEW_TRAINED` trained trials (complete and not near
     chance): a best-of-few says little about an optimizer (:func:`caveat` words it)."""
@@ -169,7 +168,7 @@ def _diverged_count(health: dict[str, Any]) -> str:
     return str(health["diverged"])
 
 
-def _ranking(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
+def _ranking(studies: Sequence[optuna.Study], all_rows: Sequence[list[TrialRecord]]) -> tuple[list[str], list[list[str]]]:
     # near_chance and diverged: how much of the searched space is unusable (robustness to the
     # search space); near_chance is "-" for a study whose trials do not store num_classes.
     headers = ["rank", "study", "optimizer", "trials", "complete", "near_chance", "failed", "diverged",
@@ -177,20 +176,20 @@ def _ranking(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, 
     entries = []
     for study, study_rows in zip(studies, all_rows, strict=True):
         rows = search_rows(study_rows)
-        counts = Counter(r["state"] for r in rows)
+        counts = Counter(r.state for r in rows)
         health = budget_health(rows)
         ranked = ranked_rows(rows)
         best = ranked[0] if ranked else None
         entries.append((
-            row_val_acc(best) if best else -math.inf,
+            best.val_acc if best else -math.inf,
             [study.study_name, optimizer_name(study), str(len(rows)), str(counts["COMPLETE"]),
              near_chance_count(health) or "-", str(counts["FAIL"]), _diverged_count(health),
              str(counts["PRUNED"]),
              f"{counts['FAIL'] / len(rows):.0%}" if rows else "-",
-             format_value(row_val_acc(best)) if best else "-",
-             format_value(row_attr(best, "test_acc")) if best else "-",
-             str(best["number"]) if best else "-",
-             format_value(row_attr(best, "lambda_max")) if best else "-",
+             format_value(best.val_acc) if best else "-",
+             format_value(best.metric("test_acc")) if best else "-",
+             str(best.number) if best else "-",
+             format_value(best.metric("lambda_max")) if best else "-",
              format_value(sum(trial_cost(r) for r in rows))],
         ))
     entries.sort(key=lambda e: -e[0])
@@ -205,7 +204,7 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return float(q1), float(med), float(q3)
 
 
-def _sharpness_entries(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def _sharpness_entries(studies: Sequence[optuna.Study], all_rows: Sequence[list[TrialRecord]]) -> list[dict[str, Any]]:
     """Per study, over its trained trials only (near chance left out: an untrained network is
     trivially flat): median and quartiles of lambda_max and adaptive sharpness, and the Spearman
     correlation of lambda_max with the generalization gap (bootstrap interval, n)."""
@@ -218,7 +217,7 @@ def _sharpness_entries(studies: Sequence[optuna.Study], all_rows: Sequence[list[
                                  "trained": len(trained),
                                  "near_chance": health["near_chance"] if health["near_chance_known"] else None}
         for key in ("lambda_max", "adaptive_sharpness"):
-            q1, med, q3 = _quartiles([row_attr(r, key) for r in trained])
+            q1, med, q3 = _quartiles([r.metric(key) for r in trained])
             entry[key] = {"median": med if math.isfinite(med) else None,
                           "iqr": [q1, q3] if math.isfinite(q1) else None}
         entry["lambda_max_vs_gap"] = correlate("lambda_max", "gen_gap_acc", "spearman", trained)
@@ -245,12 +244,12 @@ def _sharpness_table(entries: Sequence[dict[str, Any]]) -> tuple[list[str], list
 
 
 def _by_optimizer(studies: Sequence[optuna.Study],
-                  all_rows: Sequence[list[dict[str, Any]]]) -> tuple[list[str], list[list[str]]] | None:
+                  all_rows: Sequence[list[TrialRecord]]) -> tuple[list[str], list[list[str]]] | None:
     """Median and IQR of best val_acc over the independent studies of each optimizer (>= 2)."""
     groups: dict[str, list[float]] = {}
     for study, study_rows in zip(studies, all_rows, strict=True):
         ranked = ranked_rows(search_rows(study_rows))
-        groups.setdefault(optimizer_name(study), []).append(row_val_acc(ranked[0]) if ranked else math.nan)
+        groups.setdefault(optimizer_name(study), []).append(ranked[0].val_acc if ranked else math.nan)
     if not any(len(v) >= 2 for v in groups.values()):
         return None
     table = []
@@ -299,7 +298,7 @@ _FIGURE_CAPTIONS = {
 }
 
 
-def _compare_markdown(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, Any]]],
+def _compare_markdown(studies: Sequence[optuna.Study], all_rows: Sequence[list[TrialRecord]],
                       figure_paths: dict[str, Path], ranking: Any, by_opt: Any, reruns: Any, storage: str | None,
                       sharpness: Any, caveats: Sequence[tuple[str, str, int]]) -> str:
     out = ["# Optimizer comparison\n"]
@@ -350,7 +349,7 @@ def run_compare(study_names: list[str], storage: str | optuna.storages.BaseStora
     competitors = [n for n in dict.fromkeys(study_names)
                    if not (n.endswith(SEED_STUDY_SUFFIX) and n[: -len(SEED_STUDY_SUFFIX)] in study_names)]
     studies = [read_study(name, backend, shown_as=storage) for name in competitors]
-    all_rows = [read_rows(study)[0] for study in studies]  # the one read of each study's trials
+    all_rows = [read_rows(study)[0] for study in studies]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = compare_figures(studies, all_rows)

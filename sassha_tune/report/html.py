@@ -23,6 +23,8 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 from tabulate import tabulate
 
+from sassha_tune.study.records import TrialRecord
+
 from .curves import study_epochs, training_curve
 from .figures import (
     GAP_LABEL,
@@ -37,7 +39,7 @@ from .figures import (
 )
 from .files import write_text
 from .health import near_chance_rows, pareto_numbers, trained_rows
-from .rows import as_float, load_rows, row_attr, row_val_acc, sampled_study, search_rows
+from .rows import as_float, load_rows, sampled_study, search_rows
 from .summary import correlation_table
 
 __all__ = ["CONTOUR_TRIALS", "OPTUNA_PLOT_TRIALS", "html_figures", "write_html", "write_tables_page"]
@@ -105,13 +107,13 @@ def _importance_bars(importances: Importances) -> go.Figure | str:
     return fig
 
 
-def _scatter(rows: list[dict[str, Any]], x_key: str, y_key: str, x_label: str, y_label: str,
+def _scatter(rows: list[TrialRecord], x_key: str, y_key: str, x_label: str, y_label: str,
              title: str, front: set[int] | None = None) -> go.Figure:
     fig = go.Figure()
 
-    def pts(group: list[dict[str, Any]]) -> list[tuple[float, float, float, int]]:
-        out = [(row_attr(r, x_key), row_val_acc(r) if y_key == "val_acc" else row_attr(r, y_key),
-                row_val_acc(r), r["number"]) for r in group]
+    def pts(group: list[TrialRecord]) -> list[tuple[float, float, float, int]]:
+        out = [(r.metric(x_key), r.val_acc if y_key == "val_acc" else r.metric(y_key),
+                r.val_acc, r.number) for r in group]
         return [p for p in out if math.isfinite(p[0]) and math.isfinite(p[1])]
 
     trained, chance = pts(trained_rows(rows)), pts(near_chance_rows(rows))
@@ -136,31 +138,31 @@ def _scatter(rows: list[dict[str, Any]], x_key: str, y_key: str, x_label: str, y
     return fig
 
 
-def _curves(rows: list[dict[str, Any]]) -> go.Figure:
+def _curves(rows: list[TrialRecord]) -> go.Figure:
     fig = go.Figure()
     for i, r in enumerate(curve_rows(rows)):
         color = f"hsl({(i * 67) % 360}, 70%, 45%)"
         for split, dash in (("val", "solid"), ("train", "dash")):
             xs, ys = history_series(r, f"{split}_acc")
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"trial {r['number']} {split}",
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"trial {r.number} {split}",
                                      line={"color": color, "dash": dash}))
     fig.update_layout(title="Learning curves of the best trained trials (solid: validation, dashed: training)",
                       xaxis_title="epoch", yaxis_title="accuracy")
     return fig
 
 
-def _tracked(rows: list[dict[str, Any]]) -> go.Figure:
+def _tracked(rows: list[TrialRecord]) -> go.Figure:
     """lambda_max over training (``metrics.track_every``) of the best trained trials that measured it."""
     fig = go.Figure()
     for r in tracked_rows(rows):
         xs, ys = history_series(r, "track_lambda_max")
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"trial {r['number']}"))
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"trial {r.number}"))
     fig.update_layout(title="lambda_max during training (cheap budget: not comparable with the final values)",
                       xaxis_title="epoch", yaxis_title=LAMBDA_LABEL)
     return fig
 
 
-def _training(rows: list[dict[str, Any]], epochs: int) -> go.Figure:
+def _training(rows: list[TrialRecord], epochs: int) -> go.Figure:
     """The anytime curve: best so far against run-equivalents spent, each trial where it ended."""
     curve = training_curve(rows, epochs)
     fig = go.Figure()
@@ -179,14 +181,14 @@ def _training(rows: list[dict[str, Any]], epochs: int) -> go.Figure:
     return fig
 
 
-def html_figures(study: optuna.Study, rows: list[dict[str, Any]] | None = None,
+def html_figures(study: optuna.Study, rows: list[TrialRecord] | None = None,
                  importances: Importances | None = None) -> dict[str, go.Figure | str]:
     """Every figure of ``report.html`` by title: ours first, then Optuna's (a string says why a
     figure is missing). ``rows`` and ``importances``: what the caller already read or computed."""
     return _figures(study, rows, importances)[0]
 
 
-def _figures(study: optuna.Study, rows: list[dict[str, Any]] | None,
+def _figures(study: optuna.Study, rows: list[TrialRecord] | None,
              importances: Importances | None) -> tuple[dict[str, go.Figure | str], str]:
     """:func:`html_figures`, and a note when Optuna's were drawn over a sample of the trials."""
     rows = search_rows(load_rows(study) if rows is None else rows)
@@ -218,7 +220,7 @@ th { background: #f0f0f0; }
 
 
 def write_html(study: optuna.Study, path: Path, summary: dict[str, Any],
-               tables: dict[str, tuple[list[str], list[list[str]]]], rows: list[dict[str, Any]] | None = None,
+               tables: dict[str, tuple[list[str], list[list[str]]]], rows: list[TrialRecord] | None = None,
                importances: Importances | None = None) -> Path:
     """Write ``report.html`` (self-contained: plotly's JavaScript inlined once) and return its path.
     ``tables``: further tables (headers, rows of text cells) by title, e.g. the best trials;
