@@ -41,11 +41,8 @@ from .rows import (
     load_rows,
     optimizer_name,
     ranked_rows,
-    read_rows,
-    read_storage,
-    read_study,
+    read_studies,
     search_rows,
-    stored_study_names,
 )
 
 __all__ = ["compare", "compare_figures", "run_compare"]
@@ -63,22 +60,13 @@ def _band(ax: Any, x: np.ndarray, curves: np.ndarray, label: str, color: Any) ->
     ax.fill_between(x, lo, hi, color=color, alpha=0.2, step="post", linewidth=0)
 
 
-def compare_figures(studies: Sequence[optuna.Study],
-                    rows: Sequence[list[TrialRecord]] | None = None) -> dict[str, Figure]:
-    """Figures comparing studies, keyed by file stem.
+# Legends of the comparison's figures sit outside the axes (seven optimizers do not fit inside).
+_LEGEND = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0, "fontsize": "small"}
 
-    ``best_vs_trials`` and ``best_vs_seconds``: one line (the median over trial orders) and one shaded
-    10-90 % bootstrap band (over :data:`~sassha_tune.report.curves.N_BOOTSTRAP` seeded shuffles of
-    the trial order) per study; ``final_sharpness``: one bar per study, lambda_max of its best trial
-    (selected on val_acc among the trained trials); ``gap_vs_lambda_max``: one scatter per study, one
-    point per trained trial (near-chance trials left out). Legends sit outside the axes. ``rows``:
-    each study's rows, when already read.
-    """
-    colors = [f"C{i % 10}" for i in range(len(studies))]
-    legend = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0, "fontsize": "small"}
-    all_rows = [load_rows(s) for s in studies] if rows is None else rows
-    labels = [printable(f"{s.study_name} ({optimizer_name(s)})") for s in studies]
 
+def _budget_figures(all_rows: Sequence[list[TrialRecord]], labels: list[str], colors: list[str]
+                    ) -> tuple[Figure, Figure]:
+    """Best validation accuracy so far against the number of trials and against train seconds."""
     fig_n = Figure(figsize=(9.5, 4.8))
     ax_n = fig_n.add_subplot()
     fig_t = Figure(figsize=(9.5, 4.8))
@@ -97,39 +85,68 @@ def compare_figures(studies: Sequence[optuna.Study],
         ax.set_ylabel("best validation accuracy so far")
         ax.set_title(f"Best val accuracy vs {what}\n(line: median, band: 10-90 % over shuffled trial orders)")
         if ax.lines:
-            ax.legend(**legend)
+            ax.legend(**_LEGEND)
         fig.tight_layout()
+    return fig_n, fig_t
 
-    fig_s = Figure(figsize=(7, 4.8))
-    ax_s = fig_s.add_subplot()
+
+def _sharpness_bars(all_rows: Sequence[list[TrialRecord]], labels: list[str], colors: list[str]) -> Figure:
+    """lambda_max of each study's best trained trial, one bar per study."""
+    fig = Figure(figsize=(7, 4.8))
+    ax = fig.add_subplot()
     lambdas = []
     for rows in all_rows:
         ranked = ranked_rows(trained_rows(rows))
         lambdas.append(ranked[0].metric("lambda_max") if ranked else math.nan)
-    ax_s.bar(range(len(studies)), [0.0 if math.isnan(v) else v for v in lambdas], color=colors)
-    ax_s.set_xticks(range(len(studies)), labels, rotation=20, ha="right")
-    maybe_log(ax_s, "y", lambdas)
-    ax_s.set_xlabel("study (optimizer)")
-    ax_s.set_ylabel("lambda_max of the best trial")
-    ax_s.set_title("Final sharpness of each study's best trained trial (selected on val_acc)")
-    fig_s.tight_layout()
+    ax.bar(range(len(labels)), [0.0 if math.isnan(v) else v for v in lambdas], color=colors)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    maybe_log(ax, "y", lambdas)
+    ax.set_xlabel("study (optimizer)")
+    ax.set_ylabel("lambda_max of the best trial")
+    ax.set_title("Final sharpness of each study's best trained trial (selected on val_acc)")
+    fig.tight_layout()
+    return fig
 
-    fig_g = Figure(figsize=(9.5, 4.8))
-    ax_g = fig_g.add_subplot()
+
+def _gap_by_study(all_rows: Sequence[list[TrialRecord]], labels: list[str], colors: list[str]) -> Figure:
+    """Generalization gap against lambda_max, one scatter of trained trials per study."""
+    fig = Figure(figsize=(9.5, 4.8))
+    ax = fig.add_subplot()
     xs_all = []
     for rows, label, color in zip(all_rows, labels, colors, strict=True):
         pts = [(r.metric("lambda_max"), r.metric("gen_gap_acc")) for r in trained_rows(rows)]
         pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
         xs_all += [p[0] for p in pts]
-        ax_g.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=label, alpha=0.7)
-    ax_g.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
-    maybe_log(ax_g, "x", xs_all)
-    ax_g.set_xlabel(LAMBDA_LABEL)
-    ax_g.set_ylabel(GAP_LABEL)
-    ax_g.set_title("Generalization gap vs lambda_max, trained trials (near chance left out), by study")
-    if studies:
-        ax_g.legend(**legend)
-    fig_g.tight_layout()
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=label, alpha=0.7)
+    ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    maybe_log(ax, "x", xs_all)
+    ax.set_xlabel(LAMBDA_LABEL)
+    ax.set_ylabel(GAP_LABEL)
+    ax.set_title("Generalization gap vs lambda_max, trained trials (near chance left out), by study")
+    if labels:
+        ax.legend(**_LEGEND)
+    fig.tight_layout()
+    return fig
+
+
+
+def compare_figures(studies: Sequence[optuna.Study],
+                    rows: Sequence[list[TrialRecord]] | None = None) -> dict[str, Figure]:
+    """Figures comparing studies, keyed by file stem.
+
+    ``best_vs_trials`` and ``best_vs_seconds``: one line (the median over trial orders) and one shaded
+    10-90 % bootstrap band (over :data:`~sassha_tune.report.curves.N_BOOTSTRAP` seeded shuffles of
+    the trial order) per study; ``final_sharpness``: one bar per study, lambda_max of its best trial
+    (selected on val_acc among the trained trials); ``gap_vs_lambda_max``: one scatter per study, one
+    point per trained trial (near-chance trials left out). Legends sit outside the axes. ``rows``:
+    each study's rows, when already read.
+    """
+    colors = [f"C{i % 10}" for i in range(len(studies))]
+    all_rows = [load_rows(s) for s in studies] if rows is None else rows
+    labels = [printable(f"{s.study_name} ({optimizer_name(s)})") for s in studies]
+    fig_n, fig_t = _budget_figures(all_rows, labels, colors)
+    fig_s = _sharpness_bars(all_rows, labels, colors)
+    fig_g = _gap_by_study(all_rows, labels, colors)
     return {
         "best_vs_trials": fig_n,
         "best_vs_seconds": fig_t,
@@ -344,12 +361,9 @@ def run_compare(study_names: list[str], storage: str | optuna.storages.BaseStora
     """
     if not study_names:
         raise StorageError("compare needs at least one study name")
-    backend = read_storage(storage)
-    names_in_storage = stored_study_names(backend)
-    competitors = [n for n in dict.fromkeys(study_names)
-                   if not (n.endswith(SEED_STUDY_SUFFIX) and n[: -len(SEED_STUDY_SUFFIX)] in study_names)]
-    studies = [read_study(name, backend, shown_as=storage) for name in competitors]
-    all_rows = [read_rows(study)[0] for study in studies]
+    backend, names_in_storage, reads = read_studies(_competitors(study_names), storage)
+    studies = [study for study, _, _ in reads]
+    all_rows = [rows for _, rows, _ in reads]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = compare_figures(studies, all_rows)
@@ -362,12 +376,7 @@ def run_compare(study_names: list[str], storage: str | optuna.storages.BaseStora
     text = _compare_markdown(studies, all_rows, paths, ranking, by_opt, reruns,
                              storage if isinstance(storage, str) else None, _sharpness_table(sharp), caveats)
     write_text(out_dir / "compare.md", text)
-    summary = {
-        "studies": [dict(zip(ranking[0], line, strict=True)) for line in ranking[1]],
-        "sharpness_over_trained": sharp,
-        "near_chance_rule": NEAR_CHANCE_RULE,
-        "caveats": [f"`{name}` ({optimizer}) {caveat(n)}" for name, optimizer, n in caveats],
-    }
+    summary = _compare_summary(ranking, sharp, caveats)
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     tables = {"Ranking by best validation accuracy": ranking, "Sharpness over trained trials": _sharpness_table(sharp),
               "Per optimizer over independent studies": by_opt if by_opt is not None else ([], []),
@@ -380,6 +389,33 @@ def run_compare(study_names: list[str], storage: str | optuna.storages.BaseStora
         [f"Caveat: {name} ({optimizer}) {caveat(n)}" for name, optimizer, n in caveats])
     written = Written(out_dir, [out_dir / "compare.md", out_dir / "summary.json", page, *paths.values()], text,
                       summary, tables)
+    _echo_compare(echo, ranking, sharp, reruns, caveats)
+    echo(f"wrote {out_dir / 'compare.md'}, summary.json, compare.html and {len(paths)} plots to {out_dir}")
+    return written
+
+
+def _competitors(study_names: list[str]) -> list[str]:
+    """The studies compared: each name once, without the ``<base>-seeds`` studies whose base is
+    listed (they are that base's seed re-runs)."""
+    return [n for n in dict.fromkeys(study_names)
+            if not (n.endswith(SEED_STUDY_SUFFIX) and n[: -len(SEED_STUDY_SUFFIX)] in study_names)]
+
+
+def _compare_summary(ranking: tuple[list[str], list[list[str]]], sharp: list[dict[str, Any]],
+                     caveats: Sequence[tuple[str, str, int]]) -> dict[str, Any]:
+    """``summary.json`` of a comparison."""
+    return {
+        "studies": [dict(zip(ranking[0], line, strict=True)) for line in ranking[1]],
+        "sharpness_over_trained": sharp,
+        "near_chance_rule": NEAR_CHANCE_RULE,
+        "caveats": [f"`{name}` ({optimizer}) {caveat(n)}" for name, optimizer, n in caveats],
+    }
+
+
+def _echo_compare(echo: Callable[[str], None], ranking: tuple[list[str], list[list[str]]],
+                  sharp: list[dict[str, Any]], reruns: tuple[list[str], list[list[str]]],
+                  caveats: Sequence[tuple[str, str, int]]) -> None:
+    """The comparison's terminal lines: the ranking, its caveats, the sharpness and the re-runs."""
     echo(terminal_table(*ranking, drop_order=_RANKING_DROP))
     for name, optimizer, n in caveats:
         echo(f"caveat: {printable(name)} ({printable(optimizer)}) {caveat(n)}")
@@ -388,8 +424,6 @@ def run_compare(study_names: list[str], storage: str | optuna.storages.BaseStora
     if reruns[1]:
         echo("")
         echo(terminal_table(*reruns))
-    echo(f"wrote {out_dir / 'compare.md'}, summary.json, compare.html and {len(paths)} plots to {out_dir}")
-    return written
 
 
 def compare(studies: Sequence[str], *, storage: str | None = None, out: str | Path = "compare",

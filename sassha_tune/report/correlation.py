@@ -332,16 +332,20 @@ def _entries(rows: Sequence[TrialRecord], specs: Sequence[tuple[str, str, str]],
         if entry["n"] >= MIN_TRIALS:
             groups.setdefault(kept.tobytes(), (kept, []))[1].append(entry)
     for kept, group in groups.values():
-        sample = _Sample({k: values[k][kept] for e in group for k in _keys(e["x"], e["y"], e["method"])})
-        wanted = [(e["method"], e["x"], e["y"]) for e in group]
-        for e, value in zip(group, sample.statistics(wanted, np.ones((sample.n, 1), dtype=np.int32)), strict=True):
-            e["value"] = float(value[0]) if math.isfinite(value[0]) else None
-        group = [e for e in group if e["value"] is not None]
-        if group:
-            boot = _bootstrap(sample, [(e["method"], e["x"], e["y"]) for e in group])
-            for e, draws in zip(group, boot, strict=True):
-                e["ci"] = _interval(draws)
+        _fill(group, _Sample({k: values[k][kept] for e in group for k in _keys(e["x"], e["y"], e["method"])}))
     return entries
+
+
+def _fill(group: list[dict[str, Any]], sample: _Sample) -> None:
+    """Set the value and the bootstrap interval of each entry of ``group``, all over ``sample``."""
+    wanted = [(e["method"], e["x"], e["y"]) for e in group]
+    for e, value in zip(group, sample.statistics(wanted, np.ones((sample.n, 1), dtype=np.int32)), strict=True):
+        e["value"] = float(value[0]) if math.isfinite(value[0]) else None
+    group = [e for e in group if e["value"] is not None]
+    if group:
+        boot = _bootstrap(sample, [(e["method"], e["x"], e["y"]) for e in group])
+        for e, draws in zip(group, boot, strict=True):
+            e["ci"] = _interval(draws)
 
 
 def _bootstrap(sample: _Sample, wanted: list[tuple[str, str, str]]) -> list[np.ndarray]:

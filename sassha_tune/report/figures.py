@@ -69,7 +69,8 @@ def maybe_log(ax: Any, axis: str, values: Sequence[float]) -> None:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
 
 
-def _points(rows: Sequence[TrialRecord], x_key: str, y_key: str) -> list[tuple[float, float, float, int]]:
+def finite_points(rows: Sequence[TrialRecord], x_key: str, y_key: str) -> list[tuple[float, float, float, int]]:
+    """(x, y, val_acc, trial number) of the rows whose x and y are finite: a scatter's points."""
     pts = [(r.metric(x_key), r.val_acc if y_key == "val_acc" else r.metric(y_key), r.val_acc,
             r.number) for r in rows]
     return [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
@@ -78,8 +79,8 @@ def _points(rows: Sequence[TrialRecord], x_key: str, y_key: str) -> list[tuple[f
 def _gap_scatter(rows: Sequence[TrialRecord], x_key: str, x_label: str, title: str) -> Figure:
     """Generalization gap vs a sharpness measure: one point per trained trial, coloured by val
     acc; near-chance trials drawn apart (red x), never in the statistics."""
-    pts = _points(trained_rows(rows), x_key, "gen_gap_acc")
-    chance = _points(near_chance_rows(rows), x_key, "gen_gap_acc")
+    pts = finite_points(trained_rows(rows), x_key, "gen_gap_acc")
+    chance = finite_points(near_chance_rows(rows), x_key, "gen_gap_acc")
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
     xs, ys, cs = ([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts])
@@ -99,8 +100,8 @@ def _gap_scatter(rows: Sequence[TrialRecord], x_key: str, x_label: str, title: s
 
 
 def _pareto_figure(rows: Sequence[TrialRecord]) -> Figure:
-    pts = _points(trained_rows(rows), "lambda_max", "val_acc")
-    chance = _points(near_chance_rows(rows), "lambda_max", "val_acc")
+    pts = finite_points(trained_rows(rows), "lambda_max", "val_acc")
+    chance = finite_points(near_chance_rows(rows), "lambda_max", "val_acc")
     front = pareto_numbers(rows)
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
@@ -187,6 +188,22 @@ def _is_log_values(values: Sequence[float]) -> bool:
     return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 100
 
 
+def _param_panel(ax: Any, study: optuna.Study, name: str, trained: Sequence[TrialRecord],
+                 chance: Sequence[TrialRecord]) -> None:
+    """One panel of :func:`_params_vs_lambda_figure`: parameter ``name`` against lambda_max."""
+    for group, kwargs in ((trained, {"c": "tab:blue", "edgecolors": "k", "linewidths": 0.3, "label": "trained"}),
+                          (chance, {**_CHANCE_STYLE, "label": "near chance"})):
+        pts = [(as_float(r.params.get(name)), r.metric("lambda_max")) for r in group if name in r.params]
+        pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], **kwargs)
+    if _is_log_param(study, name):
+        ax.set_xscale("log")
+    maybe_log(ax, "y", [r.metric("lambda_max") for r in [*trained, *chance]])
+    ax.set_xlabel(name)
+    ax.set_ylabel("lambda_max")
+
+
 def _params_vs_lambda_figure(study: optuna.Study, rows: Sequence[TrialRecord], names: Sequence[str]) -> Figure:
     trained, chance = trained_rows(rows), near_chance_rows(rows)
     cols = min(3, len(names))
@@ -194,18 +211,7 @@ def _params_vs_lambda_figure(study: optuna.Study, rows: Sequence[TrialRecord], n
     fig = Figure(figsize=(4.2 * cols, 3.4 * nrows))
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     for ax, name in zip(axes, names, strict=False):
-        for group, kwargs in ((trained, {"c": "tab:blue", "edgecolors": "k", "linewidths": 0.3,
-                                         "label": "trained"}),
-                              (chance, {**_CHANCE_STYLE, "label": "near chance"})):
-            pts = [(as_float(r.params.get(name)), r.metric("lambda_max")) for r in group if name in r.params]
-            pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
-            if pts:
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], **kwargs)
-        if _is_log_param(study, name):
-            ax.set_xscale("log")
-        maybe_log(ax, "y", [r.metric("lambda_max") for r in trained + chance])
-        ax.set_xlabel(name)
-        ax.set_ylabel("lambda_max")
+        _param_panel(ax, study, name, trained, chance)
     for ax in axes[len(names):]:
         ax.set_axis_off()
     if len(axes) and axes[0].get_legend_handles_labels()[0]:  # no legend over an empty first panel
@@ -213,6 +219,17 @@ def _params_vs_lambda_figure(study: optuna.Study, rows: Sequence[TrialRecord], n
     fig.suptitle("Each searched parameter vs lambda_max (red x: near chance)")
     fig.tight_layout()
     return fig
+
+
+def _scaled_axis(col: np.ndarray, name: str, log: bool) -> tuple[np.ndarray, str]:
+    """One axis of the parallel coordinates: its values scaled to [0, 1] (log10 first when ``log``;
+    all 0.5 when they are equal) and its label with the range."""
+    col = np.log10(col) if log else col
+    finite = col[np.isfinite(col)]
+    lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+    scaled = (col - lo) / (hi - lo) if hi > lo else 0.5
+    fmt = (lambda v: f"{10 ** v:.2g}") if log else (lambda v: f"{v:.3g}")
+    return scaled, f"{name}\n[{fmt(lo)}, {fmt(hi)}]" + ("\n(log)" if log else "")
 
 
 def _parallel_figure(study: optuna.Study, rows: Sequence[TrialRecord], names: Sequence[str]) -> Figure:
@@ -236,12 +253,8 @@ def _parallel_figure(study: optuna.Study, rows: Sequence[TrialRecord], names: Se
     for j, name in enumerate(axes_names):
         col = table[:, j]
         log = (_is_log_param(study, name) if name in names else _is_log_values(col)) and np.all(col[np.isfinite(col)] > 0)
-        col = np.log10(col) if log else col
-        finite = col[np.isfinite(col)]
-        lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
-        scaled[:, j] = (col - lo) / (hi - lo) if hi > lo else 0.5
-        fmt = (lambda v: f"{10 ** v:.2g}") if log else (lambda v: f"{v:.3g}")
-        labels.append(f"{name}\n[{fmt(lo)}, {fmt(hi)}]" + ("\n(log)" if log else ""))
+        scaled[:, j], label = _scaled_axis(col, name, bool(log))
+        labels.append(label)
     accs = table[:, -1] if len(table) else np.zeros(0)
     norm = Normalize(vmin=float(np.nanmin(accs)) if len(accs) else 0, vmax=float(np.nanmax(accs)) if len(accs) else 1)
     order = np.argsort(accs)  # the best drawn last, on top; one collection: thousands of trials draw fast

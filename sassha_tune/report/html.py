@@ -33,6 +33,7 @@ from .figures import (
     TRAINING_LABEL,
     Importances,
     curve_rows,
+    finite_points,
     history_series,
     param_importances,
     tracked_rows,
@@ -110,32 +111,37 @@ def _importance_bars(importances: Importances) -> go.Figure | str:
 def _scatter(rows: list[TrialRecord], x_key: str, y_key: str, x_label: str, y_label: str,
              title: str, front: set[int] | None = None) -> go.Figure:
     fig = go.Figure()
-
-    def pts(group: list[TrialRecord]) -> list[tuple[float, float, float, int]]:
-        out = [(r.metric(x_key), r.val_acc if y_key == "val_acc" else r.metric(y_key),
-                r.val_acc, r.number) for r in group]
-        return [p for p in out if math.isfinite(p[0]) and math.isfinite(p[1])]
-
-    trained, chance = pts(trained_rows(rows)), pts(near_chance_rows(rows))
+    trained = finite_points(trained_rows(rows), x_key, y_key)
+    chance = finite_points(near_chance_rows(rows), x_key, y_key)
     fig.add_trace(go.Scatter(
         x=[p[0] for p in trained], y=[p[1] for p in trained], mode="markers", name="trained trials",
         text=[f"trial {p[3]}, val_acc {p[2]:.4g}" for p in trained],
         marker={"color": [p[2] for p in trained], "colorscale": "Viridis", "showscale": True,
                 "colorbar": {"title": "val_acc"}, "line": {"width": 0.5, "color": "black"}}))
     if chance:
-        fig.add_trace(go.Scatter(x=[p[0] for p in chance], y=[p[1] for p in chance], mode="markers",
-                                 name="near chance (left out)", text=[f"trial {p[3]}" for p in chance],
-                                 marker={"symbol": "x", "color": "red", "size": 9}))
+        fig.add_trace(_chance_trace(chance))
     if front is not None:
-        fpts = sorted((p for p in trained if p[3] in front), key=lambda p: p[0])
-        fig.add_trace(go.Scatter(x=[p[0] for p in fpts], y=[p[1] for p in fpts], mode="lines+markers",
-                                 line={"shape": "hv", "color": "orange"}, name="Pareto front (trained)"))
+        fig.add_trace(_front_trace([p for p in trained if p[3] in front]))
     xs = [p[0] for p in trained + chance]
     if xs and min(xs) > 0 and max(xs) / min(xs) > 100:
         fig.update_xaxes(type="log")
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label,
                       legend={"orientation": "h", "y": -0.2})
     return fig
+
+
+def _chance_trace(points: list[tuple[float, float, float, int]]) -> go.Scatter:
+    """The near-chance trials, drawn apart (red x)."""
+    return go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers",
+                      name="near chance (left out)", text=[f"trial {p[3]}" for p in points],
+                      marker={"symbol": "x", "color": "red", "size": 9})
+
+
+def _front_trace(points: list[tuple[float, float, float, int]]) -> go.Scatter:
+    """The Pareto front through its points, as a step line."""
+    points = sorted(points, key=lambda p: p[0])
+    return go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
+                      line={"shape": "hv", "color": "orange"}, name="Pareto front (trained)")
 
 
 def _curves(rows: list[TrialRecord]) -> go.Figure:

@@ -28,7 +28,7 @@ from sassha_tune.study.reruns import (  # the re-runs' names (study/reruns.py)
 )
 from sassha_tune.study.storage import load_study, mask_url, open_storage
 
-from .snapshot import snapshot_study
+from .snapshot import collector_paused, snapshot_study
 
 __all__ = [
     "SEED_RERUN_ATTR",
@@ -42,6 +42,7 @@ __all__ = [
     "ranked_rows",
     "read_rows",
     "read_storage",
+    "read_studies",
     "read_study",
     "sampled_study",
     "search_rows",
@@ -69,6 +70,17 @@ def read_study(study_name: str, backend: optuna.storages.BaseStorage,
     return snapshot_study(backend, study_name)
 
 
+def read_studies(study_names: Sequence[str], storage: str | optuna.storages.BaseStorage
+                 ) -> tuple[optuna.storages.BaseStorage, set[str], list[tuple[optuna.Study, list[TrialRecord], int]]]:
+    """What a report or a comparison reads: ``storage`` opened for reading, the names of all its
+    studies, and each of ``study_names`` read once (:func:`read_study`) with its rows and how many
+    of its trials are running or waiting (:func:`read_rows`)."""
+    backend = read_storage(storage)
+    names = stored_study_names(backend)
+    studies = [read_study(name, backend, shown_as=storage) for name in study_names]
+    return backend, names, [(study, *read_rows(study)) for study in studies]
+
+
 def stored_study_names(backend: optuna.storages.BaseStorage) -> set[str]:
     """The names of all studies in an opened storage."""
     return set(optuna.study.get_all_study_names(backend))
@@ -89,9 +101,10 @@ _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 def read_rows(study: optuna.Study) -> tuple[list[TrialRecord], int]:
     """A study's finished trials as rows (:func:`load_rows`) and how many trials are running or
     waiting (of a snapshot from :func:`read_study`: no read of the storage)."""
-    trials = study.get_trials(deepcopy=False)
-    finished = sorted((t for t in trials if t.state in _FINISHED), key=lambda t: t.number)
-    return [TrialRecord.from_trial(t) for t in finished], len(trials) - len(finished)
+    with collector_paused():
+        trials = study.get_trials(deepcopy=False)
+        finished = sorted((t for t in trials if t.state in _FINISHED), key=lambda t: t.number)
+        return [TrialRecord.from_trial(t) for t in finished], len(trials) - len(finished)
 
 
 def load_rows(study: optuna.Study) -> list[TrialRecord]:

@@ -19,11 +19,11 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["snapshot_study"]
+__all__ = ["collector_paused", "snapshot_study"]
 
 
 @contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
+def collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector paused (as it was after): reading a study builds millions
     of objects (10,000 trials: Optuna's rows, trials and their attributes), and a collection every
     few thousand of them, each scanning all that are alive, doubled the time the read takes."""
@@ -40,7 +40,7 @@ def snapshot_study(backend: optuna.storages.BaseStorage, study_name: str) -> opt
     """``study_name`` of ``backend`` as it is now, read once: an :class:`optuna.Study` whose trials,
     directions and attributes come from memory (its storage refuses writes)."""
     study_id = backend.get_study_id_from_name(study_name)
-    with _collector_paused():
+    with collector_paused():
         trials = backend.get_all_trials(study_id, deepcopy=False)
     storage = _SnapshotStorage(backend, study_id, study_name, backend.get_study_directions(study_id),
                                backend.get_study_user_attrs(study_id), backend.get_study_system_attrs(study_id),
@@ -54,7 +54,7 @@ class _SnapshotStorage(optuna.storages.BaseStorage):
     def __init__(self, backend: optuna.storages.BaseStorage, study_id: int, name: str,
                  directions: Sequence[StudyDirection], user_attrs: dict[str, Any], system_attrs: dict[str, Any],
                  trials: Sequence[FrozenTrial]) -> None:
-        self._backend = backend  # only for a single trial asked by id, which no report does
+        self._backend = backend  # only for what no report asks: a trial by id, the list of studies
         self._study_id = study_id
         self._name = name
         self._directions = list(directions)
@@ -96,10 +96,9 @@ class _SnapshotStorage(optuna.storages.BaseStorage):
         self._check(study_id)
         return self._system_attrs
 
-    def get_all_studies(self) -> list[optuna.study.FrozenStudy]:
-        return [optuna.study.FrozenStudy(study_name=self._name, direction=None, directions=self._directions,
-                                         user_attrs=self._user_attrs, system_attrs=self._system_attrs,
-                                         study_id=self._study_id)]
+    def get_all_studies(self) -> list[Any]:
+        # the study as the backend describes it (Optuna's FrozenStudy has no public constructor)
+        return [s for s in self._backend.get_all_studies() if s.study_name == self._name]
 
     def get_trial(self, trial_id: int) -> FrozenTrial:
         return self._backend.get_trial(trial_id)
