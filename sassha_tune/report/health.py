@@ -1,7 +1,8 @@
 """Budget health: which trials ended near chance, why trials failed, and the counts of both.
 
-The one definition of a failure's kind (:func:`failure_kind`) and the verdict "near chance" on a
-stored trial (:func:`near_chance`) that ``status``, ``report`` and ``compare`` use; the rule itself
+The one definition of a failure's kind (:func:`failure_kind`) that ``status``, ``report`` and
+``compare`` use, and the verdict "near chance" on a stored trial (:func:`near_chance`, defined with
+the trial record in :mod:`sassha_tune.study.records` and re-exported here); the rule itself
 (:func:`near_chance_threshold`, :data:`NEAR_CHANCE_RULE`) lives in :mod:`sassha_tune.metrics.chance`,
 where the study loop's chance guard uses it too, and is re-exported here.
 """
@@ -13,12 +14,10 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from optuna.trial import TrialState
+from sassha_tune.study.records import DIVERGED, TrialRecord, near_chance
 
-from sassha_tune.study.records import DIVERGED, NUM_CLASSES, VAL_ACC, TrialRecord
-
-from ..metrics.chance import NEAR_CHANCE_RULE, acc_near_chance, near_chance_threshold
-from .rows import as_float, complete_rows, search_rows
+from ..metrics.chance import NEAR_CHANCE_RULE, near_chance_threshold
+from .rows import complete_rows, search_rows
 
 __all__ = [
     "NEAR_CHANCE_RULE",
@@ -31,21 +30,6 @@ __all__ = [
     "pareto_numbers",
     "trained_rows",
 ]
-
-
-def near_chance(state: str | TrialState, user_attrs: dict[str, Any]) -> bool | None:
-    """Whether a trial finished near chance accuracy: COMPLETE and
-    ``val_acc <= near_chance_threshold(num_classes)`` (a collapsed or untrained network).
-
-    ``None`` (unknown) when the trial does not store ``num_classes`` or ``val_acc`` (studies from
-    before ``num_classes`` was stored): the number of classes is never guessed, and the first
-    objective value is not taken for ``val_acc`` (it may be another metric). ``False`` for trials
-    that are not COMPLETE: they are failed or pruned, not near chance.
-    """
-    name = state.name if isinstance(state, TrialState) else str(state)
-    if name != "COMPLETE":
-        return False
-    return acc_near_chance(as_float(user_attrs.get(VAL_ACC)), user_attrs.get(NUM_CLASSES))
 
 
 def failure_kind(reason: Any) -> str:

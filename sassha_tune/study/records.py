@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from ..metrics.chance import acc_near_chance
 
@@ -32,6 +32,7 @@ __all__ = [
     "VAL_ACC",
     "TrialRecord",
     "as_float",
+    "near_chance",
 ]
 
 #: why a trial failed (``diverged``, ``out_of_memory``, ``error: ...``); kept by a diverged trial told PRUNED
@@ -128,9 +129,20 @@ class TrialRecord:
 
     @property
     def near_chance(self) -> bool | None:
-        """Whether a COMPLETE trial ended near chance (``None``: ``num_classes`` or ``val_acc``
-        unknown); ``False`` for the others, which failed or were pruned. The objective value is not
-        taken for ``val_acc`` (it may be another metric)."""
-        if self.state != "COMPLETE":
-            return False
-        return acc_near_chance(self.metric(VAL_ACC), self.user_attrs.get(NUM_CLASSES))
+        """:func:`near_chance` of this trial."""
+        return near_chance(self.state, self.user_attrs)
+
+
+def near_chance(state: str | TrialState, user_attrs: Mapping[str, Any]) -> bool | None:
+    """Whether a trial finished near chance accuracy: COMPLETE and
+    ``val_acc <= near_chance_threshold(num_classes)`` (a collapsed or untrained network).
+
+    ``None`` (unknown) when the trial does not store ``num_classes`` or ``val_acc`` (studies from
+    before ``num_classes`` was stored): the number of classes is never guessed, and the first
+    objective value is not taken for ``val_acc`` (it may be another metric). ``False`` for trials
+    that are not COMPLETE: they are failed or pruned, not near chance.
+    """
+    name = state.name if isinstance(state, TrialState) else str(state)
+    if name != "COMPLETE":
+        return False
+    return acc_near_chance(as_float(user_attrs.get(VAL_ACC)), user_attrs.get(NUM_CLASSES))
