@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from sassha_tune.errors import StorageError
 from sassha_tune.printable import printable
+from sassha_tune.study.records import TrialRecord
 
 from .correlation import correlate
 from .curves import (
@@ -40,13 +41,8 @@ from .rows import (
     load_rows,
     optimizer_name,
     ranked_rows,
-    read_rows,
-    read_storage,
-    read_study,
-    row_attr,
-    row_val_acc,
+    read_studies,
     search_rows,
-    stored_study_names,
 )
 
 __all__ = ["compare", "compare_figures", "run_compare"]
@@ -64,22 +60,13 @@ def _band(ax: Any, x: np.ndarray, curves: np.ndarray, label: str, color: Any) ->
     ax.fill_between(x, lo, hi, color=color, alpha=0.2, step="post", linewidth=0)
 
 
-def compare_figures(studies: Sequence[optuna.Study],
-                    rows: Sequence[list[dict[str, Any]]] | None = None) -> dict[str, Figure]:
-    """Figures comparing studies, keyed by file stem.
+# Legends of the comparison's figures sit outside the axes (seven optimizers do not fit inside).
+_LEGEND = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0, "fontsize": "small"}
 
-    ``best_vs_trials`` and ``best_vs_seconds``: one line (the median over trial orders) and one shaded
-    10-90 % bootstrap band (over :data:`~sassha_tune.report.curves.N_BOOTSTRAP` seeded shuffles of
-    the trial order) per study; ``final_sharpness``: one bar per study, lambda_max of its best trial
-    (selected on val_acc among the trained trials); ``gap_vs_lambda_max``: one scatter per study, one
-    point per trained trial (near-chance trials left out). Legends sit outside the axes. ``rows``:
-    each study's rows, when already read.
-    """
-    colors = [f"C{i % 10}" for i in range(len(studies))]
-    legend = {"loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "borderaxespad": 0.0, "fontsize": "small"}
-    all_rows = [load_rows(s) for s in studies] if rows is None else rows
-    labels = [printable(f"{s.study_name} ({optimizer_name(s)})") for s in studies]
 
+def _budget_figures(all_rows: Sequence[list[TrialRecord]], labels: list[str], colors: list[str]
+                    ) -> tuple[Figure, Figure]:
+    """Best validation accuracy so far against the number of trials and against train seconds."""
     fig_n = Figure(figsize=(9.5, 4.8))
     ax_n = fig_n.add_subplot()
     fig_t = Figure(figsize=(9.5, 4.8))
@@ -98,39 +85,68 @@ def compare_figures(studies: Sequence[optuna.Study],
         ax.set_ylabel("best validation accuracy so far")
         ax.set_title(f"Best val accuracy vs {what}\n(line: median, band: 10-90 % over shuffled trial orders)")
         if ax.lines:
-            ax.legend(**legend)
+            ax.legend(**_LEGEND)
         fig.tight_layout()
+    return fig_n, fig_t
 
-    fig_s = Figure(figsize=(7, 4.8))
-    ax_s = fig_s.add_subplot()
+
+def _sharpness_bars(all_rows: Sequence[list[TrialRecord]], labels: list[str], colors: list[str]) -> Figure:
+    """lambda_max of each study's best trained trial, one bar per study."""
+    fig = Figure(figsize=(7, 4.8))
+    ax = fig.add_subplot()
     lambdas = []
     for rows in all_rows:
         ranked = ranked_rows(trained_rows(rows))
-        lambdas.append(row_attr(ranked[0], "lambda_max") if ranked else math.nan)
-    ax_s.bar(range(len(studies)), [0.0 if math.isnan(v) else v for v in lambdas], color=colors)
-    ax_s.set_xticks(range(len(studies)), labels, rotation=20, ha="right")
-    maybe_log(ax_s, "y", lambdas)
-    ax_s.set_xlabel("study (optimizer)")
-    ax_s.set_ylabel("lambda_max of the best trial")
-    ax_s.set_title("Final sharpness of each study's best trained trial (selected on val_acc)")
-    fig_s.tight_layout()
+        lambdas.append(ranked[0].metric("lambda_max") if ranked else math.nan)
+    ax.bar(range(len(labels)), [0.0 if math.isnan(v) else v for v in lambdas], color=colors)
+    ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right")
+    maybe_log(ax, "y", lambdas)
+    ax.set_xlabel("study (optimizer)")
+    ax.set_ylabel("lambda_max of the best trial")
+    ax.set_title("Final sharpness of each study's best trained trial (selected on val_acc)")
+    fig.tight_layout()
+    return fig
 
-    fig_g = Figure(figsize=(9.5, 4.8))
-    ax_g = fig_g.add_subplot()
+
+def _gap_by_study(all_rows: Sequence[list[TrialRecord]], labels: list[str], colors: list[str]) -> Figure:
+    """Generalization gap against lambda_max, one scatter of trained trials per study."""
+    fig = Figure(figsize=(9.5, 4.8))
+    ax = fig.add_subplot()
     xs_all = []
     for rows, label, color in zip(all_rows, labels, colors, strict=True):
-        pts = [(row_attr(r, "lambda_max"), row_attr(r, "gen_gap_acc")) for r in trained_rows(rows)]
+        pts = [(r.metric("lambda_max"), r.metric("gen_gap_acc")) for r in trained_rows(rows)]
         pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
         xs_all += [p[0] for p in pts]
-        ax_g.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=label, alpha=0.7)
-    ax_g.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
-    maybe_log(ax_g, "x", xs_all)
-    ax_g.set_xlabel(LAMBDA_LABEL)
-    ax_g.set_ylabel(GAP_LABEL)
-    ax_g.set_title("Generalization gap vs lambda_max, trained trials (near chance left out), by study")
-    if studies:
-        ax_g.legend(**legend)
-    fig_g.tight_layout()
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=label, alpha=0.7)
+    ax.axhline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    maybe_log(ax, "x", xs_all)
+    ax.set_xlabel(LAMBDA_LABEL)
+    ax.set_ylabel(GAP_LABEL)
+    ax.set_title("Generalization gap vs lambda_max, trained trials (near chance left out), by study")
+    if labels:
+        ax.legend(**_LEGEND)
+    fig.tight_layout()
+    return fig
+
+
+
+def compare_figures(studies: Sequence[optuna.Study],
+                    rows: Sequence[list[TrialRecord]] | None = None) -> dict[str, Figure]:
+    """Figures comparing studies, keyed by file stem.
+
+    ``best_vs_trials`` and ``best_vs_seconds``: one line (the median over trial orders) and one shaded
+    10-90 % bootstrap band (over :data:`~sassha_tune.report.curves.N_BOOTSTRAP` seeded shuffles of
+    the trial order) per study; ``final_sharpness``: one bar per study, lambda_max of its best trial
+    (selected on val_acc among the trained trials); ``gap_vs_lambda_max``: one scatter per study, one
+    point per trained trial (near-chance trials left out). Legends sit outside the axes. ``rows``:
+    each study's rows, when already read.
+    """
+    colors = [f"C{i % 10}" for i in range(len(studies))]
+    all_rows = [load_rows(s) for s in studies] if rows is None else rows
+    labels = [printable(f"{s.study_name} ({optimizer_name(s)})") for s in studies]
+    fig_n, fig_t = _budget_figures(all_rows, labels, colors)
+    fig_s = _sharpness_bars(all_rows, labels, colors)
+    fig_g = _gap_by_study(all_rows, labels, colors)
     return {
         "best_vs_trials": fig_n,
         "best_vs_seconds": fig_t,
@@ -143,7 +159,7 @@ def compare_figures(studies: Sequence[optuna.Study],
 FEW_TRAINED = 5
 
 
-def thin_evidence(studies: Sequence[optuna.Study], rows: Sequence[list[dict[str, Any]]]) -> list[tuple[str, str, int]]:
+def thin_evidence(studies: Sequence[optuna.Study], rows: Sequence[list[TrialRecord]]) -> list[tuple[str, str, int]]:
     """(study name, optimizer, trained trials) of each study (``rows``: each one's rows) whose
     ranking rests on fewer than :data:`FEW_TRAINED` trained trials (complete and not near
     chance): a best-of-few says little about an optimizer (:func:`caveat` words it)."""
@@ -169,7 +185,7 @@ def _diverged_count(health: dict[str, Any]) -> str:
     return str(health["diverged"])
 
 
-def _ranking(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
+def _ranking(studies: Sequence[optuna.Study], all_rows: Sequence[list[TrialRecord]]) -> tuple[list[str], list[list[str]]]:
     # near_chance and diverged: how much of the searched space is unusable (robustness to the
     # search space); near_chance is "-" for a study whose trials do not store num_classes.
     headers = ["rank", "study", "optimizer", "trials", "complete", "near_chance", "failed", "diverged",
@@ -177,20 +193,20 @@ def _ranking(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, 
     entries = []
     for study, study_rows in zip(studies, all_rows, strict=True):
         rows = search_rows(study_rows)
-        counts = Counter(r["state"] for r in rows)
+        counts = Counter(r.state for r in rows)
         health = budget_health(rows)
         ranked = ranked_rows(rows)
         best = ranked[0] if ranked else None
         entries.append((
-            row_val_acc(best) if best else -math.inf,
+            best.val_acc if best else -math.inf,
             [study.study_name, optimizer_name(study), str(len(rows)), str(counts["COMPLETE"]),
              near_chance_count(health) or "-", str(counts["FAIL"]), _diverged_count(health),
              str(counts["PRUNED"]),
              f"{counts['FAIL'] / len(rows):.0%}" if rows else "-",
-             format_value(row_val_acc(best)) if best else "-",
-             format_value(row_attr(best, "test_acc")) if best else "-",
-             str(best["number"]) if best else "-",
-             format_value(row_attr(best, "lambda_max")) if best else "-",
+             format_value(best.val_acc) if best else "-",
+             format_value(best.metric("test_acc")) if best else "-",
+             str(best.number) if best else "-",
+             format_value(best.metric("lambda_max")) if best else "-",
              format_value(sum(trial_cost(r) for r in rows))],
         ))
     entries.sort(key=lambda e: -e[0])
@@ -205,7 +221,7 @@ def _quartiles(values: list[float]) -> tuple[float, float, float]:
     return float(q1), float(med), float(q3)
 
 
-def _sharpness_entries(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+def _sharpness_entries(studies: Sequence[optuna.Study], all_rows: Sequence[list[TrialRecord]]) -> list[dict[str, Any]]:
     """Per study, over its trained trials only (near chance left out: an untrained network is
     trivially flat): median and quartiles of lambda_max and adaptive sharpness, and the Spearman
     correlation of lambda_max with the generalization gap (bootstrap interval, n)."""
@@ -218,7 +234,7 @@ def _sharpness_entries(studies: Sequence[optuna.Study], all_rows: Sequence[list[
                                  "trained": len(trained),
                                  "near_chance": health["near_chance"] if health["near_chance_known"] else None}
         for key in ("lambda_max", "adaptive_sharpness"):
-            q1, med, q3 = _quartiles([row_attr(r, key) for r in trained])
+            q1, med, q3 = _quartiles([r.metric(key) for r in trained])
             entry[key] = {"median": med if math.isfinite(med) else None,
                           "iqr": [q1, q3] if math.isfinite(q1) else None}
         entry["lambda_max_vs_gap"] = correlate("lambda_max", "gen_gap_acc", "spearman", trained)
@@ -245,12 +261,12 @@ def _sharpness_table(entries: Sequence[dict[str, Any]]) -> tuple[list[str], list
 
 
 def _by_optimizer(studies: Sequence[optuna.Study],
-                  all_rows: Sequence[list[dict[str, Any]]]) -> tuple[list[str], list[list[str]]] | None:
+                  all_rows: Sequence[list[TrialRecord]]) -> tuple[list[str], list[list[str]]] | None:
     """Median and IQR of best val_acc over the independent studies of each optimizer (>= 2)."""
     groups: dict[str, list[float]] = {}
     for study, study_rows in zip(studies, all_rows, strict=True):
         ranked = ranked_rows(search_rows(study_rows))
-        groups.setdefault(optimizer_name(study), []).append(row_val_acc(ranked[0]) if ranked else math.nan)
+        groups.setdefault(optimizer_name(study), []).append(ranked[0].val_acc if ranked else math.nan)
     if not any(len(v) >= 2 for v in groups.values()):
         return None
     table = []
@@ -299,7 +315,7 @@ _FIGURE_CAPTIONS = {
 }
 
 
-def _compare_markdown(studies: Sequence[optuna.Study], all_rows: Sequence[list[dict[str, Any]]],
+def _compare_markdown(studies: Sequence[optuna.Study], all_rows: Sequence[list[TrialRecord]],
                       figure_paths: dict[str, Path], ranking: Any, by_opt: Any, reruns: Any, storage: str | None,
                       sharpness: Any, caveats: Sequence[tuple[str, str, int]]) -> str:
     out = ["# Optimizer comparison\n"]
@@ -345,12 +361,9 @@ def run_compare(study_names: list[str], storage: str | optuna.storages.BaseStora
     """
     if not study_names:
         raise StorageError("compare needs at least one study name")
-    backend = read_storage(storage)
-    names_in_storage = stored_study_names(backend)
-    competitors = [n for n in dict.fromkeys(study_names)
-                   if not (n.endswith(SEED_STUDY_SUFFIX) and n[: -len(SEED_STUDY_SUFFIX)] in study_names)]
-    studies = [read_study(name, backend, shown_as=storage) for name in competitors]
-    all_rows = [read_rows(study)[0] for study in studies]  # the one read of each study's trials
+    backend, names_in_storage, reads = read_studies(_competitors(study_names), storage)
+    studies = [study for study, _, _ in reads]
+    all_rows = [rows for _, rows, _ in reads]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = compare_figures(studies, all_rows)
@@ -363,12 +376,7 @@ def run_compare(study_names: list[str], storage: str | optuna.storages.BaseStora
     text = _compare_markdown(studies, all_rows, paths, ranking, by_opt, reruns,
                              storage if isinstance(storage, str) else None, _sharpness_table(sharp), caveats)
     write_text(out_dir / "compare.md", text)
-    summary = {
-        "studies": [dict(zip(ranking[0], line, strict=True)) for line in ranking[1]],
-        "sharpness_over_trained": sharp,
-        "near_chance_rule": NEAR_CHANCE_RULE,
-        "caveats": [f"`{name}` ({optimizer}) {caveat(n)}" for name, optimizer, n in caveats],
-    }
+    summary = _compare_summary(ranking, sharp, caveats)
     write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     tables = {"Ranking by best validation accuracy": ranking, "Sharpness over trained trials": _sharpness_table(sharp),
               "Per optimizer over independent studies": by_opt if by_opt is not None else ([], []),
@@ -381,6 +389,33 @@ def run_compare(study_names: list[str], storage: str | optuna.storages.BaseStora
         [f"Caveat: {name} ({optimizer}) {caveat(n)}" for name, optimizer, n in caveats])
     written = Written(out_dir, [out_dir / "compare.md", out_dir / "summary.json", page, *paths.values()], text,
                       summary, tables)
+    _echo_compare(echo, ranking, sharp, reruns, caveats)
+    echo(f"wrote {out_dir / 'compare.md'}, summary.json, compare.html and {len(paths)} plots to {out_dir}")
+    return written
+
+
+def _competitors(study_names: list[str]) -> list[str]:
+    """The studies compared: each name once, without the ``<base>-seeds`` studies whose base is
+    listed (they are that base's seed re-runs)."""
+    return [n for n in dict.fromkeys(study_names)
+            if not (n.endswith(SEED_STUDY_SUFFIX) and n[: -len(SEED_STUDY_SUFFIX)] in study_names)]
+
+
+def _compare_summary(ranking: tuple[list[str], list[list[str]]], sharp: list[dict[str, Any]],
+                     caveats: Sequence[tuple[str, str, int]]) -> dict[str, Any]:
+    """``summary.json`` of a comparison."""
+    return {
+        "studies": [dict(zip(ranking[0], line, strict=True)) for line in ranking[1]],
+        "sharpness_over_trained": sharp,
+        "near_chance_rule": NEAR_CHANCE_RULE,
+        "caveats": [f"`{name}` ({optimizer}) {caveat(n)}" for name, optimizer, n in caveats],
+    }
+
+
+def _echo_compare(echo: Callable[[str], None], ranking: tuple[list[str], list[list[str]]],
+                  sharp: list[dict[str, Any]], reruns: tuple[list[str], list[list[str]]],
+                  caveats: Sequence[tuple[str, str, int]]) -> None:
+    """The comparison's terminal lines: the ranking, its caveats, the sharpness and the re-runs."""
     echo(terminal_table(*ranking, drop_order=_RANKING_DROP))
     for name, optimizer, n in caveats:
         echo(f"caveat: {printable(name)} ({printable(optimizer)}) {caveat(n)}")
@@ -389,8 +424,6 @@ def run_compare(study_names: list[str], storage: str | optuna.storages.BaseStora
     if reruns[1]:
         echo("")
         echo(terminal_table(*reruns))
-    echo(f"wrote {out_dir / 'compare.md'}, summary.json, compare.html and {len(paths)} plots to {out_dir}")
-    return written
 
 
 def compare(studies: Sequence[str], *, storage: str | None = None, out: str | Path = "compare",

@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 
 from sassha_tune.metrics.names import SHARPNESS_METRICS
-
-from .rows import row_attr, row_val_acc
+from sassha_tune.study.records import TrialRecord
 
 __all__ = [
     "BOOT_SEED",
@@ -309,15 +308,15 @@ def _interval(values: np.ndarray) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
-def _value(row: dict[str, Any], key: str) -> float:
-    return row_val_acc(row) if key == "val_acc" else row_attr(row, key)
+def _value(row: TrialRecord, key: str) -> float:
+    return row.val_acc if key == "val_acc" else row.metric(key)
 
 
 def _keys(x: str, y: str, method: str) -> tuple[str, ...]:
     return (x, y, CONTROL) if method == "partial_spearman" else (x, y)
 
 
-def _entries(rows: Sequence[dict[str, Any]], specs: Sequence[tuple[str, str, str]], over: str) -> list[dict[str, Any]]:
+def _entries(rows: Sequence[TrialRecord], specs: Sequence[tuple[str, str, str]], over: str) -> list[dict[str, Any]]:
     """One entry per ``(x, y, method)`` of ``specs``, each over the rows with a finite value of
     its variables. Entries over the same trials share one pass of the resamples."""
     keys = sorted({k for x, y, method in specs for k in _keys(x, y, method)})
@@ -333,16 +332,20 @@ def _entries(rows: Sequence[dict[str, Any]], specs: Sequence[tuple[str, str, str
         if entry["n"] >= MIN_TRIALS:
             groups.setdefault(kept.tobytes(), (kept, []))[1].append(entry)
     for kept, group in groups.values():
-        sample = _Sample({k: values[k][kept] for e in group for k in _keys(e["x"], e["y"], e["method"])})
-        wanted = [(e["method"], e["x"], e["y"]) for e in group]
-        for e, value in zip(group, sample.statistics(wanted, np.ones((sample.n, 1), dtype=np.int32)), strict=True):
-            e["value"] = float(value[0]) if math.isfinite(value[0]) else None
-        group = [e for e in group if e["value"] is not None]
-        if group:
-            boot = _bootstrap(sample, [(e["method"], e["x"], e["y"]) for e in group])
-            for e, draws in zip(group, boot, strict=True):
-                e["ci"] = _interval(draws)
+        _fill(group, _Sample({k: values[k][kept] for e in group for k in _keys(e["x"], e["y"], e["method"])}))
     return entries
+
+
+def _fill(group: list[dict[str, Any]], sample: _Sample) -> None:
+    """Set the value and the bootstrap interval of each entry of ``group``, all over ``sample``."""
+    wanted = [(e["method"], e["x"], e["y"]) for e in group]
+    for e, value in zip(group, sample.statistics(wanted, np.ones((sample.n, 1), dtype=np.int32)), strict=True):
+        e["value"] = float(value[0]) if math.isfinite(value[0]) else None
+    group = [e for e in group if e["value"] is not None]
+    if group:
+        boot = _bootstrap(sample, [(e["method"], e["x"], e["y"]) for e in group])
+        for e, draws in zip(group, boot, strict=True):
+            e["ci"] = _interval(draws)
 
 
 def _bootstrap(sample: _Sample, wanted: list[tuple[str, str, str]]) -> list[np.ndarray]:
@@ -351,12 +354,12 @@ def _bootstrap(sample: _Sample, wanted: list[tuple[str, str, str]]) -> list[np.n
     return [np.concatenate([batch[i] for batch in done]) for i in range(len(wanted))]
 
 
-def correlate(x: str, y: str, method: str, rows: Sequence[dict[str, Any]], over: str = "trained") -> dict[str, Any]:
+def correlate(x: str, y: str, method: str, rows: Sequence[TrialRecord], over: str = "trained") -> dict[str, Any]:
     """One correlation entry ``{"x", "y", "method", "value", "ci", "n", "over"}`` over ``rows``."""
     return _entries(rows, [(x, y, method)], over)[0]
 
 
-def correlation_entries(rows: Sequence[dict[str, Any]], over: str = "trained",
+def correlation_entries(rows: Sequence[TrialRecord], over: str = "trained",
                         methods: Sequence[str] = METHODS) -> list[dict[str, Any]]:
     """For each sharpness measure and each of :data:`TARGETS`: Spearman, Kendall and the partial
     Spearman given :data:`CONTROL` (or ``methods`` of them), each ``{"x", "y", "method", "value",

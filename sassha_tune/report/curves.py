@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from sassha_tune.study.records import TrialRecord
+
 from ..study.budget import outcome, run_equivalents
-from .rows import as_float, row_attr, row_val_acc, search_rows
+from .rows import as_float, search_rows
 
 __all__ = [
     "BOOTSTRAP_SEED",
@@ -33,18 +35,18 @@ N_BOOTSTRAP = 200
 BOOTSTRAP_SEED = 0
 
 
-def trial_cost(row: dict[str, Any]) -> float:
+def trial_cost(row: TrialRecord) -> float:
     """Seconds a trial spent: train_seconds, else its wall-clock duration, else 0."""
-    cost = row_attr(row, "train_seconds")
+    cost = row.metric("train_seconds")
     if math.isnan(cost):
-        cost = as_float(row.get("duration_s"))
+        cost = as_float(row.duration_s)
     return 0.0 if math.isnan(cost) else max(cost, 0.0)
 
 
-def budget_arrays(rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+def budget_arrays(rows: Sequence[TrialRecord]) -> tuple[np.ndarray, np.ndarray]:
     """Per search trial (in trial order): val_acc (-inf unless complete) and its cost in seconds."""
     search = search_rows(rows)
-    accs = np.array([row_val_acc(r) if r["state"] == "COMPLETE" else -np.inf for r in search], dtype=float)
+    accs = np.array([r.val_acc if r.state == "COMPLETE" else -np.inf for r in search], dtype=float)
     accs[np.isnan(accs)] = -np.inf
     costs = np.array([trial_cost(r) for r in search], dtype=float)
     return accs, costs
@@ -91,7 +93,7 @@ def study_epochs(study: Any) -> int:
     return int(epochs) if isinstance(epochs, int) and not isinstance(epochs, bool) else 0
 
 
-def training_curve(rows: Sequence[dict[str, Any]], epochs: int) -> dict[str, list[Any]]:
+def training_curve(rows: Sequence[TrialRecord], epochs: int) -> dict[str, list[Any]]:
     """The study's anytime curve: per finished search trial in trial order, the run-equivalents
     spent when it ended (``cost``, cumulative), how it ended (``outcome``: completed, near chance,
     pruned, diverged, failed), its validation accuracy (``value``: its last epoch's when it did not
@@ -99,15 +101,15 @@ def training_curve(rows: Sequence[dict[str, Any]], epochs: int) -> dict[str, lis
     (``best``: the configuration the study would select then; NaN before the first)."""
     cost, best = 0.0, -math.inf
     out: dict[str, list[Any]] = {"number": [], "cost": [], "outcome": [], "value": [], "best": []}
-    for r in sorted((r for r in search_rows(rows) if outcome(r["state"], r["user_attrs"]) is not None),
-                    key=lambda r: r["number"]):
-        cost += run_equivalents(r["user_attrs"], epochs)
-        value = row_val_acc(r) if r["state"] == "COMPLETE" else row_attr(r, "val_acc")
-        if r["state"] == "COMPLETE" and not math.isnan(value):
+    for r in sorted((r for r in search_rows(rows) if outcome(r) is not None),
+                    key=lambda r: r.number):
+        cost += run_equivalents(r, epochs)
+        value = r.val_acc if r.state == "COMPLETE" else r.metric("val_acc")
+        if r.state == "COMPLETE" and not math.isnan(value):
             best = max(best, value)
-        out["number"].append(r["number"])
+        out["number"].append(r.number)
         out["cost"].append(cost)
-        out["outcome"].append(outcome(r["state"], r["user_attrs"]))
+        out["outcome"].append(outcome(r))
         out["value"].append(value)
         out["best"].append(best if math.isfinite(best) else math.nan)
     return out

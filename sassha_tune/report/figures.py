@@ -20,6 +20,8 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
+from sassha_tune.study.records import TrialRecord
+
 from .curves import study_epochs, training_curve
 from .files import replaced
 from .health import near_chance_rows, pareto_numbers, trained_rows
@@ -29,8 +31,6 @@ from .rows import (
     complete_rows,
     load_rows,
     ranked_rows,
-    row_attr,
-    row_val_acc,
     sampled_study,
     search_rows,
 )
@@ -69,17 +69,18 @@ def maybe_log(ax: Any, axis: str, values: Sequence[float]) -> None:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
 
 
-def _points(rows: Sequence[dict[str, Any]], x_key: str, y_key: str) -> list[tuple[float, float, float, int]]:
-    pts = [(row_attr(r, x_key), row_val_acc(r) if y_key == "val_acc" else row_attr(r, y_key), row_val_acc(r),
-            r["number"]) for r in rows]
+def finite_points(rows: Sequence[TrialRecord], x_key: str, y_key: str) -> list[tuple[float, float, float, int]]:
+    """(x, y, val_acc, trial number) of the rows whose x and y are finite: a scatter's points."""
+    pts = [(r.metric(x_key), r.val_acc if y_key == "val_acc" else r.metric(y_key), r.val_acc,
+            r.number) for r in rows]
     return [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
 
 
-def _gap_scatter(rows: Sequence[dict[str, Any]], x_key: str, x_label: str, title: str) -> Figure:
+def _gap_scatter(rows: Sequence[TrialRecord], x_key: str, x_label: str, title: str) -> Figure:
     """Generalization gap vs a sharpness measure: one point per trained trial, coloured by val
     acc; near-chance trials drawn apart (red x), never in the statistics."""
-    pts = _points(trained_rows(rows), x_key, "gen_gap_acc")
-    chance = _points(near_chance_rows(rows), x_key, "gen_gap_acc")
+    pts = finite_points(trained_rows(rows), x_key, "gen_gap_acc")
+    chance = finite_points(near_chance_rows(rows), x_key, "gen_gap_acc")
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
     xs, ys, cs = ([p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts])
@@ -98,9 +99,9 @@ def _gap_scatter(rows: Sequence[dict[str, Any]], x_key: str, x_label: str, title
     return fig
 
 
-def _pareto_figure(rows: Sequence[dict[str, Any]]) -> Figure:
-    pts = _points(trained_rows(rows), "lambda_max", "val_acc")
-    chance = _points(near_chance_rows(rows), "lambda_max", "val_acc")
+def _pareto_figure(rows: Sequence[TrialRecord]) -> Figure:
+    pts = finite_points(trained_rows(rows), "lambda_max", "val_acc")
+    chance = finite_points(near_chance_rows(rows), "lambda_max", "val_acc")
     front = pareto_numbers(rows)
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
@@ -119,20 +120,20 @@ def _pareto_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
-def history_series(row: dict[str, Any], key: str) -> tuple[list[int], list[float]]:
+def history_series(row: TrialRecord, key: str) -> tuple[list[int], list[float]]:
     """(epochs, values) of one per-epoch metric from a trial's ``history`` attribute."""
-    history = row["user_attrs"].get("history") or []
+    history = row.history
     pts = [(int(h.get("epoch") or i + 1), as_float(h.get(key))) for i, h in enumerate(history) if isinstance(h, dict)]
     pts = [p for p in pts if math.isfinite(p[1])]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def curve_rows(rows: Sequence[dict[str, Any]], n: int = N_CURVES) -> list[dict[str, Any]]:
+def curve_rows(rows: Sequence[TrialRecord], n: int = N_CURVES) -> list[TrialRecord]:
     """The best ``n`` trained trials that stored a per-epoch history (for the learning curves)."""
-    return [r for r in ranked_rows(trained_rows(rows)) if r["user_attrs"].get("history")][:n]
+    return [r for r in ranked_rows(trained_rows(rows)) if r.history][:n]
 
 
-def _curves_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+def _curves_figure(rows: Sequence[TrialRecord]) -> Figure:
     best = curve_rows(rows)
     title = f"Learning curves of the {len(best)} best trained trials"
     if not best:
@@ -146,7 +147,7 @@ def _curves_figure(rows: Sequence[dict[str, Any]]) -> Figure:
                 xs, ys = history_series(r, f"{split}_{metric}")
                 if xs:
                     ax.plot(xs, ys, linestyle=style, color=color, marker=".",
-                            label=f"trial {r['number']}" if split == "val" else None)
+                            label=f"trial {r.number}" if split == "val" else None)
     ax_acc.set_ylabel("accuracy (solid: validation, dashed: training)")
     ax_loss.set_ylabel("loss (solid: validation, dashed: training)")
     for ax in (ax_acc, ax_loss):
@@ -157,12 +158,12 @@ def _curves_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     return fig
 
 
-def tracked_rows(rows: Sequence[dict[str, Any]], n: int = N_CURVES) -> list[dict[str, Any]]:
+def tracked_rows(rows: Sequence[TrialRecord], n: int = N_CURVES) -> list[TrialRecord]:
     """The best ``n`` trained trials whose history holds sharpness measured during training."""
     return [r for r in ranked_rows(trained_rows(rows)) if history_series(r, "track_lambda_max")[0]][:n]
 
 
-def _tracked_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+def _tracked_figure(rows: Sequence[TrialRecord]) -> Figure:
     """``lambda_max`` and the Hessian trace over training (``metrics.track_every``), best trials."""
     best = tracked_rows(rows)
     fig = Figure(figsize=(11, 4.4))
@@ -170,7 +171,7 @@ def _tracked_figure(rows: Sequence[dict[str, Any]]) -> Figure:
     for i, r in enumerate(best):
         for ax, key in ((ax_lambda, "track_lambda_max"), (ax_trace, "track_hessian_trace")):
             xs, ys = history_series(r, key)
-            ax.plot(xs, ys, color=f"C{i}", marker=".", label=f"trial {r['number']}")
+            ax.plot(xs, ys, color=f"C{i}", marker=".", label=f"trial {r.number}")
     for ax, label in ((ax_lambda, LAMBDA_LABEL), (ax_trace, "Hessian trace")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
@@ -187,25 +188,30 @@ def _is_log_values(values: Sequence[float]) -> bool:
     return bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 100
 
 
-def _params_vs_lambda_figure(study: optuna.Study, rows: Sequence[dict[str, Any]], names: Sequence[str]) -> Figure:
+def _param_panel(ax: Any, study: optuna.Study, name: str, trained: Sequence[TrialRecord],
+                 chance: Sequence[TrialRecord]) -> None:
+    """One panel of :func:`_params_vs_lambda_figure`: parameter ``name`` against lambda_max."""
+    for group, kwargs in ((trained, {"c": "tab:blue", "edgecolors": "k", "linewidths": 0.3, "label": "trained"}),
+                          (chance, {**_CHANCE_STYLE, "label": "near chance"})):
+        pts = [(as_float(r.params.get(name)), r.metric("lambda_max")) for r in group if name in r.params]
+        pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], **kwargs)
+    if _is_log_param(study, name):
+        ax.set_xscale("log")
+    maybe_log(ax, "y", [r.metric("lambda_max") for r in [*trained, *chance]])
+    ax.set_xlabel(name)
+    ax.set_ylabel("lambda_max")
+
+
+def _params_vs_lambda_figure(study: optuna.Study, rows: Sequence[TrialRecord], names: Sequence[str]) -> Figure:
     trained, chance = trained_rows(rows), near_chance_rows(rows)
     cols = min(3, len(names))
     nrows = math.ceil(len(names) / cols)
     fig = Figure(figsize=(4.2 * cols, 3.4 * nrows))
     axes = fig.subplots(nrows, cols, squeeze=False).ravel()
     for ax, name in zip(axes, names, strict=False):
-        for group, kwargs in ((trained, {"c": "tab:blue", "edgecolors": "k", "linewidths": 0.3,
-                                         "label": "trained"}),
-                              (chance, {**_CHANCE_STYLE, "label": "near chance"})):
-            pts = [(as_float(r["params"].get(name)), row_attr(r, "lambda_max")) for r in group if name in r["params"]]
-            pts = [p for p in pts if math.isfinite(p[0]) and math.isfinite(p[1])]
-            if pts:
-                ax.scatter([p[0] for p in pts], [p[1] for p in pts], **kwargs)
-        if _is_log_param(study, name):
-            ax.set_xscale("log")
-        maybe_log(ax, "y", [row_attr(r, "lambda_max") for r in trained + chance])
-        ax.set_xlabel(name)
-        ax.set_ylabel("lambda_max")
+        _param_panel(ax, study, name, trained, chance)
     for ax in axes[len(names):]:
         ax.set_axis_off()
     if len(axes) and axes[0].get_legend_handles_labels()[0]:  # no legend over an empty first panel
@@ -215,18 +221,29 @@ def _params_vs_lambda_figure(study: optuna.Study, rows: Sequence[dict[str, Any]]
     return fig
 
 
-def _parallel_figure(study: optuna.Study, rows: Sequence[dict[str, Any]], names: Sequence[str]) -> Figure:
+def _scaled_axis(col: np.ndarray, name: str, log: bool) -> tuple[np.ndarray, str]:
+    """One axis of the parallel coordinates: its values scaled to [0, 1] (log10 first when ``log``;
+    all 0.5 when they are equal) and its label with the range."""
+    col = np.log10(col) if log else col
+    finite = col[np.isfinite(col)]
+    lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+    scaled = (col - lo) / (hi - lo) if hi > lo else 0.5
+    fmt = (lambda v: f"{10 ** v:.2g}") if log else (lambda v: f"{v:.3g}")
+    return scaled, f"{name}\n[{fmt(lo)}, {fmt(hi)}]" + ("\n(log)" if log else "")
+
+
+def _parallel_figure(study: optuna.Study, rows: Sequence[TrialRecord], names: Sequence[str]) -> Figure:
     """Parallel coordinates: one line per trained trial through its (normalized) parameters and
     lambda_max to its val_acc, coloured by val_acc."""
-    trained = [r for r in trained_rows(rows) if all(name in r["params"] for name in names)]
+    trained = [r for r in trained_rows(rows) if all(name in r.params for name in names)]
     axes_names = [*names, "lambda_max", "val_acc"]
 
-    def raw(r: dict[str, Any], name: str) -> float:
+    def raw(r: TrialRecord, name: str) -> float:
         if name == "val_acc":
-            return row_val_acc(r)
+            return r.val_acc
         if name == "lambda_max":
-            return row_attr(r, name)
-        return as_float(r["params"].get(name))
+            return r.metric(name)
+        return as_float(r.params.get(name))
 
     fig = Figure(figsize=(max(6.4, 1.4 * len(axes_names)), 4.8))
     ax = fig.add_subplot()
@@ -236,12 +253,8 @@ def _parallel_figure(study: optuna.Study, rows: Sequence[dict[str, Any]], names:
     for j, name in enumerate(axes_names):
         col = table[:, j]
         log = (_is_log_param(study, name) if name in names else _is_log_values(col)) and np.all(col[np.isfinite(col)] > 0)
-        col = np.log10(col) if log else col
-        finite = col[np.isfinite(col)]
-        lo, hi = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
-        scaled[:, j] = (col - lo) / (hi - lo) if hi > lo else 0.5
-        fmt = (lambda v: f"{10 ** v:.2g}") if log else (lambda v: f"{v:.3g}")
-        labels.append(f"{name}\n[{fmt(lo)}, {fmt(hi)}]" + ("\n(log)" if log else ""))
+        scaled[:, j], label = _scaled_axis(col, name, bool(log))
+        labels.append(label)
     accs = table[:, -1] if len(table) else np.zeros(0)
     norm = Normalize(vmin=float(np.nanmin(accs)) if len(accs) else 0, vmax=float(np.nanmax(accs)) if len(accs) else 1)
     order = np.argsort(accs)  # the best drawn last, on top; one collection: thousands of trials draw fast
@@ -260,19 +273,19 @@ def _parallel_figure(study: optuna.Study, rows: Sequence[dict[str, Any]], names:
     return fig
 
 
-def _history_figure(rows: Sequence[dict[str, Any]]) -> Figure:
+def _history_figure(rows: Sequence[TrialRecord]) -> Figure:
     done = complete_rows(rows)
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
-    ax.scatter([r["number"] for r in done], [row_val_acc(r) for r in done], color="tab:blue", label="trial val_acc")
+    ax.scatter([r.number for r in done], [r.val_acc for r in done], color="tab:blue", label="trial val_acc")
     best, xs, ys = -math.inf, [], []
     for r in done:
-        best = max(best, row_val_acc(r))
-        xs.append(r["number"])
+        best = max(best, r.val_acc)
+        xs.append(r.number)
         ys.append(best)
     ax.plot(xs, ys, color="tab:red", drawstyle="steps-post", label="best so far")
-    failed = [r["number"] for r in rows if r["state"] == "FAIL"]
-    pruned = [r["number"] for r in rows if r["state"] == "PRUNED"]
+    failed = [r.number for r in rows if r.state == "FAIL"]
+    pruned = [r.number for r in rows if r.state == "PRUNED"]
     for numbers, marker, label in ((failed, "x", "failed"), (pruned, "|", "pruned")):
         if numbers:
             # Plotted on the bottom edge: they spent budget but have no final accuracy.
@@ -292,7 +305,7 @@ OUTCOME_STYLE = {"completed": ("tab:blue", "o"), "near_chance": ("tab:red", "x")
 TRAINING_LABEL = "training spent (run-equivalents: epochs trained / epochs of one run)"
 
 
-def _training_figure(rows: Sequence[dict[str, Any]], epochs: int) -> Figure:
+def _training_figure(rows: Sequence[TrialRecord], epochs: int) -> Figure:
     """Best validation accuracy so far against the training spent, each trial at the
     run-equivalents spent when it ended, drawn by how it ended (:data:`OUTCOME_STYLE`)."""
     curve = training_curve(rows, epochs)
@@ -378,12 +391,12 @@ def _is_log_param(study: optuna.Study, name: str) -> bool:
     return False
 
 
-def _slice_figure(study: optuna.Study, rows: Sequence[dict[str, Any]], name: str) -> Figure:
-    done = [r for r in complete_rows(rows) if name in r["params"]]
+def _slice_figure(study: optuna.Study, rows: Sequence[TrialRecord], name: str) -> Figure:
+    done = [r for r in complete_rows(rows) if name in r.params]
     fig = Figure(figsize=(6.4, 4.8))
     ax = fig.add_subplot()
-    xs = [r["params"][name] for r in done]
-    ax.scatter(xs, [row_val_acc(r) for r in done], c=[r["number"] for r in done], cmap="Blues",
+    xs = [r.params[name] for r in done]
+    ax.scatter(xs, [r.val_acc for r in done], c=[r.number for r in done], cmap="Blues",
                edgecolors="k", linewidths=0.3, label="trials")
     if _is_log_param(study, name):
         ax.set_xscale("log")
@@ -394,7 +407,7 @@ def _slice_figure(study: optuna.Study, rows: Sequence[dict[str, Any]], name: str
     return fig
 
 
-def build_figures(study: optuna.Study, rows: Sequence[dict[str, Any]] | None = None,
+def build_figures(study: optuna.Study, rows: Sequence[TrialRecord] | None = None,
                   importances: Importances | None = None) -> dict[str, Figure]:
     """All figures of a one-study report, keyed by file stem (``<key>.png``).
 
@@ -421,7 +434,7 @@ def build_figures(study: optuna.Study, rows: Sequence[dict[str, Any]] | None = N
         "best_vs_training": _training_figure(rows, study_epochs(study)),
         "importances": _importance_figure(param_importances(study) if importances is None else importances),
     }
-    searched = sorted({p for r in rows for p in r["params"]})
+    searched = sorted({p for r in rows for p in r.params})
     figures["learning_curves"] = _curves_figure(rows)
     if tracked_rows(rows):
         figures["sharpness_during_training"] = _tracked_figure(rows)

@@ -1,7 +1,8 @@
 """Budget health: which trials ended near chance, why trials failed, and the counts of both.
 
-The one definition of a failure's kind (:func:`failure_kind`) and the verdict "near chance" on a
-stored trial (:func:`near_chance`) that ``status``, ``report`` and ``compare`` use; the rule itself
+The one definition of a failure's kind (:func:`failure_kind`) that ``status``, ``report`` and
+``compare`` use, and the verdict "near chance" on a stored trial (:func:`near_chance`, defined with
+the trial record in :mod:`sassha_tune.study.records` and re-exported here); the rule itself
 (:func:`near_chance_threshold`, :data:`NEAR_CHANCE_RULE`) lives in :mod:`sassha_tune.metrics.chance`,
 where the study loop's chance guard uses it too, and is re-exported here.
 """
@@ -13,10 +14,10 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from optuna.trial import TrialState
+from sassha_tune.study.records import DIVERGED, TrialRecord, near_chance
 
-from ..metrics.chance import NEAR_CHANCE_RULE, acc_near_chance, near_chance_threshold
-from .rows import as_float, complete_rows, row_attr, row_val_acc, search_rows
+from ..metrics.chance import NEAR_CHANCE_RULE, near_chance_threshold
+from .rows import complete_rows, search_rows
 
 __all__ = [
     "NEAR_CHANCE_RULE",
@@ -31,21 +32,6 @@ __all__ = [
 ]
 
 
-def near_chance(state: str | TrialState, user_attrs: dict[str, Any]) -> bool | None:
-    """Whether a trial finished near chance accuracy: COMPLETE and
-    ``val_acc <= near_chance_threshold(num_classes)`` (a collapsed or untrained network).
-
-    ``None`` (unknown) when the trial does not store ``num_classes`` or ``val_acc`` (studies from
-    before ``num_classes`` was stored): the number of classes is never guessed, and the first
-    objective value is not taken for ``val_acc`` (it may be another metric). ``False`` for trials
-    that are not COMPLETE: they are failed or pruned, not near chance.
-    """
-    name = state.name if isinstance(state, TrialState) else str(state)
-    if name != "COMPLETE":
-        return False
-    return acc_near_chance(as_float(user_attrs.get("val_acc")), user_attrs.get("num_classes"))
-
-
 def failure_kind(reason: Any) -> str:
     """The kind of a ``failure_reason``: ``diverged``, ``out_of_memory``, ``lost``, ... as stored;
     ``error: <message>`` and ``rank_failed: <why>`` by their prefix, so that counts stay short;
@@ -55,7 +41,7 @@ def failure_kind(reason: Any) -> str:
     return str(reason).split(":", 1)[0].strip() or "unknown"
 
 
-def budget_health(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def budget_health(rows: Iterable[TrialRecord]) -> dict[str, Any]:
     """Where a study's trials went, from :func:`~sassha_tune.report.rows.load_rows` rows.
 
     ``complete``, ``pruned`` and ``failed`` (counts); ``pruned_near_chance``: the pruned trials the
@@ -68,16 +54,16 @@ def budget_health(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
     diverged, FAIL or PRUNED.
     """
     rows = list(rows)
-    states = Counter(r["state"] for r in rows)
-    verdicts = [near_chance(r["state"], r["user_attrs"]) for r in rows if r["state"] == "COMPLETE"]
-    failed = [r for r in rows if r["state"] == "FAIL"]
-    kinds = Counter(failure_kind(r["user_attrs"].get("failure_reason")) for r in failed)
-    pruned_diverged = sum(r["state"] == "PRUNED" and r["user_attrs"].get("failure_reason") == "diverged" for r in rows)
+    states = Counter(r.state for r in rows)
+    verdicts = [r.near_chance for r in rows if r.state == "COMPLETE"]
+    failed = [r for r in rows if r.state == "FAIL"]
+    kinds = Counter(failure_kind(r.failure_reason) for r in failed)
+    pruned_diverged = sum(r.state == "PRUNED" and r.failure_reason == DIVERGED for r in rows)
     return {
         "complete": states["COMPLETE"],
         "pruned": states["PRUNED"],
         # stopped by the study's chance guard (study.chance_guard): still near chance after its epochs
-        "pruned_near_chance": sum(r["state"] == "PRUNED" and r["user_attrs"].get("prune_reason") == "near_chance"
+        "pruned_near_chance": sum(r.state == "PRUNED" and r.prune_reason == "near_chance"
                                   for r in rows),
         "pruned_diverged": pruned_diverged,
         "diverged": kinds.get("diverged", 0) + pruned_diverged,
@@ -85,7 +71,7 @@ def budget_health(rows: Iterable[dict[str, Any]]) -> dict[str, Any]:
         "near_chance": sum(v is True for v in verdicts),
         "near_chance_known": sum(v is not None for v in verdicts),
         "failures": dict(sorted(kinds.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "failures_known": sum(r["user_attrs"].get("failure_reason") is not None for r in failed),
+        "failures_known": sum(r.failure_reason is not None for r in failed),
     }
 
 
@@ -100,23 +86,23 @@ def near_chance_count(health: dict[str, Any]) -> str | None:
     return str(health["near_chance"])
 
 
-def trained_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def trained_rows(rows: Iterable[TrialRecord]) -> list[TrialRecord]:
     """The trials that trained: complete search trials (seed re-runs left out) that are not near
     chance. A trial whose near-chance verdict is unknown (no ``num_classes``) is kept: nothing is
     guessed. What every statistic, scatter plot and Pareto front of ``report`` and ``compare`` is
     computed over."""
-    return [r for r in complete_rows(search_rows(rows)) if near_chance(r["state"], r["user_attrs"]) is not True]
+    return [r for r in complete_rows(search_rows(rows)) if r.near_chance is not True]
 
 
-def near_chance_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def near_chance_rows(rows: Iterable[TrialRecord]) -> list[TrialRecord]:
     """The complete search trials that ended near chance (drawn apart, left out of statistics)."""
-    return [r for r in complete_rows(search_rows(rows)) if near_chance(r["state"], r["user_attrs"]) is True]
+    return [r for r in complete_rows(search_rows(rows)) if r.near_chance is True]
 
 
-def pareto_numbers(rows: Iterable[dict[str, Any]]) -> set[int]:
+def pareto_numbers(rows: Iterable[TrialRecord]) -> set[int]:
     """Trial numbers on the front of (val_acc up, lambda_max down) among the trials that trained
     (:func:`trained_rows`): a near-chance network is trivially flat, so it is never on the front."""
-    points = [(r["number"], row_val_acc(r), row_attr(r, "lambda_max")) for r in trained_rows(rows)]
+    points = [(r.number, r.val_acc, r.metric("lambda_max")) for r in trained_rows(rows)]
     points = [p for p in points if not math.isnan(p[2])]
     front = set()
     for number, acc, lam in points:

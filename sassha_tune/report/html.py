@@ -23,6 +23,8 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 from tabulate import tabulate
 
+from sassha_tune.study.records import TrialRecord
+
 from .curves import study_epochs, training_curve
 from .figures import (
     GAP_LABEL,
@@ -31,13 +33,14 @@ from .figures import (
     TRAINING_LABEL,
     Importances,
     curve_rows,
+    finite_points,
     history_series,
     param_importances,
     tracked_rows,
 )
 from .files import write_text
 from .health import near_chance_rows, pareto_numbers, trained_rows
-from .rows import as_float, load_rows, row_attr, row_val_acc, sampled_study, search_rows
+from .rows import as_float, load_rows, sampled_study, search_rows
 from .summary import correlation_table
 
 __all__ = ["CONTOUR_TRIALS", "OPTUNA_PLOT_TRIALS", "html_figures", "write_html", "write_tables_page"]
@@ -105,29 +108,20 @@ def _importance_bars(importances: Importances) -> go.Figure | str:
     return fig
 
 
-def _scatter(rows: list[dict[str, Any]], x_key: str, y_key: str, x_label: str, y_label: str,
+def _scatter(rows: list[TrialRecord], x_key: str, y_key: str, x_label: str, y_label: str,
              title: str, front: set[int] | None = None) -> go.Figure:
     fig = go.Figure()
-
-    def pts(group: list[dict[str, Any]]) -> list[tuple[float, float, float, int]]:
-        out = [(row_attr(r, x_key), row_val_acc(r) if y_key == "val_acc" else row_attr(r, y_key),
-                row_val_acc(r), r["number"]) for r in group]
-        return [p for p in out if math.isfinite(p[0]) and math.isfinite(p[1])]
-
-    trained, chance = pts(trained_rows(rows)), pts(near_chance_rows(rows))
+    trained = finite_points(trained_rows(rows), x_key, y_key)
+    chance = finite_points(near_chance_rows(rows), x_key, y_key)
     fig.add_trace(go.Scatter(
         x=[p[0] for p in trained], y=[p[1] for p in trained], mode="markers", name="trained trials",
         text=[f"trial {p[3]}, val_acc {p[2]:.4g}" for p in trained],
         marker={"color": [p[2] for p in trained], "colorscale": "Viridis", "showscale": True,
                 "colorbar": {"title": "val_acc"}, "line": {"width": 0.5, "color": "black"}}))
     if chance:
-        fig.add_trace(go.Scatter(x=[p[0] for p in chance], y=[p[1] for p in chance], mode="markers",
-                                 name="near chance (left out)", text=[f"trial {p[3]}" for p in chance],
-                                 marker={"symbol": "x", "color": "red", "size": 9}))
+        fig.add_trace(_chance_trace(chance))
     if front is not None:
-        fpts = sorted((p for p in trained if p[3] in front), key=lambda p: p[0])
-        fig.add_trace(go.Scatter(x=[p[0] for p in fpts], y=[p[1] for p in fpts], mode="lines+markers",
-                                 line={"shape": "hv", "color": "orange"}, name="Pareto front (trained)"))
+        fig.add_trace(_front_trace([p for p in trained if p[3] in front]))
     xs = [p[0] for p in trained + chance]
     if xs and min(xs) > 0 and max(xs) / min(xs) > 100:
         fig.update_xaxes(type="log")
@@ -136,31 +130,45 @@ def _scatter(rows: list[dict[str, Any]], x_key: str, y_key: str, x_label: str, y
     return fig
 
 
-def _curves(rows: list[dict[str, Any]]) -> go.Figure:
+def _chance_trace(points: list[tuple[float, float, float, int]]) -> go.Scatter:
+    """The near-chance trials, drawn apart (red x)."""
+    return go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers",
+                      name="near chance (left out)", text=[f"trial {p[3]}" for p in points],
+                      marker={"symbol": "x", "color": "red", "size": 9})
+
+
+def _front_trace(points: list[tuple[float, float, float, int]]) -> go.Scatter:
+    """The Pareto front through its points, as a step line."""
+    points = sorted(points, key=lambda p: p[0])
+    return go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="lines+markers",
+                      line={"shape": "hv", "color": "orange"}, name="Pareto front (trained)")
+
+
+def _curves(rows: list[TrialRecord]) -> go.Figure:
     fig = go.Figure()
     for i, r in enumerate(curve_rows(rows)):
         color = f"hsl({(i * 67) % 360}, 70%, 45%)"
         for split, dash in (("val", "solid"), ("train", "dash")):
             xs, ys = history_series(r, f"{split}_acc")
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"trial {r['number']} {split}",
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"trial {r.number} {split}",
                                      line={"color": color, "dash": dash}))
     fig.update_layout(title="Learning curves of the best trained trials (solid: validation, dashed: training)",
                       xaxis_title="epoch", yaxis_title="accuracy")
     return fig
 
 
-def _tracked(rows: list[dict[str, Any]]) -> go.Figure:
+def _tracked(rows: list[TrialRecord]) -> go.Figure:
     """lambda_max over training (``metrics.track_every``) of the best trained trials that measured it."""
     fig = go.Figure()
     for r in tracked_rows(rows):
         xs, ys = history_series(r, "track_lambda_max")
-        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"trial {r['number']}"))
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=f"trial {r.number}"))
     fig.update_layout(title="lambda_max during training (cheap budget: not comparable with the final values)",
                       xaxis_title="epoch", yaxis_title=LAMBDA_LABEL)
     return fig
 
 
-def _training(rows: list[dict[str, Any]], epochs: int) -> go.Figure:
+def _training(rows: list[TrialRecord], epochs: int) -> go.Figure:
     """The anytime curve: best so far against run-equivalents spent, each trial where it ended."""
     curve = training_curve(rows, epochs)
     fig = go.Figure()
@@ -179,14 +187,14 @@ def _training(rows: list[dict[str, Any]], epochs: int) -> go.Figure:
     return fig
 
 
-def html_figures(study: optuna.Study, rows: list[dict[str, Any]] | None = None,
+def html_figures(study: optuna.Study, rows: list[TrialRecord] | None = None,
                  importances: Importances | None = None) -> dict[str, go.Figure | str]:
     """Every figure of ``report.html`` by title: ours first, then Optuna's (a string says why a
     figure is missing). ``rows`` and ``importances``: what the caller already read or computed."""
     return _figures(study, rows, importances)[0]
 
 
-def _figures(study: optuna.Study, rows: list[dict[str, Any]] | None,
+def _figures(study: optuna.Study, rows: list[TrialRecord] | None,
              importances: Importances | None) -> tuple[dict[str, go.Figure | str], str]:
     """:func:`html_figures`, and a note when Optuna's were drawn over a sample of the trials."""
     rows = search_rows(load_rows(study) if rows is None else rows)
@@ -218,7 +226,7 @@ th { background: #f0f0f0; }
 
 
 def write_html(study: optuna.Study, path: Path, summary: dict[str, Any],
-               tables: dict[str, tuple[list[str], list[list[str]]]], rows: list[dict[str, Any]] | None = None,
+               tables: dict[str, tuple[list[str], list[list[str]]]], rows: list[TrialRecord] | None = None,
                importances: Importances | None = None) -> Path:
     """Write ``report.html`` (self-contained: plotly's JavaScript inlined once) and return its path.
     ``tables``: further tables (headers, rows of text cells) by title, e.g. the best trials;

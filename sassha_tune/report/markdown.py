@@ -16,7 +16,7 @@ import platform
 import re
 import shutil
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from tabulate import tabulate
 
 from sassha_tune.printable import printable
 from sassha_tune.provenance import git_commit, package_version
+from sassha_tune.study.records import DEVICE, TrialRecord
 
 from .rows import mask_url
 
@@ -137,11 +138,11 @@ def yaml_block(value: Any) -> str:
     return fenced(yaml.safe_dump(_mask_secrets(value), sort_keys=False, default_flow_style=False), "yaml")
 
 
-def _study_commit(study: optuna.Study, rows: Sequence[dict[str, Any]]) -> str | None:
+def _study_commit(study: optuna.Study, rows: Sequence[TrialRecord]) -> str | None:
     """The commit the study's trials ran with, when the study or its trials recorded one."""
     config = study.user_attrs.get("config") or {}
-    sources: list[dict[str, Any]] = [study.user_attrs, config if isinstance(config, dict) else {}]
-    sources += [r["user_attrs"] for r in rows]
+    sources: list[Mapping[str, Any]] = [study.user_attrs, config if isinstance(config, dict) else {}]
+    sources += [r.user_attrs for r in rows]
     for source in sources:
         for key in ("git_commit", "code_commit", "commit"):
             if source.get(key):
@@ -149,8 +150,8 @@ def _study_commit(study: optuna.Study, rows: Sequence[dict[str, Any]]) -> str | 
     return None
 
 
-def _provenance(study: optuna.Study, rows: Sequence[dict[str, Any]], storage: str | None) -> list[list[str]]:
-    devices = sorted({str(r["user_attrs"]["device"]) for r in rows if r["user_attrs"].get("device")})
+def _provenance(study: optuna.Study, rows: Sequence[TrialRecord], storage: str | None) -> list[list[str]]:
+    devices = sorted({str(r.user_attrs[DEVICE]) for r in rows if r.user_attrs.get(DEVICE)})
     lines = [
         ["sassha_tune (report)", package_version("sassha-tune")],
         ["sassha_tune (study created with)", str(study.user_attrs.get("sassha_tune_version", "unknown"))],
@@ -166,7 +167,7 @@ def _provenance(study: optuna.Study, rows: Sequence[dict[str, Any]], storage: st
     return lines
 
 
-def provenance_section(study: optuna.Study | None, rows: Sequence[dict[str, Any]],
+def provenance_section(study: optuna.Study | None, rows: Sequence[TrialRecord],
                        storage: str | None) -> list[str]:
     """The ``## Provenance`` section: package versions, python, the trials' devices, the study's
     commit and the report's, and the masked storage URL (empty table without a study)."""

@@ -13,27 +13,26 @@ from typing import Any
 import numpy as np
 import optuna
 
+from sassha_tune.study.records import TrialRecord
+
 from .rows import (
     SEED_RERUN_ATTR,
     SEED_STUDY_SUFFIX,
-    is_rerun,
     load_rows,
     optimizer_name,
     read_storage,
     read_study,
-    row_attr,
-    row_val_acc,
 )
 
 __all__ = ["mean_interval", "rerun_table", "t_quantile"]
 
 
-def _seed_rerun_rows(study: optuna.Study, rows: Sequence[dict[str, Any]],
+def _seed_rerun_rows(study: optuna.Study, rows: Sequence[TrialRecord],
                      storage: str | optuna.storages.BaseStorage | None,
-                     names_in_storage: set[str]) -> list[dict[str, Any]]:
+                     names_in_storage: set[str]) -> list[TrialRecord]:
     """Re-run rows for ``study`` (``rows``: its rows): its trials marked ``seed_rerun_of`` and the
     trials of ``<name>-seeds``."""
-    rows = [r for r in rows if is_rerun(r)]
+    rows = [r for r in rows if r.is_rerun]
     companion = study.study_name + SEED_STUDY_SUFFIX
     if storage is not None and companion in names_in_storage:
         backend = read_storage(storage)
@@ -91,7 +90,7 @@ def _interval(values: Sequence[float]) -> str:
 
 
 def rerun_table(studies: Sequence[optuna.Study], storage: Any, names_in_storage: set[str],
-                rows: Sequence[Sequence[dict[str, Any]]] | None = None) -> tuple[list[str], list[list[str]]]:
+                rows: Sequence[Sequence[TrialRecord]] | None = None) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of the re-run table: per study and re-run group (``seed_rerun_of``, or
     ``best`` for companion-study trials without it) the number of seeds, the failed ones, the
     mean ± sample std of val_acc, test_acc and lambda_max over the complete ones, and the 95 %
@@ -105,17 +104,17 @@ def rerun_table(studies: Sequence[optuna.Study], storage: Any, names_in_storage:
         rows_i = _seed_rerun_rows(study, rows_i, storage, names_in_storage)
         if not rows_i:
             continue
-        groups: dict[str, list[dict[str, Any]]] = {}
+        groups: dict[str, list[TrialRecord]] = {}
         for r in rows_i:
-            groups.setdefault(str(r["user_attrs"].get(SEED_RERUN_ATTR, "best")), []).append(r)
+            groups.setdefault(str(r.user_attrs.get(SEED_RERUN_ATTR, "best")), []).append(r)
         for rerun_of, group in sorted(groups.items()):
-            done = [r for r in group if r["state"] == "COMPLETE"]
-            test = [row_attr(r, "test_acc") for r in done]
-            sharp = [row_attr(r, "lambda_max") for r in done]
+            done = [r for r in group if r.state == "COMPLETE"]
+            test = [r.metric("test_acc") for r in done]
+            sharp = [r.metric("lambda_max") for r in done]
             table.append([
                 study.study_name, optimizer_name(study), rerun_of, str(len(group)),
-                str(sum(r["state"] == "FAIL" for r in group)),
-                _mean_std([row_val_acc(r) for r in done]),
+                str(sum(r.state == "FAIL" for r in group)),
+                _mean_std([r.val_acc for r in done]),
                 _mean_std(test), _interval(test), _mean_std(sharp), _interval(sharp),
             ])
     return headers, table

@@ -3,29 +3,32 @@
 The storage is opened and studies are loaded with :func:`sassha_tune.study.storage.open_storage`
 (``create=False``: a report never creates a database file or a table) and
 :func:`sassha_tune.study.storage.load_study` (one implementation, one set of messages); every other report
-module reaches the storage through this one, and a report reads a study once (:func:`read_rows`).
-A row is a plain dict per finished trial (:func:`load_rows`); the helpers below read numbers out
-of rows, pick the complete, search and ranked rows and format values for tables.
+module reaches the storage through this one, and a report reads a study once (:func:`read_study`
+returns a snapshot of it, :mod:`.snapshot`).
+A row is the typed record of a finished trial (:class:`~sassha_tune.study.records.TrialRecord`,
+:func:`load_rows`); the helpers below pick the complete, search and ranked rows and format values
+for tables.
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from sassha_tune.study.records import TrialRecord, as_float
 from sassha_tune.study.reruns import (  # the re-runs' names (study/reruns.py)
     SEED_RERUN_ATTR,
     SEED_STUDY_SUFFIX,
 )
 from sassha_tune.study.storage import load_study, mask_url, open_storage
+
+from .snapshot import collector_paused, snapshot_study
 
 __all__ = [
     "SEED_RERUN_ATTR",
@@ -33,16 +36,14 @@ __all__ = [
     "as_float",
     "complete_rows",
     "format_value",
-    "is_rerun",
     "load_rows",
     "mask_url",
     "optimizer_name",
     "ranked_rows",
     "read_rows",
     "read_storage",
+    "read_studies",
     "read_study",
-    "row_attr",
-    "row_val_acc",
     "sampled_study",
     "search_rows",
     "stored_study_names",
@@ -63,8 +64,21 @@ def read_storage(storage: str | optuna.storages.BaseStorage) -> optuna.storages.
 
 def read_study(study_name: str, backend: optuna.storages.BaseStorage,
                shown_as: str | optuna.storages.BaseStorage) -> optuna.Study:
-    """Load a study for reading; a missing one is a :class:`StorageError` naming the others."""
-    return load_study(study_name, shown_as if isinstance(shown_as, str) else None, storage=backend)
+    """The study as it is now, read once (:func:`~.snapshot.snapshot_study`); a missing one is a
+    :class:`StorageError` naming the others."""
+    load_study(study_name, shown_as if isinstance(shown_as, str) else None, storage=backend)
+    return snapshot_study(backend, study_name)
+
+
+def read_studies(study_names: Sequence[str], storage: str | optuna.storages.BaseStorage
+                 ) -> tuple[optuna.storages.BaseStorage, set[str], list[tuple[optuna.Study, list[TrialRecord], int]]]:
+    """What a report or a comparison reads: ``storage`` opened for reading, the names of all its
+    studies, and each of ``study_names`` read once (:func:`read_study`) with its rows and how many
+    of its trials are running or waiting (:func:`read_rows`)."""
+    backend = read_storage(storage)
+    names = stored_study_names(backend)
+    studies = [read_study(name, backend, shown_as=storage) for name in study_names]
+    return backend, names, [(study, *read_rows(study)) for study in studies]
 
 
 def stored_study_names(backend: optuna.storages.BaseStorage) -> set[str]:
@@ -81,62 +95,25 @@ def optimizer_name(study: optuna.Study) -> str:
 # rows
 
 
-def as_float(value: Any) -> float:
-    """``value`` as a float, NaN when missing or not a number."""
-    if isinstance(value, bool) or value is None:
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _row(trial: FrozenTrial) -> dict[str, Any]:
-    duration = None
-    if trial.datetime_start is not None and trial.datetime_complete is not None:
-        duration = (trial.datetime_complete - trial.datetime_start).total_seconds()
-    return {
-        "number": trial.number,
-        "state": trial.state.name,
-        "params": dict(trial.params),
-        "values": list(trial.values) if trial.values is not None else None,
-        "user_attrs": dict(trial.user_attrs),
-        "duration_s": duration,
-    }
-
-
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector paused (as it was after): reading a study builds millions
-    of objects (10,000 trials: Optuna's rows, trials and their attributes), and a collection every
-    few thousand of them, each scanning all that are alive, doubled the time the read takes."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def read_rows(study: optuna.Study) -> tuple[list[dict[str, Any]], int]:
-    """The one read of a study a report makes: its finished trials as rows (:func:`load_rows`)
-    and how many trials are running or waiting."""
-    with _collector_paused():
+def read_rows(study: optuna.Study) -> tuple[list[TrialRecord], int]:
+    """A study's finished trials as rows (:func:`load_rows`) and how many trials are running or
+    waiting (of a snapshot from :func:`read_study`: no read of the storage)."""
+    with collector_paused():
         trials = study.get_trials(deepcopy=False)
-    finished = sorted((t for t in trials if t.state in _FINISHED), key=lambda t: t.number)
-    return [_row(t) for t in finished], len(trials) - len(finished)
+        finished = sorted((t for t in trials if t.state in _FINISHED), key=lambda t: t.number)
+        return [TrialRecord.from_trial(t) for t in finished], len(trials) - len(finished)
 
 
-def load_rows(study: optuna.Study) -> list[dict[str, Any]]:
+def load_rows(study: optuna.Study) -> list[TrialRecord]:
     """One row per finished trial (COMPLETE, PRUNED or FAIL), in trial-number order.
 
-    Each row: ``number``, ``state`` (name), ``params``, ``values`` (``None`` unless complete),
-    ``user_attrs`` and ``duration_s`` (wall clock of the trial). RUNNING and WAITING trials are
-    left out, so a report works while the study is still running.
+    Each row is a :class:`~sassha_tune.study.records.TrialRecord`: ``number``, ``state`` (name),
+    ``params``, ``values`` (``None`` unless complete), ``user_attrs`` and ``duration_s`` (wall
+    clock of the trial). RUNNING and WAITING trials are left out, so a report works while the
+    study is still running.
     """
     return read_rows(study)[0]
 
@@ -161,37 +138,19 @@ def sampled_study(study: optuna.Study, trials: Sequence[FrozenTrial], limit: int
     return sample
 
 
-def row_attr(row: dict[str, Any], key: str) -> float:
-    """User attribute ``key`` of a row as a float (NaN when missing)."""
-    return as_float(row["user_attrs"].get(key))
-
-
-def row_val_acc(row: dict[str, Any]) -> float:
-    """Validation accuracy: the stored attribute, else the first objective value."""
-    value = row_attr(row, "val_acc")
-    if math.isnan(value) and row["values"]:
-        value = as_float(row["values"][0])
-    return value
-
-
-def complete_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def complete_rows(rows: Iterable[TrialRecord]) -> list[TrialRecord]:
     """The COMPLETE rows that have a validation accuracy."""
-    return [r for r in rows if r["state"] == "COMPLETE" and not math.isnan(row_val_acc(r))]
+    return [r for r in rows if r.state == "COMPLETE" and not math.isnan(r.val_acc)]
 
 
-def is_rerun(row: dict[str, Any]) -> bool:
-    """Whether a row is a seed re-run (it has the :data:`SEED_RERUN_ATTR` attribute)."""
-    return row["user_attrs"].get(SEED_RERUN_ATTR) is not None
-
-
-def search_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def search_rows(rows: Iterable[TrialRecord]) -> list[TrialRecord]:
     """The rows that are part of the search (seed re-runs excluded)."""
-    return [r for r in rows if not is_rerun(r)]
+    return [r for r in rows if not r.is_rerun]
 
 
-def ranked_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def ranked_rows(rows: Iterable[TrialRecord]) -> list[TrialRecord]:
     """Complete trials, best validation accuracy first (ties: lower trial number first)."""
-    return sorted(complete_rows(rows), key=lambda r: (-row_val_acc(r), r["number"]))
+    return sorted(complete_rows(rows), key=lambda r: (-r.val_acc, r.number))
 
 
 def format_value(value: Any) -> str:

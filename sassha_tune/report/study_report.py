@@ -15,10 +15,11 @@ import yaml
 from tabulate import tabulate
 
 from sassha_tune.printable import printable
+from sassha_tune.study.records import FAILURE_REASON, TrialRecord
 
 from .figures import build_figures, param_importances, save_figures
 from .files import Written, write_text
-from .health import NEAR_CHANCE_RULE, budget_health, near_chance, near_chance_count, pareto_numbers
+from .health import NEAR_CHANCE_RULE, budget_health, near_chance_count, pareto_numbers
 from .html import write_html
 from .markdown import (
     fenced,
@@ -33,16 +34,10 @@ from .markdown import (
 from .reruns import rerun_table
 from .rows import (
     format_value,
-    is_rerun,
     load_rows,
     ranked_rows,
-    read_rows,
-    read_storage,
-    read_study,
-    row_attr,
-    row_val_acc,
+    read_studies,
     search_rows,
-    stored_study_names,
 )
 from .summary import correlation_lines, study_summary, terminal_lines
 
@@ -63,31 +58,27 @@ _METRIC_COLUMNS = (
 )
 
 
-def _best_trials_rows(study: optuna.Study, n: int, rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def _best_trials_rows(study: optuna.Study, n: int, rows: Sequence[TrialRecord]) -> tuple[list[str], list[list[str]]]:
     ranked = ranked_rows(search_rows(rows))[:n]
-    param_names = sorted({p for r in ranked for p in r["params"]})
-    multi = len(study.directions) > 1
-    front = pareto_numbers(rows) if multi else set()
+    param_names = sorted({p for r in ranked for p in r.params})
+    marks = []  # the last columns: (header, the trials it marks, the mark)
+    if len(study.directions) > 1:
+        marks.append(("pareto", pareto_numbers(rows), "*"))
     # The column appears only when a shown trial is near chance: a best-10 of an older study (no
     # num_classes) or of a healthy one looks as before.
-    chance = {r["number"] for r in ranked if near_chance(r["state"], r["user_attrs"])}
-    headers = ["trial", *param_names, *(h for _, h in _METRIC_COLUMNS)]
-    if multi:
-        headers.append("pareto")
+    chance = {r.number for r in ranked if r.near_chance}
     if chance:
-        headers.append("near_chance")
-    table = []
-    for r in ranked:
-        line = [str(r["number"])]
-        line += [format_value(r["params"].get(p)) for p in param_names]
-        line += [format_value(row_val_acc(r) if key == "val_acc" else row_attr(r, key))
-                 for key, _ in _METRIC_COLUMNS]
-        if multi:
-            line.append("*" if r["number"] in front else "")
-        if chance:
-            line.append("yes" if r["number"] in chance else "")
-        table.append(line)
+        marks.append(("near_chance", chance, "yes"))
+    headers = ["trial", *param_names, *(h for _, h in _METRIC_COLUMNS), *(h for h, _, _ in marks)]
+    table = [[*_trial_cells(r, param_names), *(mark if r.number in marked else "" for _, marked, mark in marks)]
+             for r in ranked]
     return headers, table
+
+
+def _trial_cells(r: TrialRecord, param_names: Sequence[str]) -> list[str]:
+    """A trial's number, searched parameters and :data:`_METRIC_COLUMNS`, as table cells."""
+    return [str(r.number), *(format_value(r.params.get(p)) for p in param_names),
+            *(format_value(r.val_acc if key == "val_acc" else r.metric(key)) for key, _ in _METRIC_COLUMNS)]
 
 
 # Left out first when the terminal table is too wide (every column stays in report.md).
@@ -95,7 +86,7 @@ _DROP_ORDER = ("seconds", "sam_sharp", "trace", "adapt_sharp", "test_acc")
 
 
 def best_trials_table(study: optuna.Study, n: int = 10, tablefmt: str = "simple", width: int | None = None,
-                      rows: Sequence[dict[str, Any]] | None = None) -> str:
+                      rows: Sequence[TrialRecord] | None = None) -> str:
     """The ``n`` best complete trials (selected on validation accuracy) as a tabulate table.
 
     Columns: trial number, every searched parameter, then val_acc, test_acc, gen_gap, lambda_max,
@@ -115,16 +106,16 @@ def best_trials_table(study: optuna.Study, n: int = 10, tablefmt: str = "simple"
     return tabulate(table, headers=headers, tablefmt=tablefmt, disable_numparse=True)
 
 
-def _state_counts(rows: Sequence[dict[str, Any]]) -> str:
-    counts = Counter(r["state"] for r in rows)
+def _state_counts(rows: Sequence[TrialRecord]) -> str:
+    counts = Counter(r.state for r in rows)
     return ", ".join(f"{counts.get(s, 0)} {s.lower()}" for s in ("COMPLETE", "PRUNED", "FAIL"))
 
 
-def _failure_counts(rows: Sequence[dict[str, Any]]) -> Counter[str]:
-    return Counter(str(r["user_attrs"].get("failure_reason", "unknown")) for r in rows if r["state"] == "FAIL")
+def _failure_counts(rows: Sequence[TrialRecord]) -> Counter[str]:
+    return Counter(str(r.user_attrs.get(FAILURE_REASON, "unknown")) for r in rows if r.state == "FAIL")
 
 
-def _health_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+def _health_lines(rows: Sequence[TrialRecord]) -> list[str]:
     """The "Budget health" section of report.md: where the search trials went, with counts."""
     if not rows:
         return []
@@ -208,8 +199,30 @@ _CHANCE_NOTES = {
 
 def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dict[str, Path],
                      reruns: tuple[list[str], list[list[str]]], summary: dict[str, Any],
-                     rows: list[dict[str, Any]], running: int) -> str:
+                     rows: list[TrialRecord], running: int) -> str:
     search = search_rows(rows)
+    out = _heading_lines(study, rows, running)
+    out += _health_lines(search)
+    out += _spent_lines(summary)
+    ranked = ranked_rows(search)
+    if not ranked:
+        out.append("**No finished trials with results yet** - nothing to report. "
+                   "Run the study (or wait for running trials) and report again.\n")
+    else:
+        out += _best_lines(ranked[0], summary)
+        out.append("## Best trials\n")
+        out.append(best_trials_table(study, n=10, tablefmt="github", rows=rows) + "\n")
+        out += _figure_lines(figure_paths, summary)
+    if reruns[1]:
+        out.append("## Best config re-run over seeds\n")
+        out.append(markdown_table(*reruns))
+    out += _config_lines(study)
+    out += provenance_section(study, rows, storage)
+    return "\n".join(out)
+
+
+def _heading_lines(study: optuna.Study, rows: Sequence[TrialRecord], running: int) -> list[str]:
+    """The title of report.md and what the study is: optimizer, objectives, trials by state."""
     optimizer = study.user_attrs.get("optimizer", "unknown")
     objectives = study.user_attrs.get("objectives")
     if isinstance(objectives, list) and objectives:
@@ -224,47 +237,48 @@ def _report_markdown(study: optuna.Study, storage: str | None, figure_paths: dic
     failures = _failure_counts(rows)
     if failures:
         out.append("- failure reasons: " + ", ".join(f"{md_text(k)}: {v}" for k, v in sorted(failures.items())))
-    rerun_rows = [r for r in rows if is_rerun(r)]
+    rerun_rows = [r for r in rows if r.is_rerun]
     if rerun_rows:
         out.append(f"- seed re-runs (not part of the search, left out of plots): {len(rerun_rows)}")
     out.append("")
-    out += _health_lines(search)
-    out += _spent_lines(summary)
-    ranked = ranked_rows(search)
-    if not ranked:
-        out.append("**No finished trials with results yet** - nothing to report. "
-                   "Run the study (or wait for running trials) and report again.\n")
-    else:
-        best = ranked[0]
-        out.append("## Best trial (selected on validation accuracy)\n")
-        out.append(f"Trial {best['number']}: val_acc {format_value(row_val_acc(best))}, test_acc "
-                   f"{format_value(row_attr(best, 'test_acc'))} (test reported once, for this trial only), "
-                   f"gen_gap {format_value(row_attr(best, 'gen_gap_acc'))}, "
-                   f"lambda_max {format_value(row_attr(best, 'lambda_max'))}.\n")
-        out.append(fenced(yaml.safe_dump(best["params"], sort_keys=True), "yaml"))
-        out += correlation_lines(summary)
-        out.append("## Best trials\n")
-        out.append(best_trials_table(study, n=10, tablefmt="github", rows=rows) + "\n")
-        out.append("## Figures\n")
-        for key, path in figure_paths.items():
-            caption = _FIGURE_CAPTIONS.get(key)
-            if caption is not None and summary["counts"]["near_chance"] is not None:
-                caption += _CHANCE_NOTES.get(key, "")
-            if caption is None and key.startswith("slice_"):
-                caption = f"Validation accuracy vs `{key[6:]}` (sensitivity; darker = later trial)."
-            out.append(figure_entry(key, caption or "", path))
-    if reruns[1]:
-        out.append("## Best config re-run over seeds\n")
-        out.append(markdown_table(*reruns))
-    out.append("## Config\n")
+    return out
+
+
+def _best_lines(best: TrialRecord, summary: dict[str, Any]) -> list[str]:
+    """The best trial, its config and the sharpness-generalization verdict."""
+    out = ["## Best trial (selected on validation accuracy)\n"]
+    out.append(f"Trial {best.number}: val_acc {format_value(best.val_acc)}, test_acc "
+               f"{format_value(best.metric('test_acc'))} (test reported once, for this trial only), "
+               f"gen_gap {format_value(best.metric('gen_gap_acc'))}, "
+               f"lambda_max {format_value(best.metric('lambda_max'))}.\n")
+    out.append(fenced(yaml.safe_dump(dict(best.params), sort_keys=True), "yaml"))
+    out += correlation_lines(summary)
+    return out
+
+
+def _figure_lines(figure_paths: dict[str, Path], summary: dict[str, Any]) -> list[str]:
+    """The figures of report.md, each with its caption."""
+    out = ["## Figures\n"]
+    for key, path in figure_paths.items():
+        caption = _FIGURE_CAPTIONS.get(key)
+        if caption is not None and summary["counts"]["near_chance"] is not None:
+            caption += _CHANCE_NOTES.get(key, "")
+        if caption is None and key.startswith("slice_"):
+            caption = f"Validation accuracy vs `{key[6:]}` (sensitivity; darker = later trial)."
+        out.append(figure_entry(key, caption or "", path))
+    return out
+
+
+def _config_lines(study: optuna.Study) -> list[str]:
+    """The study's stored config and search space."""
+    out = ["## Config\n"]
     config = study.user_attrs.get("config")
     out.append(yaml_block(config) if config else "No config stored in the study.\n")
     space = study.user_attrs.get("search_space")
     if space:
         out.append("## Search space\n")
         out.append(yaml_block(space))
-    out += provenance_section(study, rows, storage)
-    return "\n".join(out)
+    return out
 
 
 def run_report(study_name: str, storage: str | optuna.storages.BaseStorage, out_dir: Path, *,
@@ -277,10 +291,8 @@ def run_report(study_name: str, storage: str | optuna.storages.BaseStorage, out_
     listing the available names; a study without finished trials prints a message and writes a
     ``report.md`` saying so.
     """
-    backend = read_storage(storage)
-    study = read_study(study_name, backend, shown_as=storage)
-    rows, running = read_rows(study)  # the one read of the study's trials
-    reruns = rerun_table([study], backend, stored_study_names(backend), rows=[rows])
+    backend, names_in_storage, [(study, rows, running)] = read_studies([study_name], storage)
+    reruns = rerun_table([study], backend, names_in_storage, rows=[rows])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = study_summary(study, rows)

@@ -13,6 +13,8 @@ from typing import Any
 
 import optuna
 
+from sassha_tune.study.records import TrialRecord
+
 from ..study.budget import spent_by_outcome
 from .correlation import (
     BOOT_SEED,
@@ -28,7 +30,7 @@ from .correlation import (
 from .curves import study_epochs, training_curve
 from .health import NEAR_CHANCE_RULE, budget_health, pareto_numbers, trained_rows
 from .markdown import markdown_table
-from .rows import complete_rows, load_rows, optimizer_name, ranked_rows, row_attr, row_val_acc, search_rows
+from .rows import complete_rows, load_rows, optimizer_name, ranked_rows, search_rows
 
 __all__ = ["correlation_lines", "correlation_table", "study_summary"]
 
@@ -40,7 +42,7 @@ def _number(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def study_summary(study: optuna.Study, rows: Sequence[dict[str, Any]] | None = None) -> dict[str, Any]:
+def study_summary(study: optuna.Study, rows: Sequence[TrialRecord] | None = None) -> dict[str, Any]:
     """``summary.json``: counts (trained, near chance, failed, pruned, ...), the best trial,
     the correlations over the trained trials (and, for contrast, over all complete trials), the
     Pareto front's trial numbers and the verdict. ``rows``: the study's rows, when already read."""
@@ -71,8 +73,8 @@ def study_summary(study: optuna.Study, rows: Sequence[dict[str, Any]] | None = N
         },
         "near_chance_rule": NEAR_CHANCE_RULE,
         "best_trial": None if best is None else {
-            "number": best["number"],
-            **{k: _number(row_val_acc(best) if k == "val_acc" else row_attr(best, k)) for k in _BEST_KEYS},
+            "number": best.number,
+            **{k: _number(best.val_acc if k == "val_acc" else best.metric(k)) for k in _BEST_KEYS},
         },
         "bootstrap": {"resamples": N_BOOT, "seed": BOOT_SEED, "level": LEVEL, "method": "percentile"},
         "correlations": entries,
@@ -83,12 +85,12 @@ def study_summary(study: optuna.Study, rows: Sequence[dict[str, Any]] | None = N
     }
 
 
-def training_spent(study: optuna.Study, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def training_spent(study: optuna.Study, rows: Sequence[TrialRecord]) -> dict[str, Any]:
     """What the search cost: run-equivalents in all and by how trials ended
     (:func:`~sassha_tune.study.budget.spent_by_outcome`), the epochs of one run, and the
     run-equivalents spent when the best complete trial so far ended (None before one completes)."""
     epochs = study_epochs(study)
-    by_outcome = spent_by_outcome(((r["state"], r["user_attrs"]) for r in rows), epochs)
+    by_outcome = spent_by_outcome(rows, epochs)
     curve = training_curve(rows, epochs)
     final = curve["best"][-1] if curve["best"] else math.nan
     found = next((c for c, b in zip(curve["cost"], curve["best"], strict=True) if b == final), None)

@@ -13,12 +13,12 @@ how each trial ended (:data:`OUTCOMES`), for ``status`` and ``report``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable
 
 from optuna.trial import FrozenTrial, TrialState
 
 from ..metrics.chance import acc_near_chance
+from .records import DIVERGED, FAILURE_REASON, NUM_CLASSES, VAL_ACC, TrialRecord
 
 __all__ = ["NOT_COUNTED", "OUTCOMES", "counts_toward_budget", "budget_used", "outcome", "run_equivalents",
            "spent_by_outcome"]
@@ -34,7 +34,7 @@ NOT_COUNTED = frozenset({"lost", "interrupted", "over_budget"})
 def counts_toward_budget(t: FrozenTrial) -> bool:
     if t.state == TrialState.WAITING:
         return False
-    if t.state == TrialState.FAIL and t.user_attrs.get("failure_reason") in NOT_COUNTED:
+    if t.state == TrialState.FAIL and t.user_attrs.get(FAILURE_REASON) in NOT_COUNTED:
         return False
     return True
 
@@ -43,39 +43,37 @@ def budget_used(trials: Iterable[FrozenTrial]) -> int:
     return sum(counts_toward_budget(t) for t in trials)
 
 
-def outcome(state: str | TrialState, user_attrs: Mapping[str, Any]) -> str | None:
+def outcome(record: TrialRecord) -> str | None:
     """One of :data:`OUTCOMES` for a finished trial (None for a running or waiting one)."""
-    name = state.name if isinstance(state, TrialState) else str(state)
-    if user_attrs.get("failure_reason") == "diverged":
+    if record.failure_reason == DIVERGED:
         return "diverged"
-    if name == "FAIL":
+    if record.state == "FAIL":
         return "failed"
-    if name == "PRUNED":
-        return "near_chance" if user_attrs.get("prune_reason") == "near_chance" else "pruned"
-    if name == "COMPLETE":
-        stalled = acc_near_chance(user_attrs.get("val_acc"), user_attrs.get("num_classes")) is True
+    if record.state == "PRUNED":
+        return "near_chance" if record.prune_reason == "near_chance" else "pruned"
+    if record.state == "COMPLETE":
+        stalled = acc_near_chance(record.user_attrs.get(VAL_ACC), record.user_attrs.get(NUM_CLASSES)) is True
         return "near_chance" if stalled else "completed"
     return None
 
 
-def run_equivalents(user_attrs: Mapping[str, Any], epochs: int) -> float:
+def run_equivalents(record: TrialRecord, epochs: int) -> float:
     """The training one finished trial cost, in full runs of ``epochs`` epochs: ``epochs_trained``
     (to the step), else the epochs it completed (trials stored before ``epochs_trained``)."""
-    trained = user_attrs.get("epochs_trained", user_attrs.get("epochs_completed"))
+    trained = record.epochs_trained
     if isinstance(trained, bool) or not isinstance(trained, int | float) or epochs < 1:
         return 0.0
     return float(trained) / epochs
 
 
-def spent_by_outcome(trials: Iterable[tuple[str | TrialState, Mapping[str, Any]]], epochs: int
-                     ) -> dict[str, dict[str, float]]:
-    """``{outcome: {"trials": n, "run_eq": r}}`` over finished trials given as (state, user
-    attributes), every outcome of :data:`OUTCOMES` present (zeros included), in that order."""
+def spent_by_outcome(records: Iterable[TrialRecord], epochs: int) -> dict[str, dict[str, float]]:
+    """``{outcome: {"trials": n, "run_eq": r}}`` over the finished trials of ``records``, every
+    outcome of :data:`OUTCOMES` present (zeros included), in that order."""
     out = {kind: {"trials": 0, "run_eq": 0.0} for kind in OUTCOMES}
-    for state, attrs in trials:
-        kind = outcome(state, attrs)
+    for record in records:
+        kind = outcome(record)
         if kind is None:
             continue
         out[kind]["trials"] += 1
-        out[kind]["run_eq"] += run_equivalents(attrs, epochs)
+        out[kind]["run_eq"] += run_equivalents(record, epochs)
     return out

@@ -19,12 +19,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..trial.outcome import TrialOutcome
+from .records import DIVERGED, FAILURE_REASON
 from .storage import set_user_attrs, with_retry
 
 __all__ = ["DIVERGED", "finish", "fail"]
-
-#: The failure reason of a trial whose loss or validation loss stopped being finite.
-DIVERGED = "diverged"
 
 
 def finish(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *,
@@ -35,7 +33,7 @@ def finish(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *,
     for the epoch it diverged in when the study ``reports`` a per-epoch value."""
     attrs = dict(outcome.attrs)
     if outcome.state == "fail":
-        attrs["failure_reason"] = outcome.failure_reason or "error: unknown"
+        attrs[FAILURE_REASON] = outcome.failure_reason or "error: unknown"
     with_retry(set_user_attrs, study, trial, attrs)
     if outcome.state == "fail" and diverged_as_pruned and outcome.failure_reason == DIVERGED:
         if reports:
@@ -53,14 +51,14 @@ def _tell(study: optuna.Study, trial: optuna.Trial, **kwargs: Any) -> FrozenTria
         return with_retry(study.tell, trial, skip_if_finished=True, **kwargs)
     except ValueError as exc:
         # e.g. a value Optuna rejects: the trial fails rather than staying RUNNING
-        with_retry(trial.set_user_attr, "failure_reason", f"error: {exc}")
+        with_retry(trial.set_user_attr, FAILURE_REASON, f"error: {exc}")
         return with_retry(study.tell, trial, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
     """Fail the trial with ``failure_reason: reason``; never raises (used while unwinding)."""
     try:
-        with_retry(trial.set_user_attr, "failure_reason", reason)
+        with_retry(trial.set_user_attr, FAILURE_REASON, reason)
         with_retry(study.tell, trial, state=TrialState.FAIL, skip_if_finished=True)
     except Exception:
         pass

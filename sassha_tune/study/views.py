@@ -15,6 +15,7 @@ from ..errors import UserError
 from ..metrics.names import EXPORTED_METRICS
 from ..version import __version__
 from .budget import budget_used, spent_by_outcome
+from .records import FAILURE_REASON, TrialRecord
 from .storage import load_study, open_storage, with_retry
 
 __all__ = ["study_rows", "study_detail", "spent_line", "best_trial", "export_config", "export_kwargs"]
@@ -34,10 +35,10 @@ def study_detail(study: optuna.Study) -> dict[str, Any]:
     counts = Counter(t.state.name for t in trials)
     cfg_raw = study.user_attrs.get("config") or {}
     n_trials = (cfg_raw.get("budget") or {}).get("n_trials")
-    best = best_trial(study)
-    failures = Counter(str(t.user_attrs.get("failure_reason", "unknown")) for t in trials if t.state == TrialState.FAIL)
+    best = _best_of(study, trials)
+    failures = Counter(str(t.user_attrs.get(FAILURE_REASON, "unknown")) for t in trials if t.state == TrialState.FAIL)
     epochs = int((cfg_raw.get("task") or {}).get("epochs") or 0)
-    spent = spent_by_outcome(((t.state, t.user_attrs) for t in trials if t.state.is_finished()), epochs)
+    spent = spent_by_outcome((TrialRecord.from_trial(t) for t in trials if t.state.is_finished()), epochs)
     return {
         "name": study.study_name,
         "optimizer": study.user_attrs.get("optimizer", "?"),
@@ -60,7 +61,11 @@ def spent_line(spent: dict[str, dict[str, float]]) -> str:
 
 def best_trial(study: optuna.Study, number: int | None = None) -> FrozenTrial | None:
     """Trial ``number``, or the best: single objective by value, several by the first (on the front)."""
-    trials = with_retry(study.get_trials, deepcopy=False)
+    return _best_of(study, with_retry(study.get_trials, deepcopy=False), number)
+
+
+def _best_of(study: optuna.Study, trials: list[FrozenTrial], number: int | None = None) -> FrozenTrial | None:
+    """:func:`best_trial` among ``trials``, the study's trials already read."""
     if number is not None:
         for t in trials:
             if t.number == number:

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from sassha_tune.app.cli import app
 from sassha_tune.report.health import budget_health, failure_kind, near_chance, near_chance_threshold
+from sassha_tune.study.records import TrialRecord
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -92,10 +93,11 @@ def test_near_chance_definition():
     assert near_chance("COMPLETE", {"num_classes": 1, "val_acc": 0.1}) is None
     assert [failure_kind(r) for r in ("diverged", "error: ValueError: x", "rank_failed: rank 1", None)] == [
         "diverged", "error", "rank_failed", "unknown"]
-    rows = [{"state": "COMPLETE", "user_attrs": {**ten, "val_acc": 0.1}},
-            {"state": "COMPLETE", "user_attrs": {"val_acc": 0.1}},
-            {"state": "FAIL", "user_attrs": {"failure_reason": "diverged"}},
-            {"state": "FAIL", "user_attrs": {}}]
+    rows = [TrialRecord(i, state, {}, None, attrs) for i, (state, attrs) in enumerate([
+        ("COMPLETE", {**ten, "val_acc": 0.1}),
+        ("COMPLETE", {"val_acc": 0.1}),
+        ("FAIL", {"failure_reason": "diverged"}),
+        ("FAIL", {})])]
     health = budget_health(rows)
     assert (health["complete"], health["near_chance"], health["near_chance_known"]) == (2, 1, 1)
     assert health["failures"] == {"diverged": 1, "unknown": 1} and health["failures_known"] == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import optuna
@@ -109,6 +110,20 @@ def _build_study(url: str, name: str, n_trials: int, *, optimizer: str = "sassha
     return study
 
 
+class _CountingStorage(optuna.storages.RDBStorage):
+    """The real RDBStorage, counting the reads of each study's trials (by study name): Optuna's
+    ``get_all_trials`` and its cached storage (what ``optuna.load_study`` wraps an RDBStorage in)
+    both read them with ``_get_trials``."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.trial_reads: Counter[str] = Counter()
+
+    def _get_trials(self, study_id, *args, **kwargs):
+        self.trial_reads[self.get_study_name_from_id(study_id)] += 1
+        return super()._get_trials(study_id, *args, **kwargs)
+
+
 def _dump(db: Path) -> list[str]:
     con = sqlite3.connect(db)
     try:
@@ -143,14 +158,14 @@ def test_load_rows_one_row_per_finished_trial(shared):
     rows = report.load_rows(study)
     finished = [t for t in study.trials if t.state.is_finished()]
     assert len(rows) == len(finished) == 8
-    assert all(r["state"] in ("COMPLETE", "FAIL", "PRUNED") for r in rows)
-    complete = [r for r in rows if r["state"] == "COMPLETE"]
-    assert complete and all(set(r["params"]) == {"lr"} for r in complete)
-    assert all(r["values"] == [r["user_attrs"]["val_acc"]] for r in complete)
-    assert all(r["user_attrs"]["device"] == "cpu" for r in complete)
-    failed = [r for r in rows if r["state"] == "FAIL"]
+    assert all(r.state in ("COMPLETE", "FAIL", "PRUNED") for r in rows)
+    complete = [r for r in rows if r.state == "COMPLETE"]
+    assert complete and all(set(r.params) == {"lr"} for r in complete)
+    assert all(r.values == [r.user_attrs["val_acc"]] for r in complete)
+    assert all(r.user_attrs["device"] == "cpu" for r in complete)
+    failed = [r for r in rows if r.state == "FAIL"]
     assert failed, "SGD with lr up to 1e8 diverges in some trials"
-    assert all(r["user_attrs"]["failure_reason"] == "diverged" for r in failed)
+    assert all(r.user_attrs["failure_reason"] == "diverged" for r in failed)
 
 
 def test_best_trials_table_has_params_and_metric_columns(shared):
@@ -277,6 +292,36 @@ def test_run_report_writes_files_prints_table_and_is_read_only(shared, tmp_path,
     assert "1 running or waiting" in md
     assert_tables_render(md)
     assert "partial given train_loss [CI]" in md
+
+
+def test_a_report_reads_each_study_once(shared, tmp_path):
+    """report.md, report.html, the figures, the correlation, the health and the training spent are
+    built from one read of the study's trials (it was 13 reads); compare reads each study once."""
+    storage = _CountingStorage(shared["url"])
+    written = report.run_report("sassha", storage, tmp_path / "one", echo=lambda _: None)
+    assert {p.name for p in written.files} >= {"report.md", "summary.json", "report.html", "importances.png",
+                                               "parallel_coordinates.png", "slice_lr.png"}
+    assert storage.trial_reads == {"sassha": 1}
+    storage = _CountingStorage(shared["url"])
+    report.run_compare(["sassha", "sgd-wide", "mo"], storage, tmp_path / "cmp", echo=lambda _: None)
+    assert storage.trial_reads == {"sassha": 1, "sgd-wide": 1, "mo": 1}
+
+
+def test_a_snapshot_holds_the_study_as_read_and_refuses_writes(shared):
+    from sassha_tune.report.snapshot import snapshot_study
+
+    live = shared["sgd"]
+    storage = _CountingStorage(shared["url"])
+    snap = snapshot_study(storage, "sgd-wide")
+    assert storage.trial_reads == {"sgd-wide": 1}
+    assert [(t.number, t.state, t.params, t.values, t.user_attrs) for t in snap.get_trials()] == [
+        (t.number, t.state, t.params, t.values, t.user_attrs) for t in live.get_trials()]
+    assert snap.user_attrs == live.user_attrs and snap.directions == live.directions
+    assert [t.number for t in snap.get_trials(states=(optuna.trial.TrialState.RUNNING,))] == [8, 9]
+    snap.get_trials()
+    assert storage.trial_reads == {"sgd-wide": 1}
+    with pytest.raises(RuntimeError, match="never writes"):
+        snap.set_user_attr("x", 1)
 
 
 def test_two_objective_study(shared, tmp_path):
@@ -409,7 +454,9 @@ def test_compare_seed_reruns_table(db, tmp_path):
     reruns = md.split("## Best configs re-run over seeds")[1].split("##")[0]
     assert "±" in reruns and "| s " in reruns and f"| {t_best.number} " in reruns
     assert "| 3 " in reruns  # three seeds
-    report.run_report("s", url, tmp_path / "s")
+    storage = _CountingStorage(url)
+    report.run_report("s", storage, tmp_path / "s", echo=lambda _: None)
+    assert storage.trial_reads == {"s": 1, "s-seeds": 1}  # the study and its re-runs' companion, once each
     single = (tmp_path / "s" / "report.md").read_text()
     assert "## Best config re-run over seeds" in single and "±" in single
 

@@ -5,6 +5,7 @@ reports in seconds, Optuna's superlinear analyses drawn over seeded samples that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -21,14 +22,14 @@ from sassha_tune.report import run_report
 from sassha_tune.report.correlation import BOOT_SEED, LEVEL, N_BOOT, correlate, kendall_tau
 from sassha_tune.report.figures import IMPORTANCE_TRIALS
 from sassha_tune.report.html import CONTOUR_TRIALS, OPTUNA_PLOT_TRIALS
+from sassha_tune.study.records import TrialRecord
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def _rows(columns: dict[str, np.ndarray]) -> list[dict]:
+def _rows(columns: dict[str, np.ndarray]) -> list[TrialRecord]:
     n = len(next(iter(columns.values())))
-    return [{"number": i, "state": "COMPLETE", "values": [0.5],
-             "user_attrs": {k: float(v[i]) for k, v in columns.items()}} for i in range(n)]
+    return [TrialRecord(i, "COMPLETE", {}, [0.5], {k: float(v[i]) for k, v in columns.items()}) for i in range(n)]
 
 
 def _percentiles(values: list[float]) -> list[float]:
@@ -92,9 +93,8 @@ def test_entries_over_different_trials_each_use_their_own():
                                              "gen_gap_acc", "val_acc", "test_acc", "train_loss")}
     cols["test_acc"][:7] = np.nan  # stored as missing
     cols["train_loss"][-11:] = np.nan
-    rows = _rows(cols)
-    for row in rows:
-        row["user_attrs"] = {k: v for k, v in row["user_attrs"].items() if math.isfinite(v)}
+    rows = [dataclasses.replace(row, user_attrs={k: v for k, v in row.user_attrs.items() if math.isfinite(v)})
+            for row in _rows(cols)]
     for e in correlation_entries(rows):
         keys = [e["x"], e["y"]] + ([e["given"]] if "given" in e else [])
         kept = np.logical_and.reduce([np.isfinite(cols[k]) for k in keys])

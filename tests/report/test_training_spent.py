@@ -16,6 +16,7 @@ from sassha_tune.report import run_report
 from sassha_tune.report.curves import training_curve
 from sassha_tune.report.rows import load_rows
 from sassha_tune.study.budget import spent_by_outcome
+from sassha_tune.study.records import TrialRecord
 from sassha_tune.study.views import spent_line, study_detail
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -48,7 +49,7 @@ def study(tmp_path):
 
 def test_the_training_is_split_by_how_trials_ended(study):
     s, _ = study
-    spent = spent_by_outcome(((t.state, t.user_attrs) for t in s.trials), 10)
+    spent = spent_by_outcome((TrialRecord.from_trial(t) for t in s.trials), 10)
     assert list(spent) == ["completed", "near_chance", "pruned", "diverged", "failed"]
     assert {k: v["trials"] for k, v in spent.items()} == {"completed": 2, "near_chance": 2, "pruned": 1,
                                                           "diverged": 1, "failed": 1}

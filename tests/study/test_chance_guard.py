@@ -130,11 +130,12 @@ def test_chance_guard_with_task_train_is_refused(tmp_path):
 
 def test_the_report_counts_the_trials_the_guard_stopped():
     from sassha_tune.report.health import budget_health
+    from sassha_tune.study.records import TrialRecord
 
-    rows = [
-        {"state": "PRUNED", "user_attrs": {"prune_reason": "near_chance", "num_classes": 10}},
-        {"state": "PRUNED", "user_attrs": {}},
-        {"state": "COMPLETE", "user_attrs": {"val_acc": 0.9, "num_classes": 10}},
-    ]
+    rows = [TrialRecord(i, state, {}, None, attrs) for i, (state, attrs) in enumerate([
+        ("PRUNED", {"prune_reason": "near_chance", "num_classes": 10}),
+        ("PRUNED", {}),
+        ("COMPLETE", {"val_acc": 0.9, "num_classes": 10}),
+    ])]
     health = budget_health(rows)
     assert (health["pruned"], health["pruned_near_chance"], health["near_chance"]) == (2, 1, 0)
