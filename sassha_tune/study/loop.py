@@ -1,12 +1,13 @@
 """The ask-tell loop: run a stored study's trials until its budget is spent.
 
 Each iteration re-reads the stored config (another process may raise the budget), reconciles lost
-trials, checks the budget, asks with a sampler seeded from the study's progress, trains the trial
-(or a pack of trials) in the long-lived trial worker of its :class:`Launcher` (or, with
-``fresh_process``, a fresh process) and tells the outcome. A trial that runs past
-``budget.trial_timeout`` is stopped and fails with ``failure_reason: timeout``. Every epoch passes the chance guard
-(:mod:`.chance_guard`) and the pruner; a trial process killed by SIGKILL leaves its trial ``lost``,
-retried once (:func:`~.liveness.retry_lost`).
+trials, checks the budget, asks with a sampler seeded from the study's progress, trains the trials
+asked (one, or a pack) as one job (:func:`run_pack`: a single trial is a pack of one) and tells each
+outcome. A single trial's job runs in the long-lived trial worker of its :class:`Launcher` (or, with
+``fresh_process``, and for a multi-rank trial, in a fresh process); a pack's in a fresh process. A
+trial that runs past ``budget.trial_timeout`` is stopped and fails with ``failure_reason: timeout``.
+Every epoch passes the chance guard (:mod:`.chance_guard`) and the pruner; a trial process killed by
+SIGKILL leaves its trial ``lost``, retried once (:func:`~.liveness.retry_lost`).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def sampler_for(cfg: Config, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def pruner_for(cfg: Config) -> optuna.pruners.BasePruner:
-    """The study's pruner (``study.pruner``; ``auto``: :func:`~.samplers.auto_pruner`'s choice)."""
+    """The study's pruner (``study.pruner``; ``auto``: :func:`sassha_tune.config.search.auto_pruner`'s
+    choice, judging only the early rungs: :class:`~.samplers.EarlyRungsOnly`)."""
     return make_pruner(cfg.study.pruner.name, cfg.study.pruner.options, max_resource=cfg.task.epochs,
                        can_prune=cfg.can_prune)
 
