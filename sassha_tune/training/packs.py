@@ -15,10 +15,13 @@ optimizer instance (built by :func:`sassha_tune.optim.build_optimizer`) whose pa
 views into the member's slice of the stack, so its state, probe generator, moments, schedule and
 update arithmetic are exactly those of the lone run (the same ``_foreach`` calls with the same
 scalars on tensors of the same shape). The pass order of a batched step is the optimizer's own:
-its ``stacked_step`` (:mod:`sassha_tune.optim.stack`), given this pack's batched forward. With ``kernels="batched"`` only the forward/backward
-kernels differ (batched vs unbatched), which is where the (float rounding) differences come from;
-``kernels="exact"`` (the default for SASSHA) runs each member's passes without vmap, as the lone
-model's forward on views of its slice, and is bitwise equal on the CPU. See ``docs/packs.md``.
+its ``stacked_step`` (:mod:`sassha_tune.optim.stack`), given this pack's batched forward
+(:class:`StackedSteps`). With ``kernels="batched"`` only the forward/backward kernels differ
+(batched vs unbatched), which is where the (float rounding) differences come from;
+``kernels="exact"`` (the default for SASSHA and for optimizers without a ``stacked_step``) stacks
+nothing: each member steps its own model with ``optimizer.step(closure)``, one after another (the
+trainer's :class:`~sassha_tune.training.trainer.LoneSteps`), and is bitwise equal on the CPU. See
+``docs/packs.md``.
 
 A pack that runs out of memory before any member reported is split in halves and its members
 restart from scratch (``train_pack(..., split_on_oom=True)``, what studies use; docs/packs.md,
@@ -375,7 +378,9 @@ def train_pack(
     one after another (on the CPU a member reproduces the lone run bitwise, but on a GPU the pack
     only saves process start-up and data loading, not kernel launches). ``None`` (default):
     ``"exact"`` for SASSHA, whose Hessian preconditioner amplifies last-bit differences of the
-    Hessian-vector products to 1e-4 .. 1e-1 within 50 steps, ``"batched"`` for the others.
+    Hessian-vector products to 1e-4 .. 1e-1 within 50 steps (its registry entry's
+    ``exact_packs_by_default``), for optimizers without a batched step (no ``stacked_step``:
+    ``batched_packs`` False) and with gradient accumulation; ``"batched"`` for the others.
 
     Out of memory: by default every member still live fails with status ``"out_of_memory"``.
     ``split_on_oom=True``: a pack of K > 1 that runs out of memory before any member reported

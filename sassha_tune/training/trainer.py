@@ -1,12 +1,13 @@
 """The one training loop: ``train(TrainSpec) -> TrainResult`` for a trial, :func:`train_members`
-for K >= 1 trials at once (a trial pack, :mod:`sassha_tune.training.packs`), plus ``evaluate`` and
-``final_metrics``.
+for K >= 1 trials at once (a trial pack, :mod:`sassha_tune.training.packs`).
 
 The data live on the device as tensors; batches come from each member's seeded permutation and are
 augmented on the device. A *stepper* takes the optimizer steps: :class:`LoneSteps` runs
 ``loss = optimizer.step(closure)`` on each member's own model (see :mod:`sassha_tune.optim.base`),
 whatever the optimizer, so the loop never branches on its name; a pack with batched kernels
-supplies its own stepper (stacked parameters, one batched forward for all members). Everything
+supplies its own stepper (:class:`~sassha_tune.training.packs.StackedSteps`: stacked parameters,
+one batched forward for all members, the pass order the members' optimizer's ``stacked_step``,
+:mod:`sassha_tune.optim.stack`). Everything
 else exists once, here: seeding, data, models, optimizers, the learning-rate schedule (every
 parameter group gets its initial lr times the schedule factor before each step), the epoch's
 metrics, the divergence check, validation, ``on_epoch`` and out-of-memory handling.

@@ -44,11 +44,13 @@ one. Parent and child speak one protocol, in JSON lines:
   generator. ``replace: true`` (an unexpected error, out of memory, Ctrl-C) means it exits after
   this job; end of input ends it (exit 0).
 
-Modules: :mod:`.process` (the parent side: :class:`~.process.TrialProcess`), :mod:`.child` (the
-child side, ``python -m sassha_tune.trial``), :mod:`.objective` (a trial as a function:
-params -> trained model -> metrics -> outcome), :mod:`.outcome` (the outcome and its message),
-:mod:`.device` (a device must exist before a trial is asked).
+Modules: :mod:`.process` (the parent side: :class:`~.process.TrialProcess`, in a fresh process or
+a :class:`~.process.WarmWorker`), :mod:`.child` (the child side, ``python -m sassha_tune.trial``),
+:mod:`.objective` (a trial as a function: params -> trained model -> metrics -> outcome),
+:mod:`.measured` (sharpness and objective values of a trained trial), :mod:`.ranks` (a trial as N
+rank processes), :mod:`.user_train` (``task.train``), :mod:`.outcome` (the outcome and its message),
+:mod:`.saved_model` (a trained model as a file), :mod:`.preflight` (the checks that need the data).
 
-This package's ``__init__`` imports nothing: :mod:`sassha_tune.distributed` starts rank processes
-through :mod:`.process`, which must not pull in the trial code.
+This package's ``__init__`` imports nothing: the study loop starts trials through :mod:`.process`
+(and :mod:`.ranks` starts rank processes through it), which must not pull in the trial code.
 """
