@@ -36,7 +36,8 @@ def timeout() -> timedelta:
 
 
 def launched_world_size() -> int:
-    """``WORLD_SIZE`` from the environment (1 when absent): > 1 inside torchrun or :func:`launch_ranks`."""
+    """``WORLD_SIZE`` from the environment (1 when absent): > 1 inside torchrun or
+    :func:`~sassha_tune.trial.ranks.launch_ranks`."""
     try:
         return int(os.environ.get("WORLD_SIZE", "1"))
     except ValueError:
@@ -157,9 +158,9 @@ def setup(processes: int, device: Any) -> tuple[Ranks, Any]:
     """Join (or reuse) the process group for a training run; returns (ranks, device of this rank).
 
     An already initialized default group (your own script) is reused as is. Otherwise, when the
-    environment describes several ranks (torchrun, or :func:`launch_ranks`), the default group is
-    initialized with ``env://``, gloo on CPU or nccl on CUDA and :func:`timeout`; a CUDA device
-    becomes ``cuda:LOCAL_RANK``. ``processes > 1`` without such an environment is a user error.
+    environment describes several ranks (torchrun, or :func:`~sassha_tune.trial.ranks.launch_ranks`),
+    the default group is initialized with ``env://``, gloo on CPU or nccl on CUDA and
+    :func:`timeout`; a CUDA device becomes ``cuda:LOCAL_RANK``. ``processes > 1`` without such an environment is a user error.
     """
     import torch
     import torch.distributed as dist
