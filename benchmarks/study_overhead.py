@@ -2,8 +2,9 @@
 
 Runs the quickstart (examples/quickstart.yaml: 8 SASSHA trials of a 1-D CNN on MNIST-1D, CPU)
 into a fresh SQLite file, with the chance guard off (``study.chance_guard: 0``, the old
-behaviour) and on (``auto``), each with a fresh process per trial (the default) and with one warm
-trial worker (the default since issue 19; ``fresh`` runs pass ``fresh_process=True``), one trial at a time (``--pack 1``). For each run: the study's
+behaviour) and on (``auto``), each with a fresh process per trial (the default before issue 19)
+and with one warm trial worker (the default since issue 19; ``fresh`` runs pass
+``fresh_process=True``), one trial at a time (``--pack 1``). For each run: the study's
 wall time, the sum of the trials' ``train_seconds`` and ``sharpness_seconds`` (user attributes),
 the share of wall time that is neither (process start, imports, dataset and model building,
 storage round trips), and the training seconds spent on trials that ended near chance (complete
