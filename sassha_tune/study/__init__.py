@@ -28,9 +28,10 @@ module that reads Optuna's private internals), :mod:`.samplers` (what a study ru
 each ask; the samplers and pruners by name are the config's, :mod:`sassha_tune.config.search`),
 :mod:`.create` (create or continue, the stored config), :mod:`.budget`, :mod:`.liveness`
 (heartbeats, reconcile), :mod:`.loop` (the ask-tell loop), :mod:`.pack_size` (``--pack``),
-:mod:`.chance_guard`, :mod:`.tell`, :mod:`.callbacks` (``study.callbacks``), :mod:`.models` (kept
-models), :mod:`.progress` (events for whoever watches), :mod:`.reruns` (seed re-runs),
-:mod:`.workers` (one worker per GPU), :mod:`.views` (read-only views for ``status`` and ``export``).
+:mod:`.chance_guard`, :mod:`.tell`, :mod:`.records` (a stored trial as one typed record),
+:mod:`.callbacks` (``study.callbacks``), :mod:`.models` (kept models), :mod:`.progress` (events
+for whoever watches), :mod:`.reruns` (seed re-runs), :mod:`.workers` (one worker per GPU),
+:mod:`.views` (read-only views for ``status`` and ``export``).
 
 This package's ``__init__`` imports nothing: a module of it that is imported alone (the storage for
 ``status``, say) does not pull in the run loop.
