@@ -33,23 +33,9 @@ from ..trial.attributes import (
     VAL_ACC,
 )
 
-__all__ = [
-    "DEVICE",
-    "DIVERGED",
-    "EPOCHS_COMPLETED",
-    "EPOCHS_TRAINED",
-    "FAILURE_REASON",
-    "HISTORY",
-    "NEAR_CHANCE",
-    "NUM_CLASSES",
-    "PRUNE_REASON",
-    "SEED_RERUN_ATTR",
-    "VAL_ACC",
-    "TrialRecord",
-    "as_float",
-    "near_chance",
-]
-
+# the attribute names are re-exported for the readers, which see a stored trial through this module
+__all__ = ["TrialRecord", "as_float", "near_chance", "DEVICE", "DIVERGED", "EPOCHS_COMPLETED", "EPOCHS_TRAINED",
+           "FAILURE_REASON", "HISTORY", "NEAR_CHANCE", "NUM_CLASSES", "PRUNE_REASON", "SEED_RERUN_ATTR", "VAL_ACC"]
 
 
 def as_float(value: Any) -> float:

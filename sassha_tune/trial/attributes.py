@@ -11,21 +11,8 @@ attribute with the same constant.
 
 from __future__ import annotations
 
-__all__ = [
-    "DEVICE",
-    "DIVERGED",
-    "EPOCHS_COMPLETED",
-    "EPOCHS_TRAINED",
-    "FAILURE_REASON",
-    "HISTORY",
-    "NEAR_CHANCE",
-    "NUM_CLASSES",
-    "PRUNE_REASON",
-    "RERUN_OF_STUDY",
-    "SEED_ATTR",
-    "SEED_RERUN_ATTR",
-    "VAL_ACC",
-]
+__all__ = ["FAILURE_REASON", "DIVERGED", "PRUNE_REASON", "NEAR_CHANCE", "HISTORY", "EPOCHS_TRAINED",
+           "EPOCHS_COMPLETED", "NUM_CLASSES", "DEVICE", "VAL_ACC", "SEED_ATTR", "SEED_RERUN_ATTR", "RERUN_OF_STUDY"]
 
 #: why a trial failed (``diverged``, ``out_of_memory``, ``error: ...``); kept by a diverged trial told PRUNED
 FAILURE_REASON = "failure_reason"
