@@ -22,10 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..config import Config
 from ..metrics.chance import acc_near_chance
 
-__all__ = ["NEAR_CHANCE", "PRUNE_REASON_KEY", "ChanceGuard", "unjudged_accuracy"]
-
-PRUNE_REASON_KEY = "prune_reason"
-NEAR_CHANCE = "near_chance"
+__all__ = ["ChanceGuard", "unjudged_accuracy"]
 
 
 class ChanceGuard:

@@ -35,19 +35,28 @@ from ..config.spaces import SearchSpace, suggest, trial_hparams
 from ..devices import check_available as check_device
 from ..errors import UserError
 from ..metrics.names import EPOCH_KEYS, LANGUAGE_EPOCH_KEYS, PER_EPOCH_METRICS, TRACKED_EPOCH_KEYS
+from ..trial.attributes import (
+    DIVERGED,
+    EPOCHS_COMPLETED,
+    FAILURE_REASON,
+    HISTORY,
+    NEAR_CHANCE,
+    PRUNE_REASON,
+    SEED_ATTR,
+)
 from ..trial.outcome import TrialOutcome
 from ..trial.process import STEP_SECONDS, TrialProcess, WarmWorker, Watchdog
 from .budget import budget_used, counts_toward_budget
 from .callbacks import Callback, make_callbacks, notify
-from .chance_guard import NEAR_CHANCE, PRUNE_REASON_KEY, ChanceGuard, unjudged_accuracy
+from .chance_guard import ChanceGuard, unjudged_accuracy
 from .create import config_from_payload, plain, stored_payload
 from .liveness import Heartbeat, reconcile, retry_lost, taken_over
 from .models import ModelKeeper, check_model_store
 from .progress import GuardedObserver, StudyObserver
-from .reruns import SEED_ATTR, runs_only_enqueued
+from .reruns import runs_only_enqueued
 from .samplers import make_pruner, trial_seed
 from .storage import load_study, study_storage, trial_id, with_retry
-from .tell import DIVERGED, fail, finish
+from .tell import fail, finish
 
 __all__ = ["WORKER_KEY", "Launcher", "LoopSummary", "run_trials", "start_trial", "run_pack", "split_line",
            "sampler_for", "pruner_for"]
@@ -94,12 +103,12 @@ def _describe(frozen: FrozenTrial, cfg: Config) -> str:
         tail = f" lambda_max={extra:.4g}" if isinstance(extra, (int, float)) and "lambda_max" not in cfg.study.metrics else ""
         return f"trial {frozen.number} {state} {values}{tail}"
     if frozen.state == TrialState.FAIL:
-        return f"trial {frozen.number} FAIL ({frozen.user_attrs.get('failure_reason')})"
+        return f"trial {frozen.number} FAIL ({frozen.user_attrs.get(FAILURE_REASON)})"
     if frozen.state == TrialState.PRUNED:
-        epochs = frozen.user_attrs.get("epochs_completed")
-        if frozen.user_attrs.get("failure_reason") == DIVERGED:  # told pruned so that the sampler sees it
+        epochs = frozen.user_attrs.get(EPOCHS_COMPLETED)
+        if frozen.user_attrs.get(FAILURE_REASON) == DIVERGED:  # told pruned so that the sampler sees it
             return f"trial {frozen.number} PRUNED (diverged in epoch {(epochs or 0) + 1})"
-        why = "near chance" if frozen.user_attrs.get(PRUNE_REASON_KEY) == NEAR_CHANCE else "by the pruner"
+        why = "near chance" if frozen.user_attrs.get(PRUNE_REASON) == NEAR_CHANCE else "by the pruner"
         return f"trial {frozen.number} PRUNED ({why}" + (f", after epoch {epochs})" if epochs else ")")
     return f"trial {frozen.number} {state}"
 
@@ -316,7 +325,7 @@ def _stored_history(epochs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _with_history(outcome: TrialOutcome) -> TrialOutcome:
     """A ``result``'s outcome with its ``history`` attribute: the epochs reported before it."""
-    outcome.attrs["history"] = _stored_history(outcome.history)
+    outcome.attrs[HISTORY] = _stored_history(outcome.history)
     return outcome
 
 
@@ -391,7 +400,7 @@ class _Relay:
             return
         outcome = TrialOutcome.from_message(msg, self.epochs[key])
         if key in self.guarded and outcome.state == "pruned":
-            outcome.attrs[PRUNE_REASON_KEY] = NEAR_CHANCE
+            outcome.attrs[PRUNE_REASON] = NEAR_CHANCE
         self.on_result(key, self.pending.pop(key), outcome)
 
     def _split(self, msg: dict[str, Any], key: int | None) -> None:
@@ -799,7 +808,7 @@ class _Job:
             for member, trial in list(self.pending.items()):
                 outcome = TrialOutcome("fail", failure_reason=reason)
                 if not self.pack:
-                    outcome.attrs["history"] = _stored_history(epochs[member])
+                    outcome.attrs[HISTORY] = _stored_history(epochs[member])
                 self.received.add(trial, outcome)
                 self.pending.pop(member)
         for trial, _ in list(self.received.waiting.values()):

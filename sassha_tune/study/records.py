@@ -4,8 +4,9 @@ A finished trial leaves its result in the storage as Optuna user attributes (the
 :data:`~sassha_tune.metrics.names.STORED_ATTRS`, its per-epoch ``history``, why it failed or was
 pruned, whether it is a seed re-run ...). The writers (the trial, :mod:`.tell`, the study loop,
 :mod:`.reruns`) and the readers (``status``, ``export``, ``report``, ``compare``) name those
-attributes with the constants below, and the readers see a trial as a :class:`TrialRecord`:
-typed fields and accessors instead of string keys into a dict.
+attributes with the constants of :mod:`sassha_tune.trial.attributes` (re-exported here for the
+readers), and the readers see a trial as a :class:`TrialRecord`: typed fields and accessors
+instead of string keys into a dict.
 """
 
 from __future__ import annotations
@@ -18,43 +19,23 @@ from typing import Any
 from optuna.trial import FrozenTrial, TrialState
 
 from ..metrics.chance import acc_near_chance
+from ..trial.attributes import (
+    DEVICE,
+    DIVERGED,
+    EPOCHS_COMPLETED,
+    EPOCHS_TRAINED,
+    FAILURE_REASON,
+    HISTORY,
+    NEAR_CHANCE,
+    NUM_CLASSES,
+    PRUNE_REASON,
+    SEED_RERUN_ATTR,
+    VAL_ACC,
+)
 
-__all__ = [
-    "DEVICE",
-    "DIVERGED",
-    "EPOCHS_COMPLETED",
-    "EPOCHS_TRAINED",
-    "FAILURE_REASON",
-    "HISTORY",
-    "NUM_CLASSES",
-    "PRUNE_REASON",
-    "SEED_RERUN_ATTR",
-    "VAL_ACC",
-    "TrialRecord",
-    "as_float",
-    "near_chance",
-]
-
-#: why a trial failed (``diverged``, ``out_of_memory``, ``error: ...``); kept by a diverged trial told PRUNED
-FAILURE_REASON = "failure_reason"
-#: the failure reason of a trial whose loss or validation loss stopped being finite
-DIVERGED = "diverged"
-#: why a trial was pruned when it was not the pruner (``near_chance``: the study's chance guard)
-PRUNE_REASON = "prune_reason"
-#: the trial's per-epoch history, one dict of :data:`~sassha_tune.metrics.names.EPOCH_KEYS` per epoch
-HISTORY = "history"
-#: the epochs a trial trained, to the step (a pruned or failed one: what it trained)
-EPOCHS_TRAINED = "epochs_trained"
-#: the whole epochs a trial completed (what trials stored before ``epochs_trained``)
-EPOCHS_COMPLETED = "epochs_completed"
-#: the classes of the task, so that "near chance" can be decided (older studies store none)
-NUM_CLASSES = "num_classes"
-#: the device the trial trained on
-DEVICE = "device"
-#: the validation accuracy of the last epoch: what a trial is selected on
-VAL_ACC = "val_acc"
-#: the number of the trial whose config a seed re-run repeats
-SEED_RERUN_ATTR = "seed_rerun_of"
+# the attribute names are re-exported for the readers, which see a stored trial through this module
+__all__ = ["TrialRecord", "as_float", "near_chance", "DEVICE", "DIVERGED", "EPOCHS_COMPLETED", "EPOCHS_TRAINED",
+           "FAILURE_REASON", "HISTORY", "NEAR_CHANCE", "NUM_CLASSES", "PRUNE_REASON", "SEED_RERUN_ATTR", "VAL_ACC"]
 
 
 def as_float(value: Any) -> float:

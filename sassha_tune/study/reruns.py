@@ -22,9 +22,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import Config, config_from_dict, config_to_dict
 from ..errors import UserError
+from ..trial.attributes import RERUN_OF_STUDY, SEED_ATTR, SEED_RERUN_ATTR
 from .budget import budget_used, counts_toward_budget
 from .create import BudgetChange, create_or_continue, stored_config
-from .records import SEED_RERUN_ATTR  # trial user attribute marking a seed re-run (the trial it re-runs)
 from .storage import load_study, study_storage, with_retry
 from .views import best_trial
 
@@ -33,10 +33,6 @@ __all__ = ["SEED_STUDY_SUFFIX", "SEED_RERUN_ATTR", "SEED_ATTR", "RERUN_OF_STUDY"
 
 #: A study named ``<base>{SEED_STUDY_SUFFIX}`` holds the seed re-runs of ``<base>``'s trials.
 SEED_STUDY_SUFFIX = "-seeds"
-#: Trial user attribute: the training seed a trial ran with (an enqueued trial runs with it).
-SEED_ATTR = "seed"
-#: Study (and trial) user attribute of a companion study: the study whose trials it re-runs.
-RERUN_OF_STUDY = "rerun_of_study"
 
 Log = Callable[[str], None]
 

@@ -18,11 +18,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ..trial.attributes import DIVERGED, FAILURE_REASON
 from ..trial.outcome import TrialOutcome
-from .records import DIVERGED, FAILURE_REASON
 from .storage import set_user_attrs, with_retry
 
-__all__ = ["DIVERGED", "finish", "fail"]
+__all__ = ["finish", "fail"]
 
 
 def finish(study: optuna.Study, trial: optuna.Trial, outcome: TrialOutcome, *,

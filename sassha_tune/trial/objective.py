@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import Config, config_to_dict
 from ..config.spaces import trial_hparams
 from ..errors import ConfigError, DataError, UserError
+from .attributes import DEVICE, EPOCHS_COMPLETED, EPOCHS_TRAINED, NUM_CLASSES, VAL_ACC
 from .measured import finished_outcome, sharpness_attrs, sharpness_during_training
 from .outcome import TrialOutcome, json_safe
 
@@ -124,11 +125,11 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any, *,
     from ..metrics.sharpness import generalization_gap
 
     attrs: dict[str, Any] = {
-        "epochs_completed": result.epochs_completed,
-        "epochs_trained": round(result.epochs_trained, 6),
+        EPOCHS_COMPLETED: result.epochs_completed,
+        EPOCHS_TRAINED: round(result.epochs_trained, 6),
         "train_seconds": result.train_seconds,
         "ms_per_step": result.ms_per_step,
-        "device": result.device,
+        DEVICE: result.device,
     }
     # The number of classes of the splits the trainer used, so that a report can tell a trial
     # that finished at chance accuracy (1 / num_classes) from one that learned something without
@@ -136,12 +137,12 @@ def outcome_from_result(cfg: Config, spec: Any, result: Any, *,
     # pruned trials too; pack members get it here as well.
     splits = getattr(result, "splits", None)
     if splits is not None:
-        attrs["num_classes"] = int(splits.num_classes)
+        attrs[NUM_CLASSES] = int(splits.num_classes)
     if result.world_size > 1:
         attrs["processes"] = result.world_size
     history = [dict(h) for h in result.history]
     if history:
-        attrs["val_acc"] = history[-1].get("val_acc")
+        attrs[VAL_ACC] = history[-1].get("val_acc")
         attrs["val_loss"] = history[-1].get("val_loss")
     if result.status in ("diverged", "out_of_memory"):
         return TrialOutcome("fail", json_safe(attrs), failure_reason=result.failure_reason or result.status, history=history)
@@ -183,7 +184,7 @@ def _evaluate_ranks(
     result, epochs, failure = launch_ranks(job, cfg.device.processes, on_epoch, on_phase=on_phase, on_step=on_step)
     history = [dict(m.get("metrics") or {}) for m in epochs]
     if failure is not None or result is None:
-        attrs = {"processes": cfg.device.processes, "epochs_completed": len(history)}
+        attrs = {"processes": cfg.device.processes, EPOCHS_COMPLETED: len(history)}
         return TrialOutcome("fail", attrs, failure_reason=failure or "rank_failed: no result", history=history)
     if result.get("type") == "user_error":
         raise UserError(str(result.get("message")))

@@ -33,6 +33,7 @@ from ..config.spaces import trial_hparams
 from ..errors import UserError
 from ..metrics.names import SHARPNESS_ATTRS
 from ..plugins import load_plugin
+from .attributes import DEVICE, EPOCHS_COMPLETED, EPOCHS_TRAINED
 from .measured import finished_outcome, sharpness_attrs
 from .outcome import TrialOutcome, one_line
 
@@ -190,10 +191,10 @@ def _called(function: Callable[[TrialReporter], Any], reporter: TrialReporter) -
 
 def _attrs(reporter: TrialReporter, start: float) -> dict[str, Any]:
     attrs: dict[str, Any] = {
-        "epochs_completed": len(reporter.history),
-        "epochs_trained": len(reporter.history),  # what the function reported; its steps are its own
+        EPOCHS_COMPLETED: len(reporter.history),
+        EPOCHS_TRAINED: len(reporter.history),  # what the function reported; its steps are its own
         "train_seconds": time.perf_counter() - start,
-        "device": reporter.device,
+        DEVICE: reporter.device,
     }
     if reporter.history:
         for key in ("val_acc", "val_loss"):
