@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from sassha_tune.study.records import DIVERGED, TrialRecord, near_chance
+from sassha_tune.study.records import DIVERGED, NEAR_CHANCE, TrialRecord, near_chance
 
 from ..metrics.chance import NEAR_CHANCE_RULE, near_chance_threshold
 from .rows import complete_rows, search_rows
@@ -63,7 +63,7 @@ def budget_health(rows: Iterable[TrialRecord]) -> dict[str, Any]:
         "complete": states["COMPLETE"],
         "pruned": states["PRUNED"],
         # stopped by the study's chance guard (study.chance_guard): still near chance after its epochs
-        "pruned_near_chance": sum(r.state == "PRUNED" and r.prune_reason == "near_chance"
+        "pruned_near_chance": sum(r.state == "PRUNED" and r.prune_reason == NEAR_CHANCE
                                   for r in rows),
         "pruned_diverged": pruned_diverged,
         "diverged": kinds.get("diverged", 0) + pruned_diverged,

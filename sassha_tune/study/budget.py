@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from optuna.trial import FrozenTrial, TrialState
 
 from ..metrics.chance import acc_near_chance
-from .records import DIVERGED, FAILURE_REASON, NUM_CLASSES, VAL_ACC, TrialRecord
+from .records import DIVERGED, FAILURE_REASON, NEAR_CHANCE, NUM_CLASSES, VAL_ACC, TrialRecord
 
 __all__ = ["NOT_COUNTED", "OUTCOMES", "counts_toward_budget", "budget_used", "outcome", "run_equivalents",
            "spent_by_outcome"]
@@ -50,7 +50,7 @@ def outcome(record: TrialRecord) -> str | None:
     if record.state == "FAIL":
         return "failed"
     if record.state == "PRUNED":
-        return "near_chance" if record.prune_reason == "near_chance" else "pruned"
+        return "near_chance" if record.prune_reason == NEAR_CHANCE else "pruned"
     if record.state == "COMPLETE":
         stalled = acc_near_chance(record.user_attrs.get(VAL_ACC), record.user_attrs.get(NUM_CLASSES)) is True
         return "near_chance" if stalled else "completed"
