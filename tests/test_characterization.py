@@ -145,12 +145,12 @@ def _lone(task: str, case: str) -> dict[str, Any]:
 
 def _pack(case: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(the members' outcomes in a pack, the same trials run alone)."""
-    from sassha_tune.trial.objective import evaluate_pack, evaluate_params
+    from sassha_tune.trial.objective import evaluate_params, evaluate_trials
 
     optimizer, fixed, members = PACKS[case]
     cfg = _config("batchnorm", optimizer, fixed)
     with float64():
-        packed = [_record(o) for o in evaluate_pack(cfg, members, device="cpu")]
+        packed = [_record(o) for o in evaluate_trials(cfg, members, device="cpu")]
         alone = [_record(evaluate_params(cfg, p, device="cpu", progress=False)) for p in members]
     return packed, alone
 

@@ -29,7 +29,7 @@ restart from scratch (``train_pack(..., split_on_oom=True)``, what studies use; 
 
 ``train_pack(specs, on_epoch=...) -> list[TrainResult]`` is the trainer-level entry point; a study
 runs a pack of its trials in a fresh trial process (:mod:`sassha_tune.trial`, whose
-:func:`~sassha_tune.trial.objective.evaluate_pack` calls ``train_pack``).
+:func:`~sassha_tune.trial.objective.evaluate_trials` calls ``train_pack`` for K > 1).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The child side of the trial protocol: ``python -m sassha_tune.trial``.
 
-Reads the job from stdin, runs it -- one trial (:func:`.objective.evaluate_params`) or a pack of
-trials (:func:`.objective.evaluate_pack`) -- and sends its messages as JSON lines (protocol in
+Reads the job from stdin, runs it -- one trial or a pack of trials, both
+:func:`.objective.evaluate_trials` -- and sends its messages as JSON lines (protocol in
 :mod:`sassha_tune.trial`). The protocol gets its own copy of stdout and stdout itself is pointed at
 stderr, so nothing the trial prints can corrupt a message. The process exits at once when its
 parent is gone (a killed coordinator), and quietly when the protocol pipe breaks. With
@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from ..config import config_from_stored
 from ..errors import UserError
 from ..printable import printable
-from .objective import evaluate_pack, evaluate_params
+from .objective import evaluate_trials
 from .outcome import TrialOutcome, json_safe, one_line
 from .process import PARENT_PID_ENV
 
@@ -252,27 +252,26 @@ def _run_job(job: dict[str, Any], proto: TextIO) -> tuple[int, str | None]:
 
 def _job_outcome(job: dict[str, Any], channel: _Channel, params: Any, members: list[int | None],
                  on_step: StepMessages | None) -> tuple[int, str | None]:
-    """The job's trial or pack, its outcome messages sent: :func:`_run_job`'s answer."""
-    outcome: TrialOutcome | None = None
+    """The job's trial or pack, its outcome messages sent: :func:`_run_job`'s answer. ``members``:
+    how each trial's messages are tagged (None: a single trial's, untagged)."""
+    pack = isinstance(params, list)
+    outcomes: list[TrialOutcome] = []
+
+    def told(i: int, outcome: TrialOutcome) -> None:
+        outcomes.append(outcome)
+        channel.send(_tagged(outcome.to_json(), members[i]))
+
     try:
         # The parent validated the config; rebuilding it is all that is left to do here.
         cfg = config_from_stored(job["config"], source=f"study {job.get('study', '?')} (stored config)")
-        if isinstance(params, list):
-            evaluate_pack(
-                cfg, params, on_epoch=[channel.on_epoch(i) for i in range(len(params))],
-                on_outcome=lambda i, o: channel.send(_tagged(o.to_json(), i)),
-                on_split=lambda epoch, halves: channel.send({"type": "split", "epoch": epoch, "halves": halves}),
-                device=job.get("device"),
-                on_phase=lambda i, name: channel.phase(name, i),
-                on_step=on_step,
-                save_models=job.get("save_model"),
-            )
-        else:
-            # no progress bar of its own (as a pack's): the study's live view shows the epochs, and
-            # several trial processes on one terminal would draw over each other
-            outcome = evaluate_params(cfg, params, on_epoch=channel.on_epoch(), device=job.get("device"),
-                                      progress=False, on_phase=channel.phase,
-                                      on_step=on_step, save_model=job.get("save_model"))
+        # no progress bar of its own: the study's live view shows the epochs, and several trial
+        # processes on one terminal would draw over each other
+        evaluate_trials(
+            cfg, params if pack else [params], on_epoch=[channel.on_epoch(m) for m in members], on_outcome=told,
+            on_split=lambda epoch, halves: channel.send({"type": "split", "epoch": epoch, "halves": halves}),
+            device=job.get("device"), progress=False, on_phase=lambda i, name: channel.phase(name, members[i]),
+            on_step=on_step, save_models=job.get("save_model") if pack else [job.get("save_model")],
+        )
     except UserError as exc:
         channel.send({"type": "user_error", "message": str(exc)})
         return 2, None
@@ -284,7 +283,6 @@ def _job_outcome(job: dict[str, Any], channel: _Channel, params: Any, members: l
         for member in members:  # the parent ignores results for pack members already told
             channel.send(_tagged(TrialOutcome("fail", failure_reason=reason).to_json(), member))
         return 1, reason
-    if outcome is not None:
-        channel.send(outcome.to_json())
-        return 0, outcome.failure_reason
-    return 0, None
+    # a single trial's failure reason decides whether a warm worker is replaced (out of memory);
+    # a pack's members are each told theirs, and the worker goes on
+    return 0, None if pack else outcomes[0].failure_reason

@@ -1,11 +1,12 @@
-"""One trial, end to end: params -> hparams -> TrainSpec -> train -> metrics -> stored attributes.
+"""Trials, end to end: params -> hparams -> TrainSpec -> train -> metrics -> stored attributes.
 
-:func:`evaluate_params` is the whole trial as a function (``sassha-tune train`` calls it directly;
-in a study, the trial process does, :mod:`sassha_tune.trial.child`). :func:`evaluate_pack` does
-the same for the K trials of a pack trained together (:func:`sassha_tune.training.packs.train_pack`), and
-:func:`outcome_from_result` turns a finished training run into the outcome both store. A trial
-with ``device.processes > 1`` runs as that many rank processes
-(:func:`sassha_tune.trial.ranks.launch_ranks`).
+:func:`evaluate_trials` is K >= 1 trials as a function: the trial process calls it
+(:mod:`sassha_tune.trial.child`) for a study's trial or pack, ``sassha-tune train`` through
+:func:`evaluate_params` (one trial). One trial trains alone, K > 1 as a pack trained together
+(:func:`sassha_tune.training.packs.train_pack`), and :func:`outcome_from_result` turns a finished
+training run into the outcome both store. A trial with ``task.train`` runs the user's function
+(:mod:`.user_train`), one with ``device.processes > 1`` as that many rank processes
+(:func:`sassha_tune.trial.ranks.launch_ranks`): neither can be packed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
 
     from ..training.data import Splits
 
-__all__ = ["final_metrics", "build_spec", "evaluate_params", "outcome_from_result", "evaluate_pack",
+__all__ = ["final_metrics", "build_spec", "evaluate_trials", "evaluate_params", "outcome_from_result",
            "check_task_inputs"]
 
 
@@ -79,6 +80,48 @@ def build_spec(cfg: Config, params: Mapping[str, Any], *, device: str | None = N
     )
 
 
+def evaluate_trials(
+    cfg: Config,
+    params_list: Sequence[Mapping[str, Any]],
+    *,
+    on_epoch: Sequence[Callable[[int, dict], bool] | None] | None = None,
+    on_outcome: Callable[[int, TrialOutcome], None] | None = None,
+    on_split: Callable[[int, list[list[int]]], None] | None = None,
+    device: str | None = None,
+    progress: bool | None = None,
+    on_phase: Callable[[int, str], None] | None = None,
+    on_step: Callable[..., None] | None = None,
+    save_models: Sequence[str | None] | None = None,
+) -> list[TrialOutcome]:
+    """Train K >= 1 trials with the param sets ``params_list`` and measure everything each stores;
+    outcome i is trial i's. Raises only UserError / bugs.
+
+    One trial (K = 1) is trained alone by the trainer (:func:`~sassha_tune.training.trainer.train`:
+    each optimizer step its own ``optimizer.step``, a progress bar as ``progress`` says), or, with
+    ``task.train``, by the user's function (:mod:`.user_train`), or with ``device.processes > 1``
+    as that many rank processes (:func:`_evaluate_ranks`). K > 1 trials are a pack, trained together
+    (:func:`_evaluate_pack`); only a pack's members store where they ran (``pack_size``, ...).
+
+    ``on_epoch[i]``: trial i's epoch callback (True: prune it). ``on_outcome(i, outcome)``: trial
+    i is done (a pack's members are told as each leaves, while the others train on).
+    ``on_phase(i, name)``: trial i begins a phase without epoch reports (``"sharpness"``).
+    ``on_step(epoch, step, steps[, members])``: after every training step (not for ``task.train``,
+    whose steps are its own; a pack adds the members training now); if it has an ``every``
+    attribute (seconds: how often it sends steps on), rank 0 of a multi-rank trial reports its
+    steps twice that often. ``save_models[i]``: trial i's model file is written there when its run
+    completes (:mod:`.saved_model`; None: not). ``on_split``: see :func:`_evaluate_pack`."""
+    if len(params_list) > 1:
+        return _evaluate_pack(cfg, params_list, on_epoch=on_epoch, on_outcome=on_outcome, on_split=on_split,
+                              device=device, on_phase=on_phase, on_step=on_step, save_models=save_models)
+    (params,) = params_list
+    outcome = _evaluate_one(cfg, params, on_epoch=on_epoch[0] if on_epoch else None, device=device,
+                            progress=progress, on_phase=None if on_phase is None else functools.partial(on_phase, 0),
+                            on_step=on_step, save_model=save_models[0] if save_models else None)
+    if on_outcome is not None:
+        on_outcome(0, outcome)
+    return [outcome]
+
+
 def evaluate_params(
     cfg: Config,
     params: Mapping[str, Any],
@@ -90,12 +133,27 @@ def evaluate_params(
     on_step: Callable[[int, int, int], None] | None = None,
     save_model: str | None = None,
 ) -> TrialOutcome:
-    """Train with ``params`` and measure everything a trial stores. Raises only UserError / bugs.
-    ``save_model``: a complete run's model file is written there (:mod:`.saved_model`).
-    ``on_phase(name)``: told when a phase without epoch reports begins (``"sharpness"``).
-    ``on_step(epoch, step, steps)``: after every training step (not for ``task.train``, whose steps
-    are its own); if it has an ``every`` attribute (seconds: how often it sends steps on), rank 0
-    of a multi-rank trial reports its steps twice that often."""
+    """One trial, :func:`evaluate_trials` of ``[params]`` (``sassha-tune train`` calls it);
+    ``on_phase(name)``, the other arguments as there for trial 0."""
+    (outcome,) = evaluate_trials(
+        cfg, [params], on_epoch=[on_epoch], device=device, progress=progress,
+        on_phase=None if on_phase is None else (lambda _i, name: on_phase(name)), on_step=on_step,
+        save_models=[save_model])
+    return outcome
+
+
+def _evaluate_one(
+    cfg: Config,
+    params: Mapping[str, Any],
+    *,
+    on_epoch: Callable[[int, dict], bool] | None,
+    device: str | None,
+    progress: bool | None,
+    on_phase: Callable[[str], None] | None,
+    on_step: Callable[[int, int, int], None] | None,
+    save_model: str | None,
+) -> TrialOutcome:
+    """One trial of :func:`evaluate_trials`, on the path its config asks for."""
     from ..distributed import launched_world_size
     from ..training.trainer import train
 
@@ -191,27 +249,19 @@ def _evaluate_ranks(
     return TrialOutcome.from_message(result, history)
 
 
-def evaluate_pack(
-    cfg: Config,
-    params_list: Sequence[dict[str, Any]],
-    *,
-    on_epoch: Sequence[Callable[[int, dict], bool] | None] | None = None,
-    on_outcome: Callable[[int, TrialOutcome], None] | None = None,
-    on_split: Callable[[int, list[list[int]]], None] | None = None,
-    device: str | None = None,
-    on_phase: Callable[[int, str], None] | None = None,
-    on_step: Callable[[int, int, int, list[int]], None] | None = None,
-    save_models: Sequence[str | None] | None = None,
+def _evaluate_pack(
+    cfg: Config, params_list: Sequence[Mapping[str, Any]], *,
+    on_epoch: Sequence[Callable[[int, dict], bool] | None] | None, on_outcome: Callable[[int, TrialOutcome], None] | None,
+    on_split: Callable[[int, list[list[int]]], None] | None, device: str | None,
+    on_phase: Callable[[int, str], None] | None, on_step: Callable[[int, int, int, list[int]], None] | None,
+    save_models: Sequence[str | None] | None,
 ) -> list[TrialOutcome]:
-    """:func:`evaluate_params` for K param sets at once; outcome i is member i's.
+    """K > 1 trials of :func:`evaluate_trials` as a pack (:func:`~sassha_tune.training.packs.train_pack`).
 
     A pack that runs out of memory before any member reported is split in halves (``train_pack``'s
     ``split_on_oom``; ``on_split(epoch, halves)`` is told). Each outcome records the pack the member
     actually ran in: ``pack_size``, ``pack_index`` (its position there) and, after a split,
-    ``pack_oom_sizes`` (the sizes of the packs it was in that ran out of memory, largest first).
-    ``on_phase(i, name)``: member i begins a phase without epoch reports (``"sharpness"``).
-    ``on_step(epoch, step, steps, members)``: after every step of the members training now.
-    ``save_models``: member i's model file is written to ``save_models[i]`` (None: not)."""
+    ``pack_oom_sizes`` (the sizes of the packs it was in that ran out of memory, largest first)."""
     from ..training.packs import train_pack
 
     specs = [build_spec(cfg, p, device=device, progress=False) for p in params_list]
