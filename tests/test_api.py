@@ -58,6 +58,14 @@ def test_importing_the_package_imports_neither_torch_nor_optuna_and_keeps_loggin
     assert out[0] == str(optuna.logging.INFO)  # Optuna's default, untouched by importing the study package
 
 
+def test_a_trial_process_imports_no_optuna():
+    """The trial child (every fresh trial process, pack and rank) imports the config package, whose
+    validation builds Optuna's samplers: Optuna is imported where they are built, not at start-up."""
+    code = "import sys, sassha_tune.trial.child\nassert 'optuna' not in sys.modules, 'optuna imported'\n"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
 def test_version_has_one_source():
     from importlib.metadata import version
 

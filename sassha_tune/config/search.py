@@ -16,11 +16,12 @@ and calls them.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import optuna
+from typing import TYPE_CHECKING, Any
 
 from ..plugins import PLUGIN_SPEC
+
+if TYPE_CHECKING:
+    import optuna
 
 __all__ = ["AUTO_SAMPLER_OPTIONS", "BUILTIN_CALLBACKS", "auto_pruner", "callback_label", "make_sampler",
            "parse_callbacks", "pruner_by_name", "resolve_pruner"]
@@ -68,6 +69,8 @@ def make_sampler(
 
     ``qmc_seed``: the scramble seed of ``qmc`` (the study's sampler seed, fixed across asks)."""
     opts = dict(options)
+    import optuna  # here, not at the top: a trial process imports config and needs no Optuna
+
     s = optuna.samplers
     if name == "auto":
         return s.TPESampler(seed=seed, **{**AUTO_SAMPLER_OPTIONS, **opts})
@@ -95,6 +98,8 @@ def pruner_by_name(name: str, options: Mapping[str, Any], *, max_resource: int) 
 
     ``max_resource``: the number of epochs of a trial (hyperband's default ``max_resource``)."""
     opts = dict(options)
+    import optuna
+
     p = optuna.pruners
     if name == "none":
         if opts:
