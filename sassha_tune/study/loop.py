@@ -254,10 +254,8 @@ class _Run:
                 self.pack_logged = why
             size = min(size, cfg.budget.n_trials - used)
         asked = [with_retry(study.ask) for _ in range(max(size, 1))]
-        # a pack always gets a fresh process; a single trial runs where the launcher says
-        launch = self.launcher.launch if len(asked) == 1 else TrialProcess
         return run_pack(study, asked, cfg, self.space, device=self.device, worker=self.worker, log=self.log,
-                        observer=self.observer, taken_over=self.taken, keeper=self.keeper, launch=launch)
+                        observer=self.observer, taken_over=self.taken, keeper=self.keeper, launch=self.launcher.launch)
 
     def _record(self, frozen: FrozenTrial) -> None:
         """A told trial: counted, its line, the callbacks."""
@@ -439,10 +437,6 @@ class _Received:
     def add(self, trial: optuna.Trial, outcome: TrialOutcome) -> None:
         """``outcome`` is the trial's, to be stored as it is."""
         self.waiting[trial.number] = (trial, outcome)
-
-    def outcome(self, trial: optuna.Trial) -> TrialOutcome | None:
-        entry = self.waiting.get(trial.number)
-        return entry[1] if entry is not None else None
 
     def tell(self, trial: optuna.Trial) -> FrozenTrial:
         """Store the trial's outcome (:meth:`add` first); its model first, when the study keeps it."""
@@ -646,8 +640,9 @@ class Launcher:
 
     def launch(self, job: dict[str, Any]) -> TrialProcess:
         config = job["config"]
-        if not self._warm(bool(config.get("study", {}).get("fresh_process")),
-                          config.get("device", {}).get("processes", 1)):
+        pack = isinstance(job["params"], list)  # a pack always gets a fresh process
+        if pack or not self._warm(bool(config.get("study", {}).get("fresh_process")),
+                                  config.get("device", {}).get("processes", 1)):
             return TrialProcess(job)
         old = None
         if self.worker is None or self.worker.spent:
