@@ -33,17 +33,25 @@ def check_flags(*, seeds: str | None = None, n_trials: str | None = None, gpus: 
     """Every flag that can be checked without a config or a storage, in this order: ``--seeds``,
     ``--n-trials``, ``--gpus``, ``--device`` (also: it exists on this machine; with ``--gpus``,
     CUDA must), ``--pack``, ``--set``."""
+    # each parser imported where its flag is given: `train` checks only --device and --set
     from ..config.overrides import parse_overrides
-    from ..study.create import budget_change
-    from ..study.pack_size import parse_pack
-    from ..study.reruns import parse_seeds
 
     if seeds is not None:
+        from ..study.reruns import parse_seeds
+
         parse_seeds(seeds)
-    budget = None if n_trials is None else budget_change(n_trials, "--n-trials")
+    budget = None
+    if n_trials is not None:
+        from ..study.create import budget_change
+
+        budget = budget_change(n_trials, "--n-trials")
     gpu_list = _parse_gpus(gpus)
     check_device_name(device)
-    pack_size = parse_pack(pack)
+    pack_size: str | int = "auto"
+    if pack is not None:
+        from ..study.pack_size import parse_pack
+
+        pack_size = parse_pack(pack)
     if gpu_list and device is not None:
         raise UserError("--device cannot be combined with --gpus (each GPU worker trains on its own cuda device)")
     check_available(device, "--device")
