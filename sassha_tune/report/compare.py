@@ -129,7 +129,6 @@ def _gap_by_study(all_rows: Sequence[list[TrialRecord]], labels: list[str], colo
     return fig
 
 
-
 def compare_figures(studies: Sequence[optuna.Study],
                     rows: Sequence[list[TrialRecord]] | None = None) -> dict[str, Figure]:
     """Figures comparing studies, keyed by file stem.
