@@ -363,9 +363,12 @@ def without_compiler_import() -> Iterator[None]:
     time, and about 0.7 s more when the interpreter exits. A process that has not imported the
     compiler compiles nothing, so in such a process the method can be called as it is: for the
     block, the wrapper's cache of the "disabled" method (its ``__dynamo_disable`` attribute) holds
-    the method itself, and is removed afterwards. Config validation builds its dummy optimizers
-    this way, in the study's coordinator, which never trains. Where torch's wrapper is not the
-    expected one, or the compiler is imported already, the block runs unchanged."""
+    the method itself, and is removed afterwards. The registry builds every optimizer this way
+    (:meth:`~.registry.OptimizerInfo.build`): config validation's dummy ones in the study's
+    coordinator, which never trains, and each trial's, whose process compiles nothing (a plug-in
+    that does imports the compiler itself, and later calls go through torch's wrapper as always).
+    Where torch's wrapper is not the expected one, or the compiler is imported already, the block
+    runs unchanged."""
     import sys
 
     method = getattr(torch.optim.Optimizer.add_param_group, "__wrapped__", None)

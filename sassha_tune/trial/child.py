@@ -176,11 +176,12 @@ def _serve(proto: TextIO) -> int:
 
     cache_loaded_files()  # the next trials load the same files: read them once (training/data.py)
     fresh = _FreshState()
+    _warm_up()
     while True:
         try:
             # Put back (and collect) right after a job rather than when the next one arrives: the
-            # parent is storing the result meanwhile, so it costs the study no time. The first time
-            # it runs while the study is still being set up (some torch setters are slow once).
+            # parent is storing the result meanwhile (10-40 ms), so the next job rarely waits for it.
+            # The first time it runs while the study is still being set up.
             fresh.restore()
             line = sys.stdin.readline()
         except KeyboardInterrupt:  # Ctrl-C between two jobs: nothing to tell
@@ -192,6 +193,22 @@ def _serve(proto: TextIO) -> int:
         _Channel(proto, prune=False).send({"type": "done", "code": code, "replace": replace})
         if replace:
             return code
+
+
+def _warm_up() -> None:
+    """Import now, while the coordinator validates the config and creates the study, what every
+    trial's first job would import on the way: the training and sharpness code, and what torch
+    imports lazily at the first Hessian-vector product (``autograd.grad`` with ``grad_outputs``
+    imports its symbolic-shapes module and sympy: 0.25-0.35 s, inside the first trial's training
+    otherwise). A product of a one-element tensor sets no state a trial could see."""
+    import torch
+
+    from ..metrics import sharpness  # noqa: F401
+    from ..training import trainer  # noqa: F401
+
+    x = torch.ones(1, requires_grad=True)
+    (g,) = torch.autograd.grad(x * x, x, create_graph=True)
+    torch.autograd.grad(g, x, grad_outputs=torch.ones(1))
 
 
 class _FreshState:
@@ -217,11 +234,21 @@ class _FreshState:
         import torch
 
         gc.collect()  # what the previous trial left (its model, data, optimizer state) goes now
+        # What is left is this process's own: its modules (torch's, the trainer's, a plug-in's) and
+        # the caches it keeps on purpose. Frozen, the cyclic collector no longer walks them: the
+        # collection above took 80-140 ms a job with torch loaded (before the next job could start),
+        # and the collector's automatic runs during training walked them too. A later job's garbage
+        # is collected as before; only cycles among these survivors would outlive them.
+        gc.freeze()
         if torch.cuda.is_initialized():
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         torch.set_default_dtype(self.dtype)
-        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.warn_only)
+        if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != (
+                self.deterministic, self.warn_only):
+            # set only when a trial changed it: its first call in a process takes about a second
+            # (torch imports more), which the first job waited for
+            torch.use_deterministic_algorithms(self.deterministic, warn_only=self.warn_only)
         torch.set_grad_enabled(self.grad)
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
