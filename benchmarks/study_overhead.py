@@ -25,7 +25,7 @@ the command has exited; also the CPU time the command and its trial worker had u
 ``--create-only`` runs ``run --create-only`` (the coordinator's own start, validation, data check,
 study creation and exit, without a trial worker):
 
-    OMP_NUM_THREADS=1 python benchmarks/study_overhead.py --cli [--repeat N] [--command "sassha-tune"] [--create-only]
+    OMP_NUM_THREADS=1 python benchmarks/study_overhead.py --cli [--repeat N] [--command "sassha-tune"] [--create-only] [--set KEY=VALUE ...]
 
 The sampler is seeded, but a pruned trial tells TPE less than a complete one, so after the first
 guard-pruned trial the two runs sample different trials: compare totals, not trial by trial.
@@ -121,17 +121,19 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
-def measure_cli(workdir: Path, command: list[str], env: dict[str, str] | None = None, create_only: bool = False) -> dict:
+def measure_cli(workdir: Path, command: list[str], env: dict[str, str] | None = None, create_only: bool = False,
+                overrides: list[str] | None = None) -> dict:
     """``command run quickstart.yaml`` from ``workdir`` (a fresh copy of the quickstart there), as a
     user runs it from a shell: wall and CPU time of the command, the stored trials' training and
-    sharpness seconds, and where the rest goes (by the time each output line arrived)."""
+    sharpness seconds, and where the rest goes (by the time each output line arrived). ``overrides``:
+    ``--set`` values given to the command (e.g. a longer study)."""
     import optuna
 
     workdir.mkdir(parents=True)
     shutil.copy(QUICKSTART, workdir / "quickstart.yaml")
     stamped: list[tuple[float, str]] = []
     t0 = time.perf_counter()
-    extra = ["--create-only"] if create_only else []
+    extra = (["--create-only"] if create_only else []) + [a for o in overrides or () for a in ("--set", o)]
     proc = subprocess.Popen([*command, "run", "quickstart.yaml", *extra], cwd=workdir, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     assert proc.stdout is not None
@@ -184,7 +186,7 @@ def main_cli(args: argparse.Namespace) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.repeat):
-            rows.append(measure_cli(Path(tmp) / f"run{i}", command, create_only=args.create_only))
+            rows.append(measure_cli(Path(tmp) / f"run{i}", command, create_only=args.create_only, overrides=args.set))
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "values"}))
     print()
     print("| command | trials (complete/pruned/fail) | wall (s) | CPU user+sys (s) | train (s) | sharpness (s) "
@@ -213,6 +215,8 @@ def main() -> None:
     ap.add_argument("--command", default="sassha-tune", help="with --cli: the command to run (default sassha-tune)")
     ap.add_argument("--repeat", type=int, default=1, help="with --cli: runs, one after another")
     ap.add_argument("--create-only", action="store_true", help="with --cli: run --create-only (no trials, no worker)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --cli: passed to run as --set (repeatable), e.g. budget.n_trials=16")
     args = ap.parse_args()
     if args.cli:
         main_cli(args)

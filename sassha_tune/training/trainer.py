@@ -43,7 +43,7 @@ from ..devices import synchronize as _sync
 from ..distributed import Ranks, all_reduce_mean, any_true, broadcast_module, broadcast_object, setup
 from ..errors import UserError
 from ..metrics.evaluation import cross_entropy, evaluate, perplexity
-from ..optim import build_optimizer
+from ..optim import build_optimizer, hessian
 from .data import Splits, augment_batch, load_dataset, token_windows
 from .models import build_model
 
@@ -509,6 +509,7 @@ class _Lockstep:
             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
         progress = self.progress
         self.task = progress.add_task("training", total=self.total_steps) if progress else None
+        hessian.warm_up()  # torch's lazy imports at the first Hessian-vector product: not training time
         self.t_start = time.perf_counter()
         split = False
         quirks = ExitStack()

@@ -198,17 +198,13 @@ def _serve(proto: TextIO) -> int:
 def _warm_up() -> None:
     """Import now, while the coordinator validates the config and creates the study, what every
     trial's first job would import on the way: the training and sharpness code, and what torch
-    imports lazily at the first Hessian-vector product (``autograd.grad`` with ``grad_outputs``
-    imports its symbolic-shapes module and sympy: 0.25-0.35 s, inside the first trial's training
-    otherwise). A product of a one-element tensor sets no state a trial could see."""
-    import torch
-
+    imports at the first Hessian-vector product (:func:`~sassha_tune.optim.hessian.warm_up`,
+    which the trainer would otherwise do before the first trial's clock starts)."""
     from ..metrics import sharpness  # noqa: F401
+    from ..optim import hessian
     from ..training import trainer  # noqa: F401
 
-    x = torch.ones(1, requires_grad=True)
-    (g,) = torch.autograd.grad(x * x, x, create_graph=True)
-    torch.autograd.grad(g, x, grad_outputs=torch.ones(1))
+    hessian.warm_up()
 
 
 class _FreshState:

@@ -146,11 +146,13 @@ def evaluate_user_train(cfg: Config, params: Mapping[str, Any], *,
 
     from ..devices import resolve_device
     from ..metrics.sharpness import generalization_gap
+    from ..optim import hessian
 
     assert cfg.task.train is not None
     function = load_plugin(cfg.task.train, "task.train")
     torch.manual_seed(cfg.seed)  # as a built-in trial starts: the user may seed again
     reporter = TrialReporter(cfg, params, device=str(resolve_device(device or cfg.device.name)), on_epoch=on_epoch)
+    hessian.warm_up()  # torch's lazy imports at the first Hessian-vector product: not the function's time
     start = time.perf_counter()
     try:
         final = _metrics(cfg.task.train, _called(function, reporter))

@@ -60,12 +60,3 @@ def test_restore_puts_back_deterministic_algorithms_a_job_changed(fresh_state, c
                 torch.is_deterministic_algorithms_warn_only_enabled()) == before
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
-def test_the_warm_up_before_the_first_job_leaves_no_state_a_trial_could_see():
-    from sassha_tune.trial.child import _warm_up
-
-    rng, grad, dtype = torch.get_rng_state(), torch.is_grad_enabled(), torch.get_default_dtype()
-    _warm_up()
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert (torch.is_grad_enabled(), torch.get_default_dtype()) == (grad, dtype)
