@@ -164,3 +164,12 @@ def read_until(proc, text: str, timeout: float = 180) -> list[str]:
             return seen
         assert time.monotonic() < deadline, f"no {text!r} in time: {seen}"
     raise AssertionError(f"process ended before {text!r}: {seen}")
+
+
+def in_fresh_process(code: str, timeout: float = 300) -> None:
+    """Run ``code`` in a fresh Python process (this one's imports and torch settings are the earlier
+    tests'); it must exit 0: its assertions fail the test with its stderr."""
+    import subprocess
+
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stderr

@@ -5,9 +5,9 @@ leave torch's wrapper as they found it (optim/registry.py, ``OptimizerInfo.build
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
+
+from conftest import in_fresh_process
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
 
@@ -20,8 +20,7 @@ def test_validating_a_config_does_not_import_the_compiler():
         "assert 'torch._dynamo' not in sys.modules, 'validation imported torch._dynamo'\n"
         "assert not hasattr(torch.optim.Optimizer.add_param_group.__wrapped__, '__dynamo_disable')\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
+    in_fresh_process(code)
 
 
 def test_a_trial_trains_and_measures_sharpness_without_importing_the_compiler():
@@ -35,5 +34,4 @@ def test_a_trial_trains_and_measures_sharpness_without_importing_the_compiler():
         "assert 'torch._dynamo' not in sys.modules, 'the trial imported torch._dynamo'\n"
         "assert not hasattr(torch.optim.Optimizer.add_param_group.__wrapped__, '__dynamo_disable')\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
+    in_fresh_process(code)

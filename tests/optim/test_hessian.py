@@ -3,10 +3,8 @@ trial's clock never counts torch's lazy imports), and it leaves no state a trial
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import torch
+from conftest import in_fresh_process
 
 from sassha_tune.optim.hessian import warm_up
 
@@ -27,8 +25,7 @@ def test_after_the_warm_up_a_hessian_vector_product_imports_nothing():
         "assert [hv.shape for hv in products] == [p.shape for p in params]\n"
         "assert imported == [], imported\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
+    in_fresh_process(code)
 
 
 def test_the_warm_up_draws_no_random_numbers_and_changes_no_setting():

@@ -6,16 +6,12 @@ tests/study/test_warm_workers.py.)"""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from conftest import in_fresh_process
 
 
 def _run(body: str) -> None:
-    code = "import gc, weakref, torch\nfrom sassha_tune.trial.child import _FreshState\n" + body
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
+    in_fresh_process("import gc, weakref, torch\nfrom sassha_tune.trial.child import _FreshState\n" + body)
 
 
 def test_restore_collects_the_jobs_cyclic_garbage_then_freezes_what_survives():
