@@ -37,7 +37,7 @@ from .base import (
     split_active,
 )
 from .functional import sam_perturbation
-from .hessian import hutchinson_diagonals
+from .hessian import hutchinson_diagonals, hvp_from_grads
 from .preconditioned import (
     BIAS_CORRECTIONS,
     MOMENT_CHECKS,
@@ -337,10 +337,7 @@ def _stacked_estimates(
                 for i, zi in zip(due[slot], z, strict=True):
                     stacked[i][slot].copy_(zi)
         with torch.enable_grad():
-            products = torch.autograd.grad(
-                grads2, stack.params, grad_outputs=stacked, retain_graph=keep_graph or keep, allow_unused=True
-            )
-        products = [torch.zeros_like(p) if h is None else h for p, h in zip(stack.params, products, strict=True)]
+            products = hvp_from_grads(grads2, stack.params, stacked, retain_graph=keep_graph or keep)
         return [None if z is None else [products[i][slot] for i in due[slot]] for slot, z in zip(slots, probes, strict=True)]
 
     return dict(zip(slots, hutchinson_diagonals(requests, stacked_hvp), strict=True))
