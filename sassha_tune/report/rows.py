@@ -66,8 +66,12 @@ def read_study(study_name: str, backend: optuna.storages.BaseStorage,
                shown_as: str | optuna.storages.BaseStorage) -> optuna.Study:
     """The study as it is now, read once (:func:`~.snapshot.snapshot_study`); a missing one is a
     :class:`StorageError` naming the others."""
-    load_study(study_name, shown_as if isinstance(shown_as, str) else None, storage=backend)
-    return snapshot_study(backend, study_name)
+    try:
+        return snapshot_study(backend, study_name)
+    except Exception:
+        # loaded only to fail: its one-line error names the study and the storage's others
+        load_study(study_name, shown_as if isinstance(shown_as, str) else None, storage=backend)
+        raise
 
 
 def read_studies(study_names: Sequence[str], storage: str | optuna.storages.BaseStorage
