@@ -21,11 +21,8 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sassha_tune.study.records import TrialRecord, as_float
-from sassha_tune.study.reruns import (  # the re-runs' names (study/reruns.py)
-    SEED_RERUN_ATTR,
-    SEED_STUDY_SUFFIX,
-)
+from sassha_tune.study.records import SEED_RERUN_ATTR, TrialRecord, as_float
+from sassha_tune.study.reruns import SEED_STUDY_SUFFIX
 from sassha_tune.study.storage import load_study, mask_url, open_storage
 
 from .snapshot import collector_paused, snapshot_study

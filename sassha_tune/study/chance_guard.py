@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..config import Config
 from ..metrics.chance import acc_near_chance
+from ..trial.attributes import NUM_CLASSES, VAL_ACC
 
 __all__ = ["ChanceGuard", "unjudged_accuracy"]
 
@@ -47,8 +48,8 @@ def unjudged_accuracy(cfg: Config, trial: FrozenTrial) -> str | None:
     ``num_classes`` (None otherwise): its near-chance verdict is unknown, so neither the chance
     guard nor ``report`` can leave it out if it never trained."""
     attrs = trial.user_attrs
-    if (cfg.task.train is None or trial.state != TrialState.COMPLETE or "num_classes" in attrs
-            or not any(key in attrs for key in ("val_acc", "train_acc", "test_acc"))):
+    if (cfg.task.train is None or trial.state != TrialState.COMPLETE or NUM_CLASSES in attrs
+            or not any(key in attrs for key in (VAL_ACC, "train_acc", "test_acc"))):
         return None
     return (f"warning: task.train {cfg.task.train} returns accuracies without num_classes (trial {trial.number}): "
             "a trial that stayed at chance counts as trained, and the chance guard cannot stop it; "

@@ -46,7 +46,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .reruns import RERUN_OF_STUDY, SEED_ATTR, SEED_RERUN_ATTR
+from ..trial.attributes import RERUN_OF_STUDY, SEED_ATTR, SEED_RERUN_ATTR
 from .storage import (
     fail_running_trial,
     record_heartbeat,

@@ -28,8 +28,7 @@ from .create import BudgetChange, create_or_continue, stored_config
 from .storage import load_study, study_storage, with_retry
 from .views import best_trial
 
-__all__ = ["SEED_STUDY_SUFFIX", "SEED_RERUN_ATTR", "SEED_ATTR", "RERUN_OF_STUDY", "parse_seeds", "companion_name",
-           "runs_only_enqueued", "prepare_reruns"]
+__all__ = ["SEED_STUDY_SUFFIX", "parse_seeds", "companion_name", "runs_only_enqueued", "prepare_reruns"]
 
 #: A study named ``<base>{SEED_STUDY_SUFFIX}`` holds the seed re-runs of ``<base>``'s trials.
 SEED_STUDY_SUFFIX = "-seeds"
