@@ -60,13 +60,11 @@ def _check_targets(path: Path, targets: list[Path]) -> None:
     """The files ``init`` would write: none a link, none there already, each in a directory."""
     from .outputs import check_output
 
-    for target in targets:
-        check_output(target, "--out", directory=False)
+    for target in targets:  # path first; the module beside it is in the same directory
+        check_output(target, "--out")
         if target.exists():
             raise UserError(f"--out {path}: {target} exists; init never overwrites a file (choose another --out, "
                             "or remove it)")
-        if not target.parent.is_dir():
-            raise UserError(f"--out {path}: directory {target.parent} does not exist")
 
 
 def _write_starter(path: Path, text: str, module: Path | None, optimizer: str) -> list[Path]:
