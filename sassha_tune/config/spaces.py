@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .yamlfile import excerpt
+from .yamlfile import excerpt, unknown_key_text
 
 __all__ = [
     "ParamSpec",
@@ -135,9 +135,7 @@ def _unknown_keys(raw: Mapping[Any, Any], allowed: tuple[str, ...], src: str, pr
     """Refuse a key of ``raw`` that is not ``allowed``, with the closest valid key (or all of them)."""
     for key in raw:
         if key not in allowed:
-            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.5)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(allowed)}"
-            raise ConfigError(f"{src}: {prefix}{key}: unknown key ({hint})")
+            raise ConfigError(f"{src}: {prefix}{key}: {unknown_key_text(str(key), allowed)}")
 
 
 def _param(name: str, raw: Any, src: str, path: str) -> ParamSpec:

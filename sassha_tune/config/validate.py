@@ -44,7 +44,7 @@ from .schema import (
     fill_derived_defaults,
 )
 from .search import make_sampler, parse_callbacks, pruner_by_name, resolve_pruner
-from .yamlfile import excerpt, read_yaml_file
+from .yamlfile import excerpt, read_yaml_file, unknown_key_text
 
 __all__ = ["config_from_dict", "load_config", "published_to_enqueue", "with_model_normalization",
            "SHARPNESS_BUDGET_KEYS"]
@@ -148,12 +148,6 @@ def _choice_text(v: Any, options: tuple[str, ...], extra: str = "") -> str:
         if close:
             hint = f" (did you mean {close[0]!r}?)"
     return f"expected one of {', '.join(options)}{' ' + extra if extra else ''}, got {_show(v)}{hint}"
-
-
-def _unknown_text(key: str, allowed: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.5)
-    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(allowed)}"
-    return f"unknown key ({hint})"
 
 
 def _choice(options: tuple[str, ...]) -> Checker:
@@ -416,7 +410,7 @@ def _check_keys(d: Mapping[str, Any], allowed: list[str], ctx: _Ctx, path: str) 
         if not isinstance(key, str):
             raise ctx.fail(f"{path}{key}", "", raw=f"keys must be strings, got {_show(key)}")
         if key not in allowed:
-            raise ctx.fail(f"{path}{key}", "", raw=_unknown_text(key, allowed))
+            raise ctx.fail(f"{path}{key}", "", raw=unknown_key_text(key, allowed))
 
 
 def _section(

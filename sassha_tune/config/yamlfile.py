@@ -13,6 +13,7 @@ Configs, search spaces and ``--params`` files are read with :func:`read_yaml_fil
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import yaml
 
 from ..errors import ConfigError
 
-__all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "excerpt", "read_yaml_file", "yaml_load"]
+__all__ = ["MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "excerpt", "read_yaml_file", "unknown_key_text", "yaml_load"]
 
 #: the largest config, search space or params file read (1 MB; the shipped ones are a few kB)
 MAX_BYTES = 1_000_000
@@ -35,6 +36,13 @@ def excerpt(value: Any, limit: int = 60) -> str:
     """``repr(value)``, cut to ``limit`` characters: what an error may show of the input."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def unknown_key_text(key: str, allowed: tuple[str, ...] | list[str]) -> str:
+    """What an error says of a key a file may not hold: the closest valid key, or all of them."""
+    close = difflib.get_close_matches(key, list(allowed), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(allowed)}"
+    return f"unknown key ({hint})"
 
 
 class _LimitError(yaml.YAMLError):
