@@ -33,7 +33,7 @@ def check_flags(*, seeds: str | None = None, n_trials: str | None = None, gpus: 
     """Every flag that can be checked without a config or a storage, in this order: ``--seeds``,
     ``--n-trials``, ``--gpus``, ``--device`` (also: it exists on this machine; with ``--gpus``,
     CUDA must), ``--pack``, ``--set``."""
-    # each parser imported where its flag is given: `train` checks only --device and --set
+    # each parser imported where its flag is given: `train` checks only --device (its --set is read with its config)
     from ..config.overrides import parse_overrides
 
     if seeds is not None:

@@ -6,12 +6,13 @@ refused before any data is loaded or a step is taken."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
+from .base import Log
 from .outputs import check_output, write_output
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ class TrainRun:
 
 def train_once(config: Path, *, params: Path | None = None, device: str | None = None, seed: int | None = None,
                overrides: Sequence[str] = (), save: Path | None = None, metrics_out: Path | None = None,
-               log: Callable[[str], None]) -> TrainRun:
+               log: Log) -> TrainRun:
     """Train ``config`` once (``--set`` ``overrides`` applied, ``seed`` over the config's) with
     its fixed hyperparameters and those of the ``params`` file; ``save``: the trained model's file.
     ``metrics_out`` is only checked here (:func:`write_metrics` writes it)."""
@@ -83,7 +84,7 @@ def _params_file(params: Path, cfg: Config) -> dict[str, Any]:
     return raw
 
 
-def _note_unset(cfg: Config, extra: dict[str, Any], log: Callable[[str], None]) -> None:
+def _note_unset(cfg: Config, extra: dict[str, Any], log: Log) -> None:
     """A searched hyperparameter neither fixed nor in the params file runs at the optimizer's default."""
     from ..config.spaces import space_for_config
 

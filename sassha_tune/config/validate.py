@@ -43,7 +43,7 @@ from .schema import (
     field_defaults,
     fill_derived_defaults,
 )
-from .search import make_sampler, parse_callbacks, pruner_by_name, resolve_pruner
+from .search import callback_label, make_sampler, parse_callbacks, pruner_by_name, resolve_pruner
 from .yamlfile import excerpt, read_yaml_file, unknown_key_text
 
 __all__ = ["config_from_dict", "load_config", "published_to_enqueue", "with_model_normalization",
@@ -572,10 +572,10 @@ def _chance_guard(v: Any, ctx: _Ctx, path: str) -> int | str:
 
 
 def _callbacks(raw: Any, ctx: _Ctx) -> list[dict[str, Any]]:
-    entries = parse_callbacks(raw, lambda path, expected, got: ctx.fail(path, expected, got))
+    entries = parse_callbacks(raw, ctx.fail)
     for i, entry in enumerate(entries):
         if PLUGIN_SPEC.match(entry["name"]):
-            _import_plugin(entry["name"], ctx, f"study.callbacks[{i}].name")
+            _import_plugin(entry["name"], ctx, f"{callback_label(i)}.name")
     return entries
 
 
