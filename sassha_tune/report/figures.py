@@ -20,7 +20,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
-from sassha_tune.study.records import TrialRecord
+from sassha_tune.study.records import TrialRecord, val_acc_of
 
 from .curves import study_epochs, training_curve
 from .files import replaced
@@ -353,8 +353,7 @@ def param_importances(study: optuna.Study) -> Importances:
         return Importances(None, "no searched parameters", used, len(complete))
 
     def target(t: FrozenTrial) -> float:
-        value = as_float(t.user_attrs.get("val_acc"))
-        return as_float(t.values[0]) if math.isnan(value) and t.values else value
+        return val_acc_of(t.values, t.user_attrs)
 
     try:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)

@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from plotly.offline import get_plotlyjs
 from tabulate import tabulate
 
-from sassha_tune.study.records import TrialRecord
+from sassha_tune.study.records import TrialRecord, val_acc_of
 
 from .curves import study_epochs, training_curve
 from .figures import (
@@ -40,15 +40,14 @@ from .figures import (
 )
 from .files import write_text
 from .health import near_chance_rows, pareto_numbers, trained_rows
-from .rows import as_float, load_rows, sampled_study, search_rows
+from .rows import load_rows, sampled_study, search_rows
 from .summary import correlation_table
 
 __all__ = ["CONTOUR_TRIALS", "OPTUNA_PLOT_TRIALS", "html_figures", "write_html", "write_tables_page"]
 
 
 def _target(t: FrozenTrial) -> float:
-    value = as_float(t.user_attrs.get("val_acc"))
-    return as_float(t.values[0]) if math.isnan(value) and t.values else value
+    return val_acc_of(t.values, t.user_attrs)
 
 
 #: Optuna's plots are drawn over at most this many finished trials (a seeded random sample of a

@@ -12,7 +12,7 @@ instead of string keys into a dict.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from ..trial.attributes import (
 )
 
 # the attribute names are re-exported for the readers, which see a stored trial through this module
-__all__ = ["TrialRecord", "as_float", "near_chance", "DEVICE", "DIVERGED", "EPOCHS_COMPLETED", "EPOCHS_TRAINED",
+__all__ = ["TrialRecord", "as_float", "near_chance", "val_acc_of", "DEVICE", "DIVERGED", "EPOCHS_COMPLETED", "EPOCHS_TRAINED",
            "FAILURE_REASON", "HISTORY", "NEAR_CHANCE", "NUM_CLASSES", "PRUNE_REASON", "SEED_RERUN_ATTR", "VAL_ACC"]
 
 
@@ -76,11 +76,8 @@ class TrialRecord:
 
     @property
     def val_acc(self) -> float:
-        """Validation accuracy: the stored attribute, else the first objective value (NaN: neither)."""
-        value = self.metric(VAL_ACC)
-        if math.isnan(value) and self.values:
-            value = as_float(self.values[0])
-        return value
+        """:func:`val_acc_of` this trial."""
+        return val_acc_of(self.values, self.user_attrs)
 
     @property
     def failure_reason(self) -> Any:
@@ -112,6 +109,14 @@ class TrialRecord:
     def near_chance(self) -> bool | None:
         """:func:`near_chance` of this trial."""
         return near_chance(self.state, self.user_attrs)
+
+
+def val_acc_of(values: Sequence[Any] | None, user_attrs: Mapping[str, Any]) -> float:
+    """A trial's validation accuracy: its stored ``val_acc``, else its first objective value (NaN: neither)."""
+    value = as_float(user_attrs.get(VAL_ACC))
+    if math.isnan(value) and values:
+        value = as_float(values[0])
+    return value
 
 
 def near_chance(state: str | TrialState, user_attrs: Mapping[str, Any]) -> bool | None:
